@@ -4,7 +4,7 @@ A policy never owns data and never imports torch. The tier tells it what happene
 (``insert``, ``access``, ``remove``) and asks it which key to drop next (``victim``).
 The clock is injected (``clock`` returns seconds as a float) so tests are deterministic.
 
-Invariants every policy keeps (checked by tests/policies/test_conformance.py):
+Invariants every policy keeps (checked by tests/policies/test_policy_conformance.py):
 * ``victim()`` returns a key that is currently tracked, or ``None`` when nothing is tracked
   or every tracked key is excluded by ``skip``; it does not remove the key — the tier calls
   ``remove`` once the data is gone.
