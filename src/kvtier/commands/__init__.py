@@ -1,0 +1,1 @@
+"""One module per ``kvtier`` sub-command (see ``kvtier.cli``)."""

@@ -1,0 +1,343 @@
+"""Typed, validated configuration: one dataclass per component, one ``Config`` holding them.
+
+Sources, later ones winning: defaults < YAML file (``path`` or ``$KVTIER_CONFIG``) <
+``KVTIER_*`` environment variables < keyword overrides.
+
+Names:
+* a field is addressed as ``section.field`` (``cpu.max_bytes``), ``section__field`` in keyword
+  overrides and ``KVTIER_SECTION__FIELD`` in the environment; a field name that is unique across
+  sections may also be used bare (``max_cpu_bytes`` is not; ``chunk_tokens`` is).
+* sizes carry their unit in the name (``*_bytes``) and accept ``"20GiB"``/``"500MB"``/ints;
+  durations end in ``_s`` and are seconds.
+
+Every value is checked when the dataclass is built: a bad value raises ``ConfigError`` naming
+the field, the value and what was expected. Unknown keys are errors too (no ``extra_config``
+escape hatch: a typo must not silently do nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
+    "p": 1000**5, "pb": 1000**5, "pib": 1024**5, "pi": 1024**5,
+}  # fmt: skip
+
+
+def parse_size(value: Any, name: str = "size") -> int:
+    """Bytes from an int or a string like ``"20GiB"``, ``"1.5 GB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size in bytes (e.g. 20GiB), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}: size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float) and value >= 0 and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()
+            if unit in _UNITS:
+                return int(float(m.group(1)) * _UNITS[unit])
+    raise ConfigError(f"{name}: expected a size like 20GiB, 500MB or 4096, got {value!r}")
+
+
+def format_size(n: int) -> str:
+    """``1073741824`` -> ``"1GiB"``; exact binary units where possible, else bytes."""
+    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def _check(cond: bool, name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model's KV this cache holds; folded into every key (see ``keys.Namespace``).
+
+    ``num_layers``/``num_kv_heads``/``head_dim`` = 0 means "learn from the first store or from
+    the integration" (the engine binds its namespace then).
+    """
+
+    model_id: str = ""
+    kv_dtype: str = ""
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    cache_salt: str = ""
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "num_kv_heads", "head_dim", "tp_rank"):
+            _check(getattr(self, f) >= 0, f"model.{f}", getattr(self, f), "an integer >= 0")
+        _check(self.tp_size >= 1, "model.tp_size", self.tp_size, "an integer >= 1")
+        _check(self.tp_rank < self.tp_size, "model.tp_rank", self.tp_rank, f"< tp_size ({self.tp_size})")
+
+
+@dataclass
+class ChunkConfig:
+    """How prompts are cut into cached units."""
+
+    chunk_tokens: int = 256
+    allow_partial_chunks: bool = True
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.chunk_tokens <= 1 << 20, "chunk.chunk_tokens", self.chunk_tokens, "1..1048576")
+
+
+@dataclass
+class CPUTierConfig:
+    """The in-memory tier: one host buffer pool of ``max_bytes``."""
+
+    enabled: bool = True
+    max_bytes: int = field(default=4 * 1024**3, metadata={"size": True})
+    eviction_policy: str = "lru"
+    pin_memory: str = "auto"  # auto | yes | no: page-locked host memory, for fast GPU copies
+    pin_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.max_bytes = parse_size(self.max_bytes, "cpu.max_bytes")
+        _check(self.eviction_policy in POLICY_NAMES, "cpu.eviction_policy", self.eviction_policy,
+               f"one of {POLICY_NAMES}")  # fmt: skip
+        _check(self.pin_memory in ("auto", "yes", "no"), "cpu.pin_memory", self.pin_memory, "auto|yes|no")
+        _check(self.pin_timeout_s > 0, "cpu.pin_timeout_s", self.pin_timeout_s, "seconds > 0")
+
+
+@dataclass
+class DiskTierConfig:
+    """The local-disk tier (persistent across restarts)."""
+
+    enabled: bool = False
+    path: str = ""
+    max_disk_bytes: int = field(default=64 * 1024**3, metadata={"size": True})
+    eviction_policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        self.max_disk_bytes = parse_size(self.max_disk_bytes, "disk.max_disk_bytes")
+        _check(self.eviction_policy in POLICY_NAMES, "disk.eviction_policy", self.eviction_policy,
+               f"one of {POLICY_NAMES}")  # fmt: skip
+        _check(not self.enabled or bool(self.path), "disk.path", self.path, "a directory when disk.enabled")
+
+
+@dataclass
+class RemoteConfig:
+    """A remote tier: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, ``s3://bucket/prefix``
+    or ``kvtier://host:port`` (the kvtier daemon). Empty = none."""
+
+    url: str = ""
+    timeout_s: float = 2.0
+    serde: str = "raw"  # raw | zstd | lz4
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "remote.timeout_s", self.timeout_s, "seconds > 0")
+        _check(self.serde in ("raw", "zstd", "lz4"), "remote.serde", self.serde, "raw|zstd|lz4")
+
+
+@dataclass
+class StorageConfig:
+    """How the TierManager drives the tiers."""
+
+    write_mode: str = "write_through"  # write_through | write_back
+    max_queue_chunks: int = 256
+    promote_on_hit: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.write_mode in ("write_through", "write_back"), "storage.write_mode", self.write_mode,
+               "write_through|write_back")  # fmt: skip
+        _check(self.max_queue_chunks >= 1, "storage.max_queue_chunks", self.max_queue_chunks, ">= 1")
+
+
+@dataclass
+class ServerConfig:
+    """The standalone daemon (``kvtier server``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 5555
+    http_port: int = 8080
+    auth_token_file: str = ""
+
+    def __post_init__(self) -> None:
+        for f in ("port", "http_port"):
+            _check(0 <= getattr(self, f) <= 65535, f"server.{f}", getattr(self, f), "a port 0..65535")
+
+
+@dataclass
+class Config:
+    """Everything kvtier can be told. Build with ``Config.load``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    cpu: CPUTierConfig = field(default_factory=CPUTierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+             **overrides: Any) -> Config:  # fmt: skip
+        """Defaults < YAML file < ``KVTIER_*`` env < ``overrides``; raises ``ConfigError``."""
+        env = os.environ if env is None else env
+        tree: dict[str, dict[str, Any]] = {}
+        file = path if path is not None else env.get("KVTIER_CONFIG") or None
+        if file is not None:
+            _merge(tree, _read_yaml(Path(file)), "file")
+        _merge(tree, _from_env(env), "env")
+        _merge(tree, overrides, "overrides")
+        return cls.from_dict(tree)
+
+    @classmethod
+    def from_dict(cls, tree: Mapping[str, Any]) -> Config:
+        norm: dict[str, dict[str, Any]] = {}
+        _merge(norm, tree, "dict")
+        sections = {}
+        for sec in dataclasses.fields(cls):
+            sec_cls = _section_classes()[sec.name]
+            values = norm.get(sec.name, {})
+            kwargs = {f.name: _coerce(values[f.name], f, f"{sec.name}.{f.name}")
+                      for f in dataclasses.fields(sec_cls) if f.name in values}  # fmt: skip
+            try:
+                sections[sec.name] = sec_cls(**kwargs)
+            except TypeError as e:
+                raise ConfigError(f"{sec.name}: {e}") from e
+        return cls(**sections)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_index() -> dict[str, list[tuple[str, str]]]:
+    """field name -> [(section, field)], to resolve bare names."""
+    idx: dict[str, list[tuple[str, str]]] = {}
+    for sec, sec_cls in _section_classes().items():
+        for f in dataclasses.fields(sec_cls):
+            idx.setdefault(f.name, []).append((sec, f.name))
+    return idx
+
+
+def _resolve(key: str, where: str) -> tuple[str, str]:
+    sections = _section_classes()
+    for sep in (".", "__"):
+        if sep in key:
+            sec, _, name = key.partition(sep)
+            sec, name = sec.lower(), name.lower()
+            if sec not in sections:
+                raise ConfigError(
+                    f"{where}: unknown section {sec!r} in {key!r}; sections: {sorted(sections)}"
+                )
+            names = [f.name for f in dataclasses.fields(sections[sec])]
+            if name not in names:
+                raise ConfigError(f"{where}: unknown key {key!r}; {sec} has {names}")
+            return sec, name
+    hits = _field_index().get(key.lower(), [])
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise ConfigError(f"{where}: {key!r} is ambiguous, say one of {[f'{s}.{n}' for s, n in hits]}")
+    raise ConfigError(f"{where}: unknown key {key!r}")
+
+
+def _merge(tree: dict[str, dict[str, Any]], src: Mapping[str, Any], where: str) -> None:
+    sections = _section_classes()
+    for key, value in src.items():
+        if key.lower() in sections and isinstance(value, Mapping):
+            for sub, v in value.items():
+                sec, name = _resolve(f"{key}.{sub}", where)
+                tree.setdefault(sec, {})[name] = v
+        elif key.lower() in sections and dataclasses.is_dataclass(value):
+            tree.setdefault(key.lower(), {}).update(dataclasses.asdict(value))  # type: ignore[arg-type]
+        else:
+            sec, name = _resolve(key, where)
+            tree.setdefault(sec, {})[name] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in env.items():
+        if k.startswith("KVTIER_") and k != "KVTIER_CONFIG":
+            out[k[len("KVTIER_") :].lower()] = v
+    return out
+
+
+def _coerce(value: Any, f: dataclasses.Field[Any], name: str) -> Any:
+    """Strings from YAML/env become the field's type; sizes are parsed in ``__post_init__``."""
+    if f.metadata.get("size"):
+        return parse_size(value, name)
+    # ``from __future__ import annotations`` makes ``f.type`` the annotation's text.
+    typ: Any = f.type
+    typ = (
+        {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    )
+    if isinstance(typ, types.UnionType):
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(str(value), 0)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,257 @@
+"""CacheEngine: the public API — lookup, store, retrieve, stats.
+
+KV layout at this boundary is ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` (2 = key,
+value). Integrations translate their engine's layout to and from it (``layout.py``, ``gpu/``).
+
+Invariants:
+* Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
+  namespace (model, dtype, shape, tp shard, salt) can never be returned.
+* ``lookup`` and ``retrieve`` return a contiguous prefix: the first chunk no tier has (or whose
+  fingerprint/shape does not match on read) ends the hit.
+* ``store`` validates everything before touching any tier: bad input raises ``KVError`` and
+  leaves the cache unchanged.
+* A tier failure at run time is a miss (``TierManager``), never an exception from these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvtier.config import Config
+from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.observability import CacheStats, Metrics
+from kvtier.paged import PagedMixin
+from kvtier.storage import TierManager
+from kvtier.tiers.base import Chunk, Tier
+from kvtier.tiers.factory import build_tiers
+
+log = logging.getLogger(__name__)
+
+
+class KVError(ValueError):
+    """KV or tokens handed to the engine do not match each other or the engine's namespace."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise KVError(f"unknown KV dtype {name!r}")
+    return dt
+
+
+@dataclass
+class RetrieveResult:
+    """``kv`` holds the first ``num_tokens`` tokens' KV (``None`` when nothing was cached)."""
+
+    num_tokens: int
+    kv: torch.Tensor | None
+    num_chunks: int = 0
+
+
+class CacheEngine(PagedMixin):
+    """Stores and returns KV for token prefixes across the configured tiers."""
+
+    def __init__(self, config: Config | None = None, *, namespace: Namespace | None = None,
+                 tiers: list[Tier] | None = None) -> None:  # fmt: skip
+        self.config = config or Config.load()
+        self.chunk_tokens = self.config.chunk.chunk_tokens
+        self.allow_partial = self.config.chunk.allow_partial_chunks
+        self.storage = TierManager(tiers if tiers is not None else build_tiers(self.config))
+        self._stats = CacheStats()
+        self.metrics = Metrics(self.stats)
+        self._namespace: Namespace | None = None
+        self._ns_digest = b""
+        m = self.config.model
+        if namespace is not None:
+            self.bind(namespace)
+        elif m.num_layers and m.num_kv_heads and m.head_dim and m.kv_dtype:
+            self.bind_model(m.num_layers, m.num_kv_heads, m.head_dim, dtype_from_name(m.kv_dtype))
+
+    # -- namespace ------------------------------------------------------------------------------
+    @property
+    def namespace(self) -> Namespace | None:
+        return self._namespace
+
+    def bind(self, namespace: Namespace) -> None:
+        """Fix the namespace; binding again to a different one is an error (make a new engine)."""
+        if self._namespace is not None and self._namespace != namespace:
+            raise KVError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
+        dtype_from_name(namespace.kv_dtype)
+        if len(namespace.kv_shape) != 3 or min(namespace.kv_shape) <= 0:
+            raise KVError(
+                f"namespace kv_shape must be (layers, kv_heads, head_dim) > 0, got {namespace.kv_shape}"
+            )
+        self._namespace = namespace
+        self._ns_digest = namespace.digest()
+
+    def bind_model(self, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                   model_id: str | None = None) -> Namespace:  # fmt: skip
+        """Bind from a model's KV geometry; model id, tp and salt come from ``config.model``."""
+        m = self.config.model
+        ns = Namespace(
+            model_id=model_id or m.model_id or "unnamed-model",
+            kv_dtype=dtype_name(kv_dtype),
+            kv_shape=(num_layers, num_kv_heads, head_dim),
+            tp_rank=m.tp_rank,
+            tp_size=m.tp_size,
+            cache_salt=m.cache_salt,
+        )
+        self.bind(ns)
+        return ns
+
+    def keys(self, tokens: TokenInput) -> list[ChunkKey]:
+        """The chunk keys of ``tokens`` under this engine's namespace ([] if unbound)."""
+        if self._namespace is None:
+            return []
+        return chunk_keys(tokens, self._namespace, self.chunk_tokens, allow_partial=self.allow_partial,
+                          ns_digest=self._ns_digest)  # fmt: skip
+
+    # -- the API --------------------------------------------------------------------------------
+    def lookup(self, tokens: TokenInput) -> int:
+        """Number of leading tokens whose KV is cached (a prefix, chunk-aligned except a stored tail)."""
+        t0 = time.perf_counter()
+        arr = tokens_to_array(tokens)
+        keys = self.keys(arr)
+        n_chunks = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
+        hit = keys[n_chunks - 1].end if n_chunks else 0
+        s = self._stats
+        s.lookups += 1
+        s.lookup_tokens += int(arr.size)
+        s.hit_tokens += hit
+        s.hit_requests += hit > 0
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        return hit
+
+    def store(self, tokens: TokenInput, kv: torch.Tensor) -> int:
+        """Store the KV of ``tokens``; returns the number of tokens newly stored.
+
+        ``kv``: ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
+        already cached are skipped. Binds the namespace from ``kv`` if still unbound.
+        """
+        t0 = time.perf_counter()
+        arr = tokens_to_array(tokens)
+        self._validate_kv(arr, kv)
+        keys = self.keys(arr)
+        stored = 0
+        for k in keys:
+            if any(t.contains(k.digest) for t in self.storage.tiers[:1]):
+                continue
+            part = kv[:, :, k.start : k.end]  # a view; each tier copies what it keeps
+            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
+            if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
+                stored += k.num_tokens
+                self._stats.stored_chunks += 1
+            else:
+                self._stats.store_failures += 1
+        self._stats.stores += 1
+        self._stats.stored_tokens += stored
+        self.metrics.store_latency.observe(time.perf_counter() - t0)
+        return stored
+
+    def retrieve(self, tokens: TokenInput, *, device: torch.device | str | None = None) -> RetrieveResult:
+        """The KV of the longest cached prefix of ``tokens``, on ``device`` (default CPU)."""
+        t0 = time.perf_counter()
+        arr = tokens_to_array(tokens)
+        keys = self.keys(arr)
+        ns = self._namespace
+        if not keys or ns is None:
+            return RetrieveResult(0, None)
+        n_avail = self.storage.prefix_lookup([k.digest for k in keys])
+        if n_avail == 0:
+            return RetrieveResult(0, None)
+        layers, heads, dim = ns.kv_shape
+        dtype = dtype_from_name(ns.kv_dtype)
+        total = keys[n_avail - 1].end
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        out = torch.empty((layers, 2, total, heads, dim), dtype=dtype, device=dev,
+                          pin_memory=False)  # fmt: skip
+        got = 0
+        n_chunks = 0
+        for k in keys[:n_avail]:
+            chunk = self.storage.get(k.digest)
+            if chunk is None:
+                break
+            with chunk:
+                if not self._chunk_ok(chunk, arr, k, dtype):
+                    break
+                out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
+            got = k.end
+            n_chunks += 1
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+        self._stats.retrieves += 1
+        self._stats.retrieved_tokens += got
+        self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
+        if got == 0:
+            return RetrieveResult(0, None)
+        return RetrieveResult(got, out[:, :, :got] if got < total else out, n_chunks)
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the engine's and every tier's counters."""
+        s = CacheStats(**{k: v for k, v in vars(self._stats).items() if k != "tiers"})
+        s.tiers = self.storage.stats()
+        return s
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until asynchronous writes to lower tiers are done."""
+        self.storage.flush(timeout_s)
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation -----------------------------------------------------------------------------
+    def _validate_kv(self, arr: np.ndarray, kv: torch.Tensor) -> None:
+        if not isinstance(kv, torch.Tensor):
+            raise KVError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        if kv.dim() != 5 or kv.shape[1] != 2:
+            raise KVError(
+                f"kv must have shape [num_layers, 2, num_tokens, num_kv_heads, head_dim], got {tuple(kv.shape)}"
+            )
+        if kv.shape[2] != arr.size:
+            raise KVError(f"kv covers {kv.shape[2]} tokens but {arr.size} tokens were given")
+        if not kv.dtype.is_floating_point:
+            raise KVError(f"kv dtype must be floating point, got {kv.dtype}")
+        if self._namespace is None:
+            self.bind_model(int(kv.shape[0]), int(kv.shape[3]), int(kv.shape[4]), kv.dtype)
+        ns = self._namespace
+        assert ns is not None
+        want = (ns.kv_shape[0], 2, arr.size, ns.kv_shape[1], ns.kv_shape[2])
+        if tuple(kv.shape) != want:
+            raise KVError(
+                f"kv shape {tuple(kv.shape)} does not match the namespace {ns.model_id}: expected {want}"
+            )
+        if dtype_name(kv.dtype) != ns.kv_dtype:
+            raise KVError(f"kv dtype {dtype_name(kv.dtype)} does not match the namespace's {ns.kv_dtype}")
+
+    def _chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey, dtype: torch.dtype) -> bool:
+        ns = self._namespace
+        assert ns is not None
+        want_shape = (ns.kv_shape[0], 2, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        ok = (
+            chunk.num_tokens == k.num_tokens
+            and tuple(chunk.kv.shape) == want_shape
+            and chunk.kv.dtype == dtype
+            and chunk.fingerprint == fingerprint(arr[k.start : k.end], want_shape, ns.kv_dtype)
+        )
+        if not ok:
+            self._stats.fingerprint_mismatches += 1
+            log.warning(
+                "chunk %s failed validation on read (fingerprint/shape/dtype); treated as a miss", k.hex()
+            )
+        return ok

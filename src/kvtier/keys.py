@@ -1,0 +1,145 @@
+"""Tokens -> chunks -> chained content hashes.
+
+A prompt is cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is keyed by
+
+    h_i = blake2b(h_{i-1} || tokens_i || namespace_digest)
+
+so a key names the *whole prefix* up to and including chunk ``i``, not just that chunk's
+tokens: two prompts share key ``i`` only if they agree on every token before it. That is
+what makes a prefix lookup a walk down the key list that stops at the first miss.
+
+Invariants:
+* H is blake2b from ``hashlib``: seedless, so the same tokens and namespace give the same key
+  in every process and on every machine, whatever ``PYTHONHASHSEED`` is (vLLM's own block
+  hash is seeded and breaks cross-process sharing; ours must not).
+* Tokens are hashed as little-endian int64 bytes, so a list, a numpy array and a torch
+  tensor of the same ids hash alike.
+* The namespace (model id, KV dtype, KV shape, tp rank/size, salt) is folded into every
+  key, so KV of another model, dtype, layout or tenant can never be served for this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DIGEST_BYTES = 16
+"""128-bit keys: collision odds stay negligible for any cache size we will ever hold."""
+
+TokenInput = (
+    Sequence[int] | np.ndarray | Any
+)  # Any: a torch tensor (kept out of the type to avoid importing torch)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything besides the tokens that decides whether stored KV is valid for a request.
+
+    ``kv_shape`` is ``(num_layers, num_kv_heads, head_dim)``; the token axis is not part of it.
+    """
+
+    model_id: str
+    kv_dtype: str
+    kv_shape: tuple[int, int, int]
+    tp_rank: int = 0
+    tp_size: int = 1
+    cache_salt: str = ""
+
+    def digest(self) -> bytes:
+        """A stable digest of every field; changes when any field changes."""
+        text = "|".join(
+            [
+                "kvtier-ns-v1",
+                self.model_id,
+                self.kv_dtype,
+                "x".join(str(d) for d in self.kv_shape),
+                f"tp{self.tp_rank}/{self.tp_size}",
+                self.cache_salt,
+            ]
+        )
+        return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(frozen=True)
+class ChunkKey:
+    """The key of one chunk: its chained digest and the token span it covers."""
+
+    digest: bytes
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    def hex(self) -> str:
+        return self.digest.hex()
+
+
+def tokens_to_array(tokens: TokenInput) -> np.ndarray:
+    """Tokens as a contiguous little-endian int64 array, from a list, numpy array or torch tensor.
+
+    Raises ``ValueError`` for anything that is not a flat sequence of non-negative integers.
+    """
+    if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor, without importing torch
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype="<i8")
+    if arr.size and int(arr.min()) < 0:
+        raise ValueError("tokens must be non-negative token ids")
+    return arr
+
+
+def chunk_keys(
+    tokens: TokenInput,
+    namespace: Namespace,
+    chunk_tokens: int,
+    *,
+    allow_partial: bool = True,
+    ns_digest: bytes | None = None,
+) -> list[ChunkKey]:
+    """Chained keys for ``tokens`` cut into ``chunk_tokens``-sized chunks.
+
+    With ``allow_partial`` the trailing partial chunk gets a key too; without it, tokens past
+    the last full chunk are not covered. ``ns_digest`` lets a caller pass a precomputed
+    ``namespace.digest()``.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    arr = tokens_to_array(tokens)
+    nsd = ns_digest if ns_digest is not None else namespace.digest()
+    raw = arr.tobytes()
+    n = arr.size
+    end_full = (n // chunk_tokens) * chunk_tokens
+    stop = n if allow_partial else end_full
+    keys: list[ChunkKey] = []
+    prev = nsd
+    blake = hashlib.blake2b
+    for start in range(0, stop, chunk_tokens):
+        end = min(start + chunk_tokens, stop)
+        h = blake(prev, digest_size=DIGEST_BYTES)
+        h.update(raw[start * 8 : end * 8])
+        h.update(nsd)
+        prev = h.digest()
+        keys.append(ChunkKey(prev, start, end))
+    return keys
+
+
+def fingerprint(tokens: np.ndarray, shape: tuple[int, ...], dtype: str) -> bytes:
+    """A short digest of one chunk's own tokens, shape and dtype, stored beside its KV.
+
+    The chained key already implies the tokens; the fingerprint is the independent check on
+    read that turns a hash collision, a mis-filed value or a corrupt remote into a miss.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
+    h.update(("x".join(map(str, shape)) + "|" + dtype).encode())
+    return h.digest()

@@ -1,0 +1,134 @@
+"""The Tier contract: a key -> chunk store with a byte capacity.
+
+Every tier (cpu, disk, redis, s3, remote daemon) implements five methods — ``contains``,
+``get``, ``put``, ``remove``, ``close`` — and inherits batched defaults that a tier with a
+cheaper bulk path (pipelines, multi-get) overrides. One conformance suite
+(tests/tiers/test_conformance.py) runs against every tier.
+
+Invariants:
+* Keys are the 16-byte chained digests of ``keys.ChunkKey``; a tier treats them as opaque.
+* ``get`` returns the chunk exactly as ``put`` received it (same fingerprint, token count,
+  shape, dtype and bytes) or ``None``. A tier that finds corrupt or unreadable data returns
+  ``None`` (a miss) and logs; it never raises to the caller for a data problem.
+* ``put`` returns ``False`` when it could not store (no space, tier down) — a soft failure,
+  never an exception for a runtime condition. Invalid *arguments* raise ``TierError``.
+* A ``Chunk`` returned by ``get`` may be a view into tier memory (the CPU tier's pool); the
+  caller must call ``release()`` (or use it as a context manager) once it has copied the data.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+
+
+class TierError(ValueError):
+    """A tier was called with invalid arguments (not a runtime failure, which is soft)."""
+
+
+@dataclass
+class Chunk:
+    """One chunk of KV plus what a reader needs to validate it.
+
+    ``kv`` has layout ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``; on ``put`` it may
+    be a strided view into a larger tensor and may live on a GPU (a tier copies it, to host
+    first if it serialises); on ``get`` it is on the CPU and may be a view into tier memory.
+    ``fingerprint`` is ``keys.fingerprint`` of the chunk's own tokens, shape and dtype.
+    """
+
+    kv: torch.Tensor
+    fingerprint: bytes
+    num_tokens: int
+    _on_release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Give back any tier memory this chunk views; idempotent."""
+        cb, self._on_release = self._on_release, None
+        if cb is not None:
+            cb()
+
+    def __enter__(self) -> Chunk:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class TierStats:
+    """Counters every tier keeps; surfaced by ``CacheEngine.stats()`` and Prometheus."""
+
+    name: str
+    chunks: int = 0
+    bytes_used: int = 0
+    capacity_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_failures: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    errors: int = 0
+
+
+class Tier(ABC):
+    """A store of chunks by key. Thread-safe: the TierManager calls it from worker threads."""
+
+    name: str = "tier"
+
+    @abstractmethod
+    def contains(self, key: bytes) -> bool:
+        """Whether ``get(key)`` would (very likely) hit; cheap, no data transfer."""
+
+    @abstractmethod
+    def get(self, key: bytes) -> Chunk | None:
+        """The chunk stored under ``key``, or ``None`` (missing, corrupt, tier down)."""
+
+    @abstractmethod
+    def put(self, key: bytes, chunk: Chunk) -> bool:
+        """Store a copy of ``chunk``; ``False`` if it could not be stored."""
+
+    @abstractmethod
+    def remove(self, key: bytes) -> bool:
+        """Drop ``key``; ``True`` if it was there."""
+
+    @abstractmethod
+    def stats(self) -> TierStats:
+        """A snapshot of this tier's counters."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most tiers have something to close
+        """Release resources; the tier is unusable afterwards."""
+
+    # -- batched defaults ---------------------------------------------------------------------
+    def prefix_contains(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` are present (stops at the first miss)."""
+        n = 0
+        for k in keys:
+            if not self.contains(k):
+                break
+            n += 1
+        return n
+
+    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+        return [self.get(k) for k in keys]
+
+    def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
+        return [self.put(k, c) for k, c in items]
+
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

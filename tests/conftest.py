@@ -1,0 +1,42 @@
+"""Shared fixtures: small KV geometries, KV factories, and the ``gpu`` marker's skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import CacheEngine, Config
+
+LAYERS, HEADS, DIM = 4, 2, 16
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_kv(num_tokens: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+            layers: int = LAYERS, heads: int = HEADS, dim: int = DIM) -> torch.Tensor:  # fmt: skip
+    """Random KV ``[layers, 2, num_tokens, heads, dim]``; same seed => same tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layers, 2, num_tokens, heads, dim, generator=g).to(dtype)
+
+
+def make_tokens(n: int, *, seed: int = 0, vocab: int = 32000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+@pytest.fixture
+def engine() -> CacheEngine:
+    """An engine with a 64 MiB CPU tier and 16-token chunks, bound to the test geometry."""
+    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="64MiB", cpu__pin_memory="no",
+                      model__model_id="test-model")  # fmt: skip
+    eng = CacheEngine(cfg)
+    eng.bind_model(LAYERS, HEADS, DIM, torch.float32)
+    yield eng
+    eng.close()

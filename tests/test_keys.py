@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.keys import Namespace, chunk_keys, tokens_to_array
+
+NS = Namespace("m", "float16", (4, 2, 16))
+
+
+def test_chunks_cover_tokens_and_partial_tail() -> None:
+    keys = chunk_keys(list(range(40)), NS, 16)
+    assert [(k.start, k.end) for k in keys] == [(0, 16), (16, 32), (32, 40)]
+    full = chunk_keys(list(range(40)), NS, 16, allow_partial=False)
+    assert [(k.start, k.end) for k in full] == [(0, 16), (16, 32)]
+    assert [k.digest for k in full] == [k.digest for k in keys[:2]]
+
+
+def test_keys_are_chained_over_the_whole_prefix() -> None:
+    a = chunk_keys(list(range(48)), NS, 16)
+    b_tokens = list(range(48))
+    b_tokens[3] = 999  # differs only in chunk 0
+    b = chunk_keys(b_tokens, NS, 16)
+    assert all(x.digest != y.digest for x, y in zip(a, b, strict=True))
+    c = chunk_keys(list(range(32)) + [7] * 16, NS, 16)
+    assert [k.digest for k in c[:2]] == [k.digest for k in a[:2]] and c[2].digest != a[2].digest
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model_id", "other"),
+        ("kv_dtype", "bfloat16"),
+        ("kv_shape", (4, 2, 32)),
+        ("tp_rank", 1),
+        ("cache_salt", "tenant-b"),
+    ],
+)
+def test_every_namespace_field_changes_the_key(field: str, value: object) -> None:
+    kw = {"model_id": "m", "kv_dtype": "float16", "kv_shape": (4, 2, 16), "tp_rank": 0, "tp_size": 2}
+    kw[field] = value
+    other = Namespace(**kw)  # type: ignore[arg-type]
+    base = Namespace("m", "float16", (4, 2, 16), tp_size=2)
+    assert chunk_keys([1, 2, 3], base, 16)[0].digest != chunk_keys([1, 2, 3], other, 16)[0].digest
+
+
+def test_list_numpy_and_tensor_inputs_hash_alike() -> None:
+    toks = [5, 6, 7, 100000, 0] * 10
+    d = [k.digest for k in chunk_keys(toks, NS, 16)]
+    assert d == [k.digest for k in chunk_keys(np.array(toks, dtype=np.int32), NS, 16)]
+    assert d == [k.digest for k in chunk_keys(torch.tensor(toks), NS, 16)]
+
+
+@pytest.mark.parametrize("bad", [[[1, 2], [3, 4]], [1.5, 2.0], [-1, 3]])
+def test_bad_tokens_are_rejected(bad: object) -> None:
+    with pytest.raises(ValueError, match="tokens"):
+        tokens_to_array(bad)
+
+
+def test_bad_chunk_size_rejected() -> None:
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunk_keys([1, 2], NS, 0)
+
+
+_SNIPPET = """
+from kvtier.keys import Namespace, chunk_keys
+ns = Namespace("llama", "bfloat16", (32, 8, 128), 1, 2, "salt")
+print(",".join(k.hex() for k in chunk_keys(list(range(1000)), ns, 256)))
+"""
+
+
+def test_keys_identical_across_processes_with_different_hash_seeds() -> None:
+    outs = []
+    for seed in ("0", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run(
+            [sys.executable, "-c", _SNIPPET], env=env, capture_output=True, text=True, check=True
+        )
+        outs.append(out.stdout.strip())
+    assert outs[0] == outs[1] and len(outs[0].split(",")) == 4
+    ns = Namespace("llama", "bfloat16", (32, 8, 128), 1, 2, "salt")
+    assert outs[0] == ",".join(k.hex() for k in chunk_keys(list(range(1000)), ns, 256))

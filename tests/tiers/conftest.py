@@ -1,0 +1,38 @@
+"""Tier factories for the conformance suite: every tier registers one here.
+
+A factory takes a byte capacity and pytest's ``tmp_path`` and returns a fresh tier; a factory
+for a tier whose server is not available calls ``pytest.skip``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvtier.tiers.base import Tier
+from kvtier.tiers.cpu import CPUTier
+
+TierFactory = Callable[[int, Path], Tier]
+
+
+def _cpu(capacity: int, tmp_path: Path) -> Tier:
+    return CPUTier(capacity, policy="lru")
+
+
+TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu}
+
+
+@pytest.fixture(params=sorted(TIER_FACTORIES))
+def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[int], Tier]]:
+    made: list[Tier] = []
+
+    def factory(capacity: int = 1 << 20) -> Tier:
+        t = TIER_FACTORIES[request.param](capacity, tmp_path)
+        made.append(t)
+        return t
+
+    yield factory
+    for t in made:
+        t.close()
