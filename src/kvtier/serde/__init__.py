@@ -1,0 +1,49 @@
+"""Bytes on disk and on the wire: one chunk format (``base``) and pluggable codecs (``codec``).
+
+``encode``/``decode`` turn a ``tiers.base.Chunk`` into a self-checking blob and back; any
+mismatch raises ``CorruptChunkError``. Codecs register themselves by name and id; the zstd/lz4
+codecs live in ``serde/compress.py`` and are registered by importing it here when present.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kvtier.serde.base import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    ChunkHeader,
+    CorruptChunkError,
+    SerdeError,
+    decode,
+    decode_payload,
+    encode,
+    encode_parts,
+    tensor_bytes,
+)
+from kvtier.serde.codec import CODECS, Codec, CodecError, codec_by_id, get_codec, register_codec
+
+try:  # optional codecs (zstd, lz4); their module registers them on import
+    importlib.import_module("kvtier.serde.compress")
+except ModuleNotFoundError as e:  # only "the module is not there" is tolerated, not its own bad imports
+    if e.name != "kvtier.serde.compress":
+        raise
+
+__all__ = [
+    "CODECS",
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "ChunkHeader",
+    "Codec",
+    "CodecError",
+    "CorruptChunkError",
+    "SerdeError",
+    "codec_by_id",
+    "decode",
+    "decode_payload",
+    "encode",
+    "encode_parts",
+    "get_codec",
+    "register_codec",
+    "tensor_bytes",
+]
