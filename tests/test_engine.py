@@ -140,3 +140,16 @@ def test_unbound_engine_misses() -> None:
 def test_rebinding_to_another_namespace_is_refused(engine: CacheEngine) -> None:
     with pytest.raises(KVError, match="already bound"):
         engine.bind_model(LAYERS + 1, HEADS, DIM, torch.float32)
+
+
+def test_retrieve_into_preallocated_out(engine: CacheEngine) -> None:
+    tokens, kv = make_tokens(40), make_kv(40)
+    engine.store(tokens, kv)
+    out = torch.full((LAYERS, 2, 64, HEADS, DIM), 7.0)
+    r = engine.retrieve(tokens, out=out)
+    assert r.num_tokens == 40 and r.kv is not None and r.kv.data_ptr() == out.data_ptr()
+    assert torch.equal(out[:, :, :40], kv) and torch.all(out[:, :, 40:] == 7.0)
+    with pytest.raises(KVError, match="out must have shape"):
+        engine.retrieve(tokens, out=torch.empty(LAYERS, 2, 8, HEADS, DIM))
+    with pytest.raises(KVError, match="dtype"):
+        engine.retrieve(tokens, out=torch.empty(LAYERS, 2, 40, HEADS, DIM, dtype=torch.float16))

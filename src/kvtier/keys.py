@@ -12,8 +12,9 @@ Invariants:
 * H is blake2b from ``hashlib``: seedless, so the same tokens and namespace give the same key
   in every process and on every machine, whatever ``PYTHONHASHSEED`` is (vLLM's own block
   hash is seeded and breaks cross-process sharing; ours must not).
-* Tokens are hashed as little-endian int64 bytes, so a list, a numpy array and a torch
-  tensor of the same ids hash alike.
+* Tokens are hashed as little-endian uint32 bytes (every real vocabulary fits; half the bytes
+  of int64 makes hashing 2x faster), so a list, a numpy array and a torch tensor of the same
+  ids hash alike.
 * The namespace (model id, KV dtype, KV shape, tp rank/size, salt) is folded into every
   key, so KV of another model, dtype, layout or tenant can never be served for this one.
 """
@@ -81,9 +82,9 @@ class ChunkKey:
 
 
 def tokens_to_array(tokens: TokenInput) -> np.ndarray:
-    """Tokens as a contiguous little-endian int64 array, from a list, numpy array or torch tensor.
+    """Tokens as a contiguous little-endian uint32 array, from a list, numpy array or torch tensor.
 
-    Raises ``ValueError`` for anything that is not a flat sequence of non-negative integers.
+    Raises ``ValueError`` for anything that is not a flat sequence of integers in [0, 2**32).
     """
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor, without importing torch
         tokens = tokens.detach().cpu().numpy()
@@ -92,10 +93,9 @@ def tokens_to_array(tokens: TokenInput) -> np.ndarray:
         raise ValueError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype="<i8")
-    if arr.size and int(arr.min()) < 0:
-        raise ValueError("tokens must be non-negative token ids")
-    return arr
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
+        raise ValueError("tokens must be token ids in [0, 2**32)")
+    return np.ascontiguousarray(arr, dtype="<u4")
 
 
 def chunk_keys(
@@ -125,10 +125,7 @@ def chunk_keys(
     blake = hashlib.blake2b
     for start in range(0, stop, chunk_tokens):
         end = min(start + chunk_tokens, stop)
-        h = blake(prev, digest_size=DIGEST_BYTES)
-        h.update(raw[start * 8 : end * 8])
-        h.update(nsd)
-        prev = h.digest()
+        prev = blake(prev + raw[start * 4 : end * 4] + nsd, digest_size=DIGEST_BYTES).digest()
         keys.append(ChunkKey(prev, start, end))
     return keys
 
@@ -140,6 +137,6 @@ def fingerprint(tokens: np.ndarray, shape: tuple[int, ...], dtype: str) -> bytes
     read that turns a hash collision, a mis-filed value or a corrupt remote into a miss.
     """
     h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype="<u4").tobytes())
     h.update(("x".join(map(str, shape)) + "|" + dtype).encode())
     return h.digest()
