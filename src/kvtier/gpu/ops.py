@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +40,7 @@ def triton_available() -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
     """A validated call: entries, layout, device, slots, and the backend that will run."""
 
@@ -49,6 +49,9 @@ class Prepared:
     device: torch.device
     slots: torch.Tensor
     use_triton: bool
+    launch_cache: dict[str, object] = field(default_factory=dict)
+    """Per-call constants of the Triton launch (row table, base tensor), computed once: a staged
+    or layer-wise transfer launches many times with the same caches."""
 
     @property
     def num_rows(self) -> int:
@@ -185,19 +188,25 @@ def _triton_move(
 
     lay = prep.layout
     elem = lay.dtype.itemsize
-    ptrs = _row_pointers(prep)
-    base = lay.plane_bases(prep.entries[0])[0]
-    if any((p - base.data_ptr()) % elem for p in ptrs):
-        raise ValueError("KV planes are not element-aligned relative to each other")
-    table = _plane_table(base.data_ptr(), ptrs, elem, prep.device)
+    if "table" not in prep.launch_cache:
+        ptrs = _row_pointers(prep)
+        base = lay.plane_bases(prep.entries[0])[0]
+        if any((p - base.data_ptr()) % elem for p in ptrs):
+            raise ValueError("KV planes are not element-aligned relative to each other")
+        prep.launch_cache.update(
+            table=_plane_table(base.data_ptr(), ptrs, elem, prep.device),
+            src=base.view(_INT_VIEW[elem]),
+            ptrs_aligned=all(p % 16 == 0 for p in ptrs),
+        )
+    table = prep.launch_cache["table"]
+    src = prep.launch_cache["src"]
     ivt = _INT_VIEW[elem]
     a0 = lay.planes[0]
-    src = base.view(ivt)
     vec = max(1, 16 // elem)
     hd, d = prep.row_elems, lay.head_dim
     hd_contig = lay.num_kv_heads == 1 or a0.s_h == d
     aligned = (
-        all(p % 16 == 0 for p in ptrs)
+        bool(prep.launch_cache["ptrs_aligned"])
         and chunk_rows.data_ptr() % 16 == 0
         and all(s % vec == 0 for s in (a0.s_blk, a0.s_off, hd, chunk_rows.stride(0)))
         and (hd_contig or (a0.s_h % vec == 0 and d % vec == 0))
