@@ -153,3 +153,15 @@ def test_retrieve_into_preallocated_out(engine: CacheEngine) -> None:
         engine.retrieve(tokens, out=torch.empty(LAYERS, 2, 8, HEADS, DIM))
     with pytest.raises(KVError, match="dtype"):
         engine.retrieve(tokens, out=torch.empty(LAYERS, 2, 40, HEADS, DIM, dtype=torch.float16))
+
+
+def test_mla_single_plane_round_trip() -> None:
+    eng = CacheEngine(Config.load(env={}, chunk_tokens=16, cpu__max_bytes="8MiB"))
+    tokens = make_tokens(40)
+    latent = torch.randn(3, 1, 40, 1, 24)  # [layers, 1 plane, tokens, 1, latent]
+    eng.store(tokens, latent)
+    assert eng.namespace is not None and eng.namespace.kv_planes == 1
+    r = eng.retrieve(tokens)
+    assert r.kv is not None and torch.equal(r.kv, latent)
+    with pytest.raises(KVError, match="namespace"):
+        eng.store(tokens, torch.randn(3, 2, 40, 1, 24))

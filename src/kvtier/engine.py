@@ -1,7 +1,7 @@
 """CacheEngine: the public API — lookup, store, retrieve, stats.
 
-KV layout at this boundary is ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` (2 = key,
-value). Integrations translate their engine's layout to and from it (``layout.py``, ``gpu/``).
+KV layout at this boundary is ``[num_layers, planes, num_tokens, num_kv_heads, head_dim]`` with
+planes = 2 (key, value); MLA caches use planes = 1, heads = 1, head_dim = latent. Integrations translate their engine's layout to and from it (``layout.py``, ``gpu/``).
 
 Invariants:
 * Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
@@ -95,7 +95,7 @@ class CacheEngine(PagedMixin):
         self._ns_digest = namespace.digest()
 
     def bind_model(self, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-                   model_id: str | None = None) -> Namespace:  # fmt: skip
+                   model_id: str | None = None, kv_planes: int = 2) -> Namespace:  # fmt: skip
         """Bind from a model's KV geometry; model id, tp and salt come from ``config.model``."""
         m = self.config.model
         ns = Namespace(
@@ -105,6 +105,7 @@ class CacheEngine(PagedMixin):
             tp_rank=m.tp_rank,
             tp_size=m.tp_size,
             cache_salt=m.cache_salt,
+            kv_planes=kv_planes,
         )
         self.bind(ns)
         return ns
@@ -135,7 +136,7 @@ class CacheEngine(PagedMixin):
     def store(self, tokens: TokenInput, kv: torch.Tensor) -> int:
         """Store the KV of ``tokens``; returns the number of tokens newly stored.
 
-        ``kv``: ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
+        ``kv``: ``[num_layers, planes, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
         already cached are skipped. Binds the namespace from ``kv`` if still unbound.
         """
         t0 = time.perf_counter()
@@ -183,7 +184,13 @@ class CacheEngine(PagedMixin):
             dev = out.device
         else:
             dev = torch.device(device) if device is not None else torch.device("cpu")
-            out = torch.empty((layers, 2, total, heads, dim), dtype=dtype, device=dev)
+            # Host output is pinned when a GPU may read it: H2D from pageable memory runs at a third
+            # of the pinned rate, and torch's caching host allocator makes repeated pinned
+            # allocations cheap.
+            pin = dev.type == "cpu" and torch.cuda.is_available()
+            out = torch.empty(
+                (layers, ns.kv_planes, total, heads, dim), dtype=dtype, device=dev, pin_memory=pin
+            )
         got = 0
         n_chunks = 0
         for k in keys[:n_avail]:
@@ -228,19 +235,22 @@ class CacheEngine(PagedMixin):
     def _validate_kv(self, arr: np.ndarray, kv: torch.Tensor) -> None:
         if not isinstance(kv, torch.Tensor):
             raise KVError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-        if kv.dim() != 5 or kv.shape[1] != 2:
+        if kv.dim() != 5 or kv.shape[1] not in (1, 2):
             raise KVError(
-                f"kv must have shape [num_layers, 2, num_tokens, num_kv_heads, head_dim], got {tuple(kv.shape)}"
+                f"kv must have shape [num_layers, 2, num_tokens, num_kv_heads, head_dim] "
+                f"(planes 1 for MLA), got {tuple(kv.shape)}"
             )
         if kv.shape[2] != arr.size:
             raise KVError(f"kv covers {kv.shape[2]} tokens but {arr.size} tokens were given")
         if not kv.dtype.is_floating_point:
             raise KVError(f"kv dtype must be floating point, got {kv.dtype}")
         if self._namespace is None:
-            self.bind_model(int(kv.shape[0]), int(kv.shape[3]), int(kv.shape[4]), kv.dtype)
+            self.bind_model(
+                int(kv.shape[0]), int(kv.shape[3]), int(kv.shape[4]), kv.dtype, kv_planes=int(kv.shape[1])
+            )
         ns = self._namespace
         assert ns is not None
-        want = (ns.kv_shape[0], 2, arr.size, ns.kv_shape[1], ns.kv_shape[2])
+        want = (ns.kv_shape[0], ns.kv_planes, arr.size, ns.kv_shape[1], ns.kv_shape[2])
         if tuple(kv.shape) != want:
             raise KVError(
                 f"kv shape {tuple(kv.shape)} does not match the namespace {ns.model_id}: expected {want}"
@@ -255,12 +265,12 @@ class CacheEngine(PagedMixin):
             isinstance(out, torch.Tensor)
             and out.dim() == 5
             and (out.shape[0], out.shape[1], out.shape[3], out.shape[4])
-            == (ns.kv_shape[0], 2, *ns.kv_shape[1:])
+            == (ns.kv_shape[0], ns.kv_planes, *ns.kv_shape[1:])
             and out.shape[2] >= num_tokens
         )
         if not ok:
             raise KVError(
-                f"out must have shape [{ns.kv_shape[0]}, 2, >= {num_tokens}, {ns.kv_shape[1]}, {ns.kv_shape[2]}], "
+                f"out must have shape [{ns.kv_shape[0]}, {ns.kv_planes}, >= {num_tokens}, {ns.kv_shape[1]}, {ns.kv_shape[2]}], "
                 f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
             )
         if out.dtype != dtype:
@@ -269,7 +279,7 @@ class CacheEngine(PagedMixin):
     def _chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey, dtype: torch.dtype) -> bool:
         ns = self._namespace
         assert ns is not None
-        want_shape = (ns.kv_shape[0], 2, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        want_shape = (ns.kv_shape[0], ns.kv_planes, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
         ok = (
             chunk.num_tokens == k.num_tokens
             and tuple(chunk.kv.shape) == want_shape

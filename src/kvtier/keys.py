@@ -41,6 +41,7 @@ class Namespace:
     """Everything besides the tokens that decides whether stored KV is valid for a request.
 
     ``kv_shape`` is ``(num_layers, num_kv_heads, head_dim)``; the token axis is not part of it.
+    ``kv_planes`` is 2 for key + value, 1 for a single latent (MLA: heads 1, head_dim = latent).
     """
 
     model_id: str
@@ -49,6 +50,7 @@ class Namespace:
     tp_rank: int = 0
     tp_size: int = 1
     cache_salt: str = ""
+    kv_planes: int = 2
 
     def digest(self) -> bytes:
         """A stable digest of every field; changes when any field changes."""
@@ -61,6 +63,7 @@ class Namespace:
                 f"tp{self.tp_rank}/{self.tp_size}",
                 self.cache_salt,
             ]
+            + ([f"planes{self.kv_planes}"] if self.kv_planes != 2 else [])
         )
         return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 
