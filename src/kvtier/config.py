@@ -148,18 +148,50 @@ class DiskTierConfig:
         _check(not self.enabled or bool(self.path), "disk.path", self.path, "a directory when disk.enabled")
 
 
+REMOTE_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster",
+                  "valkey+cluster", "valkeys+cluster", "s3", "kvtier")  # fmt: skip
+
+
 @dataclass
 class RemoteConfig:
-    """A remote tier: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, ``s3://bucket/prefix``
-    or ``kvtier://host:port`` (the kvtier daemon). Empty = none."""
+    """A remote tier: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, a cluster
+    (``redis+cluster://h1:p1,h2:p2``), ``s3://bucket/prefix`` or ``kvtier://host:port`` (the
+    kvtier daemon). Empty = none.
+
+    ``password`` is a secret: set it via ``KVTIER_REMOTE__PASSWORD`` rather than a file; it is
+    never logged and ``config show`` prints it as ``***``. ``max_value_bytes``: Redis values
+    larger than this are split into parts (S3: the multipart part size, at least 5 MiB).
+    ``ttl_s`` = 0 keeps chunks until the store evicts them.
+    """
 
     url: str = ""
     timeout_s: float = 2.0
     serde: str = "raw"  # raw | zstd | lz4
+    key_prefix: str = "kvtier"
+    ttl_s: float = 0.0
+    max_value_bytes: int = field(default=16 * 1024**2, metadata={"size": True})
+    username: str = ""
+    password: str = field(default="", repr=False, metadata={"secret": True})
+    endpoint_url: str = ""  # S3: e.g. http://minio:9000; empty = AWS
+    region: str = ""
+    max_workers: int = 8  # concurrent requests per batch (S3 threads, Redis cluster nodes)
+    failure_threshold: int = 3  # consecutive failures that open the circuit breaker
+    retry_backoff_s: float = 0.5  # first wait before probing a failed store; doubles up to 30 s
 
     def __post_init__(self) -> None:
+        self.max_value_bytes = parse_size(self.max_value_bytes, "remote.max_value_bytes")
         _check(self.timeout_s > 0, "remote.timeout_s", self.timeout_s, "seconds > 0")
         _check(self.serde in ("raw", "zstd", "lz4"), "remote.serde", self.serde, "raw|zstd|lz4")
+        scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
+        _check(not self.url or scheme in REMOTE_SCHEMES, "remote.url", self.url,
+               f"a URL with scheme {'|'.join(REMOTE_SCHEMES)}")  # fmt: skip
+        _check(self.ttl_s >= 0, "remote.ttl_s", self.ttl_s, "seconds >= 0 (0 = no expiry)")
+        _check(self.max_value_bytes >= 4096, "remote.max_value_bytes", self.max_value_bytes, ">= 4KiB")
+        _check(bool(self.key_prefix) and ":" not in self.key_prefix and "/" not in self.key_prefix,
+               "remote.key_prefix", self.key_prefix, "a non-empty name without ':' or '/'")  # fmt: skip
+        _check(1 <= self.max_workers <= 256, "remote.max_workers", self.max_workers, "1..256")
+        _check(self.failure_threshold >= 1, "remote.failure_threshold", self.failure_threshold, ">= 1")
+        _check(self.retry_backoff_s > 0, "remote.retry_backoff_s", self.retry_backoff_s, "seconds > 0")
 
 
 @dataclass
@@ -231,8 +263,15 @@ class Config:
                 raise ConfigError(f"{sec.name}: {e}") from e
         return cls(**sections)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
+        """Every value by section; fields marked secret (passwords) read ``***`` unless told not to."""
+        tree = dataclasses.asdict(self)
+        if redact_secrets:
+            for sec, sec_cls in _section_classes().items():
+                for f in dataclasses.fields(sec_cls):
+                    if f.metadata.get("secret") and tree[sec][f.name]:
+                        tree[sec][f.name] = "***"
+        return tree
 
 
 def _section_classes() -> dict[str, type]:

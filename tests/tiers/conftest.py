@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.remote.factories import REMOTE_TIER_FACTORIES
 
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CPUTier
@@ -22,6 +23,8 @@ def _cpu(capacity: int, tmp_path: Path) -> Tier:
 
 
 TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu}
+
+TIER_FACTORIES.update(REMOTE_TIER_FACTORIES)  # redis, s3: shared session servers (tests/remote/servers.py)
 
 
 @pytest.fixture(params=sorted(TIER_FACTORIES))

@@ -6,7 +6,7 @@ by class-name strings.
 
 from __future__ import annotations
 
-from kvtier.config import Config
+from kvtier.config import Config, RemoteConfig
 from kvtier.memory import should_pin
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CPUTier
@@ -24,6 +24,33 @@ def build_tiers(config: Config) -> list[Tier]:
                 pin_timeout_s=config.cpu.pin_timeout_s,
             )
         )
+    if config.remote.url:
+        tiers.append(build_remote_tier(config.remote))
     if not tiers:
         raise ValueError("no tier enabled: enable cpu, disk or set remote.url")
     return tiers
+
+
+def build_remote_tier(remote: RemoteConfig) -> Tier:
+    """The tier for ``remote.url``'s scheme: Redis/Valkey (standalone, cluster) or S3.
+
+    The client modules are imported here so that ``redis``/``boto3`` stay optional extras.
+    """
+    scheme = remote.url.partition("://")[0].lower()
+    if scheme.partition("+")[0] in ("redis", "rediss", "valkey", "valkeys", "unix"):
+        from kvtier.tiers.redis import RedisTier
+
+        return RedisTier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
+                         timeout_s=remote.timeout_s, ttl_s=remote.ttl_s, max_value_bytes=remote.max_value_bytes,
+                         username=remote.username, password=remote.password,
+                         failure_threshold=remote.failure_threshold,
+                         retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+    if scheme == "s3":
+        from kvtier.tiers.s3 import S3Tier
+
+        return S3Tier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
+                      endpoint_url=remote.endpoint_url, region=remote.region, timeout_s=remote.timeout_s,
+                      part_bytes=remote.max_value_bytes, max_workers=remote.max_workers,
+                      failure_threshold=remote.failure_threshold,
+                      retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+    raise ValueError(f"remote.url scheme {scheme!r} has no tier in this build")

@@ -1,0 +1,209 @@
+"""Real stores for tests and benchmarks: redis-server (standalone, 3-node cluster) and moto's S3.
+
+Every server binds 127.0.0.1 on a free port, keeps its files in a private temp dir, and is stopped
+by whoever started it. ``shared_redis()`` / ``shared_s3()`` hand out one lazily started server per
+test session (stopped by ``stop_shared()``, which tests/remote/conftest.py and tests/tiers/conftest.py
+call at session end, with ``atexit`` as a backstop). Import this module as ``tests.remote.servers``
+everywhere so there is only one registry.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+NO_REDIS_REASON = "redis-server/redis-cli not installed (apt-get install redis-server redis-tools)"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ping(port: int, timeout_s: float = 10.0, password: str | None = None) -> None:
+    """Wait until redis on ``port`` answers PING (bounded)."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            c = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1.0)
+            try:
+                if c.ping():
+                    return
+            finally:
+                c.close()
+        except (redis.RedisError, OSError) as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not answer within {timeout_s}s: {last}")
+
+
+class RedisServer:
+    """One ``redis-server`` process; ``kill()`` + ``start()`` restarts it on the same port."""
+
+    def __init__(self, *, port: int | None = None, password: str | None = None, cluster: bool = False,
+                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+        if REDIS_SERVER is None:
+            raise RuntimeError(NO_REDIS_REASON)
+        self.port = port or free_port()
+        self.password = password
+        self.cluster = cluster
+        self.extra = extra
+        self.dir = Path(tempfile.mkdtemp(prefix=f"kvtier-redis-{self.port}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert REDIS_SERVER is not None
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+                "--enable-debug-command", "local", *self.extra]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "2000"]  # fmt: skip
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            _wait_ping(self.port, password=self.password)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the store vanishes mid-conversation, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """Three master-only cluster nodes (``--cluster-replicas 0``): every slot is on one of them."""
+
+    def __init__(self, n: int = 3) -> None:
+        self.nodes = [RedisServer(cluster=True) for _ in range(n)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisCluster:
+        import redis
+
+        assert REDIS_CLI is not None
+        for n in self.nodes:
+            n.start()
+        cmd = [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+               "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+        if out.returncode != 0:
+            self.cleanup()
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout!r} {out.stderr!r}")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = []
+            for n in self.nodes:
+                c = redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=1.0)
+                try:
+                    states.append(c.cluster("info")["cluster_state"])
+                finally:
+                    c.close()
+            if all(s == "ok" for s in states):
+                return self
+            time.sleep(0.1)
+        self.cleanup()
+        raise RuntimeError("redis cluster did not reach cluster_state:ok in 20s")
+
+    def cleanup(self) -> None:
+        for n in self.nodes:
+            n.cleanup()
+
+
+class S3Server:
+    """moto's S3 in a thread of this process, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.endpoint_url = ""
+
+    def start(self) -> S3Server:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{port}"
+        return self
+
+    def cleanup(self) -> None:
+        self._server.stop()
+
+
+_shared: dict[str, RedisServer | RedisCluster | S3Server] = {}
+
+
+def shared_redis() -> RedisServer:
+    s = _shared.get("redis")
+    if s is None:
+        s = _shared["redis"] = RedisServer().start()
+    assert isinstance(s, RedisServer)
+    return s
+
+
+def shared_cluster() -> RedisCluster:
+    s = _shared.get("cluster")
+    if s is None:
+        s = _shared["cluster"] = RedisCluster().start()
+    assert isinstance(s, RedisCluster)
+    return s
+
+
+def shared_s3() -> S3Server:
+    s = _shared.get("s3")
+    if s is None:
+        s = _shared["s3"] = S3Server().start()
+    assert isinstance(s, S3Server)
+    return s
+
+
+def stop_shared() -> None:
+    while _shared:
+        _, s = _shared.popitem()
+        s.cleanup()
+
+
+atexit.register(stop_shared)
