@@ -1,0 +1,197 @@
+"""Drop-in prefix caching for Hugging Face transformers causal LMs.
+
+```python
+from kvtier import CacheEngine
+from kvtier.integrations import transformers as kvt
+
+engine = CacheEngine()
+out = kvt.generate(model, input_ids, engine, max_new_tokens=64)   # like model.generate
+r = kvt.prefill(model, input_ids, engine)                         # lower level: logits + cache
+```
+
+Each call: look the prompt up in kvtier, load the cached prefix into a ``KVTierCache`` (layer
+by layer as the forward reaches each layer), run the model on the uncached suffix only, then
+store the prompt's KV so the next request that shares the prefix skips it.
+
+Invariants:
+* At least one prompt token is always computed, even on a full hit: the model needs the last
+  position's hidden state to produce logits (and ``generate`` feeds only uncached tokens).
+* The engine is bound to the model's namespace (model id + weights digest, dtype, layers, KV
+  heads, head dim) on first use. An engine bound to anything else is never read from or
+  written to for this model: a warning, then a plain prefill (a miss, never wrong output).
+* Batches: rows of equal length without padding. Each row's prefix is looked up separately and
+  the batch reuses the shortest hit (one cache length per batch). Padded batches raise
+  ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtier.engine import CacheEngine, dtype_name
+from kvtier.integrations.hf_cache import (
+    IntegrationError,
+    KVTierCache,
+    LayerwiseKV,
+    ModelKVSpec,
+    cache_to_kv,
+    check_supported,
+    model_kv_spec,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IntegrationError", "KVTierCache", "PrefillResult", "bind_engine", "generate", "prefill"]
+
+
+@dataclass
+class PrefillResult:
+    """What ``prefill`` returns. ``ttft_s`` runs from the call to logits ready (store excluded)."""
+
+    logits: torch.Tensor  # [batch, vocab]: the last prompt position
+    cache: KVTierCache  # holds every prompt position; continue decoding with it
+    prompt_tokens: int
+    hit_tokens: int  # positions loaded from kvtier (at most prompt_tokens - 1)
+    stored_tokens: int
+    ttft_s: float
+    load_s: float  # lookup + retrieve
+    store_s: float
+
+    @property
+    def next_token(self) -> torch.Tensor:
+        """Greedy next token per row, ``[batch, 1]``."""
+        return self.logits.argmax(dim=-1, keepdim=True)
+
+
+def bind_engine(engine: CacheEngine, model: Any, model_id: str | None = None) -> bool:
+    """Bind ``engine`` to ``model``'s KV namespace; ``False`` if it is bound to another one.
+
+    ``model_id`` > ``engine.config.model.model_id`` > the model config's ``_name_or_path``.
+    """
+    check_supported(model)
+    spec = model_kv_spec(model, model_id or engine.config.model.model_id or None)
+    ns = engine.namespace
+    if ns is None:
+        engine.bind_model(
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, model_id=spec.model_id
+        )
+        return True
+    if _matches(ns, spec):
+        return True
+    log.warning(
+        "kvtier: engine is bound to %s (%s, %s) but the model is %s (%s, %s); the cache is bypassed for it",
+        ns.model_id, ns.kv_dtype, ns.kv_shape, spec.model_id, dtype_name(spec.dtype),
+        (spec.num_layers, spec.num_kv_heads, spec.head_dim),
+    )  # fmt: skip
+    return False
+
+
+def _matches(ns: Any, spec: ModelKVSpec) -> bool:
+    return (
+        ns.model_id == spec.model_id
+        and ns.kv_dtype == dtype_name(spec.dtype)
+        and tuple(ns.kv_shape) == (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    )
+
+
+def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
+        raise IntegrationError(
+            f"input_ids must be a non-empty [batch, seq] integer tensor, got {tuple(ids.shape)}"
+        )
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+        raise NotImplementedError(
+            "kvtier's transformers integration does not support padded batches yet: pass rows of equal "
+            "length without padding, or call it once per prompt"
+        )
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.device
+                 ) -> tuple[int, LayerwiseKV | None]:  # fmt: skip
+    """The shared cached prefix length of the rows (<= len-1) and its KV, or ``(0, None)``."""
+    seq = int(rows_cpu.shape[1])
+    if seq < 2:
+        return 0, None
+    found = min(engine.lookup(r) for r in rows_cpu)
+    hit = min(found, seq - 1)
+    if hit <= 0:
+        return 0, None
+    kvs = []
+    for r in rows_cpu:
+        # Ask for exactly the looked-up span: its chunk keys (a stored partial tail included) match.
+        got = engine.retrieve(r[:found], device=device)
+        if got.kv is None or got.num_tokens < hit:  # evicted or rejected since the lookup: a miss
+            hit = min(hit, got.num_tokens)
+            if hit <= 0:
+                return 0, None
+        kvs.append(got.kv)
+    return hit, LayerwiseKV([kv[:, :, :hit] for kv in kvs], device)  # type: ignore[index]
+
+
+@torch.inference_mode()
+def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
+            store: bool = True, attention_mask: Any = None) -> PrefillResult:  # fmt: skip
+    """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards."""
+    device = _model_device(model)
+    t0 = time.perf_counter()
+    ids = _rows(input_ids, attention_mask, device)
+    rows_cpu = ids.cpu()
+    seq = int(ids.shape[1])
+    enabled = bind_engine(engine, model, model_id)
+    hit, prefix = _load_prefix(engine, rows_cpu, device) if enabled else (0, None)
+    t_load = time.perf_counter()
+    cache = KVTierCache(model.config, prefix)
+    out = model(input_ids=ids[:, hit:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_first = time.perf_counter()
+    stored = 0
+    if store and enabled:
+        kv_rows = [cache_to_kv(cache, seq, batch_index=b) for b in range(ids.shape[0])]
+        stored = sum(engine.store(r, kv) for r, kv in zip(rows_cpu, kv_rows))
+    t_end = time.perf_counter()
+    return PrefillResult(logits, cache, seq, hit, stored, t_first - t0, t_load - t0, t_end - t_first)
+
+
+@torch.inference_mode()
+def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
+             store: bool = True, store_generated: bool = False, attention_mask: Any = None,
+             **generate_kwargs: Any) -> Any:  # fmt: skip
+    """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.
+
+    The cached prefix is loaded into the cache handed to ``generate``, which then feeds only the
+    uncached tokens. Afterwards the prompt's KV is stored (``store``), or the prompt's and the
+    generated tokens' (``store_generated``; the last generated token has no KV yet). Returns
+    what ``model.generate`` returns.
+    """
+    if "past_key_values" in generate_kwargs:
+        raise IntegrationError("generate(): kvtier supplies past_key_values itself; do not pass one")
+    device = _model_device(model)
+    ids = _rows(input_ids, attention_mask, device)
+    rows_cpu = ids.cpu()
+    seq = int(ids.shape[1])
+    enabled = bind_engine(engine, model, model_id)
+    _, prefix = _load_prefix(engine, rows_cpu, device) if enabled else (0, None)
+    cache = KVTierCache(model.config, prefix)
+    out = model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
+    if store and enabled:
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        cache.finish_loading()
+        n = min(cache.get_seq_length(), sequences.shape[1]) if store_generated else seq
+        for b in range(ids.shape[0]):
+            engine.store(sequences[b, :n].cpu(), cache_to_kv(cache, n, batch_index=b))
+    return out
