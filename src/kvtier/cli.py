@@ -18,6 +18,8 @@ from kvtier import __version__
 COMMAND_MODULES = (
     "kvtier.commands.config_cmd",
     "kvtier.commands.demo_cmd",
+    "kvtier.commands.server_cmd",
+    "kvtier.commands.stats_cmd",
 )
 
 

@@ -216,10 +216,15 @@ class ServerConfig:
     port: int = 5555
     http_port: int = 8080
     auth_token_file: str = ""
+    shm_dir: str = "/dev/shm"  # where the daemon's shared pool segment lives
+    max_payload_bytes: int = field(default=1024**3, metadata={"size": True})  # KV bytes per socket frame
 
     def __post_init__(self) -> None:
         for f in ("port", "http_port"):
             _check(0 <= getattr(self, f) <= 65535, f"server.{f}", getattr(self, f), "a port 0..65535")
+        self.max_payload_bytes = parse_size(self.max_payload_bytes, "server.max_payload_bytes")
+        _check(self.max_payload_bytes >= 1 << 20, "server.max_payload_bytes", self.max_payload_bytes,
+               ">= 1MiB")  # fmt: skip
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from tests.remote.factories import REMOTE_TIER_FACTORIES
+from tests.server.daemons import DAEMON_TIER_FACTORIES
 
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CPUTier
@@ -25,6 +26,7 @@ def _cpu(capacity: int, tmp_path: Path) -> Tier:
 TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu}
 
 TIER_FACTORIES.update(REMOTE_TIER_FACTORIES)  # redis, s3: shared session servers (tests/remote/servers.py)
+TIER_FACTORIES.update(DAEMON_TIER_FACTORIES)  # kvtier server: session daemons (tests/server/daemons.py)
 
 
 @pytest.fixture(params=sorted(TIER_FACTORIES))

@@ -25,13 +25,13 @@ def build_tiers(config: Config) -> list[Tier]:
             )
         )
     if config.remote.url:
-        tiers.append(build_remote_tier(config.remote))
+        tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
         raise ValueError("no tier enabled: enable cpu, disk or set remote.url")
     return tiers
 
 
-def build_remote_tier(remote: RemoteConfig) -> Tier:
+def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
     """The tier for ``remote.url``'s scheme: Redis/Valkey (standalone, cluster) or S3.
 
     The client modules are imported here so that ``redis``/``boto3`` stay optional extras.
@@ -45,6 +45,10 @@ def build_remote_tier(remote: RemoteConfig) -> Tier:
                          username=remote.username, password=remote.password,
                          failure_threshold=remote.failure_threshold,
                          retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+    if scheme == "kvtier":
+        from kvtier.tiers.remote import RemoteTier
+
+        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file)
     if scheme == "s3":
         from kvtier.tiers.s3 import S3Tier
 

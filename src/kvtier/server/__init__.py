@@ -1,0 +1,1 @@
+"""The standalone cache daemon (``kvtier server``), its protocol, client and HTTP face."""

@@ -1,0 +1,257 @@
+"""``kvtier server``: the cache in its own process, serving engines over TCP + shared memory.
+
+One asyncio loop accepts connections and reads frames; request handlers run on a small thread
+pool (tier work — copies, disk reads — must not stall other clients' frames), one request at a
+time per connection. The HTTP face (``server/http.py``) runs in its own thread.
+
+Robustness, by construction:
+* a frame is size-checked from its 12-byte prefix before its body is read; before the
+  handshake only ``MAX_HELLO_BYTES`` are accepted, and the handshake must finish within
+  ``handshake_timeout_s``; a body must arrive within ``body_timeout_s``;
+* a frame-level error (bad magic, oversize, wrong version, bad token) is answered with an
+  ``Error`` and the connection is closed; a well-framed but invalid request gets an ``Error`` and
+  the connection stays usable; an unexpected exception in a handler is logged and answered as
+  ``internal`` — no input can stop the loop or the other clients;
+* a connection's end (EOF, reset, kill of the client) releases its leases and reservations.
+
+Lifecycle: SIGTERM/SIGINT stop accepting, let in-flight requests finish, end every session,
+flush the TierManager (pending writes to disk) and close the tiers (the disk tier persists its
+index; the shared segment is unlinked). A restarted daemon rebuilds the disk tier from its
+directory and removes segments a killed daemon left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kvtier.config import Config
+from kvtier.server import protocol as P
+from kvtier.server.service import CacheService, Reply, Session
+
+log = logging.getLogger(__name__)
+
+
+class ServerSetupError(ValueError):
+    """The daemon cannot start with these settings (e.g. a public bind without a token)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ServerSetupError(f"auth token file {path}: {e.strerror}") from e
+    if not token or len(token) > 256:
+        raise ServerSetupError(f"auth token file {path}: expected 1..256 characters of token")
+    return token
+
+
+class Daemon:
+    """The server process's state; ``run()`` blocks until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, config: Config, *, ready_file: str | None = None, shm_dir: str = "/dev/shm",
+                 max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES, max_connections: int = 1024,
+                 handshake_timeout_s: float = 5.0, body_timeout_s: float = 60.0,
+                 workers: int = 4) -> None:  # fmt: skip
+        sc = config.server
+        self.token = read_token(sc.auth_token_file)
+        if not is_loopback(sc.host) and not self.token:
+            raise ServerSetupError(
+                f"refusing to listen on non-loopback address {sc.host!r} without an auth token: "
+                "pass --auth-token-file FILE (clients put the same token in their config), or bind 127.0.0.1"
+            )
+        self.config = config
+        self.ready_file = ready_file
+        self.max_payload_bytes = max_payload_bytes
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.server_id = secrets.token_hex(8)
+        self.service = CacheService(config, shm_dir=shm_dir, max_payload_bytes=max_payload_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-srv")
+        self._conns: set[asyncio.Task[None]] = set()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+        self.http_port = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    def stop(self) -> None:
+        """Ask a running daemon to shut down gracefully (thread-safe)."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def _main(self) -> None:
+        from kvtier.server.http import HttpFace
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        sc = self.config.server
+        server = await asyncio.start_server(self._on_connect, sc.host, sc.port, limit=1 << 20)
+        self.port = server.sockets[0].getsockname()[1]
+        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
+        self.http_port = http.port
+        http.start()
+        reaper = asyncio.create_task(self._reaper())
+        self._write_ready()
+        log.info("kvtier server %s on %s:%d (http %d), pool %s", self.server_id, sc.host, self.port,
+                 self.http_port, self.service.segment.path)  # fmt: skip
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down: draining %d connection(s)", len(self._conns))
+            server.close()
+            reaper.cancel()
+            for t in list(self._conns):
+                t.cancel()  # each finishes its in-flight request (shielded) first
+            if self._conns:
+                await asyncio.wait(self._conns, timeout=30)
+            await server.wait_closed()
+            http.stop()
+            self._pool.shutdown(wait=True)
+            self.service.close()  # flush pending writes, close tiers, unlink the segment
+            if self.ready_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.ready_file)
+            log.info("kvtier server stopped")
+
+    def _write_ready(self) -> None:
+        if not self.ready_file:
+            return
+        info = {"pid": os.getpid(), "host": self.config.server.host, "port": self.port,
+                "http_port": self.http_port, "shm_path": str(self.service.segment.path)}  # fmt: skip
+        tmp = f"{self.ready_file}.tmp"
+        Path(tmp).write_text(json.dumps(info))
+        os.replace(tmp, self.ready_file)
+
+    async def _reaper(self) -> None:
+        period = max(0.05, min(5.0, self.service.lease_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.service.reap()
+
+    # -- connections ----------------------------------------------------------------------------
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._conns) >= self.max_connections:
+            await _send_error(writer, "busy", f"the daemon serves at most {self.max_connections} connections")
+            writer.close()
+            return
+        self._conns.add(task)
+        session: Session | None = None
+        try:
+            session = await self._handshake(reader, writer)
+            if session is not None:
+                await self._serve(session, reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away or stalled; its state is released below
+        except P.ProtocolError as e:
+            self.service.counters.protocol_errors += 1
+            log.info("closing a connection: %s", e)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await _send_error(writer, "protocol", str(e))
+        finally:
+            if session is not None:
+                self.service.end_session(session)
+            writer.close()
+            self._conns.discard(task)
+
+    async def _read_frame(self, reader: asyncio.StreamReader, *, max_header: int, max_payload: int,
+                          first_timeout: float | None) -> tuple[P.Message, bytearray | None]:  # fmt: skip
+        prefix = await asyncio.wait_for(reader.readexactly(P.PREFIX.size), first_timeout)
+        hlen, plen = P.parse_prefix(prefix, max_header=max_header, max_payload=max_payload)
+        timeout = self.body_timeout_s + plen / 50e6
+        header = await asyncio.wait_for(reader.readexactly(hlen), timeout)
+        payload = bytearray(await asyncio.wait_for(reader.readexactly(plen), timeout)) if plen else None
+        return P.decode_header(header), payload
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session | None:
+        msg, _ = await self._read_frame(reader, max_header=P.MAX_HELLO_BYTES, max_payload=0,
+                                        first_timeout=self.handshake_timeout_s)  # fmt: skip
+        if not isinstance(msg, P.Hello):
+            raise P.ProtocolError(f"expected hello, got {type(msg).__name__}")
+        if msg.version != P.PROTOCOL_VERSION:
+            raise P.ProtocolError(
+                f"protocol version {msg.version} is not supported; this daemon speaks {P.PROTOCOL_VERSION}"
+            )
+        if self.token and not hmac.compare_digest(msg.token.encode(), self.token.encode()):
+            self.service.counters.auth_failures += 1
+            await _send_error(writer, "auth", "wrong or missing auth token")
+            return None
+        seg = self.service.segment
+        welcome = P.Welcome(P.PROTOCOL_VERSION, self.server_id, self.max_payload_bytes, P.MAX_KEYS,
+                            self.service.lease_timeout_s)  # fmt: skip
+        if msg.want_shm:
+            welcome.shm_path, welcome.shm_bytes, welcome.shm_nonce = str(seg.path), seg.arena_bytes, seg.nonce
+        writer.write(P.encode_frame(welcome))
+        await writer.drain()
+        return self.service.new_session(msg.client)
+
+    async def _serve(self, s: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg, payload = await self._read_frame(reader, max_header=P.MAX_HEADER_BYTES,
+                                                  max_payload=self.max_payload_bytes, first_timeout=None)  # fmt: skip
+            if isinstance(msg, P.Release):
+                self.service.release(s, msg.leases)
+                continue
+            # shielded: a shutdown lets the request finish and its reply go out
+            fut = loop.run_in_executor(self._pool, self._handle, s, msg, payload)
+            try:
+                reply, parts, after = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                for cb in (await fut)[2]:  # let it finish: end_session must see all it took
+                    cb()
+                raise
+            try:
+                writer.write(P.encode_frame(reply, sum(p.nbytes for p in parts)))
+                for part in parts:
+                    writer.write(part)
+                await writer.drain()
+            finally:
+                for cb in after:
+                    cb()
+
+    def _handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
+        try:
+            return self.service.handle(s, msg, payload)
+        except P.ProtocolError as e:
+            self.service.counters.protocol_errors += 1
+            return P.Error("invalid", str(e)), [], []
+        except Exception as e:  # a bug must cost one request, not the daemon
+            log.exception("internal error handling %s", type(msg).__name__)
+            return P.Error("internal", f"{type(e).__name__}: {e}"), [], []
+
+
+async def _send_error(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+    writer.write(P.encode_frame(P.Error(code, message[:4000])))
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(writer.drain(), 2.0)

@@ -1,0 +1,184 @@
+"""The daemon's HTTP face: ``/health``, ``/stats`` (JSON), ``/metrics`` (Prometheus), ``POST /lookup``.
+
+``POST /lookup`` lets a router ask "how much of this prompt do you hold?" without speaking the
+binary protocol: it takes the tokens and the namespace fields, computes the chunk keys with
+``keys.chunk_keys`` exactly as an engine would, and answers the cached prefix length::
+
+    {"tokens": [1, 2, ...], "model_id": "m", "kv_dtype": "bfloat16", "kv_shape": [32, 8, 128],
+     "tp_rank": 0, "tp_size": 1, "cache_salt": "", "chunk_tokens": 256}
+    -> {"cached_tokens": 512, "cached_chunks": 2, "total_tokens": 700}
+
+stdlib ``ThreadingHTTPServer`` in a thread: no new dependency, and these endpoints are small.
+When the daemon has an auth token, ``/stats`` and ``/lookup`` need ``Authorization: Bearer
+TOKEN``; ``/health`` and ``/metrics`` stay open for probes and scrapers. Bodies are bounded
+(``MAX_BODY_BYTES``, ``MAX_LOOKUP_TOKENS``); a bad body is a 400 naming the problem.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.observability import CacheStats, Metrics
+from kvtier.server.service import CacheService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+MAX_LOOKUP_TOKENS = 1 << 20
+_GAUGES = ("active_sessions",)
+
+
+class LookupError_(ValueError):
+    """A ``/lookup`` body that is not what the endpoint takes."""
+
+
+def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
+    """Cached prefix length of ``body['tokens']`` under the namespace the body names."""
+    if not isinstance(body, dict):
+        raise LookupError_("body must be a JSON object")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or len(tokens) > MAX_LOOKUP_TOKENS:
+        raise LookupError_(f"'tokens' must be a list of at most {MAX_LOOKUP_TOKENS} token ids")
+    shape = body.get("kv_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise LookupError_("'kv_shape' must be [num_layers, num_kv_heads, head_dim] of positive integers")
+    fields: dict[str, Any] = {}
+    for name, typ, default in (("model_id", str, None), ("kv_dtype", str, None), ("tp_rank", int, 0),
+                               ("tp_size", int, 1), ("cache_salt", str, "")):  # fmt: skip
+        v = body.get(name, default)
+        if v is None or not isinstance(v, typ) or isinstance(v, bool):
+            raise LookupError_(f"'{name}' must be a {typ.__name__}")
+        fields[name] = v
+    chunk = body.get("chunk_tokens", service.config.chunk.chunk_tokens)
+    if not isinstance(chunk, int) or not 1 <= chunk <= 1 << 20:
+        raise LookupError_("'chunk_tokens' must be an integer in 1..1048576")
+    partial = body.get("allow_partial", service.config.chunk.allow_partial_chunks)
+    ns = Namespace(kv_shape=(shape[0], shape[1], shape[2]), **fields)
+    try:
+        keys = chunk_keys(tokens, ns, chunk, allow_partial=bool(partial))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise LookupError_(f"'tokens': {e}") from e
+    n = service.manager.prefix_lookup([k.digest for k in keys]) if keys else 0
+    c = service.counters
+    c.lookups += 1
+    c.lookup_keys += len(keys)
+    c.hit_keys += n
+    return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
+
+
+class _ServerCollector(Collector):
+    def __init__(self, service: CacheService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        for name, value in vars(self.service.counters).items():
+            if name in _GAUGES:
+                yield GaugeMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
+            else:
+                yield CounterMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
+
+
+class HttpFace:
+    """The HTTP server thread of one daemon."""
+
+    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "") -> None:
+        self.service = service
+        self.token = token
+        self.metrics = Metrics(self._snapshot)
+        self.metrics.registry.register(_ServerCollector(service))
+        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvtier-http", daemon=True)
+
+    def _snapshot(self) -> CacheStats:
+        c = self.service.counters
+        return CacheStats(lookups=c.lookups, hit_requests=0, stored_chunks=c.puts,
+                          tiers=self.service.manager.stats())  # fmt: skip
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.token:
+            return True
+        want = f"Bearer {self.token}".encode()
+        return header is not None and hmac.compare_digest(header.encode(), want)
+
+
+def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "kvtier"
+        timeout = 30
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http: " + format, *args)
+
+        def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, code: int, obj: Any) -> None:
+            self._send(code, json.dumps(obj).encode())
+
+        def _guard(self) -> bool:
+            if face.authorized(self.headers.get("Authorization")):
+                return True
+            self._json(401, {"error": "missing or wrong 'Authorization: Bearer TOKEN'"})
+            return False
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/health":
+                s = face.service
+                self._json(200, {"status": "ok", "sessions": s.counters.active_sessions,
+                                 "tiers": [t.name for t in s.manager.tiers]})  # fmt: skip
+            elif path == "/metrics":
+                self._send(200, face.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/stats":
+                if self._guard():
+                    self._json(200, face.service.stats())
+            else:
+                self._json(404, {"error": f"no such endpoint {path!r}; try /health /stats /metrics /lookup"})
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path != "/lookup":
+                self._json(404, {"error": f"no such endpoint {path!r} for POST; try /lookup"})
+                return
+            if not self._guard():
+                return
+            try:
+                length = int(self.headers.get("Content-Length", "-1"))
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self._json(400, {"error": f"need a Content-Length of 0..{MAX_BODY_BYTES} bytes"})
+                self.close_connection = True
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+                self._json(200, lookup(face.service, body))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                self._json(400, {"error": f"body is not JSON: {e}"})
+            except LookupError_ as e:
+                self._json(400, {"error": str(e)})
+
+    return Handler

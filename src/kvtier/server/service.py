@@ -1,0 +1,309 @@
+"""The daemon's request handlers: protocol messages in, tier operations out. No sockets here.
+
+``CacheService`` owns the TierManager (a ``SharedCPUTier`` on top, then the disk/remote tiers
+``build_tiers`` makes from the config) and one ``Session`` per connected client holding that
+client's leases (chunks it is reading in place) and reservations (space it is writing).
+
+Invariants:
+* Every handler is safe to run on a worker thread; a session's requests arrive one at a time
+  (the connection reads the next frame only after answering), different sessions in parallel.
+* A session's leases and reservations are given back when it ends (``end_session``) or, for a
+  live but stuck client, when they pass ``lease_timeout_s`` (``reap``): a dead client leaves
+  nothing pinned or reserved behind.
+* Validation happens before any tier is touched: a bad item is a ``ProtocolError`` reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.config import Config
+from kvtier.memory import _align
+from kvtier.server import protocol as P
+from kvtier.server.shm import (
+    Reservation,
+    SharedCPUTier,
+    SharedSegment,
+    as_bytes,
+    bytes_view,
+    reap_stale_segments,
+)
+from kvtier.storage import TierManager
+from kvtier.tiers.base import Chunk, Tier
+from kvtier.tiers.factory import build_tiers
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[P.Message, list[memoryview], list[Callable[[], None]]]
+"""A reply header, payload parts to send after it, and callbacks to run once they are sent."""
+
+
+@dataclass
+class Session:
+    id: int
+    client: str = ""
+    leases: dict[int, tuple[Chunk, float]] = field(default_factory=dict)
+    reservations: dict[int, tuple[Reservation, float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class ServerCounters:
+    connections: int = 0
+    active_sessions: int = 0
+    requests: int = 0
+    protocol_errors: int = 0
+    auth_failures: int = 0
+    lookups: int = 0
+    lookup_keys: int = 0
+    hit_keys: int = 0
+    get_hits: int = 0
+    get_misses: int = 0
+    puts: int = 0
+    shm_bytes_in: int = 0
+    shm_bytes_out: int = 0
+    socket_bytes_in: int = 0
+    socket_bytes_out: int = 0
+    leases_reaped: int = 0
+    reservations_reaped: int = 0
+
+
+def lower_tiers(config: Config) -> list[Tier]:
+    """The disk/remote tiers of ``config`` (the CPU tier is the daemon's own shared one)."""
+    if not (config.disk.enabled or config.remote.url):
+        return []
+    cfg = dataclasses.replace(config, cpu=dataclasses.replace(config.cpu, enabled=False))
+    return build_tiers(cfg)
+
+
+def _manager(tiers: list[Tier], config: Config) -> TierManager:
+    """A TierManager with the config's storage settings (async writes, promotion) where supported."""
+    if "config" in inspect.signature(TierManager).parameters:
+        return TierManager(tiers, config.storage)  # type: ignore[call-arg]
+    return TierManager(tiers)
+
+
+class CacheService:
+    """Tier operations for the daemon's clients."""
+
+    def __init__(self, config: Config, *, shm_dir: str = "/dev/shm",
+                 max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES) -> None:  # fmt: skip
+        for p in reap_stale_segments(shm_dir):
+            log.info("removed a stale pool segment of a dead daemon: %s", p)
+        self.config = config
+        self.segment = SharedSegment.create(shm_dir, _align(config.cpu.max_bytes))
+        self.cpu = SharedCPUTier(self.segment, policy=config.cpu.eviction_policy,
+                                 pin_timeout_s=config.cpu.pin_timeout_s)  # fmt: skip
+        try:
+            self.manager = _manager([self.cpu, *lower_tiers(config)], config)
+        except BaseException:
+            self.cpu.close()
+            raise
+        self.lease_timeout_s = config.cpu.pin_timeout_s
+        self.max_payload_bytes = max_payload_bytes
+        self.counters = ServerCounters()
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.started = time.time()
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def new_session(self, client: str) -> Session:
+        with self._lock:
+            s = Session(next(self._ids), client)
+            self.sessions[s.id] = s
+            self.counters.connections += 1
+            self.counters.active_sessions = len(self.sessions)
+            return s
+
+    def end_session(self, s: Session) -> None:
+        """Give back everything the session holds (its client disconnected or died)."""
+        with self._lock:
+            self.sessions.pop(s.id, None)
+            self.counters.active_sessions = len(self.sessions)
+        with s.lock:
+            for chunk, _ in s.leases.values():
+                chunk.release()
+            for r, _ in s.reservations.values():
+                self.cpu.abort(r)
+            s.leases.clear()
+            s.reservations.clear()
+
+    def reap(self, now: float | None = None) -> None:
+        """Drop leases and reservations older than ``lease_timeout_s`` (a stuck client's)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            with s.lock:
+                for lid in [i for i, (_, d) in s.leases.items() if d <= now]:
+                    del s.leases[lid]  # the pool's pin has lapsed by itself; do not unpin twice
+                    self.counters.leases_reaped += 1
+                for rid in [i for i, (_, d) in s.reservations.items() if d <= now]:
+                    self.cpu.abort(s.reservations.pop(rid)[0])
+                    self.counters.reservations_reaped += 1
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
+        """Answer one request; raises ``ProtocolError`` for a request that is invalid."""
+        c = self.counters
+        c.requests += 1
+        if isinstance(msg, P.Prefix):
+            n = self.manager.prefix_lookup(msg.keys)
+            c.lookups += 1
+            c.lookup_keys += len(msg.keys)
+            c.hit_keys += n
+            return P.Count(n), [], []
+        if isinstance(msg, P.Contains):
+            return P.Bools([self.manager.prefix_lookup([k]) == 1 for k in msg.keys]), [], []
+        if isinstance(msg, P.Get):
+            return self._get(s, msg)
+        if isinstance(msg, P.Reserve):
+            return self._reserve(s, msg), [], []
+        if isinstance(msg, P.Commit):
+            return self._commit(s, msg), [], []
+        if isinstance(msg, P.Put):
+            return self._put(msg, payload or bytearray()), [], []
+        if isinstance(msg, P.Remove):
+            return P.Count(sum(self.manager.remove(k) for k in msg.keys)), [], []
+        if isinstance(msg, P.Clear):
+            self.cpu.clear()
+            return P.Count(0), [], []
+        if isinstance(msg, P.Stats):
+            return P.StatsReply(self.stats()), [], []
+        if isinstance(msg, P.Ping):
+            return P.Pong(), [], []
+        raise P.ProtocolError(f"unexpected message {type(msg).__name__} after the handshake")
+
+    def release(self, s: Session, leases: list[int]) -> None:
+        with s.lock:
+            for lid in leases:
+                held = s.leases.pop(lid, None)
+                if held is not None:
+                    held[0].release()
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def _get(self, s: Session, msg: P.Get) -> Reply:
+        items: list[P.GotItem | None] = []
+        parts: list[memoryview] = []
+        after: list[Callable[[], None]] = []
+        inline = 0
+        deadline = time.monotonic() + self.lease_timeout_s
+        for key in msg.keys:
+            chunk = self.manager.get(key)
+            if chunk is None:
+                items.append(None)
+                self.counters.get_misses += 1
+                continue
+            kv = chunk.kv
+            meta = P.ItemMeta(chunk.fingerprint, chunk.num_tokens, list(kv.shape), str(kv.dtype)[6:])
+            nbytes = kv.numel() * kv.element_size()
+            off = self.segment.offset_of(kv) if msg.shm else None
+            if off is not None:
+                lid = next(self._ids)
+                with s.lock:
+                    s.leases[lid] = (chunk, deadline)
+                items.append(P.GotItem(meta, "shm", off, nbytes, lid))
+                self.counters.shm_bytes_out += nbytes
+            elif inline + nbytes <= self.max_payload_bytes:
+                parts.append(bytes_view(kv))
+                after.append(chunk.release)
+                items.append(P.GotItem(meta, "inline", inline, nbytes))
+                inline += nbytes
+                self.counters.socket_bytes_out += nbytes
+            else:  # the reply is full: a miss for this one, the client asks again
+                chunk.release()
+                items.append(None)
+                continue
+            self.counters.get_hits += 1
+        return P.GetReply(items), parts, after
+
+    def _new_reservation(self, item: P.PutItem) -> Reservation | bool:
+        P.check_meta(item.meta, self.max_payload_bytes)
+        dtype = getattr(torch, item.meta.dtype)
+        return self.cpu.reserve(item.key, tuple(item.meta.shape), dtype, item.meta.fingerprint,
+                                item.meta.num_tokens)  # fmt: skip
+
+    def _reserve(self, s: Session, msg: P.Reserve) -> P.Reserved:
+        for item in msg.items:  # validate all before reserving any
+            P.check_meta(item.meta, self.max_payload_bytes)
+        slots = []
+        deadline = time.monotonic() + self.lease_timeout_s
+        for item in msg.items:
+            r = self._new_reservation(item)
+            if isinstance(r, bool):
+                slots.append(P.Slot("exists" if r else "full"))
+                continue
+            rid = next(self._ids)
+            with s.lock:
+                s.reservations[rid] = (r, deadline)
+            slots.append(P.Slot("ok", r.obj.offset, rid))
+        return P.Reserved(slots)
+
+    def _commit(self, s: Session, msg: P.Commit) -> P.Bools:
+        out = []
+        for rid in msg.reservations:
+            with s.lock:
+                held = s.reservations.pop(rid, None)
+            if held is None:  # unknown or reaped: the client must not assume it was stored
+                out.append(False)
+                continue
+            out.append(self._publish(held[0]))
+            self.counters.shm_bytes_in += held[0].obj.nbytes
+        return P.Bools(out)
+
+    def _put(self, msg: P.Put, payload: bytearray) -> P.Bools:
+        sizes = [P.check_meta(it.meta, self.max_payload_bytes) for it in msg.items]
+        for it, n in zip(msg.items, sizes):
+            if it.payload_offset + n > len(payload):
+                raise P.ProtocolError(
+                    f"item at payload offset {it.payload_offset} of {n} bytes overruns the {len(payload)}-byte payload"
+                )
+        src = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
+        out = []
+        for it, n in zip(msg.items, sizes):
+            r = self._new_reservation(it)
+            if isinstance(r, bool):
+                out.append(r)
+                continue
+            assert src is not None
+            as_bytes(r.obj.tensor).copy_(src[it.payload_offset : it.payload_offset + n])
+            out.append(self._publish(r))
+            self.counters.socket_bytes_in += n
+        return P.Bools(out)
+
+    def _publish(self, r: Reservation) -> bool:
+        """Make a written reservation visible, then hand it to the lower tiers."""
+        ok = self.cpu.commit(r)
+        self.counters.puts += ok
+        if ok and len(self.manager.tiers) > 1:
+            chunk = self.cpu.pinned(r.key)  # held while the lower tiers copy it
+            if chunk is not None:
+                with chunk:
+                    self.manager.put(r.key, chunk)
+        return ok
+
+    # -- stats ------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {"server": dict(vars(self.counters))}
+        out["server"]["uptime_s"] = time.time() - self.started
+        for name, t in self.manager.stats().items():
+            out[f"tier:{name}"] = {k: v for k, v in vars(t).items() if k != "name"}
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            self.end_session(s)
+        self.manager.flush()
+        self.manager.close()

@@ -1,0 +1,241 @@
+"""The daemon's CPU pool in POSIX shared memory, so same-host clients read and write it directly.
+
+One ``/dev/shm`` file per daemon run holds a 4 KiB header page (magic, a random nonce, the
+daemon's pid) followed by the arena of the CPU tier's ``HostBufferPool``. A client maps the
+file read-write:
+
+* a hit is handed out as *(offset, lease)*: the client views the chunk in place (no copy in the
+  daemon, no bytes on the socket) and the engine's own copy into its output is the only copy;
+* a store reserves pool space, the client copies its KV straight into it (the only copy), then
+  commits; the chunk becomes visible to every client at commit.
+
+Why a ``/dev/shm`` file + ``mmap`` rather than ``multiprocessing.shared_memory``: on Python 3.11
+the latter registers every *attached* segment with the resource tracker, which unlinks it when
+the attaching process exits (fixed only by ``track=False`` in 3.13), so an engine exiting would
+delete the daemon's pool. A plain file also lets a restarted daemon find and delete the
+segments of a daemon that was killed (``reap_stale_segments``).
+
+Invariants:
+* reserved space is not in the tier (no reader can see it, eviction cannot take it) until
+  ``commit``; an uncommitted reservation is returned to the pool by ``abort`` (client gone or
+  timed out), never leaked.
+* a leased chunk is pinned in the pool (``MemoryObject.pin``); eviction skips it; the pin lapses
+  after the pool's ``pin_timeout_s`` so a client that dies without releasing cannot pin memory
+  forever. A client must finish reading a leased view well within that timeout.
+* the mmap is never closed while tensors view it (torch does not hold a buffer export, so an
+  explicit ``close`` would leave dangling views); dropping the last reference unmaps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtier.memory import ALIGN_BYTES, MemoryObject
+from kvtier.tiers.base import Chunk
+from kvtier.tiers.cpu import CPUTier, _Entry
+
+log = logging.getLogger(__name__)
+
+HEADER_BYTES = 4096
+SHM_MAGIC = b"KVTSHM01"
+_HEADER = struct.Struct("<8s16sQ")  # magic, nonce, pid
+_NAME_RE = re.compile(r"^kvtier-pool-(\d+)-[0-9a-f]{16}$")
+
+
+class SharedSegment:
+    """A header page + arena in one shared-memory file, mapped read-write."""
+
+    def __init__(self, path: Path, mm: mmap.mmap, nonce: bytes, arena_bytes: int, owner: bool) -> None:
+        self.path = path
+        self.nonce = nonce
+        self.arena_bytes = arena_bytes
+        self.owner = owner
+        self._mm: mmap.mmap | None = mm
+        whole = torch.frombuffer(mm, dtype=torch.uint8)
+        self.arena = whole[HEADER_BYTES : HEADER_BYTES + arena_bytes]
+        """The arena as a uint8 tensor; offsets in the protocol are relative to it."""
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike[str], arena_bytes: int) -> SharedSegment:
+        """A fresh segment named after this pid; sparse until written (tmpfs allocates on touch)."""
+        nonce = secrets.token_bytes(16)
+        path = Path(directory) / f"kvtier-pool-{os.getpid()}-{secrets.token_hex(8)}"
+        size = HEADER_BYTES + arena_bytes
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        mm[: _HEADER.size] = _HEADER.pack(SHM_MAGIC, nonce, os.getpid())
+        return cls(path, mm, nonce, arena_bytes, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, arena_bytes: int, nonce: bytes) -> SharedSegment:
+        """Map a daemon's segment; raises ``OSError`` if it is absent or is not the one announced
+        (another host, another daemon run)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size != HEADER_BYTES + arena_bytes:
+                raise OSError(
+                    f"shared segment {path} has {size} bytes, expected {HEADER_BYTES + arena_bytes}"
+                )
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        magic, got_nonce, _pid = _HEADER.unpack(mm[: _HEADER.size])
+        if magic != SHM_MAGIC or got_nonce != nonce:
+            raise OSError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
+        return cls(Path(path), mm, nonce, arena_bytes, owner=False)
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor viewing ``shape``/``dtype`` at arena ``offset``; raises ``ValueError`` out of range."""
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset + nbytes > self.arena_bytes or offset % ALIGN_BYTES:
+            raise ValueError(
+                f"range {offset}+{nbytes} is outside the {self.arena_bytes}-byte arena or unaligned"
+            )
+        return self.arena[offset : offset + nbytes].view(dtype).view(shape)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Arena offset of a tensor that views this segment, else ``None``."""
+        base = self.arena.data_ptr()
+        p = t.data_ptr()
+        nbytes = t.numel() * t.element_size()
+        if base <= p and p + nbytes <= base + self.arena_bytes and t.is_contiguous():
+            return p - base
+        return None
+
+    def close(self) -> None:
+        """Forget the mapping (unmapped when the last view dies) and, as owner, unlink the file."""
+        self._mm = None
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def reap_stale_segments(directory: str | os.PathLike[str]) -> list[Path]:
+    """Unlink pool segments whose daemon process is gone (left by a SIGKILLed daemon)."""
+    reaped = []
+    for p in Path(directory).glob("kvtier-pool-*"):
+        m = _NAME_RE.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            p.unlink()
+            reaped.append(p)
+        except OSError as e:
+            log.warning("could not remove stale segment %s: %s", p, e)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Reservation:
+    key: bytes
+    obj: MemoryObject
+    fingerprint: bytes
+    num_tokens: int
+
+
+class SharedCPUTier(CPUTier):
+    """The CPU tier with its pool arena in a ``SharedSegment`` and a reserve/commit put path."""
+
+    name = "cpu"
+
+    def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
+        super().__init__(segment.arena_bytes, policy=policy, pin_memory=False, pin_timeout_s=pin_timeout_s)
+        if self.pool.capacity_bytes != segment.arena_bytes:
+            raise ValueError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
+        # The pool's private arena was never touched (no pages); the shared one replaces it.
+        self.pool._arena = segment.arena
+        self.segment = segment
+
+    def reserve(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes,
+                num_tokens: int) -> Reservation | bool:  # fmt: skip
+        """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored,
+        ``False`` if there is no room."""
+        with self._lock:
+            if key in self._entries:
+                self.policy.access(key)
+                return True
+            obj = self._allocate(shape, dtype)
+            if obj is None:
+                self._stats.put_failures += 1
+                return False
+        return Reservation(key, obj, fingerprint, num_tokens)
+
+    def commit(self, r: Reservation) -> bool:
+        """Publish a reserved chunk whose bytes are written; ``False`` if the tier is closed."""
+        with self._lock:
+            if self._closed:
+                self.pool.release(r.obj)
+                return False
+            if r.key in self._entries:  # another client committed the same chunk first
+                self.pool.release(r.obj)
+                return True
+            self._entries[r.key] = _Entry(r.obj, r.fingerprint, r.num_tokens)
+            self.policy.insert(r.key, r.obj.nbytes)
+            self._stats.puts += 1
+        return True
+
+    def pinned(self, key: bytes) -> Chunk | None:
+        """The chunk under ``key`` pinned for reading, without counting a hit or touching the policy."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            e.obj.pin()
+        return Chunk(e.obj.tensor, e.fingerprint, e.num_tokens, e.obj.unpin)
+
+    def abort(self, r: Reservation) -> None:
+        """Return an uncommitted reservation's space."""
+        self.pool.release(r.obj)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._entries):
+                self.remove(key)
+            self._reap()
+
+    def close(self) -> None:
+        super().close()
+        self.segment.close()
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a tensor's bytes (copying only if it is not contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def bytes_view(t: torch.Tensor) -> memoryview:
+    """A memoryview of a CPU tensor's bytes (no copy if it is contiguous)."""
+    arr: Any = as_bytes(t).numpy()
+    return memoryview(arr)
