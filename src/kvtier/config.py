@@ -140,9 +140,14 @@ class DiskTierConfig:
     path: str = ""
     max_disk_bytes: int = field(default=64 * 1024**3, metadata={"size": True})
     eviction_policy: str = "lru"
+    durability: str = "flush"  # flush: fsync on TierManager.flush | always: every put | none
+    io_threads: int = 4  # reads in flight for batched gets / prefetch
 
     def __post_init__(self) -> None:
         self.max_disk_bytes = parse_size(self.max_disk_bytes, "disk.max_disk_bytes")
+        _check(self.durability in ("flush", "always", "none"), "disk.durability", self.durability,
+               "flush|always|none")  # fmt: skip
+        _check(1 <= self.io_threads <= 64, "disk.io_threads", self.io_threads, "1..64")
         _check(self.eviction_policy in POLICY_NAMES, "disk.eviction_policy", self.eviction_policy,
                f"one of {POLICY_NAMES}")  # fmt: skip
         _check(not self.enabled or bool(self.path), "disk.path", self.path, "a directory when disk.enabled")
@@ -199,13 +204,21 @@ class StorageConfig:
     """How the TierManager drives the tiers."""
 
     write_mode: str = "write_through"  # write_through | write_back
-    max_queue_chunks: int = 256
+    max_queue_chunks: int = 256  # per lower tier; each queued chunk is a private host copy
     promote_on_hit: bool = True
+    queue_full: str = "block"  # block (up to queue_timeout_s, then drop) | drop (at once); counted
+    queue_timeout_s: float = 2.0
+    prefetch_threads: int = 2
+    close_timeout_s: float = 30.0  # close() waits this long for queued writes
 
     def __post_init__(self) -> None:
         _check(self.write_mode in ("write_through", "write_back"), "storage.write_mode", self.write_mode,
                "write_through|write_back")  # fmt: skip
         _check(self.max_queue_chunks >= 1, "storage.max_queue_chunks", self.max_queue_chunks, ">= 1")
+        _check(self.queue_full in ("block", "drop"), "storage.queue_full", self.queue_full, "block|drop")
+        _check(self.queue_timeout_s > 0, "storage.queue_timeout_s", self.queue_timeout_s, "seconds > 0")
+        _check(1 <= self.prefetch_threads <= 64, "storage.prefetch_threads", self.prefetch_threads, "1..64")
+        _check(self.close_timeout_s > 0, "storage.close_timeout_s", self.close_timeout_s, "seconds > 0")
 
 
 @dataclass

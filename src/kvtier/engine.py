@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,9 @@ class CacheEngine(PagedMixin):
         self.config = config or Config.load()
         self.chunk_tokens = self.config.chunk.chunk_tokens
         self.allow_partial = self.config.chunk.allow_partial_chunks
-        self.storage = TierManager(tiers if tiers is not None else build_tiers(self.config))
+        self.storage = TierManager(
+            tiers if tiers is not None else build_tiers(self.config), self.config.storage
+        )
         self._stats = CacheStats()
         self.metrics = Metrics(self.stats)
         self._namespace: Namespace | None = None
@@ -218,9 +221,14 @@ class CacheEngine(PagedMixin):
         s.tiers = self.storage.stats()
         return s
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until asynchronous writes to lower tiers are done."""
-        self.storage.flush(timeout_s)
+    def prefetch(self, tokens: TokenInput) -> Future[int]:
+        """Start loading the cached prefix of ``tokens`` from slower tiers into the CPU tier, so a
+        later ``retrieve`` is served from RAM; the future gives the number of chunks loaded."""
+        return self.storage.prefetch([k.digest for k in self.keys(tokens)])
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until asynchronous writes to lower tiers are done and durable; ``False`` on timeout."""
+        return self.storage.flush(timeout_s)
 
     def close(self) -> None:
         self.storage.close()

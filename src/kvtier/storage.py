@@ -1,22 +1,51 @@
 """TierManager: makes an ordered list of tiers (fastest first) act as one store.
 
-This is the synchronous base: ``prefix_lookup`` finds the longest run of leading keys present
-in the union of the tiers, ``get`` asks tiers top-down, ``put`` writes to every tier.
+* ``prefix_lookup`` finds the longest run of leading keys present in the union of the tiers.
+* ``get`` asks tiers top-down; a hit in a lower tier is copied up to the top tier
+  (``promote_on_hit``), so the next request for it is served from RAM.
+* ``put`` writes the top tier synchronously. Lower tiers are written asynchronously, each by its
+  own worker thread from its own bounded queue (a slow remote never holds up the disk):
+  ``write_through`` (default) queues every put; ``write_back`` writes lower tiers only when the
+  top tier evicts a chunk (``CPUTier.on_evict_chunk``) and, at ``close()``, what is left in it.
+* ``prefetch(keys)`` loads the cached prefix of ``keys`` from slower tiers into the top tier in
+  the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
+* ``flush(timeout_s)`` waits for the queues and makes lower tiers durable (``DiskTier.sync``).
+
+Backpressure: a full queue *blocks* the caller for up to ``queue_timeout_s``, then drops that
+chunk for that tier and counts it (``TierStats.queue_drops``). Blocking first, because
+write-through promises the lower tiers every chunk and, under sustained load, a bounded wait
+makes stores track the slowest tier's speed instead of silently losing an arbitrary subset;
+bounded, because a stalled tier must not stall inference. ``queue_full="drop"`` never waits.
+
+Why the queued write owns a copy of the chunk: the caller's tensor may be reused as soon as
+``put`` returns, and a view into the top tier's pool can be evicted/reused while queued (a pin
+lapses after its timeout) — a write from either could store different bytes under the key. The
+copy is taken once on the host (a GPU tensor is copied to host once and that copy feeds the top
+tier too), and memory is bounded by ``max_queue_chunks`` per lower tier.
 
 Invariants:
 * A failing tier is a miss, never an error to the caller: exceptions a tier raises at run time
   (``OSError``, ``ConnectionError``, ``TimeoutError``) are counted and logged, and the next tier
-  is asked.
+  is asked. Worker threads survive any failure of a tier.
 * ``prefix_lookup`` never reports a key as present unless some tier's ``contains`` said so, and
   stops at the first key no tier has (a hole ends the prefix).
+* ``remove(key)`` wins over writes of ``key`` still queued: they are skipped (or undone).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from kvtier.tiers.base import Chunk, Tier, TierStats
+import torch
+
+from kvtier.config import StorageConfig
+from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +53,67 @@ SOFT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, Timeou
 """Run-time failures of a tier that degrade to a miss (``ConnectionError``/``TimeoutError`` are
 ``OSError`` subclasses; listed for the reader)."""
 
+PREFETCH_BATCH = 8  # keys per batched_get: enough reads in flight, and early chunks land early
+
+
+@dataclass
+class _Job:
+    key: bytes
+    chunk: Chunk  # owned by the job: a private host copy
+    seq: int
+
+
+@dataclass
+class _TierIO:
+    """What the manager measures of each tier's calls (merged into ``TierStats``)."""
+
+    read_bytes: int = 0
+    written_bytes: int = 0
+    get_seconds: float = 0.0
+    put_seconds: float = 0.0
+    promotions: int = 0
+    queue_drops: int = 0
+    queue_depth: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
 
 class TierManager:
-    """Ordered tiers, top (fastest) first."""
+    """Ordered tiers, top (fastest) first; see the module docstring for the write/read rules."""
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    def __init__(self, tiers: Sequence[Tier], config: StorageConfig | None = None) -> None:
         if not tiers:
             raise ValueError("TierManager needs at least one tier")
+        cfg = config or StorageConfig()
+        self.config = cfg
         self.tiers = list(tiers)
+        self.top = self.tiers[0]
         self.errors = 0
+        self._write_back = cfg.write_mode == "write_back" and len(self.tiers) > 1
+        hooks = getattr(self.top, "on_evict_chunk", None)
+        if self._write_back and hooks is None:
+            raise ValueError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
+        self._io = [_TierIO() for _ in self.tiers]
+        self._cv = threading.Condition()
+        self._pending = 0  # queued or running writes, over all lower tiers
+        self._pending_keys: dict[bytes, int] = {}
+        self._tombstones: dict[bytes, int] = {}  # key -> seq: skip queued writes up to seq
+        self._seq = 0
+        self._clean: set[bytes] = set()  # in the top tier *and* already below (promoted/prefetched)
+        self._inflight: dict[bytes, threading.Event] = {}
+        self._closed = False
+        self._queues: dict[int, queue.Queue[_Job | None]] = {}
+        self._workers: list[threading.Thread] = []
+        for i in range(1, len(self.tiers)):
+            self._queues[i] = queue.Queue(cfg.max_queue_chunks)
+            t = threading.Thread(target=self._write_loop, args=(i,), daemon=True,
+                                 name=f"kvtier-write-{self.tiers[i].name}")  # fmt: skip
+            t.start()
+            self._workers.append(t)
+        self._prefetcher = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-prefetch")
+        if self._write_back and hooks is not None:
+            hooks.append(self._on_top_evict)
 
+    # -- lookup and read --------------------------------------------------------------------------
     def prefix_lookup(self, keys: Sequence[bytes]) -> int:
         """Number of leading ``keys`` present in some tier.
 
@@ -58,36 +138,140 @@ class TierManager:
                     break
         return n
 
-    def _contains(self, tier: Tier, key: bytes) -> bool:
-        try:
-            return tier.contains(key)
-        except SOFT_ERRORS as e:
-            self._soft_fail(tier, "contains", e)
-            return False
-
     def get(self, key: bytes) -> Chunk | None:
-        """The chunk from the fastest tier that has it, or ``None``."""
-        for tier in self.tiers:
-            try:
-                c = tier.get(key)
-            except SOFT_ERRORS as e:
-                self._soft_fail(tier, "get", e)
-                continue
+        """The chunk from the fastest tier that has it (promoted to the top), or ``None``."""
+        ev = self._inflight.get(key)
+        if ev is not None:  # a prefetch is loading it into the top tier: wait rather than read twice
+            ev.wait(self.config.queue_timeout_s)
+        for i in range(len(self.tiers)):
+            c = self._get_from(i, key)
             if c is not None:
+                if i > 0 and self.config.promote_on_hit:
+                    self._promote(i, key, c)
                 return c
         return None
 
+    def _get_from(self, i: int, key: bytes) -> Chunk | None:
+        tier, io = self.tiers[i], self._io[i]
+        t0 = time.perf_counter()
+        try:
+            c = tier.get(key)
+        except SOFT_ERRORS as e:
+            self._soft_fail(tier, "get", e)
+            c = None
+        with io.lock:
+            io.get_seconds += time.perf_counter() - t0
+            io.read_bytes += c.nbytes if c is not None else 0
+        return c
+
+    def _promote(self, i: int, key: bytes, c: Chunk) -> bool:
+        if self._put_to(0, key, c):
+            with self._cv:
+                self._clean.add(key)
+            with self._io[i].lock:
+                self._io[i].promotions += 1
+            return True
+        return False
+
+    # -- write ------------------------------------------------------------------------------------
     def put(self, key: bytes, chunk: Chunk) -> bool:
-        """Write to every tier; ``True`` if at least one stored it."""
-        ok = False
-        for tier in self.tiers:
-            try:
-                ok = tier.put(key, chunk) or ok
-            except SOFT_ERRORS as e:
-                self._soft_fail(tier, "put", e)
+        """Store in the top tier now and queue the lower tiers; ``True`` if any took it."""
+        if self._closed:
+            raise TierError("TierManager is closed")
+        lower = len(self.tiers) > 1
+        private = lower and chunk.kv.device.type != "cpu"
+        if private:  # one device->host copy feeds every tier
+            chunk = Chunk(_host_copy(chunk.kv), chunk.fingerprint, chunk.num_tokens)
+        ok = self._put_to(0, key, chunk)
+        if lower and (not self._write_back or not ok):  # write-back: lower tiers only if top refused
+            with self._cv:
+                self._clean.discard(key)
+            ok = self._submit(key, chunk, private=private) or ok
         return ok
 
+    def _put_to(self, i: int, key: bytes, chunk: Chunk) -> bool:
+        tier, io = self.tiers[i], self._io[i]
+        t0 = time.perf_counter()
+        try:
+            ok = tier.put(key, chunk)
+        except SOFT_ERRORS as e:
+            self._soft_fail(tier, "put", e)
+            ok = False
+        with io.lock:
+            io.put_seconds += time.perf_counter() - t0
+            io.written_bytes += chunk.nbytes if ok else 0
+        return ok
+
+    def _submit(self, key: bytes, chunk: Chunk, *, private: bool = False) -> bool:
+        """Queue ``chunk`` for every lower tier; copied first unless ``private`` (ours alone)."""
+        if not private:
+            chunk = Chunk(_host_copy(chunk.kv), chunk.fingerprint, chunk.num_tokens)
+        with self._cv:
+            self._seq += 1
+            job = _Job(key, chunk, self._seq)
+        block = self.config.queue_full == "block"
+        any_ok = False
+        for i, q in self._queues.items():
+            with self._cv:
+                self._pending += 1
+                self._pending_keys[key] = self._pending_keys.get(key, 0) + 1
+            try:
+                q.put(job, block=block, timeout=self.config.queue_timeout_s if block else None)
+            except queue.Full:
+                self._job_done(key)
+                with self._io[i].lock:
+                    self._io[i].queue_drops += 1
+                log.warning("write queue of tier %s is full; chunk %s dropped for it",
+                            self.tiers[i].name, key.hex())  # fmt: skip
+                continue
+            any_ok = True
+        return any_ok
+
+    def _write_loop(self, i: int) -> None:
+        tier, q = self.tiers[i], self._queues[i]
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            try:
+                if not self._cancelled(job):
+                    self._put_to(i, job.key, job.chunk)
+                    if self._cancelled(job):  # removed while we wrote: undo
+                        tier.remove(job.key)
+            except Exception as e:  # a worker must outlive any tier bug; counted and logged
+                self.errors += 1
+                log.exception("tier %s: asynchronous write of %s failed: %s", tier.name, job.key.hex(), e)
+            finally:
+                self._job_done(job.key)
+
+    def _cancelled(self, job: _Job) -> bool:
+        with self._cv:
+            return self._tombstones.get(job.key, 0) >= job.seq
+
+    def _job_done(self, key: bytes) -> None:
+        with self._cv:
+            self._pending -= 1
+            left = self._pending_keys.get(key, 1) - 1
+            if left:
+                self._pending_keys[key] = left
+            else:
+                self._pending_keys.pop(key, None)
+                self._tombstones.pop(key, None)
+            self._cv.notify_all()
+
+    def _on_top_evict(self, key: bytes, view: Chunk) -> None:
+        """Write-back: the top tier is dropping ``key``; ``view`` is valid only during this call."""
+        with self._cv:
+            if key in self._clean:  # came from a lower tier: already there
+                self._clean.discard(key)
+                return
+        self._submit(key, view)
+
     def remove(self, key: bytes) -> bool:
+        with self._cv:
+            self._clean.discard(key)
+            if key in self._pending_keys:
+                self._tombstones[key] = self._seq
         removed = False
         for tier in self.tiers:
             try:
@@ -96,16 +280,157 @@ class TierManager:
                 self._soft_fail(tier, "remove", e)
         return removed
 
-    def stats(self) -> dict[str, TierStats]:
-        return {t.name: t.stats() for t in self.tiers}
+    # -- prefetch ---------------------------------------------------------------------------------
+    def prefetch(self, keys: Sequence[bytes]) -> Future[int]:
+        """Start loading the cached prefix of ``keys`` into the top tier; the future gives the
+        number of chunks loaded (0 when all were already on top or none is cached)."""
+        keys = list(keys)
+        events: dict[bytes, threading.Event] = {}
+        with self._cv:
+            for k in keys:
+                if k not in self._inflight and not self.top.contains(k):
+                    events[k] = self._inflight[k] = threading.Event()
+        try:
+            return self._prefetcher.submit(self._prefetch, keys, events)
+        except RuntimeError:  # closed
+            self._finish_prefetch(events)
+            done: Future[int] = Future()
+            done.set_result(0)
+            return done
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait for pending asynchronous writes (none in the synchronous manager)."""
+    def _prefetch(self, keys: list[bytes], events: dict[bytes, threading.Event]) -> int:
+        loaded = 0
+        try:
+            todo = [k for k in keys[: self.prefix_lookup(keys)] if k in events]
+            for b in range(0, len(todo), PREFETCH_BATCH):
+                batch = todo[b : b + PREFETCH_BATCH]
+                for key, (src, c) in zip(batch, self._fetch_lower(batch)):
+                    if c is None:
+                        return loaded  # a hole (evicted/corrupt meanwhile) ends the prefix
+                    with c:
+                        loaded += self._promote(src, key, c)
+                    events[key].set()
+            return loaded
+        finally:
+            self._finish_prefetch(events)
+
+    def _fetch_lower(self, keys: list[bytes]) -> list[tuple[int, Chunk | None]]:
+        """Each key's chunk from the first lower tier that has it, reading each tier in a batch."""
+        out: list[tuple[int, Chunk | None]] = [(0, None)] * len(keys)
+        for i in range(1, len(self.tiers)):
+            tier, io = self.tiers[i], self._io[i]
+            idx = [j for j, (_, c) in enumerate(out) if c is None and self._contains(tier, keys[j])]
+            if not idx:
+                continue
+            t0 = time.perf_counter()
+            try:
+                got = tier.batched_get([keys[j] for j in idx])
+            except SOFT_ERRORS as e:
+                self._soft_fail(tier, "batched_get", e)
+                continue
+            with io.lock:
+                io.get_seconds += time.perf_counter() - t0
+                io.read_bytes += sum(c.nbytes for c in got if c is not None)
+            for j, c in zip(idx, got):
+                out[j] = (i, c)
+        return out
+
+    def _finish_prefetch(self, events: dict[bytes, threading.Event]) -> None:
+        with self._cv:
+            for k, ev in events.items():
+                ev.set()
+                if self._inflight.get(k) is ev:
+                    del self._inflight[k]
+
+    def _contains(self, tier: Tier, key: bytes) -> bool:
+        try:
+            return tier.contains(key)
+        except SOFT_ERRORS as e:
+            self._soft_fail(tier, "contains", e)
+            return False
+
+    # -- lifecycle and stats ----------------------------------------------------------------------
+    def stats(self) -> dict[str, TierStats]:
+        out: dict[str, TierStats] = {}
+        for i, t in enumerate(self.tiers):
+            try:
+                s = t.stats()
+            except SOFT_ERRORS as e:
+                self._soft_fail(t, "stats", e)
+                s = TierStats(t.name)
+            io = self._io[i]
+            with io.lock:
+                s.read_bytes += io.read_bytes
+                s.written_bytes += io.written_bytes
+                s.get_seconds += io.get_seconds
+                s.put_seconds += io.put_seconds
+                s.promotions += io.promotions
+                s.queue_drops += io.queue_drops
+            if i in self._queues:
+                s.queue_depth = self._queues[i].qsize()
+            out[t.name] = s
+        return out
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until queued writes are done, then make lower tiers durable (``sync()``).
+
+        ``True`` when everything queued before the call is stored and synced; ``False`` on
+        timeout or a failed sync.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cv:
+            while self._pending > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        ok = True
+        for tier in self.tiers[1:]:
+            sync = getattr(tier, "sync", None)
+            if callable(sync):
+                try:
+                    ok = bool(sync()) and ok
+                except SOFT_ERRORS as e:
+                    self._soft_fail(tier, "sync", e)
+                    ok = False
+        return ok
 
     def close(self) -> None:
+        """Finish prefetches, write back what write-back still holds, drain, close the tiers."""
+        if self._closed:
+            return
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        if self._write_back:
+            self._write_back_all()
+        self._closed = True
+        if not self.flush(self.config.close_timeout_s):
+            log.warning(
+                "TierManager.close: writes still queued after %.0f s are lost", self.config.close_timeout_s
+            )
+        for q in self._queues.values():
+            q.put(None)
+        for t in self._workers:
+            t.join(timeout=self.config.close_timeout_s)
         for tier in self.tiers:
             tier.close()
+
+    def _write_back_all(self) -> None:
+        keys = getattr(self.top, "keys", None)
+        for key in keys() if callable(keys) else []:
+            if key in self._clean:
+                continue
+            c = self._get_from(0, key)
+            if c is not None:
+                with c:
+                    self._submit(key, c)
 
     def _soft_fail(self, tier: Tier, op: str, e: BaseException) -> None:
         self.errors += 1
         log.warning("tier %s failed on %s (%s: %s); treated as a miss", tier.name, op, type(e).__name__, e)
+
+
+def _host_copy(kv: torch.Tensor) -> torch.Tensor:
+    """A private, contiguous host copy of ``kv``."""
+    out = torch.empty(kv.shape, dtype=kv.dtype)
+    out.copy_(kv)
+    return out

@@ -15,6 +15,7 @@ from tests.server.daemons import DAEMON_TIER_FACTORIES
 
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CPUTier
+from kvtier.tiers.disk import DiskTier
 
 TierFactory = Callable[[int, Path], Tier]
 
@@ -23,7 +24,11 @@ def _cpu(capacity: int, tmp_path: Path) -> Tier:
     return CPUTier(capacity, policy="lru")
 
 
-TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu}
+def _disk(capacity: int, tmp_path: Path) -> Tier:
+    return DiskTier(tmp_path / f"disk-{len(list(tmp_path.glob('disk-*')))}", capacity, policy="lru")
+
+
+TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu, "disk": _disk}
 
 TIER_FACTORIES.update(REMOTE_TIER_FACTORIES)  # redis, s3: shared session servers (tests/remote/servers.py)
 TIER_FACTORIES.update(DAEMON_TIER_FACTORIES)  # kvtier server: session daemons (tests/server/daemons.py)

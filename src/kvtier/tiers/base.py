@@ -79,6 +79,14 @@ class TierStats:
     evictions: int = 0
     evicted_bytes: int = 0
     errors: int = 0
+    # filled in by the TierManager, which times every call it makes to a tier
+    read_bytes: int = 0
+    written_bytes: int = 0
+    get_seconds: float = 0.0  # total time in get/batched_get; mean = get_seconds / (hits + misses)
+    put_seconds: float = 0.0
+    queue_depth: int = 0  # asynchronous writes waiting for this tier
+    queue_drops: int = 0  # asynchronous writes dropped because the queue stayed full
+    promotions: int = 0  # hits here copied up to the top tier (on get or prefetch)
 
 
 class Tier(ABC):

@@ -47,6 +47,9 @@ class CPUTier(Tier):
         self._lock = threading.RLock()
         self._stats = TierStats(self.name, capacity_bytes=self.pool.capacity_bytes)
         self.on_evict: list[Callable[[bytes, int], None]] = []
+        # called on eviction *before* the bytes return to the pool, with a view that is valid only
+        # during the call (under the tier lock): a write-back hook copies it there and then
+        self.on_evict_chunk: list[Callable[[bytes, Chunk], None]] = []
         self._closed = False
 
     def contains(self, key: bytes) -> bool:
@@ -107,6 +110,8 @@ class CPUTier(Tier):
         e = self._entries.pop(key)
         self.policy.remove(key)
         nbytes = e.obj.nbytes
+        for hook in self.on_evict_chunk:
+            hook(key, Chunk(e.obj.tensor, e.fingerprint, e.num_tokens))
         self.pool.release(e.obj)
         if e.obj.nbytes:  # still pinned by a reader: free later
             self._zombies.append(e.obj)

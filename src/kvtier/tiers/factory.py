@@ -24,6 +24,12 @@ def build_tiers(config: Config) -> list[Tier]:
                 pin_timeout_s=config.cpu.pin_timeout_s,
             )
         )
+    if config.disk.enabled:
+        from kvtier.tiers.disk import DiskTier
+
+        d = config.disk
+        tiers.append(DiskTier(d.path, d.max_disk_bytes, policy=d.eviction_policy, durability=d.durability,
+                              io_threads=d.io_threads))  # fmt: skip
     if config.remote.url:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:

@@ -1,0 +1,417 @@
+"""The local-disk tier: one self-checking file per chunk, committed by rename, verified on read.
+
+Why one file per chunk (temp file + rename) rather than an append-only segment log: chunks are
+large (a 256-token Llama-3-8B chunk is 32 MiB), so a file's overhead (an inode, open/close) is
+noise next to its data; eviction is one ``unlink`` that returns the space at once, where a log
+must compact (rewrite live data, doubling write traffic) to reclaim evicted chunks; and rename
+is the filesystem's atomic commit, so there is no separate index to keep consistent: the
+directory *is* the index, rebuilt on start from each file's 128-byte header (``serde``).
+
+Layout: ``<path>/<kk>/<key hex>.kvc`` (``kk`` = first key byte; 256 fan-out directories made at
+start keep each directory small), ``<path>/tmp/`` for writes in progress (emptied on start),
+``<path>/LOCK`` (``flock``: one process owns a directory; a second gets a ``TierError``).
+
+Durability (``durability``):
+* ``"flush"`` (default): a put writes the temp file and renames it; ``sync()`` (called by
+  ``TierManager.flush``) fsyncs the files renamed since the last sync and their directories.
+  A put survives a crash of the process at once (the page cache is the kernel's) and a power
+  loss once synced.
+* ``"always"``: fsync the file before and its directory after the rename in every put.
+* ``"none"``: never fsync (scratch space).
+Whatever happens, a file under its final name was complete when renamed; a file damaged anyway
+(power loss before a sync, bit rot, someone's ``truncate``) fails its checksum on read and is a
+miss, never wrong KV.
+
+Reads: one ``os.preadv`` of the whole file into [a header buffer, the destination tensor's own
+memory, one spare byte]: no intermediate copy, and the spare byte catches a file longer than its
+header says. ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
+GIL), so many are in flight. O_DIRECT is not used: re-reads from the page cache are the common
+fast case, and O_DIRECT needs aligned buffers and fails on tmpfs.
+
+Soft failures: disk full, permission denied, a directory removed at run time make ``put`` return
+``False`` (``put_failures``/``errors``) and ``get`` return ``None`` with a (rate-limited) warning;
+``OSError`` never reaches the caller. The root directory is created only at start, never again:
+if a mount vanishes at run time, recreating its mount point would fill the parent filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvtier.policies import make_policy
+from kvtier.serde import HEADER_BYTES, ChunkHeader, CorruptChunkError, SerdeError, encode_parts
+from kvtier.serde.base import check_key, decode_payload, tensor_bytes
+from kvtier.serde.codec import RAW, Buffer, CodecError
+from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+
+log = logging.getLogger(__name__)
+
+DURABILITY = ("flush", "always", "none")
+SUFFIX = ".kvc"
+_WARN_EVERY_S = 1.0
+
+
+@dataclass
+class _Entry:
+    header: ChunkHeader
+    header_bytes: bytes
+    nbytes: int  # file size = HEADER_BYTES + payload
+
+
+class DiskTier(Tier):
+    """Chunks as files under ``path``, at most ``max_bytes`` of them, evicted by ``policy``."""
+
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int, *, policy: str = "lru",
+                 durability: str = "flush", io_threads: int = 4, codec: str = "raw",
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        if max_bytes <= 0:
+            raise TierError(f"disk tier: max_bytes must be > 0, got {max_bytes}")
+        if durability not in DURABILITY:
+            raise TierError(f"disk tier: durability must be one of {DURABILITY}, got {durability!r}")
+        if io_threads < 1:
+            raise TierError(f"disk tier: io_threads must be >= 1, got {io_threads}")
+        self.root = Path(path)
+        self.capacity = max_bytes
+        self.durability = durability
+        self.codec = codec
+        self.policy = make_policy(policy, clock=clock)
+        self._lock = threading.RLock()
+        self._entries: dict[bytes, _Entry] = {}
+        self._writing: set[bytes] = set()
+        self._unsynced: set[Path] = set()
+        self._used = 0
+        self._stats = TierStats(self.name, capacity_bytes=max_bytes)
+        self._last_warn: dict[str, float] = {}
+        self._closed = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._tmp = self.root / "tmp"
+            self._tmp.mkdir(exist_ok=True)
+            for i in range(256):
+                (self.root / f"{i:02x}").mkdir(exist_ok=True)
+            self._lock_fd = self._take_lock()
+        except OSError as e:
+            raise TierError(f"disk tier: cannot use directory {self.root}: {e.strerror or e}") from e
+        self._rebuild()
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _take_lock(self) -> int:
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TierError(f"disk tier: {self.root} is in use by another DiskTier (LOCK is held)") from None
+        return fd
+
+    def _rebuild(self) -> None:
+        """Index every valid file on disk (oldest first, so LRU order survives a restart)."""
+        for f in self._tmp.iterdir():  # writes that a crash interrupted: never committed
+            f.unlink(missing_ok=True)
+        found: list[tuple[int, bytes, _Entry]] = []
+        for i in range(256):
+            with os.scandir(self.root / f"{i:02x}") as it:
+                for de in it:
+                    item = self._scan(de)
+                    if item is not None:
+                        found.append(item)
+        found.sort(key=lambda x: x[0])
+        for _, key, entry in found:
+            self._entries[key] = entry
+            self.policy.insert(key, entry.nbytes)
+            self._used += entry.nbytes
+        self._make_room(0)  # the capacity may have shrunk since the files were written
+        if found:
+            log.info("disk tier: found %d chunks (%d bytes) in %s", len(found), self._used, self.root)
+
+    def _scan(self, de: os.DirEntry[str]) -> tuple[int, bytes, _Entry] | None:
+        if not de.name.endswith(SUFFIX):
+            return None
+        try:
+            key = bytes.fromhex(de.name[: -len(SUFFIX)])
+            with open(de.path, "rb") as f:
+                hb = f.read(HEADER_BYTES)
+                st = os.fstat(f.fileno())
+            h = ChunkHeader.unpack(hb)
+            check_key(h, key)
+            if st.st_size != h.total_nbytes:
+                raise CorruptChunkError(f"file is {st.st_size} bytes, header says {h.total_nbytes}")
+        except (ValueError, OSError) as e:  # ValueError: bad hex name or CorruptChunkError
+            log.warning("disk tier: removing unreadable chunk file %s (%s)", de.path, e)
+            with contextlib.suppress(OSError):  # best effort; it will be retried on the next start
+                os.unlink(de.path)
+            return None
+        return st.st_mtime_ns, key, _Entry(h, hb, st.st_size)
+
+    # -- Tier API ---------------------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def get(self, key: bytes) -> Chunk | None:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or self._closed:
+                self._stats.misses += 1
+                return None
+            self.policy.access(key)
+        try:
+            kv = self._read(self._path(key), e)
+        except (OSError, CorruptChunkError) as err:
+            self._drop(key, e, err)
+            return None
+        with self._lock:
+            self._stats.hits += 1
+        return Chunk(kv, e.header.fingerprint, e.header.num_tokens)
+
+    def put(self, key: bytes, chunk: Chunk) -> bool:
+        _check_key(key)
+        if self._closed:
+            raise TierError("disk tier is closed")
+        try:
+            header, payload = encode_parts(chunk, self.codec, key)
+        except (SerdeError, CodecError) as e:
+            raise TierError(f"disk tier: cannot store this chunk: {e}") from e
+        h = ChunkHeader.unpack(header)
+        size = h.total_nbytes
+        with self._lock:
+            if key in self._entries:
+                self.policy.access(key)
+                return True
+            if key in self._writing:
+                return True
+            if not self._make_room(size):
+                self._stats.put_failures += 1
+                return False
+            self._used += size
+            self._writing.add(key)
+        final = self._path(key)
+        try:
+            self._write_file(key, final, header, payload)
+        except OSError as err:
+            with self._lock:
+                self._used -= size
+                self._writing.discard(key)
+                self._stats.put_failures += 1
+                self._stats.errors += 1
+            self._warn("put", f"cannot write chunk {key.hex()} under {self.root}: {err}")
+            return False
+        with self._lock:
+            self._writing.discard(key)
+            self._entries[key] = _Entry(h, header, size)
+            self.policy.insert(key, size)
+            self._stats.puts += 1
+            if self.durability == "flush":
+                self._unsynced.add(final)
+        return True
+
+    def remove(self, key: bytes) -> bool:
+        with self._lock:
+            e = self._entries.pop(key, None)
+            if e is None:
+                return False
+            self._forget(key, e)
+            return True
+
+    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+        if len(keys) <= 1 or self._closed:
+            return [self.get(k) for k in keys]
+        return list(self._pool.map(self.get, keys))
+
+    def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
+        items = list(items)
+        if len(items) <= 1 or self._closed:
+            return [self.put(k, c) for k, c in items]
+        return list(self._pool.map(lambda kc: self.put(*kc), items))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            s = TierStats(**vars(self._stats))
+            s.chunks = len(self._entries)
+            s.bytes_used = self._used
+            return s
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._entries)
+
+    def sync(self) -> bool:
+        """Make every put so far durable (fsync files, then their directories); ``False`` on error."""
+        with self._lock:
+            files, self._unsynced = self._unsynced, set()
+        ok = True
+        for path in sorted(files):
+            try:
+                _fsync_path(path)
+            except FileNotFoundError:
+                continue  # evicted or removed since: nothing to make durable
+            except OSError as err:
+                ok = False
+                with self._lock:
+                    self._stats.errors += 1
+                self._warn("sync", f"fsync of {path} failed: {err}")
+        for d in sorted({p.parent for p in files}):
+            try:
+                _fsync_path(d)
+            except OSError as err:
+                ok = False
+                self._warn("sync", f"fsync of directory {d} failed: {err}")
+        return ok
+
+    def close(self) -> None:
+        """Sync, stop the I/O threads and release the directory; the files stay (persistence)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self.durability == "flush":
+            self.sync()
+        os.close(self._lock_fd)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _path(self, key: bytes) -> Path:
+        return self.root / f"{key[0]:02x}" / f"{key.hex()}{SUFFIX}"
+
+    def _make_room(self, size: int) -> bool:
+        """Evict until ``size`` more bytes fit; ``False`` if they cannot (caller holds the lock)."""
+        if size > self.capacity:
+            return False
+        while self._used + size > self.capacity:
+            victim = self.policy.victim()
+            if victim is None:
+                return False  # the rest is reserved by writes in flight
+            e = self._entries.pop(victim)  # type: ignore[call-overload]
+            self._forget(victim, e)  # type: ignore[arg-type]
+            self._stats.evictions += 1
+            self._stats.evicted_bytes += e.nbytes
+        return True
+
+    def _forget(self, key: bytes, e: _Entry) -> None:
+        """Drop an entry already popped from the index, and its file (caller holds the lock).
+
+        The unlink happens under the lock so it can never race with a new put of the same key
+        renaming a fresh file into place. A reader that already opened the file keeps reading it.
+        """
+        self.policy.remove(key)
+        self._used -= e.nbytes
+        path = self._path(key)
+        self._unsynced.discard(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # already gone (removed by hand, or the directory vanished): the goal is reached
+        except OSError as err:
+            self._stats.errors += 1
+            self._warn("unlink", f"cannot remove {path}: {err}")
+
+    def _write_file(self, key: bytes, final: Path, header: bytes, payload: Buffer) -> None:
+        tmp = self._tmp / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                _write_all(fd, [header, payload])
+                if self.durability == "always":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError:
+            with contextlib.suppress(OSError):  # cleanup of a failed write; the error is re-raised
+                os.unlink(tmp)
+            raise
+        if self.durability == "always":
+            _fsync_path(final.parent)
+
+    def _read(self, path: Path, e: _Entry) -> torch.Tensor:
+        h = e.header
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = bytearray(HEADER_BYTES)
+            out = torch.empty(h.shape, dtype=h.dtype) if h.codec_id == RAW.id else None
+            body = tensor_bytes(out) if out is not None else memoryview(bytearray(h.payload_nbytes))
+            n = _read_all(fd, [head, body, bytearray(1)])
+        finally:
+            os.close(fd)
+        if n != h.total_nbytes:
+            raise CorruptChunkError(f"read {n} bytes, expected {h.total_nbytes} (truncated or extended)")
+        if head != e.header_bytes:
+            raise CorruptChunkError("header on disk differs from the one indexed")
+        return decode_payload(h, body, out)
+
+    def _drop(self, key: bytes, e: _Entry, err: BaseException) -> None:
+        """A read failed: a miss; forget the chunk (and delete its file if it is corrupt)."""
+        with self._lock:
+            self._stats.misses += 1
+            if self._entries.get(key) is not e:  # evicted/removed while we read: a benign race
+                return
+            del self._entries[key]
+            self._stats.errors += 1
+            self._forget(key, e)
+        what = "corrupt" if isinstance(err, CorruptChunkError) else "unreadable"
+        self._warn("get", f"chunk {key.hex()} is {what} ({err}); treated as a miss")
+
+    def _warn(self, op: str, msg: str) -> None:
+        """Log at WARNING at most once a second per operation (a full disk fails every put)."""
+        now = time.monotonic()
+        if now - self._last_warn.get(op, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._last_warn[op] = now
+            log.warning("disk tier: %s", msg)
+        else:
+            log.debug("disk tier: %s", msg)
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or not 1 <= len(key) <= 32:
+        raise TierError(f"disk tier: keys must be 1..32 bytes, got {key!r}")
+
+
+def _write_all(fd: int, bufs: list[Buffer]) -> None:
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.writev(fd, views)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "write made no progress")
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _read_all(fd: int, bufs: list[Buffer]) -> int:
+    """Fill ``bufs`` from offset 0 until they are full or the file ends; the bytes read."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = 0
+    while views:
+        n = os.preadv(fd, views, total)
+        if n == 0:
+            break
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,253 @@
+"""DiskTier beyond the conformance suite: restart, corruption, soft failures, eviction, locking."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier.serde import HEADER_BYTES
+from kvtier.tiers.base import Chunk, TierError
+from kvtier.tiers.disk import DiskTier
+
+SHAPE = (2, 2, 16, 2, 8)  # layers, k/v, tokens, heads, dim
+FILE_BYTES = HEADER_BYTES + 2 * 2 * 16 * 2 * 8 * 2  # bf16
+
+
+def _chunk(seed: int) -> Chunk:
+    g = torch.Generator().manual_seed(seed)
+    return Chunk(torch.randn(SHAPE, generator=g).to(torch.bfloat16), seed.to_bytes(8, "little"), SHAPE[2])
+
+
+def _key(i: int) -> bytes:
+    return bytes([i % 256]) + i.to_bytes(15, "big")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(root.glob("??/*.kvc"))
+
+
+def test_restart_finds_everything_bit_identical(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        for i in range(5):
+            assert t.put(_key(i), _chunk(i))
+    with DiskTier(tmp_path, 1 << 20) as t2:
+        s = t2.stats()
+        assert s.chunks == 5 and s.bytes_used == 5 * FILE_BYTES
+        for i in range(5):
+            got = t2.get(_key(i))
+            assert got is not None and _same(got.kv, _chunk(i).kv)
+            assert got.fingerprint == _chunk(i).fingerprint and got.num_tokens == 16
+
+
+def test_restart_keeps_age_order_and_shrinks_to_capacity(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        for i in range(4):
+            t.put(_key(i), _chunk(i))
+    for i in range(4):  # mtime is the age the rebuilt LRU uses; make it unambiguous
+        os.utime(tmp_path / f"{i:02x}" / f"{_key(i).hex()}.kvc", ns=(10**18 + i * 10**9,) * 2)
+    with DiskTier(tmp_path, 2 * FILE_BYTES) as t2:
+        assert [t2.contains(_key(i)) for i in range(4)] == [False, False, True, True]
+        assert len(_files(tmp_path)) == 2  # evicted files are deleted
+
+
+def test_start_cleans_temp_files_and_garbage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        t.put(_key(1), _chunk(1))
+        t.put(_key(2), _chunk(2))
+    (tmp_path / "tmp" / "deadbeef.1.2.tmp").write_bytes(b"half a chunk")
+    (tmp_path / "00" / "not-hex.kvc").write_bytes(b"x")
+    good = tmp_path / "02" / f"{_key(2).hex()}.kvc"
+    shutil.copy(good, tmp_path / "07" / f"{_key(7).hex()}.kvc")  # a valid file under the wrong key
+    with caplog.at_level(logging.WARNING), DiskTier(tmp_path, 1 << 20) as t2:
+        assert t2.stats().chunks == 2 and not t2.contains(_key(7))
+    assert not list((tmp_path / "tmp").iterdir())
+    assert len(_files(tmp_path)) == 2
+    assert "removing unreadable chunk file" in caplog.text
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip-header":
+        data[40] ^= 0x10
+    elif how == "flip-payload":
+        data[HEADER_BYTES + 777] ^= 0x01
+    elif how == "flip-last":
+        data[-1] ^= 0x80
+    elif how == "truncate":
+        data = data[:-100]
+    elif how == "extend":
+        data += b"\0"
+    elif how == "empty":
+        data = bytearray()
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "how", ["flip-header", "flip-payload", "flip-last", "truncate", "extend", "empty", "delete"]
+)
+def test_damaged_file_is_a_miss_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        t.put(_key(3), _chunk(3))
+        t.put(_key(4), _chunk(4))
+        _damage(tmp_path / "03" / f"{_key(3).hex()}.kvc", how)
+        with caplog.at_level(logging.WARNING):
+            assert t.get(_key(3)) is None  # never an exception, never wrong tensors
+        assert "treated as a miss" in caplog.text
+        assert not t.contains(_key(3)) and t.stats().errors == 1
+        assert not (tmp_path / "03" / f"{_key(3).hex()}.kvc").exists()  # corrupt files are deleted
+        ok = t.get(_key(4))
+        assert ok is not None and _same(ok.kv, _chunk(4).kv)
+        assert t.put(_key(3), _chunk(3))  # and it can be stored again
+        again = t.get(_key(3))
+        assert again is not None and _same(again.kv, _chunk(3).kv)
+
+
+def test_file_swapped_for_another_valid_chunk_is_a_miss(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        t.put(_key(1), _chunk(1))
+        t.put(_key(2), _chunk(2))
+        p1 = tmp_path / "01" / f"{_key(1).hex()}.kvc"
+        shutil.copy(tmp_path / "02" / f"{_key(2).hex()}.kvc", p1)
+        assert t.get(_key(1)) is None
+
+
+def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        assert t.put(_key(1), _chunk(1))
+
+        def full(fd: int, bufs: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "writev", full)
+        assert t.put(_key(2), _chunk(2)) is False
+        s = t.stats()
+        assert s.put_failures == 1 and s.errors == 1 and s.chunks == 1 and s.bytes_used == FILE_BYTES
+        assert not list((tmp_path / "tmp").iterdir())  # the partial temp file is gone
+        got = t.get(_key(1))
+        assert got is not None and _same(got.kv, _chunk(1).kv)
+        monkeypatch.undo()
+        assert t.put(_key(2), _chunk(2))
+
+
+def test_permission_denied_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def deny(path: object, flags: int, *a: object, **k: object) -> int:
+        if flags & os.O_WRONLY or str(path).endswith(".kvc"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)  # type: ignore[arg-type]
+
+    with DiskTier(tmp_path, 1 << 20) as t:
+        t.put(_key(1), _chunk(1))
+        monkeypatch.setattr(os, "open", deny)
+        assert t.put(_key(2), _chunk(2)) is False
+        assert t.get(_key(1)) is None
+        assert t.stats().put_failures == 1
+
+
+def test_unwritable_directory_at_run_time(tmp_path: Path) -> None:
+    """Root ignores chmod, so make the temp dir a *file*: every create under it fails (ENOTDIR)."""
+    with DiskTier(tmp_path, 1 << 20) as t:
+        shutil.rmtree(tmp_path / "tmp")
+        (tmp_path / "tmp").write_bytes(b"")
+        assert t.put(_key(1), _chunk(1)) is False
+        assert t.stats().put_failures == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        os.chmod(tmp_path / "tmp", 0o500)
+        try:
+            assert t.put(_key(1), _chunk(1)) is False
+        finally:
+            os.chmod(tmp_path / "tmp", 0o700)
+
+
+def test_directory_removed_at_run_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "cache"
+    with DiskTier(root, 1 << 20) as t:
+        t.put(_key(1), _chunk(1))
+        shutil.rmtree(root)
+        with caplog.at_level(logging.WARNING):
+            assert t.get(_key(1)) is None
+            assert t.put(_key(2), _chunk(2)) is False
+            assert t.remove(_key(9)) is False
+        assert not root.exists()  # never recreated at run time (a vanished mount point)
+        assert t.stats().put_failures == 1 and "disk tier" in caplog.text
+
+
+def test_directory_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(TierError, match="cannot use directory"):
+        DiskTier(tmp_path / "f" / "cache", 1 << 20)
+
+
+def test_one_owner_per_directory(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20), pytest.raises(TierError, match="in use"):
+        DiskTier(tmp_path, 1 << 20)
+    DiskTier(tmp_path, 1 << 20).close()  # released on close
+
+
+def test_eviction_deletes_files_in_policy_order(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 3 * FILE_BYTES) as t:
+        for i in range(3):
+            t.put(_key(i), _chunk(i))
+        g = t.get(_key(0))  # 0 becomes most recent: 1 is the LRU victim
+        assert g is not None
+        t.put(_key(3), _chunk(3))
+        assert [t.contains(_key(i)) for i in range(4)] == [True, False, True, True]
+        s = t.stats()
+        assert s.evictions == 1 and s.evicted_bytes == FILE_BYTES and s.bytes_used == 3 * FILE_BYTES
+        assert len(_files(tmp_path)) == 3
+        assert t.put(_key(9), Chunk(torch.zeros(4 * FILE_BYTES, dtype=torch.uint8), b"", 1)) is False
+
+
+@pytest.mark.parametrize("durability", ["always", "flush", "none"])
+def test_durability_modes(tmp_path: Path, durability: str) -> None:
+    with DiskTier(tmp_path, 1 << 20, durability=durability) as t:
+        assert t.put(_key(1), _chunk(1))
+        assert t.sync()
+    with DiskTier(tmp_path, 1 << 20) as t2:
+        got = t2.get(_key(1))
+        assert got is not None and _same(got.kv, _chunk(1).kv)
+
+
+def test_batched_get_in_parallel_keeps_order(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 22, io_threads=4) as t:
+        assert all(t.batched_put([(_key(i), _chunk(i)) for i in range(12)]))
+        keys = [_key(i) for i in (11, 3, 50, 0, 7)]
+        got = t.batched_get(keys)
+        assert got[2] is None
+        for i, c in zip((11, 3, None, 0, 7), got):
+            if i is not None:
+                assert c is not None and _same(c.kv, _chunk(i).kv)
+
+
+def test_bad_arguments_raise(tmp_path: Path) -> None:
+    with pytest.raises(TierError):
+        DiskTier(tmp_path, 0)
+    with pytest.raises(TierError):
+        DiskTier(tmp_path, 1 << 20, durability="sometimes")
+    with DiskTier(tmp_path, 1 << 20) as t:
+        with pytest.raises(TierError):
+            t.put(b"", _chunk(1))
+        with pytest.raises(TierError):
+            t.put(_key(1), Chunk(torch.zeros(2, dtype=torch.complex64), b"", 1))
+    with pytest.raises(TierError):
+        t.put(_key(1), _chunk(1))  # closed
