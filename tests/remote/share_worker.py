@@ -1,0 +1,39 @@
+"""Run by test_sharing.py in a fresh interpreter: ``store`` or ``retrieve`` one prompt's KV.
+
+Usage: python share_worker.py store|retrieve URL ENDPOINT_URL SALT OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kvtier import CacheEngine, Config
+
+
+def prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, 32000, (100,), generator=g)
+    kv = torch.randn(3, 2, 100, 2, 8, generator=g).to(torch.bfloat16)
+    return tokens, kv
+
+
+def main() -> int:
+    role, url, endpoint, salt, out = sys.argv[1:6]
+    cfg = Config.load(env={}, chunk_tokens=32, cpu__enabled=False, model__model_id="share-test", model__cache_salt=salt,
+                      remote__url=url, remote__endpoint_url=endpoint)  # fmt: skip
+    with CacheEngine(cfg) as eng:
+        tokens, kv = prompt()
+        eng.bind_model(3, 2, 8, torch.bfloat16)
+        if role == "store":
+            n = eng.store(tokens, kv)
+            torch.save({"stored": n, "kv": kv}, out)
+        else:
+            res = eng.retrieve(tokens)
+            torch.save({"num_tokens": res.num_tokens, "kv": res.kv, "lookup": eng.lookup(tokens)}, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
