@@ -14,7 +14,7 @@ from kvtier.server.process import DaemonProcess
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
     """A 64 MiB daemon shared by one test module (tests must not rely on it being empty)."""
-    with DaemonProcess("--cpu-size", "64MiB", "--chunk-tokens", "16", "--lease-timeout", "5") as d:
+    with DaemonProcess("--cpu-size", "64MiB", "--chunk-tokens", "16", "--lease-timeout", "2") as d:
         yield d
     assert d.proc is not None and d.proc.returncode == 0, d.log_tail()
 

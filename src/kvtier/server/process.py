@@ -41,7 +41,7 @@ class DaemonProcess:
             args += ["--port", "0"]
         if "--http-port" not in args:
             args += ["--http-port", "0"]
-        cmd = [sys.executable, "-m", "kvtier.cli", "server", "--ready-file", self.ready_file, *args]
+        cmd = [sys.executable, "-m", "kvtier.cli", "-v", "server", "--ready-file", self.ready_file, *args]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(self.env or {})})  # fmt: skip

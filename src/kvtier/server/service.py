@@ -296,6 +296,10 @@ class CacheService:
     def stats(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {"server": dict(vars(self.counters))}
         out["server"]["uptime_s"] = time.time() - self.started
+        with self._lock:
+            sessions = list(self.sessions.values())
+        out["server"]["leases_held"] = sum(len(s.leases) for s in sessions)
+        out["server"]["reservations_held"] = sum(len(s.reservations) for s in sessions)
         for name, t in self.manager.stats().items():
             out[f"tier:{name}"] = {k: v for k, v in vars(t).items() if k != "name"}
         return out
