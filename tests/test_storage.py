@@ -295,3 +295,15 @@ def test_write_back_needs_an_evicting_top_tier(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="write_back"):
         TierManager([disk, CPUTier(1 << 20)], StorageConfig(write_mode="write_back"))
     disk.close()
+
+
+def test_per_tier_metrics_reach_prometheus(tmp_path: Path) -> None:
+    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
+                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    with CacheEngine(cfg) as eng:
+        eng.store(torch.arange(32), torch.randn(2, 2, 32, 2, 8))
+        assert eng.flush(30)
+        text = eng.metrics.render().decode()
+    assert 'kvtier_tier_written_bytes_total{tier="disk"} 8192.0' in text
+    assert 'kvtier_tier_queue_depth{tier="disk"} 0.0' in text
+    assert 'kvtier_tier_put_seconds_total{tier="disk"}' in text

@@ -142,9 +142,11 @@ class DiskTierConfig:
     eviction_policy: str = "lru"
     durability: str = "flush"  # flush: fsync on TierManager.flush | always: every put | none
     io_threads: int = 4  # reads in flight for batched gets / prefetch
+    read_buffer_bytes: int = field(default=256 * 1024**2, metadata={"size": True})  # recycled read buffers
 
     def __post_init__(self) -> None:
         self.max_disk_bytes = parse_size(self.max_disk_bytes, "disk.max_disk_bytes")
+        self.read_buffer_bytes = parse_size(self.read_buffer_bytes, "disk.read_buffer_bytes")
         _check(self.durability in ("flush", "always", "none"), "disk.durability", self.durability,
                "flush|always|none")  # fmt: skip
         _check(1 <= self.io_threads <= 64, "disk.io_threads", self.io_threads, "1..64")

@@ -94,6 +94,13 @@ class _StatsCollector(Collector):
             ("evictions", CounterMetricFamily, "Chunks evicted"),
             ("evicted_bytes", CounterMetricFamily, "Bytes evicted"),
             ("errors", CounterMetricFamily, "Run-time errors (degraded to misses)"),
+            ("read_bytes", CounterMetricFamily, "Bytes read from the tier"),
+            ("written_bytes", CounterMetricFamily, "Bytes written to the tier"),
+            ("get_seconds", CounterMetricFamily, "Seconds spent in reads (divide by hits + misses)"),
+            ("put_seconds", CounterMetricFamily, "Seconds spent in writes"),
+            ("queue_depth", GaugeMetricFamily, "Asynchronous writes waiting for the tier"),
+            ("queue_drops", CounterMetricFamily, "Asynchronous writes dropped on a full queue"),
+            ("promotions", CounterMetricFamily, "Hits copied up to the top tier"),
         )
         for attr, fam_cls, doc in per_tier:
             fam = fam_cls(f"kvtier_tier_{attr}", doc, labels=["tier"])

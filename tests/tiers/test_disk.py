@@ -251,3 +251,33 @@ def test_bad_arguments_raise(tmp_path: Path) -> None:
             t.put(_key(1), Chunk(torch.zeros(2, dtype=torch.complex64), b"", 1))
     with pytest.raises(TierError):
         t.put(_key(1), _chunk(1))  # closed
+
+
+def test_get_into_a_preallocated_tensor(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        t.put(_key(1), _chunk(1))
+        h = t.header_of(_key(1))
+        assert h is not None and h.shape == SHAPE and h.dtype == torch.bfloat16
+        out = torch.zeros(SHAPE, dtype=torch.bfloat16)
+        got = t.get_into(_key(1), out)
+        assert got is not None and got.kv is out and _same(out, _chunk(1).kv)
+        with pytest.raises(TierError):
+            t.get_into(_key(1), torch.zeros(SHAPE, dtype=torch.float32))
+        assert t.get_into(_key(2), out) is None and t.header_of(_key(2)) is None
+
+
+def test_read_buffers_are_recycled_only_after_release(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 22, read_buffer_bytes=4 * FILE_BYTES) as t:
+        for i in range(3):
+            t.put(_key(i), _chunk(i))
+        a = t.get(_key(0))
+        b = t.get(_key(1))  # a is still held: b must not share its memory
+        assert a is not None and b is not None and a.kv.data_ptr() != b.kv.data_ptr()
+        assert _same(a.kv, _chunk(0).kv) and _same(b.kv, _chunk(1).kv)
+        ptr = a.kv.data_ptr()
+        a.release()
+        c = t.get(_key(2))
+        assert c is not None and c.kv.data_ptr() == ptr and _same(c.kv, _chunk(2).kv)
+        held = [t.get(_key(i % 3)) for i in range(6)]  # more than the pool holds: fresh tensors
+        for i, h in enumerate(held):
+            assert h is not None and _same(h.kv, _chunk(i % 3).kv)

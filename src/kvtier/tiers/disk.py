@@ -24,7 +24,8 @@ miss, never wrong KV.
 
 Reads: one ``os.preadv`` of the whole file into [a header buffer, the destination tensor's own
 memory, one spare byte]: no intermediate copy, and the spare byte catches a file longer than its
-header says. ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
+header says. The destination is a recycled buffer from a small host pool (``read_buffer_bytes``),
+returned to it by ``Chunk.release()``, or the caller's own tensor (``get_into``). ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
 GIL), so many are in flight. O_DIRECT is not used: re-reads from the page cache are the common
 fast case, and O_DIRECT needs aligned buffers and fails on tmpfs.
 
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from kvtier.memory import HostBufferPool, should_pin
 from kvtier.policies import make_policy
 from kvtier.serde import HEADER_BYTES, ChunkHeader, CorruptChunkError, SerdeError, encode_parts
 from kvtier.serde.base import check_key, decode_payload, tensor_bytes
@@ -77,6 +79,7 @@ class DiskTier(Tier):
 
     def __init__(self, path: str | os.PathLike[str], max_bytes: int, *, policy: str = "lru",
                  durability: str = "flush", io_threads: int = 4, codec: str = "raw",
+                 read_buffer_bytes: int = 256 * 1024**2,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         if max_bytes <= 0:
             raise TierError(f"disk tier: max_bytes must be > 0, got {max_bytes}")
@@ -108,6 +111,11 @@ class DiskTier(Tier):
             raise TierError(f"disk tier: cannot use directory {self.root}: {e.strerror or e}") from e
         self._rebuild()
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
+        # recycled read buffers: a fresh 32 MiB tensor per get costs ~8k page faults, often more
+        # than the read itself; pinned where CUDA is present, so a host->GPU copy runs at full speed
+        self._buffers = (
+            HostBufferPool(read_buffer_bytes, pin=should_pin("auto")) if read_buffer_bytes > 0 else None
+        )
 
     # -- start-up -------------------------------------------------------------------------------
     def _take_lock(self) -> int:
@@ -163,14 +171,46 @@ class DiskTier(Tier):
         return key in self._entries
 
     def get(self, key: bytes) -> Chunk | None:
+        """The chunk, read into a recycled buffer when one is free (``release()`` recycles it)."""
+        h, buffers = self.header_of(key), self._buffers
+        obj = None
+        if h is not None and h.codec_id == RAW.id and buffers is not None:
+            obj = buffers.allocate(h.shape, h.dtype)
+        if obj is None or buffers is None:
+            return self.get_into(key, None)
+        try:
+            c = self.get_into(key, obj.tensor)
+        except TierError:  # the entry changed shape under us (re-put); read into a fresh tensor
+            c = None
+            buffers.release(obj)
+            return self.get_into(key, None)
+        if c is None:
+            buffers.release(obj)
+            return None
+        c._on_release = lambda: buffers.release(obj)
+        return c
+
+    def get_into(self, key: bytes, out: torch.Tensor | None) -> Chunk | None:
+        """``get``, reading the KV straight into ``out`` (e.g. a host-pool object) when given.
+
+        ``out`` must be a contiguous CPU tensor of the stored shape and dtype (see
+        ``header_of``); otherwise ``TierError``. On a miss ``out`` may hold partial data.
+        """
         with self._lock:
             e = self._entries.get(key)
             if e is None or self._closed:
                 self._stats.misses += 1
                 return None
             self.policy.access(key)
+        if out is not None and (
+            tuple(out.shape) != e.header.shape or out.dtype != e.header.dtype or not out.is_contiguous()
+            or out.device.type != "cpu"
+        ):  # fmt: skip
+            raise TierError(
+                f"out is {tuple(out.shape)} {out.dtype}, chunk is {e.header.shape} {e.header.dtype}"
+            )
         try:
-            kv = self._read(self._path(key), e)
+            kv = self._read(self._path(key), e, out)
         except (OSError, CorruptChunkError) as err:
             self._drop(key, e, err)
             return None
@@ -336,13 +376,21 @@ class DiskTier(Tier):
         if self.durability == "always":
             _fsync_path(final.parent)
 
-    def _read(self, path: Path, e: _Entry) -> torch.Tensor:
+    def header_of(self, key: bytes) -> ChunkHeader | None:
+        """The stored chunk's header (shape, dtype, sizes) without reading it, or ``None``."""
+        e = self._entries.get(key)
+        return e.header if e is not None else None
+
+    def _read(self, path: Path, e: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
         h = e.header
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = bytearray(HEADER_BYTES)
-            out = torch.empty(h.shape, dtype=h.dtype) if h.codec_id == RAW.id else None
-            body = tensor_bytes(out) if out is not None else memoryview(bytearray(h.payload_nbytes))
+            if h.codec_id == RAW.id:  # straight into the destination: no intermediate buffer
+                out = torch.empty(h.shape, dtype=h.dtype) if out is None else out
+                body = tensor_bytes(out)
+            else:
+                body = memoryview(bytearray(h.payload_nbytes))
             n = _read_all(fd, [head, body, bytearray(1)])
         finally:
             os.close(fd)
