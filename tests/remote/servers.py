@@ -30,13 +30,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ping(port: int, timeout_s: float = 10.0, password: str | None = None) -> None:
-    """Wait until redis on ``port`` answers PING (bounded)."""
+def _wait_ping(port: int, timeout_s: float = 30.0, password: str | None = None,
+               proc: subprocess.Popen[bytes] | None = None) -> None:  # fmt: skip
+    """Wait until redis on ``port`` answers PING (bounded; fails at once if ``proc`` exited)."""
     import redis
 
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"redis-server on port {port} exited with {proc.returncode}")
         try:
             c = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1.0)
             try:
@@ -57,6 +60,8 @@ class RedisServer:
                  extra: tuple[str, ...] = ()) -> None:  # fmt: skip
         if REDIS_SERVER is None:
             raise RuntimeError(NO_REDIS_REASON)
+        self._fixed_port = port is not None
+        self.ever_started = False
         self.port = port or free_port()
         self.password = password
         self.cluster = cluster
@@ -69,6 +74,18 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start (or restart on the same port); a fresh server whose port was taken meanwhile
+        retries on another free port."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError:
+                if attempt == 2 or self._fixed_port or self.ever_started:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self) -> RedisServer:
         assert REDIS_SERVER is not None
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
@@ -82,10 +99,11 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         try:
-            _wait_ping(self.port, password=self.password)
+            _wait_ping(self.port, password=self.password, proc=self.proc)
         except RuntimeError:
             self.stop()
             raise
+        self.ever_started = True
         return self
 
     def kill(self) -> None:

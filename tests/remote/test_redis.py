@@ -56,13 +56,14 @@ def test_parse_urls() -> None:
 def test_split_value_layout_and_remove(redis_server: servers.RedisServer) -> None:
     p = prefix()
     t = RedisTier(redis_server.url, key_prefix=p, max_value_bytes=4096)
-    c = chunk(1)  # 4*2*64*2*16*2 = 32 KiB -> 9 parts of 4 KiB
+    c = chunk(1)  # 4*2*64*2*16*2 = 32 KiB -> 8 parts of 4 KiB
     assert t.put(key(1), c)
     r = raw(redis_server)
     names = sorted(n.decode() for n in r.keys(f"{p}:*"))
     main = f"{p}:{{{key(1).hex()}}}"
-    assert names[0] == main and len(names) == 1 + 9
-    assert r.get(main)[:4] == b"KVTM"
+    assert names == sorted([main] + [f"{main}:{j}" for j in range(8)])
+    assert r.get(main)[:4] == b"KVTC" and r.strlen(main) == 128  # the header alone
+    assert all(r.strlen(f"{main}:{j}") == 4096 for j in range(8))
     got = t.get(key(1))
     assert got is not None and torch.equal(got.kv, c.kv) and got.fingerprint == c.fingerprint
     assert t.remove(key(1)) and r.keys(f"{p}:*") == []
@@ -87,7 +88,7 @@ def test_losing_writer_leaves_no_parts(redis_server: servers.RedisServer) -> Non
     for th in ths:
         th.join()
     assert results == [True, True]
-    assert len(raw(redis_server).keys(f"{p}:*")) == 1 + 9  # one manifest, one set of parts
+    assert len(raw(redis_server).keys(f"{p}:*")) == 1 + 8  # one header, one set of parts
     assert a.stats().puts + b.stats().puts == 1
     a.close()
     b.close()
@@ -133,16 +134,26 @@ def test_batched_ops_and_prefix(redis_server: servers.RedisServer) -> None:
     t.close()
 
 
-def test_ttl_parts_outlive_manifest(redis_server: servers.RedisServer) -> None:
+def test_ttl_on_every_key(redis_server: servers.RedisServer) -> None:
     p = prefix()
     t = RedisTier(redis_server.url, key_prefix=p, ttl_s=30, max_value_bytes=4096)
     t.put(key(3), chunk(3))
     r = raw(redis_server)
-    main = f"{p}:{{{key(3).hex()}}}"
-    ttl_main = r.pttl(main)
-    parts = [n for n in r.keys(f"{p}:*") if n.decode() != main]
-    assert 29_000 < ttl_main <= 30_000
-    assert parts and all(r.pttl(n) > ttl_main for n in parts)
+    names = r.keys(f"{p}:*")
+    assert len(names) == 9 and all(29_000 < r.pttl(n) <= 30_000 for n in names)
+    t.close()
+
+
+def test_stale_parts_of_an_evicted_chunk_do_not_block_a_rewrite(redis_server: servers.RedisServer) -> None:
+    p = prefix()
+    t = RedisTier(redis_server.url, key_prefix=p, max_value_bytes=4096)
+    t.put(key(6), chunk(6))
+    r = raw(redis_server)
+    r.delete(f"{p}:{{{key(6).hex()}}}")  # as if maxmemory evicted the header key only
+    assert t.get(key(6)) is None
+    assert t.put(key(6), chunk(6)) and torch.equal(t.get(key(6)).kv, chunk(6).kv)
+    r.delete(f"{p}:{{{key(6).hex()}}}:3")  # a part evicted: incomplete => a miss, cleaned up
+    assert t.get(key(6)) is None and r.keys(f"{p}:*") == []
     t.close()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -30,10 +31,15 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 
 from kvtier import serde
+from kvtier.serde.base import check_key, verify_payload
+from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
 from kvtier.tiers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
+# A received ``bytes`` reply becomes a tensor without a copy; torch warns (once) that the buffer
+# is read-only. Nothing else holds the reply, so a caller writing into the chunk is harmless.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 T = TypeVar("T")
 
 
@@ -103,36 +109,47 @@ class NetworkTier(Tier):
         return result
 
     # -- serde ----------------------------------------------------------------------------------
-    def _encode(self, key: bytes, chunk: Chunk) -> bytearray | bytes:
-        """One blob (header + payload). Raw: the KV is copied once, straight into the blob."""
+    def _encode(self, key: bytes, chunk: Chunk) -> tuple[bytes, bytes | bytearray | memoryview]:
+        """``(header, payload)``; with the raw codec the payload is a view of the KV itself when it
+        is a contiguous CPU tensor (else of one contiguous copy), so send it before returning."""
         try:
-            if self.serde_name != "raw":
-                return serde.encode(chunk, self.serde_name, key)
-            kv = chunk.kv.detach()
-            nbytes = kv.numel() * kv.element_size()
-            blob = bytearray(serde.HEADER_BYTES + nbytes)
-            if nbytes:
-                dst = torch.frombuffer(blob, dtype=torch.uint8, offset=serde.HEADER_BYTES, count=nbytes)
-                dst = dst.view(kv.dtype).view(kv.shape)
-                dst.copy_(kv)
-            else:
-                dst = torch.empty(kv.shape, dtype=kv.dtype)
-            header, _ = serde.encode_parts(Chunk(dst, chunk.fingerprint, chunk.num_tokens), "raw", key)
-            blob[: serde.HEADER_BYTES] = header
-            return blob
+            return serde.encode_parts(chunk, self.serde_name, key)
         except serde.SerdeError as e:
             raise TierError(f"{self.name} tier cannot store this chunk: {e}") from e
 
-    def _decode(self, key: bytes, data: bytes | bytearray | memoryview) -> Chunk | None:
-        """The chunk in ``data``, or ``None`` (logged, counted) if it is corrupt or mis-filed."""
+    def _decode(self, key: bytes, header: Buffer, payload: Buffer) -> Chunk | None:
+        """The chunk from a stored header and payload, or ``None`` (logged, counted) if corrupt,
+        incomplete or filed under another key.
+
+        Zero-copy: after the checksum, the KV tensor is a view of the received buffer (which
+        nothing else references), not a fresh allocation the caller would copy out of again.
+        """
         try:
-            return serde.decode(data, expect_key=key)
+            h = serde.ChunkHeader.unpack(header)
+            check_key(h, key)
+            verify_payload(h, payload)
+            codec = serde.codec_by_id(h.codec_id)
+            if codec is None:
+                raise serde.CorruptChunkError(f"unknown codec id {h.codec_id}")
+            try:
+                raw = codec.decompress(payload, h.raw_nbytes)
+            except ValueError as e:
+                raise serde.CorruptChunkError(f"{codec.name}: {e}") from e
         except serde.CorruptChunkError as e:
             with self._lock:
                 self._stats.errors += 1
-            log.warning("%s: value for %s is corrupt (%s); treated as a miss and deleted",
+            log.warning("%s: value for %s is corrupt or incomplete (%s); treated as a miss and deleted",
                         self.breaker.name, key.hex(), e)  # fmt: skip
             return None
+        if not h.raw_nbytes:
+            return Chunk(torch.empty(h.shape, dtype=h.dtype), h.fingerprint, h.num_tokens)
+        kv = torch.frombuffer(raw, dtype=torch.uint8).view(h.dtype).view(h.shape)
+        return Chunk(kv, h.fingerprint, h.num_tokens)
+
+    def _decode_blob(self, key: bytes, blob: Buffer) -> Chunk | None:
+        """``_decode`` of one contiguous header + payload blob (an S3 object)."""
+        mv = memoryview(blob).cast("B")
+        return self._decode(key, mv[: serde.HEADER_BYTES], mv[serde.HEADER_BYTES :])
 
     # -- counters -------------------------------------------------------------------------------
     def _count_get(self, hits: int, misses: int) -> None:

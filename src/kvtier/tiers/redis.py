@@ -1,19 +1,21 @@
 """The Redis / Valkey tier: chunks as values in a Redis-protocol store, standalone or cluster.
 
-Keys: ``{prefix}:{<hex digest>}``. The digest already folds in the namespace (model, dtype,
-shape, tp, salt), so every engine process with the same namespace and the same store sees the
-same keys. The ``{...}`` is a cluster hash tag: a value and all its parts share one slot (one
-node, one pipeline), while different chunks spread over the cluster's slots.
+Keys: ``{prefix}:{<hex digest>}`` holds the chunk's 128-byte ``serde`` header, and
+``{prefix}:{<hex digest>}:0``, ``:1``, ... hold its payload in parts of at most
+``max_value_bytes`` (one part for a normal chunk). The digest already folds in the namespace
+(model, dtype, shape, tp, salt), so every engine process with the same namespace and the same
+store sees the same keys. The ``{...}`` is a cluster hash tag: a chunk's keys share one slot
+(one node, one command), while different chunks spread over the cluster's slots.
 
-Values: a ``serde`` blob (magic ``KVTC``), or — when the blob is larger than ``max_value_bytes``
-— a *manifest* (magic ``KVTM``: part count, total size, a random write id) whose parts live at
-``{prefix}:{<hex>}:<write id>:<i>``. Parts are written first and the manifest last, in one
-pipeline on one connection (Redis executes it in order), so a reader that finds the manifest
-finds a complete value; the write id keeps two concurrent writers' parts apart.
+Why header and payload live in separate keys: both then go out as separate protocol arguments
+straight from the KV tensor's memory — no client-side concatenation (a fresh 8 MiB buffer costs
+more in page faults than the copy), and no server-side ``APPEND`` (which reallocates and copies).
 
-Writes are ``SET ... NX``: a key's content never changes (content-addressed), so the first
-writer wins and a loser deletes its own parts — no orphaned parts, no torn overwrite. A value
-that fails its checksum on read is deleted, so the next store repairs it.
+Atomicity: all keys of a chunk are written by one ``MSETNX`` — all or nothing, and only if none
+exists — so a reader never sees a half-written value, and of two concurrent writers the first
+wins without leaving garbage. A reader fetches the header and part 0 in one round trip (and the
+remaining parts, for a split chunk, in a second). A chunk found incomplete (a part evicted or
+expired) or corrupt is deleted, so the next store can write it again.
 
 Every call is bounded by ``timeout_s`` (socket connect/read/write timeouts, no client retries)
 and guarded by the circuit breaker (``network``).
@@ -22,8 +24,6 @@ and guarded by the circuit breaker (``network``).
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,10 +42,8 @@ from kvtier.tiers.network import NetworkTier, leading_true, redact_url
 
 log = logging.getLogger(__name__)
 
-_MANIFEST = struct.Struct("<4sB3xIQ16s")  # magic, version, parts, total bytes, write id (hex)
-_MAGIC = b"KVTM"
-_PEEK = max(serde.HEADER_BYTES, _MANIFEST.size) - 1  # GETRANGE end: enough to size any value
 _MAX_PIPELINE_BYTES = 64 * 1024**2  # flush a batched put's pipeline every ~64 MiB
+Encoded = tuple[bytes, "bytes | bytearray | memoryview"]
 
 
 @dataclass(frozen=True)
@@ -106,9 +104,6 @@ class RedisTier(NetworkTier):
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None
-        self._parts_px = (
-            int((ttl_s + max(1.0, ttl_s * 0.1)) * 1000) if ttl_s else None
-        )  # outlive the manifest
         self._kw: dict[str, Any] = dict(
             username=username or self.target.username,
             password=password or self.target.password,
@@ -156,9 +151,6 @@ class RedisTier(NetworkTier):
     def _rk(self, key: bytes) -> str:
         return f"{self.key_prefix}:{{{key.hex()}}}"
 
-    def _part_keys(self, key: bytes, write_id: str, n: int) -> list[str]:
-        return [f"{self._rk(key)}:{write_id}:{i}" for i in range(n)]
-
     # -- Tier API -------------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
         return bool(self._guard("contains", lambda: self._r().exists(self._rk(key)), 0))
@@ -181,67 +173,75 @@ class RedisTier(NetworkTier):
         return self.batched_get([key])[0]
 
     def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
-        """Two round trips at most: every value (or manifest), then every part of the split ones."""
+        """Header + part 0 of every key in one round trip; other parts of split chunks in a second."""
         if not keys:
             return []
-        blobs = self._guard("get", lambda: self._fetch(keys), None)
-        if blobs is None:
+        found = self._guard("get", lambda: self._fetch(keys), None)
+        if found is None:
             self._count_get(0, len(keys))
             return [None] * len(keys)
         out: list[Chunk | None] = []
-        corrupt: list[bytes] = []
-        for k, blob in zip(keys, blobs):
-            c = None if blob is None else self._decode(k, blob)
-            if blob is not None and c is None:
-                corrupt.append(k)
+        for k, f in zip(keys, found):
+            c = None if f is None else self._decode(k, *f)
+            if f is not None and c is None:
+                self.remove(k)  # corrupt or incomplete: make room for a clean rewrite
             out.append(c)
-        for k in corrupt:
-            self.remove(k)
         hits = sum(c is not None for c in out)
         self._count_get(hits, len(keys) - hits)
         return out
 
-    def _fetch(self, keys: Sequence[bytes]) -> list[bytes | bytearray | None]:
+    def _fetch(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes | bytearray] | None]:
+        """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete."""
         p = self._pipe()
         for k in keys:
             p.get(self._rk(k))
-        vals: list[Any] = list(p.execute())
-        split = [(i, _manifest(v)) for i, v in enumerate(vals) if v is not None and v[:4] == _MAGIC]
-        if split:
+            p.get(self._rk(k) + ":0")
+        replies: list[Any] = list(p.execute())
+        out: list[tuple[bytes, bytes | bytearray] | None] = []
+        more: list[tuple[int, int]] = []  # (index, parts) of split chunks
+        for i in range(len(keys)):
+            head, part0 = replies[2 * i], replies[2 * i + 1]
+            if head is None:
+                out.append(None)
+                continue
+            total = _payload_size(head)
+            if part0 is None or total is None or (total and not part0) or len(part0) > total:
+                out.append((b"", b""))  # incomplete or corrupt: decode will reject it
+                continue
+            out.append((head, part0))
+            if len(part0) < total:
+                more.append((i, -(-total // len(part0))))
+        if more:
             p = self._pipe()
-            for i, m in split:
-                for pk in self._part_keys(keys[i], m[2], m[0]) if m else ():
-                    p.get(pk)
-            parts: list[Any] = list(p.execute())
+            for i, n in more:
+                for j in range(1, n):
+                    p.get(f"{self._rk(keys[i])}:{j}")
+            rest: list[Any] = list(p.execute())
             pos = 0
-            for i, m in split:
-                if m is None:
-                    vals[i] = b"corrupt manifest"
+            for i, n in more:
+                mine, pos = rest[pos : pos + n - 1], pos + n - 1
+                head, part0 = out[i]  # type: ignore[misc]
+                if any(x is None for x in mine):  # a part expired or was evicted: the chunk is gone
+                    out[i] = (b"", b"")
                     continue
-                mine, pos = parts[pos : pos + m[0]], pos + m[0]
-                if any(x is None for x in mine):  # a part expired or was evicted: the value is gone
-                    vals[i] = None
-                else:
-                    joined = bytearray(m[1])
-                    off = 0
-                    for x in mine:
-                        joined[off : off + len(x)] = x
-                        off += len(x)
-                    vals[i] = joined if off == m[1] else b"bad part sizes"
-        return vals
+                joined = bytearray(part0)
+                for x in mine:
+                    joined += x
+                out[i] = (head, joined)
+        return out
 
     def put(self, key: bytes, chunk: Chunk) -> bool:
         return self.batched_put([(key, chunk)])[0]
 
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
-        """Pipelined ``SET NX``; split values write their parts first, then the manifest."""
+        """One pipeline per ~64 MiB; see ``_write`` for how a value becomes visible atomically."""
         results: list[bool] = []
-        batch: list[tuple[bytes, bytes | bytearray]] = []
+        batch: list[tuple[bytes, Encoded]] = []
         size = 0
         for key, chunk in items:
-            blob = self._encode(key, chunk)
-            batch.append((key, blob))
-            size += len(blob)
+            enc = self._encode(key, chunk)  # views of the chunk's memory: sent before we return
+            batch.append((key, enc))
+            size += _nbytes(enc)
             if size >= _MAX_PIPELINE_BYTES:
                 results += self._put_batch(batch)
                 batch, size = [], 0
@@ -249,56 +249,63 @@ class RedisTier(NetworkTier):
             results += self._put_batch(batch)
         return results
 
-    def _put_batch(self, batch: list[tuple[bytes, bytes | bytearray]]) -> list[bool]:
+    def _put_batch(self, batch: list[tuple[bytes, Encoded]]) -> list[bool]:
         ok = self._guard("put", lambda: self._write(batch), None)
         if ok is None:
             self._count_put(0, 0, len(batch))
             return [False] * len(batch)
-        new = [written for written, _ in ok]
-        self._count_put(sum(new), sum(len(b) for (_, b), w in zip(batch, new) if w), 0)
-        return [present for _, present in ok]
+        self._count_put(sum(ok), sum(_nbytes(e) for (_, e), w in zip(batch, ok) if w), 0)
+        return [True] * len(batch)
 
-    def _write(self, batch: list[tuple[bytes, bytes | bytearray]]) -> list[tuple[bool, bool]]:
-        """``(newly written, present now)`` per item."""
-        big = [k for k, b in batch if len(b) > self.max_value_bytes]
-        exists: set[bytes] = set()
-        if big:  # do not ship megabytes of parts for a value that is already there
-            p = self._pipe()
-            for k in big:
-                p.exists(self._rk(k))
-            exists = {k for k, e in zip(big, p.execute()) if e}
+    def _write(self, batch: list[tuple[bytes, Encoded]]) -> list[bool]:
+        """Whether each item was newly written (``False``: a copy was already there).
+
+        One ``MSETNX`` per chunk (header key + payload parts, zero-copy views of the KV), plus
+        ``PEXPIRE`` per key when a TTL is set, all in one pipeline. ``MSETNX`` refusing although
+        the header key is absent means stale parts of an evicted chunk block it: they are
+        deleted and the write is retried once.
+        """
         p = self._pipe()
-        plan: list[tuple[bytes, list[str]]] = []  # per item: key, its part keys (to undo)
-        for key, blob in batch:
-            if key in exists:
-                continue
-            if len(blob) <= self.max_value_bytes:
-                p.set(self._rk(key), blob, nx=True, px=self._px)
-                plan.append((key, []))
-                continue
+        plan: list[tuple[bytes, list[str], list[Any], int]] = []  # key, names, values, MSETNX reply
+        n_cmds = 0
+        for key, (header, payload) in batch:
+            rk = self._rk(key)
             step = self.max_value_bytes
-            n = -(-len(blob) // step)
-            write_id = os.urandom(8).hex()
-            pks = self._part_keys(key, write_id, n)
-            mv = memoryview(blob)
-            for i, pk in enumerate(pks):
-                p.set(pk, mv[i * step : (i + 1) * step], px=self._parts_px)
-            p.set(self._rk(key), _MANIFEST.pack(_MAGIC, 1, n, len(blob), write_id.encode()), nx=True,
-                  px=self._px)  # fmt: skip
-            plan.append((key, pks))
-        replies: list[Any] = list(p.execute()) if plan else []
-        written: dict[bytes, bool] = {}
-        undo: list[str] = []
-        pos = 0
-        for key, pks in plan:
-            pos += len(pks)
-            written[key] = bool(replies[pos])  # the value's (or manifest's) SET NX
-            pos += 1
-            if pks and not written[key]:
-                undo += pks  # another writer's manifest won; ours is garbage
-        if undo:
-            self._delete_each(undo)
-        return [(written.get(k, False), True) for k, _ in batch]
+            parts = [payload[i : i + step] for i in range(0, len(payload), step)] or [b""]
+            names = [rk] + [f"{rk}:{j}" for j in range(len(parts))]
+            values = [header, *parts]
+            self._msetnx(p, names, values)
+            p.exists(rk)
+            plan.append((key, names, values, n_cmds))
+            n_cmds += 2 + (len(names) if self._px else 0)  # MSETNX, [PEXPIRE per key], EXISTS
+        replies: list[Any] = list(p.execute())
+        written = {key: bool(replies[i]) for key, _, _, i in plan}
+        exists = {key: bool(replies[i + 1 + (len(names) if self._px else 0)]) for key, names, _, i in plan}
+        stale = [
+            (key, names, values) for key, names, values, _ in plan if not written[key] and not exists[key]
+        ]
+        if stale:
+            p = self._pipe()
+            for _, names, values in stale:
+                for n in names[1:]:
+                    p.delete(n)
+                self._msetnx(p, names, values)
+            again: list[Any] = list(p.execute())
+            pos = 0
+            for key, names, _ in stale:
+                pos += len(names) - 1
+                written[key] = bool(again[pos])
+                pos += 1 + (len(names) if self._px else 0)
+        return [written[k] for k, _ in batch]
+
+    def _msetnx(self, p: Any, names: list[str], values: list[Any]) -> None:
+        args: list[Any] = []
+        for n, v in zip(names, values):
+            args += [n, v]
+        p.execute_command("MSETNX", *args)  # (redis-py's cluster pipeline blocks .msetnx; one slot here)
+        if self._px:
+            for n in names:
+                p.pexpire(n, self._px)
 
     def _delete_each(self, names: list[str]) -> None:
         p = self._pipe()
@@ -309,17 +316,18 @@ class RedisTier(NetworkTier):
     def remove(self, key: bytes) -> bool:
         def run() -> bool:
             rk = self._rk(key)
-            head = bytes(self._r().getrange(rk, 0, _PEEK))  # type: ignore[arg-type]
-            if not head:
-                return False
             p = self._pipe()
-            p.delete(rk)
-            m = _manifest(head) if head[:4] == _MAGIC else None
-            for pk in self._part_keys(key, m[2], m[0]) if m else ():
-                p.delete(pk)
+            p.get(rk)
+            p.strlen(f"{rk}:0")
+            head, part0 = p.execute()
+            total = _payload_size(head) if head is not None else None
+            n = -(-total // part0) if total and part0 else 1
+            p = self._pipe()
+            for name in [rk] + [f"{rk}:{j}" for j in range(n)]:
+                p.delete(name)
             removed = bool(p.execute()[0])
             if removed:
-                self._count_remove(m[1] if m else _blob_size(head))
+                self._count_remove(len(head) + (total or 0))
             return removed
 
         return self._guard("remove", run, False)
@@ -329,21 +337,13 @@ class RedisTier(NetworkTier):
         self._reset_connection()
 
 
-def _manifest(v: bytes | bytearray) -> tuple[int, int, str] | None:
-    """``(parts, total bytes, write id)`` of a manifest value, ``None`` if it is malformed."""
-    if len(v) < _MANIFEST.size:
-        return None
-    magic, version, n, total, wid = _MANIFEST.unpack_from(v)
-    if magic != _MAGIC or version != 1 or not 0 < n <= 1 << 20:
-        return None
-    try:
-        return n, total, wid.decode("ascii")
-    except UnicodeDecodeError:
-        return None
+def _nbytes(e: Encoded) -> int:
+    return len(e[0]) + len(e[1])
 
 
-def _blob_size(head: bytes) -> int:
+def _payload_size(head: bytes) -> int | None:
+    """The payload size a stored header promises (``None`` if it is not a valid header)."""
     try:
-        return serde.ChunkHeader.unpack(head).total_nbytes
+        return serde.ChunkHeader.unpack(head).payload_nbytes
     except serde.CorruptChunkError:
-        return len(head)
+        return None

@@ -134,7 +134,7 @@ class S3Tier(NetworkTier):
             return [None] * len(keys)
         out: list[Chunk | None] = []
         for k, blob in zip(keys, blobs):
-            c = None if blob is None else self._decode(k, blob)
+            c = None if blob is None else self._decode_blob(k, blob)
             if blob is not None and c is None:
                 self.remove(k)
             out.append(c)
@@ -178,7 +178,7 @@ class S3Tier(NetworkTier):
         if not pairs:
             return []
 
-        blobs = [(k, self._encode(k, c)) for k, c in pairs]  # bad input raises here, before any I/O
+        blobs = [(k, _join(*self._encode(k, c))) for k, c in pairs]  # bad input raises here, before any I/O
 
         def upload(kb: tuple[bytes, bytes | bytearray]) -> int:
             self._s3.upload_fileobj(io.BytesIO(kb[1]), self.bucket, self._ok(kb[0]), Config=self._transfer)
@@ -209,3 +209,9 @@ class S3Tier(NetworkTier):
         super().close()
         self._pool.shutdown(wait=True)
         self._s3.close()
+
+
+def _join(header: bytes, payload: bytes | bytearray | memoryview) -> bytearray:
+    blob = bytearray(header)
+    blob += payload
+    return blob
