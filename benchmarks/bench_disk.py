@@ -86,6 +86,20 @@ def raw_read(paths: list[Path], buf: torch.Tensor | None) -> None:
         assert n == len(mv)
 
 
+def get_all(tier: DiskTier, keys: list[bytes]) -> None:
+    """Read every chunk, releasing each as a consumer does once it has copied it."""
+    for k in keys:
+        c = tier.get(k)
+        assert c is not None
+        c.release()
+
+
+def batched_get_all(tier: DiskTier, keys: list[bytes]) -> None:
+    for c in tier.batched_get(keys):
+        assert c is not None
+        c.release()
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -135,7 +149,7 @@ def disk_vs_raw(root: Path, n: int, rounds: int, io_threads: int) -> dict[str, l
             else:
                 drop_cache(tier_files())
                 resid.setdefault("tier", []).append(resident_bytes(tier_files()) or 0)
-                rec("read tier cold, get (new tensor)", timed(lambda: [tier.get(k) for k in keys]))
+                rec("read tier cold, get (recycled buffers)", timed(lambda: get_all(tier, keys)))
                 drop_cache(tier_files())
                 rec(
                     "read tier cold, get_into reused buffer",
@@ -144,13 +158,13 @@ def disk_vs_raw(root: Path, n: int, rounds: int, io_threads: int) -> dict[str, l
                 drop_cache(tier_files())
                 rec(
                     f"read tier cold, batched_get ({io_threads} threads)",
-                    timed(lambda: tier.batched_get(keys)),
+                    timed(lambda: batched_get_all(tier, keys)),
                 )
                 rec(
                     "read tier warm, get_into reused buffer",
                     timed(lambda: [tier.get_into(k, buf) for k in keys]),
                 )
-                rec("read tier warm, get (new tensor)", timed(lambda: [tier.get(k) for k in keys]))
+                rec("read tier warm, get (recycled buffers)", timed(lambda: get_all(tier, keys)))
         tier.close()
         shutil.rmtree(rawdir)
         shutil.rmtree(tierdir)
@@ -231,12 +245,17 @@ def main() -> None:
         for name, v in res.items():
             print(f"| {name} | {statistics.median(v):.2f} | {' '.join(f'{x:.2f}' for x in v)} |")
         med = {k: statistics.median(v) for k, v in res.items()}
-        print(f"\nratios: write page cache {med['write tier (page cache)'] / med['write raw (page cache)']:.2f}x, "
-              f"write durable {med['write tier + sync'] / med['write raw + fsync']:.2f}x, "
-              f"cold read get {med['read tier cold, get (new tensor)'] / med['read raw cold, new tensor each']:.2f}x "
-              f"(vs reused raw buffer {med['read tier cold, get (new tensor)'] / med['read raw cold, reused buffer']:.2f}x), "
-              f"cold get_into {med['read tier cold, get_into reused buffer'] / med['read raw cold, reused buffer']:.2f}x, "
-              f"warm get_into {med['read tier warm, get_into reused buffer'] / med['read raw warm, reused buffer']:.2f}x")  # fmt: skip
+        pairs = [
+            ("write, page cache", "write tier (page cache)", "write raw (page cache)"),
+            ("write + fsync", "write tier + sync", "write raw + fsync"),
+            ("cold read, get", "read tier cold, get (recycled buffers)", "read raw cold, reused buffer"),
+            ("cold read, get_into", "read tier cold, get_into reused buffer", "read raw cold, reused buffer"),
+            ("warm read, get", "read tier warm, get (recycled buffers)", "read raw warm, reused buffer"),
+            ("warm read, get_into", "read tier warm, get_into reused buffer", "read raw warm, reused buffer"),
+        ]
+        print("\n| tier / raw | ratio |\n|---|---|")
+        for label, tier_name, raw_name in pairs:
+            print(f"| {label} | {med[tier_name] / med[raw_name]:.2f}x |")
         pf = prefetch_vs_cpu(root, args.prefetch_chunks, args.rounds)
         print(f"\n{args.prefetch_chunks} chunks ({args.prefetch_chunks * 32} MiB) per retrieve:")
         print("| step | ms (median) | all rounds |\n|---|---|---|")

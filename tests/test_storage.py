@@ -307,3 +307,16 @@ def test_per_tier_metrics_reach_prometheus(tmp_path: Path) -> None:
     assert 'kvtier_tier_written_bytes_total{tier="disk"} 8192.0' in text
     assert 'kvtier_tier_queue_depth{tier="disk"} 0.0' in text
     assert 'kvtier_tier_put_seconds_total{tier="disk"}' in text
+
+
+def test_prefetch_past_a_corrupt_chunk_loads_the_prefix_and_frees_buffers(tmp_path: Path) -> None:
+    m = _manager(tmp_path)
+    disk = m.tiers[1]
+    assert isinstance(disk, DiskTier)
+    for i in range(4):
+        disk.put(_key(i), _chunk(i))
+    (tmp_path / "disk" / "01" / f"{_key(1).hex()}.kvc").unlink()  # behind the tier's back
+    assert m.prefetch([_key(i) for i in range(4)]).result(30) == 1
+    assert m.tiers[0].contains(_key(0)) and not m.tiers[0].contains(_key(2))
+    assert disk._buffers is not None and disk._buffers.used_bytes == 0  # every read buffer given back
+    m.close()

@@ -6,7 +6,9 @@
 * ``put`` writes the top tier synchronously. Lower tiers are written asynchronously, each by its
   own worker thread from its own bounded queue (a slow remote never holds up the disk):
   ``write_through`` (default) queues every put; ``write_back`` writes lower tiers only when the
-  top tier evicts a chunk (``CPUTier.on_evict_chunk``) and, at ``close()``, what is left in it.
+  top tier evicts a chunk (``CPUTier.on_evict_chunk``) and, at ``close()``, what is left in it. The eviction hook runs
+  under the CPU tier's lock and copies the chunk there; with a full queue it waits (see below)
+  while holding that lock, which is the backpressure write-back puts on stores.
 * ``prefetch(keys)`` loads the cached prefix of ``keys`` from slower tiers into the top tier in
   the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
 * ``flush(timeout_s)`` waits for the queues and makes lower tiers durable (``DiskTier.sync``).
@@ -53,7 +55,11 @@ SOFT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, Timeou
 """Run-time failures of a tier that degrade to a miss (``ConnectionError``/``TimeoutError`` are
 ``OSError`` subclasses; listed for the reader)."""
 
-PREFETCH_BATCH = 8  # keys per batched_get: enough reads in flight, and early chunks land early
+PREFETCH_BATCH = 4  # keys per batched_get: enough reads in flight, and early chunks land early
+PREFETCH_WAIT_S = 10.0
+"""How long a ``get`` waits for a prefetch already loading its key. Reading the key itself
+instead would queue behind the prefetch on the same slow tier and double its traffic, so the
+wait is generous; it is bounded so a hung tier cannot hold a request forever."""
 
 
 @dataclass
@@ -142,7 +148,7 @@ class TierManager:
         """The chunk from the fastest tier that has it (promoted to the top), or ``None``."""
         ev = self._inflight.get(key)
         if ev is not None:  # a prefetch is loading it into the top tier: wait rather than read twice
-            ev.wait(self.config.queue_timeout_s)
+            ev.wait(PREFETCH_WAIT_S)
         for i in range(len(self.tiers)):
             c = self._get_from(i, key)
             if c is not None:
@@ -166,8 +172,9 @@ class TierManager:
 
     def _promote(self, i: int, key: bytes, c: Chunk) -> bool:
         if self._put_to(0, key, c):
-            with self._cv:
-                self._clean.add(key)
+            if self._write_back:  # only write-back asks "is it already below?" (on eviction)
+                with self._cv:
+                    self._clean.add(key)
             with self._io[i].lock:
                 self._io[i].promotions += 1
             return True
@@ -302,14 +309,18 @@ class TierManager:
         loaded = 0
         try:
             todo = [k for k in keys[: self.prefix_lookup(keys)] if k in events]
+            hole = False
             for b in range(0, len(todo), PREFETCH_BATCH):
                 batch = todo[b : b + PREFETCH_BATCH]
                 for key, (src, c) in zip(batch, self._fetch_lower(batch)):
+                    hole = hole or c is None  # a hole (evicted/corrupt meanwhile) ends the prefix
                     if c is None:
-                        return loaded  # a hole (evicted/corrupt meanwhile) ends the prefix
-                    with c:
-                        loaded += self._promote(src, key, c)
+                        continue
+                    with c:  # released even past a hole: it may be a tier's recycled buffer
+                        loaded += 0 if hole else self._promote(src, key, c)
                     events[key].set()
+                if hole:
+                    break
             return loaded
         finally:
             self._finish_prefetch(events)
@@ -400,6 +411,10 @@ class TierManager:
         if self._closed:
             return
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        with self._cv:  # prefetches cancelled before they ran: wake anyone waiting on their keys
+            for ev in self._inflight.values():
+                ev.set()
+            self._inflight.clear()
         if self._write_back:
             self._write_back_all()
         self._closed = True
