@@ -42,7 +42,7 @@ def llm(tiny_model: Path, redis_url: str | None) -> Iterator[Any]:
     del llm
 
 
-def stats() -> dict[str, int]:
+def stats() -> dict[str, float]:
     return connector_stats(ENGINE_ID)
 
 
@@ -134,3 +134,17 @@ def test_kv_stored_by_another_process_is_loaded(llm: Any, tiny_model: Path, redi
     assert s1["loaded_tokens"] - s0["loaded_tokens"] == 512
     ref = llm_util.greedy(llm, [[*p, 6, 7]], skip_cache=True)[0]
     assert_same_generation(got, ref)
+
+
+@pytest.mark.slow
+def test_multiprocess_executor_finds_worker_chunks(tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM's default executor: the worker reports stored keys, the scheduler's mirror finds them."""
+    script = Path(__file__).parent / "mp_process.py"
+    res = subprocess.run([sys.executable, str(script), str(tiny_model), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["first"]["cached"] == 0
+    assert out["hit"]["cached"] == 512  # after vLLM's prefix cache was reset: all from kvtier
+    assert out["ref"]["cached"] == 0
+    assert out["hit"]["tokens"] == out["ref"]["tokens"]

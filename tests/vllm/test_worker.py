@@ -50,6 +50,26 @@ def test_cpu_gather_matches_documented_layout_and_scatter_round_trips() -> None:
     assert fresh[0].abs().sum() == 0  # untouched blocks stay untouched
 
 
+def test_whole_block_path_matches_per_token_path() -> None:
+    (t,) = cpu_cache(5)[:1]
+    lay = detect(t, num_kv_heads=H, head_dim=D, block_size=BS)
+    idx = token_index([7, 3, 9], 16, 16, 64, BS, torch.device("cpu"))
+    assert idx.whole_blocks is not None and idx.rows(16, 32).whole_blocks is not None
+    assert idx.rows(8, 32).whole_blocks is None
+    fast, slow = torch.empty((2, 48, H, D)), torch.empty((2, 48, H, D))
+    gather_layer(lay, t, idx, fast)
+    per_token = type(idx)(idx.blocks, idx.offsets, BS)
+    gather_layer(lay, t, per_token, slow)
+    assert torch.equal(fast, slow)
+    for i, tok in enumerate(range(16, 64)):
+        k, v = ref_kv(t, [7, 3, 9][tok // BS - 1] * BS + tok % BS)
+        assert torch.equal(fast[0, i], k) and torch.equal(fast[1, i], v)
+    a, b = torch.zeros_like(t), torch.zeros_like(t)
+    scatter_layer(lay, a, idx, fast)
+    scatter_layer(lay, b, per_token, fast)
+    assert torch.equal(a, b)
+
+
 def test_unknown_layout_is_refused_clearly() -> None:
     with pytest.raises(LayoutError, match="does not support KV tensors of shape"):
         detect(torch.zeros(4, 4), num_kv_heads=H, head_dim=D, block_size=BS)

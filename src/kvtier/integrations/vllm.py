@@ -29,20 +29,29 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvtier.config import Config, ConfigError
-from kvtier.engine import CacheEngine, dtype_name
+from kvtier.engine import dtype_name
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout, LayoutError
 
 from .vllm_paged import detect, probe_cpu_layout
 from .vllm_plan import Planner, TransferSpec
-from .vllm_worker import ConnectorStats, WorkerSide
+from .vllm_shared import (
+    config_from_extra,
+    connector_stats,
+    find_engine,
+    local_engine,
+    release,
+    scheduler_engine,
+    shared_engine,
+)
+from .vllm_worker import WorkerSide
+
+__all__ = ["KVTierConnector", "check_vllm_version", "config_from_extra", "connector_stats", "find_engine"]
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 """vLLM versions this connector is written against: ``>= 0.32, < 0.33``."""
@@ -52,6 +61,7 @@ try:
         KVConnectorBase_V1,
         KVConnectorMetadata,
         KVConnectorRole,
+        KVConnectorWorkerMetadata,
     )
 
     import vllm
@@ -88,70 +98,6 @@ def check_vllm_version(version: str) -> None:
 check_vllm_version(vllm.__version__)
 
 
-def config_from_extra(extra: dict[str, Any]) -> Config:
-    """A kvtier Config from ``kv_connector_extra_config`` (file + ``kvtier.section.field`` overrides)."""
-    bad = sorted(k for k in extra if not k.startswith("kvtier."))
-    if bad:
-        raise ConfigError(
-            f"kv_connector_extra_config: unknown keys {bad}; use 'kvtier.config_file' or 'kvtier.<section>.<field>'"
-        )
-    path = extra.get("kvtier.config_file")
-    overrides = {k.removeprefix("kvtier."): v for k, v in extra.items() if k != "kvtier.config_file"}
-    return Config.load(path, **overrides)
-
-
-# -- engines shared by the two roles of one vLLM instance in one process --------------------------
-@dataclass
-class Shared:
-    engine: CacheEngine
-    stats: ConnectorStats = field(default_factory=ConnectorStats)
-    users: int = 0
-
-
-_SHARED: dict[tuple[str, bytes], Shared] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_engine(instance: str, config: Config, ns: Namespace) -> Shared:
-    """The CacheEngine of (vLLM instance, namespace) in this process, built on first use."""
-    key = (instance, ns.digest())
-    with _SHARED_LOCK:
-        sh = _SHARED.get(key)
-        if sh is None:
-            sh = _SHARED[key] = Shared(CacheEngine(config, namespace=ns))
-        sh.users += 1
-        return sh
-
-
-def _release(instance: str, ns: Namespace) -> None:
-    key = (instance, ns.digest())
-    with _SHARED_LOCK:
-        sh = _SHARED.get(key)
-        if sh is None:
-            return
-        sh.users -= 1
-        if sh.users <= 0:
-            del _SHARED[key]
-            sh.engine.close()
-
-
-def connector_stats(instance: str) -> dict[str, int]:
-    """Counters of the connector(s) of vLLM instance ``instance`` (its ``engine_id``) in this process."""
-    with _SHARED_LOCK:
-        out: dict[str, int] = {}
-        for (inst, _), sh in _SHARED.items():
-            if inst == instance:
-                for k, v in sh.stats.to_dict().items():
-                    out[k] = out.get(k, 0) + v
-        return out
-
-
-def find_engine(instance: str) -> CacheEngine | None:
-    """The shared CacheEngine of ``instance`` in this process (tests and tools)."""
-    with _SHARED_LOCK:
-        return next((sh.engine for (inst, _), sh in _SHARED.items() if inst == instance), None)
-
-
 # -- the connector --------------------------------------------------------------------------------
 @dataclass
 class KVTierMetadata(KVConnectorMetadata):
@@ -159,6 +105,17 @@ class KVTierMetadata(KVConnectorMetadata):
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
+
+
+@dataclass
+class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, when they are different processes: the chunk digests stored."""
+
+    keys: list[bytes] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        more = other.keys if isinstance(other, KVTierWorkerMetadata) else []
+        return KVTierWorkerMetadata(self.keys + more)
 
 
 class KVTierConnector(KVConnectorBase_V1):
@@ -197,9 +154,27 @@ class KVTierConnector(KVConnectorBase_V1):
             tp_size=par.tensor_parallel_size,
             cache_salt=m.cache_salt,
         )
-        self._shared = shared_engine(self._instance, self._config, self._ns)
+        backend = par.distributed_executor_backend
+        # Workers in other processes than the scheduler: vLLM's "mp"/"ray" executors, or TP/PP.
+        self._split = backend not in (None, "uni", "external_launcher") or par.world_size > 1
+        if not self._split:
+            self._share_role = "both"
+            self._shared = shared_engine(
+                self._instance, "both", self._ns, lambda: local_engine(self._config, self._ns)
+            )
+        elif role == KVConnectorRole.SCHEDULER:
+            self._share_role = "scheduler"
+            self._shared = shared_engine(self._instance, "scheduler", self._ns,
+                                         lambda: scheduler_engine(self._config, self._ns))  # fmt: skip
+        else:
+            self._share_role = "worker"
+            self._shared = shared_engine(
+                self._instance, "worker", self._ns, lambda: local_engine(self._config, self._ns)
+            )
         self._engine = self._shared.engine
         self.stats = self._shared.stats
+        self._report_keys = self._split and role == KVConnectorRole.WORKER and tp_rank == 0
+        self._startup_keys_sent = False
         if role == KVConnectorRole.SCHEDULER:
             if ktc.kv_load_failure_policy != "recompute":
                 # kvtier is a cache: a chunk that cannot be read is a miss, never a failed request.
@@ -209,14 +184,10 @@ class KVTierConnector(KVConnectorBase_V1):
                 ktc.kv_load_failure_policy = "recompute"
             self._planner = Planner(self._lookup, block_size=self.block_size,
                                     chunk_tokens=self._engine.chunk_tokens)  # fmt: skip
-            backend = par.distributed_executor_backend
-            if (backend not in (None, "uni") or par.world_size > 1) and not self._config.remote.url:
-                log.warning(
-                    "kvtier: vLLM runs its workers in other processes (executor %r) and no shared tier "
-                    "(remote.url) is configured: the scheduler cannot see what the workers store, so "
-                    "nothing will be loaded. Set kvtier.remote.url, or VLLM_ENABLE_V1_MULTIPROCESSING=0.",
-                    backend,
-                )
+            if self._split:
+                log.info("kvtier: vLLM workers run in other processes (executor %r): the scheduler "
+                         "finds chunks through the keys the workers report%s", backend,
+                         " and the remote tier" if self._config.remote.url else "")  # fmt: skip
         self._worker: WorkerSide | None = None
         self._caches: list[torch.Tensor] = []
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
@@ -259,6 +230,11 @@ class KVTierConnector(KVConnectorBase_V1):
                               c.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))  # fmt: skip
         loads, saves = p.take_specs(list(so.num_scheduled_tokens))
         return KVTierMetadata(loads, saves)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVTierWorkerMetadata) and self._shared.mirror is not None:
+            self._shared.mirror.add(meta.keys)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy KV out of the blocks inside the step that computed it, so by the time a
@@ -335,6 +311,18 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._report_keys or self._worker is None:
+            return None
+        keys = self._worker.take_new_keys()
+        if not self._startup_keys_sent:  # what persistent tiers (disk) held before this process
+            self._startup_keys_sent = True
+            for tier in self._engine.storage.tiers:
+                list_keys = getattr(tier, "keys", None)
+                if callable(list_keys):
+                    keys = list(list_keys()) + keys
+        return KVTierWorkerMetadata(keys) if keys else None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_errors() if self._worker is not None else set()
 
@@ -342,7 +330,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._worker is not None:
             self._worker.release_loads()
         self._engine.flush(timeout_s=10.0)
-        _release(self._instance, self._ns)
+        release(self._instance, self._share_role, self._ns)
 
 
 def _sorted_layers(names: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ the step, so the blocks can be freed as soon as the request finishes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,8 +50,12 @@ class ConnectorStats:
     saved_tokens: int = 0
     skipped_tokens: int = 0
     store_failures: int = 0
+    load_s: float = 0.0
+    """Seconds spent fetching chunks and writing them into vLLM's blocks."""
+    save_s: float = 0.0
+    """Seconds spent copying KV out of vLLM's blocks and putting it into the tiers."""
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, float]:
         return dict(vars(self))
 
 
@@ -81,15 +86,19 @@ class WorkerSide:
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
         self._errors: set[int] = set()
+        self.new_keys: list[bytes] = []
+        """Digests stored since the last ``take_new_keys`` (reported to a scheduler in another process)."""
 
     # -- loads ----------------------------------------------------------------------------------
     def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+        t0 = time.perf_counter()
         self.release_loads()
         for spec in specs:
             self.stats.load_requests += 1
             load = self._plan_load(spec, device)
             if load is not None:
                 self._loads.append(load)
+        self.stats.load_s += time.perf_counter() - t0
 
     def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
         arr = tokens_to_array(spec.tokens)
@@ -144,16 +153,17 @@ class WorkerSide:
         """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
         if layer in self._loaded_layers or not self._loads:
             return
+        t0 = time.perf_counter()
         for ld in self._loads:
             row = 0
             for c, a, b in ld.pieces:
                 n = b - a
-                sub = TokenIndex(ld.idx.blocks[row : row + n], ld.idx.offsets[row : row + n])
-                scatter_layer(self.layout, entry, sub, c.kv[layer, :, a:b])
+                scatter_layer(self.layout, entry, ld.idx.rows(row, row + n), c.kv[layer, :, a:b])
                 row += n
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             self.release_loads()
+        self.stats.load_s += time.perf_counter() - t0
 
     def pending_load_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in self._loaded_layers] if self._loads else []
@@ -165,12 +175,17 @@ class WorkerSide:
         self._loads = []
         self._loaded_layers = set()
 
+    def take_new_keys(self) -> list[bytes]:
+        out, self.new_keys = self.new_keys, []
+        return out
+
     def take_errors(self) -> set[int]:
         out, self._errors = self._errors, set()
         return out
 
     # -- saves ----------------------------------------------------------------------------------
     def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+        t0 = time.perf_counter()
         self._saves = []
         for spec in specs:
             start = self._first_missing(spec)
@@ -182,6 +197,7 @@ class WorkerSide:
                               pin_memory=device.type == "cuda")  # fmt: skip
             idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
             self._saves.append(_Save(spec, start, idx, buf))
+        self.stats.save_s += time.perf_counter() - t0
 
     def _first_missing(self, spec: TransferSpec) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
@@ -192,12 +208,19 @@ class WorkerSide:
         return keys[n].start if n < len(keys) else spec.end
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
+        if not self._saves:
+            return
+        t0 = time.perf_counter()
         for sv in self._saves:
             if layer not in sv.done:
                 gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
                 sv.done.add(layer)
+        self.stats.save_s += time.perf_counter() - t0
 
     def finish_saves(self, device: torch.device) -> None:
+        if not self._saves:
+            return
+        t0 = time.perf_counter()
         if device.type == "cuda" and self._saves:
             torch.cuda.current_stream(device).synchronize()
         for sv in self._saves:
@@ -206,21 +229,26 @@ class WorkerSide:
                             sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
                 continue
             self.stats.save_requests += 1
-            stored, failed = store_range(self.engine, sv.spec.tokens[: sv.spec.end], sv.start, sv.buf)
+            stored, failed, keys = store_range(self.engine, sv.spec.tokens[: sv.spec.end], sv.start, sv.buf)
+            self.new_keys.extend(keys)
             self.stats.saved_tokens += stored
             self.stats.store_failures += failed
         self._saves = []
+        self.stats.save_s += time.perf_counter() - t0
 
 
-def store_range(engine: CacheEngine, tokens: Sequence[int], start: int, kv: torch.Tensor) -> tuple[int, int]:
+def store_range(engine: CacheEngine, tokens: Sequence[int], start: int,
+                kv: torch.Tensor) -> tuple[int, int, list[bytes]]:  # fmt: skip
     """Put the full chunks of ``tokens`` from ``start`` on (``kv`` holds ``[start, len(tokens))``).
 
-    ``start`` and ``len(tokens)`` are chunk boundaries. Returns (tokens stored, chunks failed).
+    ``start`` and ``len(tokens)`` are chunk boundaries. Returns (tokens stored, chunks failed,
+    digests stored).
     """
     arr = tokens_to_array(tokens)
     ns = engine.namespace
     assert ns is not None
     stored = failed = 0
+    keys: list[bytes] = []
     for k in engine.keys(arr):
         if k.start < start:
             continue
@@ -228,9 +256,10 @@ def store_range(engine: CacheEngine, tokens: Sequence[int], start: int, kv: torc
         fp = fingerprint(arr[k.start : k.end], tuple(part.shape), ns.kv_dtype)
         if engine.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
             stored += k.num_tokens
+            keys.append(k.digest)
         else:
             failed += 1
-    return stored, failed
+    return stored, failed, keys
 
 
 def _trim(pieces: list[tuple[Chunk, int, int]], n: int) -> list[tuple[Chunk, int, int]]:

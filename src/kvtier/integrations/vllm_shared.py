@@ -1,0 +1,122 @@
+"""The CacheEngine(s) behind the vLLM connector, per process; its config from vLLM's extra config.
+
+vLLM builds the connector twice (scheduler role, worker role). When both run in one process
+(vLLM's ``uni`` executor) they must see one cache, so engines are shared per (vLLM instance,
+namespace) through ``shared_engine``. When the workers run in other processes, the scheduler gets
+an engine of its own that reads only what it can reach: a ``MirrorTier`` of the keys the workers
+report, plus the remote tier (``remote.url``) if one is configured. Local tiers (CPU memory, the
+disk directory, which one process locks) belong to the worker.
+
+No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.config import Config, ConfigError
+from kvtier.engine import CacheEngine, dtype_from_name
+from kvtier.keys import Namespace
+from kvtier.tiers.base import Tier
+from kvtier.tiers.factory import build_remote_tier
+
+from .vllm_mirror import MirrorTier
+from .vllm_worker import ConnectorStats
+
+
+def config_from_extra(extra: dict[str, Any]) -> Config:
+    """A kvtier Config from ``kv_connector_extra_config`` (file + ``kvtier.section.field`` overrides)."""
+    bad = sorted(k for k in extra if not k.startswith("kvtier."))
+    if bad:
+        raise ConfigError(
+            f"kv_connector_extra_config: unknown keys {bad}; use 'kvtier.config_file' or 'kvtier.<section>.<field>'"
+        )
+    path = extra.get("kvtier.config_file")
+    overrides = {k.removeprefix("kvtier."): v for k, v in extra.items() if k != "kvtier.config_file"}
+    return Config.load(path, **overrides)
+
+
+@dataclass
+class Shared:
+    engine: CacheEngine
+    stats: ConnectorStats = field(default_factory=ConnectorStats)
+    mirror: MirrorTier | None = None
+    users: int = 0
+
+
+_SHARED: dict[tuple[str, bytes, str], Shared] = {}
+_LOCK = threading.Lock()
+
+
+def shared_engine(instance: str, role: str, ns: Namespace, build: Callable[[], Shared]) -> Shared:
+    """The engine of (vLLM instance, namespace, ``role``) in this process, built on first use.
+
+    ``role`` is ``"both"`` for an engine the scheduler and worker share, else the role's name.
+    """
+    key = (instance, ns.digest(), role)
+    with _LOCK:
+        sh = _SHARED.get(key)
+        if sh is None:
+            sh = _SHARED[key] = build()
+        sh.users += 1
+        return sh
+
+
+def release(instance: str, role: str, ns: Namespace) -> None:
+    key = (instance, ns.digest(), role)
+    with _LOCK:
+        sh = _SHARED.get(key)
+        if sh is None:
+            return
+        sh.users -= 1
+        if sh.users <= 0:
+            del _SHARED[key]
+            sh.engine.close()
+
+
+def connector_stats(instance: str) -> dict[str, float]:
+    """Counters of the connector(s) of vLLM instance ``instance`` (its ``engine_id``) in this process."""
+    with _LOCK:
+        out: dict[str, float] = {}
+        for (inst, _, _), sh in _SHARED.items():
+            if inst == instance:
+                for k, v in sh.stats.to_dict().items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+
+def find_engine(instance: str) -> CacheEngine | None:
+    """The CacheEngine holding ``instance``'s KV in this process (tests and tools); None if none."""
+    with _LOCK:
+        found = [(r, sh.engine) for (inst, _, r), sh in _SHARED.items() if inst == instance]
+    return next((e for r, e in found if r != "scheduler"), None)
+
+
+def local_engine(config: Config, ns: Namespace) -> Shared:
+    """An engine over the configured tiers (the worker's, or both roles' in one process)."""
+    return Shared(CacheEngine(config, namespace=ns))
+
+
+def scheduler_engine(config: Config, ns: Namespace) -> Shared:
+    """The scheduler's engine when workers are other processes: a key mirror (+ the remote tier)."""
+    mirror = MirrorTier(mirror_capacity(config, ns))
+    tiers: list[Tier] = [mirror]
+    if config.remote.url:
+        tiers.append(build_remote_tier(config.remote))
+    sched_cfg = dataclasses.replace(config, cpu=dataclasses.replace(config.cpu, enabled=False))
+    return Shared(CacheEngine(sched_cfg, namespace=ns, tiers=tiers), mirror=mirror)
+
+
+def mirror_capacity(config: Config, ns: Namespace) -> int:
+    """About how many chunks the workers' local tiers hold (the mirror forgets beyond that)."""
+    layers, heads, dim = ns.kv_shape
+    elem = dtype_from_name(ns.kv_dtype).itemsize
+    chunk_bytes = layers * 2 * config.chunk.chunk_tokens * heads * dim * elem
+    local = (config.cpu.max_bytes if config.cpu.enabled else 0) + (
+        config.disk.max_disk_bytes if config.disk.enabled else 0
+    )
+    return max(1024, local // max(chunk_bytes, 1))
