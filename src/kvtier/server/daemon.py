@@ -2,7 +2,8 @@
 
 One asyncio loop accepts connections and reads frames; request handlers run on a small thread
 pool (tier work — copies, disk reads — must not stall other clients' frames), one request at a
-time per connection. The HTTP face (``server/http.py``) runs in its own thread.
+time per connection. With the CPU tier alone, every request but a socket ``Put`` is pure
+bookkeeping (shared-memory clients copy the bytes themselves) and runs on the loop directly. The HTTP face (``server/http.py``) runs in its own thread.
 
 Robustness, by construction:
 * a frame is size-checked from its 12-byte prefix before its body is read; before the
@@ -39,6 +40,11 @@ from kvtier.server import protocol as P
 from kvtier.server.service import CacheService, Reply, Session
 
 log = logging.getLogger(__name__)
+
+
+READ_LIMIT = 8 << 20
+"""StreamReader buffer limit: large payloads are read in big gulps instead of pausing the
+transport every 2 MiB (the frame's own size limit is checked from its prefix, not by this)."""
 
 
 class ServerSetupError(ValueError):
@@ -88,6 +94,8 @@ class Daemon:
         self.body_timeout_s = body_timeout_s
         self.server_id = secrets.token_hex(8)
         self.service = CacheService(config, shm_dir=shm_dir, max_payload_bytes=max_payload_bytes)
+        self._memory_only = len(self.service.manager.tiers) == 1
+        """Only the shared CPU tier: no request but a socket ``Put`` copies or waits on I/O."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-srv")
         self._conns: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Event | None = None
@@ -112,7 +120,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         sc = self.config.server
-        server = await asyncio.start_server(self._on_connect, sc.host, sc.port, limit=1 << 20)
+        server = await asyncio.start_server(self._on_connect, sc.host, sc.port, limit=READ_LIMIT)
         self.port = server.sockets[0].getsockname()[1]
         http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
         self.http_port = http.port
@@ -185,12 +193,12 @@ class Daemon:
             self._conns.discard(task)
 
     async def _read_frame(self, reader: asyncio.StreamReader, *, max_header: int, max_payload: int,
-                          first_timeout: float | None) -> tuple[P.Message, bytearray | None]:  # fmt: skip
+                          first_timeout: float | None) -> tuple[P.Message, bytes | None]:  # fmt: skip
         prefix = await asyncio.wait_for(reader.readexactly(P.PREFIX.size), first_timeout)
         hlen, plen = P.parse_prefix(prefix, max_header=max_header, max_payload=max_payload)
         timeout = self.body_timeout_s + plen / 50e6
         header = await asyncio.wait_for(reader.readexactly(hlen), timeout)
-        payload = bytearray(await asyncio.wait_for(reader.readexactly(plen), timeout)) if plen else None
+        payload = await asyncio.wait_for(reader.readexactly(plen), timeout) if plen else None
         return P.decode_header(header), payload
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session | None:
@@ -223,14 +231,18 @@ class Daemon:
             if isinstance(msg, P.Release):
                 self.service.release(s, msg.leases)
                 continue
-            # shielded: a shutdown lets the request finish and its reply go out
-            fut = loop.run_in_executor(self._pool, self._handle, s, msg, payload)
-            try:
-                reply, parts, after = await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                for cb in (await fut)[2]:  # let it finish: end_session must see all it took
-                    cb()
-                raise
+            if self._memory_only and not isinstance(msg, P.Put):
+                # bookkeeping only (pins, leases, allocations): faster on the loop than a thread hop
+                reply, parts, after = self._handle(s, msg, payload)
+            else:
+                # shielded: a shutdown lets the request finish and its reply go out
+                fut = loop.run_in_executor(self._pool, self._handle, s, msg, payload)
+                try:
+                    reply, parts, after = await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    for cb in (await fut)[2]:  # let it finish: end_session must see all it took
+                        cb()
+                    raise
             try:
                 writer.write(P.encode_frame(reply, sum(p.nbytes for p in parts)))
                 for part in parts:
@@ -240,7 +252,7 @@ class Daemon:
                 for cb in after:
                     cb()
 
-    def _handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
+    def _handle(self, s: Session, msg: P.Message, payload: bytes | None) -> Reply:
         try:
             return self.service.handle(s, msg, payload)
         except P.ProtocolError as e:

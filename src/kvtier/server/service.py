@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtier.config import Config
@@ -153,7 +154,7 @@ class CacheService:
                     self.counters.reservations_reaped += 1
 
     # -- dispatch ---------------------------------------------------------------------------------
-    def handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
+    def handle(self, s: Session, msg: P.Message, payload: bytes | bytearray | None) -> Reply:
         """Answer one request; raises ``ProtocolError`` for a request that is invalid."""
         c = self.counters
         c.requests += 1
@@ -172,7 +173,7 @@ class CacheService:
         if isinstance(msg, P.Commit):
             return self._commit(s, msg), [], []
         if isinstance(msg, P.Put):
-            return self._put(msg, payload or bytearray()), [], []
+            return self._put(msg, payload or b""), [], []
         if isinstance(msg, P.Remove):
             return P.Count(sum(self.manager.remove(k) for k in msg.keys)), [], []
         if isinstance(msg, P.Clear):
@@ -261,22 +262,21 @@ class CacheService:
             self.counters.shm_bytes_in += held[0].obj.nbytes
         return P.Bools(out)
 
-    def _put(self, msg: P.Put, payload: bytearray) -> P.Bools:
+    def _put(self, msg: P.Put, payload: bytes | bytearray) -> P.Bools:
         sizes = [P.check_meta(it.meta, self.max_payload_bytes) for it in msg.items]
         for it, n in zip(msg.items, sizes):
             if it.payload_offset + n > len(payload):
                 raise P.ProtocolError(
                     f"item at payload offset {it.payload_offset} of {n} bytes overruns the {len(payload)}-byte payload"
                 )
-        src = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
+        src = np.frombuffer(payload, dtype=np.uint8)  # read-only view, no copy
         out = []
         for it, n in zip(msg.items, sizes):
             r = self._new_reservation(it)
             if isinstance(r, bool):
                 out.append(r)
                 continue
-            assert src is not None
-            as_bytes(r.obj.tensor).copy_(src[it.payload_offset : it.payload_offset + n])
+            np.copyto(as_bytes(r.obj.tensor).numpy(), src[it.payload_offset : it.payload_offset + n])
             out.append(self._publish(r))
             self.counters.socket_bytes_in += n
         return P.Bools(out)

@@ -67,7 +67,9 @@ class SharedSegment:
         """The arena as a uint8 tensor; offsets in the protocol are relative to it."""
 
     @classmethod
-    def create(cls, directory: str | os.PathLike[str], arena_bytes: int) -> SharedSegment:
+    def create(
+        cls, directory: str | os.PathLike[str], arena_bytes: int, *, prefault: bool = True
+    ) -> SharedSegment:
         """A fresh segment named after this pid; sparse until written (tmpfs allocates on touch)."""
         nonce = secrets.token_bytes(16)
         path = Path(directory) / f"kvtier-pool-{os.getpid()}-{secrets.token_hex(8)}"
@@ -75,7 +77,10 @@ class SharedSegment:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
+            # MAP_POPULATE: fault every page in now (tmpfs first-touch faults cost more than the
+            # copy itself and would land on the first requests); RSS is the capacity from the start
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
+            mm = mmap.mmap(fd, size, flags=flags)
         except OSError:
             os.unlink(path)
             raise
