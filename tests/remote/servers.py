@@ -24,10 +24,16 @@ REDIS_CLI = shutil.which("redis-cli")
 NO_REDIS_REASON = "redis-server/redis-cli not installed (apt-get install redis-server redis-tools)"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(max_port: int = 55535) -> int:
+    """A free loopback port below ``max_port``: a cluster node also listens on port + 10000 (its
+    bus), which must stay a valid port, so ephemeral ports above 55535 are passed over."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < max_port:
+            return port
+    raise RuntimeError(f"no free loopback port below {max_port} after 200 tries")
 
 
 def _wait_ping(port: int, timeout_s: float = 30.0, password: str | None = None,
