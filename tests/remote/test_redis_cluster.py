@@ -31,3 +31,20 @@ def test_cluster_round_trip_spreads_keys(redis_cluster: servers.RedisCluster) ->
     assert tier.remove(chunks[1][0]) and tier.get(chunks[1][0]) is None
     assert tier.stats().errors == 0
     tier.close()
+
+
+def test_unreachable_cluster_is_misses_not_errors() -> None:
+    port = servers.free_port()  # no cluster listens: the client cannot even learn the topology
+    tier = RedisTier(
+        f"redis+cluster://127.0.0.1:{port},127.0.0.1:{port + 1}", timeout_s=0.3, failure_threshold=2
+    )
+    c = Chunk(torch.zeros(1, 2, 1, 1, 1), b"", 1)
+    for _ in range(3):
+        assert (
+            tier.get(b"x" * 16) is None
+            and not tier.put(b"x" * 16, c)
+            and tier.prefix_contains([b"x" * 16]) == 0
+        )
+    s = tier.stats()
+    assert s.errors == 2 and s.misses == 3 and s.put_failures == 3
+    tier.close()

@@ -34,6 +34,8 @@ from urllib.parse import unquote
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import PythonRespSerializer
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kvtier import serde
@@ -44,6 +46,31 @@ log = logging.getLogger(__name__)
 
 _MAX_PIPELINE_BYTES = 64 * 1024**2  # flush a batched put's pipeline every ~64 MiB
 Encoded = tuple[bytes, "bytes | bytearray | memoryview"]
+
+
+class _PythonPacker:
+    """Always redis-py's pure-Python command packer: it sends a large (memoryview) argument as it
+    is, while the hiredis packer (used whenever hiredis is installed) first copies every
+    memoryview into new ``bytes`` — an extra allocation and copy of each KV payload. Replies are
+    still parsed by hiredis when it is there."""
+
+    _buffer_cutoff: int
+    encoder: Any
+
+    def _construct_command_packer(self, packer: Any) -> PythonRespSerializer:
+        return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+
+class _Connection(_PythonPacker, redis.Connection):
+    pass
+
+
+class _SSLConnection(_PythonPacker, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_PythonPacker, redis.UnixDomainSocketConnection):
+    pass
 
 
 @dataclass(frozen=True)
@@ -98,7 +125,7 @@ class RedisTier(NetworkTier):
             raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
                             f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
         self.target = parse_redis_url(url)
-        super().__init__("redis", url, serde_name=serde_name, failure_types=(redis.RedisError, OSError),
+        super().__init__("redis", url, serde_name=serde_name, failure_types=(redis.RedisError, RedisClusterException, OSError),
                          failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
                          clock=clock)  # fmt: skip
         self.key_prefix = key_prefix
@@ -110,6 +137,10 @@ class RedisTier(NetworkTier):
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),  # the breaker decides about retrying, not the client
+        )
+        base = self.target.url.partition("://")[0]
+        self._kw["connection_class"] = {"unix": _UnixConnection, "rediss": _SSLConnection}.get(
+            base, _Connection
         )
         self._max_connections = max_connections
         self._client: redis.Redis | RedisCluster | None = None
@@ -126,8 +157,10 @@ class RedisTier(NetworkTier):
                 kw = {k: v for k, v in self._kw.items() if v is not None}
                 if self.target.cluster:
                     nodes = [ClusterNode(h, p) for h, p in self.target.nodes]
-                    self._client = RedisCluster(startup_nodes=nodes, ssl=self.target.ssl,
-                                                max_connections=self._max_connections, **kw)  # fmt: skip
+                    h, p = self.target.nodes[0]  # url= makes node pools take connection_class
+                    self._client = RedisCluster(url=f"{'rediss' if self.target.ssl else 'redis'}://{h}:{p}",
+                                                startup_nodes=nodes, max_connections=self._max_connections,
+                                                **kw)  # fmt: skip
                 else:
                     self._client = redis.Redis.from_url(
                         self.target.url, max_connections=self._max_connections, **kw
