@@ -175,13 +175,13 @@ def disk_vs_raw(root: Path, n: int, rounds: int, io_threads: int) -> dict[str, l
     return res
 
 
-def prefetch_vs_cpu(root: Path, n: int, rounds: int) -> dict[str, list[float]]:
+def prefetch_vs_cpu(root: Path, n: int, rounds: int, device: str) -> dict[str, list[float]]:
     tokens = torch.randint(0, 128000, (256 * n,), generator=torch.Generator().manual_seed(1))
     kv = torch.randn((32, 2, 256 * n, 8, 128), generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     path = root / "engine"
 
     def engine(promote: bool = True) -> CacheEngine:
-        cfg = Config.load(env={}, chunk_tokens=256, cpu__max_bytes=f"{n * 33}MiB", cpu__pin_memory="no",
+        cfg = Config.load(env={}, chunk_tokens=256, cpu__max_bytes=f"{n * 33}MiB", cpu__pin_memory="auto",
                           disk__enabled=True, disk__path=str(path), disk__max_disk_bytes="8GiB",
                           storage__promote_on_hit=promote, model__model_id="bench", model__kv_dtype="bfloat16",
                           model__num_layers=32, model__num_kv_heads=8, model__head_dim=128)  # fmt: skip
@@ -199,8 +199,11 @@ def prefetch_vs_cpu(root: Path, n: int, rounds: int) -> dict[str, list[float]]:
     for _ in range(rounds):
         with engine(promote=False) as e:  # straight from disk, no promotion
             drop_cache(files)
-            rec("retrieve from disk, cold (no prefetch)", timed(lambda: e.retrieve(tokens)))
-            rec("retrieve from disk, page cache (no prefetch)", timed(lambda: e.retrieve(tokens)))
+            rec("retrieve from disk, cold (no prefetch)", timed(lambda: e.retrieve(tokens, device=device)))
+            rec(
+                "retrieve from disk, page cache (no prefetch)",
+                timed(lambda: e.retrieve(tokens, device=device)),
+            )
         with engine() as e:
             drop_cache(files)
             t_pf = timed(lambda: e.prefetch(tokens).result(120))
@@ -209,7 +212,7 @@ def prefetch_vs_cpu(root: Path, n: int, rounds: int) -> dict[str, list[float]]:
 
             def get() -> None:
                 nonlocal r
-                r = e.retrieve(tokens)
+                r = e.retrieve(tokens, device=device)
 
             rec("retrieve after prefetch", timed(get))
             assert r is not None and r.num_tokens == 256 * n
@@ -218,7 +221,7 @@ def prefetch_vs_cpu(root: Path, n: int, rounds: int) -> dict[str, list[float]]:
             drop_cache(files)
             rec(
                 "prefetch + immediate retrieve (overlapped total)",
-                timed(lambda: (e.prefetch(tokens), e.retrieve(tokens))),
+                timed(lambda: (e.prefetch(tokens), e.retrieve(tokens, device=device))),
             )
     return out
 
@@ -232,6 +235,7 @@ def main() -> None:
     ap.add_argument("--prefetch-chunks", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="where retrieve puts the KV (cpu, cuda)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n = max(1, args.total_mib // 32)
@@ -256,8 +260,10 @@ def main() -> None:
         print("\n| tier / raw | ratio |\n|---|---|")
         for label, tier_name, raw_name in pairs:
             print(f"| {label} | {med[tier_name] / med[raw_name]:.2f}x |")
-        pf = prefetch_vs_cpu(root, args.prefetch_chunks, args.rounds)
-        print(f"\n{args.prefetch_chunks} chunks ({args.prefetch_chunks * 32} MiB) per retrieve:")
+        pf = prefetch_vs_cpu(root, args.prefetch_chunks, args.rounds, args.device)
+        print(
+            f"\n{args.prefetch_chunks} chunks ({args.prefetch_chunks * 32} MiB) per retrieve, to {args.device}:"
+        )
         print("| step | ms (median) | all rounds |\n|---|---|---|")
         for name, v in pf.items():
             print(f"| {name} | {statistics.median(v):.1f} | {' '.join(f'{x:.1f}' for x in v)} |")

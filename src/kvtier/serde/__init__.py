@@ -25,8 +25,11 @@ from kvtier.serde.codec import CODECS, Codec, CodecError, codec_by_id, get_codec
 
 try:  # optional codecs (zstd, lz4); their module registers them on import
     importlib.import_module("kvtier.serde.compress")
-except ModuleNotFoundError as e:  # only "the module is not there" is tolerated, not its own bad imports
-    if e.name != "kvtier.serde.compress":
+except ModuleNotFoundError as e:
+    # tolerated: the module is absent, or a compression library of the optional ``compress``
+    # extra is not installed (raw still works; asking for zstd/lz4 then names the extra).
+    # A missing kvtier module is a bug and is raised.
+    if (e.name or "").startswith("kvtier.") and e.name != "kvtier.serde.compress":
         raise
 
 __all__ = [

@@ -78,7 +78,8 @@ def get_codec(name: str) -> Codec:
     try:
         return CODECS[name]
     except KeyError:
-        raise CodecError(f"unknown codec {name!r}; known: {sorted(CODECS)}") from None
+        hint = " (install the 'compress' extra: zstandard, lz4)" if name in ("zstd", "lz4") else ""
+        raise CodecError(f"unknown codec {name!r}; known: {sorted(CODECS)}{hint}") from None
 
 
 def codec_by_id(codec_id: int) -> Codec | None:
