@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,11 @@ class DaemonStartError(RuntimeError):
 
 
 class DaemonProcess:
-    """``kvtier server ARGS...`` as a child process; ``--port``/``--http-port`` default to 0."""
+    """``kvtier server ARGS...`` as a child process; ``--port``/``--http-port`` default to 0.
+
+    ``env`` is the child's whole environment (default: this process's); note the daemon reads
+    ``KVTIER_*`` variables as configuration and rejects unknown ones.
+    """
 
     def __init__(self, *args: str, log_path: str | None = None, env: dict[str, str] | None = None) -> None:
         self.args = list(args)
@@ -43,8 +48,7 @@ class DaemonProcess:
             args += ["--http-port", "0"]
         cmd = [sys.executable, "-m", "kvtier.cli", "-v", "server", "--ready-file", self.ready_file, *args]
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(self.env or {})})  # fmt: skip
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if os.path.exists(self.ready_file):
@@ -112,6 +116,12 @@ class DaemonProcess:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            self.terminate()
+            rc = self.terminate()
         finally:
             self.kill()
+        if rc == 0 and et is None:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the temp dir (ready file, log); kept after a failure for the post-mortem."""
+        shutil.rmtree(self._dir, ignore_errors=True)
