@@ -303,8 +303,13 @@ class KVTierConnector(KVConnectorBase_V1):
         w = self._worker
         if w is None:
             return
-        for i in w.pending_load_layers():  # layers vLLM never waited for (no attention call)
-            w.load_layer(i, self._caches[i])
+        pending = w.pending_load_layers()
+        if pending:  # vLLM never waited for these layers: their loads were not used this step
+            log.warning(
+                "kvtier: %d layers were never waited for; their KV was loaded after the step", len(pending)
+            )
+            for i in pending:
+                w.load_layer(i, self._caches[i])
         w.finish_saves(self._device)
         self._saves_for = None
 

@@ -86,6 +86,10 @@ class WorkerSide:
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
         self._errors: set[int] = set()
+        self._flat: torch.Tensor | None = None
+        """Host staging for saves, reused across steps: a fresh large allocation costs its page
+        faults every time (more than the copy); the tiers copy what they keep, so it is free again
+        once ``finish_saves`` returns."""
         self.new_keys: list[bytes] = []
         """Digests stored since the last ``take_new_keys`` (reported to a scheduler in another process)."""
 
@@ -187,14 +191,22 @@ class WorkerSide:
     def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self._saves = []
+        lay = self.layout
+        todo = []
         for spec in specs:
             start = self._first_missing(spec)
             self.stats.skipped_tokens += start - spec.start
-            if start >= spec.end:
-                continue
-            lay = self.layout
-            buf = torch.empty(lay.chunk_shape(self.num_layers, spec.end - start), dtype=lay.dtype,
-                              pin_memory=device.type == "cuda")  # fmt: skip
+            if start < spec.end:
+                todo.append((spec, start, lay.chunk_shape(self.num_layers, spec.end - start)))
+        total = sum(int(np.prod(shape)) for _, _, shape in todo)
+        if todo and (self._flat is None or self._flat.numel() < total):
+            self._flat = torch.empty(total, dtype=lay.dtype, pin_memory=device.type == "cuda")
+        at = 0
+        for spec, start, shape in todo:
+            assert self._flat is not None
+            n = int(np.prod(shape))
+            buf = self._flat[at : at + n].view(shape)
+            at += n
             idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
             self._saves.append(_Save(spec, start, idx, buf))
         self.stats.save_s += time.perf_counter() - t0
