@@ -84,3 +84,28 @@ def test_slow_server_stays_within_the_timeout(own_redis: servers.RedisServer) ->
     assert got is not None and torch.equal(got.kv, c)  # recovered after the stall
     tier.close()
     blocker.close()
+
+
+def test_full_store_refuses_writes_without_opening_the_breaker(
+    own_redis: servers.RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvtier.tiers.base import Chunk
+
+    tier = RedisTier(own_redis.url, failure_threshold=1)
+    small = Chunk(make_kv(4, seed=1), b"fp", 4)
+    assert tier.put(b"s" * 16, small)
+    r = redis.Redis(host="127.0.0.1", port=own_redis.port)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 64 * 1024)
+    big = Chunk(make_kv(4096, seed=2), b"fp", 4096)  # 2 MiB: over the limit
+    with caplog.at_level(logging.DEBUG, logger="kvtier"):
+        for _ in range(3):
+            assert not tier.put(b"b" * 16, big)  # refused (OOM), a soft failure
+    assert tier.breaker.state is BreakerState.CLOSED  # the store is up: reads go on
+    got = tier.get(b"s" * 16)
+    assert got is not None and torch.equal(got.kv, small.kv)
+    assert tier.stats().errors == 3
+    warned = [x for x in caplog.records if "refused" in x.getMessage() and x.levelno == logging.WARNING]
+    assert len(warned) == 1 and "maxmemory" in warned[0].getMessage()
+    tier.close()
+    r.close()

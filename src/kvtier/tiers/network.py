@@ -5,7 +5,9 @@ the caller's default at once (a miss, a skipped write); otherwise it runs the ca
 failure of the kinds in ``failure_types`` (connection refused, timeout, protocol error) is
 counted in ``TierStats.errors``, reported to the breaker and turned into the default. So a dead
 or slow store never raises to the caller and never costs more than one timeout per breaker
-period.
+period. A *refusal* (``refusal_types``: the store answered with an error, e.g. Redis out of
+memory under ``noeviction``, or an ACL denial) is counted and logged once per kind, but does not
+open the breaker: the store is up, and reads may still succeed.
 
 Why a remote tier's ``chunks``/``bytes_used`` are "what this client wrote": the store is shared
 by other engine processes and evicts/expires on its own, so only a scan could count it, and
@@ -73,12 +75,14 @@ class NetworkTier(Tier):
     capacity_enforced = False
 
     def __init__(self, name: str, endpoint: str, *, serde_name: str, failure_types: tuple[type[BaseException], ...],
-                 failure_threshold: int = 3, retry_backoff_s: float = 0.5,
+                 refusal_types: tuple[type[BaseException], ...] = (), failure_threshold: int = 3, retry_backoff_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.name = name
         self.serde_name = serde_name
         serde.get_codec(serde_name)  # unknown codec: fail at construction, not on the first put
         self._failure_types = failure_types
+        self._refusal_types = refusal_types
+        self._refusals_logged: set[type[BaseException]] = set()
         self.breaker = CircuitBreaker(f"{name} tier {redact_url(endpoint)}", failure_threshold=failure_threshold,
                                       backoff_initial_s=retry_backoff_s, backoff_max_s=max(30.0, retry_backoff_s),
                                       clock=clock, on_open=self._reset_connection)  # fmt: skip
@@ -99,6 +103,15 @@ class NetworkTier(Tier):
             return default
         try:
             result = fn()
+        except self._refusal_types as e:  # the store is up but refused (out of memory, ACL): not an outage
+            with self._lock:
+                self._stats.errors += 1
+                first = type(e) not in self._refusals_logged
+                self._refusals_logged.add(type(e))
+            log.log(logging.WARNING if first else logging.DEBUG, "%s: %s refused: %s: %s",
+                    self.breaker.name, op, type(e).__name__, e)  # fmt: skip
+            self.breaker.success()
+            return default
         except self._failure_types as e:
             with self._lock:
                 self._stats.errors += 1

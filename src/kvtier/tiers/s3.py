@@ -180,9 +180,13 @@ class S3Tier(NetworkTier):
 
         blobs = [(k, _join(*self._encode(k, c))) for k, c in pairs]  # bad input raises here, before any I/O
 
-        def upload(kb: tuple[bytes, bytes | bytearray]) -> int:
-            self._s3.upload_fileobj(io.BytesIO(kb[1]), self.bucket, self._ok(kb[0]), Config=self._transfer)
-            return len(kb[1])
+        def upload(kb: tuple[bytes, bytearray]) -> int:
+            key, blob = kb
+            if len(blob) <= self.part_bytes:  # one PUT; the managed transfer only for multipart sizes
+                self._s3.put_object(Bucket=self.bucket, Key=self._ok(key), Body=blob)
+            else:
+                self._s3.upload_fileobj(io.BytesIO(blob), self.bucket, self._ok(key), Config=self._transfer)
+            return len(blob)
 
         sizes = self._guard("put", lambda: self._map(upload, blobs), None)
         if sizes is None:
