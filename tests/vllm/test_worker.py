@@ -152,3 +152,51 @@ def test_chunk_of_other_tokens_is_never_served() -> None:
         eng.storage.put(key, Chunk(good.kv.clone(), b"x" * 8, 32))
     w.begin_loads([spec(toks, 0, 32, [3, 4])], torch.device("cpu"))
     assert w.take_errors() == {3, 4} and stats.loaded_tokens == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hnd", [False, True], ids=["nhd", "hnd"])
+def test_cuda_flash_attention_layout_round_trip(hnd: bool) -> None:
+    """The worker path on CUDA tensors of vLLM's FlashAttention layout (no vLLM needed)."""
+    dev = torch.device("cuda")
+    nb, bs, h, d, layers = 64, 16, 4, 64, 3
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def cache() -> torch.Tensor:
+        if hnd:  # allocated [2, nb, H, bs, D], handed out as an NHD-shaped view
+            return torch.randn((2, nb, h, bs, d), device=dev, generator=g, dtype=torch.bfloat16).transpose(
+                2, 3
+            )
+        return torch.randn((2, nb, bs, h, d), device=dev, generator=g, dtype=torch.bfloat16)
+
+    src = [cache() for _ in range(layers)]
+    lay = detect(src[0], num_kv_heads=h, head_dim=d, block_size=bs)
+    cfg = Config.load(env={}, chunk__chunk_tokens=32, cpu__max_bytes="64MiB")
+    eng = CacheEngine(cfg, namespace=Namespace("m", "bfloat16", (layers, h, d)))
+    stats = ConnectorStats()
+    w = WorkerSide(eng, lay, layers, stats)
+    toks = list(range(1000, 1100))
+    blocks = [5, 9, 2, 40, 33, 17, 8]
+    w.begin_saves([TransferSpec("r", toks, 0, 96, blocks[:6])], dev)
+    for i, c in enumerate(src):
+        w.save_layer(i, c)
+    w.finish_saves(dev)
+    assert stats.saved_tokens == 96
+    kv = eng.retrieve(toks[:96]).kv
+    assert kv is not None
+    for i, c in enumerate(src):  # stored = the cache's own rows, token by token
+        for t in (0, 17, 95):
+            blk, off = blocks[t // bs], t % bs
+            assert torch.equal(kv[i, 0, t], c[0, blk, off].cpu()) and torch.equal(
+                kv[i, 1, t], c[1, blk, off].cpu()
+            )
+    dst = [torch.zeros_like(c) for c in src]
+    w.begin_loads([TransferSpec("r", toks, 32, 96, [60, 61, 62, 63])], dev)
+    for i, c in enumerate(dst):
+        w.load_layer(i, c)
+    torch.cuda.synchronize()
+    assert w.take_errors() == set() and stats.loaded_tokens == 64
+    for i in range(layers):
+        for j, b in enumerate([60, 61, 62, 63]):
+            t0 = 32 + j * bs
+            assert torch.equal(dst[i][:, b].cpu(), kv[i, :, t0 : t0 + bs].cpu())

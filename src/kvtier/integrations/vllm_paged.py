@@ -107,8 +107,10 @@ def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: to
             if view.device.type == "cpu":
                 for j, b in enumerate(idx.block_list()):
                     dst[j].copy_(view[b])
-            else:
+            elif dst.device == view.device:
                 torch.index_select(view, 0, idx.whole_blocks, out=dst)
+            else:  # gather on the device, one DMA to the (pinned) host buffer
+                dst.copy_(view.index_select(0, idx.whole_blocks), non_blocking=True)
         else:
             out[p].copy_(view[idx.blocks, idx.offsets], non_blocking=True)
 
