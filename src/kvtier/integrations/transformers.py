@@ -73,8 +73,7 @@ def bind_engine(engine: CacheEngine, model: Any, model_id: str | None = None) ->
 
     ``model_id`` > ``engine.config.model.model_id`` > the model config's ``_name_or_path``.
     """
-    check_supported(model)
-    spec = model_kv_spec(model, model_id or engine.config.model.model_id or None)
+    spec = _spec(model, model_id or engine.config.model.model_id or None)
     ns = engine.namespace
     if ns is None:
         engine.bind_model(
@@ -89,6 +88,18 @@ def bind_engine(engine: CacheEngine, model: Any, model_id: str | None = None) ->
         (spec.num_layers, spec.num_kv_heads, spec.head_dim),
     )  # fmt: skip
     return False
+
+
+def _spec(model: Any, model_id: str | None) -> ModelKVSpec:
+    """``model_kv_spec``, memoised on the model per (id, dtype): the weights digest costs device syncs."""
+    key = (model_id, next(model.parameters()).dtype)
+    memo = getattr(model, "_kvtier_spec", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]  # type: ignore[no-any-return]
+    check_supported(model)
+    spec = model_kv_spec(model, model_id)
+    model._kvtier_spec = (key, spec)
+    return spec
 
 
 def _matches(ns: Any, spec: ModelKVSpec) -> bool:
