@@ -32,19 +32,16 @@ import logging
 import os
 import secrets
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvtier.config import Config
 from kvtier.server import protocol as P
+from kvtier.server.conn import Conn
 from kvtier.server.service import CacheService, Reply, Session
 
 log = logging.getLogger(__name__)
-
-
-READ_LIMIT = 8 << 20
-"""StreamReader buffer limit: large payloads are read in big gulps instead of pausing the
-transport every 2 MiB (the frame's own size limit is checked from its prefix, not by this)."""
 
 
 class ServerSetupError(ValueError):
@@ -120,8 +117,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         sc = self.config.server
-        server = await asyncio.start_server(self._on_connect, sc.host, sc.port, limit=READ_LIMIT)
-        self.port = server.sockets[0].getsockname()[1]
+        lsock = socket.create_server((sc.host, sc.port), backlog=512)  # SO_REUSEADDR: restarts rebind
+        lsock.setblocking(False)
+        self.port = lsock.getsockname()[1]
+        acceptor = asyncio.create_task(self._accept(lsock))
         http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
         self.http_port = http.port
         http.start()
@@ -133,13 +132,13 @@ class Daemon:
             await self._stop.wait()
         finally:
             log.info("shutting down: draining %d connection(s)", len(self._conns))
-            server.close()
+            acceptor.cancel()
+            lsock.close()
             reaper.cancel()
             for t in list(self._conns):
                 t.cancel()  # each finishes its in-flight request (shielded) first
             if self._conns:
                 await asyncio.wait(self._conns, timeout=30)
-            await server.wait_closed()
             http.stop()
             self._pool.shutdown(wait=True)
             self.service.close()  # flush pending writes, close tiers, unlink the segment
@@ -164,46 +163,45 @@ class Daemon:
             self.service.reap()
 
     # -- connections ----------------------------------------------------------------------------
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._conns) >= self.max_connections:
-            await _send_error(writer, "busy", f"the daemon serves at most {self.max_connections} connections")
-            writer.close()
+    async def _accept(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as e:  # e.g. EMFILE: back off instead of spinning
+                log.warning("accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._on_connect(Conn(sock)))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _on_connect(self, conn: Conn) -> None:
+        if len(self._conns) > self.max_connections:
+            await conn.send_error("busy", f"the daemon serves at most {self.max_connections} connections")
+            conn.close()
             return
-        self._conns.add(task)
         session: Session | None = None
         try:
-            session = await self._handshake(reader, writer)
+            session = await self._handshake(conn)
             if session is not None:
-                await self._serve(session, reader, writer)
+                await self._serve(session, conn)
         except asyncio.CancelledError:
             pass
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        except (OSError, asyncio.IncompleteReadError):  # incl. ConnectionError, TimeoutError
             pass  # the client went away or stalled; its state is released below
         except P.ProtocolError as e:
             self.service.counters.protocol_errors += 1
             log.info("closing a connection: %s", e)
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await _send_error(writer, "protocol", str(e))
+            await conn.send_error("protocol", str(e))
         finally:
             if session is not None:
                 self.service.end_session(session)
-            writer.close()
-            self._conns.discard(task)
+            conn.close()
 
-    async def _read_frame(self, reader: asyncio.StreamReader, *, max_header: int, max_payload: int,
-                          first_timeout: float | None) -> tuple[P.Message, bytes | None]:  # fmt: skip
-        prefix = await asyncio.wait_for(reader.readexactly(P.PREFIX.size), first_timeout)
-        hlen, plen = P.parse_prefix(prefix, max_header=max_header, max_payload=max_payload)
-        timeout = self.body_timeout_s + plen / 50e6
-        header = await asyncio.wait_for(reader.readexactly(hlen), timeout)
-        payload = await asyncio.wait_for(reader.readexactly(plen), timeout) if plen else None
-        return P.decode_header(header), payload
-
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session | None:
-        msg, _ = await self._read_frame(reader, max_header=P.MAX_HELLO_BYTES, max_payload=0,
-                                        first_timeout=self.handshake_timeout_s)  # fmt: skip
+    async def _handshake(self, conn: Conn) -> Session | None:
+        msg, _ = await conn.read_frame(max_header=P.MAX_HELLO_BYTES, max_payload=0,
+                                       first_timeout=self.handshake_timeout_s, body_timeout=self.body_timeout_s)  # fmt: skip
         if not isinstance(msg, P.Hello):
             raise P.ProtocolError(f"expected hello, got {type(msg).__name__}")
         if msg.version != P.PROTOCOL_VERSION:
@@ -212,22 +210,21 @@ class Daemon:
             )
         if self.token and not hmac.compare_digest(msg.token.encode(), self.token.encode()):
             self.service.counters.auth_failures += 1
-            await _send_error(writer, "auth", "wrong or missing auth token")
+            await conn.send_error("auth", "wrong or missing auth token")
             return None
         seg = self.service.segment
         welcome = P.Welcome(P.PROTOCOL_VERSION, self.server_id, self.max_payload_bytes, P.MAX_KEYS,
                             self.service.lease_timeout_s)  # fmt: skip
         if msg.want_shm:
             welcome.shm_path, welcome.shm_bytes, welcome.shm_nonce = str(seg.path), seg.arena_bytes, seg.nonce
-        writer.write(P.encode_frame(welcome))
-        await writer.drain()
+        await conn.send(welcome)
         return self.service.new_session(msg.client)
 
-    async def _serve(self, s: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, s: Session, conn: Conn) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            msg, payload = await self._read_frame(reader, max_header=P.MAX_HEADER_BYTES,
-                                                  max_payload=self.max_payload_bytes, first_timeout=None)  # fmt: skip
+            msg, payload = await conn.read_frame(max_header=P.MAX_HEADER_BYTES, max_payload=self.max_payload_bytes,
+                                                 first_timeout=None, body_timeout=self.body_timeout_s)  # fmt: skip
             if isinstance(msg, P.Release):
                 self.service.release(s, msg.leases)
                 continue
@@ -244,15 +241,12 @@ class Daemon:
                         cb()
                     raise
             try:
-                writer.write(P.encode_frame(reply, sum(p.nbytes for p in parts)))
-                for part in parts:
-                    writer.write(part)
-                await writer.drain()
+                await conn.send(reply, parts)
             finally:
                 for cb in after:
                     cb()
 
-    def _handle(self, s: Session, msg: P.Message, payload: bytes | None) -> Reply:
+    def _handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
         try:
             return self.service.handle(s, msg, payload)
         except P.ProtocolError as e:
@@ -261,9 +255,3 @@ class Daemon:
         except Exception as e:  # a bug must cost one request, not the daemon
             log.exception("internal error handling %s", type(msg).__name__)
             return P.Error("internal", f"{type(e).__name__}: {e}"), [], []
-
-
-async def _send_error(writer: asyncio.StreamWriter, code: str, message: str) -> None:
-    writer.write(P.encode_frame(P.Error(code, message[:4000])))
-    with contextlib.suppress(ConnectionError):
-        await asyncio.wait_for(writer.drain(), 2.0)
