@@ -12,11 +12,20 @@ import pytest
 import torch
 
 from kvtier.serde import HEADER_BYTES
+from kvtier.tiers import disk as disk_mod
 from kvtier.tiers.base import Chunk, TierError
 from kvtier.tiers.disk import DiskTier
 
 SHAPE = (2, 2, 16, 2, 8)  # layers, k/v, tokens, heads, dim
 FILE_BYTES = HEADER_BYTES + 2 * 2 * 16 * 2 * 8 * 2  # bf16
+
+
+@pytest.fixture(params=["one-syscall", "pipelined"])
+def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both I/O paths: tiny pieces force the pipelined one on these small chunks."""
+    if request.param == "pipelined":
+        monkeypatch.setattr(disk_mod, "PIECE_BYTES", 256)
+    return str(request.param)
 
 
 def _chunk(seed: int) -> Chunk:
@@ -36,7 +45,7 @@ def _files(root: Path) -> list[Path]:
     return sorted(root.glob("??/*.kvc"))
 
 
-def test_restart_finds_everything_bit_identical(tmp_path: Path) -> None:
+def test_restart_finds_everything_bit_identical(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 20) as t:
         for i in range(5):
             assert t.put(_key(i), _chunk(i))
@@ -99,7 +108,7 @@ def _damage(path: Path, how: str) -> None:
     "how", ["flip-header", "flip-payload", "flip-last", "truncate", "extend", "empty", "delete"]
 )
 def test_damaged_file_is_a_miss_and_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str, io_mode: str
 ) -> None:
     with DiskTier(tmp_path, 1 << 20) as t:
         t.put(_key(3), _chunk(3))
@@ -117,7 +126,7 @@ def test_damaged_file_is_a_miss_and_a_warning(
         assert again is not None and _same(again.kv, _chunk(3).kv)
 
 
-def test_file_swapped_for_another_valid_chunk_is_a_miss(tmp_path: Path) -> None:
+def test_file_swapped_for_another_valid_chunk_is_a_miss(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 20) as t:
         t.put(_key(1), _chunk(1))
         t.put(_key(2), _chunk(2))
@@ -126,7 +135,8 @@ def test_file_swapped_for_another_valid_chunk_is_a_miss(tmp_path: Path) -> None:
         assert t.get(_key(1)) is None
 
 
-def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io_mode: str) -> None:
+    real_writev, real_pwrite = os.writev, os.pwrite
     with DiskTier(tmp_path, 1 << 20) as t:
         assert t.put(_key(1), _chunk(1))
 
@@ -134,13 +144,15 @@ def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(os, "writev", full)
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, off: full(fd, data))
         assert t.put(_key(2), _chunk(2)) is False
         s = t.stats()
         assert s.put_failures == 1 and s.errors == 1 and s.chunks == 1 and s.bytes_used == FILE_BYTES
         assert not list((tmp_path / "tmp").iterdir())  # the partial temp file is gone
         got = t.get(_key(1))
         assert got is not None and _same(got.kv, _chunk(1).kv)
-        monkeypatch.undo()
+        monkeypatch.setattr(os, "writev", real_writev)
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
         assert t.put(_key(2), _chunk(2))
 
 
@@ -228,7 +240,7 @@ def test_durability_modes(tmp_path: Path, durability: str) -> None:
         assert got is not None and _same(got.kv, _chunk(1).kv)
 
 
-def test_batched_get_in_parallel_keeps_order(tmp_path: Path) -> None:
+def test_batched_get_in_parallel_keeps_order(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 22, io_threads=4) as t:
         assert all(t.batched_put([(_key(i), _chunk(i)) for i in range(12)]))
         keys = [_key(i) for i in (11, 3, 50, 0, 7)]
@@ -253,7 +265,7 @@ def test_bad_arguments_raise(tmp_path: Path) -> None:
         t.put(_key(1), _chunk(1))  # closed
 
 
-def test_get_into_a_preallocated_tensor(tmp_path: Path) -> None:
+def test_get_into_a_preallocated_tensor(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 20) as t:
         t.put(_key(1), _chunk(1))
         h = t.header_of(_key(1))
@@ -266,7 +278,7 @@ def test_get_into_a_preallocated_tensor(tmp_path: Path) -> None:
         assert t.get_into(_key(2), out) is None and t.header_of(_key(2)) is None
 
 
-def test_read_buffers_are_recycled_only_after_release(tmp_path: Path) -> None:
+def test_read_buffers_are_recycled_only_after_release(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 22, read_buffer_bytes=4 * FILE_BYTES) as t:
         for i in range(3):
             t.put(_key(i), _chunk(i))
@@ -281,3 +293,23 @@ def test_read_buffers_are_recycled_only_after_release(tmp_path: Path) -> None:
         held = [t.get(_key(i % 3)) for i in range(6)]  # more than the pool holds: fresh tensors
         for i, h in enumerate(held):
             assert h is not None and _same(h.kv, _chunk(i % 3).kv)
+
+
+def test_large_chunk_pipelined_round_trip_and_truncation(tmp_path: Path) -> None:
+    """A chunk of several default-size pieces (the real pipelined path, with real piece threads)."""
+    kv = torch.randn(4, 2, 256, 8, 128, generator=torch.Generator().manual_seed(5)).to(
+        torch.bfloat16
+    )  # 4 MiB
+    big = Chunk(torch.cat([kv, kv.flip(0), kv * 2], dim=2), b"big", 768)  # 12 MiB: 3 pieces
+    assert big.nbytes >= 2 * disk_mod.PIECE_BYTES
+    with DiskTier(tmp_path, 1 << 26) as t:
+        assert t.put(_key(1), big) and t.put(_key(2), big)
+        got = t.get(_key(1))
+        assert got is not None and _same(got.kv, big.kv)
+        got.release()
+        path = tmp_path / "02" / f"{_key(2).hex()}.kvc"
+        os.truncate(path, path.stat().st_size - disk_mod.PIECE_BYTES - 10)  # a whole piece short
+        assert t.get(_key(2)) is None
+    with DiskTier(tmp_path, 1 << 26) as t2:  # the header written last is read back on restart
+        again = t2.get(_key(1))
+        assert again is not None and _same(again.kv, big.kv) and again.fingerprint == b"big"

@@ -76,7 +76,18 @@ _DTYPES: dict[int, torch.dtype] = {
 }
 _DTYPE_IDS = {dt: i for i, dt in _DTYPES.items()}
 
-_hash = xxhash.xxh3_64_intdigest
+
+def payload_checksum(data: Buffer) -> int:
+    """xxh3-64 of ``data``. Through the hasher object, whose update releases the GIL (the one-shot
+    ``xxh3_64_intdigest`` holds it), so reads, writes and hashing on other threads overlap."""
+    return xxhash.xxh3_64(data).intdigest()
+
+
+new_hasher = xxhash.xxh3_64
+"""A streaming hasher: ``h = new_hasher(); h.update(piece)...; h.intdigest()`` equals
+``payload_checksum`` of the concatenated pieces."""
+
+_hash = payload_checksum
 
 
 class SerdeError(ValueError):
@@ -170,6 +181,15 @@ def encode_parts(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> tuple[by
     For the raw codec the payload is a view of the chunk's own memory when it is already a
     contiguous CPU tensor (no copy): keep ``chunk`` unchanged until the payload is written.
     """
+    c = get_codec(codec)
+    raw = raw_payload(chunk, key)
+    payload = c.compress(raw)
+    return make_header(chunk, key, c.id, len(raw), len(payload), _hash(payload)), payload
+
+
+def raw_payload(chunk: Chunk, key: bytes = b"") -> memoryview:
+    """The chunk's KV bytes (a host view, copied only if the tensor is on a GPU or strided),
+    after checking the chunk fits the format; ``SerdeError`` otherwise."""
     kv = chunk.kv
     if kv.dtype not in _DTYPE_IDS:
         raise SerdeError(f"dtype {kv.dtype} has no chunk format id")
@@ -181,12 +201,16 @@ def encode_parts(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> tuple[by
         raise SerdeError(f"key longer than {MAX_KEY_BYTES} bytes")
     if not 0 <= chunk.num_tokens < 1 << 32:
         raise SerdeError(f"num_tokens out of range: {chunk.num_tokens}")
-    c = get_codec(codec)
-    raw = tensor_bytes(_host_contiguous(kv))
-    payload = c.compress(raw)
-    header = ChunkHeader(c.id, kv.dtype, tuple(int(d) for d in kv.shape), chunk.num_tokens, len(raw),
-                         len(payload), _hash(payload), bytes(chunk.fingerprint), bytes(key))  # fmt: skip
-    return header.pack(), payload
+    return tensor_bytes(_host_contiguous(kv))
+
+
+def make_header(chunk: Chunk, key: bytes, codec_id: int, raw_nbytes: int, payload_nbytes: int,
+                checksum: int) -> bytes:  # fmt: skip
+    """The packed header of ``chunk`` whose stored payload has this size and checksum (for a
+    writer that hashes while it writes; ``encode_parts`` does both at once)."""
+    kv = chunk.kv
+    return ChunkHeader(codec_id, kv.dtype, tuple(int(d) for d in kv.shape), chunk.num_tokens, raw_nbytes,
+                       payload_nbytes, checksum, bytes(chunk.fingerprint), bytes(key)).pack()  # fmt: skip
 
 
 def encode(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> bytes:
@@ -195,11 +219,14 @@ def encode(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> bytes:
     return header + bytes(payload)
 
 
-def verify_payload(header: ChunkHeader, payload: Buffer) -> None:
-    """``CorruptChunkError`` unless ``payload`` has the header's length and checksum."""
+def verify_payload(header: ChunkHeader, payload: Buffer, checksum: int | None = None) -> None:
+    """``CorruptChunkError`` unless ``payload`` has the header's length and checksum.
+
+    ``checksum``: the payload's xxh3 if the caller already computed it (hashing while reading).
+    """
     if len(payload) != header.payload_nbytes:
         raise CorruptChunkError(f"payload is {len(payload)} bytes, header says {header.payload_nbytes}")
-    if _hash(payload) != header.payload_checksum:
+    if (_hash(payload) if checksum is None else checksum) != header.payload_checksum:
         raise CorruptChunkError("payload checksum mismatch")
 
 
@@ -208,14 +235,15 @@ def empty_for(header: ChunkHeader) -> torch.Tensor:
     return torch.empty(header.shape, dtype=header.dtype)
 
 
-def decode_payload(header: ChunkHeader, payload: Buffer, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_payload(header: ChunkHeader, payload: Buffer, out: torch.Tensor | None = None, *,
+                   checksum: int | None = None) -> torch.Tensor:  # fmt: skip
     """Verify ``payload`` and turn it into a tensor, written into ``out`` when given.
 
     ``out`` (e.g. a CPU-pool object) must be a contiguous CPU tensor of the header's shape and
     dtype; if ``payload`` already *is* ``out``'s memory (a raw read straight into it), only the
     checksum is computed.
     """
-    verify_payload(header, payload)
+    verify_payload(header, payload, checksum)
     codec = codec_by_id(header.codec_id)
     if codec is None:
         raise CorruptChunkError(f"unknown codec id {header.codec_id}")

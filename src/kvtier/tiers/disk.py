@@ -45,7 +45,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +54,22 @@ import torch
 from kvtier.memory import HostBufferPool, should_pin
 from kvtier.policies import make_policy
 from kvtier.serde import HEADER_BYTES, ChunkHeader, CorruptChunkError, SerdeError, encode_parts
-from kvtier.serde.base import check_key, decode_payload, tensor_bytes
+from kvtier.serde.base import (
+    check_key,
+    decode_payload,
+    make_header,
+    new_hasher,
+    payload_checksum,
+    raw_payload,
+    tensor_bytes,
+)
 from kvtier.serde.codec import RAW, Buffer, CodecError
 from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
 DURABILITY = ("flush", "always", "none")
+PIECE_BYTES = 4 * 1024**2  # unit of pipelined I/O; payloads under two pieces go in one syscall
 SUFFIX = ".kvc"
 _WARN_EVERY_S = 1.0
 
@@ -111,6 +120,7 @@ class DiskTier(Tier):
             raise TierError(f"disk tier: cannot use directory {self.root}: {e.strerror or e}") from e
         self._rebuild()
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
+        self._piece_pool = ThreadPoolExecutor(max(2, io_threads), thread_name_prefix="kvtier-disk-io")
         # recycled read buffers: a fresh 32 MiB tensor per get costs ~8k page faults, often more
         # than the read itself; pinned where CUDA is present, so a host->GPU copy runs at full speed
         self._buffers = (
@@ -222,12 +232,15 @@ class DiskTier(Tier):
         _check_key(key)
         if self._closed:
             raise TierError("disk tier is closed")
+        header: bytes | None = None  # raw: made while writing, once the payload is hashed
         try:
-            header, payload = encode_parts(chunk, self.codec, key)
+            if self.codec == RAW.name:
+                payload: Buffer = raw_payload(chunk, key)
+            else:
+                header, payload = encode_parts(chunk, self.codec, key)
         except (SerdeError, CodecError) as e:
             raise TierError(f"disk tier: cannot store this chunk: {e}") from e
-        h = ChunkHeader.unpack(header)
-        size = h.total_nbytes
+        size = HEADER_BYTES + len(payload)
         with self._lock:
             if key in self._entries:
                 self.policy.access(key)
@@ -241,7 +254,7 @@ class DiskTier(Tier):
             self._writing.add(key)
         final = self._path(key)
         try:
-            self._write_file(key, final, header, payload)
+            header = self._write_file(key, final, chunk, header, payload)
         except OSError as err:
             with self._lock:
                 self._used -= size
@@ -252,7 +265,7 @@ class DiskTier(Tier):
             return False
         with self._lock:
             self._writing.discard(key)
-            self._entries[key] = _Entry(h, header, size)
+            self._entries[key] = _Entry(ChunkHeader.unpack(header), header, size)
             self.policy.insert(key, size)
             self._stats.puts += 1
             if self.durability == "flush":
@@ -318,6 +331,7 @@ class DiskTier(Tier):
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._piece_pool.shutdown(wait=True)
         if self.durability == "flush":
             self.sync()
         os.close(self._lock_fd)
@@ -358,12 +372,28 @@ class DiskTier(Tier):
             self._stats.errors += 1
             self._warn("unlink", f"cannot remove {path}: {err}")
 
-    def _write_file(self, key: bytes, final: Path, header: bytes, payload: Buffer) -> None:
+    def _write_file(
+        self, key: bytes, final: Path, chunk: Chunk, header: bytes | None, payload: Buffer
+    ) -> bytes:
+        """Write temp file, rename to ``final``; returns the header written.
+
+        ``header`` is ``None`` for the raw codec: the payload is written in pieces while this
+        thread hashes it, then the header (which holds the checksum) goes to offset 0.
+        """
         tmp = self._tmp / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             try:
-                _write_all(fd, [header, payload])
+                if header is None and len(payload) < 2 * PIECE_BYTES:  # small: one writev
+                    header = make_header(
+                        chunk, key, RAW.id, len(payload), len(payload), payload_checksum(payload)
+                    )
+                if header is None:
+                    checksum, _ = self._pipelined(fd, memoryview(payload).cast("B"), write=True)
+                    header = make_header(chunk, key, RAW.id, len(payload), len(payload), checksum)
+                    _pio_full(fd, memoryview(header), 0, write=True)
+                else:
+                    _write_all(fd, [header, payload])
                 if self.durability == "always":
                     os.fsync(fd)
             finally:
@@ -375,6 +405,46 @@ class DiskTier(Tier):
             raise
         if self.durability == "always":
             _fsync_path(final.parent)
+        return header
+
+    def _submit_piece(self, fd: int, piece: memoryview, offset: int, write: bool) -> Future[int]:
+        try:
+            return self._piece_pool.submit(_pio_full, fd, piece, offset, write=write)
+        except RuntimeError:  # closed under a reader: do it on this thread
+            f: Future[int] = Future()
+            try:
+                f.set_result(_pio_full(fd, piece, offset, write=write))
+            except OSError as e:
+                f.set_exception(e)
+            return f
+
+    def _pipelined(self, fd: int, body: memoryview, *, write: bool) -> tuple[int, int]:
+        """Move ``body`` to/from the file (at ``HEADER_BYTES``) in ``PIECE_BYTES`` pieces on the
+        piece threads while this thread hashes them: ``(xxh3 of body, bytes moved)``.
+
+        Hashing and the copy to/from the page cache both release the GIL, so a chunk costs
+        about max(I/O, hash) rather than their sum, and pieces of one read are in flight
+        together. Returns only after every piece has finished (the fd and buffer stay valid).
+        """
+        pieces = [body[off : off + PIECE_BYTES] for off in range(0, len(body), PIECE_BYTES)]
+        futs = [
+            self._submit_piece(fd, p, HEADER_BYTES + i * PIECE_BYTES, write) for i, p in enumerate(pieces)
+        ]
+        hasher = new_hasher()
+        moved = 0
+        try:
+            for p, f in zip(pieces, futs):
+                n = f.result() if not write else len(p)
+                if n == len(p):
+                    hasher.update(p)  # a write hashes ahead of its I/O; a read after its piece landed
+                moved += n
+                if n < len(p):
+                    break  # a short read: the file is truncated, the checksum will not matter
+            if write:
+                moved = sum(f.result() for f in futs)
+        finally:
+            wait(futs)
+        return hasher.intdigest(), moved
 
     def header_of(self, key: bytes) -> ChunkHeader | None:
         """The stored chunk's header (shape, dtype, sizes) without reading it, or ``None``."""
@@ -386,19 +456,25 @@ class DiskTier(Tier):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = bytearray(HEADER_BYTES)
+            checksum = None
             if h.codec_id == RAW.id:  # straight into the destination: no intermediate buffer
                 out = torch.empty(h.shape, dtype=h.dtype) if out is None else out
                 body = tensor_bytes(out)
             else:
                 body = memoryview(bytearray(h.payload_nbytes))
-            n = _read_all(fd, [head, body, bytearray(1)])
+            if len(body) >= 2 * PIECE_BYTES:
+                n = _pio_full(fd, memoryview(head), 0, write=False)
+                checksum, moved = self._pipelined(fd, body, write=False)
+                n += moved + len(os.pread(fd, 1, HEADER_BYTES + len(body)))  # a longer file is corrupt
+            else:
+                n = _read_all(fd, [head, body, bytearray(1)])
         finally:
             os.close(fd)
         if n != h.total_nbytes:
             raise CorruptChunkError(f"read {n} bytes, expected {h.total_nbytes} (truncated or extended)")
         if head != e.header_bytes:
             raise CorruptChunkError("header on disk differs from the one indexed")
-        return decode_payload(h, body, out)
+        return decode_payload(h, body, out, checksum=checksum)
 
     def _drop(self, key: bytes, e: _Entry, err: BaseException) -> None:
         """A read failed: a miss; forget the chunk (and delete its file if it is corrupt)."""
@@ -438,6 +514,19 @@ def _write_all(fd: int, bufs: list[Buffer]) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+
+
+def _pio_full(fd: int, buf: memoryview, offset: int, *, write: bool) -> int:
+    """pwrite/pread all of ``buf`` at ``offset`` (a read stops early at end of file); the count."""
+    done = 0
+    while done < len(buf):
+        n = os.pwrite(fd, buf[done:], offset + done) if write else os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            if write:
+                raise OSError(errno.ENOSPC, "write made no progress")
+            break
+        done += n
+    return done
 
 
 def _read_all(fd: int, bufs: list[Buffer]) -> int:
