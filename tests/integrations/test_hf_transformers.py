@@ -175,3 +175,39 @@ def test_bad_inputs_name_the_problem(engine: CacheEngine) -> None:
         kvt.generate(model, random_ids(5), engine, past_key_values=object())
     one = kvt.prefill(model, random_ids(1), engine)  # a single token: nothing to reuse, still stored
     assert one.hit_tokens == 0 and one.stored_tokens == 1
+
+
+def test_layerwise_cache_from_host_rows_matches(engine: CacheEngine) -> None:
+    """KVTierCache fed from host rows (the path that copies layer i+1 while layer i computes on CUDA)."""
+    from kvtier.integrations.hf_cache import KVTierCache, LayerwiseKV
+
+    model = load_model("random:llama-tiny").model
+    ids = random_ids(40, seed=9)
+    ref = kvt.prefill(model, ids, engine)
+    kv = cache_to_kv(ref.cache, 39)
+    cache = KVTierCache(model.config, LayerwiseKV([kv], torch.device("cpu")))
+    assert cache.get_seq_length() == 39  # reported before any layer is installed
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, 39:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(logits, full_logits(model, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache_to_kv(cache, 39), kv, atol=0, rtol=0)  # the prefix: bit-exact
+    torch.testing.assert_close(cache_to_kv(cache, 40), cache_to_kv(ref.cache, 40), atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_layerwise_cache_cuda_side_stream() -> None:
+    """On CUDA, host (pinned) rows are copied per layer on a side stream, ordered by events."""
+    from kvtier.integrations.hf_cache import KVTierCache, LayerwiseKV
+
+    model = load_model("random:llama-tiny", device="cuda", dtype=torch.float32).model
+    ids = random_ids(300, seed=10).cuda()
+    eng = make_engine()
+    ref = kvt.prefill(model, ids, eng)
+    kv = cache_to_kv(ref.cache, 299).cpu().pin_memory()
+    cache = KVTierCache(model.config, LayerwiseKV([kv], torch.device("cuda")))
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, 299:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(logits, full_logits(model, ids), atol=ATOL, rtol=0)
+    full = kvt.prefill(model, ids, eng)
+    assert full.hit_tokens == 299
+    torch.testing.assert_close(full.logits, full_logits(model, ids), atol=ATOL, rtol=0)

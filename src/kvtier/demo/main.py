@@ -49,6 +49,8 @@ def build_requests(name: str, args: argparse.Namespace, encode: workloads.Encode
 
 
 def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"kvtier demo: loading {args.model} on {args.device} ...", flush=True)
     from kvtier.commands.demo_cmd import DTYPES
 
