@@ -13,13 +13,12 @@ vLLM builds this class twice: the SCHEDULER role answers "how many prompt tokens
 supply beyond vLLM's own prefix cache" and plans loads/saves (``vllm_plan``); the WORKER role
 moves KV between vLLM's paged tensors and kvtier (``vllm_worker``, ``vllm_paged``).
 
-Where the two roles find the same cache: both build a CacheEngine from the same config and
-namespace; when they run in one process (vLLM's ``uni`` executor, e.g.
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on CPU) they share one engine through ``shared_engine``,
-so the in-memory tier serves both. With the multiprocess executor (vLLM's default) the worker is
-another process: the scheduler then sees only what shared tiers hold (``remote.url``: the kvtier
-daemon or Redis); without one the connector still stores, but the scheduler cannot find hits and
-says so at start-up.
+Where the two roles find the same cache (``vllm_shared``): when they run in one process (vLLM's
+``uni`` executor, e.g. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on CPU) they share one CacheEngine,
+so the in-memory tier serves both. With vLLM's default multiprocess executor the worker owns the
+CacheEngine and reports the digests it stores through vLLM's worker->scheduler metadata; the
+scheduler looks prompts up in that key mirror (``vllm_mirror``) and in the remote tier, if
+``remote.url`` is set. A stale mirror entry costs a failed load, which vLLM recomputes.
 
 Only this module imports vLLM; the rest of kvtier imports without it.
 """
