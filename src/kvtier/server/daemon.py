@@ -32,7 +32,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,10 +116,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         sc = self.config.server
-        lsock = socket.create_server((sc.host, sc.port), backlog=512)  # SO_REUSEADDR: restarts rebind
-        lsock.setblocking(False)
-        self.port = lsock.getsockname()[1]
-        acceptor = asyncio.create_task(self._accept(lsock))
+        server = await self._loop.create_server(
+            lambda: Conn(self._on_connect, body_timeout_s=self.body_timeout_s), sc.host, sc.port, backlog=512
+        )  # SO_REUSEADDR (the default on POSIX): a restarted daemon rebinds its port at once
+        self.port = server.sockets[0].getsockname()[1]
         http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
         self.http_port = http.port
         http.start()
@@ -132,13 +131,13 @@ class Daemon:
             await self._stop.wait()
         finally:
             log.info("shutting down: draining %d connection(s)", len(self._conns))
-            acceptor.cancel()
-            lsock.close()
+            server.close()
             reaper.cancel()
             for t in list(self._conns):
                 t.cancel()  # each finishes its in-flight request (shielded) first
             if self._conns:
                 await asyncio.wait(self._conns, timeout=30)
+            await server.wait_closed()
             http.stop()
             self._pool.shutdown(wait=True)
             self.service.close()  # flush pending writes, close tiers, unlink the segment
@@ -163,20 +162,11 @@ class Daemon:
             self.service.reap()
 
     # -- connections ----------------------------------------------------------------------------
-    async def _accept(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(lsock)
-            except OSError as e:  # e.g. EMFILE: back off instead of spinning
-                log.warning("accept failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            task = asyncio.create_task(self._on_connect(Conn(sock)))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
-
     async def _on_connect(self, conn: Conn) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
         if len(self._conns) > self.max_connections:
             await conn.send_error("busy", f"the daemon serves at most {self.max_connections} connections")
             conn.close()
@@ -200,8 +190,7 @@ class Daemon:
             conn.close()
 
     async def _handshake(self, conn: Conn) -> Session | None:
-        msg, _ = await conn.read_frame(max_header=P.MAX_HELLO_BYTES, max_payload=0,
-                                       first_timeout=self.handshake_timeout_s, body_timeout=self.body_timeout_s)  # fmt: skip
+        msg, _ = await asyncio.wait_for(conn.read_frame(), self.handshake_timeout_s)
         if not isinstance(msg, P.Hello):
             raise P.ProtocolError(f"expected hello, got {type(msg).__name__}")
         if msg.version != P.PROTOCOL_VERSION:
@@ -217,14 +206,14 @@ class Daemon:
                             self.service.lease_timeout_s)  # fmt: skip
         if msg.want_shm:
             welcome.shm_path, welcome.shm_bytes, welcome.shm_nonce = str(seg.path), seg.arena_bytes, seg.nonce
+        conn.max_header, conn.max_payload = P.MAX_HEADER_BYTES, self.max_payload_bytes
         await conn.send(welcome)
         return self.service.new_session(msg.client)
 
     async def _serve(self, s: Session, conn: Conn) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            msg, payload = await conn.read_frame(max_header=P.MAX_HEADER_BYTES, max_payload=self.max_payload_bytes,
-                                                 first_timeout=None, body_timeout=self.body_timeout_s)  # fmt: skip
+            msg, payload = await conn.read_frame()
             if isinstance(msg, P.Release):
                 self.service.release(s, msg.leases)
                 continue
