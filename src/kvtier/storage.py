@@ -107,6 +107,7 @@ class TierManager:
         self._clean: set[bytes] = set()  # in the top tier *and* already below (promoted/prefetched)
         self._inflight: dict[bytes, threading.Event] = {}
         self._closed = False
+        self._last_drop_log = -1.0
         self._queues: dict[int, queue.Queue[_Job | None]] = {}
         self._workers: list[threading.Thread] = []
         for i in range(1, len(self.tiers)):
@@ -228,8 +229,11 @@ class TierManager:
                 self._job_done(key)
                 with self._io[i].lock:
                     self._io[i].queue_drops += 1
-                log.warning("write queue of tier %s is full; chunk %s dropped for it",
-                            self.tiers[i].name, key.hex())  # fmt: skip
+                now = time.monotonic()
+                level = logging.WARNING if now - self._last_drop_log >= 1.0 else logging.DEBUG
+                self._last_drop_log = now if level == logging.WARNING else self._last_drop_log
+                log.log(level, "write queue of tier %s is full; chunk %s dropped for it (queue_drops counts them)",
+                        self.tiers[i].name, key.hex())  # fmt: skip
                 continue
             any_ok = True
         return any_ok

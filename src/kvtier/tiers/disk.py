@@ -25,7 +25,11 @@ miss, never wrong KV.
 Reads: one ``os.preadv`` of the whole file into [a header buffer, the destination tensor's own
 memory, one spare byte]: no intermediate copy, and the spare byte catches a file longer than its
 header says. The destination is a recycled buffer from a small host pool (``read_buffer_bytes``),
-returned to it by ``Chunk.release()``, or the caller's own tensor (``get_into``). ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
+returned to it by ``Chunk.release()``, or the caller's own tensor (``get_into``). Chunks of two
+``PIECE_BYTES`` or more are pipelined: one I/O thread reads pieces in file order while the caller
+hashes those that landed; a write copies pieces in parallel while the caller hashes, and writes
+the header (which holds the checksum) last. The xxh3 hasher releases the GIL, so checksumming
+costs little beyond the I/O itself (benchmarks/RESULTS.md). ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
 GIL), so many are in flight. O_DIRECT is not used: re-reads from the page cache are the common
 fast case, and O_DIRECT needs aligned buffers and fails on tmpfs.
 
@@ -42,6 +46,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -389,7 +394,7 @@ class DiskTier(Tier):
                         chunk, key, RAW.id, len(payload), len(payload), payload_checksum(payload)
                     )
                 if header is None:
-                    checksum, _ = self._pipelined(fd, memoryview(payload).cast("B"), write=True)
+                    checksum = self._pipelined_write(fd, memoryview(payload).cast("B"))
                     header = make_header(chunk, key, RAW.id, len(payload), len(payload), checksum)
                     _pio_full(fd, memoryview(header), 0, write=True)
                 else:
@@ -407,44 +412,76 @@ class DiskTier(Tier):
             _fsync_path(final.parent)
         return header
 
-    def _submit_piece(self, fd: int, piece: memoryview, offset: int, write: bool) -> Future[int]:
+    def _submit_piece(self, fd: int, piece: memoryview, offset: int) -> Future[int]:
         try:
-            return self._piece_pool.submit(_pio_full, fd, piece, offset, write=write)
-        except RuntimeError:  # closed under a reader: do it on this thread
+            return self._piece_pool.submit(_pio_full, fd, piece, offset, write=True)
+        except RuntimeError:  # closed under a writer: do it on this thread
             f: Future[int] = Future()
             try:
-                f.set_result(_pio_full(fd, piece, offset, write=write))
+                f.set_result(_pio_full(fd, piece, offset, write=True))
             except OSError as e:
                 f.set_exception(e)
             return f
 
-    def _pipelined(self, fd: int, body: memoryview, *, write: bool) -> tuple[int, int]:
-        """Move ``body`` to/from the file (at ``HEADER_BYTES``) in ``PIECE_BYTES`` pieces on the
-        piece threads while this thread hashes them: ``(xxh3 of body, bytes moved)``.
+    def _pipelined_read(self, fd: int, body: memoryview) -> tuple[int, int]:
+        """Read ``body`` (from ``HEADER_BYTES``) piece by piece on one I/O thread, in file order,
+        while this thread hashes each piece as it lands: ``(xxh3 of body, bytes read)``.
 
-        Hashing and the copy to/from the page cache both release the GIL, so a chunk costs
-        about max(I/O, hash) rather than their sum, and pieces of one read are in flight
-        together. Returns only after every piece has finished (the fd and buffer stay valid).
+        One reader in file order keeps the kernel's sequential readahead working on a cold file
+        (pieces read in parallel looked like random I/O and lost up to half the speed on a small
+        VM); hashing overlaps the reads, so a chunk costs about max(read, hash).
         """
         pieces = [body[off : off + PIECE_BYTES] for off in range(0, len(body), PIECE_BYTES)]
-        futs = [
-            self._submit_piece(fd, p, HEADER_BYTES + i * PIECE_BYTES, write) for i, p in enumerate(pieces)
-        ]
-        hasher = new_hasher()
-        moved = 0
+        landed: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+        def reader() -> int:
+            total = 0
+            try:
+                for i, p in enumerate(pieces):
+                    n = _pio_full(fd, p, HEADER_BYTES + i * PIECE_BYTES, write=False)
+                    total += n
+                    landed.put(n)
+                    if n < len(p):
+                        break
+            finally:
+                landed.put(-1)  # wakes the hasher after the last piece, an early stop or an error
+            return total
+
         try:
-            for p, f in zip(pieces, futs):
-                n = f.result() if not write else len(p)
-                if n == len(p):
-                    hasher.update(p)  # a write hashes ahead of its I/O; a read after its piece landed
-                moved += n
-                if n < len(p):
-                    break  # a short read: the file is truncated, the checksum will not matter
-            if write:
-                moved = sum(f.result() for f in futs)
+            fut = self._piece_pool.submit(reader)
+        except RuntimeError:  # closed under a reader: read on this thread first
+            fut = Future()
+            try:
+                fut.set_result(reader())
+            except OSError as e:
+                fut.set_exception(e)
+        hasher = new_hasher()
+        try:
+            for p in pieces:
+                if landed.get() != len(p):
+                    break
+                hasher.update(p)
+        finally:
+            moved = fut.result()  # waits for the reader; re-raises its OSError
+        return hasher.intdigest(), moved
+
+    def _pipelined_write(self, fd: int, body: memoryview) -> int:
+        """Write ``body`` (at ``HEADER_BYTES``) in ``PIECE_BYTES`` pieces on the piece threads while
+        this thread hashes it; the xxh3 of ``body``. Hashing and the copy into the page cache both
+        release the GIL, so a chunk costs about max(copy, hash) rather than their sum. Returns only
+        after every piece has finished (the fd and buffer stay valid); re-raises a piece's OSError.
+        """
+        pieces = [body[off : off + PIECE_BYTES] for off in range(0, len(body), PIECE_BYTES)]
+        futs = [self._submit_piece(fd, p, HEADER_BYTES + i * PIECE_BYTES) for i, p in enumerate(pieces)]
+        hasher = new_hasher()
+        try:
+            for p in pieces:
+                hasher.update(p)
+            for f in futs:
+                f.result()
         finally:
             wait(futs)
-        return hasher.intdigest(), moved
+        return hasher.intdigest()
 
     def header_of(self, key: bytes) -> ChunkHeader | None:
         """The stored chunk's header (shape, dtype, sizes) without reading it, or ``None``."""
@@ -464,7 +501,7 @@ class DiskTier(Tier):
                 body = memoryview(bytearray(h.payload_nbytes))
             if len(body) >= 2 * PIECE_BYTES:
                 n = _pio_full(fd, memoryview(head), 0, write=False)
-                checksum, moved = self._pipelined(fd, body, write=False)
+                checksum, moved = self._pipelined_read(fd, body)
                 n += moved + len(os.pread(fd, 1, HEADER_BYTES + len(body)))  # a longer file is corrupt
             else:
                 n = _read_all(fd, [head, body, bytearray(1)])
