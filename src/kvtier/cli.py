@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from kvtier import __version__
 
 COMMAND_MODULES = (
+    "kvtier.commands.bench_cmd",
     "kvtier.commands.config_cmd",
     "kvtier.commands.demo_cmd",
     "kvtier.commands.server_cmd",
