@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvtier.serde import HEADER_BYTES
-from kvtier.tiers import disk as disk_mod
+from kvtier.tiers import disk_io
 from kvtier.tiers.base import Chunk, TierError
 from kvtier.tiers.disk import DiskTier
 
@@ -24,7 +24,7 @@ FILE_BYTES = HEADER_BYTES + 2 * 2 * 16 * 2 * 8 * 2  # bf16
 def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on both I/O paths: tiny pieces force the pipelined one on these small chunks."""
     if request.param == "pipelined":
-        monkeypatch.setattr(disk_mod, "PIECE_BYTES", 256)
+        monkeypatch.setattr(disk_io, "PIECE_BYTES", 256)
     return str(request.param)
 
 
@@ -301,14 +301,14 @@ def test_large_chunk_pipelined_round_trip_and_truncation(tmp_path: Path) -> None
         torch.bfloat16
     )  # 4 MiB
     big = Chunk(torch.cat([kv, kv.flip(0), kv * 2], dim=2), b"big", 768)  # 12 MiB: 3 pieces
-    assert big.nbytes >= 2 * disk_mod.PIECE_BYTES
+    assert big.nbytes >= 2 * disk_io.PIECE_BYTES
     with DiskTier(tmp_path, 1 << 26) as t:
         assert t.put(_key(1), big) and t.put(_key(2), big)
         got = t.get(_key(1))
         assert got is not None and _same(got.kv, big.kv)
         got.release()
         path = tmp_path / "02" / f"{_key(2).hex()}.kvc"
-        os.truncate(path, path.stat().st_size - disk_mod.PIECE_BYTES - 10)  # a whole piece short
+        os.truncate(path, path.stat().st_size - disk_io.PIECE_BYTES - 10)  # a whole piece short
         assert t.get(_key(2)) is None
     with DiskTier(tmp_path, 1 << 26) as t2:  # the header written last is read back on restart
         again = t2.get(_key(1))

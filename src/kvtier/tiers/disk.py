@@ -42,15 +42,13 @@ if a mount vanishes at run time, recreating its mount point would fill the paren
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +61,17 @@ from kvtier.serde.base import (
     check_key,
     decode_payload,
     make_header,
-    new_hasher,
     payload_checksum,
     raw_payload,
     tensor_bytes,
 )
 from kvtier.serde.codec import RAW, Buffer, CodecError
+from kvtier.tiers import disk_io
 from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
 DURABILITY = ("flush", "always", "none")
-PIECE_BYTES = 4 * 1024**2  # unit of pipelined I/O; payloads under two pieces go in one syscall
 SUFFIX = ".kvc"
 _WARN_EVERY_S = 1.0
 
@@ -314,7 +311,7 @@ class DiskTier(Tier):
         ok = True
         for path in sorted(files):
             try:
-                _fsync_path(path)
+                disk_io.fsync_path(path)
             except FileNotFoundError:
                 continue  # evicted or removed since: nothing to make durable
             except OSError as err:
@@ -324,7 +321,7 @@ class DiskTier(Tier):
                 self._warn("sync", f"fsync of {path} failed: {err}")
         for d in sorted({p.parent for p in files}):
             try:
-                _fsync_path(d)
+                disk_io.fsync_path(d)
             except OSError as err:
                 ok = False
                 self._warn("sync", f"fsync of directory {d} failed: {err}")
@@ -389,16 +386,16 @@ class DiskTier(Tier):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             try:
-                if header is None and len(payload) < 2 * PIECE_BYTES:  # small: one writev
+                if header is None and not disk_io.pipelined(len(payload)):  # small: one writev
                     header = make_header(
                         chunk, key, RAW.id, len(payload), len(payload), payload_checksum(payload)
                     )
                 if header is None:
-                    checksum = self._pipelined_write(fd, memoryview(payload).cast("B"))
+                    checksum = disk_io.pipelined_write(self._piece_pool, fd, memoryview(payload).cast("B"))
                     header = make_header(chunk, key, RAW.id, len(payload), len(payload), checksum)
-                    _pio_full(fd, memoryview(header), 0, write=True)
+                    disk_io.pio_full(fd, memoryview(header), 0, write=True)
                 else:
-                    _write_all(fd, [header, payload])
+                    disk_io.write_all(fd, [header, payload])
                 if self.durability == "always":
                     os.fsync(fd)
             finally:
@@ -409,79 +406,8 @@ class DiskTier(Tier):
                 os.unlink(tmp)
             raise
         if self.durability == "always":
-            _fsync_path(final.parent)
+            disk_io.fsync_path(final.parent)
         return header
-
-    def _submit_piece(self, fd: int, piece: memoryview, offset: int) -> Future[int]:
-        try:
-            return self._piece_pool.submit(_pio_full, fd, piece, offset, write=True)
-        except RuntimeError:  # closed under a writer: do it on this thread
-            f: Future[int] = Future()
-            try:
-                f.set_result(_pio_full(fd, piece, offset, write=True))
-            except OSError as e:
-                f.set_exception(e)
-            return f
-
-    def _pipelined_read(self, fd: int, body: memoryview) -> tuple[int, int]:
-        """Read ``body`` (from ``HEADER_BYTES``) piece by piece on one I/O thread, in file order,
-        while this thread hashes each piece as it lands: ``(xxh3 of body, bytes read)``.
-
-        One reader in file order keeps the kernel's sequential readahead working on a cold file
-        (pieces read in parallel looked like random I/O and lost up to half the speed on a small
-        VM); hashing overlaps the reads, so a chunk costs about max(read, hash).
-        """
-        pieces = [body[off : off + PIECE_BYTES] for off in range(0, len(body), PIECE_BYTES)]
-        landed: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-        def reader() -> int:
-            total = 0
-            try:
-                for i, p in enumerate(pieces):
-                    n = _pio_full(fd, p, HEADER_BYTES + i * PIECE_BYTES, write=False)
-                    total += n
-                    landed.put(n)
-                    if n < len(p):
-                        break
-            finally:
-                landed.put(-1)  # wakes the hasher after the last piece, an early stop or an error
-            return total
-
-        try:
-            fut = self._piece_pool.submit(reader)
-        except RuntimeError:  # closed under a reader: read on this thread first
-            fut = Future()
-            try:
-                fut.set_result(reader())
-            except OSError as e:
-                fut.set_exception(e)
-        hasher = new_hasher()
-        try:
-            for p in pieces:
-                if landed.get() != len(p):
-                    break
-                hasher.update(p)
-        finally:
-            moved = fut.result()  # waits for the reader; re-raises its OSError
-        return hasher.intdigest(), moved
-
-    def _pipelined_write(self, fd: int, body: memoryview) -> int:
-        """Write ``body`` (at ``HEADER_BYTES``) in ``PIECE_BYTES`` pieces on the piece threads while
-        this thread hashes it; the xxh3 of ``body``. Hashing and the copy into the page cache both
-        release the GIL, so a chunk costs about max(copy, hash) rather than their sum. Returns only
-        after every piece has finished (the fd and buffer stay valid); re-raises a piece's OSError.
-        """
-        pieces = [body[off : off + PIECE_BYTES] for off in range(0, len(body), PIECE_BYTES)]
-        futs = [self._submit_piece(fd, p, HEADER_BYTES + i * PIECE_BYTES) for i, p in enumerate(pieces)]
-        hasher = new_hasher()
-        try:
-            for p in pieces:
-                hasher.update(p)
-            for f in futs:
-                f.result()
-        finally:
-            wait(futs)
-        return hasher.intdigest()
 
     def header_of(self, key: bytes) -> ChunkHeader | None:
         """The stored chunk's header (shape, dtype, sizes) without reading it, or ``None``."""
@@ -499,12 +425,12 @@ class DiskTier(Tier):
                 body = tensor_bytes(out)
             else:
                 body = memoryview(bytearray(h.payload_nbytes))
-            if len(body) >= 2 * PIECE_BYTES:
-                n = _pio_full(fd, memoryview(head), 0, write=False)
-                checksum, moved = self._pipelined_read(fd, body)
+            if disk_io.pipelined(len(body)):
+                n = disk_io.pio_full(fd, memoryview(head), 0, write=False)
+                checksum, moved = disk_io.pipelined_read(self._piece_pool, fd, body)
                 n += moved + len(os.pread(fd, 1, HEADER_BYTES + len(body)))  # a longer file is corrupt
             else:
-                n = _read_all(fd, [head, body, bytearray(1)])
+                n = disk_io.read_all(fd, [head, body, bytearray(1)])
         finally:
             os.close(fd)
         if n != h.total_nbytes:
@@ -538,54 +464,3 @@ class DiskTier(Tier):
 def _check_key(key: bytes) -> None:
     if not isinstance(key, bytes) or not 1 <= len(key) <= 32:
         raise TierError(f"disk tier: keys must be 1..32 bytes, got {key!r}")
-
-
-def _write_all(fd: int, bufs: list[Buffer]) -> None:
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while views:
-        n = os.writev(fd, views)
-        if n == 0:
-            raise OSError(errno.ENOSPC, "write made no progress")
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
-
-def _pio_full(fd: int, buf: memoryview, offset: int, *, write: bool) -> int:
-    """pwrite/pread all of ``buf`` at ``offset`` (a read stops early at end of file); the count."""
-    done = 0
-    while done < len(buf):
-        n = os.pwrite(fd, buf[done:], offset + done) if write else os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            if write:
-                raise OSError(errno.ENOSPC, "write made no progress")
-            break
-        done += n
-    return done
-
-
-def _read_all(fd: int, bufs: list[Buffer]) -> int:
-    """Fill ``bufs`` from offset 0 until they are full or the file ends; the bytes read."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    total = 0
-    while views:
-        n = os.preadv(fd, views, total)
-        if n == 0:
-            break
-        total += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
