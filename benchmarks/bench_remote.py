@@ -49,7 +49,7 @@ def bench_redis(n_chunks: int, rounds: int, layers: int) -> None:
     from redis.utils import HIREDIS_AVAILABLE
     from tests.remote.servers import RedisServer
 
-    from kvtier.tiers.redis import _Connection
+    from kvtier.tiers.redis_client import _Connection
 
     server = RedisServer().start()
     try:

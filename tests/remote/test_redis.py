@@ -14,7 +14,8 @@ from tests.remote import servers
 from kvtier import Config
 from kvtier.tiers.base import Chunk, TierError
 from kvtier.tiers.factory import build_tiers
-from kvtier.tiers.redis import RedisTier, parse_redis_url
+from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.redis_client import parse_redis_url
 
 
 def chunk(seed: int, tokens: int = 64, dtype: torch.dtype = torch.bfloat16) -> Chunk:

@@ -121,6 +121,47 @@ class NetworkTier(Tier):
         self.breaker.success()
         return result
 
+    # -- the shared read path: subclasses supply _exists_many / _fetch_many ----------------------
+    def _exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is stored (one round trip or one parallel fan-out); may raise."""
+        raise NotImplementedError
+
+    def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
+        """``(header, payload)`` per key, ``None`` when absent; may raise."""
+        raise NotImplementedError
+
+    def contains(self, key: bytes) -> bool:
+        return self.prefix_contains([key]) == 1
+
+    def prefix_contains(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        none: list[bool] = []
+        return leading_true(self._guard("prefix_contains", lambda: self._exists_many(keys), none))
+
+    def get(self, key: bytes) -> Chunk | None:
+        return self.batched_get([key])[0]
+
+    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+        if not keys:
+            return []
+        found = self._guard("get", lambda: self._fetch_many(keys), None)
+        if found is None:
+            self._count_get(0, len(keys))
+            return [None] * len(keys)
+        out: list[Chunk | None] = []
+        for k, f in zip(keys, found):
+            c = None if f is None else self._decode(k, *f)
+            if f is not None and c is None:
+                self.remove(k)  # corrupt or incomplete: make room for a clean rewrite
+            out.append(c)
+        hits = sum(c is not None for c in out)
+        self._count_get(hits, len(keys) - hits)
+        return out
+
+    def put(self, key: bytes, chunk: Chunk) -> bool:
+        return self.batched_put([(key, chunk)])[0]
+
     # -- serde ----------------------------------------------------------------------------------
     def _encode(self, key: bytes, chunk: Chunk) -> tuple[bytes, bytes | bytearray | memoryview]:
         """``(header, payload)``; with the raw codec the payload is a view of the KV itself when it
@@ -158,11 +199,6 @@ class NetworkTier(Tier):
             return Chunk(torch.empty(h.shape, dtype=h.dtype), h.fingerprint, h.num_tokens)
         kv = torch.frombuffer(raw, dtype=torch.uint8).view(h.dtype).view(h.shape)
         return Chunk(kv, h.fingerprint, h.num_tokens)
-
-    def _decode_blob(self, key: bytes, blob: Buffer) -> Chunk | None:
-        """``_decode`` of one contiguous header + payload blob (an S3 object)."""
-        mv = memoryview(blob).cast("B")
-        return self._decode(key, mv[: serde.HEADER_BYTES], mv[serde.HEADER_BYTES :])
 
     # -- counters -------------------------------------------------------------------------------
     def _count_get(self, hits: int, misses: int) -> None:

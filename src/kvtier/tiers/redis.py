@@ -23,95 +23,27 @@ and guarded by the circuit breaker (``network``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis
-from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import PythonRespSerializer
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
-from redis.retry import Retry
 
 from kvtier import serde
+from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import Chunk, TierError
-from kvtier.tiers.network import NetworkTier, leading_true, redact_url
+from kvtier.tiers.network import NetworkTier
+from kvtier.tiers.redis_client import connect, parse_redis_url
 
 log = logging.getLogger(__name__)
 
 _MAX_PIPELINE_BYTES = 64 * 1024**2  # flush a batched put's pipeline every ~64 MiB
 Encoded = tuple[bytes, "bytes | bytearray | memoryview"]
-
-
-class _PythonPacker:
-    """Always redis-py's pure-Python command packer: it sends a large (memoryview) argument as it
-    is, while the hiredis packer (used whenever hiredis is installed) first copies every
-    memoryview into new ``bytes`` — an extra allocation and copy of each KV payload. Replies are
-    still parsed by hiredis when it is there."""
-
-    _buffer_cutoff: int
-    encoder: Any
-
-    def _construct_command_packer(self, packer: Any) -> PythonRespSerializer:
-        return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
-
-
-class _Connection(_PythonPacker, redis.Connection):
-    pass
-
-
-class _SSLConnection(_PythonPacker, redis.SSLConnection):
-    pass
-
-
-class _UnixConnection(_PythonPacker, redis.UnixDomainSocketConnection):
-    pass
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """A parsed ``remote.url``: one server (``url`` for redis-py) or cluster ``nodes``."""
-
-    url: str
-    nodes: tuple[tuple[str, int], ...] = ()
-    ssl: bool = False
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def cluster(self) -> bool:
-        return bool(self.nodes)
-
-
-def parse_redis_url(url: str) -> RedisTarget:
-    """``redis://``, ``rediss://``, ``unix://``, ``valkey(s)://`` = one server; ``*+cluster://`` or a
-    comma-separated host list = a cluster. Raises ``TierError`` naming what is wrong."""
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise TierError(f"remote.url {redact_url(url)!r} has no scheme (want redis://host:port)")
-    base, _, cluster_flag = scheme.partition("+")
-    if base not in ("redis", "rediss", "valkey", "valkeys", "unix") or cluster_flag not in ("", "cluster"):
-        raise TierError(f"remote.url {redact_url(url)!r}: unsupported scheme {scheme!r}")
-    tls = base in ("rediss", "valkeys")
-    plain = {"valkey": "redis", "valkeys": "rediss"}.get(base, base)
-    netloc = rest.split("/", 1)[0]
-    if base == "unix" or (not cluster_flag and "," not in netloc):
-        return RedisTarget(f"{plain}://{rest}", ssl=tls)
-    userinfo, _, hosts = netloc.rpartition("@")
-    user, _, pw = userinfo.partition(":")
-    nodes = []
-    for hp in hosts.split(","):
-        host, _, port = hp.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise TierError(f"remote.url {redact_url(url)!r}: cluster node {hp!r} is not host:port")
-        nodes.append((host.strip("[]"), int(port)))
-    return RedisTarget(url, tuple(nodes), tls, unquote(user) or None, unquote(pw) or None)
 
 
 class RedisTier(NetworkTier):
@@ -125,24 +57,15 @@ class RedisTier(NetworkTier):
             raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
                             f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
         self.target = parse_redis_url(url)
-        super().__init__("redis", url, serde_name=serde_name, failure_types=(redis.RedisError, RedisClusterException, OSError), refusal_types=(redis.ResponseError,),
-                         failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
+        super().__init__("redis", url, serde_name=serde_name, failure_types=(redis.RedisError, RedisClusterException, OSError),
+                         refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
                          clock=clock)  # fmt: skip
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None
-        self._kw: dict[str, Any] = dict(
-            username=username or self.target.username,
-            password=password or self.target.password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),  # the breaker decides about retrying, not the client
-        )
-        base = self.target.url.partition("://")[0]
-        self._kw["connection_class"] = {"unix": _UnixConnection, "rediss": _SSLConnection}.get(
-            base, _Connection
-        )
-        self._max_connections = max_connections
+        self._connect = functools.partial(connect, self.target, username=username or self.target.username,
+                                          password=password or self.target.password, timeout_s=timeout_s,
+                                          max_connections=max_connections)  # fmt: skip
         self._client: redis.Redis | RedisCluster | None = None
         self._client_lock = threading.Lock()
 
@@ -154,17 +77,7 @@ class RedisTier(NetworkTier):
             return c
         with self._client_lock:
             if self._client is None:
-                kw = {k: v for k, v in self._kw.items() if v is not None}
-                if self.target.cluster:
-                    nodes = [ClusterNode(h, p) for h, p in self.target.nodes]
-                    h, p = self.target.nodes[0]  # url= makes node pools take connection_class
-                    self._client = RedisCluster(url=f"{'rediss' if self.target.ssl else 'redis'}://{h}:{p}",
-                                                startup_nodes=nodes, max_connections=self._max_connections,
-                                                **kw)  # fmt: skip
-                else:
-                    self._client = redis.Redis.from_url(
-                        self.target.url, max_connections=self._max_connections, **kw
-                    )
+                self._client = self._connect()
             return self._client
 
     def _reset_connection(self) -> None:
@@ -184,53 +97,21 @@ class RedisTier(NetworkTier):
     def _rk(self, key: bytes) -> str:
         return f"{self.key_prefix}:{{{key.hex()}}}"
 
-    # -- Tier API -------------------------------------------------------------------------------
-    def contains(self, key: bytes) -> bool:
-        return bool(self._guard("contains", lambda: self._r().exists(self._rk(key)), 0))
+    # -- Tier API (reads: NetworkTier.batched_get over _fetch_many) ------------------------------
+    def _exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        p = self._pipe()
+        for k in keys:
+            p.exists(self._rk(k))
+        return [bool(x) for x in p.execute()]
 
-    def prefix_contains(self, keys: Sequence[bytes]) -> int:
-        if not keys:
-            return 0
-
-        def run() -> list[Any]:
-            p = self._pipe()
-            for k in keys:
-                p.exists(self._rk(k))
-            return list(p.execute())
-
-        none: list[Any] = []
-        found = self._guard("prefix_contains", run, none)
-        return leading_true(found)
-
-    def get(self, key: bytes) -> Chunk | None:
-        return self.batched_get([key])[0]
-
-    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
-        """Header + part 0 of every key in one round trip; other parts of split chunks in a second."""
-        if not keys:
-            return []
-        found = self._guard("get", lambda: self._fetch(keys), None)
-        if found is None:
-            self._count_get(0, len(keys))
-            return [None] * len(keys)
-        out: list[Chunk | None] = []
-        for k, f in zip(keys, found):
-            c = None if f is None else self._decode(k, *f)
-            if f is not None and c is None:
-                self.remove(k)  # corrupt or incomplete: make room for a clean rewrite
-            out.append(c)
-        hits = sum(c is not None for c in out)
-        self._count_get(hits, len(keys) - hits)
-        return out
-
-    def _fetch(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes | bytearray] | None]:
+    def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
         """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete."""
         p = self._pipe()
         for k in keys:
             p.get(self._rk(k))
             p.get(self._rk(k) + ":0")
         replies: list[Any] = list(p.execute())
-        out: list[tuple[bytes, bytes | bytearray] | None] = []
+        out: list[tuple[Buffer, Buffer] | None] = []
         more: list[tuple[int, int]] = []  # (index, parts) of split chunks
         for i in range(len(keys)):
             head, part0 = replies[2 * i], replies[2 * i + 1]
@@ -262,9 +143,6 @@ class RedisTier(NetworkTier):
                     joined += x
                 out[i] = (head, joined)
         return out
-
-    def put(self, key: bytes, chunk: Chunk) -> bool:
-        return self.batched_put([(key, chunk)])[0]
 
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
         """One pipeline per ~64 MiB; see ``_write`` for how a value becomes visible atomically."""

@@ -31,8 +31,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kvtier.serde import HEADER_BYTES
+from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import Chunk, TierError
-from kvtier.tiers.network import NetworkTier, leading_true
+from kvtier.tiers.network import NetworkTier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,38 +116,16 @@ class S3Tier(NetworkTier):
                 return False
             raise
 
-    def contains(self, key: bytes) -> bool:
-        return self._guard("contains", lambda: self._head(key), False)
+    def _exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._map(self._head, list(keys))
 
-    def prefix_contains(self, keys: Sequence[bytes]) -> int:
-        none: list[bool] = []
-        found = self._guard("prefix_contains", lambda: self._map(self._head, list(keys)), none)
-        return leading_true(found)
-
-    def get(self, key: bytes) -> Chunk | None:
-        return self.batched_get([key])[0]
-
-    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
-        if not keys:
-            return []
-        blobs = self._guard("get", lambda: self._map(self._fetch, list(keys)), None)
-        if blobs is None:
-            self._count_get(0, len(keys))
-            return [None] * len(keys)
-        out: list[Chunk | None] = []
-        for k, blob in zip(keys, blobs):
-            c = None if blob is None else self._decode_blob(k, blob)
-            if blob is not None and c is None:
-                self.remove(k)
-            out.append(c)
-        hits = sum(c is not None for c in out)
-        self._count_get(hits, len(keys) - hits)
-        return out
+    def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
+        return self._map(self._fetch, list(keys))
 
     def _range(self, key: bytes, start: int, end: int) -> dict[str, Any]:
         return self._s3.get_object(Bucket=self.bucket, Key=self._ok(key), Range=f"bytes={start}-{end - 1}")
 
-    def _fetch(self, key: bytes) -> bytearray | None:
+    def _fetch(self, key: bytes) -> tuple[Buffer, Buffer] | None:
         try:
             first = self._range(key, 0, self.part_bytes)
         except ClientError as e:
@@ -168,10 +148,8 @@ class S3Tier(NetworkTier):
         if rest:  # a huge object: the remaining ranges in parallel (pool threads may be busy: own pool)
             with ThreadPoolExecutor(min(len(rest), 8), thread_name_prefix="kvtier-s3-range") as ex:
                 list(ex.map(part, rest))
-        return buf
-
-    def put(self, key: bytes, chunk: Chunk) -> bool:
-        return self.batched_put([(key, chunk)])[0]
+        mv = memoryview(buf)
+        return mv[:HEADER_BYTES], mv[HEADER_BYTES:]
 
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
         pairs = list(items)
