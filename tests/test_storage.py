@@ -4,6 +4,8 @@ deterministic."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -320,3 +322,25 @@ def test_prefetch_past_a_corrupt_chunk_loads_the_prefix_and_frees_buffers(tmp_pa
     assert m.tiers[0].contains(_key(0)) and not m.tiers[0].contains(_key(2))
     assert disk._buffers is not None and disk._buffers.used_bytes == 0  # every read buffer given back
     m.close()
+
+
+def test_disk_full_through_the_engine_is_counted_and_cpu_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*a: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
+                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    tokens = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(3))
+    kv = torch.randn(2, 2, 48, 2, 8)
+    with CacheEngine(cfg) as eng:
+        monkeypatch.setattr(os, "writev", full)
+        monkeypatch.setattr(os, "pwrite", full)
+        assert eng.store(tokens, kv) == 48  # the CPU tier took it
+        assert eng.flush(30)  # queue drained (the writes failed softly)
+        s = eng.stats().tiers["disk"]
+        assert s.put_failures == 3 and s.errors == 3 and s.chunks == 0 and s.queue_depth == 0
+        r = eng.retrieve(tokens)
+        assert r.num_tokens == 48 and r.kv is not None and torch.equal(r.kv, kv)
+        monkeypatch.undo()
