@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 import threading
@@ -86,13 +85,6 @@ def lower_tiers(config: Config) -> list[Tier]:
     return build_tiers(cfg)
 
 
-def _manager(tiers: list[Tier], config: Config) -> TierManager:
-    """A TierManager with the config's storage settings (async writes, promotion) where supported."""
-    if "config" in inspect.signature(TierManager).parameters:
-        return TierManager(tiers, config.storage)  # type: ignore[call-arg]
-    return TierManager(tiers)
-
-
 class CacheService:
     """Tier operations for the daemon's clients."""
 
@@ -105,7 +97,7 @@ class CacheService:
         self.cpu = SharedCPUTier(self.segment, policy=config.cpu.eviction_policy,
                                  pin_timeout_s=config.cpu.pin_timeout_s)  # fmt: skip
         try:
-            self.manager = _manager([self.cpu, *lower_tiers(config)], config)
+            self.manager = TierManager([self.cpu, *lower_tiers(config)], config.storage)
         except BaseException:
             self.cpu.close()
             raise
