@@ -21,8 +21,8 @@ def prompt() -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> int:
     role, url, endpoint, salt, out = sys.argv[1:6]
-    cfg = Config.load(env={}, chunk_tokens=32, cpu__enabled=False, model__model_id="share-test", model__cache_salt=salt,
-                      remote__url=url, remote__endpoint_url=endpoint)  # fmt: skip
+    cfg = Config.load(env={}, chunk_tokens=32, cpu__enabled=False, model__model_id="share-test",
+                      model__cache_salt=salt, remote__url=url, remote__endpoint_url=endpoint)  # fmt: skip
     with CacheEngine(cfg) as eng:
         tokens, kv = prompt()
         eng.bind_model(3, 2, 8, torch.bfloat16)

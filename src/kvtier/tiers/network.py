@@ -74,18 +74,20 @@ class NetworkTier(Tier):
 
     capacity_enforced = False
 
-    def __init__(self, name: str, endpoint: str, *, serde_name: str, failure_types: tuple[type[BaseException], ...],
-                 refusal_types: tuple[type[BaseException], ...] = (), failure_threshold: int = 3, retry_backoff_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(self, name: str, endpoint: str, *, serde_name: str,
+                 failure_types: tuple[type[BaseException], ...],
+                 refusal_types: tuple[type[BaseException], ...] = (), failure_threshold: int = 3,
+                 retry_backoff_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.name = name
         self.serde_name = serde_name
         serde.get_codec(serde_name)  # unknown codec: fail at construction, not on the first put
         self._failure_types = failure_types
         self._refusal_types = refusal_types
         self._refusals_logged: set[type[BaseException]] = set()
-        self.breaker = CircuitBreaker(f"{name} tier {redact_url(endpoint)}", failure_threshold=failure_threshold,
-                                      backoff_initial_s=retry_backoff_s, backoff_max_s=max(30.0, retry_backoff_s),
-                                      clock=clock, on_open=self._reset_connection)  # fmt: skip
+        self.breaker = CircuitBreaker(f"{name} tier {redact_url(endpoint)}",
+                                      failure_threshold=failure_threshold, backoff_initial_s=retry_backoff_s,
+                                      backoff_max_s=max(30.0, retry_backoff_s), clock=clock,
+                                      on_open=self._reset_connection)  # fmt: skip
         self._stats = TierStats(name)
         self._lock = threading.Lock()
         self._closed = False

@@ -57,9 +57,10 @@ class RedisTier(NetworkTier):
             raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
                             f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
         self.target = parse_redis_url(url)
-        super().__init__("redis", url, serde_name=serde_name, failure_types=(redis.RedisError, RedisClusterException, OSError),
-                         refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
-                         clock=clock)  # fmt: skip
+        super().__init__("redis", url, serde_name=serde_name,
+                         failure_types=(redis.RedisError, RedisClusterException, OSError),
+                         refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold,
+                         retry_backoff_s=retry_backoff_s, clock=clock)  # fmt: skip
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None

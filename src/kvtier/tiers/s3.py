@@ -78,11 +78,13 @@ class S3Tier(NetworkTier):
                          clock=clock)  # fmt: skip
         self.prefix = prefix or key_prefix
         self.part_bytes = max(part_bytes, MIN_PART_BYTES)
-        cfg = BotoConfig(connect_timeout=timeout_s, read_timeout=timeout_s, max_pool_connections=max_workers * 2,
-                         retries={"total_max_attempts": 1}, region_name=region or None)  # fmt: skip
+        cfg = BotoConfig(connect_timeout=timeout_s, read_timeout=timeout_s,
+                         max_pool_connections=max_workers * 2, retries={"total_max_attempts": 1},
+                         region_name=region or None)  # fmt: skip
         self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=cfg)
-        self._transfer = TransferConfig(multipart_threshold=self.part_bytes, multipart_chunksize=self.part_bytes,
-                                        max_concurrency=max_workers, use_threads=True)  # fmt: skip
+        self._transfer = TransferConfig(multipart_threshold=self.part_bytes,
+                                        multipart_chunksize=self.part_bytes, max_concurrency=max_workers,
+                                        use_threads=True)  # fmt: skip
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="kvtier-s3")
         if create_bucket:
             self._guard("create_bucket", self._create_bucket, None)
@@ -134,6 +136,9 @@ class S3Tier(NetworkTier):
             raise
         head = first["Body"].read()
         total = int(str(first.get("ContentRange", "")).rpartition("/")[2] or len(head))
+        if len(head) >= total:  # the usual case: one GET had it all
+            mv = memoryview(head)
+            return mv[:HEADER_BYTES], mv[HEADER_BYTES:]
         buf = bytearray(total)
         buf[: len(head)] = head
         rest = [(s, min(s + self.part_bytes, total)) for s in range(len(head), total, self.part_bytes)]
