@@ -202,7 +202,7 @@ def test_auth_from_env_and_password_never_logged(caplog: pytest.LogCaptureFixtur
         s.cleanup()
 
 
-def test_unix_socket_and_valkey_scheme(tmp_path: object) -> None:
+def test_unix_socket_and_valkey_scheme() -> None:
     if servers.REDIS_SERVER is None:
         pytest.skip(servers.NO_REDIS_REASON)
     s = servers.RedisServer(extra=("--unixsocket", "kvtier.sock", "--unixsocketperm", "700")).start()
