@@ -87,6 +87,8 @@ class RedisServer:
                 return self._start()
             except RuntimeError:
                 if attempt == 2 or self._fixed_port or self.ever_started:
+                    if not self.ever_started:
+                        shutil.rmtree(self.dir, ignore_errors=True)
                     raise
                 self.port = free_port()
         raise AssertionError("unreachable")
@@ -147,8 +149,12 @@ class RedisCluster:
         import redis
 
         assert REDIS_CLI is not None
-        for n in self.nodes:
-            n.start()
+        try:
+            for n in self.nodes:
+                n.start()
+        except RuntimeError:
+            self.cleanup()  # the nodes that did start
+            raise
         cmd = [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
                "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
