@@ -62,6 +62,7 @@ class SharedSegment:
         self.arena_bytes = arena_bytes
         self.owner = owner
         self._mm: mmap.mmap | None = mm
+        self._cuda_registered = False
         whole = torch.frombuffer(mm, dtype=torch.uint8)
         self.arena = whole[HEADER_BYTES : HEADER_BYTES + arena_bytes]
         """The arena as a uint8 tensor; offsets in the protocol are relative to it."""
@@ -108,6 +109,17 @@ class SharedSegment:
             raise OSError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
         return cls(Path(path), mm, nonce, arena_bytes, owner=False)
 
+    def register_cuda(self) -> bool:
+        """Page-lock the mapping for CUDA (``cudaHostRegister``), so GPU copies from leased views
+        run at pinned-memory speed, as from the in-process pinned pool; ``False`` if refused."""
+        rc = torch.cuda.cudart().cudaHostRegister(self.arena.data_ptr(), self.arena_bytes, 0)
+        ok = rc == 0 or getattr(rc, "value", None) == 0
+        if ok:
+            self._cuda_registered = True
+        else:
+            log.warning("cudaHostRegister of the shared pool failed (%s); GPU copies use pageable speed", rc)
+        return bool(ok)
+
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor viewing ``shape``/``dtype`` at arena ``offset``; raises ``ValueError`` out of range."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -128,6 +140,9 @@ class SharedSegment:
 
     def close(self) -> None:
         """Forget the mapping (unmapped when the last view dies) and, as owner, unlink the file."""
+        if self._cuda_registered:
+            torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
+            self._cuda_registered = False
         self._mm = None
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
