@@ -28,7 +28,8 @@ def stop_shared() -> None:
     while _DAEMONS:
         _, d = _DAEMONS.popitem()
         try:
-            d.terminate(20)
+            if d.terminate(20) == 0:
+                d.cleanup()
         finally:
             d.kill()
 
