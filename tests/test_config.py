@@ -83,3 +83,10 @@ def test_bad_file(tmp_path: Path) -> None:
 
 def test_format_size() -> None:
     assert format_size(4 * 2**30) == "4GiB" and format_size(1000) == "1000"
+
+
+def test_env_names_that_are_not_config_are_left_alone() -> None:
+    cfg = Config.load(env={"KVTIER_CACHE_DIR": "/tmp/x", "KVTIER_SOAK": "1", "KVTIER_CHUNK_TOKENS": "64"})
+    assert cfg.chunk.chunk_tokens == 64
+    with pytest.raises(ConfigError, match="unknown key"):
+        Config.load(env={"KVTIER_CPU__MAX_BYTEZ": "1GiB"})

@@ -357,10 +357,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``KVTIER_SECTION__FIELD`` (must name a real field: a typo is an error) and bare
+    ``KVTIER_FIELD`` for unique field names. A bare name that is no config field
+    (``KVTIER_CACHE_DIR``, a test switch) belongs to someone else and is left alone."""
     out: dict[str, Any] = {}
+    known = _field_index()
     for k, v in env.items():
-        if k.startswith("KVTIER_") and k != "KVTIER_CONFIG":
-            out[k[len("KVTIER_") :].lower()] = v
+        if not k.startswith("KVTIER_") or k == "KVTIER_CONFIG":
+            continue
+        name = k[len("KVTIER_") :].lower()
+        if "__" not in name and name not in known:
+            continue
+        out[name] = v
     return out
 
 

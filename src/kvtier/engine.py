@@ -27,7 +27,7 @@ from kvtier.config import Config
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
 from kvtier.paged import PagedMixin
-from kvtier.storage import TierManager
+from kvtier.storage import SOFT_ERRORS, TierManager
 from kvtier.tiers.base import Chunk, Tier
 from kvtier.tiers.factory import build_tiers
 
@@ -147,9 +147,13 @@ class CacheEngine(PagedMixin):
         self._validate_kv(arr, kv)
         keys = self.keys(arr)
         stored = 0
-        for k in keys:
-            if any(t.contains(k.digest) for t in self.storage.tiers[:1]):
-                continue
+        # Keys are chained, so cached chunks form a prefix: one batched question to the top tier
+        # (one round trip when it is remote) finds them; a tier stores a key it has only once.
+        try:
+            n_cached = self.storage.tiers[0].prefix_contains([k.digest for k in keys])
+        except SOFT_ERRORS:
+            n_cached = 0
+        for k in keys[n_cached:]:
             part = kv[:, :, k.start : k.end]  # a view; each tier copies what it keeps
             fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
             if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
@@ -196,16 +200,15 @@ class CacheEngine(PagedMixin):
             )
         got = 0
         n_chunks = 0
-        for k in keys[:n_avail]:
-            chunk = self.storage.get(k.digest)
-            if chunk is None:
-                break
+        chunks = self.storage.get_prefix([k.digest for k in keys[:n_avail]])
+        ok = True
+        for k, chunk in zip(keys, chunks):
             with chunk:
-                if not self._chunk_ok(chunk, arr, k, dtype):
-                    break
-                out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
-            got = k.end
-            n_chunks += 1
+                ok = ok and self._chunk_ok(chunk, arr, k, dtype)
+                if ok:
+                    out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
+                    got = k.end
+                    n_chunks += 1
         if dev.type == "cuda":
             torch.cuda.current_stream(dev).synchronize()
         self._stats.retrieves += 1

@@ -158,6 +158,37 @@ class TierManager:
                 return c
         return None
 
+    def get_prefix(self, keys: Sequence[bytes]) -> list[Chunk]:
+        """Chunks for the leading ``keys``, stopping at the first one no tier returns.
+
+        The top tier is asked for all keys in one batched call (one round trip for a remote
+        top tier such as the daemon); a key it misses falls through ``get`` to the lower tiers.
+        Chunks after a hole are released, so no pin outlives the call except the returned ones.
+        """
+        if not keys:
+            return []
+        top = self.tiers[0]
+        t0 = time.perf_counter()
+        try:
+            first = top.batched_get(list(keys)) if not self._inflight else [None] * len(keys)
+        except SOFT_ERRORS as e:
+            self._soft_fail(top, "get", e)
+            first = [None] * len(keys)
+        with self._io[0].lock:
+            self._io[0].get_seconds += time.perf_counter() - t0
+            self._io[0].read_bytes += sum(c.nbytes for c in first if c is not None)
+        out: list[Chunk] = []
+        for j, (key, c) in enumerate(zip(keys, first)):
+            if c is None:
+                c = self.get(key)
+            if c is None:
+                for rest in first[j + 1 :]:
+                    if rest is not None:
+                        rest.release()
+                break
+            out.append(c)
+        return out
+
     def _get_from(self, i: int, key: bytes) -> Chunk | None:
         tier, io = self.tiers[i], self._io[i]
         t0 = time.perf_counter()
