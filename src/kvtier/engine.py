@@ -59,6 +59,28 @@ class RetrieveResult:
     num_chunks: int = 0
 
 
+@dataclass
+class ChunkViews:
+    """Validated chunk views of a cached prefix (``CacheEngine.retrieve_chunks``).
+
+    ``chunks`` are in token order and contiguous from 0; ``num_tokens`` is the end of the last.
+    The views pin tier memory: call ``release()`` (or use ``with``) once they are copied.
+    """
+
+    num_tokens: int
+    chunks: list[tuple[ChunkKey, Chunk]]
+
+    def release(self) -> None:
+        for _, c in self.chunks:
+            c.release()
+
+    def __enter__(self) -> ChunkViews:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class CacheEngine(PagedMixin):
     """Stores and returns KV for token prefixes across the configured tiers."""
 
@@ -166,6 +188,34 @@ class CacheEngine(PagedMixin):
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return stored
 
+    def retrieve_chunks(self, tokens: TokenInput) -> ChunkViews:
+        """The validated chunks of the longest cached prefix of ``tokens``, not assembled.
+
+        Each chunk's ``kv`` is ``[layers, planes, n_i, kv_heads, head_dim]`` on the host, for the
+        CPU tier a pinned view into its pool, held against eviction until ``release()`` (use
+        the result as a context manager). This lets a caller copy layer by layer straight from
+        the pool to a GPU while it computes, instead of waiting for ``retrieve``'s one big copy.
+        """
+        arr = tokens_to_array(tokens)
+        keys = self.keys(arr)
+        ns = self._namespace
+        if not keys or ns is None:
+            return ChunkViews(0, [])
+        n_avail = self.storage.prefix_lookup([k.digest for k in keys])
+        if n_avail == 0:
+            return ChunkViews(0, [])
+        dtype = dtype_from_name(ns.kv_dtype)
+        views = ChunkViews(0, [])
+        ok = True
+        for k, chunk in zip(keys, self.storage.get_prefix([k.digest for k in keys[:n_avail]])):
+            ok = ok and self._chunk_ok(chunk, arr, k, dtype)
+            if ok:
+                views.chunks.append((k, chunk))
+                views.num_tokens = k.end
+            else:
+                chunk.release()
+        return views
+
     def retrieve(self, tokens: TokenInput, *, device: torch.device | str | None = None,
                  out: torch.Tensor | None = None) -> RetrieveResult:  # fmt: skip
         """The KV of the longest cached prefix of ``tokens``, on ``device`` (default CPU).
@@ -175,48 +225,34 @@ class CacheEngine(PagedMixin):
         fresh large host allocation, which cost more than the copy itself.
         """
         t0 = time.perf_counter()
-        arr = tokens_to_array(tokens)
-        keys = self.keys(arr)
         ns = self._namespace
-        if not keys or ns is None:
-            return RetrieveResult(0, None)
-        n_avail = self.storage.prefix_lookup([k.digest for k in keys])
-        if n_avail == 0:
-            return RetrieveResult(0, None)
-        layers, heads, dim = ns.kv_shape
-        dtype = dtype_from_name(ns.kv_dtype)
-        total = keys[n_avail - 1].end
-        if out is not None:
-            self._validate_out(out, total, dtype)
-            dev = out.device
-        else:
-            dev = torch.device(device) if device is not None else torch.device("cpu")
-            # Host output is pinned when a GPU may read it: H2D from pageable memory runs at a third
-            # of the pinned rate, and torch's caching host allocator makes repeated pinned
-            # allocations cheap.
-            pin = dev.type == "cpu" and torch.cuda.is_available()
-            out = torch.empty(
-                (layers, ns.kv_planes, total, heads, dim), dtype=dtype, device=dev, pin_memory=pin
-            )
-        got = 0
-        n_chunks = 0
-        chunks = self.storage.get_prefix([k.digest for k in keys[:n_avail]])
-        ok = True
-        for k, chunk in zip(keys, chunks):
-            with chunk:
-                ok = ok and self._chunk_ok(chunk, arr, k, dtype)
-                if ok:
-                    out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
-                    got = k.end
-                    n_chunks += 1
-        if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()
+        with self.retrieve_chunks(tokens) as views:
+            got = views.num_tokens
+            if got == 0 or ns is None:
+                self._stats.retrieves += 1
+                return RetrieveResult(0, None)
+            layers, heads, dim = ns.kv_shape
+            dtype = dtype_from_name(ns.kv_dtype)
+            if out is not None:
+                self._validate_out(out, got, dtype)
+                dev = out.device
+            else:
+                dev = torch.device(device) if device is not None else torch.device("cpu")
+                # Host output is pinned when a GPU may read it: H2D from pageable memory runs at a
+                # third of the pinned rate, and torch's caching host allocator makes repeated pinned
+                # allocations cheap.
+                pin = dev.type == "cpu" and torch.cuda.is_available()
+                out = torch.empty(
+                    (layers, ns.kv_planes, got, heads, dim), dtype=dtype, device=dev, pin_memory=pin
+                )
+            for k, chunk in views.chunks:
+                out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
+            if dev.type == "cuda":  # the chunks stay pinned until their async copies are done
+                torch.cuda.current_stream(dev).synchronize()
         self._stats.retrieves += 1
         self._stats.retrieved_tokens += got
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
-        if got == 0:
-            return RetrieveResult(0, None)
-        return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, n_chunks)
+        return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
 
     def stats(self) -> CacheStats:
         """A snapshot of the engine's and every tier's counters."""

@@ -211,3 +211,19 @@ def test_layerwise_cache_cuda_side_stream() -> None:
     full = kvt.prefill(model, ids, eng)
     assert full.hit_tokens == 299
     torch.testing.assert_close(full.logits, full_logits(model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_chunk_views_load_on_cuda_matches_and_releases_pins() -> None:
+    """On CUDA the prefix goes pool -> GPU layer by layer from pinned chunk views, then unpins."""
+    model = load_model("random:llama-tiny", device="cuda", dtype=torch.float32).model
+    eng = make_engine()
+    ids = random_ids(100, seed=11).cuda()
+    kvt.prefill(model, ids, eng)
+    longer = torch.cat([ids, random_ids(30, seed=12).cuda()], dim=1)
+    r = kvt.prefill(model, longer, eng)
+    assert r.hit_tokens >= 64
+    torch.testing.assert_close(r.logits, full_logits(model, longer), atol=ATOL, rtol=0)
+    assert same_greedy(model, r, longer, 5)
+    cpu = eng.storage.tiers[0]
+    assert not any(e.obj.pinned for e in cpu._entries.values())  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ import torch
 
 from kvtier.engine import CacheEngine, dtype_name
 from kvtier.integrations.hf_cache import (
+    ChunkedLayerwiseKV,
     IntegrationError,
     KVTierCache,
     LayerwiseKV,
@@ -140,6 +141,15 @@ def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.devi
     hit = min(found, seq - 1)
     if hit <= 0:
         return 0, None
+    if device.type == "cuda":
+        # Straight from the pinned pool to the GPU, layer by layer, overlapping the forward.
+        views = [engine.retrieve_chunks(r[:found]) for r in rows_cpu]
+        hit = min([hit] + [v.num_tokens for v in views])
+        if hit <= 0:
+            for v in views:
+                v.release()
+            return 0, None
+        return hit, ChunkedLayerwiseKV(views, hit, device)
     kvs = []
     for r in rows_cpu:
         # Ask for exactly the looked-up span: its chunk keys (a stored partial tail included) match.
