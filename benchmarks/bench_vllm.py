@@ -79,9 +79,8 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def timed(llm: Any, tokens: list[int]) -> tuple[float, int]:
-    from vllm.inputs import TokensPrompt
-
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     t0 = time.perf_counter()
@@ -91,9 +90,8 @@ def timed(llm: Any, tokens: list[int]) -> tuple[float, int]:
 
 def run_role(role: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from vllm.config import KVTransferConfig
-
     from vllm import LLM
+    from vllm.config import KVTransferConfig
 
     ktc = None
     if role == "kvtier":

@@ -19,9 +19,8 @@ for _k, _v in VLLM_ENV.items():
 
 def make_llm(model: str, *, engine_id: str | None, extra: dict[str, Any] | None = None, **kw: Any) -> Any:
     """An ``LLM`` on ``model``; with ``engine_id`` it runs kvtier's connector (``extra``: its config)."""
-    from vllm.config import KVTransferConfig
-
     from vllm import LLM
+    from vllm.config import KVTransferConfig
 
     ktc = None
     if engine_id is not None:
@@ -39,9 +38,8 @@ def make_llm(model: str, *, engine_id: str | None, extra: dict[str, Any] | None 
 
 def greedy(llm: Any, prompts: list[list[int]], max_tokens: int = 8, *, skip_cache: bool = False) -> list[Any]:
     """Greedy outputs (token ids, with chosen-token logprobs); ``skip_cache`` bypasses every prefix cache."""
-    from vllm.inputs import TokensPrompt
-
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
                         skip_reading_prefix_cache=True if skip_cache else None)  # fmt: skip

