@@ -27,5 +27,7 @@ def test_stats_delta_of_a_real_daemon() -> None:
             delta = stats_delta(before, fetch_stats(d.http_url))
     assert delta["lookups"] >= 2 and delta["lookup_keys"] >= 8  # the daemon may be asked more than once
     assert delta["hit_keys"] == 4  # the 4 stored chunks, found by the first lookup only
+    assert delta["hit_lookups"] == 1  # one lookup found chunks; the miss and any follow-up found none
+    assert delta["request_hit_rate"] == pytest.approx(1 / delta["lookups"])
     assert delta["hit_rate"] == pytest.approx(delta["hit_keys"] / delta["lookup_keys"])
     assert 0.0 < delta["hit_rate"] < 1.0 and "cpu" in delta["tiers"]

@@ -4,7 +4,7 @@ The JSON file (``kvtier_bench: 1``) holds every request's result, so a later ``-
 or plot needs nothing but the files. Summaries are recomputed from the results on load.
 
 Hit rates: per request from the in-process kvtier driver (``hit_tokens``); else the daemon's
-``/stats`` delta (a key hit rate, no request hit rate); else unknown ("-").
+``/stats`` delta (key and lookup hit rates); else unknown ("-").
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def summarize(run: VariantRun) -> dict[str, Any]:
         s["token_hit_rate"] = sum(hits) / prompt if prompt else 0.0
     elif run.cache and run.cache.get("source") == "daemon /stats":
         s["token_hit_rate"] = run.cache.get("hit_rate")
+        s["request_hit_rate"] = run.cache.get("request_hit_rate")
     return s
 
 

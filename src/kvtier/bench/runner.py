@@ -93,7 +93,9 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     """The daemon's counters over the run, with its chunk-level hit rate.
 
     The daemon counts chunk keys (``lookup_keys``, ``hit_keys``), so ``hit_rate`` here is a
-    key (≈ token) hit rate; it knows nothing of requests, so no request hit rate.
+    key (≈ token) hit rate; ``request_hit_rate`` is lookups with at least one hit over lookups
+    (it may understate the per-request rate: an engine whose top tier is the daemon asks it
+    once more after a partial hit, and that follow-up lookup counts as a miss).
     """
     b, a = before.get("server", {}), after.get("server", {})
     out: dict[str, Any] = {
@@ -101,6 +103,9 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     }
     keys = out.get("lookup_keys", 0)
     out["hit_rate"] = out.get("hit_keys", 0) / keys if keys else 0.0
+    lookups = out.get("lookups", 0)
+    if "hit_lookups" in out:
+        out["request_hit_rate"] = out["hit_lookups"] / lookups if lookups else 0.0
     out["source"] = "daemon /stats"
     out["tiers"] = {k.removeprefix("tier:"): v for k, v in after.items() if k.startswith("tier:")}
     return out

@@ -73,6 +73,7 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
     c.lookups += 1
     c.lookup_keys += len(keys)
     c.hit_keys += n
+    c.hit_lookups += n > 0
     return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
 
 
@@ -103,7 +104,7 @@ class HttpFace:
 
     def _snapshot(self) -> CacheStats:
         c = self.service.counters
-        return CacheStats(lookups=c.lookups, hit_requests=0, stored_chunks=c.puts,
+        return CacheStats(lookups=c.lookups, hit_requests=c.hit_lookups, stored_chunks=c.puts,
                           tiers=self.service.manager.stats())  # fmt: skip
 
     def start(self) -> None:

@@ -66,6 +66,7 @@ class ServerCounters:
     lookups: int = 0
     lookup_keys: int = 0
     hit_keys: int = 0
+    hit_lookups: int = 0  # lookups that found at least one chunk: the request hit count
     get_hits: int = 0
     get_misses: int = 0
     puts: int = 0
@@ -155,6 +156,7 @@ class CacheService:
             c.lookups += 1
             c.lookup_keys += len(msg.keys)
             c.hit_keys += n
+            c.hit_lookups += n > 0
             return P.Count(n), [], []
         if isinstance(msg, P.Contains):
             return P.Bools([self.manager.prefix_lookup([k]) == 1 for k in msg.keys]), [], []
