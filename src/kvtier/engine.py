@@ -27,7 +27,7 @@ from kvtier.config import Config
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
 from kvtier.paged import PagedMixin
-from kvtier.storage import SOFT_ERRORS, TierManager
+from kvtier.storage import TierManager
 from kvtier.tiers.base import Chunk, Tier
 from kvtier.tiers.factory import build_tiers
 
@@ -170,12 +170,8 @@ class CacheEngine(PagedMixin):
         keys = self.keys(arr)
         stored = 0
         # Keys are chained, so cached chunks form a prefix: one batched question to the top tier
-        # (one round trip when it is remote) finds them; a tier stores a key it has only once.
-        try:
-            n_cached = self.storage.tiers[0].prefix_contains([k.digest for k in keys])
-        except SOFT_ERRORS:
-            n_cached = 0
-        for k in keys[n_cached:]:
+        # (one round trip when it is remote) finds them.
+        for k in keys[self.storage.top_prefix([k.digest for k in keys]) :]:
             part = kv[:, :, k.start : k.end]  # a view; each tier copies what it keeps
             fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
             if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):

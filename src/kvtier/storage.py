@@ -145,6 +145,15 @@ class TierManager:
                     break
         return n
 
+    def top_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the top tier holds (0 if it fails: those chunks are then
+        simply offered to the tiers again, and a tier stores a key it already has only once)."""
+        try:
+            return self.top.prefix_contains(list(keys))
+        except SOFT_ERRORS as e:
+            self._soft_fail(self.top, "lookup", e)
+            return 0
+
     def get(self, key: bytes) -> Chunk | None:
         """The chunk from the fastest tier that has it (promoted to the top), or ``None``."""
         ev = self._inflight.get(key)
@@ -167,16 +176,10 @@ class TierManager:
         """
         if not keys:
             return []
-        top = self.tiers[0]
-        t0 = time.perf_counter()
-        try:
-            first = top.batched_get(list(keys)) if not self._inflight else [None] * len(keys)
-        except SOFT_ERRORS as e:
-            self._soft_fail(top, "get", e)
+        # while a prefetch is loading keys, go key by key: ``get`` waits for the in-flight ones
+        first = None if self._inflight else self._batched_get_from(0, list(keys))
+        if first is None:
             first = [None] * len(keys)
-        with self._io[0].lock:
-            self._io[0].get_seconds += time.perf_counter() - t0
-            self._io[0].read_bytes += sum(c.nbytes for c in first if c is not None)
         out: list[Chunk] = []
         for j, (key, c) in enumerate(zip(keys, first)):
             if c is None:
@@ -190,17 +193,33 @@ class TierManager:
         return out
 
     def _get_from(self, i: int, key: bytes) -> Chunk | None:
-        tier, io = self.tiers[i], self._io[i]
+        tier = self.tiers[i]
         t0 = time.perf_counter()
         try:
             c = tier.get(key)
         except SOFT_ERRORS as e:
             self._soft_fail(tier, "get", e)
             c = None
+        self._record_read(i, t0, [c])
+        return c
+
+    def _batched_get_from(self, i: int, keys: list[bytes]) -> list[Chunk | None] | None:
+        """Tier ``i``'s ``batched_get`` of ``keys``, timed and counted; ``None`` if the tier failed."""
+        tier = self.tiers[i]
+        t0 = time.perf_counter()
+        try:
+            got = tier.batched_get(keys)
+        except SOFT_ERRORS as e:
+            self._soft_fail(tier, "batched_get", e)
+            return None
+        self._record_read(i, t0, got)
+        return got
+
+    def _record_read(self, i: int, t0: float, chunks: Sequence[Chunk | None]) -> None:
+        io = self._io[i]
         with io.lock:
             io.get_seconds += time.perf_counter() - t0
-            io.read_bytes += c.nbytes if c is not None else 0
-        return c
+            io.read_bytes += sum(c.nbytes for c in chunks if c is not None)
 
     def _promote(self, i: int, key: bytes, c: Chunk) -> bool:
         if self._put_to(0, key, c):
@@ -364,19 +383,13 @@ class TierManager:
         """Each key's chunk from the first lower tier that has it, reading each tier in a batch."""
         out: list[tuple[int, Chunk | None]] = [(0, None)] * len(keys)
         for i in range(1, len(self.tiers)):
-            tier, io = self.tiers[i], self._io[i]
+            tier = self.tiers[i]
             idx = [j for j, (_, c) in enumerate(out) if c is None and self._contains(tier, keys[j])]
             if not idx:
                 continue
-            t0 = time.perf_counter()
-            try:
-                got = tier.batched_get([keys[j] for j in idx])
-            except SOFT_ERRORS as e:
-                self._soft_fail(tier, "batched_get", e)
+            got = self._batched_get_from(i, [keys[j] for j in idx])
+            if got is None:
                 continue
-            with io.lock:
-                io.get_seconds += time.perf_counter() - t0
-                io.read_bytes += sum(c.nbytes for c in got if c is not None)
             for j, c in zip(idx, got):
                 out[j] = (i, c)
         return out
