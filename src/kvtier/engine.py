@@ -200,11 +200,10 @@ class CacheEngine(PagedMixin):
         n_avail = self.storage.prefix_lookup([k.digest for k in keys])
         if n_avail == 0:
             return ChunkViews(0, [])
-        dtype = dtype_from_name(ns.kv_dtype)
         views = ChunkViews(0, [])
         ok = True
         for k, chunk in zip(keys, self.storage.get_prefix([k.digest for k in keys[:n_avail]])):
-            ok = ok and self._chunk_ok(chunk, arr, k, dtype)
+            ok = ok and self.chunk_ok(chunk, arr, k)
             if ok:
                 views.chunks.append((k, chunk))
                 views.num_tokens = k.end
@@ -319,9 +318,14 @@ class CacheEngine(PagedMixin):
         if out.dtype != dtype:
             raise KVError(f"out dtype {out.dtype} does not match the namespace's {ns.kv_dtype}")
 
-    def _chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey, dtype: torch.dtype) -> bool:
+    def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
+        """Whether ``chunk``, read for key ``k`` of the tokens ``arr``, is exactly what this
+        namespace stored there (token count, shape, dtype, fingerprint); a failure is counted
+        and logged, and the caller treats it as a miss. Integrations that read tiers directly
+        (the vLLM worker) use this same check."""
         ns = self._namespace
         assert ns is not None
+        dtype = dtype_from_name(ns.kv_dtype)
         want_shape = (ns.kv_shape[0], ns.kv_planes, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
         ok = (
             chunk.num_tokens == k.num_tokens

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtier.engine import CacheEngine, dtype_name
-from kvtier.keys import ChunkKey, fingerprint, tokens_to_array
+from kvtier.engine import CacheEngine
+from kvtier.keys import fingerprint, tokens_to_array
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Chunk
 
@@ -115,7 +115,7 @@ class WorkerSide:
             if k.start >= spec.end:
                 break
             chunk = self.engine.storage.get(k.digest)
-            if chunk is None or not self._chunk_ok(chunk, arr, k):
+            if chunk is None or not self.engine.chunk_ok(chunk, arr, k):
                 if chunk is not None:
                     chunk.release()
                 break
@@ -138,20 +138,6 @@ class WorkerSide:
         self.stats.loaded_tokens += ok_end - spec.start
         idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
         return _Load(spec, idx, pieces)
-
-    def _chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
-        ns = self.engine.namespace
-        assert ns is not None
-        shape = (ns.kv_shape[0], 2, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
-        ok = (
-            chunk.num_tokens == k.num_tokens
-            and tuple(chunk.kv.shape) == shape
-            and dtype_name(chunk.kv.dtype) == ns.kv_dtype
-            and chunk.fingerprint == fingerprint(arr[k.start : k.end], shape, ns.kv_dtype)
-        )
-        if not ok:
-            log.warning("kvtier: chunk %s failed validation (fingerprint/shape/dtype): not loaded", k.hex())
-        return ok
 
     def load_layer(self, layer: int, entry: torch.Tensor) -> None:
         """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
