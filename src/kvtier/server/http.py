@@ -68,12 +68,7 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
         keys = chunk_keys(tokens, ns, chunk, allow_partial=bool(partial))
     except (ValueError, TypeError, OverflowError) as e:
         raise LookupError_(f"'tokens': {e}") from e
-    n = service.manager.prefix_lookup([k.digest for k in keys]) if keys else 0
-    c = service.counters
-    c.lookups += 1
-    c.lookup_keys += len(keys)
-    c.hit_keys += n
-    c.hit_lookups += n > 0
+    n = service.prefix_lookup([k.digest for k in keys])
     return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
 
 

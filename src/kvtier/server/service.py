@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,17 +147,22 @@ class CacheService:
                     self.counters.reservations_reaped += 1
 
     # -- dispatch ---------------------------------------------------------------------------------
+    def prefix_lookup(self, keys: Sequence[bytes]) -> int:
+        """Leading ``keys`` cached, counted as one lookup (socket ``Prefix`` and HTTP ``/lookup``)."""
+        n = self.manager.prefix_lookup(keys)
+        c = self.counters
+        c.lookups += 1
+        c.lookup_keys += len(keys)
+        c.hit_keys += n
+        c.hit_lookups += n > 0
+        return n
+
     def handle(self, s: Session, msg: P.Message, payload: bytes | bytearray | None) -> Reply:
         """Answer one request; raises ``ProtocolError`` for a request that is invalid."""
         c = self.counters
         c.requests += 1
         if isinstance(msg, P.Prefix):
-            n = self.manager.prefix_lookup(msg.keys)
-            c.lookups += 1
-            c.lookup_keys += len(msg.keys)
-            c.hit_keys += n
-            c.hit_lookups += n > 0
-            return P.Count(n), [], []
+            return P.Count(self.prefix_lookup(msg.keys)), [], []
         if isinstance(msg, P.Contains):
             return P.Bools([self.manager.prefix_lookup([k]) == 1 for k in msg.keys]), [], []
         if isinstance(msg, P.Get):
@@ -201,7 +206,7 @@ class CacheService:
                 continue
             kv = chunk.kv
             meta = P.ItemMeta(chunk.fingerprint, chunk.num_tokens, list(kv.shape), str(kv.dtype)[6:])
-            nbytes = kv.numel() * kv.element_size()
+            nbytes = chunk.nbytes
             off = self.segment.offset_of(kv) if msg.shm else None
             if off is not None:
                 lid = next(self._ids)
@@ -223,7 +228,7 @@ class CacheService:
         return P.GetReply(items), parts, after
 
     def _new_reservation(self, item: P.PutItem) -> Reservation | bool:
-        P.check_meta(item.meta, self.max_payload_bytes)
+        """Pool space for ``item``, whose meta the caller has already checked (``P.check_meta``)."""
         dtype = getattr(torch, item.meta.dtype)
         return self.cpu.reserve(item.key, tuple(item.meta.shape), dtype, item.meta.fingerprint,
                                 item.meta.num_tokens)  # fmt: skip
