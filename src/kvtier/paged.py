@@ -163,6 +163,9 @@ class PagedMixin:
         out = torch.empty(lay.chunk_shape(n_layers, prep.slots.numel()), dtype=lay.dtype, pin_memory=cuda)
         rows = rows_view(out, prep)
         p = lay.num_planes
+        if cuda:  # one staging buffer, reused in stream order on the side stream
+            with torch.cuda.stream(side_stream(prep.device)):
+                staging = torch.empty_like(rows[:p], device=prep.device)
         for layer in range(n_layers):
             yield layer
             if not cuda:
@@ -171,7 +174,6 @@ class PagedMixin:
             main, side = torch.cuda.current_stream(prep.device), side_stream(prep.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                staging = torch.empty_like(rows[layer * p : (layer + 1) * p], device=prep.device)
                 move_rows(prep, layer * p, prep.slots, staging, to_chunk=True)
                 rows[layer * p : (layer + 1) * p].copy_(staging, non_blocking=True)
         if cuda:

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtier.engine import ChunkViews
+from kvtier.gpu.transfer import side_stream
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class LayerwiseKV:
         self.num_tokens = int(rows[0].shape[2])
         self.device = device
         self._async = device.type == "cuda" and rows[0].device.type == "cpu"
-        self._stream = torch.cuda.Stream(device) if self._async else None
+        self._stream = side_stream(device) if self._async else None
         self._staged: dict[int, tuple[list[torch.Tensor], Any]] = {}
 
     def prefetch(self, layer: int) -> None:
@@ -180,14 +181,12 @@ class ChunkedLayerwiseKV(LayerwiseKV):
             raise IntegrationError("ChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
         first = views[0].chunks[0][1].kv
         self.views = views
-        self.rows = []
         self.num_layers = int(first.shape[0])
         self.num_tokens = num_tokens
         self.device = device
         self.group_layers = group_layers or max(1, -(-self.num_layers // 4))
         self._async = True
-        self._stream = torch.cuda.Stream(device)
-        self._staged = {}
+        self._stream = side_stream(device)
         self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
 
     def _stage_group(self, g: int) -> None:
