@@ -94,7 +94,7 @@ class HostBufferPool:
     # -- allocation -------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> MemoryObject | None:
         """A new object of ``shape``/``dtype``, or ``None`` if no free extent is large enough."""
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _numel(shape) * dtype.itemsize
         size = _align(max(nbytes, 1))
         with self._lock:
             for i, (off, ext) in enumerate(self._free):

@@ -79,7 +79,6 @@ class _TierIO:
     put_seconds: float = 0.0
     promotions: int = 0
     queue_drops: int = 0
-    queue_depth: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 

@@ -122,7 +122,7 @@ class SharedSegment:
 
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor viewing ``shape``/``dtype`` at arena ``offset``; raises ``ValueError`` out of range."""
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if offset < 0 or offset + nbytes > self.arena_bytes or offset % ALIGN_BYTES:
             raise ValueError(
                 f"range {offset}+{nbytes} is outside the {self.arena_bytes}-byte arena or unaligned"

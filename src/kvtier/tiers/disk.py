@@ -60,6 +60,7 @@ from kvtier.serde import HEADER_BYTES, ChunkHeader, CorruptChunkError, SerdeErro
 from kvtier.serde.base import (
     check_key,
     decode_payload,
+    empty_for,
     make_header,
     payload_checksum,
     raw_payload,
@@ -193,7 +194,6 @@ class DiskTier(Tier):
         try:
             c = self.get_into(key, obj.tensor)
         except TierError:  # the entry changed shape under us (re-put); read into a fresh tensor
-            c = None
             buffers.release(obj)
             return self.get_into(key, None)
         if c is None:
@@ -421,7 +421,7 @@ class DiskTier(Tier):
             head = bytearray(HEADER_BYTES)
             checksum = None
             if h.codec_id == RAW.id:  # straight into the destination: no intermediate buffer
-                out = torch.empty(h.shape, dtype=h.dtype) if out is None else out
+                out = empty_for(h) if out is None else out
                 body = tensor_bytes(out)
             else:
                 body = memoryview(bytearray(h.payload_nbytes))

@@ -219,12 +219,6 @@ class RedisTier(NetworkTier):
             for n in names:
                 p.pexpire(n, self._px)
 
-    def _delete_each(self, names: list[str]) -> None:
-        p = self._pipe()
-        for n in names:
-            p.delete(n)
-        p.execute()
-
     def remove(self, key: bytes) -> bool:
         def run() -> bool:
             rk = self._rk(key)
