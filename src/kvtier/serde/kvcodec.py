@@ -1,0 +1,269 @@
+"""Lossy KV codecs (``chunk.kv_codec``): a chunk's KV is quantized once when it is stored and
+dequantized when it is read back, so every tier holds (and every link carries) the small form.
+
+A codec turns ``kv [layers, planes, tokens, heads, head_dim]`` (fp16/bf16/fp32) into one flat
+``uint8`` tensor, codes first, then the fp32 scales, and back. The packed size depends only on the
+shape, so a reader checks it before decoding (``packed_nbytes``).
+
+========  =================================================  ==========================
+codec     codes and scales                                   bytes per bf16 byte (D=64)
+========  =================================================  ==========================
+``fp8``   e4m3 per element; one fp32 scale per token & head  0.53
+``int8``  symmetric int8; one fp32 scale per token & head    0.53
+``int4``  KIVI: keys per channel over 64-token groups,       0.31
+          values per token & head; fp32 scale + offset each
+``int2``  as int4 with 2-bit codes                           0.19
+========  =================================================  ==========================
+
+Invariants and reasons:
+* The arithmetic is written so that a fused GPU kernel (``transfer/kernels/quant.py``) can compute
+  the same bits: only IEEE-exact fp32 operations (``+ - * /``, ``min``/``max``, round-half-even),
+  no expression a compiler may contract into an FMA (dequantize is ``(q + offset) * scale``, not
+  ``q * scale + min``), scales computed in fp32 from the group's extremes.
+* A group whose values are all equal gets scale 1 (no division by zero; its codes are exact).
+* Codes and scales are covered by the chunk's payload checksum like any other bytes; a flipped
+  scale is therefore a miss, never wrong KV. Non-finite KV is not supported (quantizing ``inf``
+  gives garbage); engines never produce it in a healthy run.
+* The codec is part of the cache namespace (``keys.Namespace.kv_codec``): KV quantized by one
+  codec is never served to a reader that expects another, or raw.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from kvtier.serde.codec import CodecError
+
+KV_CODEC_NAMES = ("none", "fp8", "int8", "int4", "int2")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KEY_GROUP_TOKENS = 64
+"""int4/int2 keys: one scale per channel per this many tokens (KIVI's per-channel key grouping).
+Part of the format: changing it needs a new codec name."""
+
+Shape = tuple[int, int, int, int, int]
+
+
+class KVCodecError(CodecError):
+    """A lossy codec cannot handle this KV (dtype, head_dim) or a packed chunk has the wrong size."""
+
+
+class KVCodec(ABC):
+    """Quantize ``[L, P, T, H, D]`` KV to a flat uint8 tensor and back. Stateless, thread-safe."""
+
+    name: str
+
+    def check(self, dtype: torch.dtype, head_dim: int) -> None:
+        """``KVCodecError`` unless this codec can encode KV of ``dtype`` and ``head_dim``
+        (called when an engine binds, so a bad combination fails at start, not per chunk)."""
+        if dtype not in SUPPORTED_DTYPES:
+            raise KVCodecError(
+                f"kv_codec {self.name!r} needs fp16/bf16/fp32 KV, got {dtype}: "
+                "use kv_codec: none for KV that is already quantized"
+            )
+
+    @abstractmethod
+    def packed_nbytes(self, shape: Shape) -> int:
+        """Bytes of the packed form of KV of ``shape``."""
+
+    @abstractmethod
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """The packed form of ``kv`` (a flat uint8 tensor on ``kv``'s device)."""
+
+    @abstractmethod
+    def decode(self, packed: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        """KV of ``shape`` and ``dtype`` from ``packed`` (on ``packed``'s device)."""
+
+    def _check_packed(self, packed: torch.Tensor, shape: Shape) -> None:
+        want = self.packed_nbytes(shape)
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != want:
+            raise KVCodecError(
+                f"{self.name}: packed chunk is {tuple(packed.shape)} {packed.dtype}, expected ({want},) uint8"
+            )
+
+
+def _split(packed: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    out, off = [], 0
+    for n in sizes:
+        out.append(packed[off : off + n])
+        off += n
+    return out
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+class _PerTokenCodec(KVCodec):
+    """One code per element, one fp32 scale per (layer, plane, token, head): int8 and fp8."""
+
+    qmax: float
+    code_dtype: torch.dtype
+
+    def packed_nbytes(self, shape: Shape) -> int:
+        n_rows = shape[0] * shape[1] * shape[2] * shape[3]
+        return n_rows * shape[4] + 4 * n_rows
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 scale per row of ``x [..., D]`` (fp32): absmax / qmax, 1 where the row is all 0."""
+        s = x.abs().amax(dim=-1) / self.qmax
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    @abstractmethod
+    def _codes(self, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor: ...
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        x = kv.float()
+        s = self.scales(x)
+        inv = 1.0 / s
+        codes = self._codes(x, inv.unsqueeze(-1))
+        return torch.cat([codes.contiguous().view(-1).view(torch.uint8), _f32(s)])
+
+    def decode(self, packed: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        self._check_packed(packed, shape)
+        n_el = shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
+        c, s = _split(packed, [n_el, self.packed_nbytes(shape) - n_el])
+        codes = c.view(self.code_dtype).view(shape)
+        scale = s.view(torch.float32).view(shape[:4]).unsqueeze(-1)
+        return (codes.float() * scale).to(dtype)
+
+
+class Int8Codec(_PerTokenCodec):
+    name = "int8"
+    qmax = 127.0
+    code_dtype = torch.int8
+
+    def _codes(self, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
+
+
+class Fp8Codec(_PerTokenCodec):
+    name = "fp8"
+    qmax = 448.0  # the largest finite float8_e4m3fn
+    code_dtype = torch.float8_e4m3fn
+
+    def _codes(self, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return (x * inv).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+class KiviCodec(KVCodec):
+    """``bits``-bit asymmetric codes, KIVI-style: keys (plane 0) per channel over groups of
+    ``KEY_GROUP_TOKENS`` tokens, values (plane 1, and the single plane of MLA) per token & head.
+
+    Each group stores an fp32 ``scale = (max - min) / qmax`` and ``offset = min / scale``;
+    ``q = round((x - min) / scale)`` and ``x' = (q + offset) * scale``. Codes are packed
+    ``8 // bits`` per byte along ``head_dim``, lowest bits first.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.per_byte = 8 // bits
+        self.qmax = float((1 << bits) - 1)
+        self.name = f"int{bits}"
+
+    def check(self, dtype: torch.dtype, head_dim: int) -> None:
+        super().check(dtype, head_dim)
+        if head_dim % self.per_byte:
+            raise KVCodecError(f"kv_codec {self.name!r} needs head_dim divisible by {self.per_byte}, got {head_dim}")
+
+    @staticmethod
+    def _groups(t: int) -> int:
+        return -(-t // KEY_GROUP_TOKENS)
+
+    def _scale_counts(self, shape: Shape) -> tuple[int, int]:
+        """(key groups, value groups) per plane kind: keys ``L*ng*H*D``, values ``L*T*H``."""
+        layers, _, t, h, d = shape
+        return layers * self._groups(t) * h * d, layers * t * h
+
+    def packed_nbytes(self, shape: Shape) -> int:
+        layers, planes, t, h, d = shape
+        codes = layers * planes * t * h * d // self.per_byte
+        nk, nv = self._scale_counts(shape)
+        n_scales = (nk + nv) if planes == 2 else nv
+        return codes + 8 * n_scales
+
+    def _quant(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = (mx - mn) / self.qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        inv = 1.0 / s
+        q = torch.round((x - mn) * inv).clamp_(0, self.qmax).to(torch.uint8)
+        return q, s, mn / s
+
+    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        q = q.view(*q.shape[:-1], q.shape[-1] // self.per_byte, self.per_byte)
+        out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+        for i in range(self.per_byte):
+            out |= q[..., i] << (i * self.bits)
+        return out
+
+    def _unpack(self, b: torch.Tensor) -> torch.Tensor:
+        mask = (1 << self.bits) - 1
+        parts = [(b >> (i * self.bits)) & mask for i in range(self.per_byte)]
+        return torch.stack(parts, dim=-1).view(*b.shape[:-1], b.shape[-1] * self.per_byte)
+
+    def _keys(self, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``k [L, T, H, D]`` fp32 -> codes [L, T, H, D], scale/offset [L, ng, H, D]."""
+        layers, t, h, d = k.shape
+        ng = self._groups(t)
+        pad = ng * KEY_GROUP_TOKENS - t
+        kp = torch.cat([k, k[:, -1:].expand(layers, pad, h, d)], dim=1) if pad else k
+        g = kp.view(layers, ng, KEY_GROUP_TOKENS, h, d)
+        mn, mx = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+        q, s, off = self._quant(g, mn, mx)
+        return q.view(layers, ng * KEY_GROUP_TOKENS, h, d)[:, :t], s.squeeze(2), off.squeeze(2)
+
+    def _values(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``v [L, T, H, D]`` fp32 -> codes [L, T, H, D], scale/offset [L, T, H]."""
+        mn, mx = v.amin(dim=-1, keepdim=True), v.amax(dim=-1, keepdim=True)
+        q, s, off = self._quant(v, mn, mx)
+        return q, s.squeeze(-1), off.squeeze(-1)
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        x = kv.float()
+        planes = x.shape[1]
+        if planes == 2:
+            qk, sk, ok = self._keys(x[:, 0])
+            qv, sv, ov = self._values(x[:, 1])
+            codes = torch.stack([qk, qv], dim=1)
+            scales = [sk, ok, sv, ov]
+        else:
+            qv, sv, ov = self._values(x[:, 0])
+            codes = qv.unsqueeze(1)
+            scales = [sv, ov]
+        return torch.cat([self._pack(codes).contiguous().view(-1), *(_f32(s) for s in scales)])
+
+    def decode(self, packed: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        self._check_packed(packed, shape)
+        layers, planes, t, h, d = shape
+        n_codes = layers * planes * t * h * d // self.per_byte
+        nk, nv = self._scale_counts(shape)
+        sizes = [n_codes] + ([4 * nk, 4 * nk] if planes == 2 else []) + [4 * nv, 4 * nv]
+        parts = _split(packed, sizes)
+        q = self._unpack(parts[0].view(layers, planes, t, h, d // self.per_byte)).float()
+        sv, ov = (p.view(torch.float32).view(layers, t, h, 1) for p in parts[-2:])
+        if planes == 1:
+            return ((q[:, 0] + ov) * sv).unsqueeze(1).to(dtype)
+        ng = self._groups(t)
+        sk, ok = (
+            p.view(torch.float32).view(layers, ng, 1, h, d).expand(layers, ng, KEY_GROUP_TOKENS, h, d)
+            .reshape(layers, ng * KEY_GROUP_TOKENS, h, d)[:, :t]
+            for p in parts[1:3]
+        )  # fmt: skip
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+        out[:, 0] = (q[:, 0] + ok) * sk
+        out[:, 1] = (q[:, 1] + ov) * sv
+        return out
+
+
+KV_CODECS: dict[str, KVCodec] = {c.name: c for c in (Fp8Codec(), Int8Codec(), KiviCodec(4), KiviCodec(2))}
+
+
+def get_kv_codec(name: str) -> KVCodec | None:
+    """The lossy codec ``name`` (``None`` for ``"none"``); ``KVCodecError`` naming the choices."""
+    if name == "none":
+        return None
+    try:
+        return KV_CODECS[name]
+    except KeyError:
+        raise KVCodecError(f"unknown kv_codec {name!r}; choose one of {'|'.join(KV_CODEC_NAMES)}") from None
