@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
+KV_CODEC_NAMES = ("none", "fp8", "int8", "int4", "int2")  # serde.kvcodec (kept here: config imports no torch)
+SERDE_NAMES = ("raw", "zstd", "lz4", "shuffle-zstd")  # lossless tier serde (serde.codec, serde.shuffle)
 
 
 class ConfigError(ValueError):
@@ -109,9 +111,11 @@ class ChunkConfig:
 
     chunk_tokens: int = 256
     allow_partial_chunks: bool = True
+    kv_codec: str = "none"  # none | fp8 | int8 | int4 | int2: lossy, once at store, in the namespace
 
     def __post_init__(self) -> None:
         _check(1 <= self.chunk_tokens <= 1 << 20, "chunk.chunk_tokens", self.chunk_tokens, "1..1048576")
+        _check(self.kv_codec in KV_CODEC_NAMES, "chunk.kv_codec", self.kv_codec, "|".join(KV_CODEC_NAMES))
 
 
 @dataclass
@@ -143,12 +147,14 @@ class DiskTierConfig:
     durability: str = "flush"  # flush: fsync on TierManager.flush | always: every put | none
     io_threads: int = 4  # reads in flight for batched gets / prefetch
     read_buffer_bytes: int = field(default=256 * 1024**2, metadata={"size": True})  # recycled read buffers
+    serde: str = "raw"  # raw | zstd | lz4 | shuffle-zstd (lossless; on top of chunk.kv_codec)
 
     def __post_init__(self) -> None:
         self.max_disk_bytes = parse_size(self.max_disk_bytes, "disk.max_disk_bytes")
         self.read_buffer_bytes = parse_size(self.read_buffer_bytes, "disk.read_buffer_bytes")
         _check(self.durability in ("flush", "always", "none"), "disk.durability", self.durability,
                "flush|always|none")  # fmt: skip
+        _check(self.serde in SERDE_NAMES, "disk.serde", self.serde, "|".join(SERDE_NAMES))
         _check(1 <= self.io_threads <= 64, "disk.io_threads", self.io_threads, "1..64")
         _check(self.eviction_policy in POLICY_NAMES, "disk.eviction_policy", self.eviction_policy,
                f"one of {POLICY_NAMES}")  # fmt: skip
@@ -173,7 +179,7 @@ class RemoteConfig:
 
     url: str = ""
     timeout_s: float = 2.0
-    serde: str = "raw"  # raw | zstd | lz4
+    serde: str = "raw"  # raw | zstd | lz4 | shuffle-zstd (lossless; on top of chunk.kv_codec)
     key_prefix: str = "kvtier"
     ttl_s: float = 0.0
     max_value_bytes: int = field(default=16 * 1024**2, metadata={"size": True})
@@ -188,7 +194,7 @@ class RemoteConfig:
     def __post_init__(self) -> None:
         self.max_value_bytes = parse_size(self.max_value_bytes, "remote.max_value_bytes")
         _check(self.timeout_s > 0, "remote.timeout_s", self.timeout_s, "seconds > 0")
-        _check(self.serde in ("raw", "zstd", "lz4"), "remote.serde", self.serde, "raw|zstd|lz4")
+        _check(self.serde in SERDE_NAMES, "remote.serde", self.serde, "|".join(SERDE_NAMES))
         scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
         _check(not self.url or scheme in REMOTE_SCHEMES, "remote.url", self.url,
                f"a URL with scheme {'|'.join(REMOTE_SCHEMES)}")  # fmt: skip

@@ -11,6 +11,9 @@ Invariants:
 * ``store`` validates everything before touching any tier: bad input raises ``KVError`` and
   leaves the cache unchanged.
 * A tier failure at run time is a miss (``TierManager``), never an exception from these calls.
+* With a lossy ``chunk.kv_codec`` (``serde.kvcodec``) chunks are quantized once in ``make_chunk``
+  and dequantized in ``open_chunk``; tiers only ever see the packed form, the codec is in the
+  namespace, and the fingerprint names the codec too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kvtier.config import Config
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
 from kvtier.paged import PagedMixin
+from kvtier.serde.kvcodec import KVCodec, KVCodecError, get_kv_codec
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Chunk, Tier
 from kvtier.tiers.factory import build_tiers
@@ -96,6 +100,7 @@ class CacheEngine(PagedMixin):
         self.metrics = Metrics(self.stats)
         self._namespace: Namespace | None = None
         self._ns_digest = b""
+        self._kv_codec: KVCodec | None = None
         m = self.config.model
         if namespace is not None:
             self.bind(namespace)
@@ -116,6 +121,13 @@ class CacheEngine(PagedMixin):
             raise KVError(
                 f"namespace kv_shape must be (layers, kv_heads, head_dim) > 0, got {namespace.kv_shape}"
             )
+        try:
+            codec = get_kv_codec(namespace.kv_codec)
+            if codec is not None:
+                codec.check(dtype_from_name(namespace.kv_dtype), namespace.kv_shape[2])
+        except KVCodecError as e:
+            raise KVError(str(e)) from None
+        self._kv_codec = codec
         self._namespace = namespace
         self._ns_digest = namespace.digest()
 
@@ -131,6 +143,7 @@ class CacheEngine(PagedMixin):
             tp_size=m.tp_size,
             cache_salt=m.cache_salt,
             kv_planes=kv_planes,
+            kv_codec=self.config.chunk.kv_codec,
         )
         self.bind(ns)
         return ns
@@ -173,8 +186,7 @@ class CacheEngine(PagedMixin):
         # (one round trip when it is remote) finds them.
         for k in keys[self.storage.top_prefix([k.digest for k in keys]) :]:
             part = kv[:, :, k.start : k.end]  # a view; each tier copies what it keeps
-            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
-            if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
+            if self.storage.put(k.digest, self.make_chunk(arr, k, part)):
                 stored += k.num_tokens
                 self._stats.stored_chunks += 1
             else:
@@ -184,13 +196,15 @@ class CacheEngine(PagedMixin):
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return stored
 
-    def retrieve_chunks(self, tokens: TokenInput) -> ChunkViews:
+    def retrieve_chunks(self, tokens: TokenInput, *, decode: bool = True) -> ChunkViews:
         """The validated chunks of the longest cached prefix of ``tokens``, not assembled.
 
         Each chunk's ``kv`` is ``[layers, planes, n_i, kv_heads, head_dim]`` on the host, for the
         CPU tier a pinned view into its pool, held against eviction until ``release()`` (use
         the result as a context manager). This lets a caller copy layer by layer straight from
         the pool to a GPU while it computes, instead of waiting for ``retrieve``'s one big copy.
+        With a lossy ``kv_codec`` the chunks are dequantized here (fresh host tensors) unless
+        ``decode=False``, which returns the packed views for ``open_chunk`` on another device.
         """
         arr = tokens_to_array(tokens)
         keys = self.keys(arr)
@@ -205,7 +219,7 @@ class CacheEngine(PagedMixin):
         for k, chunk in zip(keys, self.storage.get_prefix([k.digest for k in keys[:n_avail]])):
             ok = ok and self.chunk_ok(chunk, arr, k)
             if ok:
-                views.chunks.append((k, chunk))
+                views.chunks.append((k, self.open_chunk(chunk) if decode else chunk))
                 views.num_tokens = k.end
             else:
                 chunk.release()
@@ -221,7 +235,7 @@ class CacheEngine(PagedMixin):
         """
         t0 = time.perf_counter()
         ns = self._namespace
-        with self.retrieve_chunks(tokens) as views:
+        with self.retrieve_chunks(tokens, decode=False) as views:
             got = views.num_tokens
             if got == 0 or ns is None:
                 self._stats.retrieves += 1
@@ -241,6 +255,8 @@ class CacheEngine(PagedMixin):
                     (layers, ns.kv_planes, got, heads, dim), dtype=dtype, device=dev, pin_memory=pin
                 )
             for k, chunk in views.chunks:
+                if self._kv_codec is not None:  # packed bytes cross to the device, decoded there
+                    chunk = self.open_chunk(chunk, dev)
                 out[:, :, k.start : k.end].copy_(chunk.kv, non_blocking=dev.type == "cuda")
             if dev.type == "cuda":  # the chunks stay pinned until their async copies are done
                 torch.cuda.current_stream(dev).synchronize()
@@ -318,6 +334,47 @@ class CacheEngine(PagedMixin):
         if out.dtype != dtype:
             raise KVError(f"out dtype {out.dtype} does not match the namespace's {ns.kv_dtype}")
 
+    # -- the stored form -------------------------------------------------------------------------
+    def _fp_dtype(self) -> str:
+        """The dtype label fingerprints carry: the KV dtype, plus the lossy codec if any."""
+        ns = self._namespace
+        assert ns is not None
+        return ns.kv_dtype if ns.kv_codec == "none" else f"{ns.kv_dtype}+{ns.kv_codec}"
+
+    def stored_shape(self, num_tokens: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a stored chunk of ``num_tokens`` (packed uint8 under a codec)."""
+        ns = self._namespace
+        assert ns is not None
+        shape = (ns.kv_shape[0], ns.kv_planes, num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        if self._kv_codec is None:
+            return shape, dtype_from_name(ns.kv_dtype)
+        return (self._kv_codec.packed_nbytes(shape),), torch.uint8
+
+    def make_chunk(self, arr: np.ndarray, k: ChunkKey, part: torch.Tensor) -> Chunk:
+        """The stored form of ``part`` (the KV of key ``k`` of tokens ``arr``): quantized by the
+        namespace's codec (on ``part``'s device, so a GPU store ships the small form) and
+        fingerprinted with the logical shape and the codec."""
+        assert self._namespace is not None
+        fp = fingerprint(arr[k.start : k.end], tuple(part.shape), self._fp_dtype())
+        if self._kv_codec is not None:
+            part = self._kv_codec.encode(part)
+        return Chunk(part, fp, k.num_tokens)
+
+    def open_chunk(self, chunk: Chunk, device: torch.device | None = None) -> Chunk:
+        """``chunk`` (validated by ``chunk_ok``) as raw KV on ``device`` (default: where it is).
+        Under a codec this dequantizes into a fresh tensor and releases ``chunk``; without one it
+        returns ``chunk`` itself."""
+        codec, ns = self._kv_codec, self._namespace
+        if codec is None or ns is None:
+            return chunk
+        shape = (ns.kv_shape[0], ns.kv_planes, chunk.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        packed = chunk.kv if device is None else chunk.kv.to(device, non_blocking=True)
+        try:
+            kv = codec.decode(packed, shape, dtype_from_name(ns.kv_dtype))
+        finally:
+            chunk.release()
+        return Chunk(kv, chunk.fingerprint, chunk.num_tokens)
+
     def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
         """Whether ``chunk``, read for key ``k`` of the tokens ``arr``, is exactly what this
         namespace stored there (token count, shape, dtype, fingerprint); a failure is counted
@@ -325,13 +382,13 @@ class CacheEngine(PagedMixin):
         (the vLLM worker) use this same check."""
         ns = self._namespace
         assert ns is not None
-        dtype = dtype_from_name(ns.kv_dtype)
-        want_shape = (ns.kv_shape[0], ns.kv_planes, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        stored_shape, dtype = self.stored_shape(k.num_tokens)
+        logical = (ns.kv_shape[0], ns.kv_planes, k.num_tokens, ns.kv_shape[1], ns.kv_shape[2])
         ok = (
             chunk.num_tokens == k.num_tokens
-            and tuple(chunk.kv.shape) == want_shape
+            and tuple(chunk.kv.shape) == stored_shape
             and chunk.kv.dtype == dtype
-            and chunk.fingerprint == fingerprint(arr[k.start : k.end], want_shape, ns.kv_dtype)
+            and chunk.fingerprint == fingerprint(arr[k.start : k.end], logical, self._fp_dtype())
         )
         if not ok:
             self._stats.fingerprint_mismatches += 1

@@ -15,7 +15,7 @@ Invariants:
 * Tokens are hashed as little-endian uint32 bytes (every real vocabulary fits; half the bytes
   of int64 makes hashing 2x faster), so a list, a numpy array and a torch tensor of the same
   ids hash alike.
-* The namespace (model id, KV dtype, KV shape, tp rank/size, salt) is folded into every
+* The namespace (model id, KV dtype, KV shape, tp rank/size, salt, lossy codec) is folded into every
   key, so KV of another model, dtype, layout or tenant can never be served for this one.
 """
 
@@ -51,6 +51,8 @@ class Namespace:
     tp_size: int = 1
     cache_salt: str = ""
     kv_planes: int = 2
+    kv_codec: str = "none"
+    """The lossy codec chunks are stored with (``serde.kvcodec``): quantized and raw KV never mix."""
 
     def digest(self) -> bytes:
         """A stable digest of every field; changes when any field changes."""
@@ -64,6 +66,7 @@ class Namespace:
                 self.cache_salt,
             ]
             + ([f"planes{self.kv_planes}"] if self.kv_planes != 2 else [])
+            + ([f"codec{self.kv_codec}"] if self.kv_codec != "none" else [])
         )
         return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvtier.engine import CacheEngine
-from kvtier.keys import fingerprint, tokens_to_array
+from kvtier.keys import tokens_to_array
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Chunk
 
@@ -120,7 +120,7 @@ class WorkerSide:
                     chunk.release()
                 break
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
-            pieces.append((chunk, lo - k.start, hi - k.start))
+            pieces.append((self.engine.open_chunk(chunk), lo - k.start, hi - k.start))
             ok_end = hi
         ok_end = align_down(ok_end, self.bs) if ok_end < spec.end else ok_end
         if ok_end < spec.end:  # blocks from the first unloadable one on: vLLM recomputes them
@@ -251,8 +251,7 @@ def store_range(engine: CacheEngine, tokens: Sequence[int], start: int,
         if k.start < start:
             continue
         part = kv[:, :, k.start - start : k.end - start]
-        fp = fingerprint(arr[k.start : k.end], tuple(part.shape), ns.kv_dtype)
-        if engine.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
+        if engine.storage.put(k.digest, engine.make_chunk(arr, k, part)):
             stored += k.num_tokens
             keys.append(k.digest)
         else:

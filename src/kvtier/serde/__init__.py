@@ -23,14 +23,15 @@ from kvtier.serde.base import (
 )
 from kvtier.serde.codec import CODECS, Codec, CodecError, codec_by_id, get_codec, register_codec
 
-try:  # optional codecs (zstd, lz4); their module registers them on import
-    importlib.import_module("kvtier.serde.compress")
-except ModuleNotFoundError as e:
-    # tolerated: the module is absent, or a compression library of the optional ``compress``
-    # extra is not installed (raw still works; asking for zstd/lz4 then names the extra).
-    # A missing kvtier module is a bug and is raised.
-    if (e.name or "").startswith("kvtier.") and e.name != "kvtier.serde.compress":
-        raise
+for _mod in ("kvtier.serde.compress", "kvtier.serde.shuffle"):
+    try:  # optional codecs (zstd, lz4, shuffle-zstd); their modules register them on import
+        importlib.import_module(_mod)
+    except ModuleNotFoundError as e:
+        # tolerated: a compression library of the optional ``compress`` extra is not installed
+        # (raw still works; asking for zstd/lz4 then names the extra). A missing kvtier module
+        # is a bug and is raised.
+        if (e.name or "").startswith("kvtier."):
+            raise
 
 __all__ = [
     "CODECS",

@@ -183,7 +183,7 @@ def encode_parts(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> tuple[by
     """
     c = get_codec(codec)
     raw = raw_payload(chunk, key)
-    payload = c.compress(raw)
+    payload = c.compress(raw, chunk.kv.element_size()) if c.uses_itemsize else c.compress(raw)  # type: ignore[call-arg]
     return make_header(chunk, key, c.id, len(raw), len(payload), _hash(payload)), payload
 
 

@@ -6,7 +6,7 @@ was written. Registering a codec is one call: ``register_codec(MyCodec())`` at i
 the module that defines it (``serde/compress.py`` for zstd/lz4 is imported by
 ``kvtier.serde`` when it exists).
 
-Ids are part of the on-disk/on-wire format and never reused: 0 raw, 1 zstd, 2 lz4,
+Ids are part of the on-disk/on-wire format and never reused: 0 raw, 1 zstd, 2 lz4, 3 shuffle-zstd,
 16..31 quantized formats, 128..255 free for experiments.
 """
 
@@ -26,6 +26,9 @@ class Codec(ABC):
 
     name: str
     id: int
+    uses_itemsize: bool = False
+    """True for a codec whose ``compress(data, itemsize)`` wants the tensor's bytes per element
+    (``shuffle-zstd``); others are called as ``compress(data)``."""
 
     @abstractmethod
     def compress(self, data: Buffer) -> Buffer:

@@ -165,7 +165,9 @@ class KiviCodec(KVCodec):
     def check(self, dtype: torch.dtype, head_dim: int) -> None:
         super().check(dtype, head_dim)
         if head_dim % self.per_byte:
-            raise KVCodecError(f"kv_codec {self.name!r} needs head_dim divisible by {self.per_byte}, got {head_dim}")
+            raise KVCodecError(
+                f"kv_codec {self.name!r} needs head_dim divisible by {self.per_byte}, got {head_dim}"
+            )
 
     @staticmethod
     def _groups(t: int) -> int:

@@ -29,7 +29,8 @@ def build_tiers(config: Config) -> list[Tier]:
 
         d = config.disk
         tiers.append(DiskTier(d.path, d.max_disk_bytes, policy=d.eviction_policy, durability=d.durability,
-                              io_threads=d.io_threads, read_buffer_bytes=d.read_buffer_bytes))  # fmt: skip
+                              io_threads=d.io_threads, read_buffer_bytes=d.read_buffer_bytes,
+                              codec=d.serde))  # fmt: skip
     if config.remote.url:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
