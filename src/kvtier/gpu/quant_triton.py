@@ -45,6 +45,23 @@ def _rint(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_bits(y, INTERP: tl.constexpr):
+    """float8_e4m3fn bits of fp32 ``y`` (|y| <= 448), rounded to nearest even exactly as torch's
+    cast does. Done in integer arithmetic because Triton's own fp32 -> fp8 cast may round twice
+    (through fp16), which differs from torch in ~1 % of elements (measured on the H200)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    sign = (bits >> 31).to(tl.uint32)
+    ab = bits & 0x7FFFFFFF
+    a = ab.to(tl.float32, bitcast=True)
+    # normal: round the fp32 mantissa to 3 bits (carry lands in the exponent), rebias 127 -> 7
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - 960
+    # subnormal (a < 2**-6): k * 2**-9, k = round(a * 512) in 0..8 (8 is the smallest normal)
+    sub = _rint(a * 512.0, INTERP).to(tl.uint32)
+    code = tl.where(a < 0.015625, sub, normal)
+    return ((sign << 7) | code).to(tl.uint8)
+
+
+@triton.jit
 def _src_ptrs(src, slot_ptr, t, mask_t, p, h, s_p, s_blk, s_off, s_h, bs, D: tl.constexpr):
     slot = tl.load(slot_ptr + t, mask=mask_t, other=0)
     blk = slot // bs
@@ -78,13 +95,13 @@ def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, 
         inv = _div(tl.full(s.shape, 1.0, tl.float32), s, INTERP)
         y = x * inv[:, None]
         if FP8:
-            q = tl.minimum(tl.maximum(y, -448.0), 448.0).to(tl.float8e4nv)
+            q = _e4m3_bits(tl.minimum(tl.maximum(y, -448.0), 448.0), INTERP)
         else:
             q = tl.minimum(tl.maximum(_rint(y, INTERP), -127.0), 127.0).to(tl.int8)
         tl.store(codes + code_off, q, mask=mask)
         tl.store(words + word_off, s, mask=mask_t)
     else:
-        q = tl.load(codes + code_off, mask=mask, other=0).to(tl.float32)
+        q = tl.load(codes + code_off, mask=mask).to(tl.float32)  # int8 / fp8 -> fp32 is exact
         s = tl.load(words + word_off, mask=mask_t, other=1.0)
         x = q * s[:, None]
         tl.store(ptrs, x.to(src.dtype.element_ty), mask=mask)
@@ -184,7 +201,8 @@ def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct
             _kivi_kernel[(triton.cdiv(n_t, BLOCK_T), heads)](*args, KEYS=False, BT=BLOCK_T, **common)
         else:
             fp8 = isinstance(codec, Fp8Codec)
-            codes = flat.view(torch.float8_e4m3fn if fp8 else torch.int8)
+            # fp8 codes are written as their bits (``_e4m3_bits``) and read back as fp8
+            codes = flat.view(torch.float8_e4m3fn if fp8 and not to_chunk else torch.uint8 if fp8 else torch.int8)
             codes_bytes = n_layers * 2 * ct * heads * dim
             _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, 2)](
                 c, slots, codes, words, n_t, *st, bs, layer, ct, heads, packed, codes_bytes,

@@ -1,0 +1,70 @@
+"""Fused quantize-in-gather / dequantize-in-scatter (``kvtier.gpu.quant_kernels``).
+
+CPU (CI): the torch path is the codec applied to the gathered KV, whole chunks only, clear
+errors. CUDA: the Triton kernels give the torch path's bytes bit for bit, both directions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.gpu.quant_kernels import gather_quant, reference_gather, scatter_dequant
+from kvtier.serde.kvcodec import KV_CODECS, KVCodecError
+
+NB, BS, H, D, CT = 24, 16, 2, 64, 64
+CODECS = sorted(KV_CODECS)
+
+
+def _setup(device: str, dtype: torch.dtype, n_layers: int = 3, n_tokens: int = 2 * CT, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    caches = [(torch.randn(2, NB, BS, H, D, generator=g) * 4).to(dtype).to(device) for _ in range(n_layers)]
+    slots = torch.randperm(NB * BS, generator=g)[:n_tokens].to(device)  # scattered over blocks
+    return caches, slots
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_torch_path_is_the_codec_on_gathered_kv(name: str) -> None:
+    caches, slots = _setup("cpu", torch.bfloat16)
+    packed = gather_quant(caches, slots, name, CT, backend="torch")
+    kv = reference_gather(caches, slots)
+    assert packed.shape == (2, KV_CODECS[name].packed_nbytes((3, 2, CT, H, D)))
+    assert torch.equal(packed[1], KV_CODECS[name].encode(kv[:, :, CT:]))
+    back = [torch.zeros_like(c) for c in caches]
+    scatter_dequant(packed, back, slots, name, CT, backend="torch")
+    want = KV_CODECS[name].decode(packed[0], (3, 2, CT, H, D), torch.bfloat16)
+    assert torch.equal(reference_gather(back, slots[:CT]), want)
+
+
+def test_partial_chunks_and_bad_input_are_clear_errors() -> None:
+    caches, slots = _setup("cpu", torch.bfloat16)
+    with pytest.raises(KVCodecError, match="whole chunks"):
+        gather_quant(caches, slots[:100], "int8", CT, backend="torch")
+    with pytest.raises(KVCodecError, match="divisible by 64"):
+        gather_quant(caches, slots[:96], "int4", 32, backend="torch")
+    with pytest.raises(KVCodecError, match="fp16/bf16/fp32"):
+        gather_quant([c.to(torch.float8_e4m3fn) for c in caches], slots, "int8", CT, backend="torch")
+    with pytest.raises(KVCodecError, match="expected"):
+        scatter_dequant(torch.zeros(2, 7, dtype=torch.uint8), caches, slots, "int8", CT, backend="torch")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_bit_exact_with_torch(name: str, dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    caches, slots = _setup("cuda", dtype, n_tokens=4 * CT, seed=1)
+    caches[1][:, 3] = 0  # an all-zero block: scale 1 groups
+    ref = gather_quant(caches, slots, name, CT, backend="torch")
+    got = gather_quant(caches, slots, name, CT, backend="triton")
+    assert torch.equal(ref, got), f"{(ref != got).sum().item()} of {ref.numel()} bytes differ"
+    outs = []
+    for backend in ("torch", "triton"):
+        back = [torch.zeros_like(c) for c in caches]
+        scatter_dequant(ref, back, slots, name, CT, backend=backend)
+        outs.append(back)
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
