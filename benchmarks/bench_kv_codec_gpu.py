@@ -50,13 +50,14 @@ def main() -> None:
     d2h = timed(lambda: host_raw.copy_(dev_raw, non_blocking=True), a.reps)
     h2d = timed(lambda: dev_raw.copy_(host_raw, non_blocking=True), a.reps)
     print(f"raw KV {gb:.2f} GB; pinned memcpy D2H {gb / d2h:.1f} GB/s, H2D {gb / h2d:.1f} GB/s")
-    del dev_raw
-    print("codec  ratio  kernel-gather GB/s  store(gather+D2H) GB/s  x memcpy  load(H2D+scatter) GB/s  x memcpy"
-          "  torch-path store GB/s")
+    print(
+        "codec  ratio  kernel-gather GB/s  store(gather+D2H) GB/s  x memcpy  load(H2D+scatter) GB/s  x memcpy"
+        "  torch-path store GB/s"
+    )
     for name in a.codecs.split(","):
         try:
             run_codec(name, caches, slots, ct, raw_bytes, d2h, h2d, a.reps)
-        except Exception as e:  # noqa: BLE001 - a benchmark reports a failing codec and goes on
+        except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
 
 
@@ -68,15 +69,15 @@ def run_codec(name: str, caches: list[torch.Tensor], slots: torch.Tensor, ct: in
         packed = gather_quant(caches, slots, name, ct)
         host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
         dev_in = torch.empty_like(packed)
-        t_kernel = timed(lambda: gather_quant(caches, slots, name, ct), a.reps)  # noqa: B023
-        t_store = timed(lambda: host.copy_(gather_quant(caches, slots, name, ct), non_blocking=True), a.reps)  # noqa: B023
+        t_kernel = timed(lambda: gather_quant(caches, slots, name, ct), a.reps)
+        t_store = timed(lambda: host.copy_(gather_quant(caches, slots, name, ct), non_blocking=True), a.reps)
 
         def load() -> None:
-            dev_in.copy_(host, non_blocking=True)  # noqa: B023
-            scatter_dequant(dev_in, caches, slots, name, ct)  # noqa: B023
+            dev_in.copy_(host, non_blocking=True)
+            scatter_dequant(dev_in, caches, slots, name, ct)
 
         t_load = timed(load, a.reps)
-        t_torch = timed(lambda: gather_quant(caches, slots, name, ct, backend="torch"), 1)  # noqa: B023
+        t_torch = timed(lambda: gather_quant(caches, slots, name, ct, backend="torch"), 1)
         ratio = packed.numel() / raw_bytes
         print(f"{name:6} {ratio:.3f}  {gb / t_kernel:17.1f}  {gb / t_store:22.1f}  {d2h / t_store:8.2f}"
               f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f}")  # fmt: skip

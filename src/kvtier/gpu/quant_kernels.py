@@ -38,7 +38,9 @@ def _check(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, 
     codec.check(c0.dtype, int(c0.shape[4]))
     n = slots.numel()
     if chunk_tokens <= 0 or n % chunk_tokens:
-        raise KVCodecError(f"{n} slots are not whole chunks of {chunk_tokens} tokens; move the tail separately")
+        raise KVCodecError(
+            f"{n} slots are not whole chunks of {chunk_tokens} tokens; move the tail separately"
+        )
     if isinstance(codec, KiviCodec) and chunk_tokens % KEY_GROUP_TOKENS:
         raise KVCodecError(f"{codec.name} fused path needs chunk_tokens divisible by {KEY_GROUP_TOKENS}")
 
@@ -74,7 +76,9 @@ def gather_quant(caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor, cod
         quant_triton.gather_quant(caches, slots, codec, chunk_tokens, out)
         return out
     kv = reference_gather(caches, slots)
-    return torch.stack([codec.encode(kv[:, :, i * chunk_tokens : (i + 1) * chunk_tokens]) for i in range(n_chunks)])
+    return torch.stack(
+        [codec.encode(kv[:, :, i * chunk_tokens : (i + 1) * chunk_tokens]) for i in range(n_chunks)]
+    )
 
 
 def scatter_dequant(packed: torch.Tensor, caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor,

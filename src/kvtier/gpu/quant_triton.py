@@ -202,7 +202,9 @@ def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct
         else:
             fp8 = isinstance(codec, Fp8Codec)
             # fp8 codes are written as their bits (``_e4m3_bits``) and read back as fp8
-            codes = flat.view(torch.float8_e4m3fn if fp8 and not to_chunk else torch.uint8 if fp8 else torch.int8)
+            codes = flat.view(
+                torch.float8_e4m3fn if fp8 and not to_chunk else torch.uint8 if fp8 else torch.int8
+            )
             codes_bytes = n_layers * 2 * ct * heads * dim
             _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, 2)](
                 c, slots, codes, words, n_t, *st, bs, layer, ct, heads, packed, codes_bytes,
