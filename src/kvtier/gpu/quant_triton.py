@@ -1,8 +1,8 @@
 """Triton kernels of ``quant_kernels``: paged flash-layout caches <-> packed codec chunks.
 
 Imported only for CUDA tensors when Triton imports. Each kernel computes exactly what the torch
-codec in ``serde.kvcodec`` computes (see its invariants): IEEE ``div_rn``, ``rint``, no fusable
-multiply-add, and the same packed layout: per chunk, codes ``[L, 2, T, H, D / per_byte]`` then
+codec in ``serde.kvcodec`` computes (see its invariants): scale = extreme * ``RECIP`` (an fp32
+constant, as torch multiplies), IEEE ``div_rn``, ``rint``, no fusable multiply-add, and the same packed layout: per chunk, codes ``[L, 2, T, H, D / per_byte]`` then
 fp32 scales (int8/fp8: ``[L, 2, T, H]``; int4/int2: key scale and offset ``[L, T/64, H, D]``,
 value scale and offset ``[L, T, H]``). Offsets into the output are int64 (32k tokens of an 8B
 model's packed KV exceed 2**31 bytes).
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kvtier.serde.kvcodec import KEY_GROUP_TOKENS, Fp8Codec, KiviCodec, KVCodec
+from kvtier.serde.kvcodec import KEY_GROUP_TOKENS, Fp8Codec, KiviCodec, KVCodec, _recip
 
 BLOCK_T = 16
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -72,7 +72,7 @@ def _src_ptrs(src, slot_ptr, t, mask_t, p, h, s_p, s_blk, s_off, s_h, bs, D: tl.
 
 @triton.jit
 def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H,
-                      packed, codes_bytes, QMAX: tl.constexpr, FP8: tl.constexpr, INTERP: tl.constexpr, TO_CHUNK: tl.constexpr,
+                      packed, codes_bytes, QMAX: tl.constexpr, RECIP: tl.constexpr, FP8: tl.constexpr, INTERP: tl.constexpr, TO_CHUNK: tl.constexpr,
                       D: tl.constexpr, BT: tl.constexpr):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -89,8 +89,7 @@ def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, 
     word_off = (chunk * packed + codes_bytes) // 4 + row * H + h
     if TO_CHUNK:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        s = _div(amax, tl.full(amax.shape, QMAX, tl.float32), INTERP)
+        s = tl.max(tl.abs(x), axis=1) * RECIP
         s = tl.where(s > 0, s, 1.0)
         inv = _div(tl.full(s.shape, 1.0, tl.float32), s, INTERP)
         y = x * inv[:, None]
@@ -109,7 +108,7 @@ def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, 
 
 @triton.jit
 def _kivi_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H, packed,
-                 n_codes, nk, nv, KEYS: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                 n_codes, nk, nv, KEYS: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, RECIP: tl.constexpr,
                  TO_CHUNK: tl.constexpr, INTERP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):  # fmt: skip
     """Keys (``KEYS``): one program per 64-token group & head, scales per channel. Values: one
     program per ``BT`` tokens & head, scales per token. ``BT`` divides the chunk either way."""
@@ -148,8 +147,7 @@ def _kivi_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, l
         else:
             mn = tl.min(x, axis=1)[:, None]
             mx = tl.max(x, axis=1)[:, None]
-        rng = mx - mn
-        s = _div(rng, tl.full(rng.shape, QMAX, tl.float32), INTERP)
+        s = (mx - mn) * RECIP
         s = tl.where(s > 0, s, 1.0)
         inv = _div(tl.full(s.shape, 1.0, tl.float32), s, INTERP)
         off = _div(mn, s, INTERP)
@@ -195,7 +193,14 @@ def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct
         if isinstance(codec, KiviCodec):
             n_codes = n_layers * 2 * ct * heads * dim // codec.per_byte
             nk, nv = n_layers * (ct // KEY_GROUP_TOKENS) * heads * dim, n_layers * ct * heads
-            common = dict(BITS=codec.bits, QMAX=codec.qmax, TO_CHUNK=to_chunk, INTERP=INTERPRET, D=dim)
+            common = dict(
+                BITS=codec.bits,
+                QMAX=codec.qmax,
+                RECIP=_recip(codec.qmax),
+                TO_CHUNK=to_chunk,
+                INTERP=INTERPRET,
+                D=dim,
+            )
             args = (c, slots, flat, words, n_t, *st, bs, layer, ct, heads, packed, n_codes, nk, nv)
             _kivi_kernel[(n_t // KEY_GROUP_TOKENS, heads)](*args, KEYS=True, BT=KEY_GROUP_TOKENS, **common)
             _kivi_kernel[(triton.cdiv(n_t, BLOCK_T), heads)](*args, KEYS=False, BT=BLOCK_T, **common)
@@ -208,7 +213,8 @@ def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct
             codes_bytes = n_layers * 2 * ct * heads * dim
             _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, 2)](
                 c, slots, codes, words, n_t, *st, bs, layer, ct, heads, packed, codes_bytes,
-                QMAX=448.0 if fp8 else 127.0, FP8=fp8, INTERP=INTERPRET, TO_CHUNK=to_chunk, D=dim, BT=BLOCK_T,
+                QMAX=448.0 if fp8 else 127.0,
+                RECIP=_recip(448.0 if fp8 else 127.0), FP8=fp8, INTERP=INTERPRET, TO_CHUNK=to_chunk, D=dim, BT=BLOCK_T,
             )  # fmt: skip
 
 

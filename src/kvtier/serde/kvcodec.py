@@ -16,10 +16,13 @@ codec     codes and scales                                   bytes per bf16 byte
 ========  =================================================  ==========================
 
 Invariants and reasons:
-* The arithmetic is written so that a fused GPU kernel (``transfer/kernels/quant.py``) can compute
-  the same bits: only IEEE-exact fp32 operations (``+ - * /``, ``min``/``max``, round-half-even),
-  no expression a compiler may contract into an FMA (dequantize is ``(q + offset) * scale``, not
-  ``q * scale + min``), scales computed in fp32 from the group's extremes.
+* The arithmetic is written so that a fused GPU kernel (``gpu/quant_triton.py``) and torch on
+  any device compute the same bits: only correctly rounded fp32 operations (``+ - *``, tensor by
+  tensor ``/``, ``min``/``max``, round-half-even), no expression a compiler may contract into an
+  FMA (dequantize is ``(q + offset) * scale``, not ``q * scale + min``). NOTE: the scale is
+  ``extreme * fp32(1 / qmax)``, never ``extreme / qmax``: torch on CUDA divides by a Python
+  scalar as a multiply by its reciprocal (ATen ``div_true_kernel_cuda``), so ``/ qmax`` gives
+  other bits on a GPU than on a CPU (measured: 0.07-3 % of packed bytes on an H200).
 * A group whose values are all equal gets scale 1 (no division by zero; its codes are exact).
 * Codes and scales are covered by the chunk's payload checksum like any other bytes; a flipped
   scale is therefore a miss, never wrong KV. Non-finite KV is not supported (quantizing ``inf``
@@ -83,6 +86,11 @@ class KVCodec(ABC):
             )
 
 
+def _recip(qmax: float) -> float:
+    """``1 / qmax`` rounded to fp32 (the multiplier both torch and the Triton kernels use)."""
+    return float(torch.tensor(1.0 / qmax, dtype=torch.float32))
+
+
 def _split(packed: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     out, off = [], 0
     for n in sizes:
@@ -106,8 +114,8 @@ class _PerTokenCodec(KVCodec):
         return n_rows * shape[4] + 4 * n_rows
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 scale per row of ``x [..., D]`` (fp32): absmax / qmax, 1 where the row is all 0."""
-        s = x.abs().amax(dim=-1) / self.qmax
+        """fp32 scale per row of ``x [..., D]`` (fp32): absmax * fp32(1/qmax), 1 where the row is all 0."""
+        s = x.abs().amax(dim=-1) * _recip(self.qmax)
         return torch.where(s > 0, s, torch.ones_like(s))
 
     @abstractmethod
@@ -116,7 +124,7 @@ class _PerTokenCodec(KVCodec):
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
         x = kv.float()
         s = self.scales(x)
-        inv = 1.0 / s
+        inv = torch.ones_like(s) / s
         codes = self._codes(x, inv.unsqueeze(-1))
         return torch.cat([codes.contiguous().view(-1).view(torch.uint8), _f32(s)])
 
@@ -151,7 +159,7 @@ class KiviCodec(KVCodec):
     """``bits``-bit asymmetric codes, KIVI-style: keys (plane 0) per channel over groups of
     ``KEY_GROUP_TOKENS`` tokens, values (plane 1, and the single plane of MLA) per token & head.
 
-    Each group stores an fp32 ``scale = (max - min) / qmax`` and ``offset = min / scale``;
+    Each group stores an fp32 ``scale = (max - min) * fp32(1 / qmax)`` and ``offset = min / scale``;
     ``q = round((x - min) / scale)`` and ``x' = (q + offset) * scale``. Codes are packed
     ``8 // bits`` per byte along ``head_dim``, lowest bits first.
     """
@@ -186,9 +194,9 @@ class KiviCodec(KVCodec):
         return codes + 8 * n_scales
 
     def _quant(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = (mx - mn) / self.qmax
+        s = (mx - mn) * _recip(self.qmax)
         s = torch.where(s > 0, s, torch.ones_like(s))
-        inv = 1.0 / s
+        inv = torch.ones_like(s) / s
         q = torch.round((x - mn) * inv).clamp_(0, self.qmax).to(torch.uint8)
         return q, s, mn / s
 
