@@ -170,3 +170,16 @@ def test_shuffle_zstd_roundtrip_and_beats_zstd_on_bf16() -> None:
     assert len(blobs["shuffle-zstd"]) < len(blobs["zstd"])
     odd = Chunk(torch.arange(7, dtype=torch.float32), b"", 7)  # a tail shorter than an element
     assert torch.equal(decode(encode(odd, "shuffle-zstd")).kv, odd.kv)
+
+
+def test_kv_codec_flag_reaches_the_config() -> None:
+    import argparse
+
+    from kvtier.commands.common import add_config_args, load_config
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    assert load_config(p.parse_args(["--kv-codec", "int4"])).chunk.kv_codec == "int4"
+    assert load_config(p.parse_args([])).chunk.kv_codec == "none"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--kv-codec", "int3"])

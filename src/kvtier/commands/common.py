@@ -1,10 +1,10 @@
-"""Flags shared by sub-commands: ``--config`` and repeated ``--set section.field=value``."""
+"""Flags shared by sub-commands: ``--config``, repeated ``--set section.field=value``, ``--kv-codec``."""
 
 from __future__ import annotations
 
 import argparse
 
-from kvtier.config import Config, ConfigError
+from kvtier.config import KV_CODEC_NAMES, Config, ConfigError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +16,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         help="override one value, e.g. --set cpu.max_bytes=8GiB (repeatable)",
     )
+    p.add_argument("--kv-codec", choices=KV_CODEC_NAMES, default=None,
+                   help="lossy KV codec for stored chunks (= --set chunk.kv_codec=...; default: none)")  # fmt: skip
 
 
 def load_config(args: argparse.Namespace, **extra: object) -> Config:
@@ -26,5 +28,7 @@ def load_config(args: argparse.Namespace, **extra: object) -> Config:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
+    if getattr(args, "kv_codec", None) is not None:
+        overrides["chunk.kv_codec"] = args.kv_codec
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return Config.load(args.config, env=None, **overrides)

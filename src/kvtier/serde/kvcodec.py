@@ -45,7 +45,8 @@ KEY_GROUP_TOKENS = 64
 """int4/int2 keys: one scale per channel per this many tokens (KIVI's per-channel key grouping).
 Part of the format: changing it needs a new codec name."""
 
-Shape = tuple[int, int, int, int, int]
+Shape = tuple[int, ...]
+"""``(layers, planes, tokens, heads, head_dim)``."""
 
 
 class KVCodecError(CodecError):
