@@ -29,10 +29,12 @@ from typing import Any
 
 import yaml
 
+from kvtier.errors import KVTierError
+
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
 
 
-class ConfigError(ValueError):
+class ConfigError(KVTierError, ValueError):
     """A configuration value, key or file is invalid."""
 
 

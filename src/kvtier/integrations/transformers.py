@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from kvtier.engine import CacheEngine, dtype_name
+from kvtier.chunk import dtype_name
+from kvtier.engine import CacheEngine
 from kvtier.integrations.hf_cache import (
     ChunkedLayerwiseKV,
     IntegrationError,

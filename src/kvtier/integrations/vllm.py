@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvtier.engine import dtype_name
+from kvtier.chunk import dtype_name
 from kvtier.keys import Namespace
-from kvtier.layout import KVLayout, LayoutError
+from kvtier.transfer.blocks import detect, probe_cpu_layout
+from kvtier.transfer.layout import KVLayout, LayoutError
 
-from .vllm_paged import detect, probe_cpu_layout
 from .vllm_plan import Planner, TransferSpec
 from .vllm_shared import (
     config_from_extra,

@@ -18,7 +18,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from kvtier.tiers.base import Chunk, Tier, TierStats
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import Tier, TierStats
 
 
 class MirrorTier(Tier):

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvtier.chunk import dtype_from_name
 from kvtier.config import Config, ConfigError
-from kvtier.engine import CacheEngine, dtype_from_name
+from kvtier.engine import CacheEngine
 from kvtier.keys import Namespace
 from kvtier.tiers.base import Tier
 from kvtier.tiers.factory import build_remote_tier

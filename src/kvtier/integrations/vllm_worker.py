@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.engine import CacheEngine
 from kvtier.keys import fingerprint, tokens_to_array
-from kvtier.layout import KVLayout
-from kvtier.tiers.base import Chunk
+from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_layer, token_index
+from kvtier.transfer.layout import KVLayout
 
-from .vllm_paged import TokenIndex, gather_layer, scatter_layer, token_index
 from .vllm_plan import TransferSpec, align_down
 
 log = logging.getLogger(__name__)

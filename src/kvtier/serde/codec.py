@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from kvtier.errors import KVTierError
+
 Buffer = bytes | bytearray | memoryview
 
 
-class CodecError(ValueError):
+class CodecError(KVTierError, ValueError):
     """A codec name/id is unknown, or a codec was registered twice under one name/id."""
 
 

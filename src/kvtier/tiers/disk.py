@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.memory import HostBufferPool, should_pin
 from kvtier.policies import make_policy
 from kvtier.serde import HEADER_BYTES, ChunkHeader, CorruptChunkError, SerdeError, encode_parts
@@ -68,7 +69,7 @@ from kvtier.serde.base import (
 )
 from kvtier.serde.codec import RAW, Buffer, CodecError
 from kvtier.tiers import disk_io
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierError, TierStats
 
 log = logging.getLogger(__name__)
 

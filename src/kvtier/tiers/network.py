@@ -33,9 +33,10 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 
 from kvtier import serde
+from kvtier.chunk import Chunk
 from kvtier.serde.base import check_key, verify_payload
 from kvtier.serde.codec import Buffer
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierError, TierStats
 from kvtier.tiers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)

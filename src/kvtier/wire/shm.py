@@ -35,15 +35,12 @@ import os
 import re
 import secrets
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvtier.memory import ALIGN_BYTES, MemoryObject
-from kvtier.tiers.base import Chunk
-from kvtier.tiers.cpu import CPUTier, _Entry
+from kvtier.memory import ALIGN_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -175,79 +172,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@dataclass
-class Reservation:
-    key: bytes
-    obj: MemoryObject
-    fingerprint: bytes
-    num_tokens: int
-
-
-class SharedCPUTier(CPUTier):
-    """The CPU tier with its pool arena in a ``SharedSegment`` and a reserve/commit put path."""
-
-    name = "cpu"
-
-    def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
-        super().__init__(segment.arena_bytes, policy=policy, pin_memory=False, pin_timeout_s=pin_timeout_s)
-        if self.pool.capacity_bytes != segment.arena_bytes:
-            raise ValueError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
-        # The pool's private arena was never touched (no pages); the shared one replaces it.
-        self.pool._arena = segment.arena
-        self.segment = segment
-
-    def reserve(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes,
-                num_tokens: int) -> Reservation | bool:  # fmt: skip
-        """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored,
-        ``False`` if there is no room."""
-        with self._lock:
-            if key in self._entries:
-                self.policy.access(key)
-                return True
-            obj = self._allocate(shape, dtype)
-            if obj is None:
-                self._stats.put_failures += 1
-                return False
-        return Reservation(key, obj, fingerprint, num_tokens)
-
-    def commit(self, r: Reservation) -> bool:
-        """Publish a reserved chunk whose bytes are written; ``False`` if the tier is closed."""
-        with self._lock:
-            if self._closed:
-                self.pool.release(r.obj)
-                return False
-            if r.key in self._entries:  # another client committed the same chunk first
-                self.pool.release(r.obj)
-                return True
-            self._entries[r.key] = _Entry(r.obj, r.fingerprint, r.num_tokens)
-            self.policy.insert(r.key, r.obj.nbytes)
-            self._stats.puts += 1
-        return True
-
-    def pinned(self, key: bytes) -> Chunk | None:
-        """The chunk under ``key`` pinned for reading, without counting a hit or touching the policy."""
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None:
-                return None
-            e.obj.pin()
-        return Chunk(e.obj.tensor, e.fingerprint, e.num_tokens, e.obj.unpin)
-
-    def abort(self, r: Reservation) -> None:
-        """Return an uncommitted reservation's space."""
-        self.pool.release(r.obj)
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._entries):
-                self.remove(key)
-            self._reap()
-
-    def close(self) -> None:
-        super().close()
-        self.segment.close()
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -89,12 +89,12 @@ def rerotate(
     same cos/sin tables and float32 math, so they agree to float32 rounding (FMA contraction).
     """
     _check(k, old_pos, new_pos)
-    from kvtier.gpu.ops import triton_available
+    from kvtier.transfer.kernels.ops import triton_available
 
     if backend == "torch" or k.device.type != "cuda" or not triton_available():
         if backend == "triton":
             raise ValueError("triton backend needs a CUDA tensor and triton")
         return rerotate_reference(k, old_pos, new_pos, theta)
-    from kvtier.gpu.rope_triton import rerotate_triton
+    from kvtier.transfer.kernels.rope_triton import rerotate_triton
 
     return rerotate_triton(k, *delta_tables(k.shape[-1], old_pos, new_pos, theta))

@@ -39,11 +39,13 @@ from enum import StrEnum
 
 import torch
 
+from kvtier.errors import KVTierError
+
 LayerEntry = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """One layer of a paged cache: a tensor, or an HF ``(keys, values)`` pair."""
 
 
-class LayoutError(ValueError):
+class LayoutError(KVTierError, ValueError):
     """A tensor does not match any supported KV layout (or the hints given)."""
 
 
