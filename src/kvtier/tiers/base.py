@@ -89,6 +89,10 @@ class Tier(ABC):
         """Every key this tier holds, or ``None`` if it cannot list them cheaply (remote stores)."""
         return None
 
+    def learn_keys(self, keys: Iterable[bytes]) -> bool:
+        """Record that ``keys`` are held elsewhere (a key mirror); ``False``: this tier holds data."""
+        return False
+
     def sync(self) -> bool:
         """Make what ``put`` accepted durable; ``True`` when it is (a volatile tier has nothing to do)."""
         return True

