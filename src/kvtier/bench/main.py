@@ -18,7 +18,7 @@ from tqdm import tqdm
 from kvtier.bench import report, runner, workloads
 from kvtier.bench.drivers import Driver, HttpDriver, TransformersDriver, first_model
 from kvtier.bench.plots import plot_all
-from kvtier.commands.common import load_config
+from kvtier.cli_args import load_config
 
 VARIANTS = ("without", "with", "capped")
 LABELS = {"without": "without kvtier", "with": "with kvtier", "capped": "capped (engine-sized)"}
@@ -119,7 +119,7 @@ class OverHttp:
 def stats_fetcher(url: str | None) -> runner.StatsFetch | None:
     if not url:
         return None
-    from kvtier.commands.stats_cmd import fetch_stats
+    from kvtier.server.stats_client import fetch_stats
 
     return lambda: fetch_stats(url)
 

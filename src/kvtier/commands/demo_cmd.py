@@ -14,12 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from kvtier.commands.common import add_config_args, load_config
+from kvtier.cli_args import add_config_args, load_config
 from kvtier.config import ConfigError
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""``--dtype`` choices; ``auto``: float32 on CPU, bfloat16 on CUDA (``demo.main`` maps the names)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
