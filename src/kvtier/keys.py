@@ -28,12 +28,18 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.errors import KVTierError
+
 DIGEST_BYTES = 16
 """128-bit keys: collision odds stay negligible for any cache size we will ever hold."""
 
 TokenInput = (
     Sequence[int] | np.ndarray | Any
 )  # Any: a torch tensor (kept out of the type to avoid importing torch)
+
+
+class TokenError(KVTierError, ValueError):
+    """Tokens that are not a flat sequence of ids in [0, 2**32), or a bad chunk size."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,11 @@ def tokens_to_array(tokens: TokenInput) -> np.ndarray:
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
-        raise ValueError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
+        raise TokenError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        raise TokenError(f"tokens must be integers, got dtype {arr.dtype}")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
-        raise ValueError("tokens must be token ids in [0, 2**32)")
+        raise TokenError("tokens must be token ids in [0, 2**32)")
     return np.ascontiguousarray(arr, dtype="<u4")
 
 
@@ -116,7 +122,7 @@ def chunk_keys(
     ``namespace.digest()``.
     """
     if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        raise TokenError(f"chunk_tokens must be positive, got {chunk_tokens}")
     arr = tokens_to_array(tokens)
     nsd = ns_digest if ns_digest is not None else namespace.digest()
     raw = arr.tobytes()

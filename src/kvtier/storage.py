@@ -88,7 +88,7 @@ class TierManager:
 
     def __init__(self, tiers: Sequence[Tier], config: StorageConfig | None = None) -> None:
         if not tiers:
-            raise ValueError("TierManager needs at least one tier")
+            raise TierError("TierManager needs at least one tier")
         cfg = config or StorageConfig()
         self.config = cfg
         self.tiers = list(tiers)
@@ -97,7 +97,7 @@ class TierManager:
         self._write_back = cfg.write_mode == "write_back" and len(self.tiers) > 1
         hooks = self.top.evict_hooks
         if self._write_back and hooks is None:
-            raise ValueError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
+            raise TierError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
         self._io = [_TierIO() for _ in self.tiers]
         self._cv = threading.Condition()
         self._pending = 0  # queued or running writes, over all lower tiers

@@ -74,9 +74,9 @@ def _workloads(args: argparse.Namespace) -> list[str]:
         names.append("context")
     bad = sorted(set(names) - {"chat", "docqa", "context"})
     if bad or not names:
-        raise ValueError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
+        raise ConfigError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
     if "context" in names and not args.contexts:
-        raise ValueError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
+        raise ConfigError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
     return names
 
 

@@ -75,11 +75,11 @@ def token_index(block_ids: Sequence[int], first_token: int, start: int, end: int
                 device: torch.device) -> TokenIndex:  # fmt: skip
     """Index of tokens ``[start, end)`` given ``block_ids[i]`` holds ``[first_token + i*bs, ...)``."""
     if first_token % block_size or not first_token <= start <= end:
-        raise ValueError(f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})")
+        raise LayoutError(f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})")
     pos = torch.arange(start - first_token, end - first_token, dtype=torch.int64)
     ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
     if ids.numel() * block_size < end - first_token:
-        raise ValueError(f"{ids.numel()} blocks cannot hold tokens up to {end} from {first_token}")
+        raise LayoutError(f"{ids.numel()} blocks cannot hold tokens up to {end} from {first_token}")
     whole = None
     if start % block_size == 0 and end % block_size == 0:
         whole = ids[(start - first_token) // block_size : (end - first_token) // block_size].to(device)
