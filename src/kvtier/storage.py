@@ -48,7 +48,7 @@ import torch
 
 from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class TierManager:
     def put(self, key: bytes, chunk: Chunk) -> bool:
         """Store in the top tier now and queue the lower tiers; ``True`` if any took it."""
         if self._closed:
-            raise TierError("TierManager is closed")
+            raise TierClosedError("TierManager is closed")
         lower = len(self.tiers) > 1
         private = lower and chunk.kv.device.type != "cpu"
         if private:  # one device->host copy feeds every tier
@@ -252,7 +252,7 @@ class TierManager:
         (the daemon commits clients' chunks to its shared CPU tier itself). A second top-tier
         ``put`` would count as an access and make ARC/S3-FIFO treat every fresh chunk as hot."""
         if self._closed:
-            raise TierError("TierManager is closed")
+            raise TierClosedError("TierManager is closed")
         if len(self.tiers) == 1 or self._write_back:  # write-back writes below on eviction
             return True
         with self._cv:
