@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from kvtier import CacheEngine, Config
+from kvtier.chunk import Chunk
 from kvtier.serde.base import tensor_bytes
-from kvtier.tiers.base import Chunk
 from kvtier.tiers.disk import DiskTier
 
 SHAPE = (32, 2, 256, 8, 128)

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
-from kvtier.gpu import gather, scatter
-from kvtier.paged import PagedMixin
+from kvtier.transfer.kernels import gather, scatter
+from kvtier.transfer.paged import retrieve_paged, retrieve_paged_layerwise
 
 LAYERS, HEADS, DIM, BS = 32, 8, 128, 16
 
@@ -41,7 +41,7 @@ def timed(fn: Callable[[], object], reps: int = 5) -> float:
     return statistics.median(out)
 
 
-class HostEngine(PagedMixin):
+class HostEngine:
     """Serves one pinned host chunk as a full hit (so timings exclude the tiers)."""
 
     def __init__(self, kv: torch.Tensor) -> None:
@@ -132,14 +132,14 @@ def main() -> None:
             layer_compute()
 
     def load_only() -> None:
-        eng.retrieve_paged_layerwise(tokens, caches, slots).finish()
+        retrieve_paged_layerwise(eng, tokens, caches, slots).finish()
 
     def serialized() -> None:
-        eng.retrieve_paged(tokens, caches, slots)
+        retrieve_paged(eng, tokens, caches, slots)
         compute_only()
 
     def overlapped() -> None:
-        for _ in eng.retrieve_paged_layerwise(tokens, caches, slots):
+        for _ in retrieve_paged_layerwise(eng, tokens, caches, slots):
             layer_compute()
 
     for name, fn in (("compute_only", compute_only), ("layerwise_load_only", load_only),

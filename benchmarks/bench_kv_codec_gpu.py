@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvtier.gpu.quant_kernels import gather_quant, scatter_dequant
+from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.remote.servers
 
 from kvtier import serde
-from kvtier.tiers.base import Chunk
+from kvtier.chunk import Chunk
 from kvtier.tiers.redis import RedisTier
 
 

@@ -23,7 +23,7 @@ from kvtier.server.process import DaemonProcess
 
 LOOKUP_CLIENT = """
 import sys, time
-from kvtier.server.client import DaemonClient
+from kvtier.wire.client import DaemonClient
 host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 c = DaemonClient(host, port, timeout_s=10)
 c.connect()

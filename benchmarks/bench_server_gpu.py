@@ -10,7 +10,7 @@ import torch
 
 from kvtier import CacheEngine, Config
 from kvtier.server.process import DaemonProcess
-from kvtier.server.shm import SharedSegment
+from kvtier.wire.shm import SharedSegment
 
 
 def main() -> None:

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from kvtier import CacheEngine, Config
+from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
 from kvtier.storage import TierManager
-from kvtier.tiers.base import Chunk, Tier, TierStats
+from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.cpu import CPUTier
 from kvtier.tiers.disk import DiskTier
 

@@ -29,12 +29,14 @@ from typing import Any
 
 import yaml
 
+from kvtier.errors import KVTierError
+
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
 KV_CODEC_NAMES = ("none", "fp8", "int8", "int4", "int2")  # serde.kvcodec (kept here: config imports no torch)
 SERDE_NAMES = ("raw", "zstd", "lz4", "shuffle-zstd")  # lossless tier serde (serde.codec, serde.shuffle)
 
 
-class ConfigError(ValueError):
+class ConfigError(KVTierError, ValueError):
     """A configuration value, key or file is invalid."""
 
 

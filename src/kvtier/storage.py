@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,16 @@ class TierManager:
 
     def __init__(self, tiers: Sequence[Tier], config: StorageConfig | None = None) -> None:
         if not tiers:
-            raise ValueError("TierManager needs at least one tier")
+            raise TierError("TierManager needs at least one tier")
         cfg = config or StorageConfig()
         self.config = cfg
         self.tiers = list(tiers)
         self.top = self.tiers[0]
         self.errors = 0
         self._write_back = cfg.write_mode == "write_back" and len(self.tiers) > 1
-        hooks = getattr(self.top, "on_evict_chunk", None)
+        hooks = self.top.evict_hooks
         if self._write_back and hooks is None:
-            raise ValueError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
+            raise TierError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
         self._io = [_TierIO() for _ in self.tiers]
         self._cv = threading.Condition()
         self._pending = 0  # queued or running writes, over all lower tiers
@@ -234,7 +235,7 @@ class TierManager:
     def put(self, key: bytes, chunk: Chunk) -> bool:
         """Store in the top tier now and queue the lower tiers; ``True`` if any took it."""
         if self._closed:
-            raise TierError("TierManager is closed")
+            raise TierClosedError("TierManager is closed")
         lower = len(self.tiers) > 1
         private = lower and chunk.kv.device.type != "cpu"
         if private:  # one device->host copy feeds every tier
@@ -245,6 +246,18 @@ class TierManager:
                 self._clean.discard(key)
             ok = self._submit(key, chunk, private=private) or ok
         return ok
+
+    def put_below(self, key: bytes, chunk: Chunk) -> bool:
+        """Queue ``chunk`` for the lower tiers only: its caller already stored it in the top tier
+        (the daemon commits clients' chunks to its shared CPU tier itself). A second top-tier
+        ``put`` would count as an access and make ARC/S3-FIFO treat every fresh chunk as hot."""
+        if self._closed:
+            raise TierClosedError("TierManager is closed")
+        if len(self.tiers) == 1 or self._write_back:  # write-back writes below on eviction
+            return True
+        with self._cv:
+            self._clean.discard(key)
+        return self._submit(key, chunk)
 
     def _put_to(self, i: int, key: bytes, chunk: Chunk) -> bool:
         tier, io = self.tiers[i], self._io[i]
@@ -444,13 +457,11 @@ class TierManager:
                 self._cv.wait(left)
         ok = True
         for tier in self.tiers[1:]:
-            sync = getattr(tier, "sync", None)
-            if callable(sync):
-                try:
-                    ok = bool(sync()) and ok
-                except SOFT_ERRORS as e:
-                    self._soft_fail(tier, "sync", e)
-                    ok = False
+            try:
+                ok = bool(tier.sync()) and ok
+            except SOFT_ERRORS as e:
+                self._soft_fail(tier, "sync", e)
+                ok = False
         return ok
 
     def close(self) -> None:
@@ -477,8 +488,7 @@ class TierManager:
             tier.close()
 
     def _write_back_all(self) -> None:
-        keys = getattr(self.top, "keys", None)
-        for key in keys() if callable(keys) else []:
+        for key in self.top.keys() or []:
             if key in self._clean:
                 continue
             c = self._get_from(0, key)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.layout import LayerEntry, detect_layout
+from kvtier.transfer.layout import LayerEntry, detect_layout
 
 LAYOUTS = ["vllm_nhd", "vllm_hnd", "vllm_nhd_permuted", "hf", "mla", "vllm_cpu_vec"]
 

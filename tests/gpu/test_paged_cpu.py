@@ -1,4 +1,4 @@
-"""CPU (CI) tests of the paged gather/scatter fallback, layouts, the PagedMixin and RoPE re-rotation."""
+"""CPU (CI) tests of the paged gather/scatter fallback, layouts, the paged store/retrieve functions and RoPE re-rotation."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from tests.gpu.helpers import (
     ref_token,
 )
 
-from kvtier.gpu import gather, scatter
-from kvtier.gpu.rope import apply_rope, rerotate
-from kvtier.gpu.transfer import pieces
-from kvtier.layout import LayoutError, LayoutKind, detect_layout
-from kvtier.paged import PagedMixin
+from kvtier.transfer.kernels import gather, scatter
+from kvtier.transfer.kernels.host import pieces
+from kvtier.transfer.layout import LayoutError, LayoutKind, detect_layout
+from kvtier.transfer.paged import retrieve_paged, retrieve_paged_layerwise, store_paged, store_paged_layerwise
+from kvtier.transfer.rope import apply_rope, rerotate
 
 L, NB, BS, H, D = 3, 12, 8, 2, 16
 
@@ -139,8 +139,7 @@ def test_pieces_cover_everything_once(n_rows: int, n_t: int, piece: int, packed:
     assert bool((seen == 1).all())
 
 
-class PagedFake(PagedMixin, FakeEngine):
-    pass
+PagedFake = FakeEngine  # the paged functions take any engine-like object
 
 
 @pytest.mark.parametrize("kind", ["vllm_nhd", "vllm_hnd", "hf", "mla", "vllm_cpu_vec"])
@@ -149,10 +148,10 @@ def test_store_paged_then_retrieve_paged_round_trip(kind: str) -> None:
     tokens = list(range(100, 123))
     slots_a = torch.tensor(block_table_slots(NB, BS, len(tokens), g))
     eng = PagedFake()
-    assert eng.store_paged(tokens, src, slots_a, **kw) == len(tokens)
+    assert store_paged(eng, tokens, src, slots_a, **kw) == len(tokens)
     dst, _, _ = _caches(kind, seed=12)
     slots_b = torch.tensor(block_table_slots(NB, BS, len(tokens), g))
-    assert eng.retrieve_paged(tokens, dst, slots_b, **kw) == len(tokens)
+    assert retrieve_paged(eng, tokens, dst, slots_b, **kw) == len(tokens)
     assert bits_equal(gather(dst, slots_b, **kw), gather(src, slots_a, **kw))
 
 
@@ -161,16 +160,16 @@ def test_retrieve_paged_partial_hit_fills_only_the_prefix() -> None:
     tokens = list(range(20))
     slots = torch.tensor(block_table_slots(NB, BS, 20, g))
     eng = PagedFake(max_hit=13)
-    eng.store_paged(tokens, src, slots)
+    store_paged(eng, tokens, src, slots)
     dst, _, _ = _caches("vllm_nhd", seed=14)
     before = gather(dst, slots)
-    assert eng.retrieve_paged(tokens, dst, slots) == 13
+    assert retrieve_paged(eng, tokens, dst, slots) == 13
     after = gather(dst, slots)
     assert bits_equal(after[:, :, :13], gather(src, slots[:13]))
     assert bits_equal(after[:, :, 13:], before[:, :, 13:])
-    assert PagedFake().retrieve_paged(tokens, dst, slots) == 0
+    assert retrieve_paged(PagedFake(), tokens, dst, slots) == 0
     with pytest.raises(ValueError, match="one slot per token"):
-        eng.retrieve_paged(tokens, dst, slots[:5])
+        retrieve_paged(eng, tokens, dst, slots[:5])
 
 
 def test_layerwise_variants_match_the_bulk_ones() -> None:
@@ -178,11 +177,11 @@ def test_layerwise_variants_match_the_bulk_ones() -> None:
     tokens = list(range(17))
     slots = torch.tensor(block_table_slots(NB, BS, 17, g))
     eng = PagedFake()
-    gen = eng.store_paged_layerwise(tokens, src, slots, layout="vllm_hnd")
+    gen = store_paged_layerwise(eng, tokens, src, slots, layout="vllm_hnd")
     assert list(gen) == list(range(L))
     assert eng.kv is not None and bits_equal(eng.kv, gather(src, slots, layout="vllm_hnd"))
     dst, _, _ = _caches("vllm_hnd", seed=16)
-    load = eng.retrieve_paged_layerwise(tokens, dst, slots, layout="vllm_hnd")
+    load = retrieve_paged_layerwise(eng, tokens, dst, slots, layout="vllm_hnd")
     assert load.num_tokens == 17
     for layer in load:  # layer i is in place when yielded; later layers not yet
         got = gather(dst, slots, layout="vllm_hnd")
@@ -198,12 +197,12 @@ def test_with_the_real_cache_engine() -> None:
     src, _, g = _caches("vllm_nhd", seed=17)
     tokens = torch.arange(1000, 1021)
     slots = torch.tensor(block_table_slots(NB, BS, 21, g))
-    assert eng.store_paged(tokens, src, slots) == 21
+    assert store_paged(eng, tokens, src, slots) == 21
     dst, _, _ = _caches("vllm_nhd", seed=18)
     slots_b = torch.tensor(block_table_slots(NB, BS, 21, g))
-    assert eng.retrieve_paged(tokens, dst, slots_b) == 21
+    assert retrieve_paged(eng, tokens, dst, slots_b) == 21
     assert bits_equal(gather(dst, slots_b), gather(src, slots))
-    load = eng.retrieve_paged_layerwise(tokens, dst, slots_b)
+    load = retrieve_paged_layerwise(eng, tokens, dst, slots_b)
     assert load.num_tokens == 21 and list(load) == list(range(L))
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tests.gpu.helpers import FakeEngine, bits_equal, block_table_slots, make_caches, random_bits, ref_gather
 
-from kvtier.gpu import gather, scatter
-from kvtier.gpu.ops import prepare
-from kvtier.gpu.rope import apply_rope, rerotate, rerotate_reference
-from kvtier.paged import PagedMixin
+from kvtier.transfer.kernels import gather, scatter
+from kvtier.transfer.kernels.ops import prepare
+from kvtier.transfer.paged import retrieve_paged, retrieve_paged_layerwise, store_paged, store_paged_layerwise
+from kvtier.transfer.rope import apply_rope, rerotate, rerotate_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -82,24 +82,23 @@ def test_cpu_vec_layout_on_cuda_uses_the_torch_path() -> None:
     )
 
 
-class PagedFake(PagedMixin, FakeEngine):
-    pass
+PagedFake = FakeEngine  # the paged functions take any engine-like object
 
 
 def test_mixin_on_cuda_bulk_and_layerwise() -> None:
     src, _, slots, _ = _setup("vllm_nhd", torch.bfloat16, seed=5, n_tokens=300)
     tokens = list(range(300))
     eng = PagedFake()
-    assert eng.store_paged(tokens, src, slots) == 300
+    assert store_paged(eng, tokens, src, slots) == 300
     dst, _, slots_b, _ = _setup("vllm_nhd", torch.bfloat16, seed=6, n_tokens=300)
-    assert eng.retrieve_paged(tokens, dst, slots_b) == 300
+    assert retrieve_paged(eng, tokens, dst, slots_b) == 300
     assert bits_equal(gather(dst, slots_b), gather(src, slots))
     dst2, _, _, _ = _setup("vllm_nhd", torch.bfloat16, seed=7, n_tokens=300)
-    load = eng.retrieve_paged_layerwise(tokens, dst2, slots_b)
+    load = retrieve_paged_layerwise(eng, tokens, dst2, slots_b)
     assert load.num_tokens == 300 and list(load) == list(range(L))
     assert bits_equal(gather(dst2, slots_b), gather(src, slots))
     eng2 = PagedFake()
-    for _ in eng2.store_paged_layerwise(tokens, src, slots):
+    for _ in store_paged_layerwise(eng2, tokens, src, slots):
         pass
     assert eng2.kv is not None and bits_equal(eng2.kv.cuda(), gather(src, slots))
 
@@ -110,9 +109,9 @@ def test_real_cache_engine_on_cuda() -> None:
     eng = CacheEngine(Config.load(env={}, chunk_tokens=64, cpu__max_bytes="256MiB"))
     src, _, slots, _ = _setup("vllm_nhd", torch.bfloat16, seed=8, n_tokens=200)
     tokens = torch.arange(200)
-    assert eng.store_paged(tokens, src, slots) == 200
+    assert store_paged(eng, tokens, src, slots) == 200
     dst, _, slots_b, _ = _setup("vllm_nhd", torch.bfloat16, seed=9, n_tokens=200)
-    assert eng.retrieve_paged(tokens, dst, slots_b) == 200
+    assert retrieve_paged(eng, tokens, dst, slots_b) == 200
     torch.cuda.synchronize()
     assert bits_equal(gather(dst, slots_b), gather(src, slots))
 

@@ -1,4 +1,4 @@
-"""Fused quantize-in-gather / dequantize-in-scatter (``kvtier.gpu.quant_kernels``).
+"""Fused quantize-in-gather / dequantize-in-scatter (``kvtier.transfer.kernels.quant_kernels``).
 
 CPU (CI): the torch path is the codec applied to the gathered KV, whole chunks only, clear
 errors. CUDA: the Triton kernels give the torch path's bytes bit for bit, both directions.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.gpu.quant_kernels import gather_quant, reference_gather, scatter_dequant
 from kvtier.serde.kvcodec import KV_CODECS, KVCodecError
+from kvtier.transfer.kernels.quant_kernels import gather_quant, reference_gather, scatter_dequant
 
 NB, BS, H, D, CT = 24, 16, 2, 64, 64
 CODECS = sorted(KV_CODECS)

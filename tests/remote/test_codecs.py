@@ -10,7 +10,7 @@ import torch
 from tests.remote import servers
 
 from kvtier import serde
-from kvtier.tiers.base import Chunk
+from kvtier.chunk import Chunk
 from kvtier.tiers.redis import RedisTier
 
 

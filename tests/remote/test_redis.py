@@ -12,7 +12,8 @@ import torch
 from tests.remote import servers
 
 from kvtier import Config
-from kvtier.tiers.base import Chunk, TierError
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import TierError
 from kvtier.tiers.factory import build_tiers
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_client import parse_redis_url

@@ -6,7 +6,7 @@ import redis
 import torch
 from tests.remote import servers
 
-from kvtier.tiers.base import Chunk
+from kvtier.chunk import Chunk
 from kvtier.tiers.redis import RedisTier
 
 

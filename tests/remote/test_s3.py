@@ -11,7 +11,8 @@ import torch
 from tests.remote import servers
 
 from kvtier import Config
-from kvtier.tiers.base import Chunk, TierError
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import TierError
 from kvtier.tiers.factory import build_tiers
 from kvtier.tiers.s3 import S3Tier, parse_s3_url
 

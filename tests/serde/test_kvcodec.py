@@ -175,7 +175,7 @@ def test_shuffle_zstd_roundtrip_and_beats_zstd_on_bf16() -> None:
 def test_kv_codec_flag_reaches_the_config() -> None:
     import argparse
 
-    from kvtier.commands.common import add_config_args, load_config
+    from kvtier.cli_args import add_config_args, load_config
 
     p = argparse.ArgumentParser()
     add_config_args(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.serde import (
     HEADER_BYTES,
     ChunkHeader,
@@ -20,7 +21,6 @@ from kvtier.serde import (
     register_codec,
 )
 from kvtier.serde.base import decode_payload, tensor_bytes
-from kvtier.tiers.base import Chunk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.int8]
 KEY = bytes(range(16))

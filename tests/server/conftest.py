@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvtier.server import protocol as P
 from kvtier.server.process import DaemonProcess
+from kvtier.wire import protocol as P
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from tests.server.conftest import hello, raw_connect, read_reply
 
 from kvtier.config import Config
-from kvtier.server import protocol as P
 from kvtier.server.process import DaemonProcess
 from kvtier.server.service import CacheService
 from kvtier.tiers.remote import RemoteTier
+from kvtier.wire import protocol as P
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kvtier.tiers.base import Chunk, Tier
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import Tier
 
 SHAPE = (2, 2, 8, 2, 4)  # layers, k/v, tokens, heads, dim
 CHUNK_BYTES = 2 * 2 * 8 * 2 * 4 * 4

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.serde import HEADER_BYTES
 from kvtier.tiers import disk_io
-from kvtier.tiers.base import Chunk, TierError
+from kvtier.tiers.base import TierError
 from kvtier.tiers.disk import DiskTier
 
 SHAPE = (2, 2, 16, 2, 8)  # layers, k/v, tokens, heads, dim

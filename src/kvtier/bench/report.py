@@ -19,11 +19,12 @@ import numpy as np
 
 from kvtier.bench.drivers import Result
 from kvtier.bench.runner import VariantRun
+from kvtier.errors import KVTierError
 
 FORMAT_VERSION = 1
 
 
-class ReportError(ValueError):
+class ReportError(KVTierError, ValueError):
     """A file given to ``--compare`` is not a kvtier bench JSON file."""
 
 

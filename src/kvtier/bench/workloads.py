@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.demo.corpus import question, sentence
+from kvtier.errors import KVTierError
 
 Encode = Callable[[str], list[int]]
 ORDERS = ("random", "tiled", "interleaved")
 NAMES = ("chat", "docqa", "rag", "pressure")
 
 
-class WorkloadError(ValueError):
+class WorkloadError(KVTierError, ValueError):
     """A workload was asked for with sizes that cannot produce the stated structure."""
 
 

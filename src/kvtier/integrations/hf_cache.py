@@ -23,14 +23,30 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvtier.engine import ChunkViews
-from kvtier.gpu.transfer import side_stream
+from kvtier.errors import KVTierError
+from kvtier.transfer.layerwise import ChunkedLayerwiseKV, LayerwiseKV, cache_to_kv
+
+__all__ = [
+    "ChunkedLayerwiseKV",
+    "IntegrationError",
+    "KVTierCache",
+    "LayerwiseKV",
+    "ModelKVSpec",
+    "UnsupportedInputError",
+    "cache_to_kv",
+    "check_supported",
+    "model_kv_spec",
+]
 
 log = logging.getLogger(__name__)
 
 
-class IntegrationError(ValueError):
+class IntegrationError(KVTierError, ValueError):
     """A model, cache or input the transformers integration cannot work with (names the problem)."""
+
+
+class UnsupportedInputError(KVTierError, NotImplementedError):
+    """A valid input the integration does not support yet (padded batches)."""
 
 
 @dataclass(frozen=True)
@@ -88,167 +104,6 @@ def check_supported(model: Any) -> None:
         raise IntegrationError(
             f"{cfg.model_type}: MLA caches are not supported by the transformers integration"
         )
-
-
-def cache_to_kv(cache: Any, num_tokens: int, *, batch_index: int = 0) -> torch.Tensor:
-    """The first ``num_tokens`` positions of ``cache`` as ``[L, 2, T, H, D]`` (a new contiguous tensor)."""
-    layers = cache.layers
-    first = layers[0].keys
-    n_layers = len(layers)
-    _, heads, seq, dim = first.shape
-    if seq < num_tokens:
-        raise IntegrationError(f"the cache holds {seq} positions, fewer than the {num_tokens} to store")
-    out = torch.empty((n_layers, 2, num_tokens, heads, dim), dtype=first.dtype, device=first.device)
-    for i, layer in enumerate(layers):
-        if layer.keys.shape[-2] < num_tokens:
-            raise IntegrationError(
-                f"layer {i} holds {layer.keys.shape[-2]} positions, expected >= {num_tokens}"
-            )
-        out[i, 0].copy_(layer.keys[batch_index, :, :num_tokens].transpose(0, 1))
-        out[i, 1].copy_(layer.values[batch_index, :, :num_tokens].transpose(0, 1))
-    return out
-
-
-class LayerwiseKV:
-    """Hands out one layer's cached prefix at a time, as ``[B, H, n, D]`` keys and values.
-
-    ``rows`` holds one ``[L, 2, n, H, D]`` tensor per batch row (same ``n``). If a row already
-    lives on ``device`` its layers are views. If it is on the host and ``device`` is CUDA,
-    ``prefetch(i)`` enqueues layer ``i``'s copy on a side stream and records an event;
-    ``take(i)`` makes the compute stream wait for that event only, so later layers keep copying
-    while earlier ones compute.
-    """
-
-    def __init__(self, rows: list[torch.Tensor], device: torch.device) -> None:
-        if not rows or any(r.dim() != 5 or r.shape != rows[0].shape for r in rows):
-            raise IntegrationError("LayerwiseKV needs one [L, 2, n, H, D] tensor per row, all of one shape")
-        self.rows = rows
-        self.num_layers = int(rows[0].shape[0])
-        self.num_tokens = int(rows[0].shape[2])
-        self.device = device
-        self._async = device.type == "cuda" and rows[0].device.type == "cpu"
-        self._stream = side_stream(device) if self._async else None
-        self._staged: dict[int, tuple[list[torch.Tensor], Any]] = {}
-
-    def prefetch(self, layer: int) -> None:
-        if not self._async or layer >= self.num_layers or layer in self._staged:
-            return
-        assert self._stream is not None
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            dev = [r[layer].to(self.device, non_blocking=True) for r in self.rows]
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        self._staged[layer] = (dev, ev)
-
-    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s (keys, values), usable by work enqueued next on the current stream."""
-        if self._async:
-            self.prefetch(layer)
-            srcs, ev = self._staged.pop(layer)
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ev)
-            for t in srcs:
-                t.record_stream(main)
-        else:
-            srcs = [r[layer] for r in self.rows]
-        # [2, n, H, D] -> [1, H, n, D] views; DynamicLayer.update's cat makes them contiguous.
-        ks = [s[0].transpose(0, 1).unsqueeze(0) for s in srcs]
-        vs = [s[1].transpose(0, 1).unsqueeze(0) for s in srcs]
-        if len(srcs) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks), torch.cat(vs)
-
-    def close(self) -> None:
-        """Called once every layer has been taken; views over tier memory are given back here."""
-
-
-class ChunkedLayerwiseKV(LayerwiseKV):
-    """A ``LayerwiseKV`` over the CPU tier's pinned chunk views (``CacheEngine.retrieve_chunks``).
-
-    Layers are copied in groups of ``group_layers`` straight from the pool to the GPU on the
-    side stream: nothing is assembled on the host, and group g+1 loads while group g computes.
-    Why groups, not single layers: a chunk's layers ``[l0:l1]`` are one contiguous block of the
-    pool, so a group costs one async memcpy per chunk; per-layer copies would be 8x more calls
-    and their launch cost (~10 µs each from Python) lands on the thread that drives the forward.
-    ``close`` waits for the copies and releases the views (their pins keep the pool from
-    reusing the memory meanwhile).
-    """
-
-    def __init__(self, views: list[ChunkViews], num_tokens: int, device: torch.device,
-                 group_layers: int = 0) -> None:  # fmt: skip
-        if device.type != "cuda" or not views or any(not v.chunks for v in views):
-            raise IntegrationError("ChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
-        first = views[0].chunks[0][1].kv
-        self.views = views
-        self.num_layers = int(first.shape[0])
-        self.num_tokens = num_tokens
-        self.device = device
-        self.group_layers = group_layers or max(1, -(-self.num_layers // 4))
-        self._async = True
-        self._stream = side_stream(device)
-        self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
-
-    def _stage_group(self, g: int) -> None:
-        l0 = g * self.group_layers
-        if l0 >= self.num_layers or g in self._groups:
-            return
-        l1 = min(l0 + self.group_layers, self.num_layers)
-        assert self._stream is not None
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            dsts = []
-            for v in self.views:
-                first = v.chunks[0][1].kv
-                ct = int(first.shape[2])
-                shape = (
-                    len(v.chunks),
-                    l1 - l0,
-                    int(first.shape[1]),
-                    ct,
-                    int(first.shape[3]),
-                    int(first.shape[4]),
-                )
-                dst = torch.empty(shape, dtype=first.dtype, device=self.device)
-                for c, (_, chunk) in enumerate(v.chunks):
-                    n = int(chunk.kv.shape[2])
-                    target = dst[c] if n == ct else dst[c, :, :, :n]
-                    target.copy_(chunk.kv[l0:l1], non_blocking=True)
-                dsts.append(dst)
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        self._groups[g] = (dsts, ev)
-
-    def prefetch(self, layer: int) -> None:
-        g = layer // self.group_layers
-        self._stage_group(g)
-        self._stage_group(g + 1)  # keep one group in flight ahead of the forward
-
-    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g, j = divmod(layer, self.group_layers)
-        self._stage_group(g)
-        dsts, ev = self._groups[g]
-        main = torch.cuda.current_stream(self.device)
-        main.wait_event(ev)
-        ks, vs = [], []
-        for dst in dsts:
-            dst.record_stream(main)
-            t = dst[:, j]  # [chunks, planes, ct, H, D]
-            flat = t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3], t.shape[4])[:, : self.num_tokens]
-            ks.append(flat[0].transpose(0, 1).unsqueeze(0))
-            vs.append(flat[-1].transpose(0, 1).unsqueeze(0))
-        if j == min(self.group_layers, self.num_layers - g * self.group_layers) - 1:
-            del self._groups[g]  # the group's last layer: its buffers go when the forward is done
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks), torch.cat(vs)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-        for v in self.views:
-            v.release()
-        self.views = []
 
 
 class KVTierCache(DynamicCache):

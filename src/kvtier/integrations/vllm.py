@@ -17,7 +17,7 @@ Where the two roles find the same cache (``vllm_shared``): when they run in one 
 ``uni`` executor, e.g. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on CPU) they share one CacheEngine,
 so the in-memory tier serves both. With vLLM's default multiprocess executor the worker owns the
 CacheEngine and reports the digests it stores through vLLM's worker->scheduler metadata; the
-scheduler looks prompts up in that key mirror (``vllm_mirror``) and in the remote tier, if
+scheduler looks prompts up in that key mirror (``tiers.mirror``) and in the remote tier, if
 ``remote.url`` is set. A stale mirror entry costs a failed load, which vLLM recomputes.
 
 Only this module imports vLLM; the rest of kvtier imports without it.
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvtier.engine import dtype_name
+from kvtier.chunk import dtype_name
 from kvtier.keys import Namespace
-from kvtier.layout import KVLayout, LayoutError
+from kvtier.transfer.blocks import detect, probe_cpu_layout
+from kvtier.transfer.layout import KVLayout, LayoutError
 
-from .vllm_paged import detect, probe_cpu_layout
-from .vllm_plan import Planner, TransferSpec
+from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
 from .vllm_shared import (
     config_from_extra,
     connector_stats,
@@ -87,7 +87,7 @@ def check_vllm_version(version: str) -> None:
         if os.environ.get("KVTIER_VLLM_ANY_VERSION") == "1":
             log.warning("kvtier: vLLM %s is outside the supported range; running anyway", version)
             return
-        raise RuntimeError(
+        raise ConnectorVersionError(
             f"kvtier's vLLM connector supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
             "Set KVTIER_VLLM_ANY_VERSION=1 to try anyway."
         )
@@ -128,7 +128,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._instance = str(ktc.engine_id)
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
-            raise ValueError(
+            raise ConnectorError(
                 f"kvtier's vLLM connector supports models with one KV cache group, got {len(groups)} "
                 "(hybrid/sliding-window mixes are not supported yet)"
             )
@@ -231,8 +231,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
-        if isinstance(meta, KVTierWorkerMetadata) and self._shared.mirror is not None:
-            self._shared.mirror.add(meta.keys)
+        if isinstance(meta, KVTierWorkerMetadata) and self._shared.mirror:
+            self._engine.learn_keys(meta.keys)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy KV out of the blocks inside the step that computed it, so by the time a
@@ -244,7 +244,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self._layer_names if n not in kv_caches]
         if missing:
-            raise ValueError(f"kvtier: vLLM registered no KV cache for layers {missing[:3]}...")
+            raise ConnectorError(f"kvtier: vLLM registered no KV cache for layers {missing[:3]}...")
         caches = [kv_caches[n] for n in self._layer_names]
         first = caches[0]
         layout = detect(
@@ -320,10 +320,7 @@ class KVTierConnector(KVConnectorBase_V1):
         keys = self._worker.take_new_keys()
         if not self._startup_keys_sent:  # what persistent tiers (disk) held before this process
             self._startup_keys_sent = True
-            for tier in self._engine.storage.tiers:
-                list_keys = getattr(tier, "keys", None)
-                if callable(list_keys):
-                    keys = list(list_keys()) + keys
+            keys = self._engine.stored_keys() + keys
         return KVTierWorkerMetadata(keys) if keys else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:

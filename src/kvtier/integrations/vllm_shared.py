@@ -18,13 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvtier.chunk import dtype_from_name
 from kvtier.config import Config, ConfigError
-from kvtier.engine import CacheEngine, dtype_from_name
+from kvtier.engine import CacheEngine
 from kvtier.keys import Namespace
-from kvtier.tiers.base import Tier
-from kvtier.tiers.factory import build_remote_tier
 
-from .vllm_mirror import MirrorTier
 from .vllm_worker import ConnectorStats
 
 
@@ -44,7 +42,8 @@ def config_from_extra(extra: dict[str, Any]) -> Config:
 class Shared:
     engine: CacheEngine
     stats: ConnectorStats = field(default_factory=ConnectorStats)
-    mirror: MirrorTier | None = None
+    mirror: bool = False
+    """The engine is a key mirror of workers in other processes (``CacheEngine(key_mirror=...)``)."""
     users: int = 0
 
 
@@ -103,12 +102,8 @@ def local_engine(config: Config, ns: Namespace) -> Shared:
 
 def scheduler_engine(config: Config, ns: Namespace) -> Shared:
     """The scheduler's engine when workers are other processes: a key mirror (+ the remote tier)."""
-    mirror = MirrorTier(mirror_capacity(config, ns))
-    tiers: list[Tier] = [mirror]
-    if config.remote.url:
-        tiers.append(build_remote_tier(config.remote))
     sched_cfg = dataclasses.replace(config, cpu=dataclasses.replace(config.cpu, enabled=False))
-    return Shared(CacheEngine(sched_cfg, namespace=ns, tiers=tiers), mirror=mirror)
+    return Shared(CacheEngine(sched_cfg, namespace=ns, key_mirror=mirror_capacity(config, ns)), mirror=True)
 
 
 def mirror_capacity(config: Config, ns: Namespace) -> int:

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.engine import CacheEngine
-from kvtier.keys import tokens_to_array
-from kvtier.layout import KVLayout
-from kvtier.tiers.base import Chunk
+from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.layout import KVLayout
 
-from .vllm_paged import TokenIndex, gather_layer, scatter_layer, token_index
 from .vllm_plan import TransferSpec, align_down
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,7 @@ class WorkerSide:
         self._loads: list[_Load] = []
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
+        self._loads_done: torch.cuda.Event | None = None
         self._errors: set[int] = set()
         self._flat: torch.Tensor | None = None
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
@@ -105,22 +105,14 @@ class WorkerSide:
         self.stats.load_s += time.perf_counter() - t0
 
     def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
-        arr = tokens_to_array(spec.tokens)
         first = spec.first_token(self.bs)
         pieces: list[tuple[Chunk, int, int]] = []
         ok_end = spec.start
-        for k in self.engine.keys(arr):
-            if k.end <= spec.start:
-                continue
-            if k.start >= spec.end:
-                break
-            chunk = self.engine.storage.get(k.digest)
-            if chunk is None or not self.engine.chunk_ok(chunk, arr, k):
-                if chunk is not None:
-                    chunk.release()
-                break
+        # one batched, validated read of the whole range (one round trip to a remote top tier)
+        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end)
+        for k, chunk in views.chunks:
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
-            pieces.append((self.engine.open_chunk(chunk), lo - k.start, hi - k.start))
+            pieces.append((chunk, lo - k.start, hi - k.start))
             ok_end = hi
         ok_end = align_down(ok_end, self.bs) if ok_end < spec.end else ok_end
         if ok_end < spec.end:  # blocks from the first unloadable one on: vLLM recomputes them
@@ -145,20 +137,25 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         for ld in self._loads:
-            row = 0
-            for c, a, b in ld.pieces:
-                n = b - a
-                scatter_layer(self.layout, entry, ld.idx.rows(row, row + n), c.kv[layer, :, a:b])
-                row += n
+            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
-            self.release_loads()
+            if entry.device.type == "cuda":
+                # NOTE: the copies are only enqueued and read the chunks' (pinned pool) memory:
+                # release them at the next step's begin_loads, after this event, not now.
+                self._loads_done = torch.cuda.Event()
+                self._loads_done.record()
+            else:
+                self.release_loads()
         self.stats.load_s += time.perf_counter() - t0
 
     def pending_load_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in self._loaded_layers] if self._loads else []
 
     def release_loads(self) -> None:
+        if self._loads_done is not None:
+            self._loads_done.synchronize()
+            self._loads_done = None
         for ld in self._loads:
             for c, _, _ in ld.pieces:
                 c.release()
@@ -199,11 +196,7 @@ class WorkerSide:
 
     def _first_missing(self, spec: TransferSpec) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
-        keys = [k for k in self.engine.keys(spec.tokens[: spec.end]) if k.end > spec.start]
-        if not keys:
-            return spec.end
-        n = self.engine.storage.prefix_lookup([k.digest for k in keys])
-        return keys[n].start if n < len(keys) else spec.end
+        return min(self.engine.first_uncached(spec.tokens[: spec.end], spec.start), spec.end)
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
         if not self._saves:
@@ -227,36 +220,12 @@ class WorkerSide:
                             sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
                 continue
             self.stats.save_requests += 1
-            stored, failed, keys = store_range(self.engine, sv.spec.tokens[: sv.spec.end], sv.start, sv.buf)
-            self.new_keys.extend(keys)
-            self.stats.saved_tokens += stored
-            self.stats.store_failures += failed
+            res = self.engine.store_range(sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start)
+            self.new_keys.extend(res.stored_keys)
+            self.stats.saved_tokens += res.stored_tokens
+            self.stats.store_failures += res.failed_chunks
         self._saves = []
         self.stats.save_s += time.perf_counter() - t0
-
-
-def store_range(engine: CacheEngine, tokens: Sequence[int], start: int,
-                kv: torch.Tensor) -> tuple[int, int, list[bytes]]:  # fmt: skip
-    """Put the full chunks of ``tokens`` from ``start`` on (``kv`` holds ``[start, len(tokens))``).
-
-    ``start`` and ``len(tokens)`` are chunk boundaries. Returns (tokens stored, chunks failed,
-    digests stored).
-    """
-    arr = tokens_to_array(tokens)
-    ns = engine.namespace
-    assert ns is not None
-    stored = failed = 0
-    keys: list[bytes] = []
-    for k in engine.keys(arr):
-        if k.start < start:
-            continue
-        part = kv[:, :, k.start - start : k.end - start]
-        if engine.storage.put(k.digest, engine.make_chunk(arr, k, part)):
-            stored += k.num_tokens
-            keys.append(k.digest)
-        else:
-            failed += 1
-    return stored, failed, keys
 
 
 def _trim(pieces: list[tuple[Chunk, int, int]], n: int) -> list[tuple[Chunk, int, int]]:

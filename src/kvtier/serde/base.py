@@ -46,8 +46,9 @@ import numpy as np
 import torch
 import xxhash
 
+from kvtier.chunk import Chunk
+from kvtier.errors import KVTierError
 from kvtier.serde.codec import Buffer, CodecError, codec_by_id, get_codec
-from kvtier.tiers.base import Chunk
 
 MAGIC = b"KVTC"
 FORMAT_VERSION = 1
@@ -90,11 +91,11 @@ new_hasher = xxhash.xxh3_64
 _hash = payload_checksum
 
 
-class SerdeError(ValueError):
+class SerdeError(KVTierError, ValueError):
     """A chunk cannot be encoded (unsupported dtype, too many dims, fingerprint too long)."""
 
 
-class CorruptChunkError(ValueError):
+class CorruptChunkError(KVTierError, ValueError):
     """Stored bytes are not a valid chunk: bad magic/version, checksum mismatch, truncation,
     unknown codec/dtype, or a key other than the one expected."""
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from kvtier.errors import KVTierError
+
 Buffer = bytes | bytearray | memoryview
 
 
-class CodecError(ValueError):
+class CodecError(KVTierError, ValueError):
     """A codec name/id is unknown, or a codec was registered twice under one name/id."""
 
 
@@ -54,7 +56,7 @@ class RawCodec(Codec):
 
     def decompress(self, data: Buffer, raw_nbytes: int) -> Buffer:
         if len(data) != raw_nbytes:
-            raise ValueError(f"raw payload is {len(data)} bytes, header says {raw_nbytes}")
+            raise CodecError(f"raw payload is {len(data)} bytes, header says {raw_nbytes}")
         return data
 
 

@@ -16,7 +16,7 @@ codec     codes and scales                                   bytes per bf16 byte
 ========  =================================================  ==========================
 
 Invariants and reasons:
-* The arithmetic is written so that a fused GPU kernel (``gpu/quant_triton.py``) and torch on
+* The arithmetic is written so that a fused GPU kernel (``transfer/kernels/quant_triton.py``) and torch on
   any device compute the same bits: only correctly rounded fp32 operations (``+ - *``, tensor by
   tensor ``/``, ``min``/``max``, round-half-even), no expression a compiler may contract into an
   FMA (dequantize is ``(q + offset) * scale``, not ``q * scale + min``). NOTE: the scale is

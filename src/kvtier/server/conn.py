@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from kvtier.server import protocol as P
+from kvtier.wire import protocol as P
 
 SMALL_BUFFER = 256 << 10
 

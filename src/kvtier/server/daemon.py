@@ -36,14 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvtier.config import Config
-from kvtier.server import protocol as P
+from kvtier.errors import KVTierError
 from kvtier.server.conn import Conn
 from kvtier.server.service import CacheService, Reply, Session
+from kvtier.wire import protocol as P
 
 log = logging.getLogger(__name__)
 
 
-class ServerSetupError(ValueError):
+class ServerSetupError(KVTierError, ValueError):
     """The daemon cannot start with these settings (e.g. a public bind without a token)."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvtier.errors import KVTierError
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.observability import CacheStats, Metrics
 from kvtier.server.service import CacheService
@@ -38,7 +39,7 @@ MAX_LOOKUP_TOKENS = 1 << 20
 _GAUGES = ("active_sessions",)
 
 
-class LookupError_(ValueError):
+class LookupError_(KVTierError, ValueError):
     """A ``/lookup`` body that is not what the endpoint takes."""
 
 

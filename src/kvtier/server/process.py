@@ -19,8 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kvtier.errors import KVTierError
 
-class DaemonStartError(RuntimeError):
+
+class DaemonStartError(KVTierError, RuntimeError):
     """The daemon exited or did not become ready in time; the message holds its log tail."""
 
 

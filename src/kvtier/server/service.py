@@ -24,22 +24,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from kvtier.chunk import Chunk, dtype_from_name
 from kvtier.config import Config
 from kvtier.memory import _align
-from kvtier.server import protocol as P
-from kvtier.server.shm import (
-    Reservation,
-    SharedCPUTier,
-    SharedSegment,
-    as_bytes,
-    bytes_view,
-    reap_stale_segments,
-)
+from kvtier.server.pool_tier import Reservation, SharedCPUTier
 from kvtier.storage import TierManager
-from kvtier.tiers.base import Chunk, Tier
+from kvtier.tiers.base import Tier
 from kvtier.tiers.factory import build_tiers
+from kvtier.wire import protocol as P
+from kvtier.wire.shm import SharedSegment, as_bytes, bytes_view, reap_stale_segments
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +223,7 @@ class CacheService:
 
     def _new_reservation(self, item: P.PutItem) -> Reservation | bool:
         """Pool space for ``item``, whose meta the caller has already checked (``P.check_meta``)."""
-        dtype = getattr(torch, item.meta.dtype)
+        dtype = dtype_from_name(item.meta.dtype)
         return self.cpu.reserve(item.key, tuple(item.meta.shape), dtype, item.meta.fingerprint,
                                 item.meta.num_tokens)  # fmt: skip
 
@@ -288,7 +282,7 @@ class CacheService:
             chunk = self.cpu.pinned(r.key)  # held while the lower tiers copy it
             if chunk is not None:
                 with chunk:
-                    self.manager.put(r.key, chunk)
+                    self.manager.put_below(r.key, chunk)
         return ok
 
     # -- stats ------------------------------------------------------------------------------------

@@ -20,48 +20,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
-import torch
+from kvtier.chunk import Chunk
+from kvtier.errors import KVTierError, StateError
 
 
-class TierError(ValueError):
+class TierError(KVTierError, ValueError):
     """A tier was called with invalid arguments (not a runtime failure, which is soft)."""
 
 
-@dataclass
-class Chunk:
-    """One chunk of KV plus what a reader needs to validate it.
-
-    ``kv`` has layout ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``; on ``put`` it may
-    be a strided view into a larger tensor and may live on a GPU (a tier copies it, to host
-    first if it serialises); on ``get`` it is on the CPU and may be a view into tier memory.
-    ``fingerprint`` is ``keys.fingerprint`` of the chunk's own tokens, shape and dtype.
-    """
-
-    kv: torch.Tensor
-    fingerprint: bytes
-    num_tokens: int
-    _on_release: Callable[[], None] | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        """Give back any tier memory this chunk views; idempotent."""
-        cb, self._on_release = self._on_release, None
-        if cb is not None:
-            cb()
-
-    def __enter__(self) -> Chunk:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+class TierClosedError(StateError, TierError):
+    """A tier (or the TierManager) was used after ``close()``."""
 
 
 @dataclass
@@ -116,6 +87,25 @@ class Tier(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most tiers have something to close
         """Release resources; the tier is unusable afterwards."""
+
+    # -- optional abilities: declared here, so callers never probe with ``getattr`` -------------
+    def keys(self) -> list[bytes] | None:
+        """Every key this tier holds, or ``None`` if it cannot list them cheaply (remote stores)."""
+        return None
+
+    def learn_keys(self, keys: Iterable[bytes]) -> bool:
+        """Record that ``keys`` are held elsewhere (a key mirror); ``False``: this tier holds data."""
+        return False
+
+    def sync(self) -> bool:
+        """Make what ``put`` accepted durable; ``True`` when it is (a volatile tier has nothing to do)."""
+        return True
+
+    @property
+    def evict_hooks(self) -> list[Callable[[bytes, Chunk], None]] | None:
+        """Hooks called with ``(key, view)`` just before a chunk is evicted (the view is valid only
+        during the call), or ``None`` if this tier never evicts by policy. Write-back needs them."""
+        return None
 
     # -- batched defaults ---------------------------------------------------------------------
     def prefix_contains(self, keys: Sequence[bytes]) -> int:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.chunk import Chunk
 from kvtier.memory import HostBufferPool, MemoryObject
 from kvtier.policies import make_policy
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,28 @@ class _Entry:
     num_tokens: int
 
 
+@dataclass
+class Reservation:
+    """Pool space held for one chunk between ``reserve`` and ``commit``/``abort``: invisible to
+    readers and to eviction until committed."""
+
+    key: bytes
+    obj: MemoryObject
+    fingerprint: bytes
+    num_tokens: int
+
+
 class CPUTier(Tier):
     """In-memory tier of ``max_bytes`` with an eviction ``policy`` (lru|lfu|arc|s3fifo)."""
 
     name = "cpu"
 
     def __init__(self, max_bytes: int, *, policy: str = "lru", pin_memory: bool = False,
-                 pin_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        self.pool = HostBufferPool(max_bytes, pin=pin_memory, pin_timeout_s=pin_timeout_s, clock=clock)
+                 pin_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 arena: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.pool = HostBufferPool(
+            max_bytes, pin=pin_memory, pin_timeout_s=pin_timeout_s, clock=clock, arena=arena
+        )
         self.policy = make_policy(policy, clock=clock)
         self._entries: dict[bytes, _Entry] = {}
         self._zombies: list[MemoryObject] = []  # evicted while a reader still held a pin
@@ -67,26 +82,62 @@ class CPUTier(Tier):
         return Chunk(e.obj.tensor, e.fingerprint, e.num_tokens, e.obj.unpin)
 
     def put(self, key: bytes, chunk: Chunk) -> bool:
-        if self._closed:
-            raise TierError("cpu tier is closed")
         kv = chunk.kv
+        r = self.reserve(key, tuple(kv.shape), kv.dtype, chunk.fingerprint, chunk.num_tokens)
+        if isinstance(r, bool):
+            return r
+        r.obj.tensor.copy_(kv)  # outside the lock: the object is not yet visible to readers
+        return self.commit(r)
+
+    def reserve(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes,
+                num_tokens: int) -> Reservation | bool:  # fmt: skip
+        """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored (an
+        access, as a ``put`` of a stored key is), ``False`` if there is no room."""
+        if self._closed:
+            raise TierClosedError("cpu tier is closed")
         with self._lock:
             if key in self._entries:
                 self.policy.access(key)
                 return True
-            obj = self._allocate(tuple(kv.shape), kv.dtype)
+            obj = self._allocate(shape, dtype)
             if obj is None:
                 self._stats.put_failures += 1
                 return False
-        obj.tensor.copy_(kv)  # outside the lock: the object is not yet visible to readers
+        return Reservation(key, obj, fingerprint, num_tokens)
+
+    def commit(self, r: Reservation) -> bool:
+        """Publish a reserved chunk whose bytes are written; ``False`` if the tier closed meanwhile."""
         with self._lock:
-            if key in self._entries:  # another thread stored it meanwhile
-                self.pool.release(obj)
+            if self._closed:
+                self.pool.release(r.obj)
+                return False
+            if r.key in self._entries:  # another writer stored the same chunk first
+                self.pool.release(r.obj)
                 return True
-            self._entries[key] = _Entry(obj, chunk.fingerprint, chunk.num_tokens)
-            self.policy.insert(key, obj.nbytes)
+            self._entries[r.key] = _Entry(r.obj, r.fingerprint, r.num_tokens)
+            self.policy.insert(r.key, r.obj.nbytes)
             self._stats.puts += 1
         return True
+
+    def abort(self, r: Reservation) -> None:
+        """Return an uncommitted reservation's space."""
+        self.pool.release(r.obj)
+
+    def pinned(self, key: bytes) -> Chunk | None:
+        """The chunk under ``key`` pinned for reading, without counting a hit or touching the policy."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            e.obj.pin()
+        return Chunk(e.obj.tensor, e.fingerprint, e.num_tokens, e.obj.unpin)
+
+    def clear(self) -> None:
+        """Remove every chunk (readers' pins are honoured: their memory returns when released)."""
+        with self._lock:
+            for key in list(self._entries):
+                self.remove(key)
+            self._reap()
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> MemoryObject | None:
         obj = self.pool.allocate(shape, dtype)
@@ -134,6 +185,10 @@ class CPUTier(Tier):
             if e.obj.nbytes:
                 self._zombies.append(e.obj)
             return True
+
+    @property
+    def evict_hooks(self) -> list[Callable[[bytes, Chunk], None]]:
+        return self.on_evict_chunk
 
     def keys(self) -> list[bytes]:
         with self._lock:

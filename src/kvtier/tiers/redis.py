@@ -35,8 +35,9 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from kvtier import serde
+from kvtier.chunk import Chunk
 from kvtier.serde.codec import Buffer
-from kvtier.tiers.base import Chunk, TierError
+from kvtier.tiers.base import TierError
 from kvtier.tiers.network import NetworkTier
 from kvtier.tiers.redis_client import connect, parse_redis_url
 

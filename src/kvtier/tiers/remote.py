@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from kvtier.server.client import DaemonClient, DaemonError
-from kvtier.server.protocol import ProtocolError
-from kvtier.tiers.base import Chunk, Tier, TierError, TierStats
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
+from kvtier.wire.client import DaemonClient, DaemonError
+from kvtier.wire.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -138,7 +139,7 @@ class RemoteTier(Tier):
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
         items = list(items)
         if self._closed:
-            raise TierError("remote tier is closed")
+            raise TierClosedError("remote tier is closed")
         ok = self._call("put", lambda c: c.put(items), [False] * len(items))
         self._stats.puts += sum(ok)
         self._stats.put_failures += len(ok) - sum(ok)

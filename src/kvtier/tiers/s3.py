@@ -31,9 +31,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kvtier.chunk import Chunk
 from kvtier.serde import HEADER_BYTES
 from kvtier.serde.codec import Buffer
-from kvtier.tiers.base import Chunk, TierError
+from kvtier.tiers.base import TierError
 from kvtier.tiers.network import NetworkTier
 
 log = logging.getLogger(__name__)

@@ -35,15 +35,13 @@ import os
 import re
 import secrets
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvtier.memory import ALIGN_BYTES, MemoryObject
-from kvtier.tiers.base import Chunk
-from kvtier.tiers.cpu import CPUTier, _Entry
+from kvtier.errors import KVTierError
+from kvtier.memory import ALIGN_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +49,11 @@ HEADER_BYTES = 4096
 SHM_MAGIC = b"KVTSHM01"
 _HEADER = struct.Struct("<8s16sQ")  # magic, nonce, pid
 _NAME_RE = re.compile(r"^kvtier-pool-(\d+)-[0-9a-f]{16}$")
+
+
+class SegmentError(KVTierError, OSError):
+    """The shared segment is missing, another daemon's, or asked for a range outside its arena
+    (an ``OSError``: callers fall back to the socket path on it)."""
 
 
 class SharedSegment:
@@ -98,7 +101,7 @@ class SharedSegment:
         try:
             size = os.fstat(fd).st_size
             if size != HEADER_BYTES + arena_bytes:
-                raise OSError(
+                raise SegmentError(
                     f"shared segment {path} has {size} bytes, expected {HEADER_BYTES + arena_bytes}"
                 )
             mm = mmap.mmap(fd, size)
@@ -106,7 +109,7 @@ class SharedSegment:
             os.close(fd)
         magic, got_nonce, _pid = _HEADER.unpack(mm[: _HEADER.size])
         if magic != SHM_MAGIC or got_nonce != nonce:
-            raise OSError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
+            raise SegmentError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
         return cls(Path(path), mm, nonce, arena_bytes, owner=False)
 
     def register_cuda(self) -> bool:
@@ -124,7 +127,7 @@ class SharedSegment:
         """A tensor viewing ``shape``/``dtype`` at arena ``offset``; raises ``ValueError`` out of range."""
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if offset < 0 or offset + nbytes > self.arena_bytes or offset % ALIGN_BYTES:
-            raise ValueError(
+            raise SegmentError(
                 f"range {offset}+{nbytes} is outside the {self.arena_bytes}-byte arena or unaligned"
             )
         return self.arena[offset : offset + nbytes].view(dtype).view(shape)
@@ -175,79 +178,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@dataclass
-class Reservation:
-    key: bytes
-    obj: MemoryObject
-    fingerprint: bytes
-    num_tokens: int
-
-
-class SharedCPUTier(CPUTier):
-    """The CPU tier with its pool arena in a ``SharedSegment`` and a reserve/commit put path."""
-
-    name = "cpu"
-
-    def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
-        super().__init__(segment.arena_bytes, policy=policy, pin_memory=False, pin_timeout_s=pin_timeout_s)
-        if self.pool.capacity_bytes != segment.arena_bytes:
-            raise ValueError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
-        # The pool's private arena was never touched (no pages); the shared one replaces it.
-        self.pool._arena = segment.arena
-        self.segment = segment
-
-    def reserve(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes,
-                num_tokens: int) -> Reservation | bool:  # fmt: skip
-        """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored,
-        ``False`` if there is no room."""
-        with self._lock:
-            if key in self._entries:
-                self.policy.access(key)
-                return True
-            obj = self._allocate(shape, dtype)
-            if obj is None:
-                self._stats.put_failures += 1
-                return False
-        return Reservation(key, obj, fingerprint, num_tokens)
-
-    def commit(self, r: Reservation) -> bool:
-        """Publish a reserved chunk whose bytes are written; ``False`` if the tier is closed."""
-        with self._lock:
-            if self._closed:
-                self.pool.release(r.obj)
-                return False
-            if r.key in self._entries:  # another client committed the same chunk first
-                self.pool.release(r.obj)
-                return True
-            self._entries[r.key] = _Entry(r.obj, r.fingerprint, r.num_tokens)
-            self.policy.insert(r.key, r.obj.nbytes)
-            self._stats.puts += 1
-        return True
-
-    def pinned(self, key: bytes) -> Chunk | None:
-        """The chunk under ``key`` pinned for reading, without counting a hit or touching the policy."""
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None:
-                return None
-            e.obj.pin()
-        return Chunk(e.obj.tensor, e.fingerprint, e.num_tokens, e.obj.unpin)
-
-    def abort(self, r: Reservation) -> None:
-        """Return an uncommitted reservation's space."""
-        self.pool.release(r.obj)
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._entries):
-                self.remove(key)
-            self._reap()
-
-    def close(self) -> None:
-        super().close()
-        self.segment.close()
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

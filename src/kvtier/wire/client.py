@@ -26,10 +26,10 @@ from typing import TypeVar
 
 import torch
 
-from kvtier.server import protocol as P
-from kvtier.server.shm import SharedSegment
-from kvtier.server.shm import bytes_view as _bytes_view
-from kvtier.tiers.base import Chunk
+from kvtier.chunk import Chunk, dtype_from_name
+from kvtier.wire import protocol as P
+from kvtier.wire.shm import SharedSegment
+from kvtier.wire.shm import bytes_view as _bytes_view
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class DaemonClient:
         m = it.meta
         if m.dtype not in P.KV_DTYPES:
             raise P.ProtocolError(f"daemon sent a chunk of unknown dtype {m.dtype!r}")
-        dtype = getattr(torch, m.dtype)
+        dtype = dtype_from_name(m.dtype)
         shape = tuple(m.shape)
         if it.where == "shm":
             if self.segment is None:

@@ -18,7 +18,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from kvtier.tiers.base import Chunk, Tier, TierStats
+from kvtier.chunk import Chunk
+from kvtier.tiers.base import Tier, TierError, TierStats
 
 
 class MirrorTier(Tier):
@@ -28,7 +29,7 @@ class MirrorTier(Tier):
 
     def __init__(self, max_keys: int) -> None:
         if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+            raise TierError(f"max_keys must be >= 1, got {max_keys}")
         self.max_keys = max_keys
         self._keys: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -42,6 +43,10 @@ class MirrorTier(Tier):
             while len(self._keys) > self.max_keys:
                 self._keys.popitem(last=False)
                 self._evictions += 1
+
+    def learn_keys(self, keys: Iterable[bytes]) -> bool:
+        self.add(keys)
+        return True
 
     def contains(self, key: bytes) -> bool:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Triton kernel for ``kvtier.gpu.rope.rerotate`` (imported only on CUDA with Triton present).
+"""Triton kernel for ``kvtier.transfer.rope.rerotate`` (imported only on CUDA with Triton present).
 
 One program handles ``BLOCK_T`` tokens of one leading index (batch/layer) for all heads. The
 cos/sin tables ``[T, D/2]`` come from torch in float64 (rounded to float32), the same values the

@@ -70,7 +70,7 @@ def gather_quant(caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor, cod
     shape = _shape(caches, chunk_tokens)
     n_chunks = slots.numel() // chunk_tokens
     if backend == "triton" or (backend == "auto" and _use_triton(caches[0])):
-        from kvtier.gpu import quant_triton
+        from kvtier.transfer.kernels import quant_triton
 
         out = torch.empty((n_chunks, codec.packed_nbytes(shape)), dtype=torch.uint8, device=caches[0].device)
         quant_triton.gather_quant(caches, slots, codec, chunk_tokens, out)
@@ -95,7 +95,7 @@ def scatter_dequant(packed: torch.Tensor, caches: Sequence[torch.Tensor], slot_m
         raise KVCodecError(f"packed is {tuple(packed.shape)} {packed.dtype}, expected ({n_chunks}, "
                            f"{codec.packed_nbytes(shape)}) uint8")  # fmt: skip
     if backend == "triton" or (backend == "auto" and _use_triton(caches[0])):
-        from kvtier.gpu import quant_triton
+        from kvtier.transfer.kernels import quant_triton
 
         quant_triton.scatter_dequant(packed.contiguous(), caches, slots, codec, chunk_tokens)
         return

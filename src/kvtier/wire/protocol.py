@@ -33,6 +33,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from kvtier.errors import KVTierError
+
 PROTOCOL_VERSION = 1
 MAGIC = b"KVT1"
 PREFIX = struct.Struct(">4sII")
@@ -61,7 +63,7 @@ NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class ProtocolError(ValueError):
+class ProtocolError(KVTierError, ValueError):
     """A frame or message that breaks the protocol (the connection is answered and/or closed)."""
 
 

@@ -1,4 +1,8 @@
-"""Flags shared by sub-commands: ``--config``, repeated ``--set section.field=value``, ``--kv-codec``."""
+"""Flags shared by sub-commands: ``--config``, repeated ``--set section.field=value``, ``--kv-codec``.
+
+Below ``commands``, ``bench`` and ``demo`` (each of which parses them), so that the apps never
+import the command layer that dispatches to them.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.layout import KVLayout, LayerEntry
+from kvtier.transfer.layout import KVLayout, LayerEntry
 
 
 def move_rows(

@@ -1,6 +1,6 @@
 """Triton gather/scatter kernels between paged KV planes and a contiguous chunk buffer.
 
-Imported only when a CUDA tensor is moved and Triton is importable (``kvtier.gpu.ops`` decides);
+Imported only when a CUDA tensor is moved and Triton is importable (``kvtier.transfer.kernels.ops`` decides);
 CPU machines and CI never import Triton.
 
 One launch covers every (layer, plane) pair and every token: grid axis 1 is the
