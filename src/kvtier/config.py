@@ -185,7 +185,8 @@ class RemoteConfig:
     region: str = ""
     max_workers: int = 8  # concurrent requests per batch (S3 threads, Redis cluster nodes)
     failure_threshold: int = 3  # consecutive failures that open the circuit breaker
-    retry_backoff_s: float = 0.5  # first wait before probing a failed store; doubles up to 30 s
+    retry_backoff_s: float = 0.5  # first wait before probing a failed store; doubles up to ...
+    retry_backoff_max_s: float = 5.0  # ... this: the store is used again <= this x1.1 + timeout_s after it is back
 
     def __post_init__(self) -> None:
         self.max_value_bytes = parse_size(self.max_value_bytes, "remote.max_value_bytes")
@@ -201,6 +202,8 @@ class RemoteConfig:
         _check(1 <= self.max_workers <= 256, "remote.max_workers", self.max_workers, "1..256")
         _check(self.failure_threshold >= 1, "remote.failure_threshold", self.failure_threshold, ">= 1")
         _check(self.retry_backoff_s > 0, "remote.retry_backoff_s", self.retry_backoff_s, "seconds > 0")
+        _check(self.retry_backoff_max_s >= self.retry_backoff_s, "remote.retry_backoff_max_s",
+               self.retry_backoff_max_s, "seconds >= remote.retry_backoff_s")  # fmt: skip
 
 
 @dataclass

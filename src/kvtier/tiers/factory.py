@@ -49,18 +49,20 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
         return RedisTier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
                          timeout_s=remote.timeout_s, ttl_s=remote.ttl_s, max_value_bytes=remote.max_value_bytes,
                          username=remote.username, password=remote.password,
-                         failure_threshold=remote.failure_threshold,
-                         retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+                         failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                         retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     if scheme == "kvtier":
         from kvtier.tiers.remote import RemoteTier
 
-        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file)
+        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file,
+                          failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                          retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     if scheme == "s3":
         from kvtier.tiers.s3 import S3Tier
 
         return S3Tier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
                       endpoint_url=remote.endpoint_url, region=remote.region, timeout_s=remote.timeout_s,
                       part_bytes=remote.max_value_bytes, max_workers=remote.max_workers,
-                      failure_threshold=remote.failure_threshold,
-                      retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+                      failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                      retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     raise ValueError(f"remote.url scheme {scheme!r} has no tier in this build")

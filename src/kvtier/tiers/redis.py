@@ -53,7 +53,7 @@ class RedisTier(NetworkTier):
     def __init__(self, url: str, *, key_prefix: str = "kvtier", serde_name: str = "raw", timeout_s: float = 2.0,
                  ttl_s: float = 0.0, max_value_bytes: int = 16 * 1024**2, username: str = "",
                  password: str = "", failure_threshold: int = 3, retry_backoff_s: float = 0.5,
-                 max_connections: int = 64, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 retry_backoff_max_s: float = 5.0, max_connections: int = 64, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         if timeout_s <= 0 or ttl_s < 0 or max_value_bytes < 4096:
             raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
                             f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
@@ -61,7 +61,8 @@ class RedisTier(NetworkTier):
         super().__init__("redis", url, serde_name=serde_name,
                          failure_types=(redis.RedisError, RedisClusterException, OSError),
                          refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold,
-                         retry_backoff_s=retry_backoff_s, clock=clock)  # fmt: skip
+                         retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
+                         timeout_s=timeout_s, clock=clock)  # fmt: skip
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None
@@ -91,6 +92,9 @@ class RedisTier(NetworkTier):
                 c.close()
             except (redis.RedisError, OSError) as e:
                 log.debug("redis tier: closing the old client: %s", e)
+
+    def _ping(self) -> None:
+        self._r().ping()
 
     def _pipe(self) -> Any:
         return self._r().pipeline(transaction=False)
