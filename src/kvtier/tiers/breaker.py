@@ -178,7 +178,7 @@ class CircuitBreaker:
                 continue
             try:
                 self._probe()
-            except Exception as e:  # noqa: BLE001 - any failure of the probe means "still down"
+            except Exception as e:  # any failure of the probe means "still down"; it is recorded
                 self.failure(e)
                 continue
             self.success()
