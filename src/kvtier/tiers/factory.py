@@ -6,7 +6,7 @@ by class-name strings.
 
 from __future__ import annotations
 
-from kvtier.config import Config, RemoteConfig
+from kvtier.config import Config, FaultConfig, RemoteConfig
 from kvtier.memory import should_pin
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CPUTier
@@ -34,7 +34,21 @@ def build_tiers(config: Config) -> list[Tier]:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
         raise ValueError("no tier enabled: enable cpu, disk or set remote.url")
+    if config.fault.wrapped:
+        tiers = [_with_faults(t, config.fault) for t in tiers]
     return tiers
+
+
+def _with_faults(tier: Tier, f: FaultConfig) -> Tier:
+    """``tier`` wrapped in a ``FaultTier`` when ``fault.tiers`` names its kind."""
+    kind = {"cpu": "cpu", "disk": "disk"}.get(tier.name, "remote")
+    if kind not in f.wrapped:
+        return tier
+    from kvtier.tiers.fault import FaultSpec, FaultTier
+
+    spec = FaultSpec(latency_s=f.latency_s, error_rate=f.error_rate, hang_rate=f.hang_rate, hang_s=f.hang_s,
+                     corrupt_rate=f.corrupt_rate, torn_rate=f.torn_rate, full_rate=f.full_rate, seed=f.seed)  # fmt: skip
+    return FaultTier(tier, spec)
 
 
 def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
