@@ -37,9 +37,22 @@ from typing import TypeVar
 
 from kvtier import serde
 from kvtier.chunk import Chunk
+from kvtier.errors import KVTierError
 from kvtier.tiers.base import Tier, TierError, TierStats
 
 _T = TypeVar("_T")
+
+
+class InjectedConnectionError(KVTierError, ConnectionError):
+    """An injected dropped connection (an ``OSError``: the tier manager's soft-failure kind)."""
+
+
+class InjectedTimeout(KVTierError, TimeoutError):
+    """An injected call that got no answer within ``hang_s``."""
+
+
+class InjectedDiskFull(KVTierError, OSError):
+    """An injected ``ENOSPC`` on a write."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +113,14 @@ class FaultTier(Tier):
             self._sleep(s.latency_s)
         if self._roll(s.error_rate):
             self._hit("error")
-            raise ConnectionError("injected fault: connection dropped")
+            raise InjectedConnectionError("injected fault: connection dropped")
         if self._roll(s.hang_rate):
             self._hit("hang")
             self._sleep(s.hang_s)
-            raise TimeoutError(f"injected fault: no answer within {s.hang_s}s")
+            raise InjectedTimeout(f"injected fault: no answer within {s.hang_s}s")
         if write and self._roll(s.full_rate):
             self._hit("full")
-            raise OSError(errno.ENOSPC, "injected fault: no space left")
+            raise InjectedDiskFull(errno.ENOSPC, "injected fault: no space left")
         return fn()
 
     def _damage(self, key: bytes, c: Chunk | None) -> Chunk | None:
