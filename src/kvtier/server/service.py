@@ -172,6 +172,8 @@ class CacheService:
         if isinstance(msg, P.Clear):
             self.cpu.clear()
             return P.Count(0), [], []
+        if isinstance(msg, P.Flush):  # every session's queued writes, not only this one's
+            return P.Flushed(self.manager.flush(msg.timeout_s)), [], []
         if isinstance(msg, P.Stats):
             return P.StatsReply(self.stats()), [], []
         if isinstance(msg, P.Ping):

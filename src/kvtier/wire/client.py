@@ -259,6 +259,19 @@ class DaemonClient:
         r = _expect(self._roundtrip(P.Stats(), [])[0], P.StatsReply)
         return r.stats
 
+    def flush(self, timeout_s: float) -> bool:
+        """Ask the daemon to make every write it accepted durable; waits up to ``timeout_s``
+        (plus this client's own ``timeout_s`` for the round trip)."""
+        if self.sock is None:
+            raise ConnectionError("not connected to the kvtier daemon")
+        self.sock.settimeout(timeout_s + self.timeout_s)
+        try:
+            r = _expect(self._roundtrip(P.Flush(timeout_s), [])[0], P.Flushed)
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout_s)
+        return r.ok
+
     def ping(self) -> None:
         self._roundtrip(P.Ping(), [])
 
