@@ -31,8 +31,6 @@ def align_down(n: int, step: int) -> int:
     return n - n % step
 
 
-
-
 class ConnectorError(KVTierError, ValueError):
     """vLLM handed the connector something it cannot work with (names what and why)."""
 
@@ -43,6 +41,7 @@ class ConnectorVersionError(KVTierError, RuntimeError):
 
 class ConnectorStateError(StateError):
     """vLLM and the connector's plan disagree (a bug on one side): refuse rather than load wrong KV."""
+
 
 @dataclass
 class TransferSpec:

@@ -41,10 +41,12 @@ from pathlib import Path
 
 from kvtier.config import Config
 from kvtier.errors import KVTierError
+from kvtier.server.auth import ensure_token_file
 from kvtier.server.budget import PayloadBudget
 from kvtier.server.conn import Conn, Payload
 from kvtier.server.service import CacheService, Reply, Session
 from kvtier.wire import protocol as P
+from kvtier.wire.token_file import default_token_path
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class Daemon:
                 "pass --auth-token-file FILE (clients put the same token in their config), or bind 127.0.0.1"
             )
         self.config = config
+        self.shm_dir = shm_dir
+        self.token_file = sc.auth_token_file
+        """The token's file: the operator's, or (after start) the one generated beside the pool."""
+        self._generated_token = False
         self.ready_file = ready_file
         self.max_payload_bytes = max_payload_bytes
         self.max_connections = max_connections
@@ -134,11 +140,20 @@ class Daemon:
             sc.host,
             sc.port,
             backlog=512,
+            start_serving=False,  # not before the token is known
         )  # SO_REUSEADDR (the default on POSIX): a restarted daemon rebinds its port at once
         self.port = server.sockets[0].getsockname()[1]
-        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
+        if not self.token:  # the default: a token only this user can read, beside the pool
+            path = default_token_path(self.port, self.shm_dir)
+            self.token = ensure_token_file(path)
+            self.token_file, self._generated_token = str(path), True
+        # /stats stays open with the generated token (counters only, like /metrics), so
+        # `kvtier stats` works on the host; /lookup reveals which prompts are cached: guarded
+        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token,
+                        guard_stats=not self._generated_token)  # fmt: skip
         self.http_port = http.port
         http.start()
+        await server.start_serving()
         reaper = asyncio.create_task(self._reaper())
         self._write_ready()
         log.info("kvtier server %s on %s:%d (http %d), pool %s", self.server_id, sc.host, self.port,
@@ -157,6 +172,9 @@ class Daemon:
             http.stop()
             self._pool.shutdown(wait=True)
             self.service.close()  # flush pending writes, close tiers, unlink the segment
+            if self._generated_token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.token_file)
             if self.ready_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.ready_file)
@@ -166,7 +184,8 @@ class Daemon:
         if not self.ready_file:
             return
         info = {"pid": os.getpid(), "host": self.config.server.host, "port": self.port,
-                "http_port": self.http_port, "shm_path": str(self.service.segment.path)}  # fmt: skip
+                "http_port": self.http_port, "shm_path": str(self.service.segment.path),
+                "token_file": self.token_file}  # fmt: skip
         tmp = f"{self.ready_file}.tmp"
         Path(tmp).write_text(json.dumps(info))
         os.replace(tmp, self.ready_file)

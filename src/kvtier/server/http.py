@@ -9,8 +9,9 @@ binary protocol: it takes the tokens and the namespace fields, computes the chun
     -> {"cached_tokens": 512, "cached_chunks": 2, "total_tokens": 700}
 
 stdlib ``ThreadingHTTPServer`` in a thread: no new dependency, and these endpoints are small.
-When the daemon has an auth token, ``/stats`` and ``/lookup`` need ``Authorization: Bearer
-TOKEN``; ``/health`` and ``/metrics`` stay open for probes and scrapers. Bodies are bounded
+``/lookup`` needs ``Authorization: Bearer TOKEN`` (it reveals which prompts are cached), and so
+does ``/stats`` when the operator gave a token file (``guard_stats``); ``/health`` and
+``/metrics`` stay open for probes and scrapers. Bodies are bounded
 (``MAX_BODY_BYTES``, ``MAX_LOOKUP_TOKENS``); a bad body is a 400 naming the problem.
 """
 
@@ -88,9 +89,11 @@ class _ServerCollector(Collector):
 class HttpFace:
     """The HTTP server thread of one daemon."""
 
-    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "") -> None:
+    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "",
+                 guard_stats: bool = True) -> None:  # fmt: skip
         self.service = service
         self.token = token
+        self.guard_stats = guard_stats
         self.metrics = Metrics(self._snapshot)
         self.metrics.registry.register(_ServerCollector(service))
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
@@ -150,7 +153,7 @@ def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics":
                 self._send(200, face.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/stats":
-                if self._guard():
+                if not face.guard_stats or self._guard():
                     self._json(200, face.service.stats())
             else:
                 self._json(404, {"error": f"no such endpoint {path!r}; try /health /stats /metrics /lookup"})

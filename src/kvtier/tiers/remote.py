@@ -21,7 +21,8 @@ Invariants:
   clients) — zeros while it is unreachable.
 
 URL: ``kvtier://HOST:PORT[?shm=0]``; ``shm=0`` forces KV over the socket even on the same host.
-The auth token comes from ``server.auth_token_file`` (the same file the daemon reads).
+The auth token comes from ``server.auth_token_file`` (the same file the daemon reads); without
+one, from the token file a daemon on this host generated for its port (``wire/token_file.py``).
 """
 
 from __future__ import annotations
