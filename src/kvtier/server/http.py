@@ -21,23 +21,17 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from kvtier.errors import KVTierError
 from kvtier.keys import Namespace, chunk_keys
-from kvtier.observability import CacheStats, Metrics
 from kvtier.server.service import CacheService
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
 MAX_LOOKUP_TOKENS = 1 << 20
-_GAUGES = ("active_sessions",)
 
 
 class LookupError_(KVTierError, ValueError):
@@ -74,18 +68,6 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
     return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
 
 
-class _ServerCollector(Collector):
-    def __init__(self, service: CacheService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Any]:
-        for name, value in vars(self.service.counters).items():
-            if name in _GAUGES:
-                yield GaugeMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
-            else:
-                yield CounterMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
-
-
 class HttpFace:
     """The HTTP server thread of one daemon."""
 
@@ -94,17 +76,11 @@ class HttpFace:
         self.service = service
         self.token = token
         self.guard_stats = guard_stats
-        self.metrics = Metrics(self._snapshot)
-        self.metrics.registry.register(_ServerCollector(service))
+        self.metrics = service.metrics  # daemon-true series only (server/metrics.py)
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvtier-http", daemon=True)
-
-    def _snapshot(self) -> CacheStats:
-        c = self.service.counters
-        return CacheStats(lookups=c.lookups, hit_requests=c.hit_lookups, stored_chunks=c.puts,
-                          tiers=self.service.manager.stats())  # fmt: skip
 
     def start(self) -> None:
         self._thread.start()

@@ -30,6 +30,7 @@ from kvtier.chunk import Chunk, dtype_from_name
 from kvtier.config import Config
 from kvtier.memory import _align
 from kvtier.server.budget import PayloadBudget
+from kvtier.server.metrics import DaemonMetrics
 from kvtier.server.pool_tier import Reservation, SharedCPUTier
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -106,6 +107,7 @@ class CacheService:
         self.counters = ServerCounters()
         self.budget: PayloadBudget | None = None
         """The daemon's payload budget, reported in ``stats()`` (set by the daemon)."""
+        self.metrics = DaemonMetrics(self)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -160,8 +162,14 @@ class CacheService:
 
     def handle(self, s: Session, msg: P.Message, payload: Buffer | None) -> Reply:
         """Answer one request; raises ``ProtocolError`` for a request that is invalid."""
-        c = self.counters
-        c.requests += 1
+        self.counters.requests += 1
+        t0 = time.perf_counter()
+        try:
+            return self._dispatch(s, msg, payload)
+        finally:
+            self.metrics.request_seconds.labels(type(msg).__name__.lower()).observe(time.perf_counter() - t0)
+
+    def _dispatch(self, s: Session, msg: P.Message, payload: Buffer | None) -> Reply:
         if isinstance(msg, P.Prefix):
             return P.Count(self.prefix_lookup(msg.keys)), [], []
         if isinstance(msg, P.Contains):
