@@ -13,7 +13,8 @@
   the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
 * Single-flight loads: concurrent ``get``s of one key missing from the top tier make one read
   of the lower tiers; the others wait for it and read the promoted copy (``get`` says how).
-* ``flush(timeout_s)`` waits for the queues and makes lower tiers durable (``DiskTier.sync``).
+* ``flush(timeout_s)`` waits for the queues and makes every tier durable (``DiskTier.sync``;
+  ``RemoteTier.sync`` asks the daemon to do the same).
 
 Backpressure: a full queue *blocks* the caller for up to ``queue_timeout_s``, then drops that
 chunk for that tier and counts it (``TierStats.queue_drops``). Blocking first, because
@@ -498,7 +499,7 @@ class TierManager:
                     return False
                 self._cv.wait(left)
         ok = True
-        for tier in self.tiers[1:]:
+        for tier in self.tiers:  # the top tier too: a daemon (RemoteTier) on top syncs remotely
             try:
                 ok = bool(tier.sync()) and ok
             except SOFT_ERRORS as e:
