@@ -201,3 +201,18 @@ def test_get_stats_reports_pages() -> None:
     s = b.engine.stats()
     assert s.stored_chunks == 3 and s.hit_tokens == 0 and s.retrieved_tokens == 3 * PAGE
     assert backend(pool("mha", "page_first"), metrics=False).get_stats() is None
+
+
+def test_two_processes_share_pages_through_disk(tmp_path: Path) -> None:
+    """Writer and reader are separate processes with different PYTHONHASHSEED and pool layouts:
+    the keys from SGLang's page hashes are stable and the pages come back bit-exact."""
+    import os
+    import subprocess
+
+    script = str(Path(__file__).parent / "other_process.py")
+    for role, seed, layout in (("write", "1", "page_first"), ("read", "2", "layer_first")):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, script, role, str(tmp_path), layout], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-2:] == ["ok", "4"], r.stdout + r.stderr[-2000:]
