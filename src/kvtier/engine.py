@@ -29,7 +29,15 @@ import torch
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.errors import KVTierError
-from kvtier.keys import DIGEST_BYTES, ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import (
+    DIGEST_BYTES,
+    ChunkKey,
+    Namespace,
+    TokenInput,
+    chunk_keys,
+    fingerprint,
+    tokens_to_array,
+)
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -328,7 +336,9 @@ class CacheEngine:
         if self._namespace is None:
             raise KVError("bind a namespace (bind / bind_model) before naming pages")
         nsd = self._ns_digest
-        return [hashlib.blake2b(nsd + b"page|" + n.encode(), digest_size=DIGEST_BYTES).digest() for n in names]
+        return [
+            hashlib.blake2b(nsd + b"page|" + n.encode(), digest_size=DIGEST_BYTES).digest() for n in names
+        ]
 
     def lookup_pages(self, digests: Sequence[bytes], page_tokens: int) -> int:
         """How many leading pages of ``digests`` some tier holds (a hole ends the run)."""

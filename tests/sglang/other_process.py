@@ -20,7 +20,9 @@ N = 4
 
 def main(role: str, disk: str, layout: str) -> None:
     cfg = Path(disk) / "kvtier.yaml"
-    cfg.write_text(f"cpu:\n  pin_memory: 'no'\ndisk:\n  enabled: true\n  path: {disk}/tier\n  durability: always\n")
+    cfg.write_text(
+        f"cpu:\n  pin_memory: 'no'\ndisk:\n  enabled: true\n  path: {disk}/tier\n  durability: always\n"
+    )
     p = pool("mha", layout)
     b = StorageBackendFactory.create_backend("dynamic", storage_config({"kvtier_config": str(cfg)}), p)
     b.register_mem_pool_host(p)

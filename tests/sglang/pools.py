@@ -19,7 +19,11 @@ from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 LAYERS, HEADS, HEAD_DIM, PAGE, DEVICE_TOKENS = 3, 2, 8, 4, 64
 MLA_LORA, MLA_ROPE = 8, 4
 DTYPE = torch.bfloat16
-MODULE = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang", "class_name": "KVTierHiCacheStorage"}
+MODULE = {
+    "backend_name": "kvtier",
+    "module_path": "kvtier.integrations.sglang",
+    "class_name": "KVTierHiCacheStorage",
+}
 
 
 def _ptrs(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:

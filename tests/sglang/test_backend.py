@@ -14,10 +14,17 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("sglang.srt.mem_cache.hicache_storage", reason="sglang not installed: run `make sglang-test`")
+pytest.importorskip(
+    "sglang.srt.mem_cache.hicache_storage", reason="sglang not installed: run `make sglang-test`"
+)
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageFailureInjector, PoolName, PoolTransfer
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageFailureInjector,
+    PoolName,
+    PoolTransfer,
+)
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 sys.path.insert(0, str(Path(__file__).parent))

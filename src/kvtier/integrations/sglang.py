@@ -210,7 +210,16 @@ class KVTierHiCacheStorage(HiCacheStorage):
             return
         assert self.layout is not None
         lay = self.layout
-        gb = n * lay.layers * lay.planes * lay.page_tokens * lay.heads * lay.head_dim * lay.dtype.itemsize / 1e9
+        gb = (
+            n
+            * lay.layers
+            * lay.planes
+            * lay.page_tokens
+            * lay.heads
+            * lay.head_dim
+            * lay.dtype.itemsize
+            / 1e9
+        )
         with self._lock:
             pgs.append(n)
             bw.append(gb / dt if dt > 0 else 0.0)

@@ -91,7 +91,7 @@ def describe_pool(pool: Any) -> PageLayout:
     subclasses store other byte formats (FP8 scales, K-only, asymmetric widths) and are refused.
     """
     cls = type(pool).__name__
-    layout = getattr(pool, "layout", None)
+    layout = str(getattr(pool, "layout", ""))
     kind = {"MHATokenToKVPoolHost": "mha", "MLATokenToKVPoolHost": "mla"}.get(cls)
     if kind is None:
         raise SGLangLayoutError(
