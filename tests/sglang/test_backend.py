@@ -223,3 +223,21 @@ def test_two_processes_share_pages_through_disk(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[-2:] == ["ok", "4"], r.stdout + r.stderr[-2000:]
+
+
+def test_misfiled_page_is_a_miss() -> None:
+    """A value stored under another page's key (a collision, a corrupt remote) is never loaded."""
+    p = pool("mha", "page_first")
+    eng = engine()
+    b = backend(p, eng)
+    idx = fill_random(p, 2, seed=12)
+    a, other = page_keys(2)
+    assert b.batch_set_v1([a], idx[:PAGE]) == [True]
+    da, do = eng.page_digests([a, other])
+    with eng.retrieve_pages([da], PAGE) as views:
+        chunk = views.chunks[0][1]
+        assert eng.storage.put(do, type(chunk)(chunk.kv.clone(), chunk.fingerprint, PAGE))
+    before = p.get_data_page(int(idx[PAGE]), flat=True).clone()
+    assert b.batch_get_v1([other], idx[PAGE:]) == [False]
+    assert torch.equal(before, p.get_data_page(int(idx[PAGE]), flat=True))
+    assert eng.stats().fingerprint_mismatches == 1
