@@ -17,13 +17,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from kvtier.errors import KVTierError
+
+
+class BudgetError(KVTierError, ValueError):
+    """A payload budget of no bytes, or a payload larger than the whole budget."""
+
 
 class PayloadBudget:
     """At most ``max_bytes`` of payloads admitted at once."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 1:
-            raise ValueError(f"payload budget must be >= 1 byte, got {max_bytes}")
+            raise BudgetError(f"payload budget must be >= 1 byte, got {max_bytes}")
         self.max_bytes = max_bytes
         self.used = 0
         self.peak = 0
@@ -34,7 +40,7 @@ class PayloadBudget:
     def admit(self, n: int, on_admit: Callable[[], None]) -> bool:
         """Take ``n`` bytes now (``True``) or queue ``on_admit`` to run once they are taken."""
         if n > self.max_bytes:
-            raise ValueError(f"a {n}-byte payload can never fit the {self.max_bytes}-byte budget")
+            raise BudgetError(f"a {n}-byte payload can never fit the {self.max_bytes}-byte budget")
         if not self._waiters and self.used + n <= self.max_bytes:
             self._take(n)
             return True
