@@ -241,3 +241,18 @@ def test_misfiled_page_is_a_miss() -> None:
     assert b.batch_get_v1([other], idx[PAGE:]) == [False]
     assert torch.equal(before, p.get_data_page(int(idx[PAGE]), flat=True))
     assert eng.stats().fingerprint_mismatches == 1
+
+
+def test_unreachable_remote_tier_is_a_miss() -> None:
+    """kvtier's failure rule through SGLang's calls: a remote tier that refuses every connection
+    (nothing listens on port 1) gives misses and failed sets, never an exception."""
+    eng = CacheEngine(Config.from_dict({"cpu": {"enabled": False},
+                                        "remote": {"url": "redis://127.0.0.1:1", "timeout_s": 0.5}}))  # fmt: skip
+    p = pool("mha", "page_first")
+    b = backend(p, eng)
+    idx = fill_random(p, 2, seed=13)
+    keys = page_keys(2)
+    assert b.batch_set_v1(keys, idx) == [False, False]
+    assert b.batch_exists(keys) == 0
+    assert b.batch_get_v1(keys, idx) == [False, False]
+    assert not b.batch_set(keys, pages(p, idx))
