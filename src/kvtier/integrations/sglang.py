@@ -109,8 +109,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
         return self.engine.page_digests(keys)
 
     def _host_page(self, index: int) -> torch.Tensor:
-        assert self.layout is not None
-        return self.layout.view(self.mem_pool_host.get_data_page(index, flat=False))
+        """The pool's page starting at slot ``index``, in the pool's shape (a view, no copy)."""
+        return self.mem_pool_host.get_data_page(index, flat=False)
 
     # -- existence ----------------------------------------------------------------------------
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
@@ -156,8 +156,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
                   target_sizes: Any = None) -> list[torch.Tensor | None]:  # fmt: skip
         if self.layout is None or target_locations is None:
             return [None] * len(keys)
-        lay = self.layout
-        ok = self._load(keys, [lay.view(t) for t in target_locations])
+        ok = self._load(keys, list(target_locations))
         return [t if hit else None for t, hit in zip(target_locations, ok)]
 
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
@@ -167,8 +166,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
                   target_sizes: Any = None) -> bool:  # fmt: skip
         if self.layout is None or values is None:
             return False
-        lay = self.layout
-        return all(self._save(keys, [lay.view(v) for v in values]))
+        return all(self._save(keys, list(values)))
 
     # -- v2 (pool transfers): the KV pool only ------------------------------------------------
     def batch_get_v2(self, transfers: list[PoolTransfer],
@@ -187,13 +185,15 @@ class KVTierHiCacheStorage(HiCacheStorage):
 
     # -- the two moves ------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dst: Sequence[torch.Tensor]) -> list[bool]:
-        """Copy the leading run of held pages into ``dst`` (chunk-shaped views); True per page loaded."""
+        """Copy the leading run of held pages into ``dst`` (pool pages, pool-shaped or flat); True
+        per page loaded."""
         assert self.layout is not None
+        lay = self.layout
         t0 = time.perf_counter()
         n = 0
         with self.engine.retrieve_pages(self._digests(keys), self.layout.page_tokens) as views:
             for (_, chunk), out in zip(views.chunks, dst):
-                out.copy_(chunk.kv)
+                lay.scatter(chunk.kv, out)
                 n += 1
         self._record(self._prefetch_pgs, self._prefetch_bw, n, time.perf_counter() - t0)
         return [True] * n + [False] * (len(keys) - n)
@@ -201,7 +201,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
     def _save(self, keys: Sequence[str], pages: Sequence[torch.Tensor]) -> list[bool]:
         assert self.layout is not None
         t0 = time.perf_counter()
-        ok = self.engine.store_pages(self._digests(keys), pages)
+        lay = self.layout
+        ok = self.engine.store_pages(self._digests(keys), [lay.gather(p) for p in pages])
         self._record(self._backup_pgs, self._backup_bw, sum(ok), time.perf_counter() - t0)
         return ok
 
