@@ -31,3 +31,48 @@ def build_tiny_llama(path: Path, *, seed: int = 0) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(path)
     return path
+
+
+def build_random_lora(path: Path, base: Path, *, seed: int, rank: int = 8, scale: float = 0.5) -> Path:
+    """A random LoRA adapter (peft format) on q/k/v/o of the tiny Llama: it changes the KV of every layer.
+
+    ``lora_B`` is random (peft starts it at zero, which would make the adapter a no-op).
+    """
+    if (path / "adapter_config.json").exists():
+        return path
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((base / "config.json").read_text())
+    hidden, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+    head_dim = int(cfg["head_dim"])
+    outs = {
+        "q_proj": cfg["num_attention_heads"] * head_dim,
+        "k_proj": cfg["num_key_value_heads"] * head_dim,
+        "v_proj": cfg["num_key_value_heads"] * head_dim,
+        "o_proj": hidden,
+    }
+    ins = {
+        "q_proj": hidden,
+        "k_proj": hidden,
+        "v_proj": hidden,
+        "o_proj": cfg["num_attention_heads"] * head_dim,
+    }
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for name, out in outs.items():
+            pre = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(rank, ins[name], generator=g) * scale
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(out, rank, generator=g) * scale
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    adapter_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "target_modules": list(outs), "lora_dropout": 0.0, "bias": "none",
+        "base_model_name_or_path": str(base), "fan_in_fan_out": False, "modules_to_save": None,
+    }  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    return path

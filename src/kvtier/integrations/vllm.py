@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtier.chunk import dtype_name
-from kvtier.keys import Namespace
+from kvtier.keys import KeyExtras, Namespace
 from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
+from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
 from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
 from .vllm_shared import (
     config_from_extra,
@@ -191,6 +192,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
         self._device = torch.device("cpu")
         self._saves_for: KVConnectorMetadata | None = None
+        self._req_extras: dict[str, KeyExtras | None] = {}
+        self._uncacheable_logged: set[str] = set()
+        self._mm_hashed = mm_ids_are_hashes(vllm_config)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -198,8 +202,8 @@ class KVTierConnector(KVConnectorBase_V1):
         return False
 
     # ---------------------------------------------------------------- scheduler side
-    def _lookup(self, tokens: Any) -> int:
-        hit = self._engine.lookup(list(tokens))
+    def _lookup(self, tokens: Any, extras: KeyExtras) -> int:
+        hit = self._engine.lookup(list(tokens), extras=extras)
         self.stats.lookups += 1
         self.stats.lookup_hit_tokens += hit
         return hit
@@ -207,13 +211,31 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        n = self._planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
+        extras = self._extras(request)
+        n = self._planner.match(request.request_id, request.all_token_ids, num_computed_tokens, extras)
         return n, False
+
+    def _extras(self, request: Request) -> KeyExtras | None:
+        """The request's key inputs (``vllm_keys``), once per request; ``None``: not cacheable."""
+        rid = request.request_id
+        if rid in self._req_extras:
+            return self._req_extras[rid]
+        got = request_extras(request, mm_hashed=self._mm_hashed)
+        extras = None if isinstance(got, Uncacheable) else got
+        if isinstance(got, Uncacheable):
+            self.stats.uncacheable_requests += 1
+            if got.reason not in self._uncacheable_logged:
+                self._uncacheable_logged.add(got.reason)
+                log.warning("kvtier: request %s is not cached (neither loaded nor saved): %s; "
+                            "counted in uncacheable_requests, logged once", rid, got.reason)  # fmt: skip
+        self._req_extras[rid] = extras
+        return extras
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        self._planner.after_alloc(request.request_id, request.all_token_ids, num_external_tokens)
+        extras = self._extras(request)
+        self._planner.after_alloc(request.request_id, request.all_token_ids, num_external_tokens, extras)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         so = scheduler_output
@@ -238,6 +260,7 @@ class KVTierConnector(KVConnectorBase_V1):
         # Saves copy KV out of the blocks inside the step that computed it, so by the time a
         # request finishes nothing reads its blocks any more: vLLM may free them now.
         self._planner.finished(request.request_id)
+        self._req_extras.pop(request.request_id, None)
         return False, None
 
     # ---------------------------------------------------------------- worker side
