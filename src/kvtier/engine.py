@@ -328,6 +328,10 @@ class CacheEngine:
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
 
+    def note_uncacheable(self) -> None:
+        """Count a request an integration could not key and therefore neither loaded nor stored."""
+        self._stats.uncacheable_requests += 1
+
     def stats(self) -> CacheStats:
         """A snapshot of the engine's and every tier's counters."""
         s = CacheStats(**{k: v for k, v in vars(self._stats).items() if k != "tiers"})

@@ -74,7 +74,9 @@ def test_generate_drop_in_matches_model_generate(random_model: LoadedModel, engi
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     first = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False, store_generated=True)
     assert torch.equal(first, want)
-    assert engine.lookup(first[0, :57]) == 57  # prompt + 7 generated tokens stored
+    assert (
+        engine.lookup(first[0, :57], extras=kvt.request_extras(model)) == 57
+    )  # prompt + 7 generated tokens stored
     again = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False)
     assert torch.equal(again, want)
     assert engine.stats().hit_tokens >= 50

@@ -75,7 +75,9 @@ def token_index(block_ids: Sequence[int], first_token: int, start: int, end: int
                 device: torch.device) -> TokenIndex:  # fmt: skip
     """Index of tokens ``[start, end)`` given ``block_ids[i]`` holds ``[first_token + i*bs, ...)``."""
     if first_token % block_size or not first_token <= start <= end:
-        raise LayoutError(f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})")
+        raise LayoutError(
+            f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})"
+        )
     pos = torch.arange(start - first_token, end - first_token, dtype=torch.int64)
     ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
     if ids.numel() * block_size < end - first_token:

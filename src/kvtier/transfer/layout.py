@@ -158,7 +158,9 @@ def detect_layout(
         entry = tuple(entry)  # type: ignore[assignment]
     if isinstance(entry, tuple):
         if len(entry) != 2 or not all(isinstance(t, torch.Tensor) for t in entry):
-            raise LayoutTypeError(f"a layer entry tuple must be (keys, values) tensors, got {len(entry)} items")
+            raise LayoutTypeError(
+                f"a layer entry tuple must be (keys, values) tensors, got {len(entry)} items"
+            )
     elif not isinstance(entry, torch.Tensor):
         raise LayoutTypeError(
             f"a layer entry must be a tensor or a (keys, values) pair, got {type(entry).__name__}"

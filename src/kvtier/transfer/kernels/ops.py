@@ -131,7 +131,9 @@ def check_chunk(prep: Prepared, buf: torch.Tensor, num_tokens: int, what: str) -
     if not isinstance(buf, torch.Tensor):
         raise LayoutTypeError(f"{what} must be a torch.Tensor, got {type(buf).__name__}")
     if tuple(buf.shape) != want:
-        raise LayoutError(f"{what} has shape {tuple(buf.shape)}, expected {want} for {prep.layout.kind.value}")
+        raise LayoutError(
+            f"{what} has shape {tuple(buf.shape)}, expected {want} for {prep.layout.kind.value}"
+        )
     if buf.dtype != prep.layout.dtype:
         raise LayoutTypeError(f"{what} has dtype {buf.dtype}, the KV cache has {prep.layout.dtype}")
     try:
