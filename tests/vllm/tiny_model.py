@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 VOCAB = 512
 
@@ -75,4 +76,38 @@ def build_random_lora(path: Path, base: Path, *, seed: int, rank: int = 8, scale
         "base_model_name_or_path": str(base), "fan_in_fan_out": False, "modules_to_save": None,
     }  # fmt: skip
     (path / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    return path
+
+
+def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
+    """Tiny random models with local attention, same tokenizer as ``build_tiny_llama``:
+    ``mistral-swa`` (every layer a 128-token sliding window), ``gemma3`` (one sliding, one global)."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_llama(path.parent / "tok-src"))
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    model: Any
+    if kind == "mistral-swa":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(sliding_window=128, **common))
+    elif kind == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(
+            sliding_window=128, layer_types=["sliding_attention", "full_attention"], **common
+        )
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
     return path

@@ -134,6 +134,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 "(hybrid/sliding-window mixes are not supported yet)"
             )
         spec = groups[0].kv_cache_spec
+        _check_spec(spec)
         self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
@@ -354,6 +355,23 @@ class KVTierConnector(KVConnectorBase_V1):
             self._worker.release_loads()
         self._engine.flush(timeout_s=10.0)
         release(self._instance, self._share_role, self._ns)
+
+
+def _check_spec(spec: Any) -> None:
+    """Refuse KV cache groups that do not keep every position's KV in its block (clear error, never
+    wrong KV). kvtier saves and loads the full KV of every prompt position; a sliding-window or
+    chunked-local group frees (nulls) blocks behind the window, so a save could read a freed block,
+    and Mamba/MLA state has another layout. ``FullAttentionSpec`` with a ``sliding_window`` (what
+    vLLM makes of the local layers of a hybrid model when, as with a connector, its hybrid
+    manager is off) keeps every block: it is supported."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if type(spec) is not FullAttentionSpec:
+        raise ConnectorError(
+            f"kvtier's vLLM connector supports full-attention KV caches; this model's is {type(spec).__name__} "
+            "(sliding-window, chunked-local, MLA and Mamba/hybrid caches are not supported yet): serve it "
+            "without kvtier's connector"
+        )
 
 
 def _sorted_layers(names: list[str]) -> list[str]:
