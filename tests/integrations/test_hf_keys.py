@@ -115,3 +115,15 @@ def test_weights_changed_after_binding_are_another_key() -> None:
     r = kvt.prefill(model, ids, engine)
     assert r.hit_tokens == 0, "KV of the weights before the merge was served"
     torch.testing.assert_close(r.logits, full_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_the_integration_uses_the_cache_kwarg_of_this_transformers(llava: Any) -> None:
+    """transformers 5.24 deprecates ``past_key_values=`` (removal announced for 5.40): no warning from kvtier."""
+    import inspect
+    import warnings
+
+    want = "cache" if "cache" in inspect.signature(type(llava).forward).parameters else "past_key_values"
+    assert kvt.cache_kwarg(llava) == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kvt.generate(llava, image_prompt(), make_engine(), pixel_values=pixels(1), **GEN)

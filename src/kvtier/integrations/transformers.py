@@ -31,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -144,6 +145,21 @@ def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Te
     return ids.to(device=device, dtype=torch.long)
 
 
+def cache_kwarg(model: Any) -> str:
+    """``"cache"`` where the model's forward takes it (transformers >= 5.24 deprecates
+    ``past_key_values``, removal announced for 5.40), else ``"past_key_values"``."""
+    fwd = type(model).forward
+    memo = _CACHE_KWARG.get(fwd)
+    if memo is None:
+        memo = _CACHE_KWARG[fwd] = (
+            "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+        )
+    return memo
+
+
+_CACHE_KWARG: dict[Any, str] = {}
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -217,7 +233,7 @@ def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | 
     hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     t_load = time.perf_counter()
     cache = KVTierCache(model.config, prefix)
-    out = model(input_ids=ids[:, hit:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, hit:], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,8 +257,9 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     generated tokens' (``store_generated``; the last generated token has no KV yet). Returns
     what ``model.generate`` returns.
     """
-    if "past_key_values" in generate_kwargs:
-        raise IntegrationError("generate(): kvtier supplies past_key_values itself; do not pass one")
+    given = sorted({"cache", "past_key_values"} & set(generate_kwargs))
+    if given:
+        raise IntegrationError(f"generate(): kvtier supplies the cache itself; do not pass {given[0]}")
     device = _model_device(model)
     ids = _rows(input_ids, attention_mask, device)
     rows_cpu = ids.cpu()
@@ -255,7 +272,9 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     extras, limit = keys if keys is not None else (None, 0)
     _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     cache = KVTierCache(model.config, prefix)
-    out = model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
+    out = model.generate(
+        ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
+    )
     if store and keys:
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         cache.finish_loading()
