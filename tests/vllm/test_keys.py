@@ -118,3 +118,19 @@ def test_request_never_matched_nor_allocated_is_not_saved() -> None:
     p, _ = planner()
     p.new_request("x", list(range(100)), list(range(7)), 0, 100)
     assert p.take_specs(["x"]) == ([], [])
+
+
+def test_unreadable_adapter_files_make_the_request_uncacheable(tmp_path: Path, monkeypatch: Any) -> None:
+    d = tmp_path / "lora"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(b"w")
+    real_open = Path.open
+
+    def deny(self: Path, *a: Any, **kw: Any) -> Any:
+        if self.name == "adapter_model.safetensors":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "open", deny)  # what a file root-owned 0600 gives a service user
+    got = request_extras(req(lora_request=NS(lora_name="a", lora_path=str(d))))
+    assert isinstance(got, Uncacheable) and "cannot be read" in got.reason

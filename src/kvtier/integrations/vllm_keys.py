@@ -67,7 +67,10 @@ def request_extras(request: Any, *, mm_hashed: bool = True) -> KeyExtras | Uncac
             )
         mm.append(MMSpan(str(ident), int(pos.offset), int(pos.length)))
     lora = getattr(request, "lora_request", None)
-    adapter = adapter_identity(lora) if lora is not None else ""
+    try:
+        adapter = adapter_identity(lora) if lora is not None else ""
+    except OSError as e:  # cannot tell this adapter's version from another's: never guess
+        return Uncacheable(f"the LoRA adapter's files cannot be read ({e})")
     salt = getattr(request, "cache_salt", None) or ""
     return KeyExtras(adapter=adapter, salt=str(salt), mm=tuple(mm))
 
