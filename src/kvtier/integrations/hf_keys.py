@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from kvtier.errors import KVTierError
+
 _PLACEHOLDER_ATTRS = (
     "image_token_id", "image_token_index", "video_token_id", "video_token_index",
     "audio_token_id", "audio_token_index",
@@ -32,7 +34,7 @@ _PLACEHOLDER_ATTRS = (
 _PRIMITIVE = (bool, int, float, str, bytes, type(None))
 
 
-class Uncacheable(Exception):
+class Uncacheable(KVTierError):
     """Raised by ``input_extras`` with the name of the input kvtier cannot key."""
 
 
