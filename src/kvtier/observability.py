@@ -40,6 +40,7 @@ class CacheStats:
     retrieves: int = 0
     retrieved_tokens: int = 0
     fingerprint_mismatches: int = 0
+    nonfinite_chunks: int = 0  # chunks not stored because their KV held NaN/Inf (engine.py)
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     @property
@@ -80,6 +81,7 @@ class _StatsCollector(Collector):
             ("store_failures", "Chunks no tier could store"),
             ("retrieved_tokens", "Tokens returned by retrieve"),
             ("fingerprint_mismatches", "Chunks rejected on read (fingerprint/shape mismatch)"),
+            ("nonfinite_chunks", "Chunks not stored: their KV held NaN/Inf (the engine computed garbage)"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
         yield GaugeMetricFamily("kvtier_hit_rate", "Hit tokens / requested tokens", value=s.hit_rate)
