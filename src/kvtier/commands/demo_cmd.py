@@ -1,9 +1,11 @@
-"""``kvtier demo``: a real model, run once without kvtier and once with it, on chat and document-QA workloads.
+"""``kvtier demo``: a real model, run without and with kvtier, on chat and document-QA workloads.
 
 Workloads: ``chat`` (a shared system prompt, several users, each turn resending the history),
 ``docqa`` (the same documents asked several questions) and, with ``--contexts``, ``context``
-(long prompts asked again: full prefill vs full hit). For each it prints the time to first
-token (TTFT) without and with kvtier, the speedup, hit rates and bytes per tier, checks that
+(long prompts asked again: full prefill vs full hit). The two variants run interleaved request
+by request, so load that drifts during the run hits both. For each it prints the time to first
+token (TTFT) without and with kvtier, the paired speedup (median of per-request ratios), the
+prompt tokens not recomputed and prefill FLOPs saved, hit rates and bytes per tier, checks that
 the greedy outputs are identical, and writes a plot of TTFT per request. Exit status 1 if any
 output differs.
 """
