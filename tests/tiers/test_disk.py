@@ -360,3 +360,13 @@ def test_space_used_with_small_chunks_stays_within_max_bytes(tmp_path: Path) -> 
         assert s.evictions > 0 and s.chunks > 100
     with DiskTier(root, cap) as t2:  # a restart counts the same way
         assert _du(root) <= t2.stats().bytes_used <= cap
+
+
+def test_fan_out_folders_are_private_made_lazily_and_tightened_on_start(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        assert not (tmp_path / "05").exists()  # made by the first put that needs it
+        t.put(_key(5), _chunk(5))
+        assert (tmp_path / "05").stat().st_mode & 0o777 == 0o700
+    os.chmod(tmp_path / "05", 0o755)  # as an older version made them
+    with DiskTier(tmp_path, 1 << 20) as t2:
+        assert t2.contains(_key(5)) and (tmp_path / "05").stat().st_mode & 0o777 == 0o700
