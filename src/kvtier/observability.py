@@ -41,6 +41,8 @@ class CacheStats:
     retrieved_tokens: int = 0
     fingerprint_mismatches: int = 0
     nonfinite_chunks: int = 0  # chunks not stored because their KV held NaN/Inf (engine.py)
+    uncacheable_requests: int = 0
+    """Requests an integration could not key (an input kvtier does not hash): never cached."""
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     @property
@@ -82,6 +84,7 @@ class _StatsCollector(Collector):
             ("retrieved_tokens", "Tokens returned by retrieve"),
             ("fingerprint_mismatches", "Chunks rejected on read (fingerprint/shape mismatch)"),
             ("nonfinite_chunks", "Chunks not stored: their KV held NaN/Inf (the engine computed garbage)"),
+            ("uncacheable_requests", "Requests with an input kvtier cannot key: never cached"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
         yield GaugeMetricFamily("kvtier_hit_rate", "Hit tokens / requested tokens", value=s.hit_rate)

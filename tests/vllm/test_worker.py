@@ -299,3 +299,23 @@ def test_stage_pieces_equals_concatenation() -> None:
     got = stage_pieces(pieces, idx, 2, torch.device("cpu"))
     assert torch.equal(got, torch.cat(pieces, dim=1))
     assert torch.equal(stage_pieces(pieces, idx, 2, torch.device("cpu")), got)  # cached index reused
+
+
+def test_same_tokens_under_another_adapter_in_one_step_are_not_deduped() -> None:
+    """De-duplication goes by chunk key, which holds the request's extras (LoRA adapter, salt):
+    two requests with the same tokens and different adapters both save their own KV."""
+    from kvtier.keys import KeyExtras
+
+    eng, stats = engine(), ConnectorStats()
+    src = cpu_cache(7)
+    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    w = WorkerSide(eng, lay, L, stats)
+    toks = list(range(500, 564))
+    specs = [TransferSpec("a", toks, 0, 64, [0, 1, 2, 3]),
+             TransferSpec("b", toks, 0, 64, [4, 5, 6, 7], extras=KeyExtras(adapter="lora-b"))]  # fmt: skip
+    w.begin_saves(specs, torch.device("cpu"))
+    for i, c in enumerate(src):
+        w.save_layer(i, c)
+    w.finish_saves(torch.device("cpu"))
+    assert stats.saved_tokens == 128 and stats.deduped_tokens == 0
+    assert eng.lookup(toks) == 64 and eng.first_uncached(toks, extras=specs[1].extras) == 64

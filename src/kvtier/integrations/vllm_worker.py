@@ -61,6 +61,8 @@ class ConnectorStats:
     copied_tokens: int = 0
     """Tokens copied out of vLLM's blocks to be saved (every unique chunk once)."""
     store_failures: int = 0
+    uncacheable_requests: int = 0
+    """Requests with an input kvtier cannot key (``vllm_keys``): neither loaded nor saved."""
     load_s: float = 0.0
     """Seconds spent fetching chunks and writing them into vLLM's blocks."""
     save_s: float = 0.0
@@ -123,7 +125,7 @@ class WorkerSide:
         pieces: list[tuple[Chunk, int, int]] = []
         ok_end = spec.start
         # one batched, validated read of the whole range (one round trip to a remote top tier)
-        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end)
+        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end, extras=spec.extras)
         for k, chunk in views.chunks:
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
             pieces.append((chunk, lo - k.start, hi - k.start))
@@ -214,7 +216,7 @@ class WorkerSide:
     def _skip_inflight(self, spec: TransferSpec, start: int) -> int:
         """Past the leading chunks from ``start`` that a save already planned will store; marks
         the rest of the range as planned."""
-        keys = [k for k in self.engine.keys(spec.tokens[: spec.end]) if k.start >= start]
+        keys = [k for k in self.engine.keys(spec.tokens[: spec.end], spec.extras) if k.start >= start]
         new = start
         for k in keys:
             if k.digest not in self._inflight:
@@ -227,7 +229,9 @@ class WorkerSide:
 
     def _first_missing(self, spec: TransferSpec) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
-        return min(self.engine.first_uncached(spec.tokens[: spec.end], spec.start), spec.end)
+        return min(
+            self.engine.first_uncached(spec.tokens[: spec.end], spec.start, extras=spec.extras), spec.end
+        )
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
         if not self._saves:
@@ -251,7 +255,9 @@ class WorkerSide:
                             sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
                 continue
             self.stats.save_requests += 1
-            res = self.engine.store_range(sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start)
+            res = self.engine.store_range(
+                sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
+            )
             self.new_keys.extend(res.stored_keys)
             self.stats.saved_tokens += res.stored_tokens
             self.stats.skipped_tokens += res.skipped_tokens
