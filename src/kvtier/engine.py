@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -36,7 +37,16 @@ import torch
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.errors import KVTierError, StateError
-from kvtier.keys import ChunkKey, KeyExtras, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import (
+    DIGEST_BYTES,
+    ChunkKey,
+    KeyExtras,
+    Namespace,
+    TokenInput,
+    chunk_keys,
+    fingerprint,
+    tokens_to_array,
+)
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -354,6 +364,86 @@ class CacheEngine:
         self._stats.retrieved_tokens += got
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
+
+    # -- named pages: for engines that hash their own pages (SGLang HiCache) ----------------------
+    # Such an engine names each page of ``page_tokens`` tokens with its own chained hash and has
+    # no token ids at the storage boundary. ``page_digests`` folds this namespace into each name,
+    # so another model, dtype, shape or tp shard never sees the page; the fingerprint stored with
+    # each page is taken over its digest, so a mis-filed or corrupt value is a miss on read.
+    def page_digests(self, names: Sequence[str]) -> list[bytes]:
+        """kvtier digests of engine-named pages under this engine's namespace (bound first)."""
+        if self._namespace is None:
+            raise KVError("bind a namespace (bind / bind_model) before naming pages")
+        nsd = self._ns_digest
+        return [
+            hashlib.blake2b(nsd + b"page|" + n.encode(), digest_size=DIGEST_BYTES).digest() for n in names
+        ]
+
+    def lookup_pages(self, digests: Sequence[bytes], page_tokens: int) -> int:
+        """How many leading pages of ``digests`` some tier holds (a hole ends the run)."""
+        t0 = time.perf_counter()
+        n = self.storage.prefix_lookup(list(digests)) if digests else 0
+        s = self._stats
+        s.lookups += 1
+        s.lookup_tokens += len(digests) * page_tokens
+        s.hit_tokens += n * page_tokens
+        s.hit_requests += n > 0
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        return n
+
+    def store_pages(self, digests: Sequence[bytes], pages: Sequence[torch.Tensor]) -> list[bool]:
+        """Store one ``[layers, planes, page_tokens, heads, head_dim]`` tensor per digest (views are
+        fine: each tier copies what it keeps); per page, whether it is now held. Pages the top tier
+        already holds are not written again. Bad shapes raise ``KVError`` before any write."""
+        t0 = time.perf_counter()
+        if len(digests) != len(pages):
+            raise KVError(f"{len(digests)} page digests but {len(pages)} pages")
+        for page in pages:
+            self._validate_kv(np.zeros(page.shape[2] if page.dim() == 5 else 0, dtype="<u4"), page)
+        skip = self.storage.top_prefix(list(digests)) if digests else 0
+        ok = [True] * skip
+        stored = 0
+        for d, page in zip(digests[skip:], pages[skip:]):
+            n = int(page.shape[2])
+            fp = fingerprint(np.frombuffer(d, dtype="<u4"), tuple(page.shape), dtype_name(page.dtype))
+            put = self.storage.put(d, Chunk(page, fp, n))
+            ok.append(put)
+            if put:
+                stored += n
+                self._stats.stored_chunks += 1
+            else:
+                self._stats.store_failures += 1
+        self._stats.stores += 1
+        self._stats.stored_tokens += stored
+        self.metrics.store_latency.observe(time.perf_counter() - t0)
+        return ok
+
+    def retrieve_pages(self, digests: Sequence[bytes], page_tokens: int) -> ChunkViews:
+        """The validated leading run of held pages (one batched read), as views to copy from and
+        then ``release()``; a missing or invalid page ends the run. ``ChunkViews.chunks`` pairs a
+        ``ChunkKey`` (its span in pages x ``page_tokens``) with each page."""
+        t0 = time.perf_counter()
+        views = ChunkViews(0, [])
+        ns = self._namespace
+        n_avail = self.storage.prefix_lookup(list(digests)) if digests and ns is not None else 0
+        if n_avail and ns is not None:
+            want = (ns.kv_shape[0], ns.kv_planes, page_tokens, ns.kv_shape[1], ns.kv_shape[2])
+            ok = True
+            for i, (d, chunk) in enumerate(zip(digests, self.storage.get_prefix(list(digests[:n_avail])))):
+                fp = fingerprint(np.frombuffer(d, dtype="<u4"), want, ns.kv_dtype)
+                ok = ok and tuple(chunk.kv.shape) == want and chunk.fingerprint == fp
+                if ok:
+                    views.chunks.append((ChunkKey(d, i * page_tokens, (i + 1) * page_tokens), chunk))
+                    views.num_tokens = (i + 1) * page_tokens
+                else:
+                    if len(views.chunks) == i:
+                        self._stats.fingerprint_mismatches += 1
+                        log.warning("page %s failed validation on read; treated as a miss", d.hex())
+                    chunk.release()
+        self._stats.retrieves += 1
+        self._stats.retrieved_tokens += views.num_tokens
+        self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
+        return views
 
     def note_uncacheable(self) -> None:
         """Count a request an integration could not key and therefore neither loaded nor stored."""
