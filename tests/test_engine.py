@@ -193,3 +193,13 @@ def test_large_finite_kv_is_stored(dtype: torch.dtype, value: float) -> None:
     eng = CacheEngine(Config.load(env={}, chunk_tokens=16, cpu__max_bytes="8MiB"))
     kv = torch.full((LAYERS, 2, 32, HEADS, DIM), value, dtype=dtype)
     assert eng.store(make_tokens(32), kv) == 32 and eng.stats().nonfinite_chunks == 0
+
+
+def test_nonfinite_pages_are_not_stored(engine: CacheEngine) -> None:
+    """Engine-named pages (SGLang) are refused the same way: from the first non-finite page on."""
+    engine.bind_model(LAYERS, HEADS, DIM, torch.float32)
+    pages = [make_kv(16, seed=i) for i in range(3)]
+    pages[1][0, 1, 3, 0, 0] = float("nan")
+    digests = engine.page_digests(["p0", "p1", "p2"])
+    assert engine.store_pages(digests, pages) == [True, False, False]
+    assert engine.lookup_pages(digests, 16) == 1 and engine.stats().nonfinite_chunks == 2

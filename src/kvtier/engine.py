@@ -230,7 +230,8 @@ class CacheEngine:
         todo = keys[skip:]
         clean = _finite_prefix(kv, todo, start)
         if clean < len(todo):
-            self._refuse_nonfinite(todo, clean, res)
+            res.nonfinite_chunks = len(todo) - clean
+            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
         for k in todo[:clean]:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
@@ -247,20 +248,19 @@ class CacheEngine:
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return res
 
-    def _refuse_nonfinite(self, todo: list[ChunkKey], clean: int, res: StoreResult) -> None:
-        res.nonfinite_chunks = len(todo) - clean
-        self._stats.nonfinite_chunks += res.nonfinite_chunks
-        bad = todo[clean]
+    def _refuse_nonfinite(self, refused: int, where: str) -> None:
+        """Count ``refused`` chunks not stored from the first non-finite one (``where``) on; warn once."""
+        self._stats.nonfinite_chunks += refused
         msg = (
-            "kv holds NaN/Inf in tokens %d..%d: not storing them or the %d chunks after (the engine "
-            "computed non-finite attention KV; check its dtype/kernels). Counted in "
+            "kv holds NaN/Inf in %s: not storing it or the %d chunks after (the engine computed "
+            "non-finite attention KV; check its dtype/kernels). Counted in "
             "kvtier_nonfinite_chunks_total; this warning is shown once"
         )
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            log.warning(msg, bad.start, bad.end, res.nonfinite_chunks - 1)
+            log.warning(msg, where, refused - 1)
         else:
-            log.debug(msg, bad.start, bad.end, res.nonfinite_chunks - 1)
+            log.debug(msg, where, refused - 1)
 
     def first_uncached(self, tokens: TokenInput, start: int = 0, *, extras: KeyExtras | None = None) -> int:
         """The start of the first chunk at or after ``start`` that no tier holds (``len(tokens)``'s
@@ -403,7 +403,11 @@ class CacheEngine:
         skip = self.storage.top_prefix(list(digests)) if digests else 0
         ok = [True] * skip
         stored = 0
-        for d, page in zip(digests[skip:], pages[skip:]):
+        todo = list(zip(digests[skip:], pages[skip:]))
+        clean = next((i for i, (_, page) in enumerate(todo) if not _all_finite(page)), len(todo))
+        if clean < len(todo):  # pages are chained too: refuse from the first non-finite one on
+            self._refuse_nonfinite(len(todo) - clean, f"page {todo[clean][0].hex()}")
+        for d, page in todo[:clean]:
             n = int(page.shape[2])
             fp = fingerprint(np.frombuffer(d, dtype="<u4"), tuple(page.shape), dtype_name(page.dtype))
             put = self.storage.put(d, Chunk(page, fp, n))
@@ -413,6 +417,7 @@ class CacheEngine:
                 self._stats.stored_chunks += 1
             else:
                 self._stats.store_failures += 1
+        ok += [False] * (len(todo) - clean)
         self._stats.stores += 1
         self._stats.stored_tokens += stored
         self.metrics.store_latency.observe(time.perf_counter() - t0)
@@ -562,7 +567,16 @@ def _finite_prefix(kv: torch.Tensor, keys: list[ChunkKey], start: int) -> int:
     if bool(torch.isfinite(region.sum())):
         return len(keys)
     for i, k in enumerate(keys):
-        part = kv[:, :, k.start - start : k.end - start]
-        if not bool(torch.isfinite(part.sum(dtype=torch.float32))) and not bool(torch.isfinite(part).all()):
+        if not _all_finite(kv[:, :, k.start - start : k.end - start]):
             return i
     return len(keys)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf: a sum in its dtype, then in float32 (overflow of finite
+    values), and only if both are non-finite the exact elementwise test."""
+    return (
+        bool(torch.isfinite(t.sum()))
+        or bool(torch.isfinite(t.sum(dtype=torch.float32)))
+        or bool(torch.isfinite(t).all())
+    )
