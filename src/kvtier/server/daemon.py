@@ -39,6 +39,7 @@ from kvtier.config import Config
 from kvtier.errors import KVTierError
 from kvtier.server.conn import Conn
 from kvtier.server.service import CacheService, Reply, Session
+from kvtier.server.startup import notify_ready, startup_line
 from kvtier.wire import protocol as P
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ class Daemon:
         http.start()
         reaper = asyncio.create_task(self._reaper())
         self._write_ready()
-        log.info("kvtier server %s on %s:%d (http %d), pool %s", self.server_id, sc.host, self.port,
-                 self.http_port, self.service.segment.path)  # fmt: skip
+        log.info("%s", startup_line(self.config, self.port, self.http_port, self.service.manager.stats(),
+                                    str(self.service.segment.path)))  # fmt: skip
+        notify_ready(f"serving on {sc.host}:{self.port}")
         try:
             await self._stop.wait()
         finally:

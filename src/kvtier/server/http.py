@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from kvtier.errors import KVTierError
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.observability import CacheStats, Metrics
+from kvtier.server.health import health
 from kvtier.server.service import CacheService
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,7 @@ def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/health":
                 s = face.service
-                self._json(200, {"status": "ok", "sessions": s.counters.active_sessions,
-                                 "tiers": [t.name for t in s.manager.tiers]})  # fmt: skip
+                self._json(200, health(s.manager.tiers, s.counters.active_sessions))
             elif path == "/metrics":
                 self._send(200, face.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/stats":
