@@ -39,7 +39,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         d = action.default
-        if (not text or d is None or d is False or d == [] or d is argparse.SUPPRESS or not action.option_strings
+        if (not text or d is None or d is False or (isinstance(d, list) and not d) or d is argparse.SUPPRESS or not action.option_strings
                 or "default" in text or "%(default)" in text or f"({d})" in text):  # fmt: skip
             return action.help
         return text + " (default: %(default)s)"
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(mod).register(sub)
     for p in _walk(parser):
         p.formatter_class = HelpFormatter
+        for action in p._actions:
+            if (
+                action.help is None
+                and action.option_strings
+                and action.default is not None
+                and action.default is not False
+            ):
+                action.help = "default: %(default)s"  # argparse prints no help line for help=None
     return parser
 
 
