@@ -68,6 +68,16 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, with tracebacks redacted too (an exception text may hold a URL)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record; keys ``ts`` (UTC ISO 8601), ``level``, ``logger``, ``message``."""
 
@@ -89,7 +99,7 @@ def _handler(fmt: str, stream: TextIO) -> logging.Handler:
     if fmt not in FORMATS:
         raise LogSetupError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactFilter())
     return handler
 
