@@ -264,6 +264,9 @@ class ServerConfig:
     auth_token_file: str = ""
     shm_dir: str = "/dev/shm"  # where the daemon's shared pool segment lives
     max_payload_bytes: int = field(default=1024**3, metadata={"size": True})  # KV bytes per socket frame
+    max_inflight_bytes: int = field(default=2 * 1024**3, metadata={"size": True})
+    """Socket payload bytes the daemon holds at once over all connections (>= max_payload_bytes)."""
+    body_timeout_s: float = 30.0  # a frame must arrive within this + its size at 50 MB/s
 
     def __post_init__(self) -> None:
         for f in ("port", "http_port"):
@@ -271,6 +274,10 @@ class ServerConfig:
         self.max_payload_bytes = parse_size(self.max_payload_bytes, "server.max_payload_bytes")
         _check(self.max_payload_bytes >= 1 << 20, "server.max_payload_bytes", self.max_payload_bytes,
                ">= 1MiB")  # fmt: skip
+        self.max_inflight_bytes = parse_size(self.max_inflight_bytes, "server.max_inflight_bytes")
+        _check(self.max_inflight_bytes >= self.max_payload_bytes, "server.max_inflight_bytes",
+               self.max_inflight_bytes, ">= server.max_payload_bytes")  # fmt: skip
+        _check(self.body_timeout_s > 0, "server.body_timeout_s", self.body_timeout_s, "> 0")
 
 
 @dataclass

@@ -11,7 +11,8 @@
   while holding that lock, which is the backpressure write-back puts on stores.
 * ``prefetch(keys)`` loads the cached prefix of ``keys`` from slower tiers into the top tier in
   the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
-* ``flush(timeout_s)`` waits for the queues and makes lower tiers durable (``DiskTier.sync``).
+* ``flush(timeout_s)`` waits for the queues and makes every tier durable (``DiskTier.sync``;
+  ``RemoteTier.sync`` asks the daemon to do the same).
 
 Backpressure: a full queue *blocks* the caller for up to ``queue_timeout_s``, then drops that
 chunk for that tier and counts it (``TierStats.queue_drops``). Blocking first, because
@@ -456,7 +457,7 @@ class TierManager:
                     return False
                 self._cv.wait(left)
         ok = True
-        for tier in self.tiers[1:]:
+        for tier in self.tiers:  # the top tier too: a daemon (RemoteTier) on top syncs remotely
             try:
                 ok = bool(tier.sync()) and ok
             except SOFT_ERRORS as e:

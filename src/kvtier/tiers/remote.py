@@ -13,12 +13,16 @@ Invariants:
 * ``get`` may return a view into the daemon's shared pool (same host): the engine copies it and
   calls ``release()``, which returns the lease. A chunk must be released well within the
   daemon's lease timeout (``cpu.pin_timeout_s`` of the daemon, 60 s by default).
+* ``sync()`` (called by ``TierManager.flush``) asks the daemon to drain its lower-tier write
+  queues and fsync them: ``True`` means every chunk ``put`` accepted is on the daemon's disk (or
+  the daemon has no durable tier). ``False`` when the daemon is unreachable or times out.
 * ``stats()``: ``hits/misses/puts/put_failures/errors`` count *this client's* calls;
   ``chunks/bytes_used/capacity_bytes/evictions`` are the daemon's CPU tier (shared by all
   clients) — zeros while it is unreachable.
 
 URL: ``kvtier://HOST:PORT[?shm=0]``; ``shm=0`` forces KV over the socket even on the same host.
-The auth token comes from ``server.auth_token_file`` (the same file the daemon reads).
+The auth token comes from ``server.auth_token_file`` (the same file the daemon reads); without
+one, from the token file a daemon on this host generated for its port (``wire/token_file.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class RemoteTier(Tier):
     name = "remote"
 
     def __init__(self, url: str, *, timeout_s: float = 2.0, token: str = "", token_file: str = "",
-                 backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0) -> None:  # fmt: skip
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0,
+                 flush_timeout_s: float = 60.0) -> None:  # fmt: skip
         host, port, use_shm = parse_url(url)
         if token_file and not token:
             try:
@@ -74,6 +79,7 @@ class RemoteTier(Tier):
         self.client = DaemonClient(host, port, token=token, timeout_s=timeout_s, use_shm=use_shm)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.flush_timeout_s = flush_timeout_s
         self._backoff = 0.0
         self._retry_at = 0.0
         self._lock = threading.Lock()
@@ -151,6 +157,13 @@ class RemoteTier(Tier):
     def clear(self) -> None:
         """Drop everything in the daemon's CPU tier (all clients' chunks: admin and tests)."""
         self._call("clear", lambda c: c.clear(), None)
+
+    def sync(self) -> bool:
+        """Durable in the daemon (its queues drained, its disk fsynced); ``False`` if not known to be.
+
+        Holds the client for up to ``flush_timeout_s``: a flush is an explicit checkpoint, not a
+        request path."""
+        return self._call("flush", lambda c: c.flush(self.flush_timeout_s), False)
 
     def stats(self) -> TierStats:
         s = TierStats(**vars(self._stats))
