@@ -108,8 +108,23 @@ def _dashboard_metrics() -> set[str]:
 
 
 def test_dashboard_queries_only_exported_metrics(daemon: DaemonProcess) -> None:
+    from kvtier.engine import CacheEngine
+    from kvtier.tiers.remote import RemoteTier
+    from kvtier.wire.token_file import default_token_path
+
+    token = default_token_path(daemon.port, daemon.args[daemon.args.index("--shm-dir") + 1])
+    client = RemoteTier(daemon.url, timeout_s=30, token_file=str(token))  # labelled histograms need a request
+    try:
+        client.contains(bytes(16))
+    finally:
+        client.close()
     _, body = _get(daemon.http_url + "/metrics")
-    exported = {ln.split("{")[0].split(" ")[0] for ln in body.decode().splitlines() if ln and ln[0] != "#"}
+    engine = CacheEngine(Config.load(env={}, **{"cpu.max_bytes": "1MiB"}))
+    try:  # the engine panels are scraped from the serving process (vLLM), not the daemon
+        text = body.decode() + engine.metrics.render().decode()
+    finally:
+        engine.close()
+    exported = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln and ln[0] != "#"}
     missing = sorted(_dashboard_metrics() - exported)
     assert not missing, f"the dashboard queries series kvtier does not export: {missing}"
 
