@@ -196,3 +196,17 @@ def test_progress_off_when_stderr_is_not_a_tty(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(bc, "run", lambda args: seen.append(args.no_progress) or 0)
     assert main(["bench"]) == 0  # pytest's captured stderr is no terminal
     assert seen == [True]
+
+
+def test_library_logger_gets_a_handler_only_when_nothing_would_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.logs import attach_if_unhandled
+
+    root, kv = logging.getLogger(), logging.getLogger("kvtier")
+    monkeypatch.setattr(root, "handlers", [])  # as under vllm serve: vLLM configures only its own logger
+    monkeypatch.setattr(kv, "handlers", [])
+    monkeypatch.setattr(kv, "propagate", True)
+    monkeypatch.setenv("KVTIER_LOG_LEVEL", "info")
+    attach_if_unhandled()
+    assert len(kv.handlers) == 1 and kv.level == logging.INFO and not kv.propagate
+    attach_if_unhandled()
+    assert len(kv.handlers) == 1  # idempotent: no doubled lines

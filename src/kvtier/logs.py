@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+from kvtier.errors import KVTierError
 from kvtier.redact import redact_text
 
 __all__ = [
@@ -41,7 +42,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
 
 
-class LogSetupError(ValueError):
+class LogSetupError(KVTierError, ValueError):
     """A bad ``KVTIER_LOG_LEVEL`` / ``KVTIER_LOG_FORMAT`` value."""
 
 
