@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,19 @@ def test_compose_systemd_and_docker_command_lines_parse() -> None:
     exec_start = shlex.split(re.search(r"^ExecStart=(.*)$", unit, re.M).group(1))  # type: ignore[union-attr]
     assert exec_start[1] == "server" and "Type=notify" in unit
     _server_args(exec_start[2:])
+
+
+def test_lookup_refuses_an_unknown_kv_dtype(daemon: DaemonProcess) -> None:
+    from kvtier.wire.token_file import default_token_path
+
+    token = (
+        default_token_path(daemon.port, daemon.args[daemon.args.index("--shm-dir") + 1]).read_text().strip()
+    )
+    body = {"tokens": [1, 2, 3], "model_id": "m", "kv_dtype": "bfloat61", "kv_shape": [2, 2, 8]}
+    req = urllib.request.Request(daemon.http_url + "/lookup", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    with pytest.raises(
+        urllib.error.HTTPError
+    ) as e:  # was 200 {"cached_tokens": 0}: a typo looked like a miss
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and "kv_dtype" in json.loads(e.value.read())["error"]
