@@ -6,7 +6,9 @@ and from it through ``kvtier.transfer``, which the engine never imports.
 
 Invariants:
 * Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
-  namespace (model, dtype, shape, tp shard, salt) can never be returned.
+  namespace (model, dtype, shape, tp shard, salt) can never be returned. Every call that keys
+  tokens takes ``extras`` (``keys.KeyExtras``: the request's LoRA adapter, cache salt,
+  multimodal items); KV stored under other extras is another key and fails the fingerprint.
 * ``lookup`` and ``retrieve`` return a contiguous prefix: the first chunk no tier has (or whose
   fingerprint/shape does not match on read) ends the hit.
 * ``store`` validates everything before touching any tier: bad input raises ``KVError`` and
@@ -16,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -28,7 +31,16 @@ import torch
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.errors import KVTierError, StateError
-from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import (
+    DIGEST_BYTES,
+    ChunkKey,
+    KeyExtras,
+    Namespace,
+    TokenInput,
+    chunk_keys,
+    fingerprint,
+    tokens_to_array,
+)
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -153,19 +165,20 @@ class CacheEngine:
         self.bind(ns)
         return ns
 
-    def keys(self, tokens: TokenInput) -> list[ChunkKey]:
-        """The chunk keys of ``tokens`` under this engine's namespace ([] if unbound)."""
+    def keys(self, tokens: TokenInput, extras: KeyExtras | None = None) -> list[ChunkKey]:
+        """The chunk keys of ``tokens`` (and the request's ``extras``) under this engine's
+        namespace ([] if unbound)."""
         if self._namespace is None:
             return []
         return chunk_keys(tokens, self._namespace, self.chunk_tokens, allow_partial=self.allow_partial,
-                          ns_digest=self._ns_digest)  # fmt: skip
+                          ns_digest=self._ns_digest, extras=extras)  # fmt: skip
 
     # -- the API --------------------------------------------------------------------------------
-    def lookup(self, tokens: TokenInput) -> int:
+    def lookup(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> int:
         """Number of leading tokens whose KV is cached (a prefix, chunk-aligned except a stored tail)."""
         t0 = time.perf_counter()
         arr = tokens_to_array(tokens)
-        keys = self.keys(arr)
+        keys = self.keys(arr, extras)
         n_chunks = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         hit = keys[n_chunks - 1].end if n_chunks else 0
         s = self._stats
@@ -176,15 +189,16 @@ class CacheEngine:
         self.metrics.lookup_latency.observe(time.perf_counter() - t0)
         return hit
 
-    def store(self, tokens: TokenInput, kv: torch.Tensor) -> int:
+    def store(self, tokens: TokenInput, kv: torch.Tensor, *, extras: KeyExtras | None = None) -> int:
         """Store the KV of ``tokens``; returns the number of tokens newly stored.
 
         ``kv``: ``[num_layers, planes, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
         already cached are skipped. Binds the namespace from ``kv`` if still unbound.
         """
-        return self.store_range(tokens, kv).stored_tokens
+        return self.store_range(tokens, kv, extras=extras).stored_tokens
 
-    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0) -> StoreResult:
+    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0,
+                    extras: KeyExtras | None = None) -> StoreResult:  # fmt: skip
         """Store the chunks of ``tokens`` that lie at or after ``start``; ``kv`` holds tokens
         ``[start, len(tokens))`` (``[layers, planes, len(tokens) - start, heads, head_dim]``).
 
@@ -199,7 +213,7 @@ class CacheEngine:
                 f"start={start} must be a multiple of chunk_tokens={self.chunk_tokens} within the {arr.size} tokens"
             )
         self._validate_kv(arr[start:], kv)
-        keys = [k for k in self.keys(arr) if k.start >= start]
+        keys = [k for k in self.keys(arr, extras) if k.start >= start]
         res = StoreResult()
         # Keys are chained, so cached chunks form a prefix: one batched question to the top tier
         # (one round trip when it is remote) finds them.
@@ -207,7 +221,8 @@ class CacheEngine:
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         for k in keys[skip:]:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
-            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
+            ctx = extras.context(k.start, k.end) if extras else b""
+            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype), ctx)
             if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
                 res.stored_tokens += k.num_tokens
                 res.stored_keys.append(k.digest)
@@ -220,10 +235,10 @@ class CacheEngine:
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return res
 
-    def first_uncached(self, tokens: TokenInput, start: int = 0) -> int:
+    def first_uncached(self, tokens: TokenInput, start: int = 0, *, extras: KeyExtras | None = None) -> int:
         """The start of the first chunk at or after ``start`` that no tier holds (``len(tokens)``'s
         last chunk end when all are held): where a save of ``tokens`` has to begin. No data moves."""
-        keys = [k for k in self.keys(tokens) if k.end > start]
+        keys = [k for k in self.keys(tokens, extras) if k.end > start]
         if not keys:
             return len(tokens) if start >= len(tokens) else start
         n = self.storage.prefix_lookup([k.digest for k in keys])
@@ -244,7 +259,8 @@ class CacheEngine:
             out.extend(tier.keys() or [])
         return out
 
-    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None) -> ChunkViews:
+    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None,
+                        extras: KeyExtras | None = None) -> ChunkViews:  # fmt: skip
         """The validated chunks of the longest cached run of ``tokens``' chunks from the one
         holding ``start`` on, up to the one holding ``end - 1`` (default: all), not assembled.
 
@@ -257,16 +273,17 @@ class CacheEngine:
         the pool to a GPU while it computes, instead of waiting for ``retrieve``'s one big copy.
         """
         t0 = time.perf_counter()
-        views = self._views(tokens, start, end)
+        views = self._views(tokens, start, end, extras)
         self._stats.retrieves += 1
         self._stats.retrieved_tokens += sum(k.num_tokens for k, _ in views.chunks)
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return views
 
-    def _views(self, tokens: TokenInput, start: int = 0, end: int | None = None) -> ChunkViews:
+    def _views(self, tokens: TokenInput, start: int = 0, end: int | None = None,
+               extras: KeyExtras | None = None) -> ChunkViews:  # fmt: skip
         arr = tokens_to_array(tokens)
         stop = arr.size if end is None else end
-        keys = [k for k in self.keys(arr) if k.end > start and k.start < stop]
+        keys = [k for k in self.keys(arr, extras) if k.end > start and k.start < stop]
         if not keys or self._namespace is None:
             return ChunkViews(0, [])
         n_avail = self.storage.prefix_lookup([k.digest for k in keys])
@@ -275,7 +292,7 @@ class CacheEngine:
         views = ChunkViews(0, [])
         ok = True
         for k, chunk in zip(keys, self.storage.get_prefix([k.digest for k in keys[:n_avail]])):
-            ok = ok and self.chunk_ok(chunk, arr, k)
+            ok = ok and self.chunk_ok(chunk, arr, k, extras)
             if ok:
                 views.chunks.append((k, chunk))
                 views.num_tokens = k.end
@@ -284,7 +301,7 @@ class CacheEngine:
         return views
 
     def retrieve(self, tokens: TokenInput, *, device: torch.device | str | None = None,
-                 out: torch.Tensor | None = None) -> RetrieveResult:  # fmt: skip
+                 out: torch.Tensor | None = None, extras: KeyExtras | None = None) -> RetrieveResult:  # fmt: skip
         """The KV of the longest cached prefix of ``tokens``, on ``device`` (default CPU).
 
         ``out``: a preallocated ``[layers, 2, >= len(tokens), kv_heads, head_dim]`` tensor to fill
@@ -293,7 +310,7 @@ class CacheEngine:
         """
         t0 = time.perf_counter()
         ns = self._namespace
-        with self._views(tokens) as views:
+        with self._views(tokens, extras=extras) as views:
             got = views.num_tokens
             if got == 0 or ns is None:
                 self._stats.retrieves += 1
@@ -321,16 +338,100 @@ class CacheEngine:
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
 
+    # -- named pages: for engines that hash their own pages (SGLang HiCache) ----------------------
+    # Such an engine names each page of ``page_tokens`` tokens with its own chained hash and has
+    # no token ids at the storage boundary. ``page_digests`` folds this namespace into each name,
+    # so another model, dtype, shape or tp shard never sees the page; the fingerprint stored with
+    # each page is taken over its digest, so a mis-filed or corrupt value is a miss on read.
+    def page_digests(self, names: Sequence[str]) -> list[bytes]:
+        """kvtier digests of engine-named pages under this engine's namespace (bound first)."""
+        if self._namespace is None:
+            raise KVError("bind a namespace (bind / bind_model) before naming pages")
+        nsd = self._ns_digest
+        return [
+            hashlib.blake2b(nsd + b"page|" + n.encode(), digest_size=DIGEST_BYTES).digest() for n in names
+        ]
+
+    def lookup_pages(self, digests: Sequence[bytes], page_tokens: int) -> int:
+        """How many leading pages of ``digests`` some tier holds (a hole ends the run)."""
+        t0 = time.perf_counter()
+        n = self.storage.prefix_lookup(list(digests)) if digests else 0
+        s = self._stats
+        s.lookups += 1
+        s.lookup_tokens += len(digests) * page_tokens
+        s.hit_tokens += n * page_tokens
+        s.hit_requests += n > 0
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        return n
+
+    def store_pages(self, digests: Sequence[bytes], pages: Sequence[torch.Tensor]) -> list[bool]:
+        """Store one ``[layers, planes, page_tokens, heads, head_dim]`` tensor per digest (views are
+        fine: each tier copies what it keeps); per page, whether it is now held. Pages the top tier
+        already holds are not written again. Bad shapes raise ``KVError`` before any write."""
+        t0 = time.perf_counter()
+        if len(digests) != len(pages):
+            raise KVError(f"{len(digests)} page digests but {len(pages)} pages")
+        for page in pages:
+            self._validate_kv(np.zeros(page.shape[2] if page.dim() == 5 else 0, dtype="<u4"), page)
+        skip = self.storage.top_prefix(list(digests)) if digests else 0
+        ok = [True] * skip
+        stored = 0
+        for d, page in zip(digests[skip:], pages[skip:]):
+            n = int(page.shape[2])
+            fp = fingerprint(np.frombuffer(d, dtype="<u4"), tuple(page.shape), dtype_name(page.dtype))
+            put = self.storage.put(d, Chunk(page, fp, n))
+            ok.append(put)
+            if put:
+                stored += n
+                self._stats.stored_chunks += 1
+            else:
+                self._stats.store_failures += 1
+        self._stats.stores += 1
+        self._stats.stored_tokens += stored
+        self.metrics.store_latency.observe(time.perf_counter() - t0)
+        return ok
+
+    def retrieve_pages(self, digests: Sequence[bytes], page_tokens: int) -> ChunkViews:
+        """The validated leading run of held pages (one batched read), as views to copy from and
+        then ``release()``; a missing or invalid page ends the run. ``ChunkViews.chunks`` pairs a
+        ``ChunkKey`` (its span in pages x ``page_tokens``) with each page."""
+        t0 = time.perf_counter()
+        views = ChunkViews(0, [])
+        ns = self._namespace
+        n_avail = self.storage.prefix_lookup(list(digests)) if digests and ns is not None else 0
+        if n_avail and ns is not None:
+            want = (ns.kv_shape[0], ns.kv_planes, page_tokens, ns.kv_shape[1], ns.kv_shape[2])
+            ok = True
+            for i, (d, chunk) in enumerate(zip(digests, self.storage.get_prefix(list(digests[:n_avail])))):
+                fp = fingerprint(np.frombuffer(d, dtype="<u4"), want, ns.kv_dtype)
+                ok = ok and tuple(chunk.kv.shape) == want and chunk.fingerprint == fp
+                if ok:
+                    views.chunks.append((ChunkKey(d, i * page_tokens, (i + 1) * page_tokens), chunk))
+                    views.num_tokens = (i + 1) * page_tokens
+                else:
+                    if len(views.chunks) == i:
+                        self._stats.fingerprint_mismatches += 1
+                        log.warning("page %s failed validation on read; treated as a miss", d.hex())
+                    chunk.release()
+        self._stats.retrieves += 1
+        self._stats.retrieved_tokens += views.num_tokens
+        self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
+        return views
+
+    def note_uncacheable(self) -> None:
+        """Count a request an integration could not key and therefore neither loaded nor stored."""
+        self._stats.uncacheable_requests += 1
+
     def stats(self) -> CacheStats:
         """A snapshot of the engine's and every tier's counters."""
         s = CacheStats(**{k: v for k, v in vars(self._stats).items() if k != "tiers"})
         s.tiers = self.storage.stats()
         return s
 
-    def prefetch(self, tokens: TokenInput) -> Future[int]:
+    def prefetch(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> Future[int]:
         """Start loading the cached prefix of ``tokens`` from slower tiers into the CPU tier, so a
         later ``retrieve`` is served from RAM; the future gives the number of chunks loaded."""
-        return self.storage.prefetch([k.digest for k in self.keys(tokens)])
+        return self.storage.prefetch([k.digest for k in self.keys(tokens, extras)])
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until asynchronous writes to lower tiers are done and durable; ``False`` on timeout."""
@@ -390,7 +491,7 @@ class CacheEngine:
         if out.dtype != dtype:
             raise KVError(f"out dtype {out.dtype} does not match the namespace's {ns.kv_dtype}")
 
-    def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
+    def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey, extras: KeyExtras | None = None) -> bool:
         """Whether ``chunk``, read for key ``k`` of the tokens ``arr``, is exactly what this
         namespace stored there (token count, shape, dtype, fingerprint); a failure is counted
         and logged, and the caller treats it as a miss. Integrations that read tiers directly
@@ -403,7 +504,13 @@ class CacheEngine:
             chunk.num_tokens == k.num_tokens
             and tuple(chunk.kv.shape) == want_shape
             and chunk.kv.dtype == dtype
-            and chunk.fingerprint == fingerprint(arr[k.start : k.end], want_shape, ns.kv_dtype)
+            and chunk.fingerprint
+            == fingerprint(
+                arr[k.start : k.end],
+                want_shape,
+                ns.kv_dtype,
+                extras.context(k.start, k.end) if extras else b"",
+            )
         )
         if not ok:
             self._stats.fingerprint_mismatches += 1
