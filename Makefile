@@ -49,7 +49,7 @@ vllm-venv:
 vllm-test: vllm-venv
 	.venv-vllm/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
 
-bench-vllm: vllm-venv
+bench-vllm: vllm-venv $(STAMP)  # SmolLM2 is converted by the main venv step
 	.venv-vllm/bin/python benchmarks/bench_vllm.py
 
 # SGLang HiCache backend: its own venv (.venv-sglang, sglang 0.5.23 without its GPU deps) and tests.
