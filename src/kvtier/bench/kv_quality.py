@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvtier.bench.workloads import WorkloadError
 from kvtier.serde.kvcodec import get_kv_codec
 
 REFERENCE = "none"
@@ -91,7 +92,7 @@ def measure(model: Any, ids: torch.Tensor, codecs: list[str], *, windows: int, p
     results = {c: CodecQuality(c) for c in [REFERENCE, *codecs]}
     w = prefix + cont
     if ids.numel() < windows * w:
-        raise ValueError(f"need {windows * w} tokens of text, have {ids.numel()}")
+        raise WorkloadError(f"need {windows * w} tokens of text, have {ids.numel()}")
     for i in range(windows):
         seq = ids[i * w : (i + 1) * w][None]
         out = model(seq[:, :prefix], use_cache=True)

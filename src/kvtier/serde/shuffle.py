@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvtier.serde.codec import Buffer, Codec, register_codec
+from kvtier.serde.codec import Buffer, Codec, CodecError, register_codec
 from kvtier.serde.compress import ZstdCodec
 
 MAX_ITEMSIZE = 16
@@ -50,13 +50,13 @@ class ShuffleZstdCodec(Codec):
 
     def compress(self, data: Buffer, itemsize: int = 1) -> Buffer:  # type: ignore[override]
         if not 1 <= itemsize <= MAX_ITEMSIZE:
-            raise ValueError(f"shuffle-zstd: itemsize must be 1..{MAX_ITEMSIZE}, got {itemsize}")
+            raise CodecError(f"shuffle-zstd: itemsize must be 1..{MAX_ITEMSIZE}, got {itemsize}")
         return bytes([itemsize]) + bytes(self._zstd.compress(shuffle(data, itemsize)))
 
     def decompress(self, data: Buffer, raw_nbytes: int) -> Buffer:
         mv = memoryview(data).cast("B")
         if len(mv) < 1 or not 1 <= mv[0] <= MAX_ITEMSIZE:
-            raise ValueError("shuffle-zstd: missing or bad itemsize byte")
+            raise CodecError("shuffle-zstd: missing or bad itemsize byte")
         return unshuffle(self._zstd.decompress(mv[1:], raw_nbytes), mv[0])
 
 
