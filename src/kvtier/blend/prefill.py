@@ -67,9 +67,11 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
     kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
     reused = torch.zeros(seq, dtype=torch.bool)
 
-    prefix = min(engine.lookup(row_cpu), seq - 1)
+    found = engine.lookup(row_cpu)
+    prefix = min(found, seq - 1)
     if prefix > 0:
-        got = engine.retrieve(row_cpu[:prefix], device=device)
+        # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
+        got = engine.retrieve(row_cpu[:found], device=device)
         prefix = min(prefix, got.num_tokens)
         if got.kv is not None and prefix > 0:
             kv[:, :, :prefix] = got.kv[:, :, :prefix]

@@ -226,8 +226,8 @@ def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple
     from kvtier.blend.prefill import blend_prefill
     from kvtier.blend.rope import rope_spec
 
+    rope_spec(model)  # refuse a model that cannot be re-rotated (or run) before touching the cache
     check_blendable(model)
-    rope_spec(model)  # refuse a model that cannot be re-rotated before touching the cache
     cache = KVTierCache(model.config)
     layer = DEFAULT_CHECK_LAYER if check_layer is None else check_layer
     r = blend_prefill(model, ids[0], engine, spans, cache, recompute_ratio=ratio, check_layer=layer,
