@@ -90,4 +90,6 @@ def test_a_plain_theta_rotation_is_wrong_for_scaled_ropes() -> None:
     pos0, pos1 = torch.arange(40), torch.arange(3001, 3041)
     plain = rerotate(at0[0, 0], pos0, pos1, 10000.0)
     assert (plain - want[0, 0]).abs().max() > 0.05
-    torch.testing.assert_close(rerotate_kv(at0, 0, 3001, rope_spec(model))[0, 0], want[0, 0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        rerotate_kv(at0, 0, 3001, rope_spec(model))[0, 0], want[0, 0], rtol=0, atol=2e-5
+    )

@@ -141,7 +141,7 @@ def blend_forward(model: Any, ids: torch.Tensor, kv: torch.Tensor, *, prefix: in
         h = layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
         if probe and i == check:
             assert rc.deviation is not None
-            n_sel = min(n_reused, int(round(recompute_ratio * n_reused)))
+            n_sel = min(n_reused, round(recompute_ratio * n_reused))
             chosen = rc.probe[2][torch.topk(rc.deviation, n_sel).indices] if n_sel else rows[:0]  # type: ignore[index]
             recomputed = n_sel
             keep = always.clone()

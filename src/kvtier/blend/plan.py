@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ def check_segments(segments: Sequence[Sequence[int]], seq: int) -> list[Span]:
             )
         spans.append((s, e))
     spans.sort()
-    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+    for (s0, e0), (s1, e1) in itertools.pairwise(spans):
         if s1 < e0:
             raise BlendError(f"segments ({s0}, {e0}) and ({s1}, {e1}) overlap; segments must be disjoint")
     return spans

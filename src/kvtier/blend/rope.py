@@ -81,14 +81,18 @@ def _angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, to
     return freqs.cos(), freqs.sin()
 
 
-def delta_tables(spec: RopeSpec, old_pos: torch.Tensor, new_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_tables(
+    spec: RopeSpec, old_pos: torch.Tensor, new_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[T, D/2]`` (float64) of ``angle(new) - angle(old)`` from the model's own float32 tables."""
     co, so = (t.to(torch.float64) for t in _angles(old_pos, spec.inv_freq))
     cn, sn = (t.to(torch.float64) for t in _angles(new_pos, spec.inv_freq))
     return cn * co + sn * so, sn * co - cn * so
 
 
-def rerotate_keys(k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+def rerotate_keys(
+    k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, spec: RopeSpec
+) -> torch.Tensor:
     """``k`` ``[..., T, H, D]`` (token axis third from last) moved from ``old_pos`` to ``new_pos`` ``[T]``.
 
     Math in float32 (float64 for float64 keys), rounded once to ``k.dtype``. On CUDA with

@@ -204,7 +204,9 @@ def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | 
     return PrefillResult(logits, cache, seq, hit, stored, t_first - t0, t_load - t0, t_end - t_first)
 
 
-def _blend_spans(ids: torch.Tensor, segments: Any, separator: Any, ratio: float) -> list[tuple[int, int]] | None:
+def _blend_spans(
+    ids: torch.Tensor, segments: Any, separator: Any, ratio: float
+) -> list[tuple[int, int]] | None:
     """Validated segment spans if the call asks for blending, else ``None`` (bad input raises)."""
     if segments is None and separator is None:
         return None
@@ -259,9 +261,13 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     spans = _blend_spans(ids, segments, separator, recompute_ratio)
     enabled = bind_engine(engine, model, model_id)
     if spans is not None and enabled:
-        cache = _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter()).cache
+        cache = _blend(
+            model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter()
+        ).cache
         cache.crop(-1)  # drop the last position: generate recomputes it to start decoding
-        return model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
+        return model.generate(
+            ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs
+        )
     _, prefix = _load_prefix(engine, rows_cpu, device) if enabled else (0, None)
     cache = KVTierCache(model.config, prefix)
     out = model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
