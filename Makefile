@@ -1,6 +1,6 @@
 # kvtier: two commands do all the set-up on a fresh machine with Python 3.11:
 #   make demo   - create .venv, install kvtier, run the demo
-#   make test   - create .venv, install kvtier + dev tools, lint, type-check, run the tests
+#   make test   - create .venv, install kvtier + dev tools, lint (ruff, import layers), type-check, run the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	# layers point down, no cycles (contracts in pyproject.toml [tool.importlinter])
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

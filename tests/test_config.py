@@ -90,3 +90,21 @@ def test_env_names_that_are_not_config_are_left_alone() -> None:
     assert cfg.chunk.chunk_tokens == 64
     with pytest.raises(ConfigError, match="unknown key"):
         Config.load(env={"KVTIER_CPU__MAX_BYTEZ": "1GiB"})
+
+
+def test_config_names_match_their_owners_registries() -> None:
+    """Config is a leaf (it may not import the policies, codecs or tiers it names), so it keeps its
+    own lists of valid names; this keeps them equal to the registries that own those names."""
+    from kvtier import config as C
+    from kvtier.policies import POLICIES
+    from kvtier.serde import CODECS
+
+    assert set(C.POLICY_NAMES) == set(POLICIES)
+    assert {"raw", "zstd", "lz4"} <= set(CODECS)
+    import inspect
+
+    from kvtier.tiers import factory
+
+    src = inspect.getsource(factory.build_remote_tier)
+    for scheme in C.REMOTE_SCHEMES:  # every scheme config accepts has a tier that takes it
+        assert f'"{scheme.partition("+")[0]}"' in src, scheme

@@ -85,3 +85,27 @@ def test_keys_identical_across_processes_with_different_hash_seeds() -> None:
     assert outs[0] == outs[1] and len(outs[0].split(",")) == 4
     ns = Namespace("llama", "bfloat16", (32, 8, 128), 1, 2, "salt")
     assert outs[0] == ",".join(k.hex() for k in chunk_keys(list(range(1000)), ns, 256))
+
+
+def test_key_chain_is_xxh3_128_under_a_versioned_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain is h_i = xxh3_128(h_{i-1} || tokens_i || ns); the format version is in the namespace
+    digest, so keys of an older chain (v1: blake2b) can never be found by this one."""
+    import xxhash
+
+    from kvtier import keys as K
+
+    ns = Namespace("m", "float32", (2, 2, 8))
+    toks = np.arange(600, dtype=np.uint32)
+    got = K.chunk_keys(toks, ns, 256)
+    nsd, prev, want = ns.digest(), ns.digest(), []
+    raw = toks.astype("<u4").tobytes()
+    for s in range(0, 600, 256):
+        prev = xxhash.xxh3_128_digest(prev + raw[s * 4 : min(s + 256, 600) * 4] + nsd)
+        want.append(prev)
+    assert [k.digest for k in got] == want and [(k.start, k.end) for k in got] == [
+        (0, 256),
+        (256, 512),
+        (512, 600),
+    ]
+    monkeypatch.setattr(K, "KEY_FORMAT", "kvtier-ns-v1")
+    assert ns.digest() != nsd  # another format version: another namespace, all keys differ

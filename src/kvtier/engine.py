@@ -27,7 +27,7 @@ import torch
 
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
-from kvtier.errors import KVTierError
+from kvtier.errors import KVTierError, StateError
 from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class KVError(KVTierError, ValueError):
     """KV or tokens handed to the engine do not match each other or the engine's namespace."""
+
+
+class EngineStateError(StateError, KVError):
+    """The engine is already bound to another namespace (make a new engine for it)."""
 
 
 @dataclass
@@ -121,7 +125,7 @@ class CacheEngine:
     def bind(self, namespace: Namespace) -> None:
         """Fix the namespace; binding again to a different one is an error (make a new engine)."""
         if self._namespace is not None and self._namespace != namespace:
-            raise KVError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
+            raise EngineStateError(f"engine already bound to {self._namespace}, cannot rebind to {namespace}")
         try:
             dtype_from_name(namespace.kv_dtype)
         except DTypeError as e:

@@ -2,16 +2,21 @@
 
 A prompt is cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is keyed by
 
-    h_i = blake2b(h_{i-1} || tokens_i || namespace_digest)
+    h_i = xxh3_128(h_{i-1} || tokens_i || namespace_digest)
 
 so a key names the *whole prefix* up to and including chunk ``i``, not just that chunk's
 tokens: two prompts share key ``i`` only if they agree on every token before it. That is
 what makes a prefix lookup a walk down the key list that stops at the first miss.
 
 Invariants:
-* H is blake2b from ``hashlib``: seedless, so the same tokens and namespace give the same key
-  in every process and on every machine, whatever ``PYTHONHASHSEED`` is (vLLM's own block
-  hash is seeded and breaks cross-process sharing; ours must not).
+* H is xxh3-128 (``xxhash``, seed 0): seedless, so the same tokens and namespace give the same
+  key in every process and on every machine, whatever ``PYTHONHASHSEED`` is (vLLM's own block
+  hash is seeded and breaks cross-process sharing; ours must not). Why not a cryptographic hash:
+  the chain is on every request's critical path (blake2b took 1.6 ms for 128k tokens, xxh3
+  0.3 ms), and a key is never trusted alone — every chunk read is checked against its blake2b
+  ``fingerprint`` of tokens, shape and dtype, so even a forged collision is a miss, not wrong KV.
+* The key format is versioned in the namespace digest (``KEY_FORMAT``): chunks stored by an
+  older chain are simply never found (misses), never confused with new ones.
 * Tokens are hashed as little-endian uint32 bytes (every real vocabulary fits; half the bytes
   of int64 makes hashing 2x faster), so a list, a numpy array and a torch tensor of the same
   ids hash alike.
@@ -24,16 +29,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import xxhash
 
+from kvtier.errors import KVTierError
+
+KEY_FORMAT = "kvtier-ns-v2-xxh3"
+"""Part of every namespace digest; bump it whenever the chain or digest changes (v1: blake2b)."""
 DIGEST_BYTES = 16
 """128-bit keys: collision odds stay negligible for any cache size we will ever hold."""
 
 TokenInput = (
     Sequence[int] | np.ndarray | Any
 )  # Any: a torch tensor (kept out of the type to avoid importing torch)
+
+
+class TokenError(KVTierError, ValueError):
+    """Tokens that are not a flat sequence of ids in [0, 2**32), or a bad chunk size."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class Namespace:
         """A stable digest of every field; changes when any field changes."""
         text = "|".join(
             [
-                "kvtier-ns-v1",
+                KEY_FORMAT,
                 self.model_id,
                 self.kv_dtype,
                 "x".join(str(d) for d in self.kv_shape),
@@ -68,9 +82,11 @@ class Namespace:
         return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 
 
-@dataclass(frozen=True)
-class ChunkKey:
-    """The key of one chunk: its chained digest and the token span it covers."""
+class ChunkKey(NamedTuple):
+    """The key of one chunk: its chained digest and the token span it covers.
+
+    A ``NamedTuple``, not a frozen dataclass: a 128k-token prompt makes 512 of them per lookup,
+    and a frozen dataclass's ``__init__`` cost more than hashing the chain."""
 
     digest: bytes
     start: int
@@ -93,11 +109,11 @@ def tokens_to_array(tokens: TokenInput) -> np.ndarray:
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
-        raise ValueError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
+        raise TokenError(f"tokens must be a flat sequence of token ids, got an array of shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        raise TokenError(f"tokens must be integers, got dtype {arr.dtype}")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
-        raise ValueError("tokens must be token ids in [0, 2**32)")
+        raise TokenError("tokens must be token ids in [0, 2**32)")
     return np.ascontiguousarray(arr, dtype="<u4")
 
 
@@ -116,21 +132,27 @@ def chunk_keys(
     ``namespace.digest()``.
     """
     if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        raise TokenError(f"chunk_tokens must be positive, got {chunk_tokens}")
     arr = tokens_to_array(tokens)
     nsd = ns_digest if ns_digest is not None else namespace.digest()
     raw = arr.tobytes()
     n = arr.size
     end_full = (n // chunk_tokens) * chunk_tokens
     stop = n if allow_partial else end_full
-    keys: list[ChunkKey] = []
+    # NOTE: the hot loop does only the chain; the key records are built after it (tuple.__new__
+    # skips NamedTuple's Python-level __new__): 0.5 ms instead of 0.75 for 128k tokens.
+    digests: list[bytes] = []
+    push = digests.append
     prev = nsd
-    blake = hashlib.blake2b
-    for start in range(0, stop, chunk_tokens):
-        end = min(start + chunk_tokens, stop)
-        prev = blake(prev + raw[start * 4 : end * 4] + nsd, digest_size=DIGEST_BYTES).digest()
-        keys.append(ChunkKey(prev, start, end))
-    return keys
+    h = xxhash.xxh3_128_digest
+    step = chunk_tokens * 4
+    for b in range(0, stop * 4, step):
+        prev = h(prev + raw[b : min(b + step, stop * 4)] + nsd)
+        push(prev)
+    new = tuple.__new__
+    return [
+        new(ChunkKey, (d, i * chunk_tokens, min((i + 1) * chunk_tokens, stop))) for i, d in enumerate(digests)
+    ]
 
 
 def fingerprint(tokens: np.ndarray, shape: tuple[int, ...], dtype: str) -> bytes:

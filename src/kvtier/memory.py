@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.errors import KVTierError
+
 ALIGN_BYTES = 256
 
 
@@ -43,6 +45,10 @@ def should_pin(mode: str) -> bool:
     if mode == "no":
         return False
     return torch.cuda.is_available()
+
+
+class PoolError(KVTierError, ValueError):
+    """A host buffer pool asked for an impossible size or arena."""
 
 
 @dataclass
@@ -83,12 +89,12 @@ class HostBufferPool:
         """``arena``: a flat uint8 tensor of ``capacity_bytes`` to manage instead of a fresh one
         (the daemon's shared-memory segment); it must be ``ALIGN_BYTES``-aligned in size."""
         if capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
+            raise PoolError(f"capacity_bytes must be > 0, got {capacity_bytes}")
         self.capacity_bytes = _align(capacity_bytes)
         self.pin_timeout_s = pin_timeout_s
         self._clock = clock or time.monotonic
         if arena is not None and (arena.dtype != torch.uint8 or arena.numel() != self.capacity_bytes):
-            raise ValueError(f"arena of {arena.numel()} bytes is not {ALIGN_BYTES}-aligned uint8 memory")
+            raise PoolError(f"arena of {arena.numel()} bytes is not {ALIGN_BYTES}-aligned uint8 memory")
         self._arena = (
             arena
             if arena is not None

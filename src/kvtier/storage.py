@@ -48,7 +48,7 @@ import torch
 
 from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TierManager:
 
     def __init__(self, tiers: Sequence[Tier], config: StorageConfig | None = None) -> None:
         if not tiers:
-            raise ValueError("TierManager needs at least one tier")
+            raise TierError("TierManager needs at least one tier")
         cfg = config or StorageConfig()
         self.config = cfg
         self.tiers = list(tiers)
@@ -97,7 +97,7 @@ class TierManager:
         self._write_back = cfg.write_mode == "write_back" and len(self.tiers) > 1
         hooks = self.top.evict_hooks
         if self._write_back and hooks is None:
-            raise ValueError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
+            raise TierError(f"write_back needs a top tier with eviction hooks, {self.top.name} has none")
         self._io = [_TierIO() for _ in self.tiers]
         self._cv = threading.Condition()
         self._pending = 0  # queued or running writes, over all lower tiers
@@ -235,7 +235,7 @@ class TierManager:
     def put(self, key: bytes, chunk: Chunk) -> bool:
         """Store in the top tier now and queue the lower tiers; ``True`` if any took it."""
         if self._closed:
-            raise TierError("TierManager is closed")
+            raise TierClosedError("TierManager is closed")
         lower = len(self.tiers) > 1
         private = lower and chunk.kv.device.type != "cpu"
         if private:  # one device->host copy feeds every tier
@@ -252,7 +252,7 @@ class TierManager:
         (the daemon commits clients' chunks to its shared CPU tier itself). A second top-tier
         ``put`` would count as an access and make ARC/S3-FIFO treat every fresh chunk as hot."""
         if self._closed:
-            raise TierError("TierManager is closed")
+            raise TierClosedError("TierManager is closed")
         if len(self.tiers) == 1 or self._write_back:  # write-back writes below on eviction
             return True
         with self._cv:

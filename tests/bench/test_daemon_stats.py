@@ -8,8 +8,8 @@ from tests.conftest import make_kv, make_tokens
 
 from kvtier import CacheEngine, Config
 from kvtier.bench.runner import stats_delta
-from kvtier.commands.stats_cmd import fetch_stats
 from kvtier.server.process import DaemonProcess
+from kvtier.server.stats_client import fetch_stats
 
 
 def test_stats_delta_of_a_real_daemon() -> None:

@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvtier.bench.workloads import Request
+from kvtier.bench.workloads import Request, WorkloadError
 
 
 @dataclass
@@ -102,9 +102,9 @@ class HttpDriver:
                  timeout_s: float = 300.0, extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         u = urllib.parse.urlsplit(url.rstrip("/"))
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"--url must look like http://HOST:PORT/v1, got {url!r}")
+            raise WorkloadError(f"--url must look like http://HOST:PORT/v1, got {url!r}")
         if send not in ("ids", "text") or (send == "text" and decode is None):
-            raise ValueError("send='text' needs a tokenizer to turn the prompt ids back into text")
+            raise WorkloadError("send='text' needs a tokenizer to turn the prompt ids back into text")
         self.name, self.model, self.send, self.decode = name, model, send, decode
         self.scheme, self.host, self.port = u.scheme, u.hostname, u.port
         self.path = u.path + "/completions"
@@ -173,7 +173,7 @@ def _read_stream(resp: http.client.HTTPResponse, t0: float) -> tuple[float | Non
             break
         event = json.loads(data)
         if event.get("error"):
-            raise ValueError(f"server error in stream: {event['error']}")
+            raise WorkloadError(f"server error in stream: {event['error']}")
         usage = event.get("usage") or usage
         choices = event.get("choices") or ()
         text = "".join(str(c.get("text") or "") for c in choices)
@@ -195,5 +195,5 @@ def first_model(url: str, timeout_s: float = 10.0) -> str:
         data = json.loads(r.read())
     models = data.get("data") or []
     if not models:
-        raise ValueError(f"{url}/models lists no model; pass --server-model")
+        raise WorkloadError(f"{url}/models lists no model; pass --server-model")
     return str(models[0]["id"])

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from kvtier.bench import report, runner, workloads
 from kvtier.bench.drivers import Driver, HttpDriver, TransformersDriver, first_model
 from kvtier.bench.plots import plot_all
-from kvtier.commands.common import load_config
+from kvtier.bench.workloads import WorkloadError
+from kvtier.cli_args import load_config
 
 VARIANTS = ("without", "with", "capped")
 LABELS = {"without": "without kvtier", "with": "with kvtier", "capped": "capped (engine-sized)"}
@@ -28,7 +29,7 @@ def names(csv: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     out = [n.strip() for n in csv.split(",") if n.strip()]
     bad = sorted(set(out) - set(allowed))
     if bad or not out:
-        raise ValueError(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
+        raise WorkloadError(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
     return out
 
 
@@ -101,7 +102,7 @@ class OverHttp:
         from kvtier.models import smollm2_dir
 
         if args.concurrency < 1:
-            raise ValueError("--concurrency must be >= 1")
+            raise WorkloadError("--concurrency must be >= 1")
         path = smollm2_dir() if args.model == "smollm2" else Path(args.model).expanduser()
         tok = AutoTokenizer.from_pretrained(str(path))
         self.encode = lambda text: list(tok(text, add_special_tokens=False).input_ids)
@@ -119,7 +120,7 @@ class OverHttp:
 def stats_fetcher(url: str | None) -> runner.StatsFetch | None:
     if not url:
         return None
-    from kvtier.commands.stats_cmd import fetch_stats
+    from kvtier.server.stats_client import fetch_stats
 
     return lambda: fetch_stats(url)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.bench.drivers import Driver, Result
-from kvtier.bench.workloads import Request, Workload
+from kvtier.bench.workloads import Request, Workload, WorkloadError
 
 StatsFetch = Callable[[], dict[str, Any]]
 Tick = Callable[[], None]
@@ -78,7 +78,7 @@ def run_workload(workload: Workload, drivers: list[Driver], *, concurrency: int 
     before = stats() if stats else None
     if concurrency > 1:
         if len(drivers) != 1:
-            raise ValueError("concurrency > 1 runs one driver at a time")
+            raise WorkloadError("concurrency > 1 runs one driver at a time")
         runs = [run_concurrent(workload, drivers[0], concurrency, tick=tick)]
     else:
         runs = run_interleaved(workload, drivers, tick=tick)

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvtier.commands.common import add_config_args
+from kvtier.cli_args import add_config_args
 
 EPILOG = """examples:
   kvtier bench                                    # all workloads, SmolLM2 in process, without vs with kvtier

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from kvtier.commands.common import add_config_args, load_config
+from kvtier.cli_args import add_config_args, load_config
 from kvtier.config import ConfigError, format_size
 
 

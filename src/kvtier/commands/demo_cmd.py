@@ -14,12 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from kvtier.commands.common import add_config_args, load_config
+from kvtier.cli_args import add_config_args, load_config
 from kvtier.config import ConfigError
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""``--dtype`` choices; ``auto``: float32 on CPU, bfloat16 on CUDA (``demo.main`` maps the names)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,9 +74,9 @@ def _workloads(args: argparse.Namespace) -> list[str]:
         names.append("context")
     bad = sorted(set(names) - {"chat", "docqa", "context"})
     if bad or not names:
-        raise ValueError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
+        raise ConfigError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
     if "context" in names and not args.contexts:
-        raise ValueError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
+        raise ConfigError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
     return names
 
 

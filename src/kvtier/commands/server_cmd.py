@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvtier.commands.common import add_config_args, load_config
+from kvtier.cli_args import add_config_args, load_config
 from kvtier.config import POLICY_NAMES, ConfigError
 
 

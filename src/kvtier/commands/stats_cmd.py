@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.config import format_size
+from kvtier.server.stats_client import fetch_stats
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,15 +21,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the raw JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
     p.set_defaults(func=run)
-
-
-def fetch_stats(url: str, token: str = "", timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
-    req = urllib.request.Request(url.rstrip("/") + "/stats")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        data: dict[str, dict[str, Any]] = json.loads(r.read())
-    return data
 
 
 def format_table(stats: dict[str, dict[str, Any]]) -> str:

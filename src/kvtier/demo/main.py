@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvtier.commands.common import load_config
+from kvtier.chunk import dtype_from_name
+from kvtier.cli_args import load_config
 from kvtier.demo import runner, workloads
 from kvtier.demo.report import WorkloadReport, format_report, plot
 from kvtier.engine import CacheEngine
@@ -52,9 +53,10 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"kvtier demo: loading {args.model} on {args.device} ...", flush=True)
-    from kvtier.commands.demo_cmd import DTYPES
 
-    lm = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    lm = load_model(
+        args.model, device=args.device, dtype=None if args.dtype == "auto" else dtype_from_name(args.dtype)
+    )
     model = lm.model
     vocab = int(model.config.get_text_config(decoder=True).vocab_size)
     n_params = sum(p.numel() for p in model.parameters())

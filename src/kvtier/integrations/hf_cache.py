@@ -32,6 +32,7 @@ __all__ = [
     "KVTierCache",
     "LayerwiseKV",
     "ModelKVSpec",
+    "UnsupportedInputError",
     "cache_to_kv",
     "check_supported",
     "model_kv_spec",
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 class IntegrationError(KVTierError, ValueError):
     """A model, cache or input the transformers integration cannot work with (names the problem)."""
+
+
+class UnsupportedInputError(KVTierError, NotImplementedError):
+    """A valid input the integration does not support yet (padded batches)."""
 
 
 @dataclass(frozen=True)

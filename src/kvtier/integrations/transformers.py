@@ -46,6 +46,7 @@ from kvtier.integrations.hf_cache import (
     KVTierCache,
     LayerwiseKV,
     ModelKVSpec,
+    UnsupportedInputError,
     cache_to_kv,
     check_supported,
     model_kv_spec,
@@ -128,7 +129,7 @@ def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Te
             f"input_ids must be a non-empty [batch, seq] integer tensor, got {tuple(ids.shape)}"
         )
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
-        raise NotImplementedError(
+        raise UnsupportedInputError(
             "kvtier's transformers integration does not support padded batches yet: pass rows of equal "
             "length without padding, or call it once per prompt"
         )

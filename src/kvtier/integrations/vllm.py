@@ -38,7 +38,7 @@ from kvtier.keys import Namespace
 from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
-from .vllm_plan import Planner, TransferSpec
+from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
 from .vllm_shared import (
     config_from_extra,
     connector_stats,
@@ -87,7 +87,7 @@ def check_vllm_version(version: str) -> None:
         if os.environ.get("KVTIER_VLLM_ANY_VERSION") == "1":
             log.warning("kvtier: vLLM %s is outside the supported range; running anyway", version)
             return
-        raise RuntimeError(
+        raise ConnectorVersionError(
             f"kvtier's vLLM connector supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
             "Set KVTIER_VLLM_ANY_VERSION=1 to try anyway."
         )
@@ -128,7 +128,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._instance = str(ktc.engine_id)
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
-            raise ValueError(
+            raise ConnectorError(
                 f"kvtier's vLLM connector supports models with one KV cache group, got {len(groups)} "
                 "(hybrid/sliding-window mixes are not supported yet)"
             )
@@ -244,7 +244,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self._layer_names if n not in kv_caches]
         if missing:
-            raise ValueError(f"kvtier: vLLM registered no KV cache for layers {missing[:3]}...")
+            raise ConnectorError(f"kvtier: vLLM registered no KV cache for layers {missing[:3]}...")
         caches = [kv_caches[n] for n in self._layer_names]
         first = caches[0]
         layout = detect(

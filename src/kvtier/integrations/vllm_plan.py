@@ -24,9 +24,23 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.errors import KVTierError, StateError
+
 
 def align_down(n: int, step: int) -> int:
     return n - n % step
+
+
+class ConnectorError(KVTierError, ValueError):
+    """vLLM handed the connector something it cannot work with (names what and why)."""
+
+
+class ConnectorVersionError(KVTierError, RuntimeError):
+    """The installed vLLM is outside the range this connector supports."""
+
+
+class ConnectorStateError(StateError):
+    """vLLM and the connector's plan disagree (a bug on one side): refuse rather than load wrong KV."""
 
 
 @dataclass
@@ -73,7 +87,7 @@ class Planner:
 
     def __init__(self, lookup: Callable[[Sequence[int]], int], *, block_size: int, chunk_tokens: int) -> None:
         if block_size <= 0 or chunk_tokens <= 0:
-            raise ValueError(
+            raise ConnectorError(
                 f"block_size and chunk_tokens must be positive, got {block_size}, {chunk_tokens}"
             )
         self._lookup = lookup
@@ -106,7 +120,7 @@ class Planner:
         m = self._matches.pop(req_id, None)
         if num_external > 0:
             if m is None or m.num_computed + num_external > m.load_end:
-                raise RuntimeError(
+                raise ConnectorStateError(
                     f"request {req_id}: vLLM accepted {num_external} external tokens but kvtier planned "
                     f"{'none' if m is None else m.load_end - m.num_computed}"
                 )
@@ -157,7 +171,7 @@ class Planner:
         bs = self.block_size
         b0, b1 = start // bs, -(-end // bs)
         if len(st.block_ids) < b1:
-            raise RuntimeError(
+            raise ConnectorStateError(
                 f"request {rid}: tokens [{start}, {end}) need {b1} blocks, vLLM gave {len(st.block_ids)}"
             )
         key_end = min(len(st.tokens), -(-end // self.chunk_tokens) * self.chunk_tokens)

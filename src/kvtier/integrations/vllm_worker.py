@@ -27,7 +27,7 @@ import torch
 
 from kvtier.chunk import Chunk
 from kvtier.engine import CacheEngine
-from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_layer, token_index
+from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.layout import KVLayout
 
 from .vllm_plan import TransferSpec, align_down
@@ -137,11 +137,7 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         for ld in self._loads:
-            row = 0
-            for c, a, b in ld.pieces:
-                n = b - a
-                scatter_layer(self.layout, entry, ld.idx.rows(row, row + n), c.kv[layer, :, a:b])
-                row += n
+            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             if entry.device.type == "cuda":

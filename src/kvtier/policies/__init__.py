@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from kvtier.policies.arc import ARCPolicy
-from kvtier.policies.base import Clock, EvictionPolicy, Key
+from kvtier.policies.base import Clock, EvictionPolicy, Key, PolicyError
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
 from kvtier.policies.s3fifo import S3FIFOPolicy
@@ -28,7 +28,7 @@ def make_policy(name: str, clock: Clock = time.monotonic) -> EvictionPolicy:
         cls = POLICIES[name]
     except KeyError:
         valid = ", ".join(sorted(POLICIES))
-        raise ValueError(f"unknown eviction policy {name!r}; valid choices: {valid}") from None
+        raise PolicyError(f"unknown eviction policy {name!r}; valid choices: {valid}") from None
     return cls(clock=clock)
 
 

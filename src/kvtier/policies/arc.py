@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from kvtier.policies.base import Clock, EvictionPolicy, Key
+from kvtier.policies.base import Clock, EvictionPolicy, Key, PolicyError
 
 _List = OrderedDict[Key, None]
 
@@ -50,7 +50,7 @@ class ARCPolicy(EvictionPolicy):
     def __init__(self, clock: Clock = time.monotonic, ghost_capacity: int | None = None) -> None:
         super().__init__(clock)
         if ghost_capacity is not None and ghost_capacity < 0:
-            raise ValueError(f"ghost_capacity must be >= 0, got {ghost_capacity}")
+            raise PolicyError(f"ghost_capacity must be >= 0, got {ghost_capacity}")
         self._ghost_capacity = ghost_capacity
         self._t1: _List = OrderedDict()
         self._t2: _List = OrderedDict()

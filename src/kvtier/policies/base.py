@@ -19,8 +19,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 
+from kvtier.errors import KVTierError
+
 Clock = Callable[[], float]
 Key = Hashable
+
+
+class PolicyError(KVTierError, ValueError):
+    """An unknown eviction policy name or a bad policy parameter."""
 
 
 class EvictionPolicy(ABC):

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from kvtier.policies.base import Clock, EvictionPolicy, Key
+from kvtier.policies.base import Clock, EvictionPolicy, Key, PolicyError
 
 MAX_FREQ: Final = 3
 """2-bit saturating counter."""
@@ -60,9 +60,9 @@ class S3FIFOPolicy(EvictionPolicy):
     ) -> None:
         super().__init__(clock)
         if not 0.0 < small_ratio < 1.0:
-            raise ValueError(f"small_ratio must be in (0, 1), got {small_ratio}")
+            raise PolicyError(f"small_ratio must be in (0, 1), got {small_ratio}")
         if ghost_capacity is not None and ghost_capacity < 0:
-            raise ValueError(f"ghost_capacity must be >= 0, got {ghost_capacity}")
+            raise PolicyError(f"ghost_capacity must be >= 0, got {ghost_capacity}")
         self._small_ratio = small_ratio
         self._ghost_capacity = ghost_capacity
         # Queues are ordered sets, oldest first (the end S3-FIFO evicts from).

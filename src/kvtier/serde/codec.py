@@ -53,7 +53,7 @@ class RawCodec(Codec):
 
     def decompress(self, data: Buffer, raw_nbytes: int) -> Buffer:
         if len(data) != raw_nbytes:
-            raise ValueError(f"raw payload is {len(data)} bytes, header says {raw_nbytes}")
+            raise CodecError(f"raw payload is {len(data)} bytes, header says {raw_nbytes}")
         return data
 
 

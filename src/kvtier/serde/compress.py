@@ -19,7 +19,7 @@ import threading
 import lz4.frame
 import zstandard
 
-from kvtier.serde.codec import Buffer, Codec, register_codec
+from kvtier.serde.codec import Buffer, Codec, CodecError, register_codec
 
 
 class ZstdCodec(Codec):
@@ -43,9 +43,9 @@ class ZstdCodec(Codec):
         try:
             out = self._ctx()[1].decompress(data, max_output_size=raw_nbytes)
         except zstandard.ZstdError as e:
-            raise ValueError(f"zstd: {e}") from e
+            raise CodecError(f"zstd: {e}") from e
         if len(out) != raw_nbytes:
-            raise ValueError(f"zstd: decoded {len(out)} bytes, expected {raw_nbytes}")
+            raise CodecError(f"zstd: decoded {len(out)} bytes, expected {raw_nbytes}")
         return out
 
 
@@ -60,9 +60,9 @@ class LZ4Codec(Codec):
         try:
             out = lz4.frame.decompress(data)
         except RuntimeError as e:  # lz4.frame reports corrupt frames as RuntimeError
-            raise ValueError(f"lz4: {e}") from e
+            raise CodecError(f"lz4: {e}") from e
         if len(out) != raw_nbytes:
-            raise ValueError(f"lz4: decoded {len(out)} bytes, expected {raw_nbytes}")
+            raise CodecError(f"lz4: decoded {len(out)} bytes, expected {raw_nbytes}")
         return out
 
 

@@ -11,6 +11,7 @@ returns it, so a dead client never leaks pool space.
 from __future__ import annotations
 
 from kvtier.memory import ALIGN_BYTES
+from kvtier.tiers.base import TierError
 from kvtier.tiers.cpu import CPUTier, Reservation
 from kvtier.wire.shm import SharedSegment
 
@@ -24,7 +25,7 @@ class SharedCPUTier(CPUTier):
 
     def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
         if segment.arena_bytes % ALIGN_BYTES:
-            raise ValueError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
+            raise TierError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
         super().__init__(segment.arena_bytes, policy=policy, pin_memory=False, pin_timeout_s=pin_timeout_s,
                          arena=segment.arena)  # fmt: skip
         self.segment = segment

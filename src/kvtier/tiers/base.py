@@ -24,11 +24,15 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from kvtier.chunk import Chunk
-from kvtier.errors import KVTierError
+from kvtier.errors import KVTierError, StateError
 
 
 class TierError(KVTierError, ValueError):
     """A tier was called with invalid arguments (not a runtime failure, which is soft)."""
+
+
+class TierClosedError(StateError, TierError):
+    """A tier (or the TierManager) was used after ``close()``."""
 
 
 @dataclass

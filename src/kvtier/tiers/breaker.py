@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from kvtier.tiers.base import TierError
+
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +48,13 @@ class CircuitBreaker:
                  clock: Callable[[], float] = time.monotonic,
                  on_open: Callable[[], None] | None = None) -> None:  # fmt: skip
         if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+            raise TierError(f"failure_threshold must be >= 1, got {failure_threshold}")
         if not 0 < backoff_initial_s <= backoff_max_s:
-            raise ValueError(
+            raise TierError(
                 f"need 0 < backoff_initial_s <= backoff_max_s, got {backoff_initial_s}, {backoff_max_s}"
             )
         if not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+            raise TierError(f"jitter must be in [0, 1), got {jitter}")
         self.name = name
         self.failure_threshold = failure_threshold
         self.backoff_initial_s = backoff_initial_s

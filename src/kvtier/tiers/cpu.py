@@ -22,7 +22,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.memory import HostBufferPool, MemoryObject
 from kvtier.policies import make_policy
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class CPUTier(Tier):
         """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored (an
         access, as a ``put`` of a stored key is), ``False`` if there is no room."""
         if self._closed:
-            raise TierError("cpu tier is closed")
+            raise TierClosedError("cpu tier is closed")
         with self._lock:
             if key in self._entries:
                 self.policy.access(key)

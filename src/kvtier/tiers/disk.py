@@ -69,7 +69,7 @@ from kvtier.serde.base import (
 )
 from kvtier.serde.codec import RAW, Buffer, CodecError
 from kvtier.tiers import disk_io
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class DiskTier(Tier):
     def put(self, key: bytes, chunk: Chunk) -> bool:
         _check_key(key)
         if self._closed:
-            raise TierError("disk tier is closed")
+            raise TierClosedError("disk tier is closed")
         header: bytes | None = None  # raw: made while writing, once the payload is hashed
         try:
             if self.codec == RAW.name:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvtier.config import Config, RemoteConfig
 from kvtier.memory import should_pin
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierError
 from kvtier.tiers.cpu import CPUTier
 
 
@@ -33,7 +33,7 @@ def build_tiers(config: Config) -> list[Tier]:
     if config.remote.url:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
-        raise ValueError("no tier enabled: enable cpu, disk or set remote.url")
+        raise TierError("no tier enabled: enable cpu, disk or set remote.url")
     return tiers
 
 
@@ -63,4 +63,4 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
                       part_bytes=remote.max_value_bytes, max_workers=remote.max_workers,
                       failure_threshold=remote.failure_threshold,
                       retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
-    raise ValueError(f"remote.url scheme {scheme!r} has no tier in this build")
+    raise TierError(f"remote.url scheme {scheme!r} has no tier in this build")

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from kvtier.chunk import Chunk
-from kvtier.tiers.base import Tier, TierStats
+from kvtier.tiers.base import Tier, TierError, TierStats
 
 
 class MirrorTier(Tier):
@@ -29,7 +29,7 @@ class MirrorTier(Tier):
 
     def __init__(self, max_keys: int) -> None:
         if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+            raise TierError(f"max_keys must be >= 1, got {max_keys}")
         self.max_keys = max_keys
         self._keys: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()

@@ -36,7 +36,7 @@ from kvtier import serde
 from kvtier.chunk import Chunk
 from kvtier.serde.base import check_key, verify_payload
 from kvtier.serde.codec import Buffer
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 from kvtier.tiers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class NetworkTier(Tier):
     def _guard(self, op: str, fn: Callable[[], T], default: T) -> T:
         """``fn()`` if the store is believed up; ``default`` if the breaker is open or ``fn`` fails."""
         if self._closed:
-            raise TierError(f"{self.name} tier is closed")
+            raise TierClosedError(f"{self.name} tier is closed")
         if not self.breaker.allow():
             return default
         try:

@@ -32,7 +32,7 @@ from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from kvtier.chunk import Chunk
-from kvtier.tiers.base import Tier, TierError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 from kvtier.wire.client import DaemonClient, DaemonError
 from kvtier.wire.protocol import ProtocolError
 
@@ -139,7 +139,7 @@ class RemoteTier(Tier):
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
         items = list(items)
         if self._closed:
-            raise TierError("remote tier is closed")
+            raise TierClosedError("remote tier is closed")
         ok = self._call("put", lambda c: c.put(items), [False] * len(items))
         self._stats.puts += sum(ok)
         self._stats.put_failures += len(ok) - sum(ok)

@@ -49,6 +49,10 @@ class LayoutError(KVTierError, ValueError):
     """A tensor does not match any supported KV layout (or the hints given)."""
 
 
+class LayoutTypeError(LayoutError, TypeError):
+    """A KV cache, slot mapping or chunk buffer of the wrong Python or torch type/dtype."""
+
+
 class LayoutKind(StrEnum):
     HF = "hf"
     VLLM_NHD = "vllm_nhd"
@@ -154,9 +158,11 @@ def detect_layout(
         entry = tuple(entry)  # type: ignore[assignment]
     if isinstance(entry, tuple):
         if len(entry) != 2 or not all(isinstance(t, torch.Tensor) for t in entry):
-            raise TypeError(f"a layer entry tuple must be (keys, values) tensors, got {len(entry)} items")
+            raise LayoutTypeError(
+                f"a layer entry tuple must be (keys, values) tensors, got {len(entry)} items"
+            )
     elif not isinstance(entry, torch.Tensor):
-        raise TypeError(
+        raise LayoutTypeError(
             f"a layer entry must be a tensor or a (keys, values) pair, got {type(entry).__name__}"
         )
     want = LayoutKind(kind) if kind is not None else None
@@ -283,18 +289,18 @@ def validate_layers(layout: KVLayout, kv_caches: Sequence[LayerEntry]) -> torch.
     it is rejected with the offending layer's index.
     """
     if len(kv_caches) == 0:
-        raise ValueError("kv_caches is empty: need one entry per layer")
+        raise LayoutError("kv_caches is empty: need one entry per layer")
     first = kv_caches[0]
     ref = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in layout.plane_bases(_as_entry(first))]
     for i, entry in enumerate(kv_caches):
         e = _as_entry(entry)
         if isinstance(e, tuple) != (layout.kind is LayoutKind.HF):
-            raise TypeError(
+            raise LayoutTypeError(
                 f"layer {i}: expected {'a (K, V) pair' if layout.kind is LayoutKind.HF else 'a tensor'}"
             )
         got = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in layout.plane_bases(e)]
         if got != ref:
-            raise ValueError(
+            raise LayoutError(
                 f"layer {i} differs from layer 0 (shape, strides, dtype, device): {got[0]} vs {ref[0]}"
             )
     return ref[0][3]
@@ -303,7 +309,7 @@ def validate_layers(layout: KVLayout, kv_caches: Sequence[LayerEntry]) -> torch.
 def _as_entry(entry: LayerEntry | list[torch.Tensor]) -> LayerEntry:
     if isinstance(entry, list):
         if len(entry) != 2:
-            raise TypeError(f"a layer entry list must be [keys, values], got {len(entry)} items")
+            raise LayoutTypeError(f"a layer entry list must be [keys, values], got {len(entry)} items")
         return (entry[0], entry[1])
     return entry
 
@@ -311,5 +317,5 @@ def _as_entry(entry: LayerEntry | list[torch.Tensor]) -> LayerEntry:
 def as_entries(kv_caches: Sequence[LayerEntry]) -> list[LayerEntry]:
     """Normalise ``[K, V]`` lists to tuples so every layer entry is a tensor or a pair."""
     if isinstance(kv_caches, torch.Tensor):
-        raise TypeError("kv_caches must be a sequence with one entry per layer, not a single tensor")
+        raise LayoutTypeError("kv_caches must be a sequence with one entry per layer, not a single tensor")
     return [_as_entry(e) for e in kv_caches]

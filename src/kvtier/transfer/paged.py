@@ -24,7 +24,7 @@ import torch
 
 from kvtier.transfer.kernels.host import gather, scatter, side_stream
 from kvtier.transfer.kernels.ops import LayoutArg, Prepared, move_rows, prepare, rows_view
-from kvtier.transfer.layout import LayerEntry
+from kvtier.transfer.layout import LayerEntry, LayoutError, LayoutTypeError
 
 
 class RetrievedKV(Protocol):
@@ -44,10 +44,10 @@ class CacheOps(Protocol):
 
 def _check_lengths(tokens: Any, slot_mapping: torch.Tensor) -> int:
     if not isinstance(slot_mapping, torch.Tensor):
-        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+        raise LayoutTypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
     n = len(tokens)
     if slot_mapping.dim() != 1 or slot_mapping.numel() != n:
-        raise ValueError(
+        raise LayoutError(
             f"slot_mapping has shape {tuple(slot_mapping.shape)}, expected ({n},): one slot per token"
         )
     return n

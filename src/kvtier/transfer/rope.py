@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.transfer.layout import LayoutError, LayoutTypeError
+
 
 def inv_freq(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
     """``theta ** (-2i / D)`` for ``i < D/2``, float32 (computed in float64 then rounded once)."""
     if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        raise LayoutError(f"RoPE needs an even head_dim, got {head_dim}")
     i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
     return (1.0 / (theta ** (i / head_dim))).to(torch.float32)
 
@@ -42,19 +44,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _check(k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> None:
     if not isinstance(k, torch.Tensor) or k.dim() < 3:
-        raise ValueError(f"k must be [..., T, H, D], got {getattr(k, 'shape', type(k).__name__)}")
+        raise LayoutError(f"k must be [..., T, H, D], got {getattr(k, 'shape', type(k).__name__)}")
     if not k.dtype.is_floating_point or k.dtype.itemsize < 2:
-        raise TypeError(f"k must be fp16/bf16/fp32, got {k.dtype}")
+        raise LayoutTypeError(f"k must be fp16/bf16/fp32, got {k.dtype}")
     if k.shape[-1] % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {k.shape[-1]}")
+        raise LayoutError(f"RoPE needs an even head_dim, got {k.shape[-1]}")
     t = k.shape[-3]
     for name, p in (("old_pos", old_pos), ("new_pos", new_pos)):
         if p.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32/int64, got {p.dtype}")
+            raise LayoutTypeError(f"{name} must be int32/int64, got {p.dtype}")
         if p.shape != (t,):
-            raise ValueError(f"{name} has shape {tuple(p.shape)}, expected ({t},)")
+            raise LayoutError(f"{name} has shape {tuple(p.shape)}, expected ({t},)")
         if p.device != k.device:
-            raise ValueError(f"{name} is on {p.device}, k on {k.device}")
+            raise LayoutError(f"{name} is on {p.device}, k on {k.device}")
 
 
 def rerotate_reference(
@@ -93,7 +95,7 @@ def rerotate(
 
     if backend == "torch" or k.device.type != "cuda" or not triton_available():
         if backend == "triton":
-            raise ValueError("triton backend needs a CUDA tensor and triton")
+            raise LayoutError("triton backend needs a CUDA tensor and triton")
         return rerotate_reference(k, old_pos, new_pos, theta)
     from kvtier.transfer.kernels.rope_triton import rerotate_triton
 

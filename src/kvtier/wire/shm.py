@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from kvtier.errors import KVTierError
 from kvtier.memory import ALIGN_BYTES
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ HEADER_BYTES = 4096
 SHM_MAGIC = b"KVTSHM01"
 _HEADER = struct.Struct("<8s16sQ")  # magic, nonce, pid
 _NAME_RE = re.compile(r"^kvtier-pool-(\d+)-[0-9a-f]{16}$")
+
+
+class SegmentError(KVTierError, OSError):
+    """The shared segment is missing, another daemon's, or asked for a range outside its arena
+    (an ``OSError``: callers fall back to the socket path on it)."""
 
 
 class SharedSegment:
@@ -95,7 +101,7 @@ class SharedSegment:
         try:
             size = os.fstat(fd).st_size
             if size != HEADER_BYTES + arena_bytes:
-                raise OSError(
+                raise SegmentError(
                     f"shared segment {path} has {size} bytes, expected {HEADER_BYTES + arena_bytes}"
                 )
             mm = mmap.mmap(fd, size)
@@ -103,7 +109,7 @@ class SharedSegment:
             os.close(fd)
         magic, got_nonce, _pid = _HEADER.unpack(mm[: _HEADER.size])
         if magic != SHM_MAGIC or got_nonce != nonce:
-            raise OSError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
+            raise SegmentError(f"shared segment {path} belongs to another daemon (nonce mismatch)")
         return cls(Path(path), mm, nonce, arena_bytes, owner=False)
 
     def register_cuda(self) -> bool:
@@ -121,7 +127,7 @@ class SharedSegment:
         """A tensor viewing ``shape``/``dtype`` at arena ``offset``; raises ``ValueError`` out of range."""
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if offset < 0 or offset + nbytes > self.arena_bytes or offset % ALIGN_BYTES:
-            raise ValueError(
+            raise SegmentError(
                 f"range {offset}+{nbytes} is outside the {self.arena_bytes}-byte arena or unaligned"
             )
         return self.arena[offset : offset + nbytes].view(dtype).view(shape)

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kvtier.transfer.kernels.ops import LayoutArg, Prepared, check_chunk, move_rows, prepare, rows_view
-from kvtier.transfer.layout import LayerEntry
+from kvtier.transfer.layout import LayerEntry, LayoutError
 
 MODES = ("auto", "zero_copy", "staging")
 DEFAULT_STAGING_BYTES = 16 << 20
@@ -87,17 +87,17 @@ def scatter(
 
 def _move(prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, mode: str, staging_bytes: int) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise LayoutError(f"mode must be one of {MODES}, got {mode!r}")
     if rows.numel() == 0:
         return
     if rows.device == prep.device:
         move_rows(prep, 0, prep.slots, rows, to_chunk=to_chunk)
         return
     if prep.device.type != "cuda" or rows.device.type != "cpu":
-        raise ValueError(f"cannot move KV between a cache on {prep.device} and a chunk on {rows.device}")
+        raise LayoutError(f"cannot move KV between a cache on {prep.device} and a chunk on {rows.device}")
     pinned = rows.is_pinned()
     if mode == "zero_copy" and not (pinned and prep.use_triton):
-        raise ValueError("zero_copy needs a pinned host buffer and the Triton backend")
+        raise LayoutError("zero_copy needs a pinned host buffer and the Triton backend")
     if mode == "zero_copy":
         move_rows(prep, 0, prep.slots, rows, to_chunk=to_chunk)
     else:

@@ -27,7 +27,9 @@ from kvtier.transfer.kernels import reference
 from kvtier.transfer.layout import (
     KVLayout,
     LayerEntry,
+    LayoutError,
     LayoutKind,
+    LayoutTypeError,
     as_entries,
     detect_layout,
     validate_layers,
@@ -88,32 +90,32 @@ def prepare(
     """Validate the caches and slots; raise ``TypeError``/``ValueError`` naming the problem."""
     entries = as_entries(kv_caches)
     if not entries:
-        raise ValueError("kv_caches is empty: need one entry per layer")
+        raise LayoutError("kv_caches is empty: need one entry per layer")
     lay = resolve_layout(entries, layout)
     device = validate_layers(lay, entries)
     if not isinstance(slot_mapping, torch.Tensor):
-        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+        raise LayoutTypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
     if slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
+        raise LayoutTypeError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
     if slot_mapping.dim() != 1:
-        raise ValueError(
+        raise LayoutError(
             f"slot_mapping must be 1-D (one slot per token), got shape {tuple(slot_mapping.shape)}"
         )
     if slot_mapping.device != device:
-        raise ValueError(f"slot_mapping is on {slot_mapping.device} but the KV cache is on {device}")
+        raise LayoutError(f"slot_mapping is on {slot_mapping.device} but the KV cache is on {device}")
     slots = slot_mapping.to(torch.int64).contiguous()
     if check_slots and slots.numel():
         lo, hi = (int(x) for x in torch.aminmax(slots))
         if lo < 0 or hi >= lay.num_slots:
-            raise ValueError(
+            raise LayoutError(
                 f"slot_mapping out of range: values in [{lo}, {hi}], cache has {lay.num_slots} slots "
                 f"({lay.num_blocks} blocks x {lay.block_size})"
             )
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise LayoutError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     can_triton = device.type == "cuda" and lay.inner_contiguous and triton_available()
     if backend == "triton" and not can_triton:
-        raise ValueError(
+        raise LayoutError(
             f"triton backend unavailable for {lay.kind.value} on {device} (needs CUDA, triton, s_d == 1)"
         )
     return Prepared(entries, lay, device, slots, can_triton and backend != "torch")
@@ -127,15 +129,17 @@ def check_chunk(prep: Prepared, buf: torch.Tensor, num_tokens: int, what: str) -
     """
     want = prep.layout.chunk_shape(len(prep.entries), num_tokens)
     if not isinstance(buf, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(buf).__name__}")
+        raise LayoutTypeError(f"{what} must be a torch.Tensor, got {type(buf).__name__}")
     if tuple(buf.shape) != want:
-        raise ValueError(f"{what} has shape {tuple(buf.shape)}, expected {want} for {prep.layout.kind.value}")
+        raise LayoutError(
+            f"{what} has shape {tuple(buf.shape)}, expected {want} for {prep.layout.kind.value}"
+        )
     if buf.dtype != prep.layout.dtype:
-        raise TypeError(f"{what} has dtype {buf.dtype}, the KV cache has {prep.layout.dtype}")
+        raise LayoutTypeError(f"{what} has dtype {buf.dtype}, the KV cache has {prep.layout.dtype}")
     try:
         rows_view(buf, prep)
-    except RuntimeError as e:
-        raise ValueError(f"{what} must have packed [T, H, D] rows (strides {buf.stride()})") from e
+    except (RuntimeError, LayoutError) as e:
+        raise LayoutError(f"{what} must have packed [T, H, D] rows (strides {buf.stride()})") from e
 
 
 def rows_view(buf: torch.Tensor, prep: Prepared) -> torch.Tensor:
@@ -143,7 +147,7 @@ def rows_view(buf: torch.Tensor, prep: Prepared) -> torch.Tensor:
     n_t = prep.slots.numel()
     rows = buf.view(prep.num_rows, n_t, prep.row_elems)
     if (n_t > 1 and rows.stride(1) != prep.row_elems) or rows.stride(2) != 1:
-        raise RuntimeError("rows not packed")
+        raise LayoutError("chunk rows are not packed [T, H*D]")
     return rows
 
 
@@ -199,7 +203,7 @@ def _triton_move(
         ptrs = _row_pointers(prep)
         base = lay.plane_bases(prep.entries[0])[0]
         if any((p - base.data_ptr()) % elem for p in ptrs):
-            raise ValueError("KV planes are not element-aligned relative to each other")
+            raise LayoutError("KV planes are not element-aligned relative to each other")
         prep.launch_cache.update(
             table=_plane_table(base.data_ptr(), ptrs, elem, prep.device),
             src=base.view(_INT_VIEW[elem]),

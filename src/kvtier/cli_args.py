@@ -1,4 +1,8 @@
-"""Flags shared by sub-commands: ``--config`` and repeated ``--set section.field=value``."""
+"""Flags shared by sub-commands: ``--config`` and repeated ``--set section.field=value``.
+
+Below ``commands``, ``bench`` and ``demo`` (each of which parses them), so that the apps never
+import the command layer that dispatches to them.
+"""
 
 from __future__ import annotations
 
