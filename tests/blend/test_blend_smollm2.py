@@ -42,7 +42,9 @@ def test_smollm2_ratio_one_is_full_prefill_and_blend_beats_naive(smollm2: Loaded
         kvt.prefill(model, ids, eng, segments=spans)  # stores the three documents as segments
         ids, spans = _prompt(tok, docs, first.documents[::-1], first.question)  # another order
         r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False)
-        assert r.segment_tokens == sum(len(docs[d]) for d in first.documents)
+        prefix = r.hit_tokens - r.segment_tokens  # the documents share their first token "Passage":
+        assert prefix > spans[0][0]  # the prefix chunk ends inside the first document (it used to drop it)
+        assert r.segment_tokens == sum(len(docs[d]) for d in first.documents) - (prefix - spans[0][0])
         torch.testing.assert_close(r.logits, full_logits(model, ids), rtol=0, atol=1e-4)
         out = kvt.generate(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False, max_new_tokens=5,
                            do_sample=False)  # fmt: skip

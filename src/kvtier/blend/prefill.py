@@ -14,7 +14,8 @@ Invariants:
 * Prefix chunks only ever receive exact KV: rows before the first reused (approximate) row, or the
   whole prompt when nothing was reused or ``recompute_ratio == 1``. Blended KV never enters the
   prefix domain, so prefix reuse stays bit-for-bit a full prefill.
-* A segment that overlaps the cached prefix is left to the prefix: its rows there are exact.
+* Where the cached prefix ends inside a segment, the prefix's exact rows win and the segment's
+  cached rows are used from there on.
 * A cache failure anywhere (tier error, fingerprint mismatch) makes that part a miss; the tokens
   are computed, the request never fails because of the cache.
 """
@@ -79,14 +80,15 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
     missing: list[Span] = []
     seg_tokens = 0
     for s, e in spans:
-        if s < prefix:
-            continue  # covered (at least partly) by the exact prefix; the rest is computed
+        if e <= prefix:
+            continue  # inside the exact prefix
         cached = segments.retrieve(row_cpu[s:e], device=device)
         n = 0 if cached is None else int(cached.shape[2])
-        if cached is not None and n > 0:
-            kv[:, :, s : s + n] = rerotate_kv(cached, 0, s, spec)
-            reused[s : s + n] = True
-            seg_tokens += n
+        lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
+        if cached is not None and s + n > lo:
+            kv[:, :, lo : s + n] = rerotate_kv(cached[:, :, lo - s :], lo - s, lo, spec)
+            reused[lo : s + n] = True
+            seg_tokens += s + n - lo
         if n < e - s:
             missing.append((s, e))
     t_load = time.perf_counter()

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtier.blend.plan import BlendError
+
 TZ_DIRS = (Path("/usr/share/zoneinfo"),)
 
 
@@ -46,7 +48,7 @@ def _tz_dir() -> Path:
     for d in dirs:
         if (d / "iso3166.tab").is_file() and (d / "zone1970.tab").is_file():
             return d
-    raise FileNotFoundError("no tz database tables (iso3166.tab, zone1970.tab): install tzdata")
+    raise BlendError("no tz database tables (iso3166.tab, zone1970.tab): install tzdata")
 
 
 def countries() -> list[Country]:
@@ -73,7 +75,7 @@ def build(*, pool: int = 24, per_doc: int = 4, k: int = 6, questions: int = 60, 
     cs = countries()
     rng.shuffle(cs)
     if len(cs) < pool * per_doc:
-        raise ValueError(f"only {len(cs)} single-zone countries; lower pool or per_doc")
+        raise BlendError(f"only {len(cs)} single-zone countries; lower pool or per_doc")
     docs: list[str] = []
     facts: list[list[Country]] = []
     for i in range(pool):

@@ -22,6 +22,7 @@ import hashlib
 
 import torch
 
+from kvtier.blend.plan import BlendError
 from kvtier.chunk import Chunk, dtype_from_name, dtype_name
 from kvtier.engine import CacheEngine
 from kvtier.keys import DIGEST_BYTES, ChunkKey, TokenInput, chunk_keys, fingerprint, tokens_to_array
@@ -35,7 +36,7 @@ class SegmentStore:
     def __init__(self, engine: CacheEngine) -> None:
         ns = engine.namespace
         if ns is None:
-            raise ValueError("SegmentStore needs an engine bound to a model namespace (bind_engine first)")
+            raise BlendError("SegmentStore needs an engine bound to a model namespace (bind_engine first)")
         self.engine = engine
         self.namespace = ns
         self._digest = hashlib.blake2b(SEGMENT_DOMAIN + ns.digest(), digest_size=DIGEST_BYTES).digest()
@@ -76,7 +77,7 @@ class SegmentStore:
         ns = self.namespace
         want = (ns.kv_shape[0], ns.kv_planes, int(arr.size), ns.kv_shape[1], ns.kv_shape[2])
         if tuple(kv.shape) != want or dtype_name(kv.dtype) != ns.kv_dtype:
-            raise ValueError(f"segment kv {tuple(kv.shape)} {kv.dtype} does not match the namespace: want {want} "
+            raise BlendError(f"segment kv {tuple(kv.shape)} {kv.dtype} does not match the namespace: want {want} "
                              f"{dtype_from_name(ns.kv_dtype)}")  # fmt: skip
         keys = self.keys(arr)
         storage = self.engine.storage
