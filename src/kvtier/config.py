@@ -185,7 +185,10 @@ class RemoteConfig:
     region: str = ""
     max_workers: int = 8  # concurrent requests per batch (S3 threads, Redis cluster nodes)
     failure_threshold: int = 3  # consecutive failures that open the circuit breaker
-    retry_backoff_s: float = 0.5  # first wait before probing a failed store; doubles up to 30 s
+    retry_backoff_s: float = 0.5  # first wait before probing a failed store; doubles up to ...
+    retry_backoff_max_s: float = (
+        5.0  # ... this: the store is used again <= this x1.1 + timeout_s after it is back
+    )
 
     def __post_init__(self) -> None:
         self.max_value_bytes = parse_size(self.max_value_bytes, "remote.max_value_bytes")
@@ -201,6 +204,40 @@ class RemoteConfig:
         _check(1 <= self.max_workers <= 256, "remote.max_workers", self.max_workers, "1..256")
         _check(self.failure_threshold >= 1, "remote.failure_threshold", self.failure_threshold, ">= 1")
         _check(self.retry_backoff_s > 0, "remote.retry_backoff_s", self.retry_backoff_s, "seconds > 0")
+        _check(self.retry_backoff_max_s >= self.retry_backoff_s, "remote.retry_backoff_max_s",
+               self.retry_backoff_max_s, "seconds >= remote.retry_backoff_s")  # fmt: skip
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for rehearsals and the chaos suite (``tiers/fault.py``): the tiers named
+    in ``tiers`` (comma-separated: ``cpu``, ``disk``, ``remote``) are wrapped, each fault drawn
+    per call with the given probability. Empty ``tiers`` (the default) = off."""
+
+    tiers: str = ""
+    latency_s: float = 0.0
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    hang_s: float = 0.5
+    corrupt_rate: float = 0.0
+    torn_rate: float = 0.0
+    full_rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = [t.strip() for t in self.tiers.split(",") if t.strip()]
+        _check(all(n in ("cpu", "disk", "remote") for n in names), "fault.tiers", self.tiers,
+               "a comma-separated list of cpu, disk, remote")  # fmt: skip
+        for name in ("error_rate", "hang_rate", "corrupt_rate", "torn_rate", "full_rate"):
+            _check(
+                0.0 <= getattr(self, name) <= 1.0, f"fault.{name}", getattr(self, name), "a probability 0..1"
+            )
+        _check(self.latency_s >= 0, "fault.latency_s", self.latency_s, "seconds >= 0")
+        _check(self.hang_s >= 0, "fault.hang_s", self.hang_s, "seconds >= 0")
+
+    @property
+    def wrapped(self) -> set[str]:
+        return {t.strip() for t in self.tiers.split(",") if t.strip()}
 
 
 @dataclass
@@ -235,6 +272,9 @@ class ServerConfig:
     auth_token_file: str = ""
     shm_dir: str = "/dev/shm"  # where the daemon's shared pool segment lives
     max_payload_bytes: int = field(default=1024**3, metadata={"size": True})  # KV bytes per socket frame
+    max_inflight_bytes: int = field(default=2 * 1024**3, metadata={"size": True})
+    """Socket payload bytes the daemon holds at once over all connections (>= max_payload_bytes)."""
+    body_timeout_s: float = 30.0  # a frame must arrive within this + its size at 50 MB/s
 
     def __post_init__(self) -> None:
         for f in ("port", "http_port"):
@@ -242,6 +282,10 @@ class ServerConfig:
         self.max_payload_bytes = parse_size(self.max_payload_bytes, "server.max_payload_bytes")
         _check(self.max_payload_bytes >= 1 << 20, "server.max_payload_bytes", self.max_payload_bytes,
                ">= 1MiB")  # fmt: skip
+        self.max_inflight_bytes = parse_size(self.max_inflight_bytes, "server.max_inflight_bytes")
+        _check(self.max_inflight_bytes >= self.max_payload_bytes, "server.max_inflight_bytes",
+               self.max_inflight_bytes, ">= server.max_payload_bytes")  # fmt: skip
+        _check(self.body_timeout_s > 0, "server.body_timeout_s", self.body_timeout_s, "> 0")
 
 
 @dataclass
@@ -255,6 +299,7 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,

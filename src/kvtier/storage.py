@@ -11,7 +11,10 @@
   while holding that lock, which is the backpressure write-back puts on stores.
 * ``prefetch(keys)`` loads the cached prefix of ``keys`` from slower tiers into the top tier in
   the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
-* ``flush(timeout_s)`` waits for the queues and makes lower tiers durable (``DiskTier.sync``).
+* Single-flight loads: concurrent ``get``s of one key missing from the top tier make one read
+  of the lower tiers; the others wait for it and read the promoted copy (``get`` says how).
+* ``flush(timeout_s)`` waits for the queues and makes every tier durable (``DiskTier.sync``;
+  ``RemoteTier.sync`` asks the daemon to do the same).
 
 Backpressure: a full queue *blocks* the caller for up to ``queue_timeout_s``, then drops that
 chunk for that tier and counts it (``TierStats.queue_drops``). Blocking first, because
@@ -71,6 +74,15 @@ class _Job:
 
 
 @dataclass
+class _Load:
+    """One single-flight read of a key from the lower tiers (see ``TierManager.get``)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    found: bool | None = None  # None: the leader failed before it knew
+    promoted: bool = False
+
+
+@dataclass
 class _TierIO:
     """What the manager measures of each tier's calls (merged into ``TierStats``)."""
 
@@ -105,7 +117,8 @@ class TierManager:
         self._tombstones: dict[bytes, int] = {}  # key -> seq: skip queued writes up to seq
         self._seq = 0
         self._clean: set[bytes] = set()  # in the top tier *and* already below (promoted/prefetched)
-        self._inflight: dict[bytes, threading.Event] = {}
+        self._inflight: dict[bytes, threading.Event] = {}  # keys a prefetch is loading
+        self._loading: dict[bytes, _Load] = {}  # keys a get is reading from below (single-flight)
         self._closed = False
         self._last_drop_log = -1.0
         self._queues: dict[int, queue.Queue[_Job | None]] = {}
@@ -155,17 +168,47 @@ class TierManager:
             return 0
 
     def get(self, key: bytes) -> Chunk | None:
-        """The chunk from the fastest tier that has it (promoted to the top), or ``None``."""
+        """The chunk from the fastest tier that has it (promoted to the top), or ``None``.
+
+        Single-flight: of concurrent ``get``s of a key the top tier lacks, one (the leader) reads
+        the lower tiers and promotes; the others wait for it and then read the top tier. So N
+        requests sharing a prefix that fell out of RAM cost one disk/remote read per chunk, not N.
+        A waiter reads below itself only if the leader's copy did not reach the top (top full,
+        ``promote_on_hit`` off); it waits no longer than the leader's read, which each tier bounds.
+        """
         ev = self._inflight.get(key)
         if ev is not None:  # a prefetch is loading it into the top tier: wait rather than read twice
             ev.wait(PREFETCH_WAIT_S)
-        for i in range(len(self.tiers)):
+        c = self._get_from(0, key)
+        if c is not None or len(self.tiers) == 1:
+            return c
+        with self._cv:
+            load = self._loading.get(key)
+            leader = load is None
+            if load is None:
+                load = self._loading[key] = _Load()
+        if not leader:
+            load.done.wait(PREFETCH_WAIT_S)
+            if load.found is False:  # the leader asked every tier just now: a miss for us too
+                return None
+            c = self._get_from(0, key) if load.promoted else None
+            return c if c is not None else self._get_below(key)[0]
+        try:
+            c, load.promoted = self._get_below(key)
+            load.found = c is not None
+            return c
+        finally:
+            with self._cv:
+                self._loading.pop(key, None)
+            load.done.set()
+
+    def _get_below(self, key: bytes) -> tuple[Chunk | None, bool]:
+        """The chunk from the first lower tier that has it, and whether it was promoted to the top."""
+        for i in range(1, len(self.tiers)):
             c = self._get_from(i, key)
             if c is not None:
-                if i > 0 and self.config.promote_on_hit:
-                    self._promote(i, key, c)
-                return c
-        return None
+                return c, self.config.promote_on_hit and self._promote(i, key, c)
+        return None, False
 
     def get_prefix(self, keys: Sequence[bytes]) -> list[Chunk]:
         """Chunks for the leading ``keys``, stopping at the first one no tier returns.
@@ -456,7 +499,7 @@ class TierManager:
                     return False
                 self._cv.wait(left)
         ok = True
-        for tier in self.tiers[1:]:
+        for tier in self.tiers:  # the top tier too: a daemon (RemoteTier) on top syncs remotely
             try:
                 ok = bool(tier.sync()) and ok
             except SOFT_ERRORS as e:

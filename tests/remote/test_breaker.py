@@ -106,3 +106,38 @@ def test_bad_arguments() -> None:
         CircuitBreaker("x", failure_threshold=0)
     with pytest.raises(ValueError, match="backoff"):
         CircuitBreaker("x", backoff_initial_s=5, backoff_max_s=1)
+
+
+def test_one_slow_failure_opens_at_once() -> None:
+    """Issue 22.7: a call that ran into its timeout must not be repeated failure_threshold times."""
+    clock = Clock()
+    b = make(clock)
+    assert b.allow()
+    b.failure(TimeoutError("no answer"), slow=True)
+    assert b.state is BreakerState.OPEN and not b.allow()
+
+
+def test_background_probe_closes_without_any_caller_probing() -> None:
+    import threading
+    import time
+
+    answers = [ConnectionError("still down"), None]
+    probed = threading.Event()
+
+    def probe() -> None:
+        a = answers.pop(0)
+        if a is not None:
+            raise a
+        probed.set()
+
+    b = CircuitBreaker("bg", failure_threshold=1, backoff_initial_s=0.01, backoff_max_s=0.02, jitter=0.0,
+                       probe=probe)  # fmt: skip
+    b.failure(ConnectionError("refused"))
+    assert b.state is BreakerState.OPEN
+    deadline = time.monotonic() + 10
+    while b.state is not BreakerState.CLOSED and time.monotonic() < deadline:
+        assert not b.allow() or b.state is BreakerState.CLOSED  # callers never become the probe
+        time.sleep(0.005)
+    assert probed.is_set() and b.state is BreakerState.CLOSED and b.allow()
+    assert answers == [] and b.failures == 2  # the failed probe was counted, then it recovered
+    b.close()

@@ -21,7 +21,7 @@ def run(role: str, url: str, endpoint: str, salt: str, out: Path, seed: str) -> 
     env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT / "src")}
     env = {k: v for k, v in env.items() if not k.startswith("KVTIER_")}
     p = subprocess.run([sys.executable, str(WORKER), role, url, endpoint, salt, str(out)], env=env,
-                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(out)
 
@@ -42,7 +42,8 @@ def test_process_b_retrieves_what_process_a_stored(
         url, endpoint = f"s3://kvtier-share/{uuid.uuid4().hex[:8]}", s3.endpoint_url
     salt = uuid.uuid4().hex  # a namespace of its own: nothing from an earlier run can be a hit
     a = run("store", url, endpoint, salt, tmp_path / "a.pt", "1")
-    assert a["stored"] == 100
     b = run("retrieve", url, endpoint, salt, tmp_path / "b.pt", "2")
-    assert b["lookup"] == 100 and b["num_tokens"] == 100
-    assert b["kv"].dtype == torch.bfloat16 and torch.equal(b["kv"], a["kv"])  # bit-identical
+    # the invariant first: B gets exactly what A stored, bit for bit (whatever the machine's speed)
+    assert b["lookup"] == b["num_tokens"] == a["stored"]
+    assert b["kv"].dtype == torch.bfloat16 and torch.equal(b["kv"], a["kv"][:, :, : a["stored"]])
+    assert a["stored"] == 100  # with the worker's 60 s timeout a short store is a defect, not load

@@ -9,6 +9,7 @@ import pytest
 
 from kvtier.server.process import DaemonProcess
 from kvtier.wire import protocol as P
+from kvtier.wire.token_file import default_token_path, read_token_file
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,9 @@ def read_reply(s: socket.socket) -> P.Message | None:
         return None
 
 
-def hello(s: socket.socket, token: str = "", want_shm: bool = False) -> P.Message | None:
+def hello(s: socket.socket, token: str | None = None, want_shm: bool = False) -> P.Message | None:
+    """Handshake; ``token=None``: the one the daemon generated for its port (as a client does)."""
+    if token is None:
+        token = read_token_file(default_token_path(s.getpeername()[1]))
     s.sendall(P.encode_frame(P.Hello(P.PROTOCOL_VERSION, token, want_shm, "test")))
     return read_reply(s)

@@ -17,6 +17,7 @@ from tests.conftest import make_kv, make_tokens
 from kvtier import CacheEngine, Config
 from kvtier.cli import main
 from kvtier.server.process import DaemonProcess
+from kvtier.wire.token_file import read_token_file
 
 NS = {"model_id": "http-test", "kv_dtype": "float32", "kv_shape": [4, 2, 16]}
 
@@ -52,16 +53,18 @@ def _engine(url: str) -> CacheEngine:
 
 def test_lookup_matches_the_engine(daemon: DaemonProcess) -> None:
     tokens = make_tokens(100, seed=3)
+    tok = read_token_file(daemon.info["token_file"])  # the daemon's generated token: /lookup needs it
+    assert _post(daemon.http_url + "/lookup", {"tokens": tokens.tolist(), **NS})[0] == 401
     with _engine(daemon.url) as eng:
         assert eng.store(tokens[:80], make_kv(80, seed=3)) == 80
         base = daemon.http_url + "/lookup"
-        code, r = _post(base, {"tokens": tokens.tolist(), **NS})
+        code, r = _post(base, {"tokens": tokens.tolist(), **NS}, tok)
         assert code == 200, r
         assert r == {"cached_tokens": 80, "cached_chunks": 5, "total_tokens": 100}
         assert eng.lookup(tokens) == 80
-        code, r = _post(base, {"tokens": tokens.tolist(), **NS, "cache_salt": "other-tenant"})
+        code, r = _post(base, {"tokens": tokens.tolist(), **NS, "cache_salt": "other-tenant"}, tok)
         assert (code, r["cached_tokens"]) == (200, 0)  # another namespace: nothing
-        code, r = _post(base, {"tokens": tokens.tolist(), **NS, "chunk_tokens": 32})
+        code, r = _post(base, {"tokens": tokens.tolist(), **NS, "chunk_tokens": 32}, tok)
         assert (code, r["cached_tokens"]) == (200, 0)  # other chunking, other keys
     for bad, why in (
         (b"{not json", "not JSON"),
@@ -71,7 +74,7 @@ def test_lookup_matches_the_engine(daemon: DaemonProcess) -> None:
         ({"tokens": [1], "kv_dtype": "float32", "kv_shape": [4, 2, 16]}, "model_id"),
         ([1, 2, 3], "JSON object"),
     ):
-        code, r = _post(base, bad)
+        code, r = _post(base, bad, tok)
         assert code == 400 and why in r["error"], (bad, r)
 
 

@@ -12,6 +12,7 @@ import sys
 
 from kvtier.cli_args import add_config_args, load_config
 from kvtier.config import POLICY_NAMES, ConfigError
+from kvtier.errors import KVTierError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         daemon.run()
-    except OSError as e:  # e.g. the port is taken
+    except (OSError, KVTierError) as e:  # e.g. the port is taken, an untrusted token file
         print(f"kvtier server: {e}", file=sys.stderr)
         return 1
     return 0

@@ -4,35 +4,63 @@ Why a buffered protocol rather than streams or ``sock_recv_into``: a ``StreamRea
 every payload byte three times (``recv`` into a new ``bytes``, into its buffer, out again), and
 ``loop.sock_recv_into`` re-registers the socket with epoll for every read. Here the transport
 reads straight into memory we hand it (``get_buffer``): prefixes and headers into one small
-reusable buffer, a payload directly into its final ``bytearray`` — one copy, the kernel's —
+reusable buffer, a payload directly into its final buffer — one copy, the kernel's —
 while the socket stays registered.
 
 Flow control: after each complete frame the transport is paused until the daemon takes the
 frame (requests are handled one at a time per connection), so a client cannot queue unbounded
 work. A frame whose prefix breaks the limits poisons the connection (``ProtocolError``); a frame
 whose body does not arrive within its time limit aborts it (``TimeoutError``).
+
+Memory bounds (no client input makes the daemon allocate more than these):
+* a payload is at most the negotiated ``max_payload``, and the daemon-wide ``PayloadBudget``
+  bounds all connections' payloads together: a frame is admitted whole before its body is
+  read, or waits with this connection's reading paused;
+* a large payload is an anonymous ``mmap``: address space the kernel backs page by page as
+  bytes land, so a client that announces 1 GiB and sends 30 bytes costs one page, not a
+  zero-filled gigabyte (``bytearray(n)`` writes all ``n`` bytes at once);
+* a slow sender is aborted once the frame is older than ``body_timeout_s`` plus its size at
+  ``MIN_RATE_BYTES_S``, and gives its budget back;
+* ``dispose()`` (the daemon calls it when the connection's task ends) drops every buffer and
+  breaks the references between this object, its task and its stored exception (whose
+  traceback holds the frames that hold this object): a closed connection's memory returns at
+  once, not at the next full garbage collection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from kvtier.server.budget import PayloadBudget
 from kvtier.wire import protocol as P
 
 SMALL_BUFFER = 256 << 10
+LAZY_PAYLOAD_BYTES = 1 << 20
+"""Payloads from this size up are anonymous mmaps (backed as bytes arrive), smaller ones bytearrays."""
+MIN_RATE_BYTES_S = 50e6
+"""Slowest accepted sender, beyond ``body_timeout_s`` (NOTE: well under a 1 Gbit/s link)."""
+
+Payload = bytearray | mmap.mmap
+"""A frame's payload as the daemon's handlers see it (both are writable buffers)."""
 
 
 class Conn(asyncio.BufferedProtocol):
     def __init__(
-        self, handler: Callable[[Conn], Coroutine[Any, Any, None]], *, body_timeout_s: float = 60.0
+        self,
+        handler: Callable[[Conn], Coroutine[Any, Any, None]],
+        *,
+        body_timeout_s: float = 60.0,
+        budget: PayloadBudget | None = None,
     ) -> None:
-        self._handler = handler
+        self._handler: Callable[[Conn], Coroutine[Any, Any, None]] | None = handler
         self.body_timeout_s = body_timeout_s
+        self._budget = budget
         self.max_header = P.MAX_HELLO_BYTES
         self.max_payload = 0
         """Limits for the next frame; the daemon raises them after the handshake."""
@@ -41,9 +69,12 @@ class Conn(asyncio.BufferedProtocol):
         self._buf = bytearray(SMALL_BUFFER)
         self._start = self._end = 0
         self._msg: P.Message | None = None  # header decoded, payload pending
-        self._payload: bytearray | None = None
+        self._plen = 0
+        self._payload: Payload | None = None
         self._got = 0
-        self._frames: deque[tuple[P.Message, bytearray | None]] = deque()
+        self._admitting = False  # waiting for the budget to admit the pending payload
+        self._partial_held = 0  # budget taken for the payload being received
+        self._frames: deque[tuple[P.Message, Payload | None]] = deque()
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -60,6 +91,7 @@ class Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self._handler is not None
         self.task = self._loop.create_task(self._handler(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -84,6 +116,7 @@ class Conn(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or asyncio.IncompleteReadError(b"", None))
+        self._drop_unhandled()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("connection lost"))
 
@@ -98,7 +131,7 @@ class Conn(asyncio.BufferedProtocol):
     # -- parsing ----------------------------------------------------------------------------------
     def _parse(self) -> None:
         """Turn buffered bytes into frames; pauses reading once a frame is ready."""
-        while not self._frames and self._error is None:
+        while not self._frames and self._error is None and not self._admitting:
             if self._payload is not None:
                 if self._got < len(self._payload):
                     return
@@ -111,7 +144,7 @@ class Conn(asyncio.BufferedProtocol):
             hlen, plen = P.parse_prefix(bytes(self._buf[self._start : self._start + P.PREFIX.size]),
                                         max_header=self.max_header, max_payload=self.max_payload)  # fmt: skip
             if self._timer is None:
-                self._timer = self._loop.call_later(self.body_timeout_s + plen / 50e6, self._stalled)
+                self._start_timer(plen)
             if avail < P.PREFIX.size + hlen:
                 return
             h0 = self._start + P.PREFIX.size
@@ -120,22 +153,59 @@ class Conn(asyncio.BufferedProtocol):
             if plen == 0:
                 self._complete(msg, None)
                 continue
-            take = min(plen, self._end - self._start)  # payload bytes that came with the header
-            self._payload = bytearray(plen)
-            self._payload[:take] = self._buf[self._start : self._start + take]
-            self._start += take
-            self._got, self._msg = take, msg
-        if self._frames and self.transport is not None:
+            self._msg, self._plen = msg, plen
+            if self._budget is not None and not self._budget.admit(plen, self._admitted):
+                self._admitting = True  # NOTE: not the sender's fault: no slow-sender clock meanwhile
+                self._cancel_timer()
+                break
+            self._begin_payload()
+        if (self._frames or self._admitting) and self.transport is not None:
             self.transport.pause_reading()
 
-    def _complete(self, msg: P.Message, payload: bytearray | None) -> None:
-        self._frames.append((msg, payload))
-        self._payload, self._msg, self._got = None, None, 0
-        if self._start == self._end:
-            self._start = self._end = 0
+    def _begin_payload(self) -> None:
+        """Allocate the admitted payload and move in the bytes that came with the header."""
+        plen = self._plen
+        self._partial_held = plen if self._budget is not None else 0
+        self._payload = mmap.mmap(-1, plen) if plen >= LAZY_PAYLOAD_BYTES else bytearray(plen)
+        take = min(plen, self._end - self._start)
+        self._payload[:take] = self._buf[self._start : self._start + take]
+        self._start += take
+        self._got = take
+
+    def _admitted(self) -> None:
+        """The budget took ``_plen`` bytes for this connection (called by ``PayloadBudget``)."""
+        self._admitting = False
+        if self._error is not None:  # closed while it waited
+            assert self._budget is not None
+            self._budget.give(self._plen)
+            return
+        self._begin_payload()
+        self._start_timer(self._plen)
+        self._loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        try:
+            self._parse()
+        except P.ProtocolError as e:
+            self._fail(e)
+        if not self._frames and not self._admitting and self.transport is not None and self._error is None:
+            self.transport.resume_reading()
+
+    def _start_timer(self, plen: int) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self.body_timeout_s + plen / MIN_RATE_BYTES_S, self._stalled)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _complete(self, msg: P.Message, payload: Payload | None) -> None:
+        self._frames.append((msg, payload))
+        self._payload, self._msg, self._got, self._plen, self._partial_held = None, None, 0, 0, 0
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._cancel_timer()
         self._wake()
 
     def _stalled(self) -> None:
@@ -146,18 +216,31 @@ class Conn(asyncio.BufferedProtocol):
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
             self._error = e
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         self._wake()
+
+    def _drop_unhandled(self) -> None:
+        """Give back the budget and memory of payloads the daemon has not taken (connection gone)."""
+        if self._budget is not None:
+            if self._admitting:
+                self._budget.cancel(self._admitted)
+                self._admitting = False
+            held = self._partial_held + sum(len(p) for _, p in self._frames if p is not None)
+            if held:
+                self._budget.give(held)
+        self._partial_held = 0
+        self._payload = self._msg = None
+        self._frames.clear()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     # -- the daemon's side ------------------------------------------------------------------------
-    async def read_frame(self) -> tuple[P.Message, bytearray | None]:
-        """The next frame; raises what broke the connection (``ProtocolError``, EOF, timeout)."""
+    async def read_frame(self) -> tuple[P.Message, Payload | None]:
+        """The next frame; raises what broke the connection (``ProtocolError``, EOF, timeout).
+
+        The caller owns the payload's budget share until it calls ``done_with(payload)``."""
         while not self._frames:
             if self._error is not None:
                 raise self._error
@@ -168,9 +251,14 @@ class Conn(asyncio.BufferedProtocol):
             self._parse()  # bytes of the next frame may already be here
         except P.ProtocolError as e:
             self._fail(e)
-        if not self._frames and self.transport is not None and self._error is None:
+        if not self._frames and not self._admitting and self.transport is not None and self._error is None:
             self.transport.resume_reading()
         return frame
+
+    def done_with(self, payload: Payload | None) -> None:
+        """The daemon has handled a frame from ``read_frame``: its payload's budget returns."""
+        if payload is not None and self._budget is not None:
+            self._budget.give(len(payload))
 
     async def send(self, msg: P.Message, parts: Sequence[memoryview] = ()) -> None:
         """Write a frame; returns once the kernel has taken all of it (``parts`` may be reused)."""
@@ -190,3 +278,14 @@ class Conn(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def dispose(self) -> None:
+        """Close, give everything back and break reference cycles; the object is dead after it."""
+        self.close()
+        self._fail(ConnectionResetError("connection disposed"))
+        self._drop_unhandled()
+        self._error = ConnectionResetError("connection disposed")  # the raised one holds a traceback
+        self._buf = bytearray()
+        self._handler = None
+        self.task = None
+        self.transport = None

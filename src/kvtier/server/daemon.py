@@ -13,7 +13,11 @@ Robustness, by construction:
   ``Error`` and the connection is closed; a well-framed but invalid request gets an ``Error`` and
   the connection stays usable; an unexpected exception in a handler is logged and answered as
   ``internal`` — no input can stop the loop or the other clients;
-* a connection's end (EOF, reset, kill of the client) releases its leases and reservations.
+* socket payloads in flight are bounded per connection (``max_payload_bytes``) and over all
+  connections (``max_inflight_bytes``, a ``PayloadBudget``), allocated as their bytes arrive,
+  and a slow sender is cut off (``body_timeout_s``): see ``server/conn.py``;
+* a connection's end (EOF, reset, kill of the client) releases its leases and reservations,
+  and its buffers (``Conn.dispose``).
 
 Lifecycle: SIGTERM/SIGINT stop accepting, let in-flight requests finish, end every session,
 flush the TierManager (pending writes to disk) and close the tiers (the disk tier persists its
@@ -37,9 +41,12 @@ from pathlib import Path
 
 from kvtier.config import Config
 from kvtier.errors import KVTierError
-from kvtier.server.conn import Conn
+from kvtier.server.auth import ensure_token_file
+from kvtier.server.budget import PayloadBudget
+from kvtier.server.conn import Conn, Payload
 from kvtier.server.service import CacheService, Reply, Session
 from kvtier.wire import protocol as P
+from kvtier.wire.token_file import default_token_path
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,8 @@ class Daemon:
 
     def __init__(self, config: Config, *, ready_file: str | None = None, shm_dir: str = "/dev/shm",
                  max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES, max_connections: int = 1024,
-                 handshake_timeout_s: float = 5.0, body_timeout_s: float = 60.0,
-                 workers: int = 4) -> None:  # fmt: skip
+                 handshake_timeout_s: float = 5.0, body_timeout_s: float | None = None,
+                 max_inflight_bytes: int | None = None, workers: int = 4) -> None:  # fmt: skip
         sc = config.server
         self.token = read_token(sc.auth_token_file)
         if not is_loopback(sc.host) and not self.token:
@@ -84,13 +91,24 @@ class Daemon:
                 "pass --auth-token-file FILE (clients put the same token in their config), or bind 127.0.0.1"
             )
         self.config = config
+        self.shm_dir = shm_dir
+        self.token_file = sc.auth_token_file
+        """The token's file: the operator's, or (after start) the one generated beside the pool."""
+        self._generated_token = False
         self.ready_file = ready_file
         self.max_payload_bytes = max_payload_bytes
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s = sc.body_timeout_s if body_timeout_s is None else body_timeout_s
+        inflight = sc.max_inflight_bytes if max_inflight_bytes is None else max_inflight_bytes
+        if inflight < max_payload_bytes:
+            raise ServerSetupError(
+                f"server.max_inflight_bytes ({inflight}) must be >= server.max_payload_bytes ({max_payload_bytes})"
+            )
+        self.budget = PayloadBudget(inflight)
         self.server_id = secrets.token_hex(8)
         self.service = CacheService(config, shm_dir=shm_dir, max_payload_bytes=max_payload_bytes)
+        self.service.budget = self.budget
         self._memory_only = len(self.service.manager.tiers) == 1
         """Only the shared CPU tier: no request but a socket ``Put`` copies or waits on I/O."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-srv")
@@ -118,12 +136,24 @@ class Daemon:
             self._loop.add_signal_handler(sig, self._stop.set)
         sc = self.config.server
         server = await self._loop.create_server(
-            lambda: Conn(self._on_connect, body_timeout_s=self.body_timeout_s), sc.host, sc.port, backlog=512
+            lambda: Conn(self._on_connect, body_timeout_s=self.body_timeout_s, budget=self.budget),
+            sc.host,
+            sc.port,
+            backlog=512,
+            start_serving=False,  # not before the token is known
         )  # SO_REUSEADDR (the default on POSIX): a restarted daemon rebinds its port at once
         self.port = server.sockets[0].getsockname()[1]
-        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token)
+        if not self.token:  # the default: a token only this user can read, beside the pool
+            path = default_token_path(self.port, self.shm_dir)
+            self.token = ensure_token_file(path)
+            self.token_file, self._generated_token = str(path), True
+        # /stats stays open with the generated token (counters only, like /metrics), so
+        # `kvtier stats` works on the host; /lookup reveals which prompts are cached: guarded
+        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token,
+                        guard_stats=not self._generated_token)  # fmt: skip
         self.http_port = http.port
         http.start()
+        await server.start_serving()
         reaper = asyncio.create_task(self._reaper())
         self._write_ready()
         log.info("kvtier server %s on %s:%d (http %d), pool %s", self.server_id, sc.host, self.port,
@@ -142,6 +172,9 @@ class Daemon:
             http.stop()
             self._pool.shutdown(wait=True)
             self.service.close()  # flush pending writes, close tiers, unlink the segment
+            if self._generated_token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.token_file)
             if self.ready_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.ready_file)
@@ -151,7 +184,8 @@ class Daemon:
         if not self.ready_file:
             return
         info = {"pid": os.getpid(), "host": self.config.server.host, "port": self.port,
-                "http_port": self.http_port, "shm_path": str(self.service.segment.path)}  # fmt: skip
+                "http_port": self.http_port, "shm_path": str(self.service.segment.path),
+                "token_file": self.token_file}  # fmt: skip
         tmp = f"{self.ready_file}.tmp"
         Path(tmp).write_text(json.dumps(info))
         os.replace(tmp, self.ready_file)
@@ -188,7 +222,7 @@ class Daemon:
         finally:
             if session is not None:
                 self.service.end_session(session)
-            conn.close()
+            conn.dispose()
 
     async def _handshake(self, conn: Conn) -> Session | None:
         msg, _ = await asyncio.wait_for(conn.read_frame(), self.handshake_timeout_s)
@@ -218,25 +252,29 @@ class Daemon:
             if isinstance(msg, P.Release):
                 self.service.release(s, msg.leases)
                 continue
-            if self._memory_only and not isinstance(msg, P.Put):
-                # bookkeeping only (pins, leases, allocations): faster on the loop than a thread hop
-                reply, parts, after = self._handle(s, msg, payload)
-            else:
-                # shielded: a shutdown lets the request finish and its reply go out
-                fut = loop.run_in_executor(self._pool, self._handle, s, msg, payload)
-                try:
-                    reply, parts, after = await asyncio.shield(fut)
-                except asyncio.CancelledError:
-                    for cb in (await fut)[2]:  # let it finish: end_session must see all it took
-                        cb()
-                    raise
+            try:
+                if self._memory_only and not isinstance(msg, P.Put):
+                    # bookkeeping only (pins, leases, allocations): faster on the loop than a thread hop
+                    reply, parts, after = self._handle(s, msg, payload)
+                else:
+                    # shielded: a shutdown lets the request finish and its reply go out
+                    fut = loop.run_in_executor(self._pool, self._handle, s, msg, payload)
+                    try:
+                        reply, parts, after = await asyncio.shield(fut)
+                    except asyncio.CancelledError:
+                        for cb in (await fut)[2]:  # let it finish: end_session must see all it took
+                            cb()
+                        raise
+            finally:
+                conn.done_with(payload)  # handled: its bytes are in the pool now
+                payload = None
             try:
                 await conn.send(reply, parts)
             finally:
                 for cb in after:
                     cb()
 
-    def _handle(self, s: Session, msg: P.Message, payload: bytearray | None) -> Reply:
+    def _handle(self, s: Session, msg: P.Message, payload: Payload | None) -> Reply:
         try:
             return self.service.handle(s, msg, payload)
         except P.ProtocolError as e:

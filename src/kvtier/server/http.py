@@ -9,8 +9,9 @@ binary protocol: it takes the tokens and the namespace fields, computes the chun
     -> {"cached_tokens": 512, "cached_chunks": 2, "total_tokens": 700}
 
 stdlib ``ThreadingHTTPServer`` in a thread: no new dependency, and these endpoints are small.
-When the daemon has an auth token, ``/stats`` and ``/lookup`` need ``Authorization: Bearer
-TOKEN``; ``/health`` and ``/metrics`` stay open for probes and scrapers. Bodies are bounded
+``/lookup`` needs ``Authorization: Bearer TOKEN`` (it reveals which prompts are cached), and so
+does ``/stats`` when the operator gave a token file (``guard_stats``); ``/health`` and
+``/metrics`` stay open for probes and scrapers. Bodies are bounded
 (``MAX_BODY_BYTES``, ``MAX_LOOKUP_TOKENS``); a bad body is a 400 naming the problem.
 """
 
@@ -20,23 +21,17 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from kvtier.errors import KVTierError
 from kvtier.keys import Namespace, chunk_keys
-from kvtier.observability import CacheStats, Metrics
 from kvtier.server.service import CacheService
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
 MAX_LOOKUP_TOKENS = 1 << 20
-_GAUGES = ("active_sessions",)
 
 
 class LookupError_(KVTierError, ValueError):
@@ -73,35 +68,19 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
     return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
 
 
-class _ServerCollector(Collector):
-    def __init__(self, service: CacheService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Any]:
-        for name, value in vars(self.service.counters).items():
-            if name in _GAUGES:
-                yield GaugeMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
-            else:
-                yield CounterMetricFamily(f"kvtier_server_{name}", f"daemon {name}", value=value)
-
-
 class HttpFace:
     """The HTTP server thread of one daemon."""
 
-    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "") -> None:
+    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "",
+                 guard_stats: bool = True) -> None:  # fmt: skip
         self.service = service
         self.token = token
-        self.metrics = Metrics(self._snapshot)
-        self.metrics.registry.register(_ServerCollector(service))
+        self.guard_stats = guard_stats
+        self.metrics = service.metrics  # daemon-true series only (server/metrics.py)
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvtier-http", daemon=True)
-
-    def _snapshot(self) -> CacheStats:
-        c = self.service.counters
-        return CacheStats(lookups=c.lookups, hit_requests=c.hit_lookups, stored_chunks=c.puts,
-                          tiers=self.service.manager.stats())  # fmt: skip
 
     def start(self) -> None:
         self._thread.start()
@@ -150,7 +129,7 @@ def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics":
                 self._send(200, face.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/stats":
-                if self._guard():
+                if not face.guard_stats or self._guard():
                     self._json(200, face.service.stats())
             else:
                 self._json(404, {"error": f"no such endpoint {path!r}; try /health /stats /metrics /lookup"})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ import numpy as np
 from kvtier.chunk import Chunk, dtype_from_name
 from kvtier.config import Config
 from kvtier.memory import _align
+from kvtier.server.budget import PayloadBudget
+from kvtier.server.metrics import DaemonMetrics
 from kvtier.server.pool_tier import Reservation, SharedCPUTier
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -36,6 +39,9 @@ from kvtier.wire import protocol as P
 from kvtier.wire.shm import SharedSegment, as_bytes, bytes_view, reap_stale_segments
 
 log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | mmap.mmap
+"""A request's payload: what the connection received (see ``server/conn.py``)."""
 
 Reply = tuple[P.Message, list[memoryview], list[Callable[[], None]]]
 """A reply header, payload parts to send after it, and callbacks to run once they are sent."""
@@ -99,6 +105,9 @@ class CacheService:
         self.lease_timeout_s = config.cpu.pin_timeout_s
         self.max_payload_bytes = max_payload_bytes
         self.counters = ServerCounters()
+        self.budget: PayloadBudget | None = None
+        """The daemon's payload budget, reported in ``stats()`` (set by the daemon)."""
+        self.metrics = DaemonMetrics(self)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -151,10 +160,16 @@ class CacheService:
         c.hit_lookups += n > 0
         return n
 
-    def handle(self, s: Session, msg: P.Message, payload: bytes | bytearray | None) -> Reply:
+    def handle(self, s: Session, msg: P.Message, payload: Buffer | None) -> Reply:
         """Answer one request; raises ``ProtocolError`` for a request that is invalid."""
-        c = self.counters
-        c.requests += 1
+        self.counters.requests += 1
+        t0 = time.perf_counter()
+        try:
+            return self._dispatch(s, msg, payload)
+        finally:
+            self.metrics.request_seconds.labels(type(msg).__name__.lower()).observe(time.perf_counter() - t0)
+
+    def _dispatch(self, s: Session, msg: P.Message, payload: Buffer | None) -> Reply:
         if isinstance(msg, P.Prefix):
             return P.Count(self.prefix_lookup(msg.keys)), [], []
         if isinstance(msg, P.Contains):
@@ -172,6 +187,8 @@ class CacheService:
         if isinstance(msg, P.Clear):
             self.cpu.clear()
             return P.Count(0), [], []
+        if isinstance(msg, P.Flush):  # every session's queued writes, not only this one's
+            return P.Flushed(self.manager.flush(msg.timeout_s)), [], []
         if isinstance(msg, P.Stats):
             return P.StatsReply(self.stats()), [], []
         if isinstance(msg, P.Ping):
@@ -255,7 +272,7 @@ class CacheService:
             self.counters.shm_bytes_in += held[0].obj.nbytes
         return P.Bools(out)
 
-    def _put(self, msg: P.Put, payload: bytes | bytearray) -> P.Bools:
+    def _put(self, msg: P.Put, payload: Buffer) -> P.Bools:
         sizes = [P.check_meta(it.meta, self.max_payload_bytes) for it in msg.items]
         for it, n in zip(msg.items, sizes):
             if it.payload_offset + n > len(payload):
@@ -293,6 +310,10 @@ class CacheService:
             sessions = list(self.sessions.values())
         out["server"]["leases_held"] = sum(len(s.leases) for s in sessions)
         out["server"]["reservations_held"] = sum(len(s.reservations) for s in sessions)
+        if self.budget is not None:  # read from another thread: a snapshot, maybe a moment old
+            out["server"]["inflight_bytes"] = self.budget.used
+            out["server"]["inflight_peak_bytes"] = self.budget.peak
+            out["server"]["inflight_waits"] = self.budget.waits
         for name, t in self.manager.stats().items():
             out[f"tier:{name}"] = {k: v for k, v in vars(t).items() if k != "name"}
         return out

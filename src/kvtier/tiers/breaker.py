@@ -2,7 +2,7 @@
 
 States::
 
-    CLOSED --(failure_threshold consecutive failures)--> OPEN
+    CLOSED --(failure_threshold consecutive failures, or ONE slow failure)--> OPEN
     OPEN   --(backoff elapsed)--> HALF_OPEN   (exactly one caller is let through as a probe)
     HALF_OPEN --(probe succeeds)--> CLOSED     (backoff resets)
     HALF_OPEN --(probe fails)--> OPEN          (backoff doubles, up to backoff_max_s)
@@ -11,6 +11,19 @@ While OPEN, ``allow()`` is ``False`` and the tier answers a miss / skips the wri
 request never waits on a store that is known to be down. Each *state change* is logged exactly
 once (the first failure at WARNING, recovery at INFO, the in-between probes at DEBUG), so an
 outage produces two lines, not one per request.
+
+Why one *slow* failure opens it at once (``failure(exc, slow=True)``: the call ran into its
+timeout): a stalled store (a SIGSTOPped server accepts connections and never answers) costs a
+full ``timeout_s`` per call, and counting ``failure_threshold`` of them would make one request
+wait several timeouts. A fast failure (connection refused) costs milliseconds, so those are
+counted up to the threshold to ride over a blip.
+
+Background probing (``probe=`` given): while OPEN no caller ever touches the store; a daemon
+thread calls ``probe()`` (a cheap ping bounded by the tier's timeout) once the backoff has
+elapsed, and closes the breaker when it answers. So after the breaker opens a request pays
+nothing for the outage, and the store is back in use at most ``backoff_max_s × (1 + jitter)``
+plus one probe timeout after it recovers. Without ``probe`` the first caller after the backoff is
+let through as the probe (the classic in-band half-open).
 
 Invariants:
 * The breaker never raises; it only answers ``allow()`` and records outcomes.
@@ -46,7 +59,8 @@ class CircuitBreaker:
     def __init__(self, name: str, *, failure_threshold: int = 3, backoff_initial_s: float = 0.5,
                  backoff_max_s: float = 30.0, jitter: float = 0.1,
                  clock: Callable[[], float] = time.monotonic,
-                 on_open: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 on_open: Callable[[], None] | None = None,
+                 probe: Callable[[], object] | None = None) -> None:  # fmt: skip
         if failure_threshold < 1:
             raise TierError(f"failure_threshold must be >= 1, got {failure_threshold}")
         if not 0 < backoff_initial_s <= backoff_max_s:
@@ -62,6 +76,9 @@ class CircuitBreaker:
         self.jitter = jitter
         self._clock = clock
         self._on_open = on_open
+        self._probe = probe
+        self._prober: threading.Thread | None = None
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._consecutive = 0
@@ -86,13 +103,16 @@ class CircuitBreaker:
                 return True
             now = self._clock()
             if self._state is BreakerState.OPEN:
-                if now < self._retry_at:
+                if self._probe is not None or now < self._retry_at:  # the prober decides
                     self.rejected += 1
                     return False
                 self._enter(BreakerState.HALF_OPEN, "probing")
                 self._probe_since = now
                 return True
             # HALF_OPEN: one probe at a time; forget a probe that never reported.
+            if self._probe is not None:
+                self.rejected += 1
+                return False
             if self._probe_since is not None and now - self._probe_since < self.backoff_max_s:
                 self.rejected += 1
                 return False
@@ -108,8 +128,9 @@ class CircuitBreaker:
                 self._backoff = self.backoff_initial_s
                 self._enter(BreakerState.CLOSED, "store answered again; resuming")
 
-    def failure(self, exc: BaseException) -> None:
-        """The last allowed call failed (connection error, timeout, protocol error)."""
+    def failure(self, exc: BaseException, *, slow: bool = False) -> None:
+        """The last allowed call failed (connection error, timeout, protocol error); ``slow``: it
+        took about its whole timeout, which opens the breaker at once (see the module docstring)."""
         callback = None
         with self._lock:
             self.failures += 1
@@ -120,8 +141,9 @@ class CircuitBreaker:
                 self._backoff = min(self._backoff * 2, self.backoff_max_s)
                 self._open(f"probe failed ({what})")
                 callback = self._on_open
-            elif self._state is BreakerState.CLOSED and self._consecutive >= self.failure_threshold:
-                self._open(f"{self._consecutive} consecutive failures, last {what}")
+            elif self._state is BreakerState.CLOSED and (slow or self._consecutive >= self.failure_threshold):
+                why = "a call ran into its timeout" if slow else f"{self._consecutive} consecutive failures"
+                self._open(f"{why}, last {what}")
                 callback = self._on_open
             elif self._state is BreakerState.CLOSED:
                 log.debug("%s: failure %d/%d (%s)", self.name, self._consecutive, self.failure_threshold,
@@ -129,10 +151,40 @@ class CircuitBreaker:
         if callback is not None:
             callback()  # outside the lock: it may reset a connection pool (slow)
 
+    def close(self) -> None:
+        """Stop the background prober (the tier is closing)."""
+        self._stopped.set()
+
     def _open(self, why: str) -> None:
         delay = self._backoff * (1 + random.uniform(-self.jitter, self.jitter))
         self._retry_at = self._clock() + delay
         self._enter(BreakerState.OPEN, f"{why}; treating as misses, retry in {delay:.2f}s")
+        if self._probe is not None and (self._prober is None or not self._prober.is_alive()):
+            self._prober = threading.Thread(
+                target=self._probe_loop, daemon=True, name=f"kvtier-probe-{self.name}"
+            )
+            self._prober.start()
+
+    def _probe_loop(self) -> None:
+        """Until the store answers (or ``close``): wait out the backoff, then probe once."""
+        assert self._probe is not None
+        while not self._stopped.is_set():
+            with self._lock:
+                if self._state is BreakerState.CLOSED:
+                    return
+                wait = self._retry_at - self._clock()
+                if wait <= 0:
+                    self._enter(BreakerState.HALF_OPEN, "probing in the background")
+            if wait > 0:
+                self._stopped.wait(min(wait, 0.25))  # re-read the clock: tests inject one
+                continue
+            try:
+                self._probe()
+            except Exception as e:  # any failure of the probe means "still down"; it is recorded
+                self.failure(e)
+                continue
+            self.success()
+            return
 
     def _enter(self, state: BreakerState, why: str) -> None:
         prev, self._state = self._state, state

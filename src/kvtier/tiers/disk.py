@@ -33,6 +33,9 @@ costs little beyond the I/O itself (benchmarks/RESULTS.md). ``batched_get`` runs
 GIL), so many are in flight. O_DIRECT is not used: re-reads from the page cache are the common
 fast case, and O_DIRECT needs aligned buffers and fails on tmpfs.
 
+Privacy: chunk files are created 0600 and the fan-out and ``tmp`` folders 0700 (a new root too):
+KV reveals the prompts it was computed from, so other local users must not read it.
+
 Soft failures: disk full, permission denied, a directory removed at run time make ``put`` return
 ``False`` (``put_failures``/``errors``) and ``get`` return ``None`` with a (rate-limited) warning;
 ``OSError`` never reaches the caller. The root directory is created only at start, never again:
@@ -114,11 +117,10 @@ class DiskTier(Tier):
         self._last_warn: dict[str, float] = {}
         self._closed = False
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._tmp = self.root / "tmp"
-            self._tmp.mkdir(exist_ok=True)
-            for i in range(256):
-                (self.root / f"{i:02x}").mkdir(exist_ok=True)
+            for d in (self._tmp, *(self.root / f"{i:02x}" for i in range(256))):
+                _private_dir(d)
             self._lock_fd = self._take_lock()
         except OSError as e:
             raise TierError(f"disk tier: cannot use directory {self.root}: {e.strerror or e}") from e
@@ -133,7 +135,7 @@ class DiskTier(Tier):
 
     # -- start-up -------------------------------------------------------------------------------
     def _take_lock(self) -> int:
-        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -384,7 +386,7 @@ class DiskTier(Tier):
         thread hashes it, then the header (which holds the checksum) goes to offset 0.
         """
         tmp = self._tmp / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:
                 if header is None and not disk_io.pipelined(len(payload)):  # small: one writev
@@ -460,6 +462,14 @@ class DiskTier(Tier):
             log.warning("disk tier: %s", msg)
         else:
             log.debug("disk tier: %s", msg)
+
+
+def _private_dir(d: Path) -> None:
+    """``d`` exists and only its owner may list or enter it (one made by an older, 0755 version
+    is tightened: KV reveals the prompts it came from)."""
+    d.mkdir(mode=0o700, exist_ok=True)
+    if d.stat().st_mode & 0o077:
+        d.chmod(0o700)
 
 
 def _check_key(key: bytes) -> None:

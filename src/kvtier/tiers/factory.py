@@ -6,7 +6,7 @@ by class-name strings.
 
 from __future__ import annotations
 
-from kvtier.config import Config, RemoteConfig
+from kvtier.config import Config, FaultConfig, RemoteConfig
 from kvtier.memory import should_pin
 from kvtier.tiers.base import Tier, TierError
 from kvtier.tiers.cpu import CPUTier
@@ -34,7 +34,21 @@ def build_tiers(config: Config) -> list[Tier]:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
         raise TierError("no tier enabled: enable cpu, disk or set remote.url")
+    if config.fault.wrapped:
+        tiers = [_with_faults(t, config.fault) for t in tiers]
     return tiers
+
+
+def _with_faults(tier: Tier, f: FaultConfig) -> Tier:
+    """``tier`` wrapped in a ``FaultTier`` when ``fault.tiers`` names its kind."""
+    kind = {"cpu": "cpu", "disk": "disk"}.get(tier.name, "remote")
+    if kind not in f.wrapped:
+        return tier
+    from kvtier.tiers.fault import FaultSpec, FaultTier
+
+    spec = FaultSpec(latency_s=f.latency_s, error_rate=f.error_rate, hang_rate=f.hang_rate, hang_s=f.hang_s,
+                     corrupt_rate=f.corrupt_rate, torn_rate=f.torn_rate, full_rate=f.full_rate, seed=f.seed)  # fmt: skip
+    return FaultTier(tier, spec)
 
 
 def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
@@ -49,18 +63,20 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
         return RedisTier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
                          timeout_s=remote.timeout_s, ttl_s=remote.ttl_s, max_value_bytes=remote.max_value_bytes,
                          username=remote.username, password=remote.password,
-                         failure_threshold=remote.failure_threshold,
-                         retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+                         failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                         retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     if scheme == "kvtier":
         from kvtier.tiers.remote import RemoteTier
 
-        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file)
+        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file,
+                          failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                          retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     if scheme == "s3":
         from kvtier.tiers.s3 import S3Tier
 
         return S3Tier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
                       endpoint_url=remote.endpoint_url, region=remote.region, timeout_s=remote.timeout_s,
                       part_bytes=remote.max_value_bytes, max_workers=remote.max_workers,
-                      failure_threshold=remote.failure_threshold,
-                      retry_backoff_s=remote.retry_backoff_s)  # fmt: skip
+                      failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
+                      retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
     raise TierError(f"remote.url scheme {scheme!r} has no tier in this build")

@@ -78,7 +78,8 @@ class NetworkTier(Tier):
     def __init__(self, name: str, endpoint: str, *, serde_name: str,
                  failure_types: tuple[type[BaseException], ...],
                  refusal_types: tuple[type[BaseException], ...] = (), failure_threshold: int = 3,
-                 retry_backoff_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0, timeout_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.name = name
         self.serde_name = serde_name
         serde.get_codec(serde_name)  # unknown codec: fail at construction, not on the first put
@@ -87,8 +88,9 @@ class NetworkTier(Tier):
         self._refusals_logged: set[type[BaseException]] = set()
         self.breaker = CircuitBreaker(f"{name} tier {redact_url(endpoint)}",
                                       failure_threshold=failure_threshold, backoff_initial_s=retry_backoff_s,
-                                      backoff_max_s=max(30.0, retry_backoff_s), clock=clock,
-                                      on_open=self._reset_connection)  # fmt: skip
+                                      backoff_max_s=max(retry_backoff_max_s, retry_backoff_s), clock=clock,
+                                      on_open=self._reset_connection, probe=self._ping)  # fmt: skip
+        self.timeout_s = timeout_s
         self._stats = TierStats(name)
         self._lock = threading.Lock()
         self._closed = False
@@ -97,6 +99,11 @@ class NetworkTier(Tier):
     def _reset_connection(self) -> None:
         """Drop pooled connections (called when the breaker opens) so a probe reconnects."""
 
+    def _ping(self) -> None:
+        """One cheap request to the store, bounded by ``timeout_s``; raises if it is down. The
+        breaker's background prober calls it while open, so no request waits on a dead store."""
+        raise NotImplementedError
+
     # -- the guard ------------------------------------------------------------------------------
     def _guard(self, op: str, fn: Callable[[], T], default: T) -> T:
         """``fn()`` if the store is believed up; ``default`` if the breaker is open or ``fn`` fails."""
@@ -104,6 +111,7 @@ class NetworkTier(Tier):
             raise TierClosedError(f"{self.name} tier is closed")
         if not self.breaker.allow():
             return default
+        t0 = time.monotonic()
         try:
             result = fn()
         except self._refusal_types as e:  # the store is up but refused (out of memory, ACL): not an outage
@@ -119,7 +127,8 @@ class NetworkTier(Tier):
             with self._lock:
                 self._stats.errors += 1
             log.debug("%s: %s failed: %s: %s", self.breaker.name, op, type(e).__name__, e)
-            self.breaker.failure(e)
+            # NOTE: half the timeout counts as "ran into it": a stalled store must cost one timeout
+            self.breaker.failure(e, slow=time.monotonic() - t0 >= self.timeout_s / 2)
             return default
         self.breaker.success()
         return result
@@ -227,3 +236,4 @@ class NetworkTier(Tier):
 
     def close(self) -> None:
         self._closed = True
+        self.breaker.close()

@@ -53,7 +53,7 @@ class RedisTier(NetworkTier):
     def __init__(self, url: str, *, key_prefix: str = "kvtier", serde_name: str = "raw", timeout_s: float = 2.0,
                  ttl_s: float = 0.0, max_value_bytes: int = 16 * 1024**2, username: str = "",
                  password: str = "", failure_threshold: int = 3, retry_backoff_s: float = 0.5,
-                 max_connections: int = 64, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 retry_backoff_max_s: float = 5.0, max_connections: int = 64, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         if timeout_s <= 0 or ttl_s < 0 or max_value_bytes < 4096:
             raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
                             f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
@@ -61,7 +61,8 @@ class RedisTier(NetworkTier):
         super().__init__("redis", url, serde_name=serde_name,
                          failure_types=(redis.RedisError, RedisClusterException, OSError),
                          refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold,
-                         retry_backoff_s=retry_backoff_s, clock=clock)  # fmt: skip
+                         retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
+                         timeout_s=timeout_s, clock=clock)  # fmt: skip
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None
@@ -92,6 +93,9 @@ class RedisTier(NetworkTier):
             except (redis.RedisError, OSError) as e:
                 log.debug("redis tier: closing the old client: %s", e)
 
+    def _ping(self) -> None:
+        self._r().ping()
+
     def _pipe(self) -> Any:
         return self._r().pipeline(transaction=False)
 
@@ -101,10 +105,36 @@ class RedisTier(NetworkTier):
 
     # -- Tier API (reads: NetworkTier.batched_get over _fetch_many) ------------------------------
     def _exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether *every* key of each chunk is present (header and all payload parts).
+
+        Under ``allkeys-lru`` Redis evicts keys one by one, so a header can outlive its payload;
+        checking it alone made ``lookup`` promise chunks ``retrieve`` could not read. One round
+        trip reads each 128-byte header and the length of part 0, which answers for every chunk
+        stored in one part (all up to ``max_value_bytes``); a split chunk's other parts are
+        counted with one ``EXISTS`` each in a second round trip, for those chunks only.
+        """
         p = self._pipe()
         for k in keys:
-            p.exists(self._rk(k))
-        return [bool(x) for x in p.execute()]
+            p.get(self._rk(k))
+            p.strlen(self._rk(k) + ":0")
+        replies: list[Any] = list(p.execute())
+        out: list[bool] = []
+        split: list[tuple[int, int]] = []  # (index, parts)
+        for i in range(len(keys)):
+            head, part0 = replies[2 * i], int(replies[2 * i + 1])
+            total = None if head is None else _payload_size(head)
+            # NOTE: an absent part 0 reads as length 0, like the one empty part of an empty payload
+            ok = total is not None and (total == 0 or 0 < part0 <= total)
+            out.append(ok)
+            if ok and total and part0 < total:
+                split.append((i, -(-total // part0)))
+        if split:
+            p = self._pipe()
+            for i, n in split:
+                p.exists(*[f"{self._rk(keys[i])}:{j}" for j in range(1, n)])
+            for (i, n), found in zip(split, p.execute()):
+                out[i] = int(found) == n - 1
+        return out
 
     def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
         """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete."""

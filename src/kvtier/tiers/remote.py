@@ -7,22 +7,29 @@ API allows (``prefix_contains`` is one round trip, not one per key).
 Invariants:
 * Never raises to the engine for a run-time condition: a daemon that is down, slow (every call
   has ``timeout_s``), restarting or answering garbage gives misses (``get`` -> ``None``,
-  ``put`` -> ``False``). After a failure the tier stays "down" for a backoff that doubles from
-  ``backoff_initial_s`` to ``backoff_max_s``, so a dead daemon costs one failed connect per
-  backoff period, not a timeout per call; the first call after it reconnects.
+  ``put`` -> ``False``). Calls go through the same ``CircuitBreaker`` as Redis and S3: it opens
+  after ``failure_threshold`` fast failures or one call that ran into its timeout (a SIGSTOPped
+  daemon), and while open the tier answers misses without touching the socket; a background
+  probe (``Ping`` on a fresh connection) closes it again within ``retry_backoff_max_s × 1.1 +
+  timeout_s`` of the daemon's return. So an outage costs a caller at most one ``timeout_s``.
 * ``get`` may return a view into the daemon's shared pool (same host): the engine copies it and
   calls ``release()``, which returns the lease. A chunk must be released well within the
   daemon's lease timeout (``cpu.pin_timeout_s`` of the daemon, 60 s by default).
+* ``sync()`` (called by ``TierManager.flush``) asks the daemon to drain its lower-tier write
+  queues and fsync them: ``True`` means every chunk ``put`` accepted is on the daemon's disk (or
+  the daemon has no durable tier). ``False`` when the daemon is unreachable or times out.
 * ``stats()``: ``hits/misses/puts/put_failures/errors`` count *this client's* calls;
   ``chunks/bytes_used/capacity_bytes/evictions`` are the daemon's CPU tier (shared by all
   clients) — zeros while it is unreachable.
 
 URL: ``kvtier://HOST:PORT[?shm=0]``; ``shm=0`` forces KV over the socket even on the same host.
-The auth token comes from ``server.auth_token_file`` (the same file the daemon reads).
+The auth token comes from ``server.auth_token_file`` (the same file the daemon reads); without
+one, from the token file a daemon on this host generated for its port (``wire/token_file.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -33,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from kvtier.chunk import Chunk
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
+from kvtier.tiers.breaker import CircuitBreaker
 from kvtier.wire.client import DaemonClient, DaemonError
 from kvtier.wire.protocol import ProtocolError
 
@@ -63,7 +71,8 @@ class RemoteTier(Tier):
     name = "remote"
 
     def __init__(self, url: str, *, timeout_s: float = 2.0, token: str = "", token_file: str = "",
-                 backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0) -> None:  # fmt: skip
+                 failure_threshold: int = 3, retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0,
+                 flush_timeout_s: float = 60.0) -> None:  # fmt: skip
         host, port, use_shm = parse_url(url)
         if token_file and not token:
             try:
@@ -71,49 +80,71 @@ class RemoteTier(Tier):
             except OSError as e:
                 raise TierError(f"auth token file {token_file}: {e.strerror}") from e
         self.url = url
+        self.timeout_s = timeout_s
         self.client = DaemonClient(host, port, token=token, timeout_s=timeout_s, use_shm=use_shm)
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self._backoff = 0.0
-        self._retry_at = 0.0
+        self.breaker = CircuitBreaker(f"kvtier daemon {url}", failure_threshold=failure_threshold,
+                                      backoff_initial_s=retry_backoff_s,
+                                      backoff_max_s=max(retry_backoff_s, retry_backoff_max_s),
+                                      probe=self._ping)  # fmt: skip
+        self._probe_client = functools.partial(DaemonClient, host, port, token=token, timeout_s=timeout_s,
+                                               use_shm=False, client_name="kvtier-probe")  # fmt: skip
+        self.flush_timeout_s = flush_timeout_s
         self._lock = threading.Lock()
         self._stats = TierStats(self.name)
         self._closed = False
 
     # -- failure handling -----------------------------------------------------------------------
     def _call(self, op: str, fn: Callable[[DaemonClient], _T], default: _T) -> _T:
-        with self._lock:
-            if self._closed:
+        """``fn(client)``, or ``default`` when the breaker is open, the call fails, or another call
+        holds the connection for longer than ``timeout_s`` (so a call never waits more than one
+        timeout in total: the lock wait and the call share the budget, see below)."""
+        t0 = time.monotonic()
+        if self._closed or not self.breaker.allow():
+            return default
+        # NOTE: one connection, one call at a time. Waiting for it counts against the same
+        # timeout: a call stuck behind a stalled one fails with it, it does not add its own.
+        if not self._lock.acquire(timeout=self.timeout_s):
+            return default
+        try:
+            if self._closed or not self.breaker.allow():  # it may have opened while we waited
                 return default
-            now = time.monotonic()
-            if not self.client.connected:
-                if now < self._retry_at:
-                    return default
-                try:
-                    self.client.connect()
-                except (OSError, ProtocolError) as e:
-                    self._down(op, e, now)
-                    return default
-                self._backoff = 0.0
             try:
-                return fn(self.client)
+                if not self.client.connected:
+                    self.client.connect()
+                result = fn(self.client)
             except DaemonError as e:
                 if e.code == "invalid":  # this request was refused; the connection is fine
                     self._stats.errors += 1
                     log.warning("kvtier daemon refused %s: %s", op, e)
+                    self.breaker.success()
                     return default
-                self._down(op, e, now)
+                self._down(op, e, t0)
+                return default
             except (OSError, ProtocolError) as e:
-                self._down(op, e, now)
-            return default
+                self._down(op, e, t0)
+                return default
+            self.breaker.success()
+            return result
+        finally:
+            self._lock.release()
 
-    def _down(self, op: str, e: BaseException, now: float) -> None:
+    def _down(self, op: str, e: BaseException, t0: float) -> None:
         self.client.close()
         self._stats.errors += 1
-        self._backoff = min(self.backoff_max_s, max(self.backoff_initial_s, self._backoff * 2))
-        self._retry_at = now + self._backoff
-        log.warning("kvtier daemon at %s unavailable on %s (%s: %s); misses for %.2fs",
-                    self.url, op, type(e).__name__, e, self._backoff)  # fmt: skip
+        log.debug("kvtier daemon at %s failed on %s: %s: %s", self.url, op, type(e).__name__, e)
+        # NOTE: a call that ran into (half) its timeout opens the breaker at once: a stalled daemon
+        # must cost one timeout, not failure_threshold of them.
+        self.breaker.failure(e, slow=time.monotonic() - t0 >= self.timeout_s / 2)
+
+    def _ping(self) -> None:
+        """The breaker's background probe: a fresh connection and one ``Ping`` (no shared memory),
+        so it never touches the request path's connection or lock."""
+        c = self._probe_client()
+        try:
+            c.connect()
+            c.ping()
+        finally:
+            c.close()
 
     # -- the Tier API ---------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
@@ -152,6 +183,13 @@ class RemoteTier(Tier):
         """Drop everything in the daemon's CPU tier (all clients' chunks: admin and tests)."""
         self._call("clear", lambda c: c.clear(), None)
 
+    def sync(self) -> bool:
+        """Durable in the daemon (its queues drained, its disk fsynced); ``False`` if not known to be.
+
+        Holds the client for up to ``flush_timeout_s``: a flush is an explicit checkpoint, not a
+        request path."""
+        return self._call("flush", lambda c: c.flush(self.flush_timeout_s), False)
+
     def stats(self) -> TierStats:
         s = TierStats(**vars(self._stats))
         empty: dict[str, dict[str, float]] = {}
@@ -166,6 +204,10 @@ class RemoteTier(Tier):
         return self.client.shm
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self.client.close()
+        self._closed = True
+        self.breaker.close()
+        if self._lock.acquire(timeout=self.timeout_s):  # a stalled call fails on its own timeout
+            try:
+                self.client.close()
+            finally:
+                self._lock.release()

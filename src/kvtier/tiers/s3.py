@@ -66,8 +66,8 @@ class S3Tier(NetworkTier):
 
     def __init__(self, url: str, *, key_prefix: str = "kvtier", serde_name: str = "raw", endpoint_url: str = "",
                  region: str = "", timeout_s: float = 5.0, part_bytes: int = 16 * 1024**2, max_workers: int = 8,
-                 failure_threshold: int = 3, retry_backoff_s: float = 0.5, create_bucket: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 failure_threshold: int = 3, retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0,
+                 create_bucket: bool = False, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.bucket, prefix = parse_s3_url(url)
         if timeout_s <= 0 or max_workers < 1:
             raise TierError(
@@ -76,7 +76,7 @@ class S3Tier(NetworkTier):
         super().__init__("s3", endpoint_url or url, serde_name=serde_name,
                          failure_types=(BotoCoreError, ClientError, OSError),
                          failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
-                         clock=clock)  # fmt: skip
+                         retry_backoff_max_s=retry_backoff_max_s, timeout_s=timeout_s, clock=clock)  # fmt: skip
         self.prefix = prefix or key_prefix
         self.part_bytes = max(part_bytes, MIN_PART_BYTES)
         cfg = BotoConfig(connect_timeout=timeout_s, read_timeout=timeout_s,
@@ -99,6 +99,9 @@ class S3Tier(NetworkTier):
                 "BucketAlreadyExists",
             ):
                 raise
+
+    def _ping(self) -> None:
+        self._s3.head_bucket(Bucket=self.bucket)
 
     def _ok(self, key: bytes) -> str:
         return f"{self.prefix}/{key.hex()}"

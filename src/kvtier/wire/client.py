@@ -30,6 +30,7 @@ from kvtier.chunk import Chunk, dtype_from_name
 from kvtier.wire import protocol as P
 from kvtier.wire.shm import SharedSegment
 from kvtier.wire.shm import bytes_view as _bytes_view
+from kvtier.wire.token_file import default_token_path, read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ class DaemonError(P.ProtocolError):
 
 class DaemonClient:
     def __init__(self, host: str, port: int, *, token: str = "", timeout_s: float = 2.0,
-                 use_shm: bool = True, client_name: str = "") -> None:  # fmt: skip
+                 use_shm: bool = True, client_name: str = "", token_file: str = "") -> None:  # fmt: skip
         self.host, self.port = host, port
         self.token = token
+        self.token_file = token_file or str(default_token_path(port))
+        """Read at every connect when ``token`` is empty: a restarted daemon may have a new one."""
         self.timeout_s = timeout_s
         self.use_shm = use_shm
         self.register_cuda = True
@@ -78,7 +81,8 @@ class DaemonClient:
         sock.settimeout(self.timeout_s)
         self.sock = sock
         try:
-            hello = P.Hello(P.PROTOCOL_VERSION, self.token, self.use_shm, self.client_name)
+            token = self.token or read_token_file(self.token_file)
+            hello = P.Hello(P.PROTOCOL_VERSION, token, self.use_shm, self.client_name)
             w, _ = self._roundtrip(hello, [], max_payload=0)
             if not isinstance(w, P.Welcome) or w.version != P.PROTOCOL_VERSION:
                 raise P.ProtocolError(f"unexpected handshake reply {w!r}")
@@ -258,6 +262,19 @@ class DaemonClient:
     def stats(self) -> dict[str, dict[str, float]]:
         r = _expect(self._roundtrip(P.Stats(), [])[0], P.StatsReply)
         return r.stats
+
+    def flush(self, timeout_s: float) -> bool:
+        """Ask the daemon to make every write it accepted durable; waits up to ``timeout_s``
+        (plus this client's own ``timeout_s`` for the round trip)."""
+        if self.sock is None:
+            raise ConnectionError("not connected to the kvtier daemon")
+        self.sock.settimeout(timeout_s + self.timeout_s)
+        try:
+            r = _expect(self._roundtrip(P.Flush(timeout_s), [])[0], P.Flushed)
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout_s)
+        return r.ok
 
     def ping(self) -> None:
         self._roundtrip(P.Ping(), [])

@@ -154,6 +154,13 @@ class Remove(_Msg, tag="remove"):
     keys: Keys
 
 
+class Flush(_Msg, tag="flush"):
+    """Wait until every write the daemon accepted before this request has left its lower-tier
+    queues and is synced (disk: fsynced), for at most ``timeout_s``; answered ``Flushed``."""
+
+    timeout_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
+
+
 class Clear(_Msg, tag="clear"):
     """Drop every chunk the daemon holds (admin; tests)."""
 
@@ -211,9 +218,16 @@ class Pong(_Msg, tag="pong"):
     pass
 
 
+class Flushed(_Msg, tag="flushed"):
+    """``ok``: everything queued before the ``Flush`` is stored and durable; ``False`` on timeout
+    or a failed sync."""
+
+    ok: bool
+
+
 Message = (
     Hello | Welcome | Error | Contains | Prefix | Get | Release | Reserve | Commit | Put | Remove | Clear
-    | Stats | Ping | Bools | Count | GetReply | Reserved | StatsReply | Pong
+    | Stats | Ping | Flush | Bools | Count | GetReply | Reserved | StatsReply | Pong | Flushed
 )  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()

@@ -22,6 +22,11 @@ Invariants:
 * a leased chunk is pinned in the pool (``MemoryObject.pin``); eviction skips it; the pin lapses
   after the pool's ``pin_timeout_s`` so a client that dies without releasing cannot pin memory
   forever. A client must finish reading a leased view well within that timeout.
+* every page of the segment is allocated when it is made (``posix_fallocate``), after a
+  ``statvfs`` check that names both sizes: a ``/dev/shm`` smaller than the pool (Docker's
+  default is 64 MiB) is a one-line start-up error, never a SIGBUS on first touch in a client. A
+  client maps a segment only if all its blocks are allocated; otherwise (or if it cannot open
+  or map it at all) it moves KV over the socket.
 * the mmap is never closed while tensors view it (torch does not hold a buffer export, so an
   explicit ``close`` would leave dangling views); dropping the last reference unmaps it.
 """
@@ -29,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -78,9 +84,19 @@ class SharedSegment:
         nonce = secrets.token_bytes(16)
         path = Path(directory) / f"kvtier-pool-{os.getpid()}-{secrets.token_hex(8)}"
         size = HEADER_BYTES + arena_bytes
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < size:
+            raise SegmentError(_no_room(directory, st.f_bavail * st.f_frsize, size))
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
+            try:  # every page now: on tmpfs a page that cannot be had later is a SIGBUS on touch
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                st = os.statvfs(directory)
+                raise SegmentError(_no_room(directory, st.f_bavail * st.f_frsize, size)) from None
             # MAP_POPULATE: fault every page in now (tmpfs first-touch faults cost more than the
             # copy itself and would land on the first requests); RSS is the capacity from the start
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
@@ -99,10 +115,15 @@ class SharedSegment:
         (another host, another daemon run)."""
         fd = os.open(path, os.O_RDWR)
         try:
-            size = os.fstat(fd).st_size
+            fst = os.fstat(fd)
+            size = fst.st_size
             if size != HEADER_BYTES + arena_bytes:
                 raise SegmentError(
                     f"shared segment {path} has {size} bytes, expected {HEADER_BYTES + arena_bytes}"
+                )
+            if fst.st_blocks * 512 < size:  # sparse: touching a page its filesystem lacks is SIGBUS
+                raise SegmentError(
+                    f"shared segment {path} has only {fst.st_blocks * 512} of {size} bytes allocated"
                 )
             mm = mmap.mmap(fd, size)
         finally:
@@ -150,6 +171,14 @@ class SharedSegment:
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+def _no_room(directory: str | os.PathLike[str], free: int, need: int) -> str:
+    return (
+        f"{directory} has {free / 2**20:.1f} MiB free but the CPU pool needs {need / 2**20:.1f} MiB: "
+        f"run the container with a larger --shm-size (Docker's default is 64m; e.g. "
+        f"--shm-size={-(-need // 2**20) + 64}m), lower --cpu-size, or point --shm-dir at a larger tmpfs"
+    )
 
 
 def reap_stale_segments(directory: str | os.PathLike[str]) -> list[Path]:
