@@ -6,7 +6,9 @@ and from it through ``kvtier.transfer``, which the engine never imports.
 
 Invariants:
 * Keys come from ``keys.chunk_keys`` under this engine's ``Namespace``; KV stored under another
-  namespace (model, dtype, shape, tp shard, salt) can never be returned.
+  namespace (model, dtype, shape, tp shard, salt) can never be returned. Every call that keys
+  tokens takes ``extras`` (``keys.KeyExtras``: the request's LoRA adapter, cache salt,
+  multimodal items); KV stored under other extras is another key and fails the fingerprint.
 * ``lookup`` and ``retrieve`` return a contiguous prefix: the first chunk no tier has (or whose
   fingerprint/shape does not match on read) ends the hit.
 * ``store`` validates everything before touching any tier: bad input raises ``KVError`` and
@@ -28,7 +30,7 @@ import torch
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.errors import KVTierError, StateError
-from kvtier.keys import ChunkKey, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import ChunkKey, KeyExtras, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -153,19 +155,20 @@ class CacheEngine:
         self.bind(ns)
         return ns
 
-    def keys(self, tokens: TokenInput) -> list[ChunkKey]:
-        """The chunk keys of ``tokens`` under this engine's namespace ([] if unbound)."""
+    def keys(self, tokens: TokenInput, extras: KeyExtras | None = None) -> list[ChunkKey]:
+        """The chunk keys of ``tokens`` (and the request's ``extras``) under this engine's
+        namespace ([] if unbound)."""
         if self._namespace is None:
             return []
         return chunk_keys(tokens, self._namespace, self.chunk_tokens, allow_partial=self.allow_partial,
-                          ns_digest=self._ns_digest)  # fmt: skip
+                          ns_digest=self._ns_digest, extras=extras)  # fmt: skip
 
     # -- the API --------------------------------------------------------------------------------
-    def lookup(self, tokens: TokenInput) -> int:
+    def lookup(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> int:
         """Number of leading tokens whose KV is cached (a prefix, chunk-aligned except a stored tail)."""
         t0 = time.perf_counter()
         arr = tokens_to_array(tokens)
-        keys = self.keys(arr)
+        keys = self.keys(arr, extras)
         n_chunks = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         hit = keys[n_chunks - 1].end if n_chunks else 0
         s = self._stats
@@ -176,15 +179,16 @@ class CacheEngine:
         self.metrics.lookup_latency.observe(time.perf_counter() - t0)
         return hit
 
-    def store(self, tokens: TokenInput, kv: torch.Tensor) -> int:
+    def store(self, tokens: TokenInput, kv: torch.Tensor, *, extras: KeyExtras | None = None) -> int:
         """Store the KV of ``tokens``; returns the number of tokens newly stored.
 
         ``kv``: ``[num_layers, planes, len(tokens), num_kv_heads, head_dim]``, any device. Chunks
         already cached are skipped. Binds the namespace from ``kv`` if still unbound.
         """
-        return self.store_range(tokens, kv).stored_tokens
+        return self.store_range(tokens, kv, extras=extras).stored_tokens
 
-    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0) -> StoreResult:
+    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0,
+                    extras: KeyExtras | None = None) -> StoreResult:  # fmt: skip
         """Store the chunks of ``tokens`` that lie at or after ``start``; ``kv`` holds tokens
         ``[start, len(tokens))`` (``[layers, planes, len(tokens) - start, heads, head_dim]``).
 
@@ -199,7 +203,7 @@ class CacheEngine:
                 f"start={start} must be a multiple of chunk_tokens={self.chunk_tokens} within the {arr.size} tokens"
             )
         self._validate_kv(arr[start:], kv)
-        keys = [k for k in self.keys(arr) if k.start >= start]
+        keys = [k for k in self.keys(arr, extras) if k.start >= start]
         res = StoreResult()
         # Keys are chained, so cached chunks form a prefix: one batched question to the top tier
         # (one round trip when it is remote) finds them.
@@ -207,7 +211,8 @@ class CacheEngine:
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         for k in keys[skip:]:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
-            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype))
+            ctx = extras.context(k.start, k.end) if extras else b""
+            fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype), ctx)
             if self.storage.put(k.digest, Chunk(part, fp, k.num_tokens)):
                 res.stored_tokens += k.num_tokens
                 res.stored_keys.append(k.digest)
@@ -220,10 +225,10 @@ class CacheEngine:
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return res
 
-    def first_uncached(self, tokens: TokenInput, start: int = 0) -> int:
+    def first_uncached(self, tokens: TokenInput, start: int = 0, *, extras: KeyExtras | None = None) -> int:
         """The start of the first chunk at or after ``start`` that no tier holds (``len(tokens)``'s
         last chunk end when all are held): where a save of ``tokens`` has to begin. No data moves."""
-        keys = [k for k in self.keys(tokens) if k.end > start]
+        keys = [k for k in self.keys(tokens, extras) if k.end > start]
         if not keys:
             return len(tokens) if start >= len(tokens) else start
         n = self.storage.prefix_lookup([k.digest for k in keys])
@@ -244,7 +249,8 @@ class CacheEngine:
             out.extend(tier.keys() or [])
         return out
 
-    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None) -> ChunkViews:
+    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None,
+                        extras: KeyExtras | None = None) -> ChunkViews:  # fmt: skip
         """The validated chunks of the longest cached run of ``tokens``' chunks from the one
         holding ``start`` on, up to the one holding ``end - 1`` (default: all), not assembled.
 
@@ -257,16 +263,17 @@ class CacheEngine:
         the pool to a GPU while it computes, instead of waiting for ``retrieve``'s one big copy.
         """
         t0 = time.perf_counter()
-        views = self._views(tokens, start, end)
+        views = self._views(tokens, start, end, extras)
         self._stats.retrieves += 1
         self._stats.retrieved_tokens += sum(k.num_tokens for k, _ in views.chunks)
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return views
 
-    def _views(self, tokens: TokenInput, start: int = 0, end: int | None = None) -> ChunkViews:
+    def _views(self, tokens: TokenInput, start: int = 0, end: int | None = None,
+               extras: KeyExtras | None = None) -> ChunkViews:  # fmt: skip
         arr = tokens_to_array(tokens)
         stop = arr.size if end is None else end
-        keys = [k for k in self.keys(arr) if k.end > start and k.start < stop]
+        keys = [k for k in self.keys(arr, extras) if k.end > start and k.start < stop]
         if not keys or self._namespace is None:
             return ChunkViews(0, [])
         n_avail = self.storage.prefix_lookup([k.digest for k in keys])
@@ -275,7 +282,7 @@ class CacheEngine:
         views = ChunkViews(0, [])
         ok = True
         for k, chunk in zip(keys, self.storage.get_prefix([k.digest for k in keys[:n_avail]])):
-            ok = ok and self.chunk_ok(chunk, arr, k)
+            ok = ok and self.chunk_ok(chunk, arr, k, extras)
             if ok:
                 views.chunks.append((k, chunk))
                 views.num_tokens = k.end
@@ -284,7 +291,7 @@ class CacheEngine:
         return views
 
     def retrieve(self, tokens: TokenInput, *, device: torch.device | str | None = None,
-                 out: torch.Tensor | None = None) -> RetrieveResult:  # fmt: skip
+                 out: torch.Tensor | None = None, extras: KeyExtras | None = None) -> RetrieveResult:  # fmt: skip
         """The KV of the longest cached prefix of ``tokens``, on ``device`` (default CPU).
 
         ``out``: a preallocated ``[layers, 2, >= len(tokens), kv_heads, head_dim]`` tensor to fill
@@ -293,7 +300,7 @@ class CacheEngine:
         """
         t0 = time.perf_counter()
         ns = self._namespace
-        with self._views(tokens) as views:
+        with self._views(tokens, extras=extras) as views:
             got = views.num_tokens
             if got == 0 or ns is None:
                 self._stats.retrieves += 1
@@ -321,16 +328,20 @@ class CacheEngine:
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
 
+    def note_uncacheable(self) -> None:
+        """Count a request an integration could not key and therefore neither loaded nor stored."""
+        self._stats.uncacheable_requests += 1
+
     def stats(self) -> CacheStats:
         """A snapshot of the engine's and every tier's counters."""
         s = CacheStats(**{k: v for k, v in vars(self._stats).items() if k != "tiers"})
         s.tiers = self.storage.stats()
         return s
 
-    def prefetch(self, tokens: TokenInput) -> Future[int]:
+    def prefetch(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> Future[int]:
         """Start loading the cached prefix of ``tokens`` from slower tiers into the CPU tier, so a
         later ``retrieve`` is served from RAM; the future gives the number of chunks loaded."""
-        return self.storage.prefetch([k.digest for k in self.keys(tokens)])
+        return self.storage.prefetch([k.digest for k in self.keys(tokens, extras)])
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until asynchronous writes to lower tiers are done and durable; ``False`` on timeout."""
@@ -390,7 +401,7 @@ class CacheEngine:
         if out.dtype != dtype:
             raise KVError(f"out dtype {out.dtype} does not match the namespace's {ns.kv_dtype}")
 
-    def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey) -> bool:
+    def chunk_ok(self, chunk: Chunk, arr: np.ndarray, k: ChunkKey, extras: KeyExtras | None = None) -> bool:
         """Whether ``chunk``, read for key ``k`` of the tokens ``arr``, is exactly what this
         namespace stored there (token count, shape, dtype, fingerprint); a failure is counted
         and logged, and the caller treats it as a miss. Integrations that read tiers directly
@@ -403,7 +414,13 @@ class CacheEngine:
             chunk.num_tokens == k.num_tokens
             and tuple(chunk.kv.shape) == want_shape
             and chunk.kv.dtype == dtype
-            and chunk.fingerprint == fingerprint(arr[k.start : k.end], want_shape, ns.kv_dtype)
+            and chunk.fingerprint
+            == fingerprint(
+                arr[k.start : k.end],
+                want_shape,
+                ns.kv_dtype,
+                extras.context(k.start, k.end) if extras else b"",
+            )
         )
         if not ok:
             self._stats.fingerprint_mismatches += 1

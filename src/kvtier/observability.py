@@ -40,6 +40,8 @@ class CacheStats:
     retrieves: int = 0
     retrieved_tokens: int = 0
     fingerprint_mismatches: int = 0
+    uncacheable_requests: int = 0
+    """Requests an integration could not key (an input kvtier does not hash): never cached."""
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     @property
@@ -80,6 +82,7 @@ class _StatsCollector(Collector):
             ("store_failures", "Chunks no tier could store"),
             ("retrieved_tokens", "Tokens returned by retrieve"),
             ("fingerprint_mismatches", "Chunks rejected on read (fingerprint/shape mismatch)"),
+            ("uncacheable_requests", "Requests with an input kvtier cannot key: never cached"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
         yield GaugeMetricFamily("kvtier_hit_rate", "Hit tokens / requested tokens", value=s.hit_rate)

@@ -25,7 +25,7 @@ def greedy_continue(model, r: kvt.PrefillResult, n: int) -> list[int]:
     out = [int(tok)]
     cache = r.cache
     for _ in range(n - 1):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok, **{kvt.cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         out.append(int(tok))
     return out
@@ -74,7 +74,9 @@ def test_generate_drop_in_matches_model_generate(random_model: LoadedModel, engi
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     first = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False, store_generated=True)
     assert torch.equal(first, want)
-    assert engine.lookup(first[0, :57]) == 57  # prompt + 7 generated tokens stored
+    assert (
+        engine.lookup(first[0, :57], extras=kvt.request_extras(model)) == 57
+    )  # prompt + 7 generated tokens stored
     again = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False)
     assert torch.equal(again, want)
     assert engine.stats().hit_tokens >= 50
@@ -188,7 +190,7 @@ def test_layerwise_cache_from_host_rows_matches(engine: CacheEngine) -> None:
     cache = KVTierCache(model.config, LayerwiseKV([kv], torch.device("cpu")))
     assert cache.get_seq_length() == 39  # reported before any layer is installed
     with torch.inference_mode():
-        logits = model(input_ids=ids[:, 39:], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids[:, 39:], **{kvt.cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
     torch.testing.assert_close(logits, full_logits(model, ids), atol=ATOL, rtol=0)
     torch.testing.assert_close(cache_to_kv(cache, 39), kv, atol=0, rtol=0)  # the prefix: bit-exact
     torch.testing.assert_close(cache_to_kv(cache, 40), cache_to_kv(ref.cache, 40), atol=ATOL, rtol=0)
@@ -206,7 +208,9 @@ def test_layerwise_cache_cuda_side_stream() -> None:
     kv = cache_to_kv(ref.cache, 299).cpu().pin_memory()
     cache = KVTierCache(model.config, LayerwiseKV([kv], torch.device("cuda")))
     with torch.inference_mode():
-        logits = model(input_ids=ids[:, 299:], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids[:, 299:], **{kvt.cache_kwarg(model): cache}, use_cache=True).logits[
+            :, -1
+        ]
     torch.testing.assert_close(logits, full_logits(model, ids), atol=ATOL, rtol=0)
     full = kvt.prefill(model, ids, eng)
     assert full.hit_tokens == 299

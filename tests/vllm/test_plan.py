@@ -10,7 +10,7 @@ from kvtier.integrations.vllm_plan import Planner
 def planner(hit: int, bs: int = 16, chunk: int = 32) -> tuple[Planner, list[int]]:
     calls: list[int] = []
 
-    def lookup(tokens: object) -> int:
+    def lookup(tokens: object, extras: object) -> int:
         calls.append(len(tokens))  # type: ignore[arg-type]
         return hit
 

@@ -48,7 +48,7 @@ def greedy(model: Any, first_logits: torch.Tensor, cache: Any, n: int) -> list[i
     tok = first_logits.argmax(dim=-1, keepdim=True).view(1, 1)
     out = [int(tok)]
     for _ in range(n - 1):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok, **{kvt.cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
         tok = logits.argmax(dim=-1, keepdim=True)
         out.append(int(tok))
     return out
@@ -60,7 +60,9 @@ def plain_prefill(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any, flo
     device = ids.device
     t0 = time.perf_counter()
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=ids, **{kvt.cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1).logits[
+        :, -1
+    ]
     _sync(device)
     return logits, cache, time.perf_counter() - t0
 
@@ -93,10 +95,10 @@ def split_prefill(model: Any, ids: torch.Tensor, hit: int) -> torch.Tensor:
     """
     cache = DynamicCache(config=model.config)
     if hit:
-        model(input_ids=ids[:, :hit], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return model(input_ids=ids[:, hit:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[
-        :, -1
-    ]
+        model(input_ids=ids[:, :hit], **{kvt.cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+    return model(
+        input_ids=ids[:, hit:], **{kvt.cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
 
 
 def run_with(model: Any, requests: list[Request], engine: CacheEngine, *, gen_tokens: int,

@@ -24,6 +24,11 @@ Invariants:
 * The engine is bound to the model's namespace (model id + weights digest, dtype, layers, KV
   heads, head dim) on first use. An engine bound to anything else is never read from or
   written to for this model: a warning, then a plain prefill (a miss, never wrong output).
+* Keys carry what besides the tokens changes the KV (``hf_keys``): a digest of the weights and
+  adapter state at call time (a LoRA merged, loaded or switched after binding is another key)
+  and of extra model inputs (pixel values...); with those, only the tokens before the first
+  multimodal placeholder are cached. A call with an input kvtier cannot key runs uncached and
+  is counted (``CacheStats.uncacheable_requests``).
 * Batches: rows of equal length without padding. Each row's prefix is looked up separately and
   the batch reuses the shortest hit (one cache length per batch). Padded batches raise
   ``NotImplementedError``.
@@ -31,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -51,10 +57,20 @@ from kvtier.integrations.hf_cache import (
     check_supported,
     model_kv_spec,
 )
+from kvtier.integrations.hf_keys import Uncacheable, adapter_identity, input_extras
+from kvtier.keys import KeyExtras
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IntegrationError", "KVTierCache", "PrefillResult", "bind_engine", "generate", "prefill"]
+__all__ = [
+    "IntegrationError",
+    "KVTierCache",
+    "PrefillResult",
+    "bind_engine",
+    "generate",
+    "prefill",
+    "request_extras",
+]
 
 
 @dataclass
@@ -136,23 +152,62 @@ def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Te
     return ids.to(device=device, dtype=torch.long)
 
 
+def cache_kwarg(model: Any) -> str:
+    """``"cache"`` where the model's forward takes it (transformers >= 5.24 deprecates
+    ``past_key_values``, removal announced for 5.40), else ``"past_key_values"``."""
+    fwd = type(model).forward
+    memo = _CACHE_KWARG.get(fwd)
+    if memo is None:
+        memo = _CACHE_KWARG[fwd] = (
+            "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+        )
+    return memo
+
+
+_CACHE_KWARG: dict[Any, str] = {}
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.device
+def request_extras(model: Any, **model_inputs: Any) -> KeyExtras:
+    """The ``KeyExtras`` under which ``prefill``/``generate`` key ``model``'s KV for these inputs
+    (for direct ``engine.lookup(tokens, extras=...)``); raises ``hf_keys.Uncacheable``."""
+    return KeyExtras(
+        adapter=adapter_identity(model),
+        inputs=input_extras(model, torch.zeros(1, 0, dtype=torch.long), model_inputs).digest,
+    )
+
+
+def _request_keys(engine: CacheEngine, model: Any, rows_cpu: torch.Tensor, kwargs: dict[str, Any]
+                  ) -> tuple[KeyExtras, int] | None:  # fmt: skip
+    """(extras, tokens per row that may be cached), or ``None`` (counted) when an input cannot be keyed."""
+    try:
+        inp = input_extras(model, rows_cpu, kwargs)
+    except Uncacheable as e:
+        engine.note_uncacheable()
+        log.warning("kvtier: this call is not cached (neither loaded nor stored): %s", e)
+        return None
+    limit = int(rows_cpu.shape[1]) if inp.limit is None else inp.limit
+    return KeyExtras(adapter=adapter_identity(model), inputs=inp.digest), limit
+
+
+def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.device,
+                 extras: KeyExtras | None = None, limit: int | None = None
                  ) -> tuple[int, LayerwiseKV | None]:  # fmt: skip
-    """The shared cached prefix length of the rows (<= len-1) and its KV, or ``(0, None)``."""
+    """The shared cached prefix length of the rows (<= len-1, <= ``limit``) and its KV, or ``(0, None)``."""
     seq = int(rows_cpu.shape[1])
     if seq < 2:
         return 0, None
-    found = min(engine.lookup(r) for r in rows_cpu)
+    lim = seq if limit is None else min(limit, seq)
+    found = min(engine.lookup(r[:lim], extras=extras) for r in rows_cpu)
     hit = min(found, seq - 1)
     if hit <= 0:
         return 0, None
     if device.type == "cuda":
         # Straight from the pinned pool to the GPU, layer by layer, overlapping the forward.
-        views = [engine.retrieve_chunks(r[:found]) for r in rows_cpu]
+        views = [engine.retrieve_chunks(r[:found], extras=extras) for r in rows_cpu]
         hit = min([hit] + [v.num_tokens for v in views])
         if hit <= 0:
             for v in views:
@@ -162,7 +217,7 @@ def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.devi
     kvs = []
     for r in rows_cpu:
         # Ask for exactly the looked-up span: its chunk keys (a stored partial tail included) match.
-        got = engine.retrieve(r[:found], device=device)
+        got = engine.retrieve(r[:found], device=device, extras=extras)
         if got.kv is None or got.num_tokens < hit:  # evicted or rejected since the lookup: a miss
             hit = min(hit, got.num_tokens)
             if hit <= 0:
@@ -186,21 +241,23 @@ def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | 
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
     spans = _blend_spans(ids, segments, separator, recompute_ratio)
-    enabled = bind_engine(engine, model, model_id)
-    if spans is not None and enabled:
+    keys = _request_keys(engine, model, rows_cpu, {}) if bind_engine(engine, model, model_id) else None
+    extras, limit = keys if keys is not None else (None, 0)
+    if spans is not None and keys is not None:
+        _check_blend_extras(extras)
         return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0)
-    hit, prefix = _load_prefix(engine, rows_cpu, device) if enabled else (0, None)
+    hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     t_load = time.perf_counter()
     cache = KVTierCache(model.config, prefix)
-    out = model(input_ids=ids[:, hit:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, hit:], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_first = time.perf_counter()
     stored = 0
-    if store and enabled:
+    if store and keys:
         kv_rows = [cache_to_kv(cache, seq, batch_index=b) for b in range(ids.shape[0])]
-        stored = sum(engine.store(r, kv) for r, kv in zip(rows_cpu, kv_rows))
+        stored = sum(engine.store(r, kv, extras=extras) for r, kv in zip(rows_cpu, kv_rows))
     t_end = time.perf_counter()
     return PrefillResult(logits, cache, seq, hit, stored, t_first - t0, t_load - t0, t_end - t_first)
 
@@ -221,6 +278,17 @@ def _blend_spans(
     if separator is not None:
         segments = split_on_separator(ids[0].cpu(), separator)
     return check_segments(segments, int(ids.shape[1]))
+
+
+def _check_blend_extras(extras: Any) -> None:
+    """Segment keys hold tokens and the namespace only: refuse inputs that change the KV beyond them."""
+    if extras:
+        from kvtier.blend import BlendError
+
+        raise BlendError(
+            "blending does not support LoRA adapters, cache salts or extra model inputs yet "
+            "(segment keys would not include them); call without segments= for prefix caching"
+        )
 
 
 def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple[int, int]], store: bool,
@@ -253,29 +321,40 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     ``prefill`` (blending); the blended cache minus its last position is handed to ``generate``,
     which recomputes that one token (its KV was computed fresh anyway) to start decoding.
     """
-    if "past_key_values" in generate_kwargs:
-        raise IntegrationError("generate(): kvtier supplies past_key_values itself; do not pass one")
+    given = sorted({"cache", "past_key_values"} & set(generate_kwargs))
+    if given:
+        raise IntegrationError(f"generate(): kvtier supplies the cache itself; do not pass {given[0]}")
     device = _model_device(model)
     ids = _rows(input_ids, attention_mask, device)
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
     spans = _blend_spans(ids, segments, separator, recompute_ratio)
-    enabled = bind_engine(engine, model, model_id)
-    if spans is not None and enabled:
+    keys = (
+        _request_keys(engine, model, rows_cpu, generate_kwargs)
+        if bind_engine(engine, model, model_id)
+        else None
+    )
+    extras, limit = keys if keys is not None else (None, 0)
+    if spans is not None and keys is not None:
+        _check_blend_extras(extras)
         cache = _blend(
             model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter()
         ).cache
         cache.crop(-1)  # drop the last position: generate recomputes it to start decoding
         return model.generate(
-            ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs
+            ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
         )
-    _, prefix = _load_prefix(engine, rows_cpu, device) if enabled else (0, None)
+    _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     cache = KVTierCache(model.config, prefix)
-    out = model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), **generate_kwargs)
-    if store and enabled:
+    out = model.generate(
+        ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
+    )
+    if store and keys:
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         cache.finish_loading()
         n = min(cache.get_seq_length(), sequences.shape[1]) if store_generated else seq
+        n = min(n, limit) if limit < seq else n  # nothing from the first placeholder on
         for b in range(ids.shape[0]):
-            engine.store(sequences[b, :n].cpu(), cache_to_kv(cache, n, batch_index=b))
+            if n > 0:
+                engine.store(sequences[b, :n].cpu(), cache_to_kv(cache, n, batch_index=b), extras=extras)
     return out

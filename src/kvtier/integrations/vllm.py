@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtier.chunk import dtype_name
-from kvtier.keys import Namespace
+from kvtier.keys import KeyExtras, Namespace
 from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
+from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
 from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
 from .vllm_shared import (
     config_from_extra,
@@ -133,6 +134,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 "(hybrid/sliding-window mixes are not supported yet)"
             )
         spec = groups[0].kv_cache_spec
+        _check_spec(spec)
         self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
@@ -191,6 +193,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
         self._device = torch.device("cpu")
         self._saves_for: KVConnectorMetadata | None = None
+        self._req_extras: dict[str, KeyExtras | None] = {}
+        self._uncacheable_logged: set[str] = set()
+        self._mm_hashed = mm_ids_are_hashes(vllm_config)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -198,8 +203,8 @@ class KVTierConnector(KVConnectorBase_V1):
         return False
 
     # ---------------------------------------------------------------- scheduler side
-    def _lookup(self, tokens: Any) -> int:
-        hit = self._engine.lookup(list(tokens))
+    def _lookup(self, tokens: Any, extras: KeyExtras) -> int:
+        hit = self._engine.lookup(list(tokens), extras=extras)
         self.stats.lookups += 1
         self.stats.lookup_hit_tokens += hit
         return hit
@@ -207,13 +212,31 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        n = self._planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
+        extras = self._extras(request)
+        n = self._planner.match(request.request_id, request.all_token_ids, num_computed_tokens, extras)
         return n, False
+
+    def _extras(self, request: Request) -> KeyExtras | None:
+        """The request's key inputs (``vllm_keys``), once per request; ``None``: not cacheable."""
+        rid = request.request_id
+        if rid in self._req_extras:
+            return self._req_extras[rid]
+        got = request_extras(request, mm_hashed=self._mm_hashed)
+        extras = None if isinstance(got, Uncacheable) else got
+        if isinstance(got, Uncacheable):
+            self.stats.uncacheable_requests += 1
+            if got.reason not in self._uncacheable_logged:
+                self._uncacheable_logged.add(got.reason)
+                log.warning("kvtier: request %s is not cached (neither loaded nor saved): %s; "
+                            "counted in uncacheable_requests, logged once", rid, got.reason)  # fmt: skip
+        self._req_extras[rid] = extras
+        return extras
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        self._planner.after_alloc(request.request_id, request.all_token_ids, num_external_tokens)
+        extras = self._extras(request)
+        self._planner.after_alloc(request.request_id, request.all_token_ids, num_external_tokens, extras)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         so = scheduler_output
@@ -238,6 +261,7 @@ class KVTierConnector(KVConnectorBase_V1):
         # Saves copy KV out of the blocks inside the step that computed it, so by the time a
         # request finishes nothing reads its blocks any more: vLLM may free them now.
         self._planner.finished(request.request_id)
+        self._req_extras.pop(request.request_id, None)
         return False, None
 
     # ---------------------------------------------------------------- worker side
@@ -331,6 +355,23 @@ class KVTierConnector(KVConnectorBase_V1):
             self._worker.release_loads()
         self._engine.flush(timeout_s=10.0)
         release(self._instance, self._share_role, self._ns)
+
+
+def _check_spec(spec: Any) -> None:
+    """Refuse KV cache groups that do not keep every position's KV in its block (clear error, never
+    wrong KV). kvtier saves and loads the full KV of every prompt position; a sliding-window or
+    chunked-local group frees (nulls) blocks behind the window, so a save could read a freed block,
+    and Mamba/MLA state has another layout. ``FullAttentionSpec`` with a ``sliding_window`` (what
+    vLLM makes of the local layers of a hybrid model when, as with a connector, its hybrid
+    manager is off) keeps every block: it is supported."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if type(spec) is not FullAttentionSpec:
+        raise ConnectorError(
+            f"kvtier's vLLM connector supports full-attention KV caches; this model's is {type(spec).__name__} "
+            "(sliding-window, chunked-local, MLA and Mamba/hybrid caches are not supported yet): serve it "
+            "without kvtier's connector"
+        )
 
 
 def _sorted_layers(names: list[str]) -> list[str]:

@@ -15,8 +15,12 @@ Rules and why:
 * Blocks are tracked from the scheduler output (new requests carry their block list, running
   ones append, resumed-after-preemption ones replace it), so specs always name the blocks that
   hold the tokens in this step.
-* Every spec is plain data (``TransferSpec``: ints and lists), serialisable for vLLM's
-  multiprocess executor.
+* Every spec is plain data (``TransferSpec``: ints, lists and the request's ``KeyExtras``),
+  serialisable for vLLM's multiprocess executor.
+* A request's key inputs beyond its tokens (LoRA adapter, cache salt, multimodal items:
+  ``vllm_keys``) are fixed at its first ``match`` and travel in every spec, so the worker keys
+  loads and saves exactly as the lookup did. A request ``match`` was given ``None`` for cannot
+  be keyed: kvtier neither loads nor saves it (``uncacheable``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.errors import KVTierError, StateError
+from kvtier.keys import NO_EXTRAS, KeyExtras
 
 
 def align_down(n: int, step: int) -> int:
@@ -57,6 +62,8 @@ class TransferSpec:
     start: int
     end: int
     block_ids: list[int]
+    extras: KeyExtras = NO_EXTRAS
+    """The request's adapter, salt and multimodal items: part of every chunk key."""
 
     def first_token(self, block_size: int) -> int:
         return align_down(self.start, block_size)
@@ -71,6 +78,8 @@ class _Req:
     pending_end: int = 0
     """Last full-chunk boundary whose KV exists once this step has run."""
     load: tuple[int, int] | None = None
+    extras: KeyExtras | None = NO_EXTRAS
+    """``None``: the request cannot be keyed (never loaded, never saved)."""
 
 
 @dataclass
@@ -82,10 +91,11 @@ class _Match:
 class Planner:
     """Per-request bookkeeping of the scheduler-side connector.
 
-    ``lookup(tokens) -> int`` returns how many leading tokens kvtier holds (a chunk prefix).
+    ``lookup(tokens, extras) -> int`` returns how many leading tokens kvtier holds (a chunk prefix).
     """
 
-    def __init__(self, lookup: Callable[[Sequence[int]], int], *, block_size: int, chunk_tokens: int) -> None:
+    def __init__(self, lookup: Callable[[Sequence[int], KeyExtras], int], *, block_size: int,
+                 chunk_tokens: int) -> None:  # fmt: skip
         if block_size <= 0 or chunk_tokens <= 0:
             raise ConnectorError(
                 f"block_size and chunk_tokens must be positive, got {block_size}, {chunk_tokens}"
@@ -95,15 +105,30 @@ class Planner:
         self.chunk_tokens = chunk_tokens
         self._reqs: dict[str, _Req] = {}
         self._matches: dict[str, _Match] = {}
+        self._extras: dict[str, KeyExtras | None] = {}
+        """Key inputs of requests matched but not allocated yet."""
 
     # -- lookup / allocation --------------------------------------------------------------------
-    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
-        """Tokens kvtier can supply beyond vLLM's ``num_computed`` (0 if none); remembers the plan."""
+    def match(self, req_id: str, tokens: Sequence[int], num_computed: int,
+              extras: KeyExtras | None = NO_EXTRAS) -> int:  # fmt: skip
+        """Tokens kvtier can supply beyond vLLM's ``num_computed`` (0 if none); remembers the plan.
+
+        ``extras``: the request's key inputs; ``None`` marks it uncacheable (0, and no saves).
+        A request already tracked (resumed after preemption) keeps the extras it had.
+        """
+        st = self._reqs.get(req_id)
+        if st is not None:
+            extras = st.extras
+        else:
+            extras = self._extras.setdefault(req_id, extras)
+        if extras is None:
+            self._matches.pop(req_id, None)
+            return 0
         limit = align_down(len(tokens) - 1, self.block_size) if tokens else 0
         if limit <= num_computed:
             self._matches.pop(req_id, None)
             return 0
-        hit = self._lookup(tokens)
+        hit = self._lookup(tokens, extras)
         load_end = align_down(min(hit, limit), self.block_size)
         if load_end <= num_computed:
             self._matches.pop(req_id, None)
@@ -111,11 +136,13 @@ class Planner:
         self._matches[req_id] = _Match(num_computed, load_end)
         return load_end - num_computed
 
-    def after_alloc(self, req_id: str, tokens: Sequence[int], num_external: int) -> None:
-        """vLLM allocated blocks; ``num_external`` > 0 means it accepted our load."""
+    def after_alloc(self, req_id: str, tokens: Sequence[int], num_external: int,
+                    extras: KeyExtras | None = NO_EXTRAS) -> None:  # fmt: skip
+        """vLLM allocated blocks; ``num_external`` > 0 means it accepted our load. ``extras`` are
+        the request's key inputs (what ``match`` was given takes precedence)."""
         st = self._reqs.get(req_id)
         if st is None:
-            st = self._reqs[req_id] = _Req(tokens)
+            st = self._reqs[req_id] = _Req(tokens, extras=self._extras.pop(req_id, extras))
         st.tokens = tokens
         m = self._matches.pop(req_id, None)
         if num_external > 0:
@@ -131,7 +158,8 @@ class Planner:
                     num_computed: int, num_scheduled: int) -> None:  # fmt: skip
         st = self._reqs.get(req_id)
         if st is None:
-            st = self._reqs[req_id] = _Req(tokens or [])
+            # never matched nor allocated through this connector: its key inputs are unknown
+            st = self._reqs[req_id] = _Req(tokens or [], extras=self._extras.pop(req_id, None))
         st.block_ids = list(block_ids)
         self._advance(st, num_computed + num_scheduled)
 
@@ -155,7 +183,7 @@ class Planner:
         saves: list[TransferSpec] = []
         for rid in scheduled:
             st = self._reqs.get(rid)
-            if st is None:
+            if st is None or st.extras is None:
                 continue
             if st.load is not None:
                 s, e = st.load
@@ -175,11 +203,13 @@ class Planner:
                 f"request {rid}: tokens [{start}, {end}) need {b1} blocks, vLLM gave {len(st.block_ids)}"
             )
         key_end = min(len(st.tokens), -(-end // self.chunk_tokens) * self.chunk_tokens)
-        return TransferSpec(rid, list(st.tokens[:key_end]), start, end, st.block_ids[b0:b1])
+        assert st.extras is not None
+        return TransferSpec(rid, list(st.tokens[:key_end]), start, end, st.block_ids[b0:b1], st.extras)
 
     def finished(self, req_id: str) -> None:
         self._reqs.pop(req_id, None)
         self._matches.pop(req_id, None)
+        self._extras.pop(req_id, None)
 
     def __len__(self) -> int:
         return len(self._reqs)

@@ -49,6 +49,8 @@ class ConnectorStats:
     saved_tokens: int = 0
     skipped_tokens: int = 0
     store_failures: int = 0
+    uncacheable_requests: int = 0
+    """Requests with an input kvtier cannot key (``vllm_keys``): neither loaded nor saved."""
     load_s: float = 0.0
     """Seconds spent fetching chunks and writing them into vLLM's blocks."""
     save_s: float = 0.0
@@ -109,7 +111,7 @@ class WorkerSide:
         pieces: list[tuple[Chunk, int, int]] = []
         ok_end = spec.start
         # one batched, validated read of the whole range (one round trip to a remote top tier)
-        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end)
+        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end, extras=spec.extras)
         for k, chunk in views.chunks:
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
             pieces.append((chunk, lo - k.start, hi - k.start))
@@ -196,7 +198,9 @@ class WorkerSide:
 
     def _first_missing(self, spec: TransferSpec) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
-        return min(self.engine.first_uncached(spec.tokens[: spec.end], spec.start), spec.end)
+        return min(
+            self.engine.first_uncached(spec.tokens[: spec.end], spec.start, extras=spec.extras), spec.end
+        )
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
         if not self._saves:
@@ -220,7 +224,9 @@ class WorkerSide:
                             sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
                 continue
             self.stats.save_requests += 1
-            res = self.engine.store_range(sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start)
+            res = self.engine.store_range(
+                sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
+            )
             self.new_keys.extend(res.stored_keys)
             self.stats.saved_tokens += res.stored_tokens
             self.stats.store_failures += res.failed_chunks
