@@ -106,7 +106,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     dids = [tok.encode(d) for d in docs]
     seg_eng, pre_eng = engine(), engine()
     kvt.bind_engine(seg_eng, model)
-    store = SegmentStore(seg_eng)
+    keys = kvt._request_keys(seg_eng, model, torch.tensor([head]), {})  # the adapter identity in every key
+    store = SegmentStore(seg_eng, keys[0] if keys else None)
     for d in dids:  # every document of the pool cached as a segment, computed on its own
         store.store(torch.tensor(d), segment_kv(model, torch.tensor(d)))
     variants = ("full", "prefix", "naive", "blend15", "blend30")

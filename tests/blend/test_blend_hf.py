@@ -79,7 +79,11 @@ def test_first_document_at_position_zero_order_kept_is_exact(model: Any) -> None
         ids, spans = rag_prompt(head, docs, q)
         kvt.prefill(model, ids, eng, segments=spans)
         r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=0.0, store=False)
-        assert r.hit_tokens == min(eng.lookup(ids[0]), ids.shape[1] - 1) > spans[-1][0]
+        assert (
+            r.hit_tokens
+            == min(eng.lookup(ids[0], extras=_extras(eng, model, ids)), ids.shape[1] - 1)
+            > spans[-1][0]
+        )
         assert r.segment_tokens == 0  # every segment starts inside the exact prefix
         torch.testing.assert_close(r.logits, full_logits(model, ids), rtol=0, atol=1e-4)
 
@@ -98,19 +102,28 @@ def test_prefix_chunks_never_receive_blended_kv() -> None:
         torch.testing.assert_close(plain.logits, full_logits(model, ids), rtol=0, atol=1e-4)
 
 
+def _extras(eng: CacheEngine, model: Any, ids: torch.Tensor) -> Any:
+    """The key extras (adapter identity) the integration folds into this model's keys."""
+    keys = kvt._request_keys(eng, model, ids, {})
+    assert keys is not None
+    return keys[0]
+
+
 def test_segment_and_prefix_domains_are_separate() -> None:
     model = load_model("random:llama-tiny").model
     doc = random_ids(48, 5)
     with make_engine() as eng:
         kvt.prefill(model, doc, eng)  # the document as a prompt of its own: prefix chunks
-        seg = SegmentStore(eng)
-        assert eng.lookup(doc[0]) == 48 and seg.lookup(doc[0]) == 0
-        assert {k.digest for k in seg.keys(doc[0])}.isdisjoint(k.digest for k in eng.keys(doc[0]))
+        ex = _extras(eng, model, doc)
+        seg = SegmentStore(eng, ex)
+        assert eng.lookup(doc[0], extras=ex) == 48 and seg.lookup(doc[0]) == 0
+        assert {k.digest for k in seg.keys(doc[0])}.isdisjoint(k.digest for k in eng.keys(doc[0], ex))
     with make_engine() as eng:
         q = random_ids(5, 6)[0]
         ids, spans = rag_prompt(random_ids(3, 7)[0], [doc[0]], q)
         kvt.prefill(model, ids, eng, segments=spans)
-        assert SegmentStore(eng).lookup(doc[0]) == 48 and eng.lookup(doc[0]) == 0
+        ex = _extras(eng, model, doc)
+        assert SegmentStore(eng, ex).lookup(doc[0]) == 48 and eng.lookup(doc[0], extras=ex) == 0
 
 
 def test_separator_splits_like_explicit_segments() -> None:
@@ -219,3 +232,16 @@ def test_segments_stored_by_one_process_blend_in_another(tmp_path: Path) -> None
         r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False)
         assert r.segment_tokens == sum(int(d.numel()) for d in docs)
         torch.testing.assert_close(r.logits, full_logits(model, ids), rtol=0, atol=1e-4)
+
+
+def test_segment_keys_hold_the_adapter_and_refuse_unpositioned_inputs() -> None:
+    from kvtier.keys import KeyExtras
+
+    toks = random_ids(40)[0]
+    with make_engine() as eng:
+        eng.bind_model(2, 2, 8, torch.float32)
+        a = SegmentStore(eng, KeyExtras(adapter="lora-a")).keys(toks)
+        b = SegmentStore(eng, KeyExtras(adapter="lora-b")).keys(toks)
+        assert {k.digest for k in a}.isdisjoint(k.digest for k in b)
+        with pytest.raises(BlendError, match="extra model inputs"):
+            SegmentStore(eng, KeyExtras(inputs="pixels"))

@@ -34,6 +34,7 @@ from kvtier.blend.rope import rerotate_kv, rope_spec
 from kvtier.blend.segments import SegmentStore
 from kvtier.chunk import dtype_from_name
 from kvtier.engine import CacheEngine
+from kvtier.keys import KeyExtras
 from kvtier.transfer.layerwise import cache_to_kv
 
 
@@ -53,9 +54,10 @@ class BlendOutcome:
 
 def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: list[Span], cache: Any, *,
                   recompute_ratio: float, check_layer: int = DEFAULT_CHECK_LAYER, store: bool = True,
-                  t0: float | None = None) -> BlendOutcome:  # fmt: skip
+                  t0: float | None = None, extras: KeyExtras | None = None) -> BlendOutcome:  # fmt: skip
     """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
-    transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments."""
+    transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
+    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains."""
     t0 = time.perf_counter() if t0 is None else t0
     check_blendable(model)
     spec = rope_spec(model)
@@ -68,15 +70,15 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
     kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
     reused = torch.zeros(seq, dtype=torch.bool)
 
-    found = engine.lookup(row_cpu)
+    found = engine.lookup(row_cpu, extras=extras)
     prefix = min(found, seq - 1)
     if prefix > 0:
         # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
-        got = engine.retrieve(row_cpu[:found], device=device)
+        got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
         prefix = min(prefix, got.num_tokens)
         if got.kv is not None and prefix > 0:
             kv[:, :, :prefix] = got.kv[:, :, :prefix]
-    segments = SegmentStore(engine)
+    segments = SegmentStore(engine, extras)
     missing: list[Span] = []
     seg_tokens = 0
     for s, e in spans:
@@ -104,7 +106,7 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
         first_reused = int(reused.nonzero()[0]) if seg_tokens else seq
         exact_end = seq if recompute_ratio >= 1.0 else first_reused
         if exact_end > 0:
-            stored += engine.store(row_cpu[:exact_end], cache_to_kv(cache, exact_end))
+            stored += engine.store(row_cpu[:exact_end], cache_to_kv(cache, exact_end), extras=extras)
         for s, e in missing:
             stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e]))
     t_end = time.perf_counter()

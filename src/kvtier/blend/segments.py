@@ -25,7 +25,15 @@ import torch
 from kvtier.blend.plan import BlendError
 from kvtier.chunk import Chunk, dtype_from_name, dtype_name
 from kvtier.engine import CacheEngine
-from kvtier.keys import DIGEST_BYTES, ChunkKey, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import (
+    DIGEST_BYTES,
+    ChunkKey,
+    KeyExtras,
+    TokenInput,
+    chunk_keys,
+    fingerprint,
+    tokens_to_array,
+)
 
 SEGMENT_DOMAIN = b"kvtier-segment-v1"
 
@@ -33,13 +41,20 @@ SEGMENT_DOMAIN = b"kvtier-segment-v1"
 class SegmentStore:
     """Stores and reads segment KV (``[L, 2, n, H, D]`` computed from position 0) through ``engine``."""
 
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: CacheEngine, extras: KeyExtras | None = None) -> None:
+        """``extras``: the request's adapter identity and salt, folded into the domain digest; inputs
+        whose positions are unknown (``inputs``, ``mm``) cannot be segment-keyed and are refused."""
         ns = engine.namespace
         if ns is None:
             raise BlendError("SegmentStore needs an engine bound to a model namespace (bind_engine first)")
         self.engine = engine
         self.namespace = ns
-        self._digest = hashlib.blake2b(SEGMENT_DOMAIN + ns.digest(), digest_size=DIGEST_BYTES).digest()
+        if extras is not None and (extras.inputs or extras.mm):
+            raise BlendError(
+                "segments cannot be keyed with extra model inputs (images, ...); blend text only"
+            )
+        ext = b"" if extras is None else f"|{extras.adapter}|{extras.salt}".encode()
+        self._digest = hashlib.blake2b(SEGMENT_DOMAIN + ns.digest() + ext, digest_size=DIGEST_BYTES).digest()
 
     def keys(self, tokens: TokenInput) -> list[ChunkKey]:
         """The segment-domain chunk keys of ``tokens`` (a partial last chunk included)."""

@@ -244,8 +244,7 @@ def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | 
     keys = _request_keys(engine, model, rows_cpu, {}) if bind_engine(engine, model, model_id) else None
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
-        _check_blend_extras(extras)
-        return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0)
+        return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras)
     hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     t_load = time.perf_counter()
     cache = KVTierCache(model.config, prefix)
@@ -280,19 +279,8 @@ def _blend_spans(
     return check_segments(segments, int(ids.shape[1]))
 
 
-def _check_blend_extras(extras: Any) -> None:
-    """Segment keys hold tokens and the namespace only: refuse inputs that change the KV beyond them."""
-    if extras:
-        from kvtier.blend import BlendError
-
-        raise BlendError(
-            "blending does not support LoRA adapters, cache salts or extra model inputs yet "
-            "(segment keys would not include them); call without segments= for prefix caching"
-        )
-
-
 def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple[int, int]], store: bool,
-           ratio: float, check_layer: int | None, t0: float) -> PrefillResult:  # fmt: skip
+           ratio: float, check_layer: int | None, t0: float, extras: Any = None) -> PrefillResult:  # fmt: skip
     from kvtier.blend.forward import DEFAULT_CHECK_LAYER, check_blendable
     from kvtier.blend.prefill import blend_prefill
     from kvtier.blend.rope import rope_spec
@@ -302,7 +290,7 @@ def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple
     cache = KVTierCache(model.config)
     layer = DEFAULT_CHECK_LAYER if check_layer is None else check_layer
     r = blend_prefill(model, ids[0], engine, spans, cache, recompute_ratio=ratio, check_layer=layer,
-                      store=store, t0=t0)  # fmt: skip
+                      store=store, t0=t0, extras=extras)  # fmt: skip
     return PrefillResult(r.logits, cache, int(ids.shape[1]), r.prefix_tokens + r.segment_tokens, r.stored_tokens,
                          r.ttft_s, r.load_s, r.store_s, r.segment_tokens, r.recomputed_tokens)  # fmt: skip
 
@@ -336,9 +324,8 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     )
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
-        _check_blend_extras(extras)
         cache = _blend(
-            model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter()
+            model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter(), extras
         ).cache
         cache.crop(-1)  # drop the last position: generate recomputes it to start decoding
         return model.generate(
