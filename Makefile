@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kvtier-installed
 
-.PHONY: venv demo test lint typecheck pytest bench clean redis-server vllm-venv vllm-test bench-vllm
+.PHONY: venv demo test lint typecheck pytest bench clean redis-server vllm-venv vllm-test bench-vllm sglang-venv sglang-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,8 +49,15 @@ vllm-venv:
 vllm-test: vllm-venv
 	.venv-vllm/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
 
-bench-vllm: vllm-venv
+bench-vllm: vllm-venv $(STAMP)  # SmolLM2 is converted by the main venv step
 	.venv-vllm/bin/python benchmarks/bench_vllm.py
+
+# SGLang HiCache backend: its own venv (.venv-sglang, sglang 0.5.23 without its GPU deps) and tests.
+sglang-venv:
+	PYTHON=$(PYTHON) scripts/sglang_venv.sh
+
+sglang-test: sglang-venv
+	.venv-sglang/bin/python -m pytest tests/sglang $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -165,3 +165,41 @@ def test_mla_single_plane_round_trip() -> None:
     assert r.kv is not None and torch.equal(r.kv, latent)
     with pytest.raises(KVError, match="namespace"):
         eng.store(tokens, torch.randn(3, 2, 40, 1, 24))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_kv_is_counted_warned_once_and_not_stored(
+    engine: CacheEngine, caplog: pytest.LogCaptureFixture, bad: float
+) -> None:
+    """Issue 22 #8: NaN/Inf KV means the engine computed garbage. The clean chunks before it are
+    stored; from the first non-finite chunk on nothing is (later chunks attended to it), so a
+    transient fault is never served to later requests. Counted, one warning per engine."""
+    tokens, kv = make_tokens(64), make_kv(64)
+    kv[1, 0, 37, 0, 3] = bad  # inside chunk 2 (tokens 32..47)
+    with caplog.at_level("WARNING"):
+        res = engine.store_range(tokens, kv)
+        assert res.stored_tokens == 32 and res.nonfinite_chunks == 2
+        assert engine.lookup(tokens) == 32
+        other = make_tokens(64, seed=5)
+        assert engine.store(other, kv) == 32  # a second bad store: counted again, no new warning
+    assert engine.stats().nonfinite_chunks == 4
+    assert caplog.text.count("NaN/Inf") == 1
+    assert "kvtier_nonfinite_chunks_total 4.0" in engine.metrics.render().decode()
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float16, 60000.0), (torch.float32, 3e38)])
+def test_large_finite_kv_is_stored(dtype: torch.dtype, value: float) -> None:
+    """Values whose sum overflows (in their dtype, or in float32) are still finite: stored."""
+    eng = CacheEngine(Config.load(env={}, chunk_tokens=16, cpu__max_bytes="8MiB"))
+    kv = torch.full((LAYERS, 2, 32, HEADS, DIM), value, dtype=dtype)
+    assert eng.store(make_tokens(32), kv) == 32 and eng.stats().nonfinite_chunks == 0
+
+
+def test_nonfinite_pages_are_not_stored(engine: CacheEngine) -> None:
+    """Engine-named pages (SGLang) are refused the same way: from the first non-finite page on."""
+    engine.bind_model(LAYERS, HEADS, DIM, torch.float32)
+    pages = [make_kv(16, seed=i) for i in range(3)]
+    pages[1][0, 1, 3, 0, 0] = float("nan")
+    digests = engine.page_digests(["p0", "p1", "p2"])
+    assert engine.store_pages(digests, pages) == [True, False, False]
+    assert engine.lookup_pages(digests, 16) == 1 and engine.stats().nonfinite_chunks == 2

@@ -28,6 +28,7 @@ SIGNALS = {
     ("wire/client.py", "ConnectionError"),  # the daemon closed or garbled the stream: reconnect
     ("wire/client.py", "ConnectionResetError"),
     ("server/conn.py", "ConnectionResetError"),  # a client closed mid-frame: drop the connection
+    ("__init__.py", "AttributeError"),  # PEP 562 module __getattr__: the protocol requires AttributeError
 }
 OPTIONAL = ("vllm", "transformers", "redis", "boto3", "matplotlib", "triton")
 

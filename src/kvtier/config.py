@@ -26,10 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from kvtier.errors import KVTierError
+from kvtier.redact import redact_url
 
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
 
@@ -128,6 +130,9 @@ class CPUTierConfig:
 
     def __post_init__(self) -> None:
         self.max_bytes = parse_size(self.max_bytes, "cpu.max_bytes")
+        _check(not self.enabled or self.max_bytes > 0, "cpu.max_bytes", self.max_bytes,
+               "a size > 0 such as 4GiB (or cpu.enabled: false for no CPU tier)")  # fmt: skip
+        self.eviction_policy = str(self.eviction_policy).lower()
         _check(self.eviction_policy in POLICY_NAMES, "cpu.eviction_policy", self.eviction_policy,
                f"one of {POLICY_NAMES}")  # fmt: skip
         _check(self.pin_memory in ("auto", "yes", "no"), "cpu.pin_memory", self.pin_memory, "auto|yes|no")
@@ -152,13 +157,38 @@ class DiskTierConfig:
         _check(self.durability in ("flush", "always", "none"), "disk.durability", self.durability,
                "flush|always|none")  # fmt: skip
         _check(1 <= self.io_threads <= 64, "disk.io_threads", self.io_threads, "1..64")
+        self.eviction_policy = str(self.eviction_policy).lower()
         _check(self.eviction_policy in POLICY_NAMES, "disk.eviction_policy", self.eviction_policy,
                f"one of {POLICY_NAMES}")  # fmt: skip
         _check(not self.enabled or bool(self.path), "disk.path", self.path, "a directory when disk.enabled")
+        # NOTE: a missing directory is created by the tier (parents too); an existing non-directory
+        # would fail there with a less helpful message, so it is refused here.
+        _check(not self.enabled or not Path(self.path).exists() or Path(self.path).is_dir(), "disk.path",
+               self.path, "a directory (this path exists and is a file; choose a directory)")  # fmt: skip
 
 
 REMOTE_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster",
                   "valkey+cluster", "valkeys+cluster", "s3", "kvtier")  # fmt: skip
+
+
+def _check_remote_url(url: str) -> None:
+    """The URL's scheme is known, and ``kvtier://`` / ``s3://`` ones have what their tier needs
+    (redis-family URLs are parsed by the Redis tier, which names what is wrong). Error messages
+    carry the URL with its password redacted."""
+    shown = redact_url(url)
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    _check(scheme in REMOTE_SCHEMES, "remote.url", shown, f"a URL with scheme {'|'.join(REMOTE_SCHEMES)}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"remote.url: {shown!r} is not a valid URL: {e}") from None
+    if scheme == "kvtier":
+        _check(bool(parts.hostname) and port is not None, "remote.url", shown,
+               "kvtier://HOST:PORT, e.g. kvtier://127.0.0.1:5555 (the daemon's protocol port)")  # fmt: skip
+    elif scheme == "s3":
+        _check(bool(parts.netloc) and "@" not in parts.netloc and port is None, "remote.url", shown,
+               "s3://BUCKET[/PREFIX], e.g. s3://my-bucket/kv (endpoint: remote.endpoint_url)")  # fmt: skip
 
 
 @dataclass
@@ -194,9 +224,8 @@ class RemoteConfig:
         self.max_value_bytes = parse_size(self.max_value_bytes, "remote.max_value_bytes")
         _check(self.timeout_s > 0, "remote.timeout_s", self.timeout_s, "seconds > 0")
         _check(self.serde in ("raw", "zstd", "lz4"), "remote.serde", self.serde, "raw|zstd|lz4")
-        scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
-        _check(not self.url or scheme in REMOTE_SCHEMES, "remote.url", self.url,
-               f"a URL with scheme {'|'.join(REMOTE_SCHEMES)}")  # fmt: skip
+        if self.url:
+            _check_remote_url(self.url)
         _check(self.ttl_s >= 0, "remote.ttl_s", self.ttl_s, "seconds >= 0 (0 = no expiry)")
         _check(self.max_value_bytes >= 4096, "remote.max_value_bytes", self.max_value_bytes, ">= 4KiB")
         _check(bool(self.key_prefix) and ":" not in self.key_prefix and "/" not in self.key_prefix,
@@ -309,7 +338,7 @@ class Config:
         tree: dict[str, dict[str, Any]] = {}
         file = path if path is not None else env.get("KVTIER_CONFIG") or None
         if file is not None:
-            _merge(tree, _read_yaml(Path(file)), "file")
+            _merge(tree, _read_yaml(Path(file)), f"config file {file}")
         _merge(tree, _from_env(env), "env")
         _merge(tree, overrides, "overrides")
         return cls.from_dict(tree)
@@ -331,13 +360,17 @@ class Config:
         return cls(**sections)
 
     def to_dict(self, *, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
-        """Every value by section; fields marked secret (passwords) read ``***`` unless told not to."""
+        """Every value by section. Unless told not to, fields marked secret (passwords) read ``***``
+        and every URL-valued field (``*url``) has its password replaced by ``***``."""
         tree = dataclasses.asdict(self)
         if redact_secrets:
             for sec, sec_cls in _section_classes().items():
                 for f in dataclasses.fields(sec_cls):
-                    if f.metadata.get("secret") and tree[sec][f.name]:
+                    value = tree[sec][f.name]
+                    if f.metadata.get("secret") and value:
                         tree[sec][f.name] = "***"
+                    elif f.name.endswith("url") and isinstance(value, str) and value:
+                        tree[sec][f.name] = redact_url(value)
         return tree
 
 
@@ -380,6 +413,11 @@ def _resolve(key: str, where: str) -> tuple[str, str]:
 def _merge(tree: dict[str, dict[str, Any]], src: Mapping[str, Any], where: str) -> None:
     sections = _section_classes()
     for key, value in src.items():
+        if key.lower() in sections and not isinstance(value, Mapping) and not dataclasses.is_dataclass(value):
+            fields_ = dataclasses.fields(sections[key.lower()])
+            example = next((f.name for f in fields_ if f.metadata.get("size")), fields_[0].name)
+            raise ConfigError(f"{where}: {key!r} is a section, not a value: give its fields as a mapping, "
+                              f"e.g. '{key}: {{{example}: ...}}' or '{key}.{example}=...'")  # fmt: skip
         if key.lower() in sections and isinstance(value, Mapping):
             for sub, v in value.items():
                 sec, name = _resolve(f"{key}.{sub}", where)

@@ -13,11 +13,18 @@ Invariants:
   fingerprint/shape does not match on read) ends the hit.
 * ``store`` validates everything before touching any tier: bad input raises ``KVError`` and
   leaves the cache unchanged.
+* NaN/Inf KV is never stored: ``store`` keeps the chunks before the first non-finite one and
+  refuses that chunk and every later one (they attended to it), counting them in
+  ``CacheStats.nonfinite_chunks`` and warning once per engine. Non-finite KV means the serving
+  engine computed garbage (overflow, a broken kernel, a bad GPU); caching it would replay a
+  transient fault to every later request that shares the prefix, on every process sharing the
+  store. It is not an error: the request goes on, only the cache declines.
 * A tier failure at run time is a miss (``TierManager``), never an exception from these calls.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +37,16 @@ import torch
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.errors import KVTierError, StateError
-from kvtier.keys import ChunkKey, KeyExtras, Namespace, TokenInput, chunk_keys, fingerprint, tokens_to_array
+from kvtier.keys import (
+    DIGEST_BYTES,
+    ChunkKey,
+    KeyExtras,
+    Namespace,
+    TokenInput,
+    chunk_keys,
+    fingerprint,
+    tokens_to_array,
+)
 from kvtier.observability import CacheStats, Metrics
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
@@ -66,6 +82,7 @@ class StoreResult:
     stored_keys: list[bytes] = field(default_factory=list)
     failed_chunks: int = 0
     skipped_tokens: int = 0
+    nonfinite_chunks: int = 0  # refused: NaN/Inf in that chunk or an earlier one of this store
 
 
 @dataclass
@@ -113,6 +130,7 @@ class CacheEngine:
         self.metrics = Metrics(self.stats)
         self._namespace: Namespace | None = None
         self._ns_digest = b""
+        self._warned_nonfinite = False
         m = self.config.model
         if namespace is not None:
             self.bind(namespace)
@@ -209,7 +227,12 @@ class CacheEngine:
         # (one round trip when it is remote) finds them.
         skip = self.storage.top_prefix([k.digest for k in keys])
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
-        for k in keys[skip:]:
+        todo = keys[skip:]
+        clean = _finite_prefix(kv, todo, start)
+        if clean < len(todo):
+            res.nonfinite_chunks = len(todo) - clean
+            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
+        for k in todo[:clean]:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
             fp = fingerprint(arr[k.start : k.end], tuple(part.shape), dtype_name(kv.dtype), ctx)
@@ -224,6 +247,20 @@ class CacheEngine:
         self._stats.stored_tokens += res.stored_tokens
         self.metrics.store_latency.observe(time.perf_counter() - t0)
         return res
+
+    def _refuse_nonfinite(self, refused: int, where: str) -> None:
+        """Count ``refused`` chunks not stored from the first non-finite one (``where``) on; warn once."""
+        self._stats.nonfinite_chunks += refused
+        msg = (
+            "kv holds NaN/Inf in %s: not storing it or the %d chunks after (the engine computed "
+            "non-finite attention KV; check its dtype/kernels). Counted in "
+            "kvtier_nonfinite_chunks_total; this warning is shown once"
+        )
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            log.warning(msg, where, refused - 1)
+        else:
+            log.debug(msg, where, refused - 1)
 
     def first_uncached(self, tokens: TokenInput, start: int = 0, *, extras: KeyExtras | None = None) -> int:
         """The start of the first chunk at or after ``start`` that no tier holds (``len(tokens)``'s
@@ -328,6 +365,91 @@ class CacheEngine:
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return RetrieveResult(got, out[:, :, :got] if got < out.shape[2] else out, len(views.chunks))
 
+    # -- named pages: for engines that hash their own pages (SGLang HiCache) ----------------------
+    # Such an engine names each page of ``page_tokens`` tokens with its own chained hash and has
+    # no token ids at the storage boundary. ``page_digests`` folds this namespace into each name,
+    # so another model, dtype, shape or tp shard never sees the page; the fingerprint stored with
+    # each page is taken over its digest, so a mis-filed or corrupt value is a miss on read.
+    def page_digests(self, names: Sequence[str]) -> list[bytes]:
+        """kvtier digests of engine-named pages under this engine's namespace (bound first)."""
+        if self._namespace is None:
+            raise KVError("bind a namespace (bind / bind_model) before naming pages")
+        nsd = self._ns_digest
+        return [
+            hashlib.blake2b(nsd + b"page|" + n.encode(), digest_size=DIGEST_BYTES).digest() for n in names
+        ]
+
+    def lookup_pages(self, digests: Sequence[bytes], page_tokens: int) -> int:
+        """How many leading pages of ``digests`` some tier holds (a hole ends the run)."""
+        t0 = time.perf_counter()
+        n = self.storage.prefix_lookup(list(digests)) if digests else 0
+        s = self._stats
+        s.lookups += 1
+        s.lookup_tokens += len(digests) * page_tokens
+        s.hit_tokens += n * page_tokens
+        s.hit_requests += n > 0
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        return n
+
+    def store_pages(self, digests: Sequence[bytes], pages: Sequence[torch.Tensor]) -> list[bool]:
+        """Store one ``[layers, planes, page_tokens, heads, head_dim]`` tensor per digest (views are
+        fine: each tier copies what it keeps); per page, whether it is now held. Pages the top tier
+        already holds are not written again. Bad shapes raise ``KVError`` before any write."""
+        t0 = time.perf_counter()
+        if len(digests) != len(pages):
+            raise KVError(f"{len(digests)} page digests but {len(pages)} pages")
+        for page in pages:
+            self._validate_kv(np.zeros(page.shape[2] if page.dim() == 5 else 0, dtype="<u4"), page)
+        skip = self.storage.top_prefix(list(digests)) if digests else 0
+        ok = [True] * skip
+        stored = 0
+        todo = list(zip(digests[skip:], pages[skip:]))
+        clean = next((i for i, (_, page) in enumerate(todo) if not _all_finite(page)), len(todo))
+        if clean < len(todo):  # pages are chained too: refuse from the first non-finite one on
+            self._refuse_nonfinite(len(todo) - clean, f"page {todo[clean][0].hex()}")
+        for d, page in todo[:clean]:
+            n = int(page.shape[2])
+            fp = fingerprint(np.frombuffer(d, dtype="<u4"), tuple(page.shape), dtype_name(page.dtype))
+            put = self.storage.put(d, Chunk(page, fp, n))
+            ok.append(put)
+            if put:
+                stored += n
+                self._stats.stored_chunks += 1
+            else:
+                self._stats.store_failures += 1
+        ok += [False] * (len(todo) - clean)
+        self._stats.stores += 1
+        self._stats.stored_tokens += stored
+        self.metrics.store_latency.observe(time.perf_counter() - t0)
+        return ok
+
+    def retrieve_pages(self, digests: Sequence[bytes], page_tokens: int) -> ChunkViews:
+        """The validated leading run of held pages (one batched read), as views to copy from and
+        then ``release()``; a missing or invalid page ends the run. ``ChunkViews.chunks`` pairs a
+        ``ChunkKey`` (its span in pages x ``page_tokens``) with each page."""
+        t0 = time.perf_counter()
+        views = ChunkViews(0, [])
+        ns = self._namespace
+        n_avail = self.storage.prefix_lookup(list(digests)) if digests and ns is not None else 0
+        if n_avail and ns is not None:
+            want = (ns.kv_shape[0], ns.kv_planes, page_tokens, ns.kv_shape[1], ns.kv_shape[2])
+            ok = True
+            for i, (d, chunk) in enumerate(zip(digests, self.storage.get_prefix(list(digests[:n_avail])))):
+                fp = fingerprint(np.frombuffer(d, dtype="<u4"), want, ns.kv_dtype)
+                ok = ok and tuple(chunk.kv.shape) == want and chunk.fingerprint == fp
+                if ok:
+                    views.chunks.append((ChunkKey(d, i * page_tokens, (i + 1) * page_tokens), chunk))
+                    views.num_tokens = (i + 1) * page_tokens
+                else:
+                    if len(views.chunks) == i:
+                        self._stats.fingerprint_mismatches += 1
+                        log.warning("page %s failed validation on read; treated as a miss", d.hex())
+                    chunk.release()
+        self._stats.retrieves += 1
+        self._stats.retrieved_tokens += views.num_tokens
+        self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
+        return views
+
     def note_uncacheable(self) -> None:
         """Count a request an integration could not key and therefore neither loaded nor stored."""
         self._stats.uncacheable_requests += 1
@@ -428,3 +550,33 @@ class CacheEngine:
                 "chunk %s failed validation on read (fingerprint/shape/dtype); treated as a miss", k.hex()
             )
         return ok
+
+
+def _finite_prefix(kv: torch.Tensor, keys: list[ChunkKey], start: int) -> int:
+    """How many of ``keys`` (in order; ``kv`` starts at token ``start``) hold only finite KV.
+
+    NaN/Inf anywhere makes a sum non-finite, so the fast path is one sum over the region in
+    ``kv``'s dtype (about 1 ms per 32 MiB of bf16 on a CPU core, under a copy's cost; a bool
+    tensor from ``isfinite`` costs 100x that). A non-finite sum may also be the overflow of
+    finite values (fp16 tops out at 65504), so only then is each chunk checked: a float32
+    sum, and the exact elementwise test where even that is not finite.
+    """
+    if not keys:
+        return 0
+    region = kv[:, :, keys[0].start - start : keys[-1].end - start]
+    if bool(torch.isfinite(region.sum())):
+        return len(keys)
+    for i, k in enumerate(keys):
+        if not _all_finite(kv[:, :, k.start - start : k.end - start]):
+            return i
+    return len(keys)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf: a sum in its dtype, then in float32 (overflow of finite
+    values), and only if both are non-finite the exact elementwise test."""
+    return (
+        bool(torch.isfinite(t.sum()))
+        or bool(torch.isfinite(t.sum(dtype=torch.float32)))
+        or bool(torch.isfinite(t).all())
+    )

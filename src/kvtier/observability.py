@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -40,6 +40,7 @@ class CacheStats:
     retrieves: int = 0
     retrieved_tokens: int = 0
     fingerprint_mismatches: int = 0
+    nonfinite_chunks: int = 0  # chunks not stored because their KV held NaN/Inf (engine.py)
     uncacheable_requests: int = 0
     """Requests an integration could not key (an input kvtier does not hash): never cached."""
     tiers: dict[str, TierStats] = field(default_factory=dict)
@@ -67,6 +68,10 @@ class CacheStats:
         return d
 
 
+METRIC_NAMES = {"bytes_used": "used_bytes"}
+"""TierStats field -> metric name where they differ (Prometheus puts the unit last)."""
+
+
 class _StatsCollector(Collector):
     def __init__(self, snapshot: Callable[[], CacheStats]) -> None:
         self._snapshot = snapshot
@@ -82,10 +87,14 @@ class _StatsCollector(Collector):
             ("store_failures", "Chunks no tier could store"),
             ("retrieved_tokens", "Tokens returned by retrieve"),
             ("fingerprint_mismatches", "Chunks rejected on read (fingerprint/shape mismatch)"),
+            ("nonfinite_chunks", "Chunks not stored: their KV held NaN/Inf (the engine computed garbage)"),
             ("uncacheable_requests", "Requests with an input kvtier cannot key: never cached"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
-        yield GaugeMetricFamily("kvtier_hit_rate", "Hit tokens / requested tokens", value=s.hit_rate)
+        yield GaugeMetricFamily("kvtier_hit_rate", "Lifetime hit tokens / requested tokens (for a window: "
+                                "rate(kvtier_hit_tokens_total) / rate(kvtier_lookup_tokens_total))", value=s.hit_rate)  # fmt: skip
+        yield GaugeMetricFamily("kvtier_request_hit_rate", "Lifetime share of lookups with at least one hit",
+                                value=s.request_hit_rate)  # fmt: skip
         per_tier = (
             ("bytes_used", GaugeMetricFamily, "Bytes held"),
             ("chunks", GaugeMetricFamily, "Chunks held"),
@@ -106,7 +115,7 @@ class _StatsCollector(Collector):
             ("promotions", CounterMetricFamily, "Hits copied up to the top tier"),
         )
         for attr, fam_cls, doc in per_tier:
-            fam = fam_cls(f"kvtier_tier_{attr}", doc, labels=["tier"])
+            fam = fam_cls(f"kvtier_tier_{METRIC_NAMES.get(attr, attr)}", doc, labels=["tier"])
             for tname, t in s.tiers.items():
                 fam.add_metric([tname], getattr(t, attr))
             yield fam
@@ -118,6 +127,7 @@ class Metrics:
     def __init__(self, snapshot: Callable[[], CacheStats]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_StatsCollector(snapshot))
+        ProcessCollector(registry=self.registry)  # process_* (CPU, RSS, fds): what a dashboard shows beside
         self.store_latency = Histogram("kvtier_store_seconds", "CacheEngine.store latency",
                                        buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.retrieve_latency = Histogram("kvtier_retrieve_seconds", "CacheEngine.retrieve latency",

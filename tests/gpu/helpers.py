@@ -21,6 +21,15 @@ def random_bits(
     return raw.view(dtype).reshape(shape).to(device)
 
 
+def finite_(entries: list[LayerEntry]) -> list[LayerEntry]:
+    """Zero the NaN/Inf patterns of random caches in place, for tests through the real
+    ``CacheEngine``, which refuses to store non-finite KV (issue 22 #8)."""
+    for e in entries:
+        for t in e if isinstance(e, tuple) else (e,):
+            t.masked_fill_(~torch.isfinite(t), 0)
+    return entries
+
+
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (``torch.equal`` says NaN != NaN)."""
     if a.shape != b.shape or a.dtype != b.dtype:

@@ -9,6 +9,7 @@ from tests.gpu.helpers import (
     FakeEngine,
     bits_equal,
     block_table_slots,
+    finite_,
     make_caches,
     random_bits,
     ref_gather,
@@ -195,6 +196,7 @@ def test_with_the_real_cache_engine() -> None:
 
     eng = CacheEngine(Config.load(env={}, chunk_tokens=8, cpu__max_bytes="8MiB"))
     src, _, g = _caches("vllm_nhd", seed=17)
+    finite_(src)  # the engine does not store NaN/Inf
     tokens = torch.arange(1000, 1021)
     slots = torch.tensor(block_table_slots(NB, BS, 21, g))
     assert store_paged(eng, tokens, src, slots) == 21

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.gpu.helpers import FakeEngine, bits_equal, block_table_slots, make_caches, random_bits, ref_gather
+from tests.gpu.helpers import (
+    FakeEngine,
+    bits_equal,
+    block_table_slots,
+    finite_,
+    make_caches,
+    random_bits,
+    ref_gather,
+)
 
 from kvtier.transfer.kernels import gather, scatter
 from kvtier.transfer.kernels.ops import prepare
@@ -108,6 +116,7 @@ def test_real_cache_engine_on_cuda() -> None:
 
     eng = CacheEngine(Config.load(env={}, chunk_tokens=64, cpu__max_bytes="256MiB"))
     src, _, slots, _ = _setup("vllm_nhd", torch.bfloat16, seed=8, n_tokens=200)
+    finite_(src)  # the engine does not store NaN/Inf
     tokens = torch.arange(200)
     assert store_paged(eng, tokens, src, slots) == 200
     dst, _, slots_b, _ = _setup("vllm_nhd", torch.bfloat16, seed=9, n_tokens=200)

@@ -94,7 +94,7 @@ def test_health_stats_metrics_and_cli(daemon: DaemonProcess, capsys: pytest.Capt
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "capacity_bytes" in r.stdout and "64MiB" in r.stdout and "requests" in r.stdout
-    assert main(["stats", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 1
+    assert main(["stats", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 2
     assert "cannot read stats" in capsys.readouterr().err
     assert main(["stats", "--url", daemon.http_url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tier:cpu"]["capacity_bytes"] == 64 << 20
@@ -110,7 +110,7 @@ def test_token_guards_stats_and_lookup(tmp_path: Path, capsys: pytest.CaptureFix
         assert _post(d.http_url + "/lookup", {"tokens": [1], **NS})[0] == 401
         assert _post(d.http_url + "/lookup", {"tokens": [1], **NS}, "t0ken")[0] == 200
         assert _get(d.http_url + "/health")[0] == 200  # probes stay open
-        assert main(["stats", "--url", d.http_url]) == 1
+        assert main(["stats", "--url", d.http_url]) == 2
         assert "401" in capsys.readouterr().err
         assert main(["stats", "--url", d.http_url, "--auth-token-file", str(tok)]) == 0
         assert "capacity_bytes" in capsys.readouterr().out

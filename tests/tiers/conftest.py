@@ -6,6 +6,7 @@ for a tier whose server is not available calls ``pytest.skip``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +26,11 @@ def _cpu(capacity: int, tmp_path: Path) -> Tier:
 
 
 def _disk(capacity: int, tmp_path: Path) -> Tier:
-    return DiskTier(tmp_path / f"disk-{len(list(tmp_path.glob('disk-*')))}", capacity, policy="lru")
+    # the disk tier counts allocated blocks: a 1 KiB test chunk takes a 4 KiB block, and folders
+    # take a block each (root, tmp, a fan-out folder); so the suite's chunk counts fit as elsewhere
+    block = os.statvfs(tmp_path).f_frsize
+    path = tmp_path / f"disk-{len(list(tmp_path.glob('disk-*')))}"
+    return DiskTier(path, capacity * block // 1024 + 3 * block, policy="lru")
 
 
 TIER_FACTORIES: dict[str, TierFactory] = {"cpu": _cpu, "disk": _disk}

@@ -46,13 +46,19 @@ def _files(root: Path) -> list[Path]:
     return sorted(root.glob("??/*.kvc"))
 
 
+def _blocks(root: Path, n: int) -> int:
+    """``n`` filesystem blocks: a small chunk file, or a folder, takes one."""
+    return n * os.statvfs(root).f_frsize
+
+
 def test_restart_finds_everything_bit_identical(tmp_path: Path, io_mode: str) -> None:
     with DiskTier(tmp_path, 1 << 20) as t:
         for i in range(5):
             assert t.put(_key(i), _chunk(i))
+        used = t.stats().bytes_used
     with DiskTier(tmp_path, 1 << 20) as t2:
         s = t2.stats()
-        assert s.chunks == 5 and s.bytes_used == 5 * FILE_BYTES
+        assert s.chunks == 5 and s.bytes_used == used == _blocks(tmp_path, 2 + 5 + 5)  # folders, files
         for i in range(5):
             got = t2.get(_key(i))
             assert got is not None and _same(got.kv, _chunk(i).kv)
@@ -65,7 +71,7 @@ def test_restart_keeps_age_order_and_shrinks_to_capacity(tmp_path: Path) -> None
             t.put(_key(i), _chunk(i))
     for i in range(4):  # mtime is the age the rebuilt LRU uses; make it unambiguous
         os.utime(tmp_path / f"{i:02x}" / f"{_key(i).hex()}.kvc", ns=(10**18 + i * 10**9,) * 2)
-    with DiskTier(tmp_path, 2 * FILE_BYTES) as t2:
+    with DiskTier(tmp_path, _blocks(tmp_path, 2 + 4 + 2)) as t2:  # root+tmp, 4 fan-out folders, 2 files
         assert [t2.contains(_key(i)) for i in range(4)] == [False, False, True, True]
         assert len(_files(tmp_path)) == 2  # evicted files are deleted
 
@@ -75,6 +81,8 @@ def test_start_cleans_temp_files_and_garbage(tmp_path: Path, caplog: pytest.LogC
         t.put(_key(1), _chunk(1))
         t.put(_key(2), _chunk(2))
     (tmp_path / "tmp" / "deadbeef.1.2.tmp").write_bytes(b"half a chunk")
+    (tmp_path / "00").mkdir()
+    (tmp_path / "07").mkdir()
     (tmp_path / "00" / "not-hex.kvc").write_bytes(b"x")
     good = tmp_path / "02" / f"{_key(2).hex()}.kvc"
     shutil.copy(good, tmp_path / "07" / f"{_key(7).hex()}.kvc")  # a valid file under the wrong key
@@ -140,6 +148,7 @@ def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, i
     real_writev, real_pwrite = os.writev, os.pwrite
     with DiskTier(tmp_path, 1 << 20) as t:
         assert t.put(_key(1), _chunk(1))
+        used = t.stats().bytes_used
 
         def full(fd: int, bufs: object) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -148,7 +157,8 @@ def test_disk_full_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, i
         monkeypatch.setattr(os, "pwrite", lambda fd, data, off: full(fd, data))
         assert t.put(_key(2), _chunk(2)) is False
         s = t.stats()
-        assert s.put_failures == 1 and s.errors == 1 and s.chunks == 1 and s.bytes_used == FILE_BYTES
+        assert s.put_failures == 1 and s.errors == 1 and s.chunks == 1
+        assert s.bytes_used == used + _blocks(tmp_path, 1)  # folder 02 was made: it stays, charged
         assert not list((tmp_path / "tmp").iterdir())  # the partial temp file is gone
         got = t.get(_key(1))
         assert got is not None and _same(got.kv, _chunk(1).kv)
@@ -218,17 +228,26 @@ def test_one_owner_per_directory(tmp_path: Path) -> None:
 
 
 def test_eviction_deletes_files_in_policy_order(tmp_path: Path) -> None:
-    with DiskTier(tmp_path, 3 * FILE_BYTES) as t:
+    def key(i: int) -> bytes:  # all in fan-out folder 00
+        return _key(256 * i)
+
+    cap = _blocks(tmp_path, 2 + 1 + 3)  # root+tmp, folder 00, three one-block files
+    with DiskTier(tmp_path, cap) as t:
         for i in range(3):
-            t.put(_key(i), _chunk(i))
-        g = t.get(_key(0))  # 0 becomes most recent: 1 is the LRU victim
+            t.put(key(i), _chunk(i))
+        g = t.get(key(0))  # 0 becomes most recent: 1 is the LRU victim
         assert g is not None
-        t.put(_key(3), _chunk(3))
-        assert [t.contains(_key(i)) for i in range(4)] == [True, False, True, True]
+        t.put(key(3), _chunk(3))
+        assert [t.contains(key(i)) for i in range(4)] == [True, False, True, True]
         s = t.stats()
-        assert s.evictions == 1 and s.evicted_bytes == FILE_BYTES and s.bytes_used == 3 * FILE_BYTES
+        assert s.evictions == 1 and s.evicted_bytes == _blocks(tmp_path, 1) and s.bytes_used == cap
         assert len(_files(tmp_path)) == 3
-        assert t.put(_key(9), Chunk(torch.zeros(4 * FILE_BYTES, dtype=torch.uint8), b"", 1)) is False
+        assert t.put(key(9), Chunk(torch.zeros(cap, dtype=torch.uint8), b"", 1)) is False
+
+
+def test_too_small_max_bytes_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TierError, match="max_bytes 4096 is too small: its own folders take"):
+        DiskTier(tmp_path, 4096)
 
 
 @pytest.mark.parametrize("durability", ["always", "flush", "none"])
@@ -314,3 +333,40 @@ def test_large_chunk_pipelined_round_trip_and_truncation(tmp_path: Path) -> None
     with DiskTier(tmp_path, 1 << 26) as t2:  # the header written last is read back on restart
         again = t2.get(_key(1))
         assert again is not None and _same(again.kv, big.kv) and again.fingerprint == b"big"
+
+
+def _du(root: Path) -> int:
+    """Bytes allocated under ``root`` (what ``du`` counts): every file's and folder's blocks."""
+    total = os.stat(root).st_blocks * 512
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def test_space_used_with_small_chunks_stays_within_max_bytes(tmp_path: Path) -> None:
+    """Issue 22 #6: a 256-byte file takes a 4 KiB block and folders take blocks too; counting
+    file lengths let small chunks use 6.4x ``max_bytes``. Allocated space must stay under it."""
+    cap = 4 << 20
+    small = Chunk(torch.arange(64, dtype=torch.float16).reshape(1, 2, 4, 1, 8), b"s", 4)  # 128 B
+    root = tmp_path / "c"
+    with DiskTier(root, cap) as t:
+        for i in range(1500):  # first key bytes cover all 256 fan-out folders
+            assert t.put(bytes([i * 37 % 256]) + i.to_bytes(15, "big"), small)
+        s = t.stats()
+        used = _du(root)
+        assert used <= cap, f"{used} bytes on disk for max_bytes {cap}"
+        assert used <= s.bytes_used <= cap  # the count never under-states what the disk holds
+        assert s.evictions > 0 and s.chunks > 100
+    with DiskTier(root, cap) as t2:  # a restart counts the same way
+        assert _du(root) <= t2.stats().bytes_used <= cap
+
+
+def test_fan_out_folders_are_private_made_lazily_and_tightened_on_start(tmp_path: Path) -> None:
+    with DiskTier(tmp_path, 1 << 20) as t:
+        assert not (tmp_path / "05").exists()  # made by the first put that needs it
+        t.put(_key(5), _chunk(5))
+        assert (tmp_path / "05").stat().st_mode & 0o777 == 0o700
+    os.chmod(tmp_path / "05", 0o755)  # as an older version made them
+    with DiskTier(tmp_path, 1 << 20) as t2:
+        assert t2.contains(_key(5)) and (tmp_path / "05").stat().st_mode & 0o777 == 0o700

@@ -120,6 +120,31 @@ def test_tier_failure_falls_back_to_recompute(llm: Any, monkeypatch: pytest.Monk
     assert_same_generation(got, ref)
 
 
+def test_cold_requests_sharing_a_prefix_in_one_step_save_each_chunk_once(llm: Any) -> None:
+    """Issue 22 #15: 8 cold requests sharing a 256-token prefix, scheduled in one vLLM step, all
+    ask to save it; each chunk leaves vLLM's blocks and reaches the tiers once, and the
+    connector counts unique tokens."""
+    shared = prompt(30, 256)  # 2 chunks of 128
+    prompts = [[*shared, *prompt(200 + i, 130)] for i in range(8)]  # + 1 own full chunk each
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    assert sum(map(len, prompts)) <= sched.max_num_batched_tokens  # all prefills fit one step
+    eng = find_engine(ENGINE_ID)
+    assert eng is not None
+    e0, s0 = eng.stats(), stats()
+    llm_util.greedy(llm, prompts, max_tokens=1)
+    e1, s1 = eng.stats(), stats()
+    unique = 256 + 8 * 128
+    assert s1["saved_tokens"] - s0["saved_tokens"] == unique
+    assert e1.stored_chunks - e0.stored_chunks == 2 + 8
+    asked = (s1["saved_tokens"] + s1["skipped_tokens"]) - (s0["saved_tokens"] + s0["skipped_tokens"])
+    assert asked == 8 * 384  # every token asked for is either saved once or counted as skipped
+    assert s1["copied_tokens"] - s0["copied_tokens"] == unique  # one copy out of vLLM's blocks
+    assert s1["deduped_tokens"] - s0["deduped_tokens"] == 7 * 256  # one step: 7 duplicates of it
+    assert llm.reset_prefix_cache()
+    again = llm_util.greedy(llm, [[*shared, *prompt(300, 40)]])[0]
+    assert again.num_cached_tokens == 256  # the shared prefix, stored once, serves the next request
+
+
 @pytest.mark.slow
 def test_kv_stored_by_another_process_is_loaded(llm: Any, tiny_model: Path, redis_url: str | None,
                                                 tmp_path: Path) -> None:  # fmt: skip

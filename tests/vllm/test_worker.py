@@ -247,6 +247,43 @@ def test_load_of_many_chunks_is_one_batched_tier_call_and_counted_by_the_engine(
         assert torch.equal(dst[i][6:12], src[i][0:6])
 
 
+def test_requests_sharing_a_prefix_in_one_step_copy_and_store_each_chunk_once() -> None:
+    """Issue 22 #15: 4 cold requests with one 64-token prefix, scheduled in one step, each asked
+    to save [0, 96). Each shared chunk is copied out of vLLM's blocks and stored once; the
+    duplicates count as skipped, so saved + skipped = the tokens asked for."""
+    top = CountingTier()
+    cfg = Config.load(env={}, chunk__chunk_tokens=32, cpu__pin_memory="no")
+    eng = CacheEngine(cfg, namespace=Namespace("m", "float32", (L, H, D)), tiers=[top])
+    stats = ConnectorStats()
+    g = torch.Generator().manual_seed(6)
+    src = [torch.randn((24, H, BS, 2 * D), generator=g) for _ in range(L)]  # 4 requests x 6 blocks
+    for c in src:  # the same tokens give the same KV: each request's 4 prefix blocks are equal
+        for i in range(1, 4):
+            c[6 * i : 6 * i + 4] = c[0:4]
+    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    w = WorkerSide(eng, lay, L, stats)
+    shared = list(range(400, 464))  # 2 chunks
+    specs = [TransferSpec(f"r{i}", [*shared, *range(1000 * (i + 1), 1000 * (i + 1) + 32)], 0, 96,
+                          [6 * i + b for b in range(6)]) for i in range(4)]  # fmt: skip
+    puts: list[bytes] = []
+    real_put = eng.storage.put
+    eng.storage.put = lambda k, c: puts.append(k) or real_put(k, c)  # type: ignore[method-assign]
+    w.begin_saves(specs, torch.device("cpu"))
+    for i, c in enumerate(src):
+        w.save_layer(i, c)
+    w.finish_saves(torch.device("cpu"))
+    assert len(puts) == len(set(puts)) == 2 + 4  # the shared 2 once, each request's own chunk once
+    assert stats.saved_tokens == 64 + 4 * 32 and stats.skipped_tokens == 3 * 64
+    assert stats.deduped_tokens == 3 * 64 and stats.copied_tokens == 64 + 4 * 32
+    for s in specs:  # every request's KV is what its own blocks held
+        r = eng.retrieve(s.tokens[:96])
+        assert r.num_tokens == 96 and r.kv is not None
+        for layer in range(L):
+            got = torch.empty((2, 96, H, D))
+            gather_layer(lay, src[layer], token_index(s.block_ids, 0, 0, 96, BS, torch.device("cpu")), got)
+            assert torch.equal(r.kv[layer], got)
+
+
 def test_stage_pieces_equals_concatenation() -> None:
     """The piece-major staging + one gather that feeds the CUDA kernel is exactly ``torch.cat``
     (checked on the CPU: the same code runs on the device)."""
@@ -262,3 +299,23 @@ def test_stage_pieces_equals_concatenation() -> None:
     got = stage_pieces(pieces, idx, 2, torch.device("cpu"))
     assert torch.equal(got, torch.cat(pieces, dim=1))
     assert torch.equal(stage_pieces(pieces, idx, 2, torch.device("cpu")), got)  # cached index reused
+
+
+def test_same_tokens_under_another_adapter_in_one_step_are_not_deduped() -> None:
+    """De-duplication goes by chunk key, which holds the request's extras (LoRA adapter, salt):
+    two requests with the same tokens and different adapters both save their own KV."""
+    from kvtier.keys import KeyExtras
+
+    eng, stats = engine(), ConnectorStats()
+    src = cpu_cache(7)
+    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    w = WorkerSide(eng, lay, L, stats)
+    toks = list(range(500, 564))
+    specs = [TransferSpec("a", toks, 0, 64, [0, 1, 2, 3]),
+             TransferSpec("b", toks, 0, 64, [4, 5, 6, 7], extras=KeyExtras(adapter="lora-b"))]  # fmt: skip
+    w.begin_saves(specs, torch.device("cpu"))
+    for i, c in enumerate(src):
+        w.save_layer(i, c)
+    w.finish_saves(torch.device("cpu"))
+    assert stats.saved_tokens == 128 and stats.deduped_tokens == 0
+    assert eng.lookup(toks) == 64 and eng.first_uncached(toks, extras=specs[1].extras) == 64

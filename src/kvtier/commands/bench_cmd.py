@@ -18,10 +18,15 @@ or you are measuring the engine's cache, not kvtier.
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from kvtier.cli_args import add_config_args
+from kvtier.commands.user_errors import CommandError
+from kvtier.redact import redact_text, redact_url
 
 EPILOG = """examples:
   kvtier bench                                    # all workloads, SmolLM2 in process, without vs with kvtier
@@ -80,7 +85,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--variants", default="without,with", help="in process: comma list of without, with, capped"
     )
     t.add_argument(
-        "--chunk-tokens", type=int, default=64, help="kvtier chunk size (64: the prompts are short)"
+        "--chunk-tokens",
+        "--chunk-size",
+        dest="chunk_tokens",
+        type=int,
+        default=64,
+        help="kvtier chunk size (64: the prompts are short)",
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write every result and summary as JSON")
@@ -104,12 +114,30 @@ def run(args: argparse.Namespace) -> int:
             return compare(args)
         if args.show:
             return show(args)
-        from kvtier.bench.main import run_bench
+        from kvtier.bench.main import names, run_bench
+        from kvtier.bench.workloads import NAMES
 
+        if args.url:
+            names(args.workloads, NAMES, "--workloads")  # a bad flag is named before the server is
+            probe_server(args.url)
         return run_bench(args)
     except (ReportError, WorkloadError, ConfigError, ValueError) as e:
-        print(f"kvtier bench: {e}", file=sys.stderr)
+        print(f"kvtier bench: {redact_text(str(e))}", file=sys.stderr)
         return 2
+
+
+def probe_server(url: str, timeout_s: float = 10.0) -> None:
+    """Raise ``CommandError`` unless something answers HTTP at ``url`` (any status: a 404 for
+    ``/models`` still means the server is there); every request would fail otherwise."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise CommandError(f"cannot reach {redact_url(url)}: {reason} — start the server or fix --url "
+                           "(an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1)") from e  # fmt: skip
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from kvtier.cli_args import add_config_args, load_config
-from kvtier.config import ConfigError, format_size
+from kvtier.config import format_size
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,12 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args)
-    except ConfigError as e:
-        print(f"kvtier: config error: {e}", file=sys.stderr)
-        return 2
-    tree = cfg.to_dict()
+    tree = load_config(args).to_dict()  # redacts passwords and URL secrets
     if not args.raw_sizes:
         for section in tree.values():
             for k, v in section.items():

@@ -1,9 +1,11 @@
-"""``kvtier demo``: a real model, run once without kvtier and once with it, on chat and document-QA workloads.
+"""``kvtier demo``: a real model, run without and with kvtier, on chat and document-QA workloads.
 
 Workloads: ``chat`` (a shared system prompt, several users, each turn resending the history),
 ``docqa`` (the same documents asked several questions) and, with ``--contexts``, ``context``
-(long prompts asked again: full prefill vs full hit). For each it prints the time to first
-token (TTFT) without and with kvtier, the speedup, hit rates and bytes per tier, checks that
+(long prompts asked again: full prefill vs full hit). The two variants run interleaved request
+by request, so load that drifts during the run hits both. For each it prints the time to first
+token (TTFT) without and with kvtier, the paired speedup (median of per-request ratios), the
+prompt tokens not recomputed and prefill FLOPs saved, hit rates and bytes per tier, checks that
 the greedy outputs are identical, and writes a plot of TTFT per request. Exit status 1 if any
 output differs.
 """
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from kvtier.cli_args import add_config_args, load_config
+from kvtier.commands.user_errors import CommandError
 from kvtier.config import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -56,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w.add_argument("--gen-tokens", type=int, default=8, help="greedy tokens compared per request (8)")
     c = p.add_argument_group("cache and output")
-    c.add_argument("--chunk-tokens", type=int, default=64,
+    c.add_argument("--chunk-tokens", "--chunk-size", dest="chunk_tokens", type=int, default=64,
                    help="tokens per cached chunk (64: the demo's prompts are short; config default is 256)")  # fmt: skip
     c.add_argument("--no-disk", action="store_true", help="CPU tier only (default: CPU + a local disk tier)")
     c.add_argument(
@@ -93,7 +96,34 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kvtier demo: config error: {e}", file=sys.stderr)
         return 2
+    check_model_and_device(args.model, args.device)
     from kvtier.demo.main import DemoPlan, run_demo
 
     plan = DemoPlan(names=names, lengths=lengths, out=out)
     return run_demo(args, plan)
+
+
+def check_model_and_device(model: str, device: str) -> None:
+    """Refuse a model spec or device that cannot work before any model is built (raises
+    ``CommandError``, which the CLI prints as one line)."""
+    import torch
+
+    from kvtier.models import RANDOM_CONFIGS
+
+    if model.startswith("random:"):
+        if model.removeprefix("random:") not in RANDOM_CONFIGS:
+            raise CommandError(f"--model {model!r}: unknown random model — choose random:NAME with NAME one "
+                               f"of {', '.join(sorted(RANDOM_CONFIGS))}")  # fmt: skip
+    elif model != "smollm2" and not Path(model).expanduser().is_dir():
+        raise CommandError(f"--model {model!r}: no such model directory — give smollm2, random:NAME or the "
+                           "path of a local Hugging Face model directory")  # fmt: skip
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: CUDA is not available on this machine (torch "
+                               f"{torch.__version__}) — use --device cpu")  # fmt: skip
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                               "device(s) — use cuda:0 .. cuda:N-1")  # fmt: skip
+    elif kind != "cpu" or index:
+        raise CommandError(f"--device {device!r}: expected cpu, cuda or cuda:N")

@@ -8,11 +8,11 @@ otherwise, and refuses a non-loopback address without ``--auth-token-file``.
 from __future__ import annotations
 
 import argparse
-import sys
+import errno
 
 from kvtier.cli_args import add_config_args, load_config
-from kvtier.config import POLICY_NAMES, ConfigError
-from kvtier.errors import KVTierError
+from kvtier.commands.user_errors import CommandError
+from kvtier.config import POLICY_NAMES
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,10 +23,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--disk-path", metavar="DIR", help="enable the disk tier in DIR (disk.path)")
     p.add_argument("--disk-size", metavar="SIZE", help="disk tier size, e.g. 500GiB (disk.max_disk_bytes)")
     p.add_argument("--remote", metavar="URL", help="a remote tier below: redis://, s3://... (remote.url)")
+    p.add_argument("--eviction-policy", choices=POLICY_NAMES, type=str.lower,
+                   help="eviction policy of the CPU and disk tiers, any case (cpu.eviction_policy: lru)")  # fmt: skip
     p.add_argument(
-        "--eviction-policy", choices=POLICY_NAMES, help="eviction policy of the CPU and disk tiers"
+        "--chunk-tokens",
+        "--chunk-size",
+        dest="chunk_tokens",
+        type=int,
+        help="tokens per chunk, for POST /lookup (chunk.chunk_tokens)",
     )
-    p.add_argument("--chunk-tokens", type=int, help="tokens per chunk, for POST /lookup (chunk.chunk_tokens)")
     p.add_argument("--host", help="address to bind (server.host, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="protocol port (server.port, default 5555; 0 = any free)")
     p.add_argument("--http-port", type=int, help="HTTP port (server.http_port, default 8080; 0 = any free)")
@@ -39,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.server.daemon import Daemon, ServerSetupError
+    from kvtier.server.daemon import Daemon
 
     extra: dict[str, object] = {
         "cpu.max_bytes": args.cpu_size,
@@ -57,19 +62,22 @@ def run(args: argparse.Namespace) -> int:
         "server.shm_dir": args.shm_dir,
         "cpu.pin_timeout_s": args.lease_timeout,
     }
+    cfg = load_config(args, **extra)  # a ConfigError is a one-line user error (kvtier.cli)
     try:
-        cfg = load_config(args, **extra)
         daemon = Daemon(cfg, ready_file=args.ready_file, shm_dir=cfg.server.shm_dir,
                         max_payload_bytes=cfg.server.max_payload_bytes)  # fmt: skip
-    except (ConfigError, ServerSetupError) as e:
-        print(f"kvtier server: {e}", file=sys.stderr)
-        return 2
     except OSError as e:
-        print(f"kvtier server: cannot start: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(
+            f"cannot start: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+        ) from e
     try:
         daemon.run()
-    except (OSError, KVTierError) as e:  # e.g. the port is taken, an untrusted token file
-        print(f"kvtier server: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise CommandError(f"cannot serve: {e.strerror or e}") from e
+        # The protocol port is bound first: if it was, the HTTP port is the one taken.
+        which, flag, port = (("HTTP", "--http-port", cfg.server.http_port) if daemon.port
+                             else ("protocol", "--port", cfg.server.port))  # fmt: skip
+        raise CommandError(f"{which} port {cfg.server.host}:{port} is already in use — stop what holds it "
+                           f"or pick another with {flag} (0 = any free port)") from e  # fmt: skip
     return 0

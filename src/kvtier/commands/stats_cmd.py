@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kvtier.commands.user_errors import CommandError
 from kvtier.config import format_size
+from kvtier.redact import redact_url
 from kvtier.server.stats_client import fetch_stats
 
 
@@ -52,18 +54,22 @@ def run(args: argparse.Namespace) -> int:
         try:
             token = Path(args.auth_token_file).read_text().strip()
         except OSError as e:
-            print(f"kvtier stats: auth token file {args.auth_token_file}: {e.strerror}", file=sys.stderr)
-            return 2
+            raise CommandError(f"auth token file {args.auth_token_file}: {e.strerror} — pass the file the "
+                               "daemon's --auth-token-file names") from e  # fmt: skip
+    url = redact_url(args.url)
     try:
         stats = fetch_stats(args.url, token, args.timeout)
     except urllib.error.HTTPError as e:
-        print(
-            f"kvtier stats: {args.url} answered {e.code}: {e.read().decode(errors='replace')}",
-            file=sys.stderr,
-        )
-        return 1
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-        print(f"kvtier stats: cannot read stats from {args.url}: {e}", file=sys.stderr)
-        return 1
+        body = e.read().decode(errors="replace").strip()
+        fix = " — pass --auth-token-file" if e.code == 401 else ""
+        raise CommandError(f"{url} answered {e.code}: {body}{fix}") from e
+    except (http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
+        # NOTE: the protocol port answers an HTTP request with bytes that are no HTTP (or closes).
+        raise CommandError(f"{url} is not the daemon's HTTP face ({type(e).__name__}) — is this the protocol "
+                           "port? use the HTTP port (server.http_port, default 8080)") from e  # fmt: skip
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise CommandError(f"cannot read stats from {url}: {reason} — is 'kvtier server' running there? "
+                           "(--url is its HTTP address, default http://127.0.0.1:8080)") from e  # fmt: skip
     print(json.dumps(stats, indent=2) if args.json else format_table(stats))
     return 0

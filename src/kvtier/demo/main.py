@@ -1,5 +1,6 @@
 """The demo's orchestration: load the model, build each workload, run it without and with kvtier
-(a fresh engine per workload, so hit rates and bytes are per workload), print, plot."""
+interleaved request by request (a fresh engine per workload, so hit rates and bytes are per
+workload), print, plot."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from kvtier.chunk import dtype_from_name
 from kvtier.cli_args import load_config
 from kvtier.demo import runner, workloads
+from kvtier.demo.flops import prefill_cost
 from kvtier.demo.report import WorkloadReport, format_report, plot
 from kvtier.engine import CacheEngine
 from kvtier.models import load_model
@@ -66,6 +68,7 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
     encode = workloads.make_encoder(lm.tokenizer, vocab)
     all_requests = {n: build_requests(n, args, encode, vocab, plan.lengths) for n in plan.names}
     runner.warm_up(model, vocab)
+    cost = prefill_cost(model)
     total = sum(len(r) for r in all_requests.values()) * 2
     bar = tqdm(total=total, desc="requests", unit="req", disable=args.no_progress, file=sys.stderr)
     reports = []
@@ -79,16 +82,16 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
             runner.run_without(model, reqs, gen_tokens=1)
             with CacheEngine(load_config(args, chunk_tokens=args.chunk_tokens)) as scratch:
                 runner.run_with(model, reqs, scratch, gen_tokens=1, model_id=lm.model_id)
-        bar.set_description(f"{name}: without kvtier")
-        without = runner.run_without(model, reqs, gen_tokens=args.gen_tokens, tick=lambda: bar.update(1))
         cfg = load_config(args, chunk_tokens=args.chunk_tokens, **disk_overrides(args, name, plan.out))
-        bar.set_description(f"{name}: with kvtier")
+        bar.set_description(f"{name}: without and with kvtier")
         with CacheEngine(cfg) as engine:
-            with_ = runner.run_with(model, reqs, engine, gen_tokens=args.gen_tokens, model_id=lm.model_id,
-                                    check_split=low_precision, tick=lambda: bar.update(1))  # fmt: skip
+            without, with_ = runner.run_interleaved(
+                model, reqs, engine, gen_tokens=args.gen_tokens, model_id=lm.model_id,
+                check_split=low_precision, tick=lambda: bar.update(1),
+            )  # fmt: skip
             engine.flush(30.0)
             stats = engine.stats()
-        reports.append(WorkloadReport(name, without, with_, stats))
+        reports.append(WorkloadReport(name, without, with_, stats, cost))
     bar.close()
     print()
     for rep in reports:

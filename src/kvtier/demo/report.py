@@ -1,4 +1,11 @@
-"""Summaries, the printed table and the PNG plot of a with/without comparison."""
+"""Summaries, the printed table and the PNG plot of a with/without comparison.
+
+The headline speedup is the *paired* one: the median over requests of (TTFT without / TTFT with),
+each pair measured back to back (``runner.run_interleaved``), so load from other processes that
+drifts during the run cancels out. Beside the times the report prints what does not depend on the
+machine's load at all: prompt tokens not recomputed and the prefill FLOPs they would have cost
+(``flops.PrefillCost``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtier.demo.flops import PrefillCost, human
 from kvtier.demo.runner import RequestResult
 from kvtier.observability import CacheStats
 
@@ -17,6 +25,27 @@ class WorkloadReport:
     without: list[RequestResult]
     with_: list[RequestResult]
     stats: CacheStats
+    cost: PrefillCost | None = None  # the model's prefill FLOPs (None: not reported)
+
+    @property
+    def paired_speedup(self) -> float:
+        """Median over requests of TTFT without / TTFT with kvtier (pairs run back to back)."""
+        ratios = [a.ttft_s / b.ttft_s for a, b in zip(self.without, self.with_) if b.ttft_s > 0]
+        return float(np.median(ratios)) if ratios else float("nan")
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens loaded from kvtier instead of recomputed."""
+        return sum(r.hit_tokens for r in self.with_)
+
+    def flops(self) -> tuple[float, float] | None:
+        """(prefill FLOPs saved by kvtier, prefill FLOPs of the workload without it)."""
+        if self.cost is None:
+            return None
+        c = self.cost
+        return sum(c.saved(r.hit_tokens) for r in self.with_), sum(
+            c.flops(0, r.prompt_tokens) for r in self.without
+        )
 
     @property
     def identical(self) -> int:
@@ -61,6 +90,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _flops_text(rep: WorkloadReport) -> str:
+    f = rep.flops()
+    if f is None:
+        return ""
+    saved, total = f
+    return f", prefill FLOPs saved {human(saved)} of {human(total)} ({saved / total if total else 0:.1%})"
+
+
 def format_report(rep: WorkloadReport) -> str:
     wo = [r.ttft_s for r in rep.without]
     wi = [r.ttft_s for r in rep.with_]
@@ -74,9 +111,12 @@ def format_report(rep: WorkloadReport) -> str:
         f"{'TTFT (ms)':<16}{'mean':>10}{'p50':>10}{'p90':>10}",
         f"{'without kvtier':<16}{m0:>10.1f}{p50_0:>10.1f}{p90_0:>10.1f}",
         f"{'with kvtier':<16}{m1:>10.1f}{p50_1:>10.1f}{p90_1:>10.1f}",
-        f"{'speedup':<16}{m0 / m1:>9.2f}x{p50_0 / p50_1:>9.2f}x{p90_0 / p90_1:>9.2f}x",
-        f"token hit rate {s.hit_rate:.1%} (reused {sum(r.hit_tokens for r in rep.with_):,} of {prompt:,} "
-        f"prompt tokens), request hit rate {s.request_hit_rate:.1%}, store after TTFT "
+        f"{'ratio':<16}{m0 / m1:>9.2f}x{p50_0 / p50_1:>9.2f}x{p90_0 / p90_1:>9.2f}x",
+        f"speedup {rep.paired_speedup:.2f}x (paired: median over requests of TTFT without / with, each "
+        f"pair run back to back, so the machine's load drift cancels)",
+        f"work not done (independent of load): {rep.reused_tokens:,} of {prompt:,} prompt tokens not "
+        f"recomputed ({rep.reused_tokens / max(prompt, 1):.1%})" + _flops_text(rep),
+        f"token hit rate {s.hit_rate:.1%}, request hit rate {s.request_hit_rate:.1%}, store after TTFT "
         f"{sum(r.store_s for r in rep.with_) * 1e3:.0f} ms total",
         "bytes per tier: " + tiers,
         f"greedy outputs identical with and without kvtier: {'yes' if rep.identical == len(wo) else 'NO'} "

@@ -1,5 +1,11 @@
-"""Runs a workload twice on one model — plain transformers, then through kvtier — and keeps
-per-request TTFT, hits and the greedy tokens of both runs for comparison.
+"""Runs a workload on one model both ways — plain transformers and through kvtier — and keeps
+per-request TTFT, hits and the greedy tokens of both for comparison.
+
+``run_interleaved`` (what the demo reports) runs request i both ways before request i+1, the
+order alternating from request to request, as ``kvtier bench`` does: on a machine others are
+loading, both variants then see the same load over time, so the per-request ratio is fair even
+when absolute times drift (issue 22 #12: two sequential runs printed "speedup 0.78x" when the
+machine got busy during the second). ``run_without``/``run_with`` run one variant alone (warm-up).
 
 TTFT is the time from the request to the first token's logits being ready (CUDA synchronised);
 kvtier's store of the new KV happens after that point and is reported separately (``store_s``),
@@ -67,20 +73,23 @@ def plain_prefill(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any, flo
     return logits, cache, time.perf_counter() - t0
 
 
+def one_without(model: Any, req: Request, *, gen_tokens: int) -> RequestResult:
+    """One request with transformers alone (median TTFT over ``req.repeat`` prefills)."""
+    ids = req.ids.to(next(model.parameters()).device).unsqueeze(0)
+    times = []
+    for _ in range(req.repeat):
+        logits, cache, dt = plain_prefill(model, ids)
+        times.append(dt)
+    tokens = greedy(model, logits, cache, gen_tokens)
+    return RequestResult(req.label, ids.shape[1], statistics.median(times), tokens=tokens,
+                         first_logits=logits[0].float().cpu())  # fmt: skip
+
+
 def run_without(model: Any, requests: list[Request], *, gen_tokens: int, tick: Tick | None = None
                 ) -> list[RequestResult]:  # fmt: skip
-    device = next(model.parameters()).device
     results = []
     for req in requests:
-        ids = req.ids.to(device).unsqueeze(0)
-        times = []
-        for _ in range(req.repeat):
-            logits, cache, dt = plain_prefill(model, ids)
-            times.append(dt)
-        tokens = greedy(model, logits, cache, gen_tokens)
-        results.append(RequestResult(req.label, ids.shape[1], statistics.median(times), tokens=tokens,
-                                     first_logits=logits[0].float().cpu()))  # fmt: skip
-        del cache, logits
+        results.append(one_without(model, req, gen_tokens=gen_tokens))
         if tick:
             tick()
     return results
@@ -101,27 +110,56 @@ def split_prefill(model: Any, ids: torch.Tensor, hit: int) -> torch.Tensor:
     ).logits[:, -1]
 
 
+def one_with(model: Any, req: Request, engine: CacheEngine, *, gen_tokens: int,
+             model_id: str | None = None, check_split: bool = False) -> RequestResult:  # fmt: skip
+    """One request through kvtier (median TTFT over ``req.repeat`` prefills; the last one's hit)."""
+    ids = req.ids.to(next(model.parameters()).device).unsqueeze(0)
+    runs = [kvt.prefill(model, ids, engine, model_id=model_id) for _ in range(req.repeat)]
+    r = runs[-1]
+    tokens = greedy(model, r.logits, r.cache, gen_tokens)
+    out = RequestResult(
+        req.label, ids.shape[1], statistics.median(x.ttft_s for x in runs), hit_tokens=r.hit_tokens,
+        store_s=max(x.store_s for x in runs), load_s=statistics.median(x.load_s for x in runs),
+        tokens=tokens, first_logits=r.logits[0].float().cpu(),
+    )  # fmt: skip
+    if check_split:
+        out.split_logits = split_prefill(model, ids, r.hit_tokens)[0].float().cpu()
+    return out
+
+
 def run_with(model: Any, requests: list[Request], engine: CacheEngine, *, gen_tokens: int,
              model_id: str | None = None, check_split: bool = False, tick: Tick | None = None
              ) -> list[RequestResult]:  # fmt: skip
-    device = next(model.parameters()).device
     results = []
     for req in requests:
-        ids = req.ids.to(device).unsqueeze(0)
-        runs = [kvt.prefill(model, ids, engine, model_id=model_id) for _ in range(req.repeat)]
-        r = runs[-1]
-        tokens = greedy(model, r.logits, r.cache, gen_tokens)
-        results.append(RequestResult(
-            req.label, ids.shape[1], statistics.median(x.ttft_s for x in runs), hit_tokens=r.hit_tokens,
-            store_s=max(x.store_s for x in runs), load_s=statistics.median(x.load_s for x in runs),
-            tokens=tokens, first_logits=r.logits[0].float().cpu(),
-        ))  # fmt: skip
-        if check_split:
-            results[-1].split_logits = split_prefill(model, ids, r.hit_tokens)[0].float().cpu()
-        del runs, r
+        results.append(one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id,
+                                check_split=check_split))  # fmt: skip
         if tick:
             tick()
     return results
+
+
+def run_interleaved(model: Any, requests: list[Request], engine: CacheEngine, *, gen_tokens: int,
+                    model_id: str | None = None, check_split: bool = False, tick: Tick | None = None
+                    ) -> tuple[list[RequestResult], list[RequestResult]]:  # fmt: skip
+    """Both variants, request by request: ``(without, with_)``, in request order.
+
+    Even requests go without kvtier first, odd ones with it first, so neither variant is always
+    the one that runs on a cold CPU cache or right after the other's allocations. The variants
+    share no state (plain prefills never touch ``engine``), so the order changes no result.
+    """
+    without: list[RequestResult] = []
+    with_: list[RequestResult] = []
+    for i, req in enumerate(requests):
+        for variant in ("without", "with") if i % 2 == 0 else ("with", "without"):
+            if variant == "without":
+                without.append(one_without(model, req, gen_tokens=gen_tokens))
+            else:
+                with_.append(one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id,
+                                      check_split=check_split))  # fmt: skip
+            if tick:
+                tick()
+    return without, with_
 
 
 def warm_up(model: Any, vocab_size: int, tokens: int = 256) -> None:

@@ -100,9 +100,35 @@ def check_supported(model: Any) -> None:
             f"{cfg.model_type}: layer types {other} are not supported yet (kvtier reuses full-attention "
             "KV only; sliding-window and linear-attention layers do not keep every position)"
         )
+    if not layer_types:  # then transformers makes every layer of a windowed config a sliding one
+        _check_no_window(cfg)
     if getattr(cfg, "use_mla", False) or getattr(cfg, "kv_lora_rank", None):
         raise IntegrationError(
             f"{cfg.model_type}: MLA caches are not supported by the transformers integration"
+        )
+
+
+def _check_no_window(cfg: Any) -> None:
+    """Refuse a config that windows every layer (``sliding_window`` / ``attention_chunk_size``
+    without ``layer_types``: Mistral v0.1, Phi3, Starcoder2 style), unless the window is at least
+    ``max_position_embeddings`` (then no prompt reaches it: full attention).
+
+    Why refuse rather than cap: such a cache keeps only the last ``window - 1`` positions, so
+    after a generation that crosses the window its first positions are gone and what kvtier
+    would store as positions 0.. is KV of later ones (issue 22 #4), and a prefix longer than the
+    window cannot be rebuilt into it. The check runs before any lookup or store.
+    """
+    for attr in ("sliding_window", "attention_chunk_size"):
+        window = getattr(cfg, attr, None)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if window is None or (limit is not None and int(window) >= int(limit)):
+            continue
+        raise IntegrationError(
+            f"{cfg.model_type}: {attr}={window}: every layer attends to (and its cache keeps) only the "
+            f"last {window} positions, which kvtier's transformers integration does not support yet "
+            f"(it reuses full-attention KV only). Use a checkpoint without a window (e.g. Mistral-7B "
+            f"v0.2+), or if prompt plus generation always stay under {window} tokens set "
+            f"config.{attr}=None (then every layer is full attention, which is then exact)"
         )
 
 

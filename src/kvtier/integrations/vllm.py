@@ -35,6 +35,7 @@ import torch
 
 from kvtier.chunk import dtype_name
 from kvtier.keys import KeyExtras, Namespace
+from kvtier.logs import attach_if_unhandled
 from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
@@ -124,6 +125,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        attach_if_unhandled()  # vLLM configures only its own logger: kvtier's INFO lines would vanish
         ktc = self._kv_transfer_config
         self._config = config_from_extra(dict(ktc.kv_connector_extra_config or {}))
         self._instance = str(ktc.engine_id)

@@ -13,6 +13,13 @@ Saves (``save_layer`` per layer, then ``finish_saves``): each layer's rows of th
 chunks are copied out of the paged tensor into a host buffer as the layer finishes; once all
 layers are in, the chunks are put into the tiers. The copy out of vLLM's blocks is done inside
 the step, so the blocks can be freed as soon as the request finishes.
+
+Each chunk is saved once: cold requests that share a prefix and are scheduled in one step all
+ask to save it (none is cached yet when the step is planned), so ``begin_saves`` skips the
+leading chunks an earlier request of the step, or a save still in flight, will store (chained
+keys: a shared chunk key means the whole prefix up to it is shared, so duplicates are always a
+prefix of a request's range). Only one copy leaves vLLM's blocks; ``saved_tokens`` counts
+unique tokens, the duplicates go to ``skipped_tokens`` (and ``deduped_tokens``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ class ConnectorStats:
     save_requests: int = 0
     saved_tokens: int = 0
     skipped_tokens: int = 0
+    """Tokens asked to be saved that were not: already cached, or saved by another request."""
+    deduped_tokens: int = 0
+    """The part of ``skipped_tokens`` another request of the same step (or a save in flight) stores."""
+    copied_tokens: int = 0
+    """Tokens copied out of vLLM's blocks to be saved (every unique chunk once)."""
     store_failures: int = 0
     uncacheable_requests: int = 0
     """Requests with an input kvtier cannot key (``vllm_keys``): neither loaded nor saved."""
@@ -92,6 +104,8 @@ class WorkerSide:
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
         faults every time (more than the copy); the tiers copy what they keep, so it is free again
         once ``finish_saves`` returns."""
+        self._inflight: set[bytes] = set()
+        """Digests of the chunks the pending saves will store (``begin_saves`` .. ``finish_saves``)."""
         self.new_keys: list[bytes] = []
         """Digests stored since the last ``take_new_keys`` (reported to a scheduler in another process)."""
 
@@ -176,13 +190,16 @@ class WorkerSide:
     def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self._saves = []
+        self._inflight = set()  # saves begun and never finished were dropped with self._saves
         lay = self.layout
         todo = []
         for spec in specs:
             start = self._first_missing(spec)
+            start = self._skip_inflight(spec, start)
             self.stats.skipped_tokens += start - spec.start
             if start < spec.end:
                 todo.append((spec, start, lay.chunk_shape(self.num_layers, spec.end - start)))
+                self.stats.copied_tokens += spec.end - start
         total = sum(int(np.prod(shape)) for _, _, shape in todo)
         if todo and (self._flat is None or self._flat.numel() < total):
             self._flat = torch.empty(total, dtype=lay.dtype, pin_memory=device.type == "cuda")
@@ -195,6 +212,20 @@ class WorkerSide:
             idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
             self._saves.append(_Save(spec, start, idx, buf))
         self.stats.save_s += time.perf_counter() - t0
+
+    def _skip_inflight(self, spec: TransferSpec, start: int) -> int:
+        """Past the leading chunks from ``start`` that a save already planned will store; marks
+        the rest of the range as planned."""
+        keys = [k for k in self.engine.keys(spec.tokens[: spec.end], spec.extras) if k.start >= start]
+        new = start
+        for k in keys:
+            if k.digest not in self._inflight:
+                break
+            new = k.end
+        new = min(new, spec.end)
+        self.stats.deduped_tokens += new - start
+        self._inflight.update(k.digest for k in keys if k.start >= new)
+        return new
 
     def _first_missing(self, spec: TransferSpec) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
@@ -229,8 +260,10 @@ class WorkerSide:
             )
             self.new_keys.extend(res.stored_keys)
             self.stats.saved_tokens += res.stored_tokens
+            self.stats.skipped_tokens += res.skipped_tokens
             self.stats.store_failures += res.failed_chunks
         self._saves = []
+        self._inflight = set()
         self.stats.save_s += time.perf_counter() - t0
 
 

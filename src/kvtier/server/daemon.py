@@ -45,6 +45,7 @@ from kvtier.server.auth import ensure_token_file
 from kvtier.server.budget import PayloadBudget
 from kvtier.server.conn import Conn, Payload
 from kvtier.server.service import CacheService, Reply, Session
+from kvtier.server.startup import notify_ready, startup_line
 from kvtier.wire import protocol as P
 from kvtier.wire.token_file import default_token_path
 
@@ -156,8 +157,9 @@ class Daemon:
         await server.start_serving()
         reaper = asyncio.create_task(self._reaper())
         self._write_ready()
-        log.info("kvtier server %s on %s:%d (http %d), pool %s", self.server_id, sc.host, self.port,
-                 self.http_port, self.service.segment.path)  # fmt: skip
+        log.info("%s", startup_line(self.config, self.port, self.http_port, self.service.manager.stats(),
+                                    str(self.service.segment.path)))  # fmt: skip
+        notify_ready(f"serving on {sc.host}:{self.port}")
         try:
             await self._stop.wait()
         finally:

@@ -24,8 +24,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kvtier.chunk import DTypeError, dtype_from_name
 from kvtier.errors import KVTierError
 from kvtier.keys import Namespace, chunk_keys
+from kvtier.server.health import health
 from kvtier.server.service import CacheService
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
         if v is None or not isinstance(v, typ) or isinstance(v, bool):
             raise LookupError_(f"'{name}' must be a {typ.__name__}")
         fields[name] = v
+    try:  # NOTE: an unknown dtype would make keys no store holds: an error, not "0 cached"
+        dtype_from_name(fields["kv_dtype"])
+    except DTypeError as e:
+        raise LookupError_(f"'kv_dtype': {e} (the engine's KV dtype, e.g. bfloat16, float16, float32)") from e
     chunk = body.get("chunk_tokens", service.config.chunk.chunk_tokens)
     if not isinstance(chunk, int) or not 1 <= chunk <= 1 << 20:
         raise LookupError_("'chunk_tokens' must be an integer in 1..1048576")
@@ -124,8 +130,7 @@ def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/health":
                 s = face.service
-                self._json(200, {"status": "ok", "sessions": s.counters.active_sessions,
-                                 "tiers": [t.name for t in s.manager.tiers]})  # fmt: skip
+                self._json(200, health(s.manager.tiers, s.counters.active_sessions))
             elif path == "/metrics":
                 self._send(200, face.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/stats":

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -67,6 +67,7 @@ class DaemonMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ServerCollector(service))
         self.registry.register(_TierCollector(service))
+        ProcessCollector(registry=self.registry)  # process_*: the daemon's RSS, CPU, open fds
         self.request_seconds = Histogram("kvtier_server_request_seconds", "time to handle one request",
                                          ["op"], buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
 

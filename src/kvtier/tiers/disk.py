@@ -7,9 +7,20 @@ must compact (rewrite live data, doubling write traffic) to reclaim evicted chun
 is the filesystem's atomic commit, so there is no separate index to keep consistent: the
 directory *is* the index, rebuilt on start from each file's 128-byte header (``serde``).
 
-Layout: ``<path>/<kk>/<key hex>.kvc`` (``kk`` = first key byte; 256 fan-out directories made at
-start keep each directory small), ``<path>/tmp/`` for writes in progress (emptied on start),
-``<path>/LOCK`` (``flock``: one process owns a directory; a second gets a ``TierError``).
+Layout: ``<path>/<kk>/<key hex>.kvc`` (``kk`` = first key byte; up to 256 fan-out directories,
+each made by the first put that needs it, keep each directory small), ``<path>/tmp/`` for writes
+in progress (emptied on start), ``<path>/LOCK`` (``flock``: one process owns a directory; a second
+gets a ``TierError``).
+
+Space (``max_bytes``) counts what the filesystem allocates, not file lengths: a file is charged
+its allocated blocks (``st_blocks * 512``, at least its size rounded up to the filesystem's block
+size: a 2 KiB chunk takes 4 KiB, and a header spills a power-of-two payload into one more block),
+and every folder (root, ``tmp``, each fan-out folder, re-measured as it grows) is charged its own
+blocks. So with any chunk size ``stats().bytes_used`` >= what ``du`` reports and <= ``max_bytes``
+(issue 22 #6: counting file bytes let small chunks take 6.4x the limit). A put reserves the
+rounded size (plus a block for a folder it creates) before writing and corrects the charge to
+the measured one after; folders are never removed, so they are charged for good. The 256 fan-out
+folders alone take 1 MiB on a 4 KiB-block filesystem: a tier of a few MiB holds few chunks.
 
 Durability (``durability``):
 * ``"flush"`` (default): a put writes the temp file and renames it; ``sync()`` (called by
@@ -86,6 +97,7 @@ class _Entry:
     header: ChunkHeader
     header_bytes: bytes
     nbytes: int  # file size = HEADER_BYTES + payload
+    charge: int  # space the file takes on disk (allocated blocks), what counts against max_bytes
 
 
 class DiskTier(Tier):
@@ -112,18 +124,28 @@ class DiskTier(Tier):
         self._entries: dict[bytes, _Entry] = {}
         self._writing: set[bytes] = set()
         self._unsynced: set[Path] = set()
-        self._used = 0
+        self._used = 0  # bytes charged: folders (self._fixed) + every file's charge, reserved or written
+        self._fixed = 0  # folders' charge: evicting files never frees it
+        self._folders: dict[str, int] = {}  # fan-out folder name -> its charge
         self._stats = TierStats(self.name, capacity_bytes=max_bytes)
         self._last_warn: dict[str, float] = {}
         self._closed = False
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._tmp = self.root / "tmp"
-            for d in (self._tmp, *(self.root / f"{i:02x}" for i in range(256))):
-                _private_dir(d)
+            _private_dir(self._tmp)  # fan-out folders are made as needed (_reserve), 0700 too
             self._lock_fd = self._take_lock()
+            self.block_bytes = os.statvfs(self.root).f_frsize or 4096
+            self._fixed = self._folder_charge(self.root) + self._folder_charge(self._tmp)
         except OSError as e:
             raise TierError(f"disk tier: cannot use directory {self.root}: {e.strerror or e}") from e
+        if max_bytes < self._fixed + 2 * self.block_bytes:
+            os.close(self._lock_fd)
+            raise TierError(
+                f"disk tier: max_bytes {max_bytes} is too small: its own folders take {self._fixed} "
+                f"bytes on this filesystem; give it at least {self._fixed + 2 * self.block_bytes}"
+            )
+        self._used = self._fixed
         self._rebuild()
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
         self._piece_pool = ThreadPoolExecutor(max(2, io_threads), thread_name_prefix="kvtier-disk-io")
@@ -149,16 +171,26 @@ class DiskTier(Tier):
             f.unlink(missing_ok=True)
         found: list[tuple[int, bytes, _Entry]] = []
         for i in range(256):
-            with os.scandir(self.root / f"{i:02x}") as it:
+            folder = self.root / f"{i:02x}"
+            if not folder.is_dir():
+                continue
+            try:
+                _private_dir(folder)  # one made by an older, 0755 version is tightened
+            except OSError as e:
+                raise TierError(f"disk tier: cannot make {folder} private: {e.strerror or e}") from e
+            with os.scandir(folder) as it:
                 for de in it:
                     item = self._scan(de)
                     if item is not None:
                         found.append(item)
+            self._folders[folder.name] = self._folder_charge(folder)
+        self._fixed += sum(self._folders.values())
+        self._used = self._fixed
         found.sort(key=lambda x: x[0])
         for _, key, entry in found:
             self._entries[key] = entry
-            self.policy.insert(key, entry.nbytes)
-            self._used += entry.nbytes
+            self.policy.insert(key, entry.charge)
+            self._used += entry.charge
         self._make_room(0)  # the capacity may have shrunk since the files were written
         if found:
             log.info("disk tier: found %d chunks (%d bytes) in %s", len(found), self._used, self.root)
@@ -180,7 +212,7 @@ class DiskTier(Tier):
             with contextlib.suppress(OSError):  # best effort; it will be retried on the next start
                 os.unlink(de.path)
             return None
-        return st.st_mtime_ns, key, _Entry(h, hb, st.st_size)
+        return st.st_mtime_ns, key, _Entry(h, hb, st.st_size, self._file_charge(st.st_size, st.st_blocks))
 
     # -- Tier API ---------------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
@@ -246,23 +278,30 @@ class DiskTier(Tier):
         except (SerdeError, CodecError) as e:
             raise TierError(f"disk tier: cannot store this chunk: {e}") from e
         size = HEADER_BYTES + len(payload)
+        reserved = self._file_charge(size, 0)
+        final = self._path(key)
         with self._lock:
             if key in self._entries:
                 self.policy.access(key)
                 return True
             if key in self._writing:
                 return True
-            if not self._make_room(size):
+            try:
+                if not self._reserve(final.parent, reserved):
+                    self._stats.put_failures += 1
+                    return False
+            except OSError as err:  # the fan-out folder cannot be made (root gone, read-only, full)
                 self._stats.put_failures += 1
+                self._stats.errors += 1
+                self._warn("put", f"cannot make folder {final.parent}: {err}")
                 return False
-            self._used += size
             self._writing.add(key)
-        final = self._path(key)
         try:
-            header = self._write_file(key, final, chunk, header, payload)
+            header, allocated = self._write_file(key, final, chunk, header, payload)
+            folder_now = self._folder_charge(final.parent)  # a folder grows with its entries
         except OSError as err:
             with self._lock:
-                self._used -= size
+                self._used -= reserved
                 self._writing.discard(key)
                 self._stats.put_failures += 1
                 self._stats.errors += 1
@@ -270,11 +309,18 @@ class DiskTier(Tier):
             return False
         with self._lock:
             self._writing.discard(key)
-            self._entries[key] = _Entry(ChunkHeader.unpack(header), header, size)
-            self.policy.insert(key, size)
+            charge = self._file_charge(size, allocated)
+            grown = max(0, folder_now - self._folders[final.parent.name])
+            self._folders[final.parent.name] += grown
+            self._fixed += grown
+            self._used += charge - reserved + grown
+            self._entries[key] = _Entry(ChunkHeader.unpack(header), header, size, charge)
+            self.policy.insert(key, charge)
             self._stats.puts += 1
             if self.durability == "flush":
                 self._unsynced.add(final)
+            if self._used > self.capacity:  # measured more than reserved: evict back under the limit
+                self._make_room(0)
         return True
 
     def remove(self, key: bytes) -> bool:
@@ -345,9 +391,37 @@ class DiskTier(Tier):
     def _path(self, key: bytes) -> Path:
         return self.root / f"{key[0]:02x}" / f"{key.hex()}{SUFFIX}"
 
+    def _file_charge(self, size: int, allocated_blocks: int) -> int:
+        """Space a file of ``size`` bytes with ``allocated_blocks`` 512-byte blocks takes: the
+        measured allocation, but never less than the size rounded up to whole fs blocks (delayed
+        allocation or inline data can report fewer blocks than the file will take)."""
+        bs = self.block_bytes
+        return max(allocated_blocks * 512, -(-size // bs) * bs)
+
+    def _folder_charge(self, folder: Path) -> int:
+        """A folder's allocated space, at least one block (tmpfs reports none; it still costs)."""
+        return max(os.stat(folder).st_blocks * 512, self.block_bytes)
+
+    def _reserve(self, folder: Path, reserved: int) -> bool:
+        """Make room for a file of charge ``reserved`` in ``folder`` and charge it, first making
+        (and charging) the folder if this is its first file; ``False`` if it cannot fit.
+        OSError when the folder cannot be made. The caller holds the lock."""
+        new = folder.name not in self._folders
+        if not self._make_room(reserved + (self.block_bytes if new else 0)):
+            return False
+        if new:
+            with contextlib.suppress(FileExistsError):  # made by hand since the start: adopt it
+                os.mkdir(folder, 0o700)  # never parents=True: a vanished root stays vanished
+            charge = self._folder_charge(folder)
+            self._folders[folder.name] = charge
+            self._fixed += charge
+            self._used += charge
+        self._used += reserved
+        return True
+
     def _make_room(self, size: int) -> bool:
         """Evict until ``size`` more bytes fit; ``False`` if they cannot (caller holds the lock)."""
-        if size > self.capacity:
+        if self._fixed + size > self.capacity:
             return False
         while self._used + size > self.capacity:
             victim = self.policy.victim()
@@ -356,7 +430,7 @@ class DiskTier(Tier):
             e = self._entries.pop(victim)  # type: ignore[call-overload]
             self._forget(victim, e)  # type: ignore[arg-type]
             self._stats.evictions += 1
-            self._stats.evicted_bytes += e.nbytes
+            self._stats.evicted_bytes += e.charge
         return True
 
     def _forget(self, key: bytes, e: _Entry) -> None:
@@ -366,7 +440,7 @@ class DiskTier(Tier):
         renaming a fresh file into place. A reader that already opened the file keeps reading it.
         """
         self.policy.remove(key)
-        self._used -= e.nbytes
+        self._used -= e.charge
         path = self._path(key)
         self._unsynced.discard(path)
         try:
@@ -379,8 +453,9 @@ class DiskTier(Tier):
 
     def _write_file(
         self, key: bytes, final: Path, chunk: Chunk, header: bytes | None, payload: Buffer
-    ) -> bytes:
-        """Write temp file, rename to ``final``; returns the header written.
+    ) -> tuple[bytes, int]:
+        """Write temp file, rename to ``final``; returns the header written and the file's
+        allocated 512-byte blocks (``st_blocks``; includes delayed allocations on ext4/xfs).
 
         ``header`` is ``None`` for the raw codec: the payload is written in pieces while this
         thread hashes it, then the header (which holds the checksum) goes to offset 0.
@@ -401,6 +476,7 @@ class DiskTier(Tier):
                     disk_io.write_all(fd, [header, payload])
                 if self.durability == "always":
                     os.fsync(fd)
+                blocks = os.fstat(fd).st_blocks
             finally:
                 os.close(fd)
             os.rename(tmp, final)
@@ -410,7 +486,7 @@ class DiskTier(Tier):
             raise
         if self.durability == "always":
             disk_io.fsync_path(final.parent)
-        return header
+        return header, blocks
 
     def header_of(self, key: bytes) -> ChunkHeader | None:
         """The stored chunk's header (shape, dtype, sizes) without reading it, or ``None``."""

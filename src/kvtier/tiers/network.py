@@ -28,12 +28,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
 from kvtier import serde
 from kvtier.chunk import Chunk
+from kvtier.redact import redact_url
 from kvtier.serde.base import check_key, verify_payload
 from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
@@ -44,20 +44,6 @@ log = logging.getLogger(__name__)
 # is read-only. Nothing else holds the reply, so a caller writing into the chunk is harmless.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 T = TypeVar("T")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"***@{hostinfo}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def leading_true(flags: Sequence[Any]) -> int:
