@@ -7,7 +7,12 @@ from kvtier.integrations import transformers as kvt
 engine = CacheEngine()
 out = kvt.generate(model, input_ids, engine, max_new_tokens=64)   # like model.generate
 r = kvt.prefill(model, input_ids, engine)                         # lower level: logits + cache
+r = kvt.prefill(model, ids, engine, segments=[(12, 400), (400, 790)], recompute_ratio=0.15)  # blend
 ```
+
+With ``segments=`` (or ``separator=``, a token sequence that splits the prompt) the call blends
+(``kvtier.blend``): each segment's KV is reused wherever it appears, re-rotated to its position,
+and the ``recompute_ratio`` share of its tokens that deviate most is recomputed.
 
 Each call: look the prompt up in kvtier, load the cached prefix into a ``KVTierCache`` (layer
 by layer as the forward reaches each layer), run the model on the uncached suffix only, then
@@ -80,6 +85,8 @@ class PrefillResult:
     ttft_s: float
     load_s: float  # lookup + retrieve
     store_s: float
+    segment_tokens: int = 0  # blend: positions loaded from segment chunks (re-rotated)
+    recomputed_tokens: int = 0  # blend: of those, recomputed after the check layer
 
     @property
     def next_token(self) -> torch.Tensor:
@@ -221,15 +228,23 @@ def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.devi
 
 @torch.inference_mode()
 def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
-            store: bool = True, attention_mask: Any = None) -> PrefillResult:  # fmt: skip
-    """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards."""
+            store: bool = True, attention_mask: Any = None, segments: Any = None, separator: Any = None,
+            recompute_ratio: float = 0.15, check_layer: int | None = None) -> PrefillResult:  # fmt: skip
+    """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards.
+
+    ``segments`` (``[(start, end), ...]``) or ``separator`` (token ids) turn on blending for a
+    single prompt row: see ``kvtier.blend``. ``recompute_ratio`` and ``check_layer`` tune it.
+    """
     device = _model_device(model)
     t0 = time.perf_counter()
     ids = _rows(input_ids, attention_mask, device)
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
+    spans = _blend_spans(ids, segments, separator, recompute_ratio)
     keys = _request_keys(engine, model, rows_cpu, {}) if bind_engine(engine, model, model_id) else None
     extras, limit = keys if keys is not None else (None, 0)
+    if spans is not None and keys is not None:
+        return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras)
     hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     t_load = time.perf_counter()
     cache = KVTierCache(model.config, prefix)
@@ -246,16 +261,53 @@ def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | 
     return PrefillResult(logits, cache, seq, hit, stored, t_first - t0, t_load - t0, t_end - t_first)
 
 
+def _blend_spans(
+    ids: torch.Tensor, segments: Any, separator: Any, ratio: float
+) -> list[tuple[int, int]] | None:
+    """Validated segment spans if the call asks for blending, else ``None`` (bad input raises)."""
+    if segments is None and separator is None:
+        return None
+    from kvtier.blend import BlendError, check_ratio, check_segments, split_on_separator
+
+    check_ratio(ratio)
+    if segments is not None and separator is not None:
+        raise BlendError("pass segments= or separator=, not both")
+    if ids.shape[0] != 1:
+        raise BlendError(f"blending takes one prompt row at a time, got a batch of {ids.shape[0]}")
+    if separator is not None:
+        segments = split_on_separator(ids[0].cpu(), separator)
+    return check_segments(segments, int(ids.shape[1]))
+
+
+def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple[int, int]], store: bool,
+           ratio: float, check_layer: int | None, t0: float, extras: Any = None) -> PrefillResult:  # fmt: skip
+    from kvtier.blend.forward import DEFAULT_CHECK_LAYER, check_blendable
+    from kvtier.blend.prefill import blend_prefill
+    from kvtier.blend.rope import rope_spec
+
+    rope_spec(model)  # refuse a model that cannot be re-rotated (or run) before touching the cache
+    check_blendable(model)
+    cache = KVTierCache(model.config)
+    layer = DEFAULT_CHECK_LAYER if check_layer is None else check_layer
+    r = blend_prefill(model, ids[0], engine, spans, cache, recompute_ratio=ratio, check_layer=layer,
+                      store=store, t0=t0, extras=extras)  # fmt: skip
+    return PrefillResult(r.logits, cache, int(ids.shape[1]), r.prefix_tokens + r.segment_tokens, r.stored_tokens,
+                         r.ttft_s, r.load_s, r.store_s, r.segment_tokens, r.recomputed_tokens)  # fmt: skip
+
+
 @torch.inference_mode()
 def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
              store: bool = True, store_generated: bool = False, attention_mask: Any = None,
-             **generate_kwargs: Any) -> Any:  # fmt: skip
+             segments: Any = None, separator: Any = None, recompute_ratio: float = 0.15,
+             check_layer: int | None = None, **generate_kwargs: Any) -> Any:  # fmt: skip
     """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.
 
     The cached prefix is loaded into the cache handed to ``generate``, which then feeds only the
     uncached tokens. Afterwards the prompt's KV is stored (``store``), or the prompt's and the
     generated tokens' (``store_generated``; the last generated token has no KV yet). Returns
-    what ``model.generate`` returns.
+    what ``model.generate`` returns. ``segments``/``separator``/``recompute_ratio``: as for
+    ``prefill`` (blending); the blended cache minus its last position is handed to ``generate``,
+    which recomputes that one token (its KV was computed fresh anyway) to start decoding.
     """
     given = sorted({"cache", "past_key_values"} & set(generate_kwargs))
     if given:
@@ -264,12 +316,21 @@ def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str |
     ids = _rows(input_ids, attention_mask, device)
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
+    spans = _blend_spans(ids, segments, separator, recompute_ratio)
     keys = (
         _request_keys(engine, model, rows_cpu, generate_kwargs)
         if bind_engine(engine, model, model_id)
         else None
     )
     extras, limit = keys if keys is not None else (None, 0)
+    if spans is not None and keys is not None:
+        cache = _blend(
+            model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter(), extras
+        ).cache
+        cache.crop(-1)  # drop the last position: generate recomputes it to start decoding
+        return model.generate(
+            ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
+        )
     _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
     cache = KVTierCache(model.config, prefix)
     out = model.generate(

@@ -1,0 +1,124 @@
+"""One blended prefill: prefix chunks + re-rotated segments + selective recompute, then store.
+
+Order of work for a prompt ``row`` with segments ``spans``:
+
+1. The cached prefix (prefix chunk domain) is looked up and loaded as today: exact rows ``[0, p)``.
+2. Each segment starting at or after ``p`` is read from the segment domain (``SegmentStore``); its
+   cached leading run is re-rotated from positions ``0..`` to its place in the prompt.
+3. ``blend_forward`` computes everything else and recomputes the ``recompute_ratio`` share of
+   reused tokens that deviate most at the check layer.
+4. Store (after the logits, outside TTFT): the prompt's *exact* rows as prefix chunks, and each
+   segment that was not fully cached, computed on its own from position 0, as segment chunks.
+
+Invariants:
+* Prefix chunks only ever receive exact KV: rows before the first reused (approximate) row, or the
+  whole prompt when nothing was reused or ``recompute_ratio == 1``. Blended KV never enters the
+  prefix domain, so prefix reuse stays bit-for-bit a full prefill.
+* Where the cached prefix ends inside a segment, the prefix's exact rows win and the segment's
+  cached rows are used from there on.
+* A cache failure anywhere (tier error, fingerprint mismatch) makes that part a miss; the tokens
+  are computed, the request never fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtier.blend.forward import DEFAULT_CHECK_LAYER, blend_forward, check_blendable
+from kvtier.blend.plan import Span
+from kvtier.blend.rope import rerotate_kv, rope_spec
+from kvtier.blend.segments import SegmentStore
+from kvtier.chunk import dtype_from_name
+from kvtier.engine import CacheEngine
+from kvtier.keys import KeyExtras
+from kvtier.transfer.layerwise import cache_to_kv
+
+
+@dataclass
+class BlendOutcome:
+    """What ``blend_prefill`` did; token counts are over the one prompt row."""
+
+    logits: torch.Tensor  # [1, vocab]
+    prefix_tokens: int  # exact rows loaded from prefix chunks
+    segment_tokens: int  # rows loaded from segment chunks (re-rotated)
+    recomputed_tokens: int  # of those, recomputed after the check layer
+    stored_tokens: int  # prefix + segment tokens newly stored
+    load_s: float  # lookups, retrieves and re-rotation
+    ttft_s: float  # from the call to logits ready
+    store_s: float
+
+
+def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: list[Span], cache: Any, *,
+                  recompute_ratio: float, check_layer: int = DEFAULT_CHECK_LAYER, store: bool = True,
+                  t0: float | None = None, extras: KeyExtras | None = None) -> BlendOutcome:  # fmt: skip
+    """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
+    transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
+    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains."""
+    t0 = time.perf_counter() if t0 is None else t0
+    check_blendable(model)
+    spec = rope_spec(model)
+    ns = engine.namespace
+    assert ns is not None, "bind the engine to the model first"
+    device = row.device
+    seq = int(row.numel())
+    row_cpu = row.cpu()
+    layers, heads, dim = ns.kv_shape
+    kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
+    reused = torch.zeros(seq, dtype=torch.bool)
+
+    found = engine.lookup(row_cpu, extras=extras)
+    prefix = min(found, seq - 1)
+    if prefix > 0:
+        # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
+        got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
+        prefix = min(prefix, got.num_tokens)
+        if got.kv is not None and prefix > 0:
+            kv[:, :, :prefix] = got.kv[:, :, :prefix]
+    segments = SegmentStore(engine, extras)
+    missing: list[Span] = []
+    seg_tokens = 0
+    for s, e in spans:
+        if e <= prefix:
+            continue  # inside the exact prefix
+        cached = segments.retrieve(row_cpu[s:e], device=device)
+        n = 0 if cached is None else int(cached.shape[2])
+        lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
+        if cached is not None and s + n > lo:
+            kv[:, :, lo : s + n] = rerotate_kv(cached[:, :, lo - s :], lo - s, lo, spec)
+            reused[lo : s + n] = True
+            seg_tokens += s + n - lo
+        if n < e - s:
+            missing.append((s, e))
+    t_load = time.perf_counter()
+
+    out = blend_forward(model, row[None], kv, prefix=prefix, reused=reused, recompute_ratio=recompute_ratio,
+                        check_layer=check_layer, cache=cache)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_first = time.perf_counter()
+
+    stored = 0
+    if store:
+        first_reused = int(reused.nonzero()[0]) if seg_tokens else seq
+        exact_end = seq if recompute_ratio >= 1.0 else first_reused
+        if exact_end > 0:
+            stored += engine.store(row_cpu[:exact_end], cache_to_kv(cache, exact_end), extras=extras)
+        for s, e in missing:
+            stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e]))
+    t_end = time.perf_counter()
+    return BlendOutcome(out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0,
+                        t_end - t_first)  # fmt: skip
+
+
+@torch.inference_mode()
+def segment_kv(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """A segment's KV computed on its own, from position 0: ``[L, 2, n, H, D]``."""
+    from transformers import DynamicCache
+
+    c = DynamicCache(config=model.config)
+    model(input_ids=tokens[None], past_key_values=c, use_cache=True, logits_to_keep=1)
+    return cache_to_kv(c, int(tokens.numel()))
