@@ -148,21 +148,35 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         ref_logits, ref_ans = res["full"][0], ans["full"]
         for v in variants:
             text = answer_text(tok, ans[v])
-            rows[v].append(dict(
-                em=float(ans[v] == ref_ans), rouge=rouge_l(ref_ans, ans[v]), f1=f1(text, it.answer),
-                gold_em=float(text == it.answer), top1=float(int(res[v][0].argmax()) == int(ref_logits.argmax())),
-                kl=kl(ref_logits, res[v][0]), ttft=res[v][2]))  # fmt: skip
+            rows[v].append(
+                dict(
+                    em=float(ans[v] == ref_ans),
+                    rouge=rouge_l(ref_ans, ans[v]),
+                    f1=f1(text, it.answer),
+                    gold_em=float(text == it.answer),
+                    top1=float(int(res[v][0].argmax()) == int(ref_logits.argmax())),
+                    kl=kl(ref_logits, res[v][0]),
+                    ttft=res[v][2],
+                )
+            )
         if args.verbose:
             print(qi, seq, it.answer, {v: answer_text(tok, ans[v]) for v in variants}, flush=True)
     table = {v: {k: statistics.fmean(r[k] for r in rows[v]) for k in rows[v][0]} for v in variants}
     for v in variants:
         table[v]["ttft_median_s"] = statistics.median(r["ttft"] for r in rows[v])
     ratios_paired = [f / b for f, b in ttft_pairs]
-    return dict(table=table, questions=len(items), k=args.k, pool=args.pool,
-                mean_prompt_tokens=prompt_tokens / len(items),
-                ttft_full_over_blend15_paired_median=statistics.median(ratios_paired),
-                ttft_pairs=ttft_pairs, recomputed_share_of_segment_tokens_blend15=None,
-                recomputed_tokens_blend15=recomputed, computed_share_blend15_mean=statistics.fmean(computed_share))  # fmt: skip
+    return dict(
+        table=table,
+        questions=len(items),
+        k=args.k,
+        pool=args.pool,
+        mean_prompt_tokens=prompt_tokens / len(items),
+        ttft_full_over_blend15_paired_median=statistics.median(ratios_paired),
+        ttft_pairs=ttft_pairs,
+        recomputed_share_of_segment_tokens_blend15=None,
+        recomputed_tokens_blend15=recomputed,
+        computed_share_blend15_mean=statistics.fmean(computed_share),
+    )
 
 
 def rag_reuse() -> dict[str, Any]:
@@ -225,8 +239,12 @@ def main() -> None:
         q = out["quality"]
         for v, row in q["table"].items():
             print(v, {k: round(x, 4) for k, x in row.items()}, flush=True)
-        print("TTFT full/blend15 paired median:", round(q["ttft_full_over_blend15_paired_median"], 2),
-              "computed share:", round(q["computed_share_blend15_mean"], 3))  # fmt: skip
+        print(
+            "TTFT full/blend15 paired median:",
+            round(q["ttft_full_over_blend15_paired_median"], 2),
+            "computed share:",
+            round(q["computed_share_blend15_mean"], 3),
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

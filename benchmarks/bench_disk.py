@@ -181,10 +181,21 @@ def prefetch_vs_cpu(root: Path, n: int, rounds: int, device: str) -> dict[str, l
     path = root / "engine"
 
     def engine(promote: bool = True) -> CacheEngine:
-        cfg = Config.load(env={}, chunk_tokens=256, cpu__max_bytes=f"{n * 33}MiB", cpu__pin_memory="auto",
-                          disk__enabled=True, disk__path=str(path), disk__max_disk_bytes="8GiB",
-                          storage__promote_on_hit=promote, model__model_id="bench", model__kv_dtype="bfloat16",
-                          model__num_layers=32, model__num_kv_heads=8, model__head_dim=128)  # fmt: skip
+        cfg = Config.load(
+            env={},
+            chunk_tokens=256,
+            cpu__max_bytes=f"{n * 33}MiB",
+            cpu__pin_memory="auto",
+            disk__enabled=True,
+            disk__path=str(path),
+            disk__max_disk_bytes="8GiB",
+            storage__promote_on_hit=promote,
+            model__model_id="bench",
+            model__kv_dtype="bfloat16",
+            model__num_layers=32,
+            model__num_kv_heads=8,
+            model__head_dim=128,
+        )
         return CacheEngine(cfg)
 
     out: dict[str, list[float]] = {}

@@ -142,8 +142,12 @@ def main() -> None:
         for _ in retrieve_paged_layerwise(eng, tokens, caches, slots):
             layer_compute()
 
-    for name, fn in (("compute_only", compute_only), ("layerwise_load_only", load_only),
-                     ("serialized", serialized), ("overlapped", overlapped)):  # fmt: skip
+    for name, fn in (
+        ("compute_only", compute_only),
+        ("layerwise_load_only", load_only),
+        ("serialized", serialized),
+        ("overlapped", overlapped),
+    ):
         res[name] = timed(fn)
 
     gbps = {k: nbytes / v / 1e9 for k, v in res.items() if k.endswith(("_store", "_retrieve"))}

@@ -80,8 +80,10 @@ def main() -> None:
             lm.model, ids, CODECS, windows=a.windows, prefix=a.prefix, cont=a.cont, progress=progress
         )
         n = a.windows * (a.prefix + a.cont)
-        print(f"{a.windows} windows x ({a.prefix} cached + {a.cont} scored) = {n} tokens, "
-              f"{time.perf_counter() - t0:.0f} s\n")  # fmt: skip
+        print(
+            f"{a.windows} windows x ({a.prefix} cached + {a.cont} scored) = {n} tokens, "
+            f"{time.perf_counter() - t0:.0f} s\n"
+        )
         print(table(res))
     with torch.inference_mode():
         out = lm.model(ids[None, 1000:1256], use_cache=True)

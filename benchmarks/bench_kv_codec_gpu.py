@@ -39,8 +39,10 @@ def main() -> None:
     layers, heads, dim, bs, ct = 32, 8, 128, 16, 256
     nb = a.tokens // bs + 8
     g = torch.Generator(device="cuda").manual_seed(0)
-    caches = [torch.randn(2, nb, bs, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
-              for _ in range(layers)]  # fmt: skip
+    caches = [
+        torch.randn(2, nb, bs, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(layers)
+    ]
     blocks = torch.randperm(nb, device="cuda", generator=g)[: a.tokens // bs]
     slots = (blocks[:, None] * bs + torch.arange(bs, device="cuda")).reshape(-1)
     raw_bytes = layers * 2 * a.tokens * heads * dim * 2
@@ -61,8 +63,16 @@ def main() -> None:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
 
 
-def run_codec(name: str, caches: list[torch.Tensor], slots: torch.Tensor, ct: int, raw_bytes: int, d2h: float,
-              h2d: float, reps: int) -> None:  # fmt: skip
+def run_codec(
+    name: str,
+    caches: list[torch.Tensor],
+    slots: torch.Tensor,
+    ct: int,
+    raw_bytes: int,
+    d2h: float,
+    h2d: float,
+    reps: int,
+) -> None:
     gb = raw_bytes / 1e9
     a = argparse.Namespace(reps=reps)
     if True:
@@ -79,8 +89,10 @@ def run_codec(name: str, caches: list[torch.Tensor], slots: torch.Tensor, ct: in
         t_load = timed(load, a.reps)
         t_torch = timed(lambda: gather_quant(caches, slots, name, ct, backend="torch"), 1)
         ratio = packed.numel() / raw_bytes
-        print(f"{name:6} {ratio:.3f}  {gb / t_kernel:17.1f}  {gb / t_store:22.1f}  {d2h / t_store:8.2f}"
-              f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f}")  # fmt: skip
+        print(
+            f"{name:6} {ratio:.3f}  {gb / t_kernel:17.1f}  {gb / t_store:22.1f}  {d2h / t_store:8.2f}"
+            f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f}"
+        )
         del packed, host, dev_in
 
 

@@ -55,9 +55,14 @@ def bench_redis(n_chunks: int, rounds: int, layers: int) -> None:
     try:
         # two raw baselines: redis-py as installed (with hiredis, its packer copies each value) and
         # redis-py forced to its pure-Python packer (sends values as they are: the faster ceiling)
-        raws = {"default": redis.Redis(host="127.0.0.1", port=server.port),
-                "python packer": redis.Redis(connection_pool=redis.ConnectionPool(
-                    host="127.0.0.1", port=server.port, connection_class=_Connection))}  # fmt: skip
+        raws = {
+            "default": redis.Redis(host="127.0.0.1", port=server.port),
+            "python packer": redis.Redis(
+                connection_pool=redis.ConnectionPool(
+                    host="127.0.0.1", port=server.port, connection_class=_Connection
+                )
+            ),
+        }
         tier = RedisTier(server.url, timeout_s=30, max_value_bytes=64 * 1024**2)
         g = torch.Generator().manual_seed(0)
         kvs = [torch.randn(layers, 2, 256, 8, 128, generator=g).to(torch.bfloat16) for _ in range(n_chunks)]
@@ -65,8 +70,10 @@ def bench_redis(n_chunks: int, rounds: int, layers: int) -> None:
         keys = [os.urandom(16) for _ in kvs]
         blobs = [serde.encode(c, "raw", k) for k, c in zip(keys, chunks)]  # raw baseline: same value size
         total = sum(len(b) for b in blobs)
-        print(f"redis: {n_chunks} chunks of {len(blobs[0]) / 2**20:.2f} MiB ([{layers}, 2, 256, 8, 128] bf16), "
-              f"{rounds} rounds, hiredis installed: {HIREDIS_AVAILABLE}")  # fmt: skip
+        print(
+            f"redis: {n_chunks} chunks of {len(blobs[0]) / 2**20:.2f} MiB ([{layers}, 2, 256, 8, 128] bf16), "
+            f"{rounds} rounds, hiredis installed: {HIREDIS_AVAILABLE}"
+        )
         res: dict[str, list[float]] = {}
 
         def rec(name: str, fn: Callable[[], object]) -> None:
@@ -97,14 +104,22 @@ def bench_redis(n_chunks: int, rounds: int, layers: int) -> None:
             "tier returned wrong KV"
         )
         med = {k: statistics.median(v) for k, v in res.items()}
-        print("| path | raw redis-py GB/s (default) | raw redis-py GB/s (python packer) | RedisTier GB/s "
-              "| tier / best raw |")  # fmt: skip
+        print(
+            "| path | raw redis-py GB/s (default) | raw redis-py GB/s (python packer) | RedisTier GB/s "
+            "| tier / best raw |"
+        )
         print("|---|---|---|---|---|")
-        for op, label in (("SET", "store, one at a time (SET / put)"), ("GET", "load, one at a time (GET / get)"),
-                          ("pipe SET", "store, pipelined batch"), ("pipe GET", "load, pipelined batch")):  # fmt: skip
+        for op, label in (
+            ("SET", "store, one at a time (SET / put)"),
+            ("GET", "load, one at a time (GET / get)"),
+            ("pipe SET", "store, pipelined batch"),
+            ("pipe GET", "load, pipelined batch"),
+        ):
             best = max(med[f"{op} default"], med[f"{op} python packer"])
-            print(f"| {label} | {med[f'{op} default']:.2f} | {med[f'{op} python packer']:.2f} | "
-                  f"{med[f'{op} tier']:.2f} | {med[f'{op} tier'] / best:.2f} |")  # fmt: skip
+            print(
+                f"| {label} | {med[f'{op} default']:.2f} | {med[f'{op} python packer']:.2f} | "
+                f"{med[f'{op} tier']:.2f} | {med[f'{op} tier'] / best:.2f} |"
+            )
         tier.close()
         for r in raws.values():
             r.close()
@@ -112,8 +127,23 @@ def bench_redis(n_chunks: int, rounds: int, layers: int) -> None:
         server.cleanup()
 
 
-PROMPT_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "csv", "dataclasses", "decimal",
-                  "email", "heapq", "json", "logging", "pathlib", "pickle", "subprocess", "typing")  # fmt: skip
+PROMPT_MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "csv",
+    "dataclasses",
+    "decimal",
+    "email",
+    "heapq",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "subprocess",
+    "typing",
+)
 
 
 def real_kv(target_tokens: int) -> torch.Tensor:
@@ -140,8 +170,10 @@ def real_kv(target_tokens: int) -> torch.Tensor:
 def bench_codecs(tokens: int) -> None:
     t0 = time.perf_counter()
     kv = real_kv(tokens)
-    print(f"\nSmolLM2-135M KV {list(kv.shape)} (layers, k/v, tokens, kv heads, head dim) in "
-          f"{time.perf_counter() - t0:.0f} s; 256-token chunks")  # fmt: skip
+    print(
+        f"\nSmolLM2-135M KV {list(kv.shape)} (layers, k/v, tokens, kv heads, head dim) in "
+        f"{time.perf_counter() - t0:.0f} s; 256-token chunks"
+    )
     print(
         "| dtype | codec | ratio (raw / stored) | compress MB/s | decompress MB/s | ratio after byte-plane shuffle |"
     )
@@ -165,11 +197,14 @@ def bench_codecs(tokens: int) -> None:
                 assert all(bytes(b) == bytes(r) for b, r in zip(back, raws))
             # experiment, not a codec: group byte i of every element (sign/exponent bytes together)
             width = dtype.itemsize
-            shuffled = sum(len(codec.compress(np.frombuffer(r, np.uint8).reshape(-1, width).T.tobytes()))
-                           for r in raws)  # fmt: skip
-            print(f"| {str(dtype).removeprefix('torch.')} | {name} | {raw_bytes / stored:.3f} | "
-                  f"{raw_bytes / min(c_t) / 1e6:.0f} | {raw_bytes / min(d_t) / 1e6:.0f} | "
-                  f"{raw_bytes / shuffled:.3f} |")  # fmt: skip
+            shuffled = sum(
+                len(codec.compress(np.frombuffer(r, np.uint8).reshape(-1, width).T.tobytes())) for r in raws
+            )
+            print(
+                f"| {str(dtype).removeprefix('torch.')} | {name} | {raw_bytes / stored:.3f} | "
+                f"{raw_bytes / min(c_t) / 1e6:.0f} | {raw_bytes / min(d_t) / 1e6:.0f} | "
+                f"{raw_bytes / shuffled:.3f} |"
+            )
 
 
 def main() -> None:

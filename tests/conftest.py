@@ -19,8 +19,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def make_kv(num_tokens: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-            layers: int = LAYERS, heads: int = HEADS, dim: int = DIM) -> torch.Tensor:  # fmt: skip
+def make_kv(
+    num_tokens: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    dim: int = DIM,
+) -> torch.Tensor:
     """Random KV ``[layers, 2, num_tokens, heads, dim]``; same seed => same tensor."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layers, 2, num_tokens, heads, dim, generator=g).to(dtype)
@@ -34,8 +41,9 @@ def make_tokens(n: int, *, seed: int = 0, vocab: int = 32000) -> torch.Tensor:
 @pytest.fixture
 def engine() -> CacheEngine:
     """An engine with a 64 MiB CPU tier and 16-token chunks, bound to the test geometry."""
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="64MiB", cpu__pin_memory="no",
-                      model__model_id="test-model")  # fmt: skip
+    cfg = Config.load(
+        env={}, chunk_tokens=16, cpu__max_bytes="64MiB", cpu__pin_memory="no", model__model_id="test-model"
+    )
     eng = CacheEngine(cfg)
     eng.bind_model(LAYERS, HEADS, DIM, torch.float32)
     yield eng

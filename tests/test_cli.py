@@ -52,8 +52,9 @@ def _free_port() -> int:
         (["bench", "--url", "http://127.0.0.1:9/v1"], ["kvtier bench: cannot reach", "start the server"]),
     ],
 )
-def test_user_errors_are_one_line_exit_2(argv: list[str], want: list[str], capsys: pytest.CaptureFixture[str],
-                                         tmp_path: Path) -> None:  # fmt: skip
+def test_user_errors_are_one_line_exit_2(
+    argv: list[str], want: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main([*argv, *(["--shm-dir", str(tmp_path)] if argv[0] == "server" else [])]) == 2
     line = _err(capsys)
     for w in want:
@@ -96,13 +97,27 @@ def test_port_in_use_names_the_port(tmp_path: Path, capsys: pytest.CaptureFixtur
             assert f"{name} port 127.0.0.1:{port} is already in use" in line and flag in line, line
 
 
-def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_missing_optional_dependency_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for mod in [m for m in sys.modules if m == "redis" or m.startswith(("redis.", "kvtier.tiers.redis"))]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "redis", None)  # import redis -> ModuleNotFoundError(name="redis")
-    rc = main(["server", "--cpu-size", "4MiB", "--remote", "redis://127.0.0.1:9", "--port", "0",
-               "--http-port", "0", "--shm-dir", str(tmp_path)])  # fmt: skip
+    rc = main(
+        [
+            "server",
+            "--cpu-size",
+            "4MiB",
+            "--remote",
+            "redis://127.0.0.1:9",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--shm-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2
     assert "pip install 'kvtier[redis]'" in _err(capsys)
 
@@ -140,10 +155,17 @@ def test_bugs_keep_their_traceback_with_v(
 
 
 def test_help_is_fast_and_does_not_import_torch() -> None:
-    code = ("import sys, kvtier, kvtier.cli as c; c.build_parser(); "
-            "print(kvtier.__version__, 'torch' in sys.modules)")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    code = (
+        "import sys, kvtier, kvtier.cli as c; c.build_parser(); "
+        "print(kvtier.__version__, 'torch' in sys.modules)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert r.returncode == 0, r.stderr
     version, torch_loaded = r.stdout.split()
     assert torch_loaded == "False" and version[0].isdigit()

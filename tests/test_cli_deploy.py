@@ -57,8 +57,17 @@ def notify(tmp_path_factory: pytest.TempPathFactory) -> Iterator[socket.socket]:
 def daemon(notify: socket.socket, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     shm = tmp_path_factory.mktemp("shm")
     env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "PYTHONPATH": str(ROOT / "src")}
-    d = DaemonProcess("--cpu-size", "8MiB", "--remote", f"redis://u:sekret@127.0.0.1:{_closed_port()}/0",
-                      "--set", "remote.timeout_s=2", "--shm-dir", str(shm), env=env)  # fmt: skip
+    d = DaemonProcess(
+        "--cpu-size",
+        "8MiB",
+        "--remote",
+        f"redis://u:sekret@127.0.0.1:{_closed_port()}/0",
+        "--set",
+        "remote.timeout_s=2",
+        "--shm-dir",
+        str(shm),
+        env=env,
+    )
     d.start()
     try:
         yield d
@@ -149,12 +158,21 @@ def _tool(name: str) -> str:
 
 
 def test_yaml_lint_kubernetes_schemas_and_dockerfile_lint() -> None:
-    r = subprocess.run([_tool("yamllint"), "-c", str(DEPLOY / ".yamllint.yaml"), "--strict", str(DEPLOY)],
-                       capture_output=True, text=True, timeout=120, cwd=DEPLOY)  # fmt: skip
+    r = subprocess.run(
+        [_tool("yamllint"), "-c", str(DEPLOY / ".yamllint.yaml"), "--strict", str(DEPLOY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=DEPLOY,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
-    r = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", *manifests],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", "--quiet", *manifests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run(
         [_tool("hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
@@ -223,8 +241,12 @@ def test_lookup_refuses_an_unknown_kv_dtype(daemon: DaemonProcess) -> None:
         default_token_path(daemon.port, daemon.args[daemon.args.index("--shm-dir") + 1]).read_text().strip()
     )
     body = {"tokens": [1, 2, 3], "model_id": "m", "kv_dtype": "bfloat61", "kv_shape": [2, 2, 8]}
-    req = urllib.request.Request(daemon.http_url + "/lookup", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    req = urllib.request.Request(
+        daemon.http_url + "/lookup",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"},
+    )
     with pytest.raises(
         urllib.error.HTTPError
     ) as e:  # was 200 {"cached_tokens": 0}: a typo looked like a miss

@@ -18,8 +18,9 @@ SECRET = "hunter2-PASSWORD"
 
 
 @pytest.mark.parametrize("how", ["env", "set", "yaml"])
-def test_config_show_redacts_url_passwords(how: str, monkeypatch: pytest.MonkeyPatch, tmp_path: object,
-                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_config_show_redacts_url_passwords(
+    how: str, monkeypatch: pytest.MonkeyPatch, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = f"redis://u:{SECRET}@h:1/0"
     argv = ["config", "show", "--set", f"remote.endpoint_url=http://AKIA:{SECRET}@minio:9000"]
     if how == "env":

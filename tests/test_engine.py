@@ -94,11 +94,17 @@ def test_other_namespace_never_sees_the_kv() -> None:
     tiers_engine = CacheEngine(cpu_cfg, namespace=Namespace("model-a", "float32", (LAYERS, HEADS, DIM)))
     tokens = make_tokens(32)
     tiers_engine.store(tokens, make_kv(32))
-    other = CacheEngine(cpu_cfg, namespace=Namespace("model-b", "float32", (LAYERS, HEADS, DIM)),
-                        tiers=tiers_engine.storage.tiers)  # fmt: skip
+    other = CacheEngine(
+        cpu_cfg,
+        namespace=Namespace("model-b", "float32", (LAYERS, HEADS, DIM)),
+        tiers=tiers_engine.storage.tiers,
+    )
     assert other.lookup(tokens) == 0 and other.retrieve(tokens).num_tokens == 0
-    salted = CacheEngine(cpu_cfg, namespace=Namespace("model-a", "float32", (LAYERS, HEADS, DIM), cache_salt="t2"),
-                         tiers=tiers_engine.storage.tiers)  # fmt: skip
+    salted = CacheEngine(
+        cpu_cfg,
+        namespace=Namespace("model-a", "float32", (LAYERS, HEADS, DIM), cache_salt="t2"),
+        tiers=tiers_engine.storage.tiers,
+    )
     assert salted.lookup(tokens) == 0
 
 

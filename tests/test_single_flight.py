@@ -49,8 +49,10 @@ def test_concurrent_gets_read_each_lower_chunk_once(tmp_path: Path) -> None:
         t.join(60)
     took = time.monotonic() - t0
     reads = disk.stats().hits + disk.stats().misses
-    print(f"\nsingle-flight: {REQUESTS} requests x {CHUNKS} chunks: {reads} disk reads "
-          f"(without single-flight up to {REQUESTS * CHUNKS}), {took * 1000:.0f} ms")  # fmt: skip
+    print(
+        f"\nsingle-flight: {REQUESTS} requests x {CHUNKS} chunks: {reads} disk reads "
+        f"(without single-flight up to {REQUESTS * CHUNKS}), {took * 1000:.0f} ms"
+    )
     assert served == [CHUNKS] * REQUESTS and not wrong
     assert reads == CHUNKS
     mgr.close()

@@ -159,8 +159,15 @@ def test_write_back_skips_chunks_that_came_from_below(tmp_path: Path) -> None:
 
 
 def test_prefetch_then_retrieve_hits_cpu(tmp_path: Path) -> None:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="16MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "d"),
+        model__model_id="m",
+    )
     tokens = torch.randint(0, 1000, (16 * 6,), generator=torch.Generator().manual_seed(0))
     kv = torch.randn(2, 2, 16 * 6, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -263,8 +270,15 @@ def test_remove_cancels_queued_writes(tmp_path: Path) -> None:
 
 
 def test_broken_disk_fails_soft_cpu_keeps_serving(tmp_path: Path) -> None:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="16MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "d"),
+        model__model_id="m",
+    )
     tokens = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))
     kv = torch.randn(2, 2, 64, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -278,8 +292,15 @@ def test_broken_disk_fails_soft_cpu_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_engine_with_disk_survives_restart(tmp_path: Path) -> None:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="16MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "d"),
+        model__model_id="m",
+    )
     tokens = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(2))
     kv = torch.randn(2, 2, 40, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -301,8 +322,15 @@ def test_write_back_needs_an_evicting_top_tier(tmp_path: Path) -> None:
 
 
 def test_per_tier_metrics_reach_prometheus(tmp_path: Path) -> None:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="16MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "d"),
+        model__model_id="m",
+    )
     with CacheEngine(cfg) as eng:
         eng.store(torch.arange(32), torch.randn(2, 2, 32, 2, 8))
         assert eng.flush(30)
@@ -331,8 +359,15 @@ def test_disk_full_through_the_engine_is_counted_and_cpu_serves(
     def full(*a: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="16MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(tmp_path / "d"), model__model_id="m")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="16MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "d"),
+        model__model_id="m",
+    )
     tokens = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(3))
     kv = torch.randn(2, 2, 48, 2, 8)
     with CacheEngine(cfg) as eng:

@@ -39,8 +39,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         d = action.default
-        if (not text or d is None or d is False or (isinstance(d, list) and not d) or d is argparse.SUPPRESS or not action.option_strings
-                or "default" in text or "%(default)" in text or f"({d})" in text):  # fmt: skip
+        if (
+            not text
+            or d is None
+            or d is False
+            or (isinstance(d, list) and not d)
+            or d is argparse.SUPPRESS
+            or not action.option_strings
+            or "default" in text
+            or "%(default)" in text
+            or f"({d})" in text
+        ):
             return action.help
         return text + " (default: %(default)s)"
 
@@ -65,10 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Logging: $KVTIER_LOG_LEVEL (debug|info|warning|error), $KVTIER_LOG_FORMAT (text|json).",
     )
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug); show tracebacks")  # fmt: skip
-    parser.add_argument("--log-format", choices=FORMATS, default=None,
-                        help="log lines as text or JSON objects (default: $KVTIER_LOG_FORMAT or text)")  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug); show tracebacks"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=None,
+        help="log lines as text or JSON objects (default: $KVTIER_LOG_FORMAT or text)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)

@@ -20,8 +20,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         help="override one value, e.g. --set cpu.max_bytes=8GiB (repeatable)",
     )
-    p.add_argument("--kv-codec", choices=KV_CODEC_NAMES, default=None,
-                   help="lossy KV codec for stored chunks (= --set chunk.kv_codec=...; default: none)")  # fmt: skip
+    p.add_argument(
+        "--kv-codec",
+        choices=KV_CODEC_NAMES,
+        default=None,
+        help="lossy KV codec for stored chunks (= --set chunk.kv_codec=...; default: none)",
+    )
 
 
 def load_config(args: argparse.Namespace, **extra: object) -> Config:

@@ -44,13 +44,29 @@ class ConfigError(KVTierError, ValueError):
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
-    "p": 1000**5, "pb": 1000**5, "pib": 1024**5, "pi": 1024**5,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+    "ti": 1024**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pib": 1024**5,
+    "pi": 1024**5,
+}
 
 
 def parse_size(value: Any, name: str = "size") -> int:
@@ -134,11 +150,19 @@ class CPUTierConfig:
 
     def __post_init__(self) -> None:
         self.max_bytes = parse_size(self.max_bytes, "cpu.max_bytes")
-        _check(not self.enabled or self.max_bytes > 0, "cpu.max_bytes", self.max_bytes,
-               "a size > 0 such as 4GiB (or cpu.enabled: false for no CPU tier)")  # fmt: skip
+        _check(
+            not self.enabled or self.max_bytes > 0,
+            "cpu.max_bytes",
+            self.max_bytes,
+            "a size > 0 such as 4GiB (or cpu.enabled: false for no CPU tier)",
+        )
         self.eviction_policy = str(self.eviction_policy).lower()
-        _check(self.eviction_policy in POLICY_NAMES, "cpu.eviction_policy", self.eviction_policy,
-               f"one of {POLICY_NAMES}")  # fmt: skip
+        _check(
+            self.eviction_policy in POLICY_NAMES,
+            "cpu.eviction_policy",
+            self.eviction_policy,
+            f"one of {POLICY_NAMES}",
+        )
         _check(self.pin_memory in ("auto", "yes", "no"), "cpu.pin_memory", self.pin_memory, "auto|yes|no")
         _check(self.pin_timeout_s > 0, "cpu.pin_timeout_s", self.pin_timeout_s, "seconds > 0")
 
@@ -159,22 +183,45 @@ class DiskTierConfig:
     def __post_init__(self) -> None:
         self.max_disk_bytes = parse_size(self.max_disk_bytes, "disk.max_disk_bytes")
         self.read_buffer_bytes = parse_size(self.read_buffer_bytes, "disk.read_buffer_bytes")
-        _check(self.durability in ("flush", "always", "none"), "disk.durability", self.durability,
-               "flush|always|none")  # fmt: skip
+        _check(
+            self.durability in ("flush", "always", "none"),
+            "disk.durability",
+            self.durability,
+            "flush|always|none",
+        )
         _check(self.serde in SERDE_NAMES, "disk.serde", self.serde, "|".join(SERDE_NAMES))
         _check(1 <= self.io_threads <= 64, "disk.io_threads", self.io_threads, "1..64")
         self.eviction_policy = str(self.eviction_policy).lower()
-        _check(self.eviction_policy in POLICY_NAMES, "disk.eviction_policy", self.eviction_policy,
-               f"one of {POLICY_NAMES}")  # fmt: skip
+        _check(
+            self.eviction_policy in POLICY_NAMES,
+            "disk.eviction_policy",
+            self.eviction_policy,
+            f"one of {POLICY_NAMES}",
+        )
         _check(not self.enabled or bool(self.path), "disk.path", self.path, "a directory when disk.enabled")
         # NOTE: a missing directory is created by the tier (parents too); an existing non-directory
         # would fail there with a less helpful message, so it is refused here.
-        _check(not self.enabled or not Path(self.path).exists() or Path(self.path).is_dir(), "disk.path",
-               self.path, "a directory (this path exists and is a file; choose a directory)")  # fmt: skip
+        _check(
+            not self.enabled or not Path(self.path).exists() or Path(self.path).is_dir(),
+            "disk.path",
+            self.path,
+            "a directory (this path exists and is a file; choose a directory)",
+        )
 
 
-REMOTE_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster",
-                  "valkey+cluster", "valkeys+cluster", "s3", "kvtier")  # fmt: skip
+REMOTE_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "valkey",
+    "valkeys",
+    "redis+cluster",
+    "rediss+cluster",
+    "valkey+cluster",
+    "valkeys+cluster",
+    "s3",
+    "kvtier",
+)
 
 
 def _check_remote_url(url: str) -> None:
@@ -190,11 +237,19 @@ def _check_remote_url(url: str) -> None:
     except ValueError as e:
         raise ConfigError(f"remote.url: {shown!r} is not a valid URL: {e}") from None
     if scheme == "kvtier":
-        _check(bool(parts.hostname) and port is not None, "remote.url", shown,
-               "kvtier://HOST:PORT, e.g. kvtier://127.0.0.1:5555 (the daemon's protocol port)")  # fmt: skip
+        _check(
+            bool(parts.hostname) and port is not None,
+            "remote.url",
+            shown,
+            "kvtier://HOST:PORT, e.g. kvtier://127.0.0.1:5555 (the daemon's protocol port)",
+        )
     elif scheme == "s3":
-        _check(bool(parts.netloc) and "@" not in parts.netloc and port is None, "remote.url", shown,
-               "s3://BUCKET[/PREFIX], e.g. s3://my-bucket/kv (endpoint: remote.endpoint_url)")  # fmt: skip
+        _check(
+            bool(parts.netloc) and "@" not in parts.netloc and port is None,
+            "remote.url",
+            shown,
+            "s3://BUCKET[/PREFIX], e.g. s3://my-bucket/kv (endpoint: remote.endpoint_url)",
+        )
 
 
 @dataclass
@@ -234,13 +289,21 @@ class RemoteConfig:
             _check_remote_url(self.url)
         _check(self.ttl_s >= 0, "remote.ttl_s", self.ttl_s, "seconds >= 0 (0 = no expiry)")
         _check(self.max_value_bytes >= 4096, "remote.max_value_bytes", self.max_value_bytes, ">= 4KiB")
-        _check(bool(self.key_prefix) and ":" not in self.key_prefix and "/" not in self.key_prefix,
-               "remote.key_prefix", self.key_prefix, "a non-empty name without ':' or '/'")  # fmt: skip
+        _check(
+            bool(self.key_prefix) and ":" not in self.key_prefix and "/" not in self.key_prefix,
+            "remote.key_prefix",
+            self.key_prefix,
+            "a non-empty name without ':' or '/'",
+        )
         _check(1 <= self.max_workers <= 256, "remote.max_workers", self.max_workers, "1..256")
         _check(self.failure_threshold >= 1, "remote.failure_threshold", self.failure_threshold, ">= 1")
         _check(self.retry_backoff_s > 0, "remote.retry_backoff_s", self.retry_backoff_s, "seconds > 0")
-        _check(self.retry_backoff_max_s >= self.retry_backoff_s, "remote.retry_backoff_max_s",
-               self.retry_backoff_max_s, "seconds >= remote.retry_backoff_s")  # fmt: skip
+        _check(
+            self.retry_backoff_max_s >= self.retry_backoff_s,
+            "remote.retry_backoff_max_s",
+            self.retry_backoff_max_s,
+            "seconds >= remote.retry_backoff_s",
+        )
 
 
 @dataclass
@@ -261,8 +324,12 @@ class FaultConfig:
 
     def __post_init__(self) -> None:
         names = [t.strip() for t in self.tiers.split(",") if t.strip()]
-        _check(all(n in ("cpu", "disk", "remote") for n in names), "fault.tiers", self.tiers,
-               "a comma-separated list of cpu, disk, remote")  # fmt: skip
+        _check(
+            all(n in ("cpu", "disk", "remote") for n in names),
+            "fault.tiers",
+            self.tiers,
+            "a comma-separated list of cpu, disk, remote",
+        )
         for name in ("error_rate", "hang_rate", "corrupt_rate", "torn_rate", "full_rate"):
             _check(
                 0.0 <= getattr(self, name) <= 1.0, f"fault.{name}", getattr(self, name), "a probability 0..1"
@@ -288,8 +355,12 @@ class StorageConfig:
     close_timeout_s: float = 30.0  # close() waits this long for queued writes
 
     def __post_init__(self) -> None:
-        _check(self.write_mode in ("write_through", "write_back"), "storage.write_mode", self.write_mode,
-               "write_through|write_back")  # fmt: skip
+        _check(
+            self.write_mode in ("write_through", "write_back"),
+            "storage.write_mode",
+            self.write_mode,
+            "write_through|write_back",
+        )
         _check(self.max_queue_chunks >= 1, "storage.max_queue_chunks", self.max_queue_chunks, ">= 1")
         _check(self.queue_full in ("block", "drop"), "storage.queue_full", self.queue_full, "block|drop")
         _check(self.queue_timeout_s > 0, "storage.queue_timeout_s", self.queue_timeout_s, "seconds > 0")
@@ -315,11 +386,16 @@ class ServerConfig:
         for f in ("port", "http_port"):
             _check(0 <= getattr(self, f) <= 65535, f"server.{f}", getattr(self, f), "a port 0..65535")
         self.max_payload_bytes = parse_size(self.max_payload_bytes, "server.max_payload_bytes")
-        _check(self.max_payload_bytes >= 1 << 20, "server.max_payload_bytes", self.max_payload_bytes,
-               ">= 1MiB")  # fmt: skip
+        _check(
+            self.max_payload_bytes >= 1 << 20, "server.max_payload_bytes", self.max_payload_bytes, ">= 1MiB"
+        )
         self.max_inflight_bytes = parse_size(self.max_inflight_bytes, "server.max_inflight_bytes")
-        _check(self.max_inflight_bytes >= self.max_payload_bytes, "server.max_inflight_bytes",
-               self.max_inflight_bytes, ">= server.max_payload_bytes")  # fmt: skip
+        _check(
+            self.max_inflight_bytes >= self.max_payload_bytes,
+            "server.max_inflight_bytes",
+            self.max_inflight_bytes,
+            ">= server.max_payload_bytes",
+        )
         _check(self.body_timeout_s > 0, "server.body_timeout_s", self.body_timeout_s, "> 0")
 
 
@@ -337,8 +413,13 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
-             **overrides: Any) -> Config:  # fmt: skip
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Config:
         """Defaults < YAML file < ``KVTIER_*`` env < ``overrides``; raises ``ConfigError``."""
         env = os.environ if env is None else env
         tree: dict[str, dict[str, Any]] = {}
@@ -357,8 +438,11 @@ class Config:
         for sec in dataclasses.fields(cls):
             sec_cls = _section_classes()[sec.name]
             values = norm.get(sec.name, {})
-            kwargs = {f.name: _coerce(values[f.name], f, f"{sec.name}.{f.name}")
-                      for f in dataclasses.fields(sec_cls) if f.name in values}  # fmt: skip
+            kwargs = {
+                f.name: _coerce(values[f.name], f, f"{sec.name}.{f.name}")
+                for f in dataclasses.fields(sec_cls)
+                if f.name in values
+            }
             try:
                 sections[sec.name] = sec_cls(**kwargs)
             except TypeError as e:
@@ -422,8 +506,10 @@ def _merge(tree: dict[str, dict[str, Any]], src: Mapping[str, Any], where: str) 
         if key.lower() in sections and not isinstance(value, Mapping) and not dataclasses.is_dataclass(value):
             fields_ = dataclasses.fields(sections[key.lower()])
             example = next((f.name for f in fields_ if f.metadata.get("size")), fields_[0].name)
-            raise ConfigError(f"{where}: {key!r} is a section, not a value: give its fields as a mapping, "
-                              f"e.g. '{key}: {{{example}: ...}}' or '{key}.{example}=...'")  # fmt: skip
+            raise ConfigError(
+                f"{where}: {key!r} is a section, not a value: give its fields as a mapping, "
+                f"e.g. '{key}: {{{example}: ...}}' or '{key}.{example}=...'"
+            )
         if key.lower() in sections and isinstance(value, Mapping):
             for sub, v in value.items():
                 sec, name = _resolve(f"{key}.{sub}", where)

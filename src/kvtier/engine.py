@@ -114,8 +114,14 @@ class ChunkViews:
 class CacheEngine:
     """Stores and returns KV for token prefixes across the configured tiers."""
 
-    def __init__(self, config: Config | None = None, *, namespace: Namespace | None = None,
-                 tiers: list[Tier] | None = None, key_mirror: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        namespace: Namespace | None = None,
+        tiers: list[Tier] | None = None,
+        key_mirror: int = 0,
+    ) -> None:
         """``tiers`` replaces the configured tiers; ``key_mirror`` > 0 makes this an engine that holds
         no KV itself: a ``MirrorTier`` of up to that many keys other processes report
         (``learn_keys``), then the remote tier if ``remote.url`` is set. A vLLM scheduler whose
@@ -169,8 +175,15 @@ class CacheEngine:
         self._namespace = namespace
         self._ns_digest = namespace.digest()
 
-    def bind_model(self, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-                   model_id: str | None = None, kv_planes: int = 2) -> Namespace:  # fmt: skip
+    def bind_model(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        kv_dtype: torch.dtype,
+        model_id: str | None = None,
+        kv_planes: int = 2,
+    ) -> Namespace:
         """Bind from a model's KV geometry; model id, tp and salt come from ``config.model``."""
         m = self.config.model
         ns = Namespace(
@@ -191,8 +204,14 @@ class CacheEngine:
         namespace ([] if unbound)."""
         if self._namespace is None:
             return []
-        return chunk_keys(tokens, self._namespace, self.chunk_tokens, allow_partial=self.allow_partial,
-                          ns_digest=self._ns_digest, extras=extras)  # fmt: skip
+        return chunk_keys(
+            tokens,
+            self._namespace,
+            self.chunk_tokens,
+            allow_partial=self.allow_partial,
+            ns_digest=self._ns_digest,
+            extras=extras,
+        )
 
     # -- the API --------------------------------------------------------------------------------
     def lookup(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> int:
@@ -218,8 +237,9 @@ class CacheEngine:
         """
         return self.store_range(tokens, kv, extras=extras).stored_tokens
 
-    def store_range(self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0,
-                    extras: KeyExtras | None = None) -> StoreResult:  # fmt: skip
+    def store_range(
+        self, tokens: TokenInput, kv: torch.Tensor, *, start: int = 0, extras: KeyExtras | None = None
+    ) -> StoreResult:
         """Store the chunks of ``tokens`` that lie at or after ``start``; ``kv`` holds tokens
         ``[start, len(tokens))`` (``[layers, planes, len(tokens) - start, heads, head_dim]``).
 
@@ -298,8 +318,15 @@ class CacheEngine:
             out.extend(tier.keys() or [])
         return out
 
-    def retrieve_chunks(self, tokens: TokenInput, *, start: int = 0, end: int | None = None,
-                        extras: KeyExtras | None = None, decode: bool = True) -> ChunkViews:  # fmt: skip
+    def retrieve_chunks(
+        self,
+        tokens: TokenInput,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        extras: KeyExtras | None = None,
+        decode: bool = True,
+    ) -> ChunkViews:
         """The validated chunks of the longest cached run of ``tokens``' chunks from the one
         holding ``start`` on, up to the one holding ``end - 1`` (default: all), not assembled.
 
@@ -320,8 +347,14 @@ class CacheEngine:
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return views
 
-    def _views(self, tokens: TokenInput, start: int = 0, end: int | None = None,
-               extras: KeyExtras | None = None, decode: bool = True) -> ChunkViews:  # fmt: skip
+    def _views(
+        self,
+        tokens: TokenInput,
+        start: int = 0,
+        end: int | None = None,
+        extras: KeyExtras | None = None,
+        decode: bool = True,
+    ) -> ChunkViews:
         arr = tokens_to_array(tokens)
         stop = arr.size if end is None else end
         keys = [k for k in self.keys(arr, extras) if k.end > start and k.start < stop]
@@ -341,8 +374,14 @@ class CacheEngine:
                 chunk.release()
         return views
 
-    def retrieve(self, tokens: TokenInput, *, device: torch.device | str | None = None,
-                 out: torch.Tensor | None = None, extras: KeyExtras | None = None) -> RetrieveResult:  # fmt: skip
+    def retrieve(
+        self,
+        tokens: TokenInput,
+        *,
+        device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
+        extras: KeyExtras | None = None,
+    ) -> RetrieveResult:
         """The KV of the longest cached prefix of ``tokens``, on ``device`` (default CPU).
 
         ``out``: a preallocated ``[layers, 2, >= len(tokens), kv_heads, head_dim]`` tensor to fill

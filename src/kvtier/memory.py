@@ -84,8 +84,15 @@ class MemoryObject:
 class HostBufferPool:
     """A fixed arena of ``capacity_bytes`` host memory (page-locked when ``pin``)."""
 
-    def __init__(self, capacity_bytes: int, *, pin: bool = False, pin_timeout_s: float = 60.0,
-                 clock: Callable[[], float] | None = None, arena: torch.Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        pin: bool = False,
+        pin_timeout_s: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        arena: torch.Tensor | None = None,
+    ) -> None:
         """``arena``: a flat uint8 tensor of ``capacity_bytes`` to manage instead of a fresh one
         (the daemon's shared-memory segment); it must be ``ALIGN_BYTES``-aligned in size."""
         if capacity_bytes <= 0:

@@ -44,20 +44,72 @@ SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct-Q4_1-fp32-v1"
 
 # Architectures as plain dicts: (model_type, config kwargs). Sizes follow the public configs.
 RANDOM_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny": ("llama", dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)),
-    "llama-tiny": ("llama", dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)),
-    "qwen2-tiny": ("qwen2", dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                                 use_sliding_window=False)),
-    "mistral-tiny": ("mistral", dict(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-                                     head_dim=16, max_position_embeddings=8192, sliding_window=None)),
-    "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                 max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)),
-}  # fmt: skip
+    "tiny": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+        ),
+    ),
+    "llama-tiny": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+        ),
+    ),
+    "qwen2-tiny": (
+        "qwen2",
+        dict(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            use_sliding_window=False,
+        ),
+    ),
+    "mistral-tiny": (
+        "mistral",
+        dict(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=8192,
+            sliding_window=None,
+        ),
+    ),
+    "llama-3-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+}
 RANDOM_SEED = 0
 
 
@@ -154,8 +206,13 @@ def random_config(name: str) -> Any:
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def load_model(spec: str = "smollm2", *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               attn_implementation: str = "sdpa") -> LoadedModel:  # fmt: skip
+def load_model(
+    spec: str = "smollm2",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
     """Load ``spec`` (see the module doc) in eval mode on ``device``.
 
     ``dtype`` defaults to fp32 on CPU and bf16 on CUDA.

@@ -91,10 +91,17 @@ class _StatsCollector(Collector):
             ("uncacheable_requests", "Requests with an input kvtier cannot key: never cached"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
-        yield GaugeMetricFamily("kvtier_hit_rate", "Lifetime hit tokens / requested tokens (for a window: "
-                                "rate(kvtier_hit_tokens_total) / rate(kvtier_lookup_tokens_total))", value=s.hit_rate)  # fmt: skip
-        yield GaugeMetricFamily("kvtier_request_hit_rate", "Lifetime share of lookups with at least one hit",
-                                value=s.request_hit_rate)  # fmt: skip
+        yield GaugeMetricFamily(
+            "kvtier_hit_rate",
+            "Lifetime hit tokens / requested tokens (for a window: "
+            "rate(kvtier_hit_tokens_total) / rate(kvtier_lookup_tokens_total))",
+            value=s.hit_rate,
+        )
+        yield GaugeMetricFamily(
+            "kvtier_request_hit_rate",
+            "Lifetime share of lookups with at least one hit",
+            value=s.request_hit_rate,
+        )
         per_tier = (
             ("bytes_used", GaugeMetricFamily, "Bytes held"),
             ("chunks", GaugeMetricFamily, "Chunks held"),
@@ -128,12 +135,24 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_StatsCollector(snapshot))
         ProcessCollector(registry=self.registry)  # process_* (CPU, RSS, fds): what a dashboard shows beside
-        self.store_latency = Histogram("kvtier_store_seconds", "CacheEngine.store latency",
-                                       buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
-        self.retrieve_latency = Histogram("kvtier_retrieve_seconds", "CacheEngine.retrieve latency",
-                                          buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
-        self.lookup_latency = Histogram("kvtier_lookup_seconds", "CacheEngine.lookup latency",
-                                        buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
+        self.store_latency = Histogram(
+            "kvtier_store_seconds",
+            "CacheEngine.store latency",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.retrieve_latency = Histogram(
+            "kvtier_retrieve_seconds",
+            "CacheEngine.retrieve latency",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.lookup_latency = Histogram(
+            "kvtier_lookup_seconds",
+            "CacheEngine.lookup latency",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """Prometheus text exposition of every metric."""

@@ -125,8 +125,9 @@ class TierManager:
         self._workers: list[threading.Thread] = []
         for i in range(1, len(self.tiers)):
             self._queues[i] = queue.Queue(cfg.max_queue_chunks)
-            t = threading.Thread(target=self._write_loop, args=(i,), daemon=True,
-                                 name=f"kvtier-write-{self.tiers[i].name}")  # fmt: skip
+            t = threading.Thread(
+                target=self._write_loop, args=(i,), daemon=True, name=f"kvtier-write-{self.tiers[i].name}"
+            )
             t.start()
             self._workers.append(t)
         self._prefetcher = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-prefetch")
@@ -337,8 +338,12 @@ class TierManager:
                 now = time.monotonic()
                 level = logging.WARNING if now - self._last_drop_log >= 1.0 else logging.DEBUG
                 self._last_drop_log = now if level == logging.WARNING else self._last_drop_log
-                log.log(level, "write queue of tier %s is full; chunk %s dropped for it (queue_drops counts them)",
-                        self.tiers[i].name, key.hex())  # fmt: skip
+                log.log(
+                    level,
+                    "write queue of tier %s is full; chunk %s dropped for it (queue_drops counts them)",
+                    self.tiers[i].name,
+                    key.hex(),
+                )
                 continue
             any_ok = True
         return any_ok

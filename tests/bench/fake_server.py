@@ -15,8 +15,17 @@ from typing import Any
 
 
 class FakeStreamingServer:
-    def __init__(self, *, delay_s: float = 0.3, tail_s: float = 0.5, tokens: int = 4, chunked: bool = True,
-                 status: int = 200, send_text: bool = True, eos_first: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        delay_s: float = 0.3,
+        tail_s: float = 0.5,
+        tokens: int = 4,
+        chunked: bool = True,
+        status: int = 200,
+        send_text: bool = True,
+        eos_first: bool = False,
+    ) -> None:
         self.delay_s, self.tail_s, self.tokens = delay_s, tail_s, tokens
         self.chunked, self.status, self.send_text, self.eos_first = chunked, status, send_text, eos_first
         self.bodies: list[dict[str, Any]] = []
@@ -91,8 +100,12 @@ class FakeStreamingServer:
                     self._event({"choices": [{"index": 0, "text": f" {text}{i}" if text else ""}]})
                     if i == 0:
                         time.sleep(srv.tail_s)
-                self._event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
-                                                      "completion_tokens": srv.tokens}})  # fmt: skip
+                self._event(
+                    {
+                        "choices": [],
+                        "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": srv.tokens},
+                    }
+                )
                 self._event(b"[DONE]")
                 with srv._lock:
                     srv.events.append(("end", idx, time.perf_counter()))

@@ -13,16 +13,59 @@ from kvtier.cli import main
 
 pytest.importorskip("transformers")
 
-TINY = ["--users", "2", "--rounds", "2", "--system-tokens", "64", "--turn-tokens", "16", "--docs", "2", "--doc-tokens",
-        "48", "--questions", "2", "--pool", "3", "--rag-doc-tokens", "24", "--k", "2", "--rag-requests", "3",
-        "--capacity-tokens", "64", "--context-tokens", "48", "--max-tokens", "2", "--chunk-tokens", "16",
-        "--no-progress"]  # fmt: skip
+TINY = [
+    "--users",
+    "2",
+    "--rounds",
+    "2",
+    "--system-tokens",
+    "64",
+    "--turn-tokens",
+    "16",
+    "--docs",
+    "2",
+    "--doc-tokens",
+    "48",
+    "--questions",
+    "2",
+    "--pool",
+    "3",
+    "--rag-doc-tokens",
+    "24",
+    "--k",
+    "2",
+    "--rag-requests",
+    "3",
+    "--capacity-tokens",
+    "64",
+    "--context-tokens",
+    "48",
+    "--max-tokens",
+    "2",
+    "--chunk-tokens",
+    "16",
+    "--no-progress",
+]
 
 
 def test_in_process_with_and_without_kvtier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "inproc.json"
-    rc = main(["bench", "--model", "random:tiny", "--variants", "without,with,capped", *TINY, "--json", str(out),
-               "--plot-dir", str(tmp_path), "--set", "cpu.pin_memory=no"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "random:tiny",
+            "--variants",
+            "without,with,capped",
+            *TINY,
+            "--json",
+            str(out),
+            "--plot-dir",
+            str(tmp_path),
+            "--set",
+            "cpu.pin_memory=no",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     doc = json.loads(out.read_text())
@@ -49,8 +92,22 @@ def test_http_run_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     try:
         for label in ("plain", "kvtier"):
             files.append(tmp_path / f"{label}.json")
-            rc = main(["bench", "--url", srv.url, "--label", label, "--workloads", "chat,rag", "--concurrency", "2",
-                       *TINY, "--json", str(files[-1])])  # fmt: skip
+            rc = main(
+                [
+                    "bench",
+                    "--url",
+                    srv.url,
+                    "--label",
+                    label,
+                    "--workloads",
+                    "chat,rag",
+                    "--concurrency",
+                    "2",
+                    *TINY,
+                    "--json",
+                    str(files[-1]),
+                ]
+            )
             assert rc == 0, capsys.readouterr()
     finally:
         srv.close()

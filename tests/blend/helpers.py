@@ -12,8 +12,15 @@ from kvtier.transfer.layerwise import cache_to_kv
 
 def tiny_model(model_type: str = "llama", rope: dict[str, Any] | None = None, **extra: Any) -> Any:
     """A 3-layer fp32 model of ``model_type`` with ``rope`` as its rope parameters (seeded weights)."""
-    kwargs: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
     kwargs.update(extra)
     if rope is not None:
         kwargs["rope_parameters"] = {"rope_theta": 10000.0, **rope}
@@ -34,8 +41,9 @@ def kv_at(model: Any, tokens: torch.Tensor, start: int) -> torch.Tensor:
     return cache_to_kv(c, n)
 
 
-def rag_prompt(head: torch.Tensor, docs: list[torch.Tensor], question: torch.Tensor
-               ) -> tuple[torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+def rag_prompt(
+    head: torch.Tensor, docs: list[torch.Tensor], question: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """``head + docs... + question`` as ``[1, S]`` and the documents' spans."""
     spans, pos = [], int(head.numel())
     for d in docs:

@@ -37,8 +37,9 @@ def _parts(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tenso
     return head, docs, random_ids(7, seed + 9)[0]
 
 
-def _store_docs(model: Any, engine: CacheEngine, head: torch.Tensor, docs: list[torch.Tensor],
-                q: torch.Tensor) -> None:  # fmt: skip
+def _store_docs(
+    model: Any, engine: CacheEngine, head: torch.Tensor, docs: list[torch.Tensor], q: torch.Tensor
+) -> None:
     ids, spans = rag_prompt(head, docs, q)
     r = kvt.prefill(model, ids, engine, segments=spans, recompute_ratio=0.15)
     assert r.segment_tokens == 0  # cold: nothing to reuse yet, every segment stored on its own
@@ -53,8 +54,16 @@ def test_ratio_one_reproduces_full_prefill_in_another_order(model: Any) -> None:
         n_docs = sum(int(d.numel()) for d in docs)
         assert r.segment_tokens == n_docs and r.recomputed_tokens == n_docs
         torch.testing.assert_close(r.logits, full_logits(model, ids), rtol=0, atol=1e-4)
-        out = kvt.generate(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False,
-                           max_new_tokens=6, do_sample=False)  # fmt: skip
+        out = kvt.generate(
+            model,
+            ids,
+            eng,
+            segments=spans,
+            recompute_ratio=1.0,
+            store=False,
+            max_new_tokens=6,
+            do_sample=False,
+        )
         assert out.equal(model.generate(ids, max_new_tokens=6, do_sample=False))
 
 
@@ -223,12 +232,14 @@ with CacheEngine(cfg) as eng:
 def test_segments_stored_by_one_process_blend_in_another(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     env = {"PYTHONPATH": f"{root / 'src'}:{root}", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", STORE_SCRIPT, str(tmp_path / "d")], check=True, cwd=root, env=env,
-                   timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", STORE_SCRIPT, str(tmp_path / "d")], check=True, cwd=root, env=env, timeout=300
+    )
     model = load_model("random:llama-tiny").model
     head, docs, q = _parts(6)
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__pin_memory="no", disk__enabled=True,
-                      disk__path=str(tmp_path / "d"))  # fmt: skip
+    cfg = Config.load(
+        env={}, chunk_tokens=16, cpu__pin_memory="no", disk__enabled=True, disk__path=str(tmp_path / "d")
+    )
     with CacheEngine(cfg) as eng:
         ids, spans = rag_prompt(head, docs[::-1], q)
         r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False)

@@ -17,8 +17,9 @@ pytest.importorskip("transformers")
 SYSTEM = "<|im_start|>system\nYou answer questions from the passages.<|im_end|>\n<|im_start|>user\n"
 
 
-def _prompt(tok: Any, docs: list[list[int]], order: tuple[int, ...], question: str
-            ) -> tuple[torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+def _prompt(
+    tok: Any, docs: list[list[int]], order: tuple[int, ...], question: str
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     ids, spans = tok.encode(SYSTEM), []
     for d in order:
         spans.append((len(ids), len(ids) + len(docs[d])))
@@ -46,8 +47,16 @@ def test_smollm2_ratio_one_is_full_prefill_and_blend_beats_naive(smollm2: Loaded
         assert prefix > spans[0][0]  # the prefix chunk ends inside the first document (it used to drop it)
         assert r.segment_tokens == sum(len(docs[d]) for d in first.documents) - (prefix - spans[0][0])
         torch.testing.assert_close(r.logits, full_logits(model, ids), rtol=0, atol=1e-4)
-        out = kvt.generate(model, ids, eng, segments=spans, recompute_ratio=1.0, store=False, max_new_tokens=5,
-                           do_sample=False)  # fmt: skip
+        out = kvt.generate(
+            model,
+            ids,
+            eng,
+            segments=spans,
+            recompute_ratio=1.0,
+            store=False,
+            max_new_tokens=5,
+            do_sample=False,
+        )
         assert out.equal(model.generate(ids, max_new_tokens=5, do_sample=False))
         # Quality: with every document cached, 15 % recompute is closer to full prefill than naive reuse.
         for it in items:

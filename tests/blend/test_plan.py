@@ -13,10 +13,16 @@ def test_segments_are_sorted_and_kept() -> None:
 
 @pytest.mark.parametrize(
     ("segs", "needle"),
-    [([(5, 5)], "empty or outside"), ([(-1, 3)], "empty or outside"), ([(3, 31)], "empty or outside"),
-     ([(3, 30)], "last prompt token"), ([(0, 10), (9, 12)], "overlap"), ([(1,)], "pair of ints"),
-     ([("a", 2)], "pair of ints")],
-)  # fmt: skip
+    [
+        ([(5, 5)], "empty or outside"),
+        ([(-1, 3)], "empty or outside"),
+        ([(3, 31)], "empty or outside"),
+        ([(3, 30)], "last prompt token"),
+        ([(0, 10), (9, 12)], "overlap"),
+        ([(1,)], "pair of ints"),
+        ([("a", 2)], "pair of ints"),
+    ],
+)
 def test_bad_segments_are_clear_errors(segs: list, needle: str) -> None:
     with pytest.raises(BlendError, match=needle):
         check_segments(segs, 30)

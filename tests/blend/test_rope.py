@@ -15,10 +15,15 @@ pytest.importorskip("transformers")
 ROPES: list[dict[str, Any] | None] = [
     None,
     {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 256},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("rope", ROPES, ids=lambda r: (r or {}).get("rope_type", "default"))
@@ -56,10 +61,19 @@ def test_qwen3_and_mistral_are_supported() -> None:
 
 @pytest.mark.parametrize(
     ("rope", "needle"),
-    [({"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
-     ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-       "original_max_position_embeddings": 256}, "longrope")],
-)  # fmt: skip
+    [
+        ({"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+        (
+            {
+                "rope_type": "longrope",
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 256,
+            },
+            "longrope",
+        ),
+    ],
+)
 def test_sequence_dependent_ropes_are_refused(rope: dict[str, Any], needle: str) -> None:
     with pytest.raises(BlendError, match=needle):
         rope_spec(tiny_model("llama", rope))

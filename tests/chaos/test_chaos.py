@@ -33,8 +33,15 @@ _R = TypeVar("_R")
 HANG_S = 0.05
 WAIT_BOUND_S = 1.5  # >> the worst plausible call (a few hangs + a loaded box), << a stuck request
 RSS_BOUND_BYTES = 400 * 1024**2
-FAULTS = dict(fault__error_rate=0.05, fault__hang_rate=0.03, fault__hang_s=HANG_S, fault__corrupt_rate=0.05,
-              fault__torn_rate=0.05, fault__full_rate=0.05, fault__latency_s=0.001)  # fmt: skip
+FAULTS = dict(
+    fault__error_rate=0.05,
+    fault__hang_rate=0.03,
+    fault__hang_s=HANG_S,
+    fault__corrupt_rate=0.05,
+    fault__torn_rate=0.05,
+    fault__full_rate=0.05,
+    fault__latency_s=0.001,
+)
 CHUNK = 16
 GROUPS, PER_GROUP, THREADS, ROUNDS = 4, 4, 3, 6
 
@@ -107,8 +114,15 @@ def drive(eng: CacheEngine) -> dict[str, float]:
     for t in threads:
         t.join(120)
     assert not errors, errors[0]
-    return dict(requests=requests[0], hit_tokens=hit_tokens[0], wrong=wrong[0], failed=failed[0],
-                max_wait_s=max(waits), seconds=time.monotonic() - t0, rss_growth=rss_bytes() - rss0)  # fmt: skip
+    return dict(
+        requests=requests[0],
+        hit_tokens=hit_tokens[0],
+        wrong=wrong[0],
+        failed=failed[0],
+        max_wait_s=max(waits),
+        seconds=time.monotonic() - t0,
+        rss_growth=rss_bytes() - rss0,
+    )
 
 
 def injected(eng: CacheEngine) -> Counter[str]:
@@ -121,11 +135,13 @@ def injected(eng: CacheEngine) -> Counter[str]:
 
 def check(name: str, eng: CacheEngine, fig: dict[str, float]) -> None:
     faults = injected(eng)
-    print(f"\nchaos {name}: {fig['requests']} requests in {fig['seconds']:.1f} s, {fig['hit_tokens']} tokens "
-          f"served from cache, wrong KV {fig['wrong']}, failed {fig['failed']}, max cache wait "
-          f"{fig['max_wait_s'] * 1000:.0f} ms, RSS growth {fig['rss_growth'] / 2**20:.0f} MiB\n"
-          f"  faults injected ({sum(v for k, v in faults.items() if not k.endswith('_detected'))}): "
-          f"{dict(sorted(faults.items()))}")  # fmt: skip
+    print(
+        f"\nchaos {name}: {fig['requests']} requests in {fig['seconds']:.1f} s, {fig['hit_tokens']} tokens "
+        f"served from cache, wrong KV {fig['wrong']}, failed {fig['failed']}, max cache wait "
+        f"{fig['max_wait_s'] * 1000:.0f} ms, RSS growth {fig['rss_growth'] / 2**20:.0f} MiB\n"
+        f"  faults injected ({sum(v for k, v in faults.items() if not k.endswith('_detected'))}): "
+        f"{dict(sorted(faults.items()))}"
+    )
     assert fig["requests"] == THREADS * ROUNDS * GROUPS * PER_GROUP and fig["failed"] == 0
     assert fig["wrong"] == 0
     assert fig["hit_tokens"] > 0  # the cache still works through the faults
@@ -139,9 +155,18 @@ def check(name: str, eng: CacheEngine, fig: dict[str, float]) -> None:
 
 
 def test_engine_through_faulty_cpu_and_disk(tmp_path: Path) -> None:
-    cfg = Config.load(env={}, chunk_tokens=CHUNK, model__model_id="chaos", cpu__max_bytes="1MiB",
-                      disk__enabled=True, disk__path=str(tmp_path / "disk"), disk__max_disk_bytes="64MiB",
-                      fault__tiers="cpu,disk", fault__seed=7, **FAULTS)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=CHUNK,
+        model__model_id="chaos",
+        cpu__max_bytes="1MiB",
+        disk__enabled=True,
+        disk__path=str(tmp_path / "disk"),
+        disk__max_disk_bytes="64MiB",
+        fault__tiers="cpu,disk",
+        fault__seed=7,
+        **FAULTS,
+    )
     eng = CacheEngine(cfg)
     try:
         check("engine cpu+disk", eng, drive(eng))
@@ -152,9 +177,16 @@ def test_engine_through_faulty_cpu_and_disk(tmp_path: Path) -> None:
 @pytest.fixture
 def faulty_daemon(tmp_path: Path) -> DaemonProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    env.update(KVTIER_DISK__ENABLED="true", KVTIER_DISK__PATH=str(tmp_path / "ddisk"),
-               KVTIER_FAULT__TIERS="disk", KVTIER_FAULT__ERROR_RATE="0.05", KVTIER_FAULT__TORN_RATE="0.05",
-               KVTIER_FAULT__FULL_RATE="0.05", KVTIER_FAULT__HANG_RATE="0.02", KVTIER_FAULT__HANG_S=str(HANG_S))  # fmt: skip
+    env.update(
+        KVTIER_DISK__ENABLED="true",
+        KVTIER_DISK__PATH=str(tmp_path / "ddisk"),
+        KVTIER_FAULT__TIERS="disk",
+        KVTIER_FAULT__ERROR_RATE="0.05",
+        KVTIER_FAULT__TORN_RATE="0.05",
+        KVTIER_FAULT__FULL_RATE="0.05",
+        KVTIER_FAULT__HANG_RATE="0.02",
+        KVTIER_FAULT__HANG_S=str(HANG_S),
+    )
     d = DaemonProcess("--cpu-size", "2MiB", env=env).start()
     yield d  # type: ignore[misc]
     d.kill()
@@ -162,9 +194,17 @@ def faulty_daemon(tmp_path: Path) -> DaemonProcess:
 
 
 def test_daemon_through_faulty_client_and_disk(faulty_daemon: DaemonProcess) -> None:
-    cfg = Config.load(env={}, chunk_tokens=CHUNK, model__model_id="chaos", cpu__enabled=False,
-                      remote__url=faulty_daemon.url, remote__timeout_s=2.0, fault__tiers="remote",
-                      fault__seed=11, **FAULTS)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=CHUNK,
+        model__model_id="chaos",
+        cpu__enabled=False,
+        remote__url=faulty_daemon.url,
+        remote__timeout_s=2.0,
+        fault__tiers="remote",
+        fault__seed=11,
+        **FAULTS,
+    )
     eng = CacheEngine(cfg)
     try:
         check("engine -> daemon", eng, drive(eng))

@@ -38,8 +38,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(ints).cpu(), b.contiguous().view(ints).cpu())
 
 
-def make_caches(kind: str, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype,
-                device: str, gen: torch.Generator) -> tuple[list[LayerEntry], dict[str, object]]:  # fmt: skip
+def make_caches(
+    kind: str,
+    layers: int,
+    nb: int,
+    bs: int,
+    h: int,
+    d: int,
+    dtype: torch.dtype,
+    device: str,
+    gen: torch.Generator,
+) -> tuple[list[LayerEntry], dict[str, object]]:
     """Random caches of ``kind`` and the layout hints to pass (``{'layout': ...}`` or ``{}``)."""
     out: list[LayerEntry] = []
     for _ in range(layers):
@@ -95,8 +104,9 @@ def ref_token(kind: str, entry: LayerEntry, slot: int, bs: int) -> torch.Tensor:
 
 def ref_gather(kind: str, caches: list[LayerEntry], slots: list[int], bs: int) -> torch.Tensor:
     """The chunk ``[L, 2, T, H, D]`` (MLA ``[L, T, lat]``) built token by token."""
-    per_layer = [torch.stack([ref_token(kind, e, s, bs) for s in slots], dim=1 if kind != "mla" else 0)
-                 for e in caches]  # fmt: skip
+    per_layer = [
+        torch.stack([ref_token(kind, e, s, bs) for s in slots], dim=1 if kind != "mla" else 0) for e in caches
+    ]
     return torch.stack(per_layer)
 
 

@@ -10,8 +10,9 @@ from kvtier import CacheEngine, Config
 
 
 def make_engine(chunk_tokens: int = 16, **overrides: Any) -> CacheEngine:
-    cfg = Config.load(env={}, chunk_tokens=chunk_tokens, cpu__max_bytes="256MiB", cpu__pin_memory="no",
-                      **overrides)  # fmt: skip
+    cfg = Config.load(
+        env={}, chunk_tokens=chunk_tokens, cpu__max_bytes="256MiB", cpu__pin_memory="no", **overrides
+    )
     return CacheEngine(cfg)
 
 

@@ -8,8 +8,27 @@ import pytest
 
 from kvtier.cli import main
 
-SMALL = ["--users", "2", "--rounds", "2", "--system-tokens", "80", "--turn-tokens", "20", "--docs", "1",
-         "--questions", "2", "--doc-tokens", "120", "--gen-tokens", "3", "--chunk-tokens", "16", "--no-progress"]  # fmt: skip
+SMALL = [
+    "--users",
+    "2",
+    "--rounds",
+    "2",
+    "--system-tokens",
+    "80",
+    "--turn-tokens",
+    "20",
+    "--docs",
+    "1",
+    "--questions",
+    "2",
+    "--doc-tokens",
+    "120",
+    "--gen-tokens",
+    "3",
+    "--chunk-tokens",
+    "16",
+    "--no-progress",
+]
 
 
 def test_demo_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,9 +44,31 @@ def test_speedup_is_paired_and_survives_load_that_starts_mid_run(
         return lm
 
     monkeypatch.setattr(demo_main, "load_model", loaded_model)
-    rc = main(["demo", "--model", "random:tiny", "--out", str(tmp_path), "--workloads", "chat", "--users", "2",
-               "--rounds", "4", "--system-tokens", "80", "--turn-tokens", "20", "--gen-tokens", "3",
-               "--chunk-tokens", "16", "--no-disk", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "random:tiny",
+            "--out",
+            str(tmp_path),
+            "--workloads",
+            "chat",
+            "--users",
+            "2",
+            "--rounds",
+            "4",
+            "--system-tokens",
+            "80",
+            "--turn-tokens",
+            "20",
+            "--gen-tokens",
+            "3",
+            "--chunk-tokens",
+            "16",
+            "--no-disk",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert prefills[0] == 1 + 2 * REQUESTS
@@ -64,8 +86,15 @@ def test_prefill_cost_matches_torchs_flop_counter() -> None:
     """``PrefillCost.flops`` against torch's own count of one eager prefill: they differ only by
     what the model leaves out on purpose (the LM head on the last position) and what eager
     attention computes and masks (the upper triangle of each n x n score matrix)."""
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(cfg).eval()
     cost = prefill_cost(model)
     for n in (16, 100):

@@ -26,12 +26,31 @@ def llava() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=16, patch_size=8, projection_dim=32)  # fmt: skip
-    tc = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")  # fmt: skip
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        projection_dim=32,
+    )
+    tc = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMG,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     model = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # a wider logit spread: greedy choices are not near-ties
         model.lm_head.weight.mul_(8.0)
@@ -51,8 +70,12 @@ def pixels(seed: int) -> torch.Tensor:
     return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-GEN: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True,
-                       "output_logits": True}  # fmt: skip
+GEN: dict[str, Any] = {
+    "max_new_tokens": 4,
+    "do_sample": False,
+    "return_dict_in_generate": True,
+    "output_logits": True,
+}
 
 
 def reference(model: Any, ids: torch.Tensor, pv: torch.Tensor) -> Any:
@@ -101,8 +124,15 @@ def test_weights_changed_after_binding_are_another_key() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     model = LlamaForCausalLM(cfg).eval()
     engine = make_engine()
     ids = torch.randint(3, 300, (1, 50), generator=torch.Generator().manual_seed(1))

@@ -15,8 +15,15 @@ from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForC
 from kvtier.integrations import transformers as kvt
 
 WINDOW = 16
-SMALL: dict[str, Any] = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+SMALL: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _mistral(window: int | None) -> Any:

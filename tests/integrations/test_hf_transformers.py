@@ -86,8 +86,9 @@ def test_smollm2_real_weights(smollm2: LoadedModel, engine: CacheEngine) -> None
     model, tok = smollm2.model, smollm2.tokenizer
     system = "You are a helpful assistant. Answer briefly and precisely. " * 4
     q1 = tok(system + "Question: What is the capital of France? Answer:", return_tensors="pt").input_ids
-    q2 = tok(system + "Question: What is the largest planet in the solar system? Answer:",
-             return_tensors="pt").input_ids  # fmt: skip
+    q2 = tok(
+        system + "Question: What is the largest planet in the solar system? Answer:", return_tensors="pt"
+    ).input_ids
     shared = int((q1[0, : q2.shape[1]] == q2[0, : q1.shape[1]]).cumprod(0).sum())
     assert shared >= 32
 
@@ -103,8 +104,10 @@ def test_smollm2_real_weights(smollm2: LoadedModel, engine: CacheEngine) -> None
     assert partial.hit_tokens == shared // 16 * 16
     torch.testing.assert_close(partial.logits, full_logits(model, q2), atol=ATOL, rtol=0)
     assert same_greedy(model, partial, q2, 5)
-    assert torch.equal(kvt.generate(model, q2, engine, max_new_tokens=5, do_sample=False),
-                       model.generate(q2, attention_mask=torch.ones_like(q2), max_new_tokens=5, do_sample=False))  # fmt: skip
+    assert torch.equal(
+        kvt.generate(model, q2, engine, max_new_tokens=5, do_sample=False),
+        model.generate(q2, attention_mask=torch.ones_like(q2), max_new_tokens=5, do_sample=False),
+    )
     france = tok("The capital of France is", return_tensors="pt").input_ids
     for _ in range(2):  # a miss, then a hit: real weights give the real answer either way
         assert "Paris" in tok.decode(

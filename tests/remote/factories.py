@@ -28,8 +28,12 @@ def s3_tier(capacity: int, tmp_path: Path) -> Tier:
     from kvtier.tiers.s3 import S3Tier
 
     s3 = servers.shared_s3()
-    return S3Tier("s3://kvtier-test", key_prefix=f"t{uuid.uuid4().hex[:12]}", endpoint_url=s3.endpoint_url,
-                  create_bucket=True)  # fmt: skip
+    return S3Tier(
+        "s3://kvtier-test",
+        key_prefix=f"t{uuid.uuid4().hex[:12]}",
+        endpoint_url=s3.endpoint_url,
+        create_bucket=True,
+    )
 
 
 REMOTE_TIER_FACTORIES = {"redis": redis_tier, "s3": s3_tier}

@@ -36,8 +36,12 @@ def free_port(max_port: int = 55535) -> int:
     raise RuntimeError(f"no free loopback port below {max_port} after 200 tries")
 
 
-def _wait_ping(port: int, timeout_s: float = 30.0, password: str | None = None,
-               proc: subprocess.Popen[bytes] | None = None) -> None:  # fmt: skip
+def _wait_ping(
+    port: int,
+    timeout_s: float = 30.0,
+    password: str | None = None,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
     """Wait until redis on ``port`` answers PING (bounded; fails at once if ``proc`` exited)."""
     import redis
 
@@ -62,8 +66,14 @@ def _wait_ping(port: int, timeout_s: float = 30.0, password: str | None = None,
 class RedisServer:
     """One ``redis-server`` process; ``kill()`` + ``start()`` restarts it on the same port."""
 
-    def __init__(self, *, port: int | None = None, password: str | None = None, cluster: bool = False,
-                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        cluster: bool = False,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError(NO_REDIS_REASON)
         self._fixed_port = port is not None
@@ -95,14 +105,35 @@ class RedisServer:
 
     def _start(self) -> RedisServer:
         assert REDIS_SERVER is not None
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
-                "--enable-debug-command", "local", *self.extra]  # fmt: skip
+        args = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--protected-mode",
+            "no",
+            "--enable-debug-command",
+            "local",
+            *self.extra,
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", "2000"]  # fmt: skip
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -155,8 +186,15 @@ class RedisCluster:
         except RuntimeError:
             self.cleanup()  # the nodes that did start
             raise
-        cmd = [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-               "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
+        cmd = [
+            REDIS_CLI,
+            "--cluster",
+            "create",
+            *[f"127.0.0.1:{n.port}" for n in self.nodes],
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ]
         out = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
         if out.returncode != 0:
             self.cleanup()

@@ -23,9 +23,16 @@ def main() -> int:
     role, url, endpoint, salt, out = sys.argv[1:6]
     # NOTE: a generous timeout: this checks sharing, not speed. moto (a thread of the test process)
     # on a loaded 2-core box answered PUTs slower than the 2 s default (issue 22.11: 68 of 100 stored).
-    cfg = Config.load(env={}, chunk_tokens=32, cpu__enabled=False, model__model_id="share-test",
-                      model__cache_salt=salt, remote__url=url, remote__endpoint_url=endpoint,
-                      remote__timeout_s=60.0)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=32,
+        cpu__enabled=False,
+        model__model_id="share-test",
+        model__cache_salt=salt,
+        remote__url=url,
+        remote__endpoint_url=endpoint,
+        remote__timeout_s=60.0,
+    )
     with CacheEngine(cfg) as eng:
         tokens, kv = prompt()
         eng.bind_model(3, 2, 8, torch.bfloat16)

@@ -18,8 +18,15 @@ class Clock:
 
 
 def make(clock: Clock, **kw: object) -> CircuitBreaker:
-    return CircuitBreaker("test store", failure_threshold=3, backoff_initial_s=1.0, backoff_max_s=4.0,
-                          jitter=0.0, clock=clock, **kw)  # type: ignore[arg-type]  # fmt: skip
+    return CircuitBreaker(
+        "test store",
+        failure_threshold=3,
+        backoff_initial_s=1.0,
+        backoff_max_s=4.0,
+        jitter=0.0,
+        clock=clock,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def test_opens_after_threshold_then_probes_and_closes(caplog: pytest.LogCaptureFixture) -> None:
@@ -130,8 +137,9 @@ def test_background_probe_closes_without_any_caller_probing() -> None:
             raise a
         probed.set()
 
-    b = CircuitBreaker("bg", failure_threshold=1, backoff_initial_s=0.01, backoff_max_s=0.02, jitter=0.0,
-                       probe=probe)  # fmt: skip
+    b = CircuitBreaker(
+        "bg", failure_threshold=1, backoff_initial_s=0.01, backoff_max_s=0.02, jitter=0.0, probe=probe
+    )
     b.failure(ConnectionError("refused"))
     assert b.state is BreakerState.OPEN
     deadline = time.monotonic() + 10

@@ -24,9 +24,17 @@ SLACK_S = 0.35  # scheduling on a loaded 2-core box; far below a second timeout
 
 
 def engine_on(url: str, *, cpu: bool) -> CacheEngine:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__enabled=cpu, cpu__max_bytes="64MiB",
-                      model__model_id="outage-test", remote__url=url, remote__timeout_s=TIMEOUT_S,
-                      remote__retry_backoff_s=0.2, remote__retry_backoff_max_s=BACKOFF_MAX_S)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__enabled=cpu,
+        cpu__max_bytes="64MiB",
+        model__model_id="outage-test",
+        remote__url=url,
+        remote__timeout_s=TIMEOUT_S,
+        remote__retry_backoff_s=0.2,
+        remote__retry_backoff_max_s=BACKOFF_MAX_S,
+    )
     return CacheEngine(cfg)
 
 
@@ -54,8 +62,10 @@ def outage(eng: CacheEngine, pause: Callable[[], None], resume: Callable[[], Non
         assert waits[0] <= TIMEOUT_S + SLACK_S, waits  # the first request: one timeout, not three
         assert sum(waits) <= TIMEOUT_S + SLACK_S + 0.5, waits  # the outage cost ONE timeout in all
         assert max(waits[1:]) < 0.05 + SLACK_S / 4, waits  # breaker open: ~0 per request
-        print(f"\noutage {tier.name}: first request {waits[0] * 1000:.0f} ms, later max "
-              f"{max(waits[1:]) * 1000:.1f} ms, total {sum(waits) * 1000:.0f} ms")  # fmt: skip
+        print(
+            f"\noutage {tier.name}: first request {waits[0] * 1000:.0f} ms, later max "
+            f"{max(waits[1:]) * 1000:.1f} ms, total {sum(waits) * 1000:.0f} ms"
+        )
     finally:
         resume()
     t0 = time.monotonic()

@@ -186,8 +186,11 @@ def test_auth_from_env_and_password_never_logged(caplog: pytest.LogCaptureFixtur
     s = servers.RedisServer(password=secret).start()
     try:
         caplog.set_level(logging.DEBUG)
-        env = {"KVTIER_REMOTE__URL": f"redis://127.0.0.1:{s.port}/0", "KVTIER_REMOTE__PASSWORD": secret,
-               "KVTIER_REMOTE__RETRY_BACKOFF_S": "0.05"}  # fmt: skip
+        env = {
+            "KVTIER_REMOTE__URL": f"redis://127.0.0.1:{s.port}/0",
+            "KVTIER_REMOTE__PASSWORD": secret,
+            "KVTIER_REMOTE__RETRY_BACKOFF_S": "0.05",
+        }
         cfg = Config.load(env=env, cpu__enabled=False)
         assert cfg.to_dict()["remote"]["password"] == "***" and secret not in repr(cfg)
         (t,) = build_tiers(cfg)

@@ -13,8 +13,13 @@ from kvtier.tiers.redis import RedisTier
 def test_cluster_round_trip_spreads_keys(redis_cluster: servers.RedisCluster) -> None:
     tier = RedisTier(redis_cluster.url, key_prefix="cl", max_value_bytes=8192)
     g = torch.Generator().manual_seed(0)
-    chunks = [(i.to_bytes(16, "big"), Chunk(torch.randn(2, 2, 16 + 64 * (i % 2), 2, 8, generator=g),
-               b"fp%d" % i, 16 + 64 * (i % 2))) for i in range(24)]  # fmt: skip
+    chunks = [
+        (
+            i.to_bytes(16, "big"),
+            Chunk(torch.randn(2, 2, 16 + 64 * (i % 2), 2, 8, generator=g), b"fp%d" % i, 16 + 64 * (i % 2)),
+        )
+        for i in range(24)
+    ]
     assert tier.batched_put(chunks) == [True] * 24
     assert tier.prefix_contains([k for k, _ in chunks]) == 24
     got = tier.batched_get([k for k, _ in chunks])

@@ -44,8 +44,14 @@ def test_lookup_matches_retrieve_under_allkeys_lru(own_redis: servers.RedisServe
     r = redis.Redis(host="127.0.0.1", port=own_redis.port)
     r.config_set("maxmemory-policy", "allkeys-lru")
     r.config_set("maxmemory", 8 * 1024**2)
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__enabled=False, model__model_id="lru-test",
-                      remote__url=own_redis.url, remote__timeout_s=5.0)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__enabled=False,
+        model__model_id="lru-test",
+        remote__url=own_redis.url,
+        remote__timeout_s=5.0,
+    )
     eng = CacheEngine(cfg)
     prompts = [(make_tokens(128, seed=i), make_kv(128, seed=i)) for i in range(60)]
     for t, kv in prompts:  # ~30 MiB into 8 MiB: Redis evicts keys, headers and parts alike

@@ -18,8 +18,16 @@ from kvtier.tiers.redis import RedisTier
 
 
 def engine_on(url: str, **kw: object) -> CacheEngine:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__enabled=False, model__model_id="fault-test",
-                      remote__url=url, remote__timeout_s=0.5, remote__retry_backoff_s=0.2, **kw)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__enabled=False,
+        model__model_id="fault-test",
+        remote__url=url,
+        remote__timeout_s=0.5,
+        remote__retry_backoff_s=0.2,
+        **kw,
+    )
     return CacheEngine(cfg)
 
 

@@ -26,8 +26,13 @@ def test_parse_url() -> None:
 
 def test_big_chunk_multipart_and_ranged_reads(s3_server: servers.S3Server) -> None:
     p = f"mp{uuid.uuid4().hex[:8]}"
-    cfg = Config.load(env={}, cpu__enabled=False, remote__url=f"s3://kvtier-test/{p}",
-                      remote__endpoint_url=s3_server.endpoint_url, remote__max_value_bytes="5MiB")  # fmt: skip
+    cfg = Config.load(
+        env={},
+        cpu__enabled=False,
+        remote__url=f"s3://kvtier-test/{p}",
+        remote__endpoint_url=s3_server.endpoint_url,
+        remote__max_value_bytes="5MiB",
+    )
     boto3.client("s3", endpoint_url=s3_server.endpoint_url).create_bucket(Bucket="kvtier-test")
     (tier,) = build_tiers(cfg)
     assert isinstance(tier, S3Tier) and tier.prefix == p
@@ -59,8 +64,13 @@ def test_corrupt_object_is_a_miss_and_deleted(s3_server: servers.S3Server) -> No
 
 def test_dead_endpoint_is_misses_within_timeout() -> None:
     port = servers.free_port()  # nothing listens here
-    tier = S3Tier("s3://nobucket/x", endpoint_url=f"http://127.0.0.1:{port}", timeout_s=0.5,
-                  failure_threshold=2, retry_backoff_s=10)  # fmt: skip
+    tier = S3Tier(
+        "s3://nobucket/x",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        timeout_s=0.5,
+        failure_threshold=2,
+        retry_backoff_s=10,
+    )
     t0 = time.monotonic()
     for _ in range(10):
         assert tier.get(b"d" * 16) is None

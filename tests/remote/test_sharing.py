@@ -20,8 +20,14 @@ ROOT = Path(__file__).parents[2]
 def run(role: str, url: str, endpoint: str, salt: str, out: Path, seed: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT / "src")}
     env = {k: v for k, v in env.items() if not k.startswith("KVTIER_")}
-    p = subprocess.run([sys.executable, str(WORKER), role, url, endpoint, salt, str(out)], env=env,
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, str(WORKER), role, url, endpoint, salt, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(out)
 

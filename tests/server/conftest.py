@@ -39,8 +39,9 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 def read_reply(s: socket.socket) -> P.Message | None:
     """The next reply frame, or ``None`` if the daemon closed the connection."""
     try:
-        hlen, plen = P.parse_prefix(recv_exact(s, P.PREFIX.size), max_header=P.MAX_HEADER_BYTES,
-                                    max_payload=1 << 30)  # fmt: skip
+        hlen, plen = P.parse_prefix(
+            recv_exact(s, P.PREFIX.size), max_header=P.MAX_HEADER_BYTES, max_payload=1 << 30
+        )
         msg = P.decode_header(recv_exact(s, hlen))
         recv_exact(s, plen)
         return msg

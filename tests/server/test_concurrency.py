@@ -94,8 +94,14 @@ def test_concurrent_clients_overlapping_prompts(tmp_path: Path) -> None:
         for i in range(PROCS):
             url = d.url + ("" if i % 2 == 0 else "?shm=0")  # half by shared memory, half by socket
             with open(tmp_path / f"stderr-{i}", "w") as err:
-                procs.append(subprocess.Popen([sys.executable, "-c", CLIENT, url, str(i), str(SECONDS),
-                                               str(progress[i])], stderr=err, cwd=str(ROOT), env=env))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", CLIENT, url, str(i), str(SECONDS), str(progress[i])],
+                        stderr=err,
+                        cwd=str(ROOT),
+                        env=env,
+                    )
+                )
         max_rss = base_rss
 
         def wait(cond: Callable[[], bool], timeout_s: float) -> None:
@@ -119,8 +125,10 @@ def test_concurrent_clients_overlapping_prompts(tmp_path: Path) -> None:
         results = [json.loads(s.removeprefix("done ")) for s in states]
         stats = RemoteTier(d.url, timeout_s=30.0).stats()  # the daemon still answers
     total = {k: sum(r[k] for r in results) for k in results[0]}
-    print(f"\n{PROCS} clients x {SECONDS:.0f}s: {total}; daemon RSS {base_rss >> 20} -> {max_rss >> 20} MiB; "
-          f"evictions {stats.evictions}")  # fmt: skip
+    print(
+        f"\n{PROCS} clients x {SECONDS:.0f}s: {total}; daemon RSS {base_rss >> 20} -> {max_rss >> 20} MiB; "
+        f"evictions {stats.evictions}"
+    )
     assert all(r["ops"] > 0 for r in results), results
     assert total["mismatches"] == 0 and total["checked_elems"] > 0
     assert total["lost"] == 0, total  # a stored prompt missing with no eviction in between

@@ -69,8 +69,14 @@ def in_process_order(policy: str, tmp: Path) -> list[bytes]:
 
 
 def daemon_order(policy: str, tmp: Path) -> list[bytes]:
-    cfg = Config.load(env={}, cpu__max_bytes=CAPACITY, cpu__eviction_policy=policy,
-                      disk__enabled=True, disk__path=str(tmp), disk__max_disk_bytes=64 * NBYTES)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        cpu__max_bytes=CAPACITY,
+        cpu__eviction_policy=policy,
+        disk__enabled=True,
+        disk__path=str(tmp),
+        disk__max_disk_bytes=64 * NBYTES,
+    )
     svc = CacheService(cfg)
     order: list[bytes] = []
     svc.cpu.on_evict.append(lambda k, n: order.append(k))

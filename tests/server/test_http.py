@@ -90,8 +90,12 @@ def test_health_stats_metrics_and_cli(daemon: DaemonProcess, capsys: pytest.Capt
     assert code == 200 and 'kvtier_tier_capacity_bytes{tier="cpu"} 6.7108864e+07' in text
     assert "kvtier_server_requests_total" in text and "kvtier_server_active_sessions" in text
     assert _get(daemon.http_url + "/nope")[0] == 404
-    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "stats", "--url", daemon.http_url],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "kvtier.cli", "stats", "--url", daemon.http_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "capacity_bytes" in r.stdout and "64MiB" in r.stdout and "requests" in r.stdout
     assert main(["stats", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 2

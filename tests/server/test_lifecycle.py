@@ -61,8 +61,11 @@ def _wait(cond: Any, timeout_s: float = 15.0) -> bool:
 
 def test_engine_killed_then_another_engine_gets_identical_chunks(daemon: DaemonProcess) -> None:
     n, seed = 200, 11
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), url=daemon.url, n=n, seed=seed)],
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), url=daemon.url, n=n, seed=seed)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["stored", str(n)]

@@ -26,8 +26,16 @@ ANNOUNCED = 256 * MiB
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    args = ("--cpu-size", "16MiB", "--set", "server.max_payload_bytes=256MiB",
-            "--set", "server.max_inflight_bytes=512MiB", "--set", "server.body_timeout_s=2")  # fmt: skip
+    args = (
+        "--cpu-size",
+        "16MiB",
+        "--set",
+        "server.max_payload_bytes=256MiB",
+        "--set",
+        "server.max_inflight_bytes=512MiB",
+        "--set",
+        "server.body_timeout_s=2",
+    )
     with DaemonProcess(*args) as d:
         yield d
 

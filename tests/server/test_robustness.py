@@ -137,16 +137,26 @@ def test_decoder_fuzz_only_raises_protocol_error(data: bytes) -> None:
 
 
 _keys = st.lists(st.binary(min_size=16, max_size=16), max_size=8)
-_meta = st.builds(P.ItemMeta, st.binary(max_size=8), st.integers(0, 1 << 20),
-                  st.lists(st.integers(0, 1 << 31), max_size=8),
-                  st.sampled_from([*P.KV_DTYPES, "complex64", "", "float"]))  # fmt: skip
+_meta = st.builds(
+    P.ItemMeta,
+    st.binary(max_size=8),
+    st.integers(0, 1 << 20),
+    st.lists(st.integers(0, 1 << 31), max_size=8),
+    st.sampled_from([*P.KV_DTYPES, "complex64", "", "float"]),
+)
 _item = st.builds(P.PutItem, st.binary(min_size=16, max_size=16), _meta, st.integers(0, 1 << 20))
 _messages = st.one_of(
-    st.builds(P.Prefix, _keys), st.builds(P.Contains, _keys), st.builds(P.Get, _keys, st.booleans()),
-    st.builds(P.Reserve, st.lists(_item, max_size=4)), st.builds(P.Commit, st.lists(st.integers(0, 50), max_size=4)),
-    st.builds(P.Put, st.lists(_item, max_size=4)), st.builds(P.Remove, _keys), st.builds(P.Stats),
-    st.builds(P.Release, st.lists(st.integers(0, 50), max_size=4)), st.builds(P.Hello, st.integers()),
-)  # fmt: skip
+    st.builds(P.Prefix, _keys),
+    st.builds(P.Contains, _keys),
+    st.builds(P.Get, _keys, st.booleans()),
+    st.builds(P.Reserve, st.lists(_item, max_size=4)),
+    st.builds(P.Commit, st.lists(st.integers(0, 50), max_size=4)),
+    st.builds(P.Put, st.lists(_item, max_size=4)),
+    st.builds(P.Remove, _keys),
+    st.builds(P.Stats),
+    st.builds(P.Release, st.lists(st.integers(0, 50), max_size=4)),
+    st.builds(P.Hello, st.integers()),
+)
 
 
 def test_service_fuzz_answers_or_raises_protocol_error(tmp_path: Path) -> None:
@@ -204,8 +214,25 @@ def test_auth_token_required_and_compared(tmp_path: Path) -> None:
 
 def test_non_loopback_bind_without_token_is_refused() -> None:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "server", "--host", "0.0.0.0", "--port", "0",
-                        "--http-port", "0", "--cpu-size", "1MiB"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--cpu-size",
+            "1MiB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stderr
     assert "non-loopback" in r.stderr and "--auth-token-file" in r.stderr
     assert time.monotonic() - t0 < 60

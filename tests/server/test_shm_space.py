@@ -35,9 +35,25 @@ def small_shm(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_daemon_refuses_a_pool_larger_than_its_shm_with_one_line(small_shm: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "server", "--cpu-size", "64MiB", "--port", "0",
-                        "--http-port", "0", "--shm-dir", str(small_shm)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "server",
+            "--cpu-size",
+            "64MiB",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--shm-dir",
+            str(small_shm),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0, "the daemon started with a pool its shared memory cannot hold"
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1, err

@@ -35,37 +35,83 @@ def mha_pool(layout: str, v_head_dim: int = HEAD_DIM, dtype: torch.dtype = DTYPE
     v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, v_head_dim, dtype=dtype) for _ in range(LAYERS))
     info = MHABufferInfo(
         buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
-        page_size=PAGE, head_num=HEADS, head_dim=HEAD_DIM, v_head_dim=v_head_dim, dtype=dtype,
+        page_size=PAGE,
+        head_num=HEADS,
+        head_dim=HEAD_DIM,
+        v_head_dim=v_head_dim,
+        dtype=dtype,
         device=torch.device("cpu"),
-    )  # fmt: skip
-    return MHATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS)  # fmt: skip
+    )
+    return MHATokenToKVPoolHost(
+        info,
+        2.0,
+        0,
+        PAGE,
+        layout,
+        pin_memory=False,
+        device="cpu",
+        device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0,
+        end_layer=LAYERS,
+    )
 
 
 def mla_pool(layout: str) -> MLATokenToKVPoolHost:
     dim = MLA_LORA + MLA_ROPE
     bufs = tuple(torch.zeros(DEVICE_TOKENS, 1, dim, dtype=DTYPE) for _ in range(LAYERS))
     info = MLABufferInfo(
-        buffers=bufs, data_ptrs=_ptrs(bufs), layer_indices=tuple(range(LAYERS)), device_layer_num=LAYERS,
-        page_size=PAGE, kv_lora_rank=MLA_LORA, qk_rope_head_dim=MLA_ROPE, kv_cache_dim=dim, dtype=DTYPE,
+        buffers=bufs,
+        data_ptrs=_ptrs(bufs),
+        layer_indices=tuple(range(LAYERS)),
+        device_layer_num=LAYERS,
+        page_size=PAGE,
+        kv_lora_rank=MLA_LORA,
+        qk_rope_head_dim=MLA_ROPE,
+        kv_cache_dim=dim,
+        dtype=DTYPE,
         device=torch.device("cpu"),
-    )  # fmt: skip
-    return MLATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS,
-                                target_layer_num=LAYERS)  # fmt: skip
+    )
+    return MLATokenToKVPoolHost(
+        info,
+        2.0,
+        0,
+        PAGE,
+        layout,
+        pin_memory=False,
+        device="cpu",
+        device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0,
+        end_layer=LAYERS,
+        target_layer_num=LAYERS,
+    )
 
 
 def pool(kind: str, layout: str) -> Any:
     return mha_pool(layout) if kind == "mha" else mla_pool(layout)
 
 
-def storage_config(extra: dict[str, Any], *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1,
-                   model: str = "org/tiny", metrics: bool = True) -> HiCacheStorageConfig:  # fmt: skip
+def storage_config(
+    extra: dict[str, Any],
+    *,
+    mla: bool = False,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    model: str = "org/tiny",
+    metrics: bool = True,
+) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(
-        tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-        is_mla_model=mla, enable_storage_metrics=metrics, is_page_first_layout=False, model_name=model,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=metrics,
+        is_page_first_layout=False,
+        model_name=model,
         extra_config={**MODULE, **extra},
-    )  # fmt: skip
+    )
 
 
 def fill_random(p: Any, n_pages: int, seed: int) -> torch.Tensor:

@@ -35,8 +35,15 @@ from kvtier.config import Config
 from kvtier.engine import CacheEngine
 from kvtier.integrations.sglang import KVTierHiCacheStorage, SGLangLayoutError
 
-LAYOUTS = [("mha", "layer_first"), ("mha", "page_first"), ("mha", "page_first_direct"), ("mha", "page_head"),
-           ("mla", "layer_first"), ("mla", "page_first"), ("mla", "page_first_direct")]  # fmt: skip
+LAYOUTS = [
+    ("mha", "layer_first"),
+    ("mha", "page_first"),
+    ("mha", "page_first_direct"),
+    ("mha", "page_head"),
+    ("mla", "layer_first"),
+    ("mla", "page_first"),
+    ("mla", "page_first_direct"),
+]
 
 
 def engine(tmp_path: Path | None = None) -> CacheEngine:
@@ -219,8 +226,13 @@ def test_two_processes_share_pages_through_disk(tmp_path: Path) -> None:
     script = str(Path(__file__).parent / "other_process.py")
     for role, seed, layout in (("write", "1", "page_first"), ("read", "2", "layer_first")):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        r = subprocess.run([sys.executable, script, role, str(tmp_path), layout], env=env,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, script, role, str(tmp_path), layout],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[-2:] == ["ok", "4"], r.stdout + r.stderr[-2000:]
 
@@ -246,8 +258,11 @@ def test_misfiled_page_is_a_miss() -> None:
 def test_unreachable_remote_tier_is_a_miss() -> None:
     """kvtier's failure rule through SGLang's calls: a remote tier that refuses every connection
     (nothing listens on port 1) gives misses and failed sets, never an exception."""
-    eng = CacheEngine(Config.from_dict({"cpu": {"enabled": False},
-                                        "remote": {"url": "redis://127.0.0.1:1", "timeout_s": 0.5}}))  # fmt: skip
+    eng = CacheEngine(
+        Config.from_dict(
+            {"cpu": {"enabled": False}, "remote": {"url": "redis://127.0.0.1:1", "timeout_s": 0.5}}
+        )
+    )
     p = pool("mha", "page_first")
     b = backend(p, eng)
     idx = fill_random(p, 2, seed=13)

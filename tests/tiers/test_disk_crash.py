@@ -52,17 +52,27 @@ def _toks(n: int, seed: int) -> torch.Tensor:
 
 
 def _engine(path: Path) -> CacheEngine:
-    cfg = Config.load(env={}, chunk_tokens=16, cpu__max_bytes="64MiB", cpu__pin_memory="no",
-                      disk__enabled=True, disk__path=str(path), model__model_id="crash",
-                      model__kv_dtype="bfloat16", model__num_layers=4, model__num_kv_heads=4,
-                      model__head_dim=64)  # fmt: skip
+    cfg = Config.load(
+        env={},
+        chunk_tokens=16,
+        cpu__max_bytes="64MiB",
+        cpu__pin_memory="no",
+        disk__enabled=True,
+        disk__path=str(path),
+        model__model_id="crash",
+        model__kv_dtype="bfloat16",
+        model__num_layers=4,
+        model__num_kv_heads=4,
+        model__head_dim=64,
+    )
     return CacheEngine(cfg)
 
 
 def test_sigkill_after_durable_flush(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(cache)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 120)

@@ -41,6 +41,10 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int = 8, *, skip_cach
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
-                        skip_reading_prefix_cache=True if skip_cache else None)  # fmt: skip
+    sp = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=0,
+        skip_reading_prefix_cache=True if skip_cache else None,
+    )
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)

@@ -24,8 +24,9 @@ def main() -> None:
     eng = find_engine("kvtier-test-other")
     assert eng is not None
     eng.flush(timeout_s=30)
-    Path(out_file).write_text(json.dumps({"tokens": list(out.outputs[0].token_ids),
-                                          "stats": connector_stats("kvtier-test-other")}))  # fmt: skip
+    Path(out_file).write_text(
+        json.dumps({"tokens": list(out.outputs[0].token_ids), "stats": connector_stats("kvtier-test-other")})
+    )
 
 
 if __name__ == "__main__":

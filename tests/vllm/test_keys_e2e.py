@@ -47,19 +47,22 @@ def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 @pytest.fixture(scope="module")
 def llm(tiny_model: Path) -> Iterator[Any]:
     extra = {"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.max_bytes": "64MiB"}
-    llm = llm_util.make_llm(str(tiny_model), engine_id=ENGINE_ID, extra=extra, enable_lora=True,
-                            max_lora_rank=8, max_loras=2)  # fmt: skip
+    llm = llm_util.make_llm(
+        str(tiny_model), engine_id=ENGINE_ID, extra=extra, enable_lora=True, max_lora_rank=8, max_loras=2
+    )
     yield llm
     del llm
 
 
-def run(llm: Any, tokens: list[int], *, lora: Any = None, salt: str | None = None,
-        skip_cache: bool = False) -> Any:  # fmt: skip
+def run(
+    llm: Any, tokens: list[int], *, lora: Any = None, salt: str | None = None, skip_cache: bool = False
+) -> Any:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0,
-                        skip_reading_prefix_cache=True if skip_cache else None)  # fmt: skip
+    sp = SamplingParams(
+        max_tokens=6, temperature=0.0, logprobs=0, skip_reading_prefix_cache=True if skip_cache else None
+    )
     p = TokensPrompt(prompt_token_ids=tokens)
     if salt is not None:
         p["cache_salt"] = salt
@@ -135,8 +138,12 @@ def request(rid: str, tokens: list[int], **kw: Any) -> Any:
 def image(identifier: str, offset: int, length: int) -> Any:
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 
-    return MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
-                                 mm_position=PlaceholderRange(offset=offset, length=length))  # fmt: skip
+    return MultiModalFeatureSpec(
+        data=None,
+        modality="image",
+        identifier=identifier,
+        mm_position=PlaceholderRange(offset=offset, length=length),
+    )
 
 
 def matched(conn: Any, req: Any) -> int:

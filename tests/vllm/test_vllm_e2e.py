@@ -146,15 +146,22 @@ def test_cold_requests_sharing_a_prefix_in_one_step_save_each_chunk_once(llm: An
 
 
 @pytest.mark.slow
-def test_kv_stored_by_another_process_is_loaded(llm: Any, tiny_model: Path, redis_url: str | None,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_kv_stored_by_another_process_is_loaded(
+    llm: Any, tiny_model: Path, redis_url: str | None, tmp_path: Path
+) -> None:
     if redis_url is None:
         pytest.skip("redis-server or the redis client is not installed: no shared store to test with")
     p = prompt(4)
     (tmp_path / "tokens.json").write_text(json.dumps([*p, 5]))
     script = Path(__file__).parent / "other_process.py"
-    cmd = [sys.executable, str(script), str(tiny_model), redis_url, str(tmp_path / "tokens.json"),
-           str(tmp_path / "out.json")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(script),
+        str(tiny_model),
+        redis_url,
+        str(tmp_path / "tokens.json"),
+        str(tmp_path / "out.json"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     other = json.loads((tmp_path / "out.json").read_text())
@@ -172,8 +179,12 @@ def test_kv_stored_by_another_process_is_loaded(llm: Any, tiny_model: Path, redi
 def test_multiprocess_executor_finds_worker_chunks(tiny_model: Path, tmp_path: Path) -> None:
     """vLLM's default executor: the worker reports stored keys, the scheduler's mirror finds them."""
     script = Path(__file__).parent / "mp_process.py"
-    res = subprocess.run([sys.executable, str(script), str(tiny_model), str(tmp_path / "out.json")],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["first"]["cached"] == 0

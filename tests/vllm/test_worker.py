@@ -263,8 +263,16 @@ def test_requests_sharing_a_prefix_in_one_step_copy_and_store_each_chunk_once() 
     lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
     w = WorkerSide(eng, lay, L, stats)
     shared = list(range(400, 464))  # 2 chunks
-    specs = [TransferSpec(f"r{i}", [*shared, *range(1000 * (i + 1), 1000 * (i + 1) + 32)], 0, 96,
-                          [6 * i + b for b in range(6)]) for i in range(4)]  # fmt: skip
+    specs = [
+        TransferSpec(
+            f"r{i}",
+            [*shared, *range(1000 * (i + 1), 1000 * (i + 1) + 32)],
+            0,
+            96,
+            [6 * i + b for b in range(6)],
+        )
+        for i in range(4)
+    ]
     puts: list[bytes] = []
     real_put = eng.storage.put
     eng.storage.put = lambda k, c: puts.append(k) or real_put(k, c)  # type: ignore[method-assign]
@@ -311,8 +319,10 @@ def test_same_tokens_under_another_adapter_in_one_step_are_not_deduped() -> None
     lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
     w = WorkerSide(eng, lay, L, stats)
     toks = list(range(500, 564))
-    specs = [TransferSpec("a", toks, 0, 64, [0, 1, 2, 3]),
-             TransferSpec("b", toks, 0, 64, [4, 5, 6, 7], extras=KeyExtras(adapter="lora-b"))]  # fmt: skip
+    specs = [
+        TransferSpec("a", toks, 0, 64, [0, 1, 2, 3]),
+        TransferSpec("b", toks, 0, 64, [4, 5, 6, 7], extras=KeyExtras(adapter="lora-b")),
+    ]
     w.begin_saves(specs, torch.device("cpu"))
     for i, c in enumerate(src):
         w.save_layer(i, c)

@@ -18,10 +18,19 @@ def build_tiny_llama(path: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-        torch_dtype="float32", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        torch_dtype="float32",
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger logits spread: greedy choices are not near-ties
         model.lm_head.weight.mul_(8.0)
@@ -71,10 +80,17 @@ def build_random_lora(path: Path, base: Path, *, seed: int, rank: int = 8, scale
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     adapter_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-        "target_modules": list(outs), "lora_dropout": 0.0, "bias": "none",
-        "base_model_name_or_path": str(base), "fan_in_fan_out": False, "modules_to_save": None,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": list(outs),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": str(base),
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+    }
     (path / "adapter_config.json").write_text(json.dumps(adapter_cfg))
     return path
 
@@ -89,9 +105,19 @@ def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
 
     tok = AutoTokenizer.from_pretrained(build_tiny_llama(path.parent / "tok-src"))
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model: Any
     if kind == "mistral-swa":
         from transformers import MistralConfig, MistralForCausalLM

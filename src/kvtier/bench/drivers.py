@@ -98,8 +98,17 @@ class TransformersDriver:
 class HttpDriver:
     """Streaming ``POST {url}/completions``; one connection per request (no queueing behind another)."""
 
-    def __init__(self, name: str, url: str, model: str, *, send: str = "ids", decode: Any = None,
-                 timeout_s: float = 300.0, extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        model: str,
+        *,
+        send: str = "ids",
+        decode: Any = None,
+        timeout_s: float = 300.0,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         u = urllib.parse.urlsplit(url.rstrip("/"))
         if u.scheme not in ("http", "https") or not u.hostname:
             raise WorkloadError(f"--url must look like http://HOST:PORT/v1, got {url!r}")
@@ -117,8 +126,17 @@ class HttpDriver:
 
     def body(self, req: Request) -> bytes:
         prompt: Any = list(req.prompt) if self.send == "ids" else self.decode(list(req.prompt))
-        return json.dumps({"model": self.model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-                           "stream": True, "stream_options": {"include_usage": True}, **self.extra}).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": req.max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **self.extra,
+            }
+        ).encode()
 
     def run(self, req: Request) -> Result:
         body = self.body(req)

@@ -85,8 +85,17 @@ def _cache_of(model: Any, kv: torch.Tensor) -> Any:
 
 
 @torch.inference_mode()
-def measure(model: Any, ids: torch.Tensor, codecs: list[str], *, windows: int, prefix: int, cont: int,
-            chunk_tokens: int = 256, progress: Any = None) -> dict[str, CodecQuality]:  # fmt: skip
+def measure(
+    model: Any,
+    ids: torch.Tensor,
+    codecs: list[str],
+    *,
+    windows: int,
+    prefix: int,
+    cont: int,
+    chunk_tokens: int = 256,
+    progress: Any = None,
+) -> dict[str, CodecQuality]:
     """Quality per codec over ``windows`` consecutive windows of ``ids`` (1-D token ids);
     ``progress(i, results)`` is called after each window (partial results stay usable)."""
     results = {c: CodecQuality(c) for c in [REFERENCE, *codecs]}
@@ -100,8 +109,15 @@ def measure(model: Any, ids: torch.Tensor, codecs: list[str], *, windows: int, p
         target = seq[0, prefix + 1 :]
         ref_logits: torch.Tensor | None = None
         for name, q in results.items():
-            logits = model(seq[:, prefix:], past_key_values=_cache_of(model, roundtrip(kv, name, chunk_tokens)),
-                           use_cache=True).logits[0].float()  # fmt: skip
+            logits = (
+                model(
+                    seq[:, prefix:],
+                    past_key_values=_cache_of(model, roundtrip(kv, name, chunk_tokens)),
+                    use_cache=True,
+                )
+                .logits[0]
+                .float()
+            )
             logp = torch.log_softmax(logits, -1)
             q.nll_sum += float(-logp[:-1].gather(1, target[:, None]).sum())
             q.n_tokens += int(target.numel())
@@ -119,9 +135,13 @@ def measure(model: Any, ids: torch.Tensor, codecs: list[str], *, windows: int, p
 
 def table(results: dict[str, CodecQuality]) -> str:
     ref = results[REFERENCE]
-    lines = ["| codec | perplexity | Δ vs raw | greedy agreement (teacher-forced) | first-token agreement | first-token KL |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| codec | perplexity | Δ vs raw | greedy agreement (teacher-forced) | first-token agreement | first-token KL |",
+        "|---|---|---|---|---|---|",
+    ]
     for q in results.values():
-        lines.append(f"| {q.name} | {q.ppl:.4f} | {100 * (q.ppl / ref.ppl - 1):+.2f} % | {100 * q.agreement:.2f} % "
-                     f"| {q.first_agree}/{q.n_windows} | {q.first_kl:.2e} |")  # fmt: skip
+        lines.append(
+            f"| {q.name} | {q.ppl:.4f} | {100 * (q.ppl / ref.ppl - 1):+.2f} % | {100 * q.agreement:.2f} % "
+            f"| {q.first_agree}/{q.n_windows} | {q.first_kl:.2e} |"
+        )
     return "\n".join(lines)

@@ -36,13 +36,21 @@ def names(csv: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def build_workloads(args: argparse.Namespace, encode: workloads.Encode) -> list[workloads.Workload]:
     common = dict(max_tokens=args.max_tokens, seed=args.seed)
     kw: dict[str, dict[str, Any]] = {
-        "chat": dict(users=args.users, rounds=args.rounds, system_tokens=args.system_tokens,
-                     turn_tokens=args.turn_tokens),
+        "chat": dict(
+            users=args.users,
+            rounds=args.rounds,
+            system_tokens=args.system_tokens,
+            turn_tokens=args.turn_tokens,
+        ),
         "docqa": dict(docs=args.docs, doc_tokens=args.doc_tokens, questions=args.questions, order=args.order),
         "rag": dict(pool=args.pool, doc_tokens=args.rag_doc_tokens, k=args.k, requests=args.rag_requests),
-        "pressure": dict(capacity_tokens=args.capacity_tokens, context_tokens=args.context_tokens,
-                         oversubscribe=args.oversubscribe, passes=args.passes),
-    }  # fmt: skip
+        "pressure": dict(
+            capacity_tokens=args.capacity_tokens,
+            context_tokens=args.context_tokens,
+            oversubscribe=args.oversubscribe,
+            passes=args.passes,
+        ),
+    }
     return [
         workloads.build(n, encode, **kw[n], **common)
         for n in names(args.workloads, workloads.NAMES, "--workloads")
@@ -89,8 +97,15 @@ class InProcess:
             elif v == "capped":
                 chunks = max(1, self.args.capacity_tokens // self.args.chunk_tokens)
                 size = chunks * self.args.chunk_tokens * kv_bytes_per_token(self.lm.model)
-                engine = CacheEngine(load_config(self.args, chunk_tokens=self.args.chunk_tokens, cpu__max_bytes=size,
-                                                 disk__enabled=False, remote__url=""))  # fmt: skip
+                engine = CacheEngine(
+                    load_config(
+                        self.args,
+                        chunk_tokens=self.args.chunk_tokens,
+                        cpu__max_bytes=size,
+                        disk__enabled=False,
+                        remote__url="",
+                    )
+                )
             out.append(TransformersDriver(LABELS[v], self.lm.model, engine, model_id=self.lm.model_id))
         return out
 
@@ -137,8 +152,13 @@ def run_bench(args: argparse.Namespace) -> int:
         bar.set_description(w.name)
         drivers = target.drivers()
         try:
-            runs = runner.run_workload(w, drivers, concurrency=getattr(args, "concurrency", 1) if args.url else 1,
-                                       stats=stats, tick=lambda: bar.update(1))  # fmt: skip
+            runs = runner.run_workload(
+                w,
+                drivers,
+                concurrency=getattr(args, "concurrency", 1) if args.url else 1,
+                stats=stats,
+                tick=lambda: bar.update(1),
+            )
         finally:
             for d in drivers:
                 d.close()
@@ -149,9 +169,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print()
         print(report.format_workload(wr))
     print(report.LEGEND)
-    meta = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "target": target.target,
-            "driver": "http" if args.url else "transformers", "host": platform.node(),
-            "args": {k: v for k, v in vars(args).items() if k != "func"}}  # fmt: skip
+    meta = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "target": target.target,
+        "driver": "http" if args.url else "transformers",
+        "host": platform.node(),
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+    }
     if args.json:
         report.save(report.to_json(done, meta), Path(args.json))
         print(f"\njson: {args.json}")

@@ -72,8 +72,15 @@ def ttft_vs_context(workloads: list[WorkloadRuns], path: Path, title: str) -> Pa
             miss = [r for r in ok if not r.hit_tokens]
             for rs, face, label in ((miss, "none", run.name), (hit, color, f"{run.name}, hit")):
                 if rs:
-                    ax.scatter([r.prompt_tokens for r in rs], [r.ttft_s * 1e3 for r in rs], s=16, alpha=0.8,
-                               facecolors=face, edgecolors=color, label=label)  # fmt: skip
+                    ax.scatter(
+                        [r.prompt_tokens for r in rs],
+                        [r.ttft_s * 1e3 for r in rs],
+                        s=16,
+                        alpha=0.8,
+                        facecolors=face,
+                        edgecolors=color,
+                        label=label,
+                    )
         ax.set_title(w.name, fontsize=10)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("TTFT (ms)")
@@ -86,5 +93,7 @@ def ttft_vs_context(workloads: list[WorkloadRuns], path: Path, title: str) -> Pa
 def plot_all(workloads: list[WorkloadRuns], out_dir: Path, title: str, prefix: str = "bench") -> list[Path]:
     if not workloads:
         return []
-    return [ttft_cdf(workloads, out_dir / f"{prefix}_ttft_cdf.png", f"{title}: TTFT CDF"),
-            ttft_vs_context(workloads, out_dir / f"{prefix}_ttft_vs_context.png", f"{title}: TTFT vs context")]  # fmt: skip
+    return [
+        ttft_cdf(workloads, out_dir / f"{prefix}_ttft_cdf.png", f"{title}: TTFT CDF"),
+        ttft_vs_context(workloads, out_dir / f"{prefix}_ttft_vs_context.png", f"{title}: TTFT vs context"),
+    ]

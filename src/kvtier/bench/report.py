@@ -40,8 +40,13 @@ def summarize(run: VariantRun) -> dict[str, Any]:
     ttft = np.asarray([r.ttft_s for r in ok], dtype=float) * 1e3
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.output_tokens for r in ok)
-    s: dict[str, Any] = {"requests": len(run.results), "errors": len(run.results) - len(ok), "prompt_tokens": prompt,
-                         "output_tokens": out, "wall_s": run.wall_s}  # fmt: skip
+    s: dict[str, Any] = {
+        "requests": len(run.results),
+        "errors": len(run.results) - len(ok),
+        "prompt_tokens": prompt,
+        "output_tokens": out,
+        "wall_s": run.wall_s,
+    }
     for name, q in (("mean", None), ("p50", 50), ("p90", 90), ("p99", 99)):
         s[f"ttft_{name}_ms"] = (
             (float(ttft.mean()) if q is None else float(np.percentile(ttft, q))) if len(ok) else None
@@ -64,12 +69,24 @@ def to_json(workloads: list[WorkloadRuns], meta: dict[str, Any]) -> dict[str, An
         "kvtier_bench": FORMAT_VERSION,
         **meta,
         "workloads": [
-            {"name": w.name, "params": w.params, "variants": [
-                {"name": r.name, "wall_s": r.wall_s, "cache": r.cache, "extra": r.extra, "summary": summarize(r),
-                 "results": [x.to_dict() for x in r.results]} for r in w.runs]}
+            {
+                "name": w.name,
+                "params": w.params,
+                "variants": [
+                    {
+                        "name": r.name,
+                        "wall_s": r.wall_s,
+                        "cache": r.cache,
+                        "extra": r.extra,
+                        "summary": summarize(r),
+                        "results": [x.to_dict() for x in r.results],
+                    }
+                    for r in w.runs
+                ],
+            }
             for w in workloads
         ],
-    }  # fmt: skip
+    }
 
 
 def save(doc: dict[str, Any], path: Path) -> None:
@@ -86,8 +103,16 @@ def load(path: Path) -> tuple[dict[str, Any], list[WorkloadRuns]]:
         raise ReportError(f"{path}: not a kvtier bench JSON file (format {FORMAT_VERSION})")
     out = []
     for w in doc["workloads"]:
-        runs = [VariantRun(v["name"], [Result.from_dict(x) for x in v["results"]], float(v["wall_s"]), v.get("cache"),
-                           v.get("extra") or {}) for v in w["variants"]]  # fmt: skip
+        runs = [
+            VariantRun(
+                v["name"],
+                [Result.from_dict(x) for x in v["results"]],
+                float(v["wall_s"]),
+                v.get("cache"),
+                v.get("extra") or {},
+            )
+            for v in w["variants"]
+        ]
         out.append(WorkloadRuns(w["name"], w.get("params", {}), runs))
     return doc, out
 
@@ -96,10 +121,14 @@ def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-HEADER = (f"{'variant':<22}{'TTFT ms: mean':>14}{'p50':>9}{'p90':>9}{'p99':>9}{'tok/s':>9}{'req hit':>9}"
-          f"{'tok hit':>9}{'speedup':>9}{'paired':>8}")  # fmt: skip
-LEGEND = ("speedup: mean TTFT of the first variant / this one's; paired: median over requests of the "
-          "per-request TTFT ratio (robust to load drift, as variants run interleaved)")  # fmt: skip
+HEADER = (
+    f"{'variant':<22}{'TTFT ms: mean':>14}{'p50':>9}{'p90':>9}{'p99':>9}{'tok/s':>9}{'req hit':>9}"
+    f"{'tok hit':>9}{'speedup':>9}{'paired':>8}"
+)
+LEGEND = (
+    "speedup: mean TTFT of the first variant / this one's; paired: median over requests of the "
+    "per-request TTFT ratio (robust to load drift, as variants run interleaved)"
+)
 
 
 def paired_speedup(base: VariantRun, run: VariantRun) -> float | None:
@@ -108,18 +137,23 @@ def paired_speedup(base: VariantRun, run: VariantRun) -> float | None:
         a.label != b.label for a, b in zip(base.results, run.results)
     ):
         return None
-    ratios = [a.ttft_s / b.ttft_s for a, b in zip(base.results, run.results)
-              if a.error is None and b.error is None and b.ttft_s > 0]  # fmt: skip
+    ratios = [
+        a.ttft_s / b.ttft_s
+        for a, b in zip(base.results, run.results)
+        if a.error is None and b.error is None and b.ttft_s > 0
+    ]
     return float(np.median(ratios)) if ratios else None
 
 
 def row(name: str, s: dict[str, Any], base_mean: float | None, paired: float | None = None) -> str:
     mean = s["ttft_mean_ms"]
     speed = base_mean / mean if base_mean and mean else None
-    return (f"{name[:21]:<22}{_f(mean, '.1f'):>14}{_f(s['ttft_p50_ms'], '.1f'):>9}{_f(s['ttft_p90_ms'], '.1f'):>9}"
-            f"{_f(s['ttft_p99_ms'], '.1f'):>9}{_f(s['throughput_tok_s'], '.0f'):>9}"
-            f"{_f(s['request_hit_rate'], '.0%'):>9}{_f(s['token_hit_rate'], '.0%'):>9}"
-            f"{(_f(speed, '.2f') + 'x') if speed else '-':>9}{(_f(paired, '.2f') + 'x') if paired else '-':>8}")  # fmt: skip
+    return (
+        f"{name[:21]:<22}{_f(mean, '.1f'):>14}{_f(s['ttft_p50_ms'], '.1f'):>9}{_f(s['ttft_p90_ms'], '.1f'):>9}"
+        f"{_f(s['ttft_p99_ms'], '.1f'):>9}{_f(s['throughput_tok_s'], '.0f'):>9}"
+        f"{_f(s['request_hit_rate'], '.0%'):>9}{_f(s['token_hit_rate'], '.0%'):>9}"
+        f"{(_f(speed, '.2f') + 'x') if speed else '-':>9}{(_f(paired, '.2f') + 'x') if paired else '-':>8}"
+    )
 
 
 def identical_outputs(runs: list[VariantRun]) -> str | None:
@@ -136,8 +170,10 @@ def identical_outputs(runs: list[VariantRun]) -> str | None:
 def format_workload(w: WorkloadRuns) -> str:
     first = w.runs[0].results if w.runs else []
     params = " ".join(f"{k}={v}" for k, v in w.params.items())
-    lines = [f"== {w.name}: {len(first)} requests, {sum(r.prompt_tokens for r in first):,} prompt tokens ({params}) ==",
-             HEADER]  # fmt: skip
+    lines = [
+        f"== {w.name}: {len(first)} requests, {sum(r.prompt_tokens for r in first):,} prompt tokens ({params}) ==",
+        HEADER,
+    ]
     base = summarize(w.runs[0])["ttft_mean_ms"] if w.runs else None
     for r in w.runs:
         s = summarize(r)
@@ -160,8 +196,10 @@ def format_compare(a_name: str, a: list[WorkloadRuns], b_name: str, b: list[Work
         if wb is None:
             continue
         if len(wa.runs[0].results) != len(wb.runs[0].results):
-            blocks.append(f"note: {wa.name} has {len(wa.runs[0].results)} requests in {a_name}, "
-                          f"{len(wb.runs[0].results)} in {b_name}: different sizes or seeds")  # fmt: skip
+            blocks.append(
+                f"note: {wa.name} has {len(wa.runs[0].results)} requests in {a_name}, "
+                f"{len(wb.runs[0].results)} in {b_name}: different sizes or seeds"
+            )
         base = summarize(wa.runs[0])["ttft_mean_ms"]
         lines = [f"== {wa.name}: {a_name} (A) vs {b_name} (B) ==", HEADER]
         lines += [row(f"A {r.name}", summarize(r), base, paired_speedup(wa.runs[0], r)) for r in wa.runs]

@@ -51,8 +51,9 @@ def run_interleaved(
     return out
 
 
-def run_concurrent(workload: Workload, driver: Driver, concurrency: int, *, tick: Tick | None = None
-                   ) -> VariantRun:  # fmt: skip
+def run_concurrent(
+    workload: Workload, driver: Driver, concurrency: int, *, tick: Tick | None = None
+) -> VariantRun:
     reqs = workload.requests
     futures: list[Future[Result]] = []
 
@@ -72,8 +73,14 @@ def run_concurrent(workload: Workload, driver: Driver, concurrency: int, *, tick
     return VariantRun(driver.name, results, time.perf_counter() - t0, driver.cache_stats())
 
 
-def run_workload(workload: Workload, drivers: list[Driver], *, concurrency: int = 1, stats: StatsFetch | None = None,
-                 tick: Tick | None = None) -> list[VariantRun]:  # fmt: skip
+def run_workload(
+    workload: Workload,
+    drivers: list[Driver],
+    *,
+    concurrency: int = 1,
+    stats: StatsFetch | None = None,
+    tick: Tick | None = None,
+) -> list[VariantRun]:
     """All drivers on ``workload``; with ``stats`` (a daemon's /stats) the counters' delta is attached."""
     before = stats() if stats else None
     if concurrency > 1:

@@ -85,8 +85,16 @@ def text_tokens(encode: Encode, rng: random.Random, n: int, head: str = "") -> t
     return tuple(ids + body)[:n]
 
 
-def chat(encode: Encode, *, users: int = 4, rounds: int = 3, system_tokens: int = 300, turn_tokens: int = 60,
-         max_tokens: int = 8, seed: int = 0) -> Workload:  # fmt: skip
+def chat(
+    encode: Encode,
+    *,
+    users: int = 4,
+    rounds: int = 3,
+    system_tokens: int = 300,
+    turn_tokens: int = 60,
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> Workload:
     """Round-major: round 1 of every user, then round 2 ... (users interleave as in a server)."""
     _check(users >= 1 and rounds >= 1, "chat needs users >= 1 and rounds >= 1")
     rng = random.Random(f"chat:{seed}")
@@ -100,8 +108,17 @@ def chat(encode: Encode, *, users: int = 4, rounds: int = 3, system_tokens: int 
             q = tuple(encode(f"User: {question(rng)} {sentence(rng)}\nAssistant:"))
             answer = text_tokens(encode, rng, turn_tokens) + sep
             prompt = history[u] + q
-            out.append(Request("chat", f"user {u + 1}, round {r + 1}", prompt, max_tokens, f"user{u + 1}",
-                               answer=answer, depends_on=last[u]))  # fmt: skip
+            out.append(
+                Request(
+                    "chat",
+                    f"user {u + 1}, round {r + 1}",
+                    prompt,
+                    max_tokens,
+                    f"user{u + 1}",
+                    answer=answer,
+                    depends_on=last[u],
+                )
+            )
             last[u] = len(out) - 1
             history[u] = prompt + answer
     params = dict(users=users, rounds=rounds, system_tokens=system_tokens, turn_tokens=turn_tokens, seed=seed)
@@ -119,22 +136,47 @@ def order_pairs(docs: int, questions: int, order: str, rng: random.Random) -> li
     return pairs
 
 
-def docqa(encode: Encode, *, docs: int = 3, doc_tokens: int = 1000, questions: int = 3, order: str = "random",
-          max_tokens: int = 8, seed: int = 0) -> Workload:  # fmt: skip
+def docqa(
+    encode: Encode,
+    *,
+    docs: int = 3,
+    doc_tokens: int = 1000,
+    questions: int = 3,
+    order: str = "random",
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> Workload:
     _check(docs >= 1 and questions >= 1, "docqa needs docs >= 1 and questions >= 1")
     rng = random.Random(f"docqa:{seed}")
     documents = [text_tokens(encode, rng, doc_tokens, f"Document {d + 1}:\n") for d in range(docs)]
     asks = [
         [tuple(encode(f"\nQuestion: {question(rng)}\nAnswer:")) for _ in range(questions)] for _ in documents
     ]
-    out = [Request("docqa", f"doc {d + 1}, question {q + 1}", documents[d] + asks[d][q], max_tokens, f"doc{d + 1}",
-                   docs=(d,)) for d, q in order_pairs(docs, questions, order, rng)]  # fmt: skip
+    out = [
+        Request(
+            "docqa",
+            f"doc {d + 1}, question {q + 1}",
+            documents[d] + asks[d][q],
+            max_tokens,
+            f"doc{d + 1}",
+            docs=(d,),
+        )
+        for d, q in order_pairs(docs, questions, order, rng)
+    ]
     params = dict(docs=docs, doc_tokens=doc_tokens, questions=questions, order=order, seed=seed)
     return Workload("docqa", params, out, documents)
 
 
-def rag(encode: Encode, *, pool: int = 8, doc_tokens: int = 300, k: int = 3, requests: int = 12,
-        max_tokens: int = 8, seed: int = 0) -> Workload:  # fmt: skip
+def rag(
+    encode: Encode,
+    *,
+    pool: int = 8,
+    doc_tokens: int = 300,
+    k: int = 3,
+    requests: int = 12,
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> Workload:
     _check(1 <= k <= pool, f"rag needs 1 <= k <= pool, got k={k}, pool={pool}")
     _check(requests >= 1, "rag needs requests >= 1")
     rng = random.Random(f"rag:{seed}")
@@ -153,11 +195,21 @@ def rag(encode: Encode, *, pool: int = 8, doc_tokens: int = 300, k: int = 3, req
     return Workload("rag", params, out, documents)
 
 
-def pressure(encode: Encode, *, capacity_tokens: int = 2048, context_tokens: int = 512, oversubscribe: float = 1.5,
-             passes: int = 2, max_tokens: int = 8, seed: int = 0) -> Workload:  # fmt: skip
+def pressure(
+    encode: Encode,
+    *,
+    capacity_tokens: int = 2048,
+    context_tokens: int = 512,
+    oversubscribe: float = 1.5,
+    passes: int = 2,
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> Workload:
     """ceil(oversubscribe * capacity / context) contexts (>= 2, and their total > capacity), cyclic."""
-    _check(oversubscribe > 1.0, f"pressure needs oversubscribe > 1 (a working set larger than the cache), got "
-                                f"{oversubscribe}")  # fmt: skip
+    _check(
+        oversubscribe > 1.0,
+        f"pressure needs oversubscribe > 1 (a working set larger than the cache), got {oversubscribe}",
+    )
     _check(passes >= 2, "pressure needs passes >= 2 (one pass has nothing to reuse)")
     _check(context_tokens >= 16 and capacity_tokens >= 1, "pressure needs context_tokens >= 16")
     contexts = max(2, math.ceil(oversubscribe * capacity_tokens / context_tokens))
@@ -169,10 +221,24 @@ def pressure(encode: Encode, *, capacity_tokens: int = 2048, context_tokens: int
     for p in range(passes):
         for c, doc in enumerate(documents):
             ask = tuple(encode(f"\nQuestion: {question(rng)}\nAnswer:"))
-            out.append(Request("pressure", f"pass {p + 1}, context {c + 1}", doc + ask, max_tokens, f"ctx{c + 1}",
-                               docs=(c,)))  # fmt: skip
-    params = dict(capacity_tokens=capacity_tokens, context_tokens=context_tokens, contexts=contexts,
-                  working_set_tokens=contexts * context_tokens, passes=passes, seed=seed)  # fmt: skip
+            out.append(
+                Request(
+                    "pressure",
+                    f"pass {p + 1}, context {c + 1}",
+                    doc + ask,
+                    max_tokens,
+                    f"ctx{c + 1}",
+                    docs=(c,),
+                )
+            )
+    params = dict(
+        capacity_tokens=capacity_tokens,
+        context_tokens=context_tokens,
+        contexts=contexts,
+        working_set_tokens=contexts * context_tokens,
+        passes=passes,
+        seed=seed,
+    )
     return Workload("pressure", params, out, documents)
 
 

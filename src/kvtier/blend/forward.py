@@ -71,8 +71,9 @@ class _RowCache:
         self.probe: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, local idx, positions)
         self.deviation: torch.Tensor | None = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
         if self.probe is not None and self.probe[0] == layer_idx:
             _, local, pos = self.probe
@@ -101,9 +102,17 @@ def _mask(rows: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
     return m[None, None]
 
 
-def blend_forward(model: Any, ids: torch.Tensor, kv: torch.Tensor, *, prefix: int, reused: torch.Tensor,
-                  recompute_ratio: float, check_layer: int = DEFAULT_CHECK_LAYER,
-                  cache: DynamicCache | None = None) -> BlendForward:  # fmt: skip
+def blend_forward(
+    model: Any,
+    ids: torch.Tensor,
+    kv: torch.Tensor,
+    *,
+    prefix: int,
+    reused: torch.Tensor,
+    recompute_ratio: float,
+    check_layer: int = DEFAULT_CHECK_LAYER,
+    cache: DynamicCache | None = None,
+) -> BlendForward:
     """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv`` ``[L, 2, S, H, D]``.
 
     ``kv``'s rows ``[0, prefix)`` are exact and rows where ``reused`` (bool ``[S]``) holds are

@@ -52,9 +52,19 @@ class BlendOutcome:
     store_s: float
 
 
-def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: list[Span], cache: Any, *,
-                  recompute_ratio: float, check_layer: int = DEFAULT_CHECK_LAYER, store: bool = True,
-                  t0: float | None = None, extras: KeyExtras | None = None) -> BlendOutcome:  # fmt: skip
+def blend_prefill(
+    model: Any,
+    row: torch.Tensor,
+    engine: CacheEngine,
+    spans: list[Span],
+    cache: Any,
+    *,
+    recompute_ratio: float,
+    check_layer: int = DEFAULT_CHECK_LAYER,
+    store: bool = True,
+    t0: float | None = None,
+    extras: KeyExtras | None = None,
+) -> BlendOutcome:
     """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
     transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
     ``extras``: the request's key extras (adapter identity, salt), folded into both key domains."""
@@ -95,8 +105,16 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
             missing.append((s, e))
     t_load = time.perf_counter()
 
-    out = blend_forward(model, row[None], kv, prefix=prefix, reused=reused, recompute_ratio=recompute_ratio,
-                        check_layer=check_layer, cache=cache)  # fmt: skip
+    out = blend_forward(
+        model,
+        row[None],
+        kv,
+        prefix=prefix,
+        reused=reused,
+        recompute_ratio=recompute_ratio,
+        check_layer=check_layer,
+        cache=cache,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_first = time.perf_counter()
@@ -110,8 +128,9 @@ def blend_prefill(model: Any, row: torch.Tensor, engine: CacheEngine, spans: lis
         for s, e in missing:
             stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e]))
     t_end = time.perf_counter()
-    return BlendOutcome(out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0,
-                        t_end - t_first)  # fmt: skip
+    return BlendOutcome(
+        out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0, t_end - t_first
+    )
 
 
 @torch.inference_mode()

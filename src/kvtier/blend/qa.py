@@ -68,8 +68,9 @@ def countries() -> list[Country]:
     return sorted(Country(c, names[c], z[0]) for c, z in zones.items() if len(z) == 1 and c in names)
 
 
-def build(*, pool: int = 24, per_doc: int = 4, k: int = 6, questions: int = 60, seed: int = 0
-          ) -> tuple[list[str], list[QAItem]]:  # fmt: skip
+def build(
+    *, pool: int = 24, per_doc: int = 4, k: int = 6, questions: int = 60, seed: int = 0
+) -> tuple[list[str], list[QAItem]]:
     """``pool`` documents of ``per_doc`` countries each, and ``questions`` items of ``k`` documents."""
     rng = random.Random(f"blend-qa:{seed}")
     cs = countries()

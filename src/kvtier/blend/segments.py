@@ -92,8 +92,10 @@ class SegmentStore:
         ns = self.namespace
         want = (ns.kv_shape[0], ns.kv_planes, int(arr.size), ns.kv_shape[1], ns.kv_shape[2])
         if tuple(kv.shape) != want or dtype_name(kv.dtype) != ns.kv_dtype:
-            raise BlendError(f"segment kv {tuple(kv.shape)} {kv.dtype} does not match the namespace: want {want} "
-                             f"{dtype_from_name(ns.kv_dtype)}")  # fmt: skip
+            raise BlendError(
+                f"segment kv {tuple(kv.shape)} {kv.dtype} does not match the namespace: want {want} "
+                f"{dtype_from_name(ns.kv_dtype)}"
+            )
         keys = self.keys(arr)
         storage = self.engine.storage
         stored = 0

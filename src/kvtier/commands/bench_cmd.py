@@ -37,8 +37,13 @@ EPILOG = """examples:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bench", help="benchmark workloads with and without kvtier (TTFT, throughput, hits)",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="benchmark workloads with and without kvtier (TTFT, throughput, hits)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_args(p)
     w = p.add_argument_group("workloads (seeded: same flags => same token ids)")
     w.add_argument("--workloads", default="chat,docqa,rag,pressure", help="comma list (default: all four)")
@@ -60,8 +65,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--rag-doc-tokens", type=int, default=300, help="rag: tokens per document (300)")
     w.add_argument("--k", type=int, default=3, help="rag: documents per request (3)")
     w.add_argument("--rag-requests", type=int, default=12, help="rag: requests (12)")
-    w.add_argument("--capacity-tokens", type=int, default=2048,
-                   help="pressure: the engine's own prefix-cache size in tokens; also the 'capped' variant's (2048)")  # fmt: skip
+    w.add_argument(
+        "--capacity-tokens",
+        type=int,
+        default=2048,
+        help="pressure: the engine's own prefix-cache size in tokens; also the 'capped' variant's (2048)",
+    )
     w.add_argument("--context-tokens", type=int, default=512, help="pressure: tokens per context (512)")
     w.add_argument("--oversubscribe", type=float, default=1.5, help="pressure: working set / capacity (1.5)")
     w.add_argument("--passes", type=int, default=2, help="pressure: cyclic passes over the contexts (2)")
@@ -70,15 +79,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (else in process)"
     )
     t.add_argument("--server-model", help="HTTP: the request's model name (default: the first of /models)")
-    t.add_argument("--send", choices=("ids", "text"), default="ids",
-                   help="HTTP: prompt as token ids (exact reuse; default) or decoded text")  # fmt: skip
-    t.add_argument("--ignore-eos", action="store_true",
-                   help="HTTP: send ignore_eos=true (vLLM, SGLang) so every request decodes --max-tokens")  # fmt: skip
+    t.add_argument(
+        "--send",
+        choices=("ids", "text"),
+        default="ids",
+        help="HTTP: prompt as token ids (exact reuse; default) or decoded text",
+    )
+    t.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="HTTP: send ignore_eos=true (vLLM, SGLang) so every request decodes --max-tokens",
+    )
     t.add_argument("--concurrency", type=int, default=1, help="HTTP: requests in flight (1)")
     t.add_argument("--label", default="http", help="HTTP: the variant's name in tables and JSON")
     t.add_argument("--stats-url", help="the kvtier daemon's HTTP address, for its hit rate (/stats delta)")
-    t.add_argument("--model", default="smollm2", help="in process: smollm2, a HF model dir or random:NAME; "
-                   "over HTTP: the tokenizer's source (default smollm2)")  # fmt: skip
+    t.add_argument(
+        "--model",
+        default="smollm2",
+        help="in process: smollm2, a HF model dir or random:NAME; "
+        "over HTTP: the tokenizer's source (default smollm2)",
+    )
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument(
@@ -136,8 +156,10 @@ def probe_server(url: str, timeout_s: float = 10.0) -> None:
         return
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", None) or e
-        raise CommandError(f"cannot reach {redact_url(url)}: {reason} — start the server or fix --url "
-                           "(an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1)") from e  # fmt: skip
+        raise CommandError(
+            f"cannot reach {redact_url(url)}: {reason} — start the server or fix --url "
+            "(an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1)"
+        ) from e
 
 
 def compare(args: argparse.Namespace) -> int:

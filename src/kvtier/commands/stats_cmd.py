@@ -42,8 +42,10 @@ def format_table(stats: dict[str, dict[str, Any]]) -> str:
         lines.append("")
         lines.append(f"{'tier':<8}" + "".join(f"{c:>15}" for c in cols))
         for name, t in tiers.items():
-            cells = [format_size(int(t.get(c, 0))) if c.endswith("bytes") and t.get(c) else str(int(t.get(c, 0)))
-                     for c in cols]  # fmt: skip
+            cells = [
+                format_size(int(t.get(c, 0))) if c.endswith("bytes") and t.get(c) else str(int(t.get(c, 0)))
+                for c in cols
+            ]
             lines.append(f"{name:<8}" + "".join(f"{c:>15}" for c in cells))
     return "\n".join(lines)
 
@@ -54,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             token = Path(args.auth_token_file).read_text().strip()
         except OSError as e:
-            raise CommandError(f"auth token file {args.auth_token_file}: {e.strerror} — pass the file the "
-                               "daemon's --auth-token-file names") from e  # fmt: skip
+            raise CommandError(
+                f"auth token file {args.auth_token_file}: {e.strerror} — pass the file the "
+                "daemon's --auth-token-file names"
+            ) from e
     url = redact_url(args.url)
     try:
         stats = fetch_stats(args.url, token, args.timeout)
@@ -65,11 +69,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{url} answered {e.code}: {body}{fix}") from e
     except (http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as e:
         # NOTE: the protocol port answers an HTTP request with bytes that are no HTTP (or closes).
-        raise CommandError(f"{url} is not the daemon's HTTP face ({type(e).__name__}) — is this the protocol "
-                           "port? use the HTTP port (server.http_port, default 8080)") from e  # fmt: skip
+        raise CommandError(
+            f"{url} is not the daemon's HTTP face ({type(e).__name__}) — is this the protocol "
+            "port? use the HTTP port (server.http_port, default 8080)"
+        ) from e
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
-        raise CommandError(f"cannot read stats from {url}: {reason} — is 'kvtier server' running there? "
-                           "(--url is its HTTP address, default http://127.0.0.1:8080)") from e  # fmt: skip
+        raise CommandError(
+            f"cannot read stats from {url}: {reason} — is 'kvtier server' running there? "
+            "(--url is its HTTP address, default http://127.0.0.1:8080)"
+        ) from e
     print(json.dumps(stats, indent=2) if args.json else format_table(stats))
     return 0

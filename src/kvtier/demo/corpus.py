@@ -112,9 +112,16 @@ _TIME = (
     "for three weeks",
     "in the dry years",
 )
-_REASON = ("because the old records were wrong", "so that trade could continue", "to please the visitors",
-           "after a long debate", "without asking anyone", "despite the cost", "as the law required",
-           "to settle an old dispute")  # fmt: skip
+_REASON = (
+    "because the old records were wrong",
+    "so that trade could continue",
+    "to please the visitors",
+    "after a long debate",
+    "without asking anyone",
+    "despite the cost",
+    "as the law required",
+    "to settle an old dispute",
+)
 
 
 def sentence(rng: random.Random) -> str:
@@ -142,10 +149,12 @@ def paragraph(rng: random.Random, sentences: int) -> str:
 
 def question(rng: random.Random) -> str:
     n, t, p = rng.choice(_NOUN), rng.choice(_THING), rng.choice(_PLACE)
-    return rng.choice((
-        f"Who {rng.choice(_VERB)} the {t} near {p}, and why?",
-        f"What does the text say about the {n}?",
-        f"When was the {t} {rng.choice(_VERB)}?",
-        f"Summarise what happened in {p} in one sentence.",
-        f"Which places does the {n} visit?",
-    ))  # fmt: skip
+    return rng.choice(
+        (
+            f"Who {rng.choice(_VERB)} the {t} near {p}, and why?",
+            f"What does the text say about the {n}?",
+            f"When was the {t} {rng.choice(_VERB)}?",
+            f"Summarise what happened in {p} in one sentence.",
+            f"Which places does the {n} visit?",
+        )
+    )

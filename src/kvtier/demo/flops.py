@@ -39,8 +39,11 @@ def prefill_cost(model: Any) -> PrefillCost:
     """``PrefillCost`` of a transformers causal LM: its weight matrices (2-D parameters, so norms
     and biases are left out) other than the input embedding and the LM head."""
     cfg = model.config.get_text_config(decoder=True)
-    skip = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-            if m is not None and getattr(m, "weight", None) is not None}  # fmt: skip
+    skip = {
+        id(m.weight)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None and getattr(m, "weight", None) is not None
+    }
     matmul = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in skip)
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)

@@ -41,11 +41,17 @@ def disk_overrides(args: argparse.Namespace, workload: str, out: Path) -> dict[s
     return {"disk__enabled": True, "disk__path": str(path)}
 
 
-def build_requests(name: str, args: argparse.Namespace, encode: workloads.Encode, vocab: int,
-                   lengths: list[int]) -> list[workloads.Request]:  # fmt: skip
+def build_requests(
+    name: str, args: argparse.Namespace, encode: workloads.Encode, vocab: int, lengths: list[int]
+) -> list[workloads.Request]:
     if name == "chat":
-        return workloads.chat(encode, users=args.users, rounds=args.rounds, system_tokens=args.system_tokens,
-                              turn_tokens=args.turn_tokens)  # fmt: skip
+        return workloads.chat(
+            encode,
+            users=args.users,
+            rounds=args.rounds,
+            system_tokens=args.system_tokens,
+            turn_tokens=args.turn_tokens,
+        )
     if name == "docqa":
         return workloads.docqa(encode, docs=args.docs, questions=args.questions, doc_tokens=args.doc_tokens)
     return workloads.context(lengths=lengths, vocab_size=vocab, repeat=args.repeat)
@@ -62,9 +68,12 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
     model = lm.model
     vocab = int(model.config.get_text_config(decoder=True).vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {lm.model_id}: {n_params / 1e6:.0f}M parameters, {next(model.parameters()).dtype}, "
-          f"loaded in {lm.load_s:.1f} s; prompts tokenised by "
-          f"{'its tokenizer' if lm.tokenizer is not None else 'a word hash (no tokenizer)'}", flush=True)  # fmt: skip
+    print(
+        f"model {lm.model_id}: {n_params / 1e6:.0f}M parameters, {next(model.parameters()).dtype}, "
+        f"loaded in {lm.load_s:.1f} s; prompts tokenised by "
+        f"{'its tokenizer' if lm.tokenizer is not None else 'a word hash (no tokenizer)'}",
+        flush=True,
+    )
     encode = workloads.make_encoder(lm.tokenizer, vocab)
     all_requests = {n: build_requests(n, args, encode, vocab, plan.lengths) for n in plan.names}
     runner.warm_up(model, vocab)
@@ -86,9 +95,14 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
         bar.set_description(f"{name}: without and with kvtier")
         with CacheEngine(cfg) as engine:
             without, with_ = runner.run_interleaved(
-                model, reqs, engine, gen_tokens=args.gen_tokens, model_id=lm.model_id,
-                check_split=low_precision, tick=lambda: bar.update(1),
-            )  # fmt: skip
+                model,
+                reqs,
+                engine,
+                gen_tokens=args.gen_tokens,
+                model_id=lm.model_id,
+                check_split=low_precision,
+                tick=lambda: bar.update(1),
+            )
             engine.flush(30.0)
             stats = engine.stats()
         reports.append(WorkloadReport(name, without, with_, stats, cost))
@@ -101,6 +115,9 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
     print(f"plot: {png}")
     ok = all(r.ok for r in reports)
     if not ok:
-        print("kvtier demo: FAILED: outputs with kvtier differ from those without it (beyond the dtype's "
-              "rounding, for low-precision runs)", file=sys.stderr)  # fmt: skip
+        print(
+            "kvtier demo: FAILED: outputs with kvtier differ from those without it (beyond the dtype's "
+            "rounding, for low-precision runs)",
+            file=sys.stderr,
+        )
     return 0 if ok else 1

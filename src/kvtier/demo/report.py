@@ -54,17 +54,21 @@ class WorkloadReport:
 
     @property
     def max_logit_diff(self) -> float:
-        diffs = [float((a.first_logits - b.first_logits).abs().max())
-                 for a, b in zip(self.without, self.with_)
-                 if a.first_logits is not None and b.first_logits is not None]  # fmt: skip
+        diffs = [
+            float((a.first_logits - b.first_logits).abs().max())
+            for a, b in zip(self.without, self.with_)
+            if a.first_logits is not None and b.first_logits is not None
+        ]
         return max(diffs, default=0.0)
 
     @property
     def split_logit_diff(self) -> float | None:
         """Max |logit diff| between a plain prefill split where kvtier split it and the one-shot prefill."""
-        diffs = [float((a.first_logits - b.split_logits).abs().max())
-                 for a, b in zip(self.without, self.with_)
-                 if a.first_logits is not None and b.split_logits is not None]  # fmt: skip
+        diffs = [
+            float((a.first_logits - b.split_logits).abs().max())
+            for a, b in zip(self.without, self.with_)
+            if a.first_logits is not None and b.split_logits is not None
+        ]
         return max(diffs) if diffs else None
 
     @property
@@ -124,15 +128,21 @@ def format_report(rep: WorkloadReport) -> str:
     ]
     ref = rep.split_logit_diff
     if ref is not None:
-        lines.append(f"reference: the same prefill split at the same token without kvtier differs by up to "
-                     f"{ref:.2e} (low-precision rounding); within 2x of it: {'yes' if rep.ok else 'NO'}")  # fmt: skip
+        lines.append(
+            f"reference: the same prefill split at the same token without kvtier differs by up to "
+            f"{ref:.2e} (low-precision rounding); within 2x of it: {'yes' if rep.ok else 'NO'}"
+        )
     if rep.name == "context":
-        lines.append(f"{'context':<22}{'prefill (ms)':>14}{'first, miss':>14}{'full hit':>12}{'(load)':>10}"
-                     f"{'speedup':>10}")  # fmt: skip
+        lines.append(
+            f"{'context':<22}{'prefill (ms)':>14}{'first, miss':>14}{'full hit':>12}{'(load)':>10}"
+            f"{'speedup':>10}"
+        )
         for i in range(0, len(rep.without) - 1, 2):
             base, miss, hit = rep.without[i + 1], rep.with_[i], rep.with_[i + 1]
-            lines.append(f"{base.prompt_tokens:>8} tokens{'':<7}{base.ttft_s * 1e3:>14.1f}{miss.ttft_s * 1e3:>14.1f}"
-                         f"{hit.ttft_s * 1e3:>12.1f}{hit.load_s * 1e3:>10.1f}{base.ttft_s / hit.ttft_s:>9.1f}x")  # fmt: skip
+            lines.append(
+                f"{base.prompt_tokens:>8} tokens{'':<7}{base.ttft_s * 1e3:>14.1f}{miss.ttft_s * 1e3:>14.1f}"
+                f"{hit.ttft_s * 1e3:>12.1f}{hit.load_s * 1e3:>10.1f}{base.ttft_s / hit.ttft_s:>9.1f}x"
+            )
     return "\n".join(lines)
 
 

@@ -81,12 +81,14 @@ def one_without(model: Any, req: Request, *, gen_tokens: int) -> RequestResult:
         logits, cache, dt = plain_prefill(model, ids)
         times.append(dt)
     tokens = greedy(model, logits, cache, gen_tokens)
-    return RequestResult(req.label, ids.shape[1], statistics.median(times), tokens=tokens,
-                         first_logits=logits[0].float().cpu())  # fmt: skip
+    return RequestResult(
+        req.label, ids.shape[1], statistics.median(times), tokens=tokens, first_logits=logits[0].float().cpu()
+    )
 
 
-def run_without(model: Any, requests: list[Request], *, gen_tokens: int, tick: Tick | None = None
-                ) -> list[RequestResult]:  # fmt: skip
+def run_without(
+    model: Any, requests: list[Request], *, gen_tokens: int, tick: Tick | None = None
+) -> list[RequestResult]:
     results = []
     for req in requests:
         results.append(one_without(model, req, gen_tokens=gen_tokens))
@@ -110,38 +112,65 @@ def split_prefill(model: Any, ids: torch.Tensor, hit: int) -> torch.Tensor:
     ).logits[:, -1]
 
 
-def one_with(model: Any, req: Request, engine: CacheEngine, *, gen_tokens: int,
-             model_id: str | None = None, check_split: bool = False) -> RequestResult:  # fmt: skip
+def one_with(
+    model: Any,
+    req: Request,
+    engine: CacheEngine,
+    *,
+    gen_tokens: int,
+    model_id: str | None = None,
+    check_split: bool = False,
+) -> RequestResult:
     """One request through kvtier (median TTFT over ``req.repeat`` prefills; the last one's hit)."""
     ids = req.ids.to(next(model.parameters()).device).unsqueeze(0)
     runs = [kvt.prefill(model, ids, engine, model_id=model_id) for _ in range(req.repeat)]
     r = runs[-1]
     tokens = greedy(model, r.logits, r.cache, gen_tokens)
     out = RequestResult(
-        req.label, ids.shape[1], statistics.median(x.ttft_s for x in runs), hit_tokens=r.hit_tokens,
-        store_s=max(x.store_s for x in runs), load_s=statistics.median(x.load_s for x in runs),
-        tokens=tokens, first_logits=r.logits[0].float().cpu(),
-    )  # fmt: skip
+        req.label,
+        ids.shape[1],
+        statistics.median(x.ttft_s for x in runs),
+        hit_tokens=r.hit_tokens,
+        store_s=max(x.store_s for x in runs),
+        load_s=statistics.median(x.load_s for x in runs),
+        tokens=tokens,
+        first_logits=r.logits[0].float().cpu(),
+    )
     if check_split:
         out.split_logits = split_prefill(model, ids, r.hit_tokens)[0].float().cpu()
     return out
 
 
-def run_with(model: Any, requests: list[Request], engine: CacheEngine, *, gen_tokens: int,
-             model_id: str | None = None, check_split: bool = False, tick: Tick | None = None
-             ) -> list[RequestResult]:  # fmt: skip
+def run_with(
+    model: Any,
+    requests: list[Request],
+    engine: CacheEngine,
+    *,
+    gen_tokens: int,
+    model_id: str | None = None,
+    check_split: bool = False,
+    tick: Tick | None = None,
+) -> list[RequestResult]:
     results = []
     for req in requests:
-        results.append(one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id,
-                                check_split=check_split))  # fmt: skip
+        results.append(
+            one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id, check_split=check_split)
+        )
         if tick:
             tick()
     return results
 
 
-def run_interleaved(model: Any, requests: list[Request], engine: CacheEngine, *, gen_tokens: int,
-                    model_id: str | None = None, check_split: bool = False, tick: Tick | None = None
-                    ) -> tuple[list[RequestResult], list[RequestResult]]:  # fmt: skip
+def run_interleaved(
+    model: Any,
+    requests: list[Request],
+    engine: CacheEngine,
+    *,
+    gen_tokens: int,
+    model_id: str | None = None,
+    check_split: bool = False,
+    tick: Tick | None = None,
+) -> tuple[list[RequestResult], list[RequestResult]]:
     """Both variants, request by request: ``(without, with_)``, in request order.
 
     Even requests go without kvtier first, odd ones with it first, so neither variant is always
@@ -155,8 +184,11 @@ def run_interleaved(model: Any, requests: list[Request], engine: CacheEngine, *,
             if variant == "without":
                 without.append(one_without(model, req, gen_tokens=gen_tokens))
             else:
-                with_.append(one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id,
-                                      check_split=check_split))  # fmt: skip
+                with_.append(
+                    one_with(
+                        model, req, engine, gen_tokens=gen_tokens, model_id=model_id, check_split=check_split
+                    )
+                )
             if tick:
                 tick()
     return without, with_

@@ -57,11 +57,19 @@ def _text_of(
     return ids
 
 
-def chat(encode: Encode, *, users: int = 3, rounds: int = 4, system_tokens: int = 400, turn_tokens: int = 50,
-         seed: int = 0) -> list[Request]:  # fmt: skip
+def chat(
+    encode: Encode,
+    *,
+    users: int = 3,
+    rounds: int = 4,
+    system_tokens: int = 400,
+    turn_tokens: int = 50,
+    seed: int = 0,
+) -> list[Request]:
     rng = random.Random(seed)
-    system = _text_of(encode, rng, system_tokens, "System: You are the archive assistant of a small town. ",
-                      "\n")  # fmt: skip
+    system = _text_of(
+        encode, rng, system_tokens, "System: You are the archive assistant of a small town. ", "\n"
+    )
     history = [list(system) for _ in range(users)]
     out: list[Request] = []
     for r in range(rounds):
@@ -76,8 +84,9 @@ def chat(encode: Encode, *, users: int = 3, rounds: int = 4, system_tokens: int 
     return out
 
 
-def docqa(encode: Encode, *, docs: int = 2, questions: int = 3, doc_tokens: int = 800, seed: int = 1
-          ) -> list[Request]:  # fmt: skip
+def docqa(
+    encode: Encode, *, docs: int = 2, questions: int = 3, doc_tokens: int = 800, seed: int = 1
+) -> list[Request]:
     rng = random.Random(seed)
     documents = [_text_of(encode, rng, doc_tokens, f"Document {d + 1}:\n", "\n") for d in range(docs)]
     out: list[Request] = []

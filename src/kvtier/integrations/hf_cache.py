@@ -162,8 +162,9 @@ class KVTierCache(DynamicCache):
             self._prefix.close()
             self._prefix = None  # drop the retrieved tensor: the layers now hold their own copies
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._install(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -28,9 +28,13 @@ import torch
 from kvtier.errors import KVTierError
 
 _PLACEHOLDER_ATTRS = (
-    "image_token_id", "image_token_index", "video_token_id", "video_token_index",
-    "audio_token_id", "audio_token_index",
-)  # fmt: skip
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "audio_token_id",
+    "audio_token_index",
+)
 _PRIMITIVE = (bool, int, float, str, bytes, type(None))
 
 

@@ -81,8 +81,13 @@ class KVTierHiCacheStorage(HiCacheStorage):
     ``engine=`` lets a test or an embedding program pass its own engine.
     """
 
-    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None,
-                 *, engine: CacheEngine | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        storage_config: HiCacheStorageConfig,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        engine: CacheEngine | None = None,
+    ) -> None:
         extra = storage_config.extra_config or {}
         self.storage_config = storage_config
         self.cache_salt = str(extra.get("cache_salt", ""))
@@ -102,8 +107,13 @@ class KVTierHiCacheStorage(HiCacheStorage):
         self.engine.bind(ns)
         super().register_mem_pool_host(mem_pool_host)
         self.layout = layout
-        log.info("kvtier HiCache backend: %s %s pages of %d tokens, namespace %s",
-                 layout.kind, layout.layout, layout.page_tokens, ns)  # fmt: skip
+        log.info(
+            "kvtier HiCache backend: %s %s pages of %d tokens, namespace %s",
+            layout.kind,
+            layout.layout,
+            layout.page_tokens,
+            ns,
+        )
 
     def _digests(self, keys: Sequence[str]) -> list[bytes]:
         return self.engine.page_digests(keys)
@@ -121,8 +131,12 @@ class KVTierHiCacheStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
-    def batch_exists_v2(self, keys: list[str], pool_transfers: list[PoolTransfer] | None = None,
-                        extra_info: HiCacheStorageExtraInfo | None = None) -> PoolTransferResult:  # fmt: skip
+    def batch_exists_v2(
+        self,
+        keys: list[str],
+        pool_transfers: list[PoolTransfer] | None = None,
+        extra_info: HiCacheStorageExtraInfo | None = None,
+    ) -> PoolTransferResult:
         """KV pages only: a model with extra pools (Mamba, SWA, DSA indexer) gets no hit, since
         kvtier does not store those pools and a KV prefix without them is not loadable."""
         if pool_transfers:
@@ -131,16 +145,18 @@ class KVTierHiCacheStorage(HiCacheStorage):
         return PoolTransferResult(n, {PoolName.KV: n} if n else {}, list(range(1, n + 1)))
 
     # -- zero-copy v1 path (interface_v1): pages addressed by host-pool slot indices ----------
-    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
-                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:  # fmt: skip
+    def batch_get_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
         if self.layout is None or not keys:
             return [False] * len(keys)
         ps = self.layout.page_tokens
         starts = host_indices[::ps].tolist()
         return self._load(keys, [self._host_page(int(s)) for s in starts[: len(keys)]])
 
-    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
-                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:  # fmt: skip
+    def batch_set_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
         if self.layout is None or not keys:
             return [False] * len(keys)
         ps = self.layout.page_tokens
@@ -152,8 +168,9 @@ class KVTierHiCacheStorage(HiCacheStorage):
         out = self.batch_get([key], [target_location])
         return out[0]
 
-    def batch_get(self, keys: list[str], target_locations: Any = None,
-                  target_sizes: Any = None) -> list[torch.Tensor | None]:  # fmt: skip
+    def batch_get(
+        self, keys: list[str], target_locations: Any = None, target_sizes: Any = None
+    ) -> list[torch.Tensor | None]:
         if self.layout is None or target_locations is None:
             return [None] * len(keys)
         ok = self._load(keys, list(target_locations))
@@ -162,19 +179,22 @@ class KVTierHiCacheStorage(HiCacheStorage):
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
         return self.batch_set([key], [value])
 
-    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
-                  target_sizes: Any = None) -> bool:  # fmt: skip
+    def batch_set(
+        self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None
+    ) -> bool:
         if self.layout is None or values is None:
             return False
         return all(self._save(keys, list(values)))
 
     # -- v2 (pool transfers): the KV pool only ------------------------------------------------
-    def batch_get_v2(self, transfers: list[PoolTransfer],
-                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:  # fmt: skip
+    def batch_get_v2(
+        self, transfers: list[PoolTransfer], extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> dict[str, list[bool]]:
         return {t.name: self._v2(t, self.batch_get_v1, extra_info) for t in transfers}
 
-    def batch_set_v2(self, transfers: list[PoolTransfer],
-                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:  # fmt: skip
+    def batch_set_v2(
+        self, transfers: list[PoolTransfer], extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> dict[str, list[bool]]:
         return {t.name: self._v2(t, self.batch_set_v1, extra_info) for t in transfers}
 
     def _v2(self, t: PoolTransfer, op: Any, extra_info: HiCacheStorageExtraInfo | None) -> list[bool]:

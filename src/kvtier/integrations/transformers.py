@@ -110,9 +110,13 @@ def bind_engine(engine: CacheEngine, model: Any, model_id: str | None = None) ->
         return True
     log.warning(
         "kvtier: engine is bound to %s (%s, %s) but the model is %s (%s, %s); the cache is bypassed for it",
-        ns.model_id, ns.kv_dtype, ns.kv_shape, spec.model_id, dtype_name(spec.dtype),
+        ns.model_id,
+        ns.kv_dtype,
+        ns.kv_shape,
+        spec.model_id,
+        dtype_name(spec.dtype),
         (spec.num_layers, spec.num_kv_heads, spec.head_dim),
-    )  # fmt: skip
+    )
     return False
 
 
@@ -180,8 +184,9 @@ def request_extras(model: Any, **model_inputs: Any) -> KeyExtras:
     )
 
 
-def _request_keys(engine: CacheEngine, model: Any, rows_cpu: torch.Tensor, kwargs: dict[str, Any]
-                  ) -> tuple[KeyExtras, int] | None:  # fmt: skip
+def _request_keys(
+    engine: CacheEngine, model: Any, rows_cpu: torch.Tensor, kwargs: dict[str, Any]
+) -> tuple[KeyExtras, int] | None:
     """(extras, tokens per row that may be cached), or ``None`` (counted) when an input cannot be keyed."""
     try:
         inp = input_extras(model, rows_cpu, kwargs)
@@ -193,9 +198,13 @@ def _request_keys(engine: CacheEngine, model: Any, rows_cpu: torch.Tensor, kwarg
     return KeyExtras(adapter=adapter_identity(model), inputs=inp.digest), limit
 
 
-def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.device,
-                 extras: KeyExtras | None = None, limit: int | None = None
-                 ) -> tuple[int, LayerwiseKV | None]:  # fmt: skip
+def _load_prefix(
+    engine: CacheEngine,
+    rows_cpu: torch.Tensor,
+    device: torch.device,
+    extras: KeyExtras | None = None,
+    limit: int | None = None,
+) -> tuple[int, LayerwiseKV | None]:
     """The shared cached prefix length of the rows (<= len-1, <= ``limit``) and its KV, or ``(0, None)``."""
     seq = int(rows_cpu.shape[1])
     if seq < 2:
@@ -227,9 +236,19 @@ def _load_prefix(engine: CacheEngine, rows_cpu: torch.Tensor, device: torch.devi
 
 
 @torch.inference_mode()
-def prefill(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
-            store: bool = True, attention_mask: Any = None, segments: Any = None, separator: Any = None,
-            recompute_ratio: float = 0.15, check_layer: int | None = None) -> PrefillResult:  # fmt: skip
+def prefill(
+    model: Any,
+    input_ids: Any,
+    engine: CacheEngine,
+    *,
+    model_id: str | None = None,
+    store: bool = True,
+    attention_mask: Any = None,
+    segments: Any = None,
+    separator: Any = None,
+    recompute_ratio: float = 0.15,
+    check_layer: int | None = None,
+) -> PrefillResult:
     """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards.
 
     ``segments`` (``[(start, end), ...]``) or ``separator`` (token ids) turn on blending for a
@@ -279,8 +298,17 @@ def _blend_spans(
     return check_segments(segments, int(ids.shape[1]))
 
 
-def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple[int, int]], store: bool,
-           ratio: float, check_layer: int | None, t0: float, extras: Any = None) -> PrefillResult:  # fmt: skip
+def _blend(
+    model: Any,
+    ids: torch.Tensor,
+    engine: CacheEngine,
+    spans: list[tuple[int, int]],
+    store: bool,
+    ratio: float,
+    check_layer: int | None,
+    t0: float,
+    extras: Any = None,
+) -> PrefillResult:
     from kvtier.blend.forward import DEFAULT_CHECK_LAYER, check_blendable
     from kvtier.blend.prefill import blend_prefill
     from kvtier.blend.rope import rope_spec
@@ -289,17 +317,48 @@ def _blend(model: Any, ids: torch.Tensor, engine: CacheEngine, spans: list[tuple
     check_blendable(model)
     cache = KVTierCache(model.config)
     layer = DEFAULT_CHECK_LAYER if check_layer is None else check_layer
-    r = blend_prefill(model, ids[0], engine, spans, cache, recompute_ratio=ratio, check_layer=layer,
-                      store=store, t0=t0, extras=extras)  # fmt: skip
-    return PrefillResult(r.logits, cache, int(ids.shape[1]), r.prefix_tokens + r.segment_tokens, r.stored_tokens,
-                         r.ttft_s, r.load_s, r.store_s, r.segment_tokens, r.recomputed_tokens)  # fmt: skip
+    r = blend_prefill(
+        model,
+        ids[0],
+        engine,
+        spans,
+        cache,
+        recompute_ratio=ratio,
+        check_layer=layer,
+        store=store,
+        t0=t0,
+        extras=extras,
+    )
+    return PrefillResult(
+        r.logits,
+        cache,
+        int(ids.shape[1]),
+        r.prefix_tokens + r.segment_tokens,
+        r.stored_tokens,
+        r.ttft_s,
+        r.load_s,
+        r.store_s,
+        r.segment_tokens,
+        r.recomputed_tokens,
+    )
 
 
 @torch.inference_mode()
-def generate(model: Any, input_ids: Any, engine: CacheEngine, *, model_id: str | None = None,
-             store: bool = True, store_generated: bool = False, attention_mask: Any = None,
-             segments: Any = None, separator: Any = None, recompute_ratio: float = 0.15,
-             check_layer: int | None = None, **generate_kwargs: Any) -> Any:  # fmt: skip
+def generate(
+    model: Any,
+    input_ids: Any,
+    engine: CacheEngine,
+    *,
+    model_id: str | None = None,
+    store: bool = True,
+    store_generated: bool = False,
+    attention_mask: Any = None,
+    segments: Any = None,
+    separator: Any = None,
+    recompute_ratio: float = 0.15,
+    check_layer: int | None = None,
+    **generate_kwargs: Any,
+) -> Any:
     """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.
 
     The cached prefix is loaded into the cache handed to ``generate``, which then feeds only the

@@ -166,8 +166,9 @@ class KVTierConnector(KVConnectorBase_V1):
             )
         elif role == KVConnectorRole.SCHEDULER:
             self._share_role = "scheduler"
-            self._shared = shared_engine(self._instance, "scheduler", self._ns,
-                                         lambda: scheduler_engine(self._config, self._ns))  # fmt: skip
+            self._shared = shared_engine(
+                self._instance, "scheduler", self._ns, lambda: scheduler_engine(self._config, self._ns)
+            )
         else:
             self._share_role = "worker"
             self._shared = shared_engine(
@@ -181,15 +182,22 @@ class KVTierConnector(KVConnectorBase_V1):
             if ktc.kv_load_failure_policy != "recompute":
                 # kvtier is a cache: a chunk that cannot be read is a miss, never a failed request.
                 # vLLM reads this policy right after building the scheduler's connector.
-                log.info("kvtier: setting kv_load_failure_policy=recompute (was %r): a failed load "
-                         "is recomputed, never fails the request", ktc.kv_load_failure_policy)  # fmt: skip
+                log.info(
+                    "kvtier: setting kv_load_failure_policy=recompute (was %r): a failed load "
+                    "is recomputed, never fails the request",
+                    ktc.kv_load_failure_policy,
+                )
                 ktc.kv_load_failure_policy = "recompute"
-            self._planner = Planner(self._lookup, block_size=self.block_size,
-                                    chunk_tokens=self._engine.chunk_tokens)  # fmt: skip
+            self._planner = Planner(
+                self._lookup, block_size=self.block_size, chunk_tokens=self._engine.chunk_tokens
+            )
             if self._split:
-                log.info("kvtier: vLLM workers run in other processes (executor %r): the scheduler "
-                         "finds chunks through the keys the workers report%s", backend,
-                         " and the remote tier" if self._config.remote.url else "")  # fmt: skip
+                log.info(
+                    "kvtier: vLLM workers run in other processes (executor %r): the scheduler "
+                    "finds chunks through the keys the workers report%s",
+                    backend,
+                    " and the remote tier" if self._config.remote.url else "",
+                )
         self._worker: WorkerSide | None = None
         self._caches: list[torch.Tensor] = []
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
@@ -229,8 +237,12 @@ class KVTierConnector(KVConnectorBase_V1):
             self.stats.uncacheable_requests += 1
             if got.reason not in self._uncacheable_logged:
                 self._uncacheable_logged.add(got.reason)
-                log.warning("kvtier: request %s is not cached (neither loaded nor saved): %s; "
-                            "counted in uncacheable_requests, logged once", rid, got.reason)  # fmt: skip
+                log.warning(
+                    "kvtier: request %s is not cached (neither loaded nor saved): %s; "
+                    "counted in uncacheable_requests, logged once",
+                    rid,
+                    got.reason,
+                )
         self._req_extras[rid] = extras
         return extras
 
@@ -244,13 +256,23 @@ class KVTierConnector(KVConnectorBase_V1):
         so = scheduler_output
         p = self._planner
         for nr in so.scheduled_new_reqs:
-            p.new_request(nr.req_id, None, nr.block_ids[0], nr.num_computed_tokens,
-                          so.num_scheduled_tokens.get(nr.req_id, 0))  # fmt: skip
+            p.new_request(
+                nr.req_id,
+                None,
+                nr.block_ids[0],
+                nr.num_computed_tokens,
+                so.num_scheduled_tokens.get(nr.req_id, 0),
+            )
         c = so.scheduled_cached_reqs
         for i, rid in enumerate(c.req_ids):
             nb = c.new_block_ids[i]
-            p.running_request(rid, nb[0] if nb is not None else None, rid in c.resumed_req_ids,
-                              c.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))  # fmt: skip
+            p.running_request(
+                rid,
+                nb[0] if nb is not None else None,
+                rid in c.resumed_req_ids,
+                c.num_computed_tokens[i],
+                so.num_scheduled_tokens.get(rid, 0),
+            )
         loads, saves = p.take_specs(list(so.num_scheduled_tokens))
         return KVTierMetadata(loads, saves)
 
@@ -286,8 +308,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._caches = caches
         self._device = first.device
         self._worker = WorkerSide(self._engine, layout, len(caches), self.stats)
-        log.info("kvtier: registered %d layers, layout %s, blocks %d x %d tokens",
-                 len(caches), layout.kind.value, layout.num_blocks, layout.block_size)  # fmt: skip
+        log.info(
+            "kvtier: registered %d layers, layout %s, blocks %d x %d tokens",
+            len(caches),
+            layout.kind.value,
+            layout.num_blocks,
+            layout.block_size,
+        )
 
     def _meta(self) -> KVTierMetadata | None:
         if not self.has_connector_metadata():

@@ -94,8 +94,9 @@ class Planner:
     ``lookup(tokens, extras) -> int`` returns how many leading tokens kvtier holds (a chunk prefix).
     """
 
-    def __init__(self, lookup: Callable[[Sequence[int], KeyExtras], int], *, block_size: int,
-                 chunk_tokens: int) -> None:  # fmt: skip
+    def __init__(
+        self, lookup: Callable[[Sequence[int], KeyExtras], int], *, block_size: int, chunk_tokens: int
+    ) -> None:
         if block_size <= 0 or chunk_tokens <= 0:
             raise ConnectorError(
                 f"block_size and chunk_tokens must be positive, got {block_size}, {chunk_tokens}"
@@ -109,8 +110,9 @@ class Planner:
         """Key inputs of requests matched but not allocated yet."""
 
     # -- lookup / allocation --------------------------------------------------------------------
-    def match(self, req_id: str, tokens: Sequence[int], num_computed: int,
-              extras: KeyExtras | None = NO_EXTRAS) -> int:  # fmt: skip
+    def match(
+        self, req_id: str, tokens: Sequence[int], num_computed: int, extras: KeyExtras | None = NO_EXTRAS
+    ) -> int:
         """Tokens kvtier can supply beyond vLLM's ``num_computed`` (0 if none); remembers the plan.
 
         ``extras``: the request's key inputs; ``None`` marks it uncacheable (0, and no saves).
@@ -136,8 +138,9 @@ class Planner:
         self._matches[req_id] = _Match(num_computed, load_end)
         return load_end - num_computed
 
-    def after_alloc(self, req_id: str, tokens: Sequence[int], num_external: int,
-                    extras: KeyExtras | None = NO_EXTRAS) -> None:  # fmt: skip
+    def after_alloc(
+        self, req_id: str, tokens: Sequence[int], num_external: int, extras: KeyExtras | None = NO_EXTRAS
+    ) -> None:
         """vLLM allocated blocks; ``num_external`` > 0 means it accepted our load. ``extras`` are
         the request's key inputs (what ``match`` was given takes precedence)."""
         st = self._reqs.get(req_id)
@@ -154,8 +157,14 @@ class Planner:
             st.load = (m.num_computed, m.num_computed + num_external)
 
     # -- per step -------------------------------------------------------------------------------
-    def new_request(self, req_id: str, tokens: Sequence[int] | None, block_ids: Sequence[int],
-                    num_computed: int, num_scheduled: int) -> None:  # fmt: skip
+    def new_request(
+        self,
+        req_id: str,
+        tokens: Sequence[int] | None,
+        block_ids: Sequence[int],
+        num_computed: int,
+        num_scheduled: int,
+    ) -> None:
         st = self._reqs.get(req_id)
         if st is None:
             # never matched nor allocated through this connector: its key inputs are unknown
@@ -163,8 +172,14 @@ class Planner:
         st.block_ids = list(block_ids)
         self._advance(st, num_computed + num_scheduled)
 
-    def running_request(self, req_id: str, new_block_ids: Sequence[int] | None, resumed: bool,
-                        num_computed: int, num_scheduled: int) -> None:  # fmt: skip
+    def running_request(
+        self,
+        req_id: str,
+        new_block_ids: Sequence[int] | None,
+        resumed: bool,
+        num_computed: int,
+        num_scheduled: int,
+    ) -> None:
         st = self._reqs.get(req_id)
         if st is None:  # not seen by this connector (e.g. created before it): nothing to save
             return

@@ -136,8 +136,13 @@ class WorkerSide:
             bad = spec.block_ids[(ok_end - first) // self.bs :]
             self._errors.update(bad)
             self.stats.failed_blocks += len(bad)
-            log.warning("kvtier: request %s: loaded %d of %d tokens; %d blocks will be recomputed",
-                        spec.req_id, max(ok_end - spec.start, 0), spec.end - spec.start, len(bad))  # fmt: skip
+            log.warning(
+                "kvtier: request %s: loaded %d of %d tokens; %d blocks will be recomputed",
+                spec.req_id,
+                max(ok_end - spec.start, 0),
+                spec.end - spec.start,
+                len(bad),
+            )
             pieces = _trim(pieces, ok_end - spec.start)
         if ok_end <= spec.start:
             for c, _, _ in pieces:
@@ -251,8 +256,12 @@ class WorkerSide:
             torch.cuda.current_stream(device).synchronize()
         for sv in self._saves:
             if len(sv.done) != self.num_layers:
-                log.warning("kvtier: request %s: only %d of %d layers saved; not stored",
-                            sv.spec.req_id, len(sv.done), self.num_layers)  # fmt: skip
+                log.warning(
+                    "kvtier: request %s: only %d of %d layers saved; not stored",
+                    sv.spec.req_id,
+                    len(sv.done),
+                    self.num_layers,
+                )
                 continue
             self.stats.save_requests += 1
             res = self.engine.store_range(

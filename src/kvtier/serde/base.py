@@ -121,10 +121,23 @@ class ChunkHeader:
 
     def pack(self) -> bytes:
         shape = list(self.shape) + [0] * (MAX_NDIM - len(self.shape))
-        head = _HEAD.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, self.codec_id, _DTYPE_IDS[self.dtype],
-                          len(self.shape), len(self.fingerprint), len(self.key), self.num_tokens, *shape,
-                          self.raw_nbytes, self.payload_nbytes, self.payload_checksum,
-                          self.fingerprint, self.key)  # fmt: skip
+        head = _HEAD.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            HEADER_BYTES,
+            self.codec_id,
+            _DTYPE_IDS[self.dtype],
+            len(self.shape),
+            len(self.fingerprint),
+            len(self.key),
+            self.num_tokens,
+            *shape,
+            self.raw_nbytes,
+            self.payload_nbytes,
+            self.payload_checksum,
+            self.fingerprint,
+            self.key,
+        )
         return head + _SUM.pack(_hash(head))
 
     @classmethod
@@ -152,8 +165,17 @@ class ChunkHeader:
         shape = tuple(shape6[:ndim])
         if _numel(shape) * _itemsize(dtype) != raw_n:
             raise CorruptChunkError(f"shape {shape} x {dtype} does not match raw size {raw_n}")
-        return cls(codec_id, dtype, shape, num_tokens, raw_n, pay_n, pay_sum, bytes(fp[:fp_len]),
-                   bytes(key[:key_len]))  # fmt: skip
+        return cls(
+            codec_id,
+            dtype,
+            shape,
+            num_tokens,
+            raw_n,
+            pay_n,
+            pay_sum,
+            bytes(fp[:fp_len]),
+            bytes(key[:key_len]),
+        )
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -205,13 +227,23 @@ def raw_payload(chunk: Chunk, key: bytes = b"") -> memoryview:
     return tensor_bytes(_host_contiguous(kv))
 
 
-def make_header(chunk: Chunk, key: bytes, codec_id: int, raw_nbytes: int, payload_nbytes: int,
-                checksum: int) -> bytes:  # fmt: skip
+def make_header(
+    chunk: Chunk, key: bytes, codec_id: int, raw_nbytes: int, payload_nbytes: int, checksum: int
+) -> bytes:
     """The packed header of ``chunk`` whose stored payload has this size and checksum (for a
     writer that hashes while it writes; ``encode_parts`` does both at once)."""
     kv = chunk.kv
-    return ChunkHeader(codec_id, kv.dtype, tuple(int(d) for d in kv.shape), chunk.num_tokens, raw_nbytes,
-                       payload_nbytes, checksum, bytes(chunk.fingerprint), bytes(key)).pack()  # fmt: skip
+    return ChunkHeader(
+        codec_id,
+        kv.dtype,
+        tuple(int(d) for d in kv.shape),
+        chunk.num_tokens,
+        raw_nbytes,
+        payload_nbytes,
+        checksum,
+        bytes(chunk.fingerprint),
+        bytes(key),
+    ).pack()
 
 
 def encode(chunk: Chunk, codec: str = "raw", key: bytes = b"") -> bytes:
@@ -236,8 +268,9 @@ def empty_for(header: ChunkHeader) -> torch.Tensor:
     return torch.empty(header.shape, dtype=header.dtype)
 
 
-def decode_payload(header: ChunkHeader, payload: Buffer, out: torch.Tensor | None = None, *,
-                   checksum: int | None = None) -> torch.Tensor:  # fmt: skip
+def decode_payload(
+    header: ChunkHeader, payload: Buffer, out: torch.Tensor | None = None, *, checksum: int | None = None
+) -> torch.Tensor:
     """Verify ``payload`` and turn it into a tensor, written into ``out`` when given.
 
     ``out`` (e.g. a CPU-pool object) must be a contiguous CPU tensor of the header's shape and

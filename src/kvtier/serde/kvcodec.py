@@ -257,10 +257,12 @@ class KiviCodec(KVCodec):
             return ((q[:, 0] + ov) * sv).unsqueeze(1).to(dtype)
         ng = self._groups(t)
         sk, ok = (
-            p.view(torch.float32).view(layers, ng, 1, h, d).expand(layers, ng, KEY_GROUP_TOKENS, h, d)
+            p.view(torch.float32)
+            .view(layers, ng, 1, h, d)
+            .expand(layers, ng, KEY_GROUP_TOKENS, h, d)
             .reshape(layers, ng * KEY_GROUP_TOKENS, h, d)[:, :t]
             for p in parts[1:3]
-        )  # fmt: skip
+        )
         out = torch.empty(shape, dtype=dtype, device=packed.device)
         out[:, 0] = (q[:, 0] + ok) * sk
         out[:, 1] = (q[:, 1] + ov) * sv

@@ -141,8 +141,11 @@ class Conn(asyncio.BufferedProtocol):
             avail = self._end - self._start
             if avail < P.PREFIX.size:
                 return
-            hlen, plen = P.parse_prefix(bytes(self._buf[self._start : self._start + P.PREFIX.size]),
-                                        max_header=self.max_header, max_payload=self.max_payload)  # fmt: skip
+            hlen, plen = P.parse_prefix(
+                bytes(self._buf[self._start : self._start + P.PREFIX.size]),
+                max_header=self.max_header,
+                max_payload=self.max_payload,
+            )
             if self._timer is None:
                 self._start_timer(plen)
             if avail < P.PREFIX.size + hlen:

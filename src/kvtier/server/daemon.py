@@ -80,10 +80,19 @@ def read_token(path: str) -> str:
 class Daemon:
     """The server process's state; ``run()`` blocks until SIGTERM/SIGINT or ``stop()``."""
 
-    def __init__(self, config: Config, *, ready_file: str | None = None, shm_dir: str = "/dev/shm",
-                 max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES, max_connections: int = 1024,
-                 handshake_timeout_s: float = 5.0, body_timeout_s: float | None = None,
-                 max_inflight_bytes: int | None = None, workers: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ready_file: str | None = None,
+        shm_dir: str = "/dev/shm",
+        max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_connections: int = 1024,
+        handshake_timeout_s: float = 5.0,
+        body_timeout_s: float | None = None,
+        max_inflight_bytes: int | None = None,
+        workers: int = 4,
+    ) -> None:
         sc = config.server
         self.token = read_token(sc.auth_token_file)
         if not is_loopback(sc.host) and not self.token:
@@ -150,15 +159,24 @@ class Daemon:
             self.token_file, self._generated_token = str(path), True
         # /stats stays open with the generated token (counters only, like /metrics), so
         # `kvtier stats` works on the host; /lookup reveals which prompts are cached: guarded
-        http = HttpFace(self.service, sc.host, sc.http_port, token=self.token,
-                        guard_stats=not self._generated_token)  # fmt: skip
+        http = HttpFace(
+            self.service, sc.host, sc.http_port, token=self.token, guard_stats=not self._generated_token
+        )
         self.http_port = http.port
         http.start()
         await server.start_serving()
         reaper = asyncio.create_task(self._reaper())
         self._write_ready()
-        log.info("%s", startup_line(self.config, self.port, self.http_port, self.service.manager.stats(),
-                                    str(self.service.segment.path)))  # fmt: skip
+        log.info(
+            "%s",
+            startup_line(
+                self.config,
+                self.port,
+                self.http_port,
+                self.service.manager.stats(),
+                str(self.service.segment.path),
+            ),
+        )
         notify_ready(f"serving on {sc.host}:{self.port}")
         try:
             await self._stop.wait()
@@ -185,9 +203,14 @@ class Daemon:
     def _write_ready(self) -> None:
         if not self.ready_file:
             return
-        info = {"pid": os.getpid(), "host": self.config.server.host, "port": self.port,
-                "http_port": self.http_port, "shm_path": str(self.service.segment.path),
-                "token_file": self.token_file}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": self.config.server.host,
+            "port": self.port,
+            "http_port": self.http_port,
+            "shm_path": str(self.service.segment.path),
+            "token_file": self.token_file,
+        }
         tmp = f"{self.ready_file}.tmp"
         Path(tmp).write_text(json.dumps(info))
         os.replace(tmp, self.ready_file)
@@ -239,8 +262,13 @@ class Daemon:
             await conn.send_error("auth", "wrong or missing auth token")
             return None
         seg = self.service.segment
-        welcome = P.Welcome(P.PROTOCOL_VERSION, self.server_id, self.max_payload_bytes, P.MAX_KEYS,
-                            self.service.lease_timeout_s)  # fmt: skip
+        welcome = P.Welcome(
+            P.PROTOCOL_VERSION,
+            self.server_id,
+            self.max_payload_bytes,
+            P.MAX_KEYS,
+            self.service.lease_timeout_s,
+        )
         if msg.want_shm:
             welcome.shm_path, welcome.shm_bytes, welcome.shm_nonce = str(seg.path), seg.arena_bytes, seg.nonce
         conn.max_header, conn.max_payload = P.MAX_HEADER_BYTES, self.max_payload_bytes

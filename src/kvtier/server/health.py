@@ -48,5 +48,9 @@ def health(tiers: list[Tier], sessions: int) -> dict[str, Any]:
             failing[tier.name] = reason
     if failing:
         log.debug("health: degraded: %s", failing)
-    return {"status": "degraded" if failing else "ok", "sessions": sessions,
-            "tiers": [t.name for t in tiers], "failing": failing}  # fmt: skip
+    return {
+        "status": "degraded" if failing else "ok",
+        "sessions": sessions,
+        "tiers": [t.name for t in tiers],
+        "failing": failing,
+    }

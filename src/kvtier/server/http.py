@@ -51,8 +51,13 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise LookupError_("'kv_shape' must be [num_layers, num_kv_heads, head_dim] of positive integers")
     fields: dict[str, Any] = {}
-    for name, typ, default in (("model_id", str, None), ("kv_dtype", str, None), ("tp_rank", int, 0),
-                               ("tp_size", int, 1), ("cache_salt", str, "")):  # fmt: skip
+    for name, typ, default in (
+        ("model_id", str, None),
+        ("kv_dtype", str, None),
+        ("tp_rank", int, 0),
+        ("tp_size", int, 1),
+        ("cache_salt", str, ""),
+    ):
         v = body.get(name, default)
         if v is None or not isinstance(v, typ) or isinstance(v, bool):
             raise LookupError_(f"'{name}' must be a {typ.__name__}")
@@ -77,8 +82,9 @@ def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
 class HttpFace:
     """The HTTP server thread of one daemon."""
 
-    def __init__(self, service: CacheService, host: str, port: int, *, token: str = "",
-                 guard_stats: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, service: CacheService, host: str, port: int, *, token: str = "", guard_stats: bool = True
+    ) -> None:
         self.service = service
         self.token = token
         self.guard_stats = guard_stats

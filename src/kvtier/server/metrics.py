@@ -44,8 +44,9 @@ class _ServerCollector(Collector):
         b = self.service.budget
         if b is not None:
             yield GaugeMetricFamily("kvtier_server_inflight_bytes", "socket payload bytes held", value=b.used)
-            yield CounterMetricFamily("kvtier_server_inflight_waits", "frames that waited for the budget",
-                                      value=b.waits)  # fmt: skip
+            yield CounterMetricFamily(
+                "kvtier_server_inflight_waits", "frames that waited for the budget", value=b.waits
+            )
 
 
 class _TierCollector(Collector):
@@ -68,8 +69,13 @@ class DaemonMetrics:
         self.registry.register(_ServerCollector(service))
         self.registry.register(_TierCollector(service))
         ProcessCollector(registry=self.registry)  # process_*: the daemon's RSS, CPU, open fds
-        self.request_seconds = Histogram("kvtier_server_request_seconds", "time to handle one request",
-                                         ["op"], buckets=LATENCY_BUCKETS_S, registry=self.registry)  # fmt: skip
+        self.request_seconds = Histogram(
+            "kvtier_server_request_seconds",
+            "time to handle one request",
+            ["op"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

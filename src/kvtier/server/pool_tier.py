@@ -26,8 +26,13 @@ class SharedCPUTier(CPUTier):
     def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
         if segment.arena_bytes % ALIGN_BYTES:
             raise TierError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
-        super().__init__(segment.arena_bytes, policy=policy, pin_memory=False, pin_timeout_s=pin_timeout_s,
-                         arena=segment.arena)  # fmt: skip
+        super().__init__(
+            segment.arena_bytes,
+            policy=policy,
+            pin_memory=False,
+            pin_timeout_s=pin_timeout_s,
+            arena=segment.arena,
+        )
         self.segment = segment
 
     def close(self) -> None:

@@ -89,14 +89,20 @@ def lower_tiers(config: Config) -> list[Tier]:
 class CacheService:
     """Tier operations for the daemon's clients."""
 
-    def __init__(self, config: Config, *, shm_dir: str = "/dev/shm",
-                 max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shm_dir: str = "/dev/shm",
+        max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
         for p in reap_stale_segments(shm_dir):
             log.info("removed a stale pool segment of a dead daemon: %s", p)
         self.config = config
         self.segment = SharedSegment.create(shm_dir, _align(config.cpu.max_bytes))
-        self.cpu = SharedCPUTier(self.segment, policy=config.cpu.eviction_policy,
-                                 pin_timeout_s=config.cpu.pin_timeout_s)  # fmt: skip
+        self.cpu = SharedCPUTier(
+            self.segment, policy=config.cpu.eviction_policy, pin_timeout_s=config.cpu.pin_timeout_s
+        )
         try:
             self.manager = TierManager([self.cpu, *lower_tiers(config)], config.storage)
         except BaseException:
@@ -241,8 +247,9 @@ class CacheService:
     def _new_reservation(self, item: P.PutItem) -> Reservation | bool:
         """Pool space for ``item``, whose meta the caller has already checked (``P.check_meta``)."""
         dtype = dtype_from_name(item.meta.dtype)
-        return self.cpu.reserve(item.key, tuple(item.meta.shape), dtype, item.meta.fingerprint,
-                                item.meta.num_tokens)  # fmt: skip
+        return self.cpu.reserve(
+            item.key, tuple(item.meta.shape), dtype, item.meta.fingerprint, item.meta.num_tokens
+        )
 
     def _reserve(self, s: Session, msg: P.Reserve) -> P.Reserved:
         for item in msg.items:  # validate all before reserving any

@@ -31,9 +31,11 @@ def startup_line(config: Config, port: int, http_port: int, tiers: dict[str, Tie
         parts.append(f"{name} {size}")
     remote = f", remote {redact_url(config.remote.url)}" if config.remote.url else ""
     auth = "token" if config.server.auth_token_file else "none"
-    return (f"kvtier server ready: protocol {host}:{port}, http http://{host}:{http_port} (/health /metrics "
-            f"/stats), tiers {' > '.join(parts) or 'none'}{remote}, chunk {config.chunk.chunk_tokens} tokens, "
-            f"pool {shm}, auth {auth}")  # fmt: skip
+    return (
+        f"kvtier server ready: protocol {host}:{port}, http http://{host}:{http_port} (/health /metrics "
+        f"/stats), tiers {' > '.join(parts) or 'none'}{remote}, chunk {config.chunk.chunk_tokens} tokens, "
+        f"pool {shm}, auth {auth}"
+    )
 
 
 def notify_ready(status: str = "") -> bool:

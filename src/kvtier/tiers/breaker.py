@@ -56,11 +56,18 @@ class BreakerState(enum.Enum):
 class CircuitBreaker:
     """Tracks the health of one remote store. Thread-safe."""
 
-    def __init__(self, name: str, *, failure_threshold: int = 3, backoff_initial_s: float = 0.5,
-                 backoff_max_s: float = 30.0, jitter: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_open: Callable[[], None] | None = None,
-                 probe: Callable[[], object] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 3,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        jitter: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        on_open: Callable[[], None] | None = None,
+        probe: Callable[[], object] | None = None,
+    ) -> None:
         if failure_threshold < 1:
             raise TierError(f"failure_threshold must be >= 1, got {failure_threshold}")
         if not 0 < backoff_initial_s <= backoff_max_s:
@@ -146,8 +153,9 @@ class CircuitBreaker:
                 self._open(f"{why}, last {what}")
                 callback = self._on_open
             elif self._state is BreakerState.CLOSED:
-                log.debug("%s: failure %d/%d (%s)", self.name, self._consecutive, self.failure_threshold,
-                          what)  # fmt: skip
+                log.debug(
+                    "%s: failure %d/%d (%s)", self.name, self._consecutive, self.failure_threshold, what
+                )
         if callback is not None:
             callback()  # outside the lock: it may reset a connection pool (slow)
 

@@ -50,9 +50,16 @@ class CPUTier(Tier):
 
     name = "cpu"
 
-    def __init__(self, max_bytes: int, *, policy: str = "lru", pin_memory: bool = False,
-                 pin_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 arena: torch.Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        policy: str = "lru",
+        pin_memory: bool = False,
+        pin_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        arena: torch.Tensor | None = None,
+    ) -> None:
         self.pool = HostBufferPool(
             max_bytes, pin=pin_memory, pin_timeout_s=pin_timeout_s, clock=clock, arena=arena
         )
@@ -89,8 +96,9 @@ class CPUTier(Tier):
         r.obj.tensor.copy_(kv)  # outside the lock: the object is not yet visible to readers
         return self.commit(r)
 
-    def reserve(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes,
-                num_tokens: int) -> Reservation | bool:  # fmt: skip
+    def reserve(
+        self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes, num_tokens: int
+    ) -> Reservation | bool:
         """Pool space for a chunk, evicting as needed; ``True`` if ``key`` is already stored (an
         access, as a ``put`` of a stored key is), ``False`` if there is no room."""
         if self._closed:

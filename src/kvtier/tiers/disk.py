@@ -105,10 +105,18 @@ class DiskTier(Tier):
 
     name = "disk"
 
-    def __init__(self, path: str | os.PathLike[str], max_bytes: int, *, policy: str = "lru",
-                 durability: str = "flush", io_threads: int = 4, codec: str = "raw",
-                 read_buffer_bytes: int = 256 * 1024**2,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        policy: str = "lru",
+        durability: str = "flush",
+        io_threads: int = 4,
+        codec: str = "raw",
+        read_buffer_bytes: int = 256 * 1024**2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_bytes <= 0:
             raise TierError(f"disk tier: max_bytes must be > 0, got {max_bytes}")
         if durability not in DURABILITY:
@@ -250,9 +258,11 @@ class DiskTier(Tier):
                 return None
             self.policy.access(key)
         if out is not None and (
-            tuple(out.shape) != e.header.shape or out.dtype != e.header.dtype or not out.is_contiguous()
+            tuple(out.shape) != e.header.shape
+            or out.dtype != e.header.dtype
+            or not out.is_contiguous()
             or out.device.type != "cpu"
-        ):  # fmt: skip
+        ):
             raise TierError(
                 f"out is {tuple(out.shape)} {out.dtype}, chunk is {e.header.shape} {e.header.dtype}"
             )

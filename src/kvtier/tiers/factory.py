@@ -28,9 +28,17 @@ def build_tiers(config: Config) -> list[Tier]:
         from kvtier.tiers.disk import DiskTier
 
         d = config.disk
-        tiers.append(DiskTier(d.path, d.max_disk_bytes, policy=d.eviction_policy, durability=d.durability,
-                              io_threads=d.io_threads, read_buffer_bytes=d.read_buffer_bytes,
-                              codec=d.serde))  # fmt: skip
+        tiers.append(
+            DiskTier(
+                d.path,
+                d.max_disk_bytes,
+                policy=d.eviction_policy,
+                durability=d.durability,
+                io_threads=d.io_threads,
+                read_buffer_bytes=d.read_buffer_bytes,
+                codec=d.serde,
+            )
+        )
     if config.remote.url:
         tiers.append(build_remote_tier(config.remote, config.server.auth_token_file))
     if not tiers:
@@ -47,8 +55,16 @@ def _with_faults(tier: Tier, f: FaultConfig) -> Tier:
         return tier
     from kvtier.tiers.fault import FaultSpec, FaultTier
 
-    spec = FaultSpec(latency_s=f.latency_s, error_rate=f.error_rate, hang_rate=f.hang_rate, hang_s=f.hang_s,
-                     corrupt_rate=f.corrupt_rate, torn_rate=f.torn_rate, full_rate=f.full_rate, seed=f.seed)  # fmt: skip
+    spec = FaultSpec(
+        latency_s=f.latency_s,
+        error_rate=f.error_rate,
+        hang_rate=f.hang_rate,
+        hang_s=f.hang_s,
+        corrupt_rate=f.corrupt_rate,
+        torn_rate=f.torn_rate,
+        full_rate=f.full_rate,
+        seed=f.seed,
+    )
     return FaultTier(tier, spec)
 
 
@@ -61,23 +77,44 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
     if scheme.partition("+")[0] in ("redis", "rediss", "valkey", "valkeys", "unix"):
         from kvtier.tiers.redis import RedisTier
 
-        return RedisTier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
-                         timeout_s=remote.timeout_s, ttl_s=remote.ttl_s, max_value_bytes=remote.max_value_bytes,
-                         username=remote.username, password=remote.password,
-                         failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
-                         retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
+        return RedisTier(
+            remote.url,
+            key_prefix=remote.key_prefix,
+            serde_name=remote.serde,
+            timeout_s=remote.timeout_s,
+            ttl_s=remote.ttl_s,
+            max_value_bytes=remote.max_value_bytes,
+            username=remote.username,
+            password=remote.password,
+            failure_threshold=remote.failure_threshold,
+            retry_backoff_s=remote.retry_backoff_s,
+            retry_backoff_max_s=remote.retry_backoff_max_s,
+        )
     if scheme == "kvtier":
         from kvtier.tiers.remote import RemoteTier
 
-        return RemoteTier(remote.url, timeout_s=remote.timeout_s, token_file=token_file,
-                          failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
-                          retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
+        return RemoteTier(
+            remote.url,
+            timeout_s=remote.timeout_s,
+            token_file=token_file,
+            failure_threshold=remote.failure_threshold,
+            retry_backoff_s=remote.retry_backoff_s,
+            retry_backoff_max_s=remote.retry_backoff_max_s,
+        )
     if scheme == "s3":
         from kvtier.tiers.s3 import S3Tier
 
-        return S3Tier(remote.url, key_prefix=remote.key_prefix, serde_name=remote.serde,
-                      endpoint_url=remote.endpoint_url, region=remote.region, timeout_s=remote.timeout_s,
-                      part_bytes=remote.max_value_bytes, max_workers=remote.max_workers,
-                      failure_threshold=remote.failure_threshold, retry_backoff_s=remote.retry_backoff_s,
-                      retry_backoff_max_s=remote.retry_backoff_max_s)  # fmt: skip
+        return S3Tier(
+            remote.url,
+            key_prefix=remote.key_prefix,
+            serde_name=remote.serde,
+            endpoint_url=remote.endpoint_url,
+            region=remote.region,
+            timeout_s=remote.timeout_s,
+            part_bytes=remote.max_value_bytes,
+            max_workers=remote.max_workers,
+            failure_threshold=remote.failure_threshold,
+            retry_backoff_s=remote.retry_backoff_s,
+            retry_backoff_max_s=remote.retry_backoff_max_s,
+        )
     raise TierError(f"remote.url scheme {scheme!r} has no tier in this build")

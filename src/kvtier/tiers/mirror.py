@@ -72,8 +72,13 @@ class MirrorTier(Tier):
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(self.name, chunks=len(self._keys), hits=self._hits, misses=self._misses,
-                             evictions=self._evictions)  # fmt: skip
+            return TierStats(
+                self.name,
+                chunks=len(self._keys),
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+            )
 
     def __len__(self) -> int:
         return len(self._keys)

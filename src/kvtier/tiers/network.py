@@ -61,21 +61,35 @@ class NetworkTier(Tier):
 
     capacity_enforced = False
 
-    def __init__(self, name: str, endpoint: str, *, serde_name: str,
-                 failure_types: tuple[type[BaseException], ...],
-                 refusal_types: tuple[type[BaseException], ...] = (), failure_threshold: int = 3,
-                 retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0, timeout_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        *,
+        serde_name: str,
+        failure_types: tuple[type[BaseException], ...],
+        refusal_types: tuple[type[BaseException], ...] = (),
+        failure_threshold: int = 3,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 5.0,
+        timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.serde_name = serde_name
         serde.get_codec(serde_name)  # unknown codec: fail at construction, not on the first put
         self._failure_types = failure_types
         self._refusal_types = refusal_types
         self._refusals_logged: set[type[BaseException]] = set()
-        self.breaker = CircuitBreaker(f"{name} tier {redact_url(endpoint)}",
-                                      failure_threshold=failure_threshold, backoff_initial_s=retry_backoff_s,
-                                      backoff_max_s=max(retry_backoff_max_s, retry_backoff_s), clock=clock,
-                                      on_open=self._reset_connection, probe=self._ping)  # fmt: skip
+        self.breaker = CircuitBreaker(
+            f"{name} tier {redact_url(endpoint)}",
+            failure_threshold=failure_threshold,
+            backoff_initial_s=retry_backoff_s,
+            backoff_max_s=max(retry_backoff_max_s, retry_backoff_s),
+            clock=clock,
+            on_open=self._reset_connection,
+            probe=self._ping,
+        )
         self.timeout_s = timeout_s
         self._stats = TierStats(name)
         self._lock = threading.Lock()
@@ -105,8 +119,14 @@ class NetworkTier(Tier):
                 self._stats.errors += 1
                 first = type(e) not in self._refusals_logged
                 self._refusals_logged.add(type(e))
-            log.log(logging.WARNING if first else logging.DEBUG, "%s: %s refused: %s: %s",
-                    self.breaker.name, op, type(e).__name__, e)  # fmt: skip
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s: %s refused: %s: %s",
+                self.breaker.name,
+                op,
+                type(e).__name__,
+                e,
+            )
             self.breaker.success()
             return default
         except self._failure_types as e:
@@ -190,8 +210,12 @@ class NetworkTier(Tier):
         except serde.CorruptChunkError as e:
             with self._lock:
                 self._stats.errors += 1
-            log.warning("%s: value for %s is corrupt or incomplete (%s); treated as a miss and deleted",
-                        self.breaker.name, key.hex(), e)  # fmt: skip
+            log.warning(
+                "%s: value for %s is corrupt or incomplete (%s); treated as a miss and deleted",
+                self.breaker.name,
+                key.hex(),
+                e,
+            )
             return None
         if not h.raw_nbytes:
             return Chunk(torch.empty(h.shape, dtype=h.dtype), h.fingerprint, h.num_tokens)

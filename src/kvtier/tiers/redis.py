@@ -50,25 +50,52 @@ Encoded = tuple[bytes, "bytes | bytearray | memoryview"]
 class RedisTier(NetworkTier):
     """Chunks in Redis/Valkey. Thread-safe (redis-py pools connections per thread of use)."""
 
-    def __init__(self, url: str, *, key_prefix: str = "kvtier", serde_name: str = "raw", timeout_s: float = 2.0,
-                 ttl_s: float = 0.0, max_value_bytes: int = 16 * 1024**2, username: str = "",
-                 password: str = "", failure_threshold: int = 3, retry_backoff_s: float = 0.5,
-                 retry_backoff_max_s: float = 5.0, max_connections: int = 64, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "kvtier",
+        serde_name: str = "raw",
+        timeout_s: float = 2.0,
+        ttl_s: float = 0.0,
+        max_value_bytes: int = 16 * 1024**2,
+        username: str = "",
+        password: str = "",
+        failure_threshold: int = 3,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 5.0,
+        max_connections: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if timeout_s <= 0 or ttl_s < 0 or max_value_bytes < 4096:
-            raise TierError(f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
-                            f"{timeout_s}, {ttl_s}, {max_value_bytes}")  # fmt: skip
+            raise TierError(
+                f"redis tier: need timeout_s > 0, ttl_s >= 0, max_value_bytes >= 4096; got "
+                f"{timeout_s}, {ttl_s}, {max_value_bytes}"
+            )
         self.target = parse_redis_url(url)
-        super().__init__("redis", url, serde_name=serde_name,
-                         failure_types=(redis.RedisError, RedisClusterException, OSError),
-                         refusal_types=(redis.ResponseError,), failure_threshold=failure_threshold,
-                         retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
-                         timeout_s=timeout_s, clock=clock)  # fmt: skip
+        super().__init__(
+            "redis",
+            url,
+            serde_name=serde_name,
+            failure_types=(redis.RedisError, RedisClusterException, OSError),
+            refusal_types=(redis.ResponseError,),
+            failure_threshold=failure_threshold,
+            retry_backoff_s=retry_backoff_s,
+            retry_backoff_max_s=retry_backoff_max_s,
+            timeout_s=timeout_s,
+            clock=clock,
+        )
         self.key_prefix = key_prefix
         self.max_value_bytes = max_value_bytes
         self._px = int(ttl_s * 1000) or None
-        self._connect = functools.partial(connect, self.target, username=username or self.target.username,
-                                          password=password or self.target.password, timeout_s=timeout_s,
-                                          max_connections=max_connections)  # fmt: skip
+        self._connect = functools.partial(
+            connect,
+            self.target,
+            username=username or self.target.username,
+            password=password or self.target.password,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+        )
         self._client: redis.Redis | RedisCluster | None = None
         self._client_lock = threading.Lock()
 

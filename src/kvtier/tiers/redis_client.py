@@ -88,17 +88,25 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget(url, tuple(nodes), tls, unquote(user) or None, unquote(pw) or None)
 
 
-def connect(target: RedisTarget, *, username: str | None, password: str | None, timeout_s: float,
-            max_connections: int) -> redis.Redis | RedisCluster:  # fmt: skip
+def connect(
+    target: RedisTarget, *, username: str | None, password: str | None, timeout_s: float, max_connections: int
+) -> redis.Redis | RedisCluster:
     """A client for ``target`` (no I/O yet for a single server; a cluster reads its topology)."""
-    kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                              retry=Retry(NoBackoff(), 0), max_connections=max_connections)  # fmt: skip
+    kw: dict[str, Any] = dict(
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections,
+    )
     kw.update({k: v for k, v in (("username", username), ("password", password)) if v})
     if target.cluster:
         h, p = target.nodes[0]  # url= makes redis-py build node pools that honour connection_class
-        return RedisCluster(url=f"{'rediss' if target.ssl else 'redis'}://{h}:{p}",
-                            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                            connection_class=_SSLConnection if target.ssl else _Connection, **kw)  # fmt: skip
+        return RedisCluster(
+            url=f"{'rediss' if target.ssl else 'redis'}://{h}:{p}",
+            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+            connection_class=_SSLConnection if target.ssl else _Connection,
+            **kw,
+        )
     scheme = target.url.partition("://")[0]
     kw["connection_class"] = {"unix": _UnixConnection, "rediss": _SSLConnection}.get(scheme, _Connection)
     return redis.Redis.from_url(target.url, **kw)

@@ -70,9 +70,18 @@ class RemoteTier(Tier):
 
     name = "remote"
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0, token: str = "", token_file: str = "",
-                 failure_threshold: int = 3, retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0,
-                 flush_timeout_s: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 2.0,
+        token: str = "",
+        token_file: str = "",
+        failure_threshold: int = 3,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 5.0,
+        flush_timeout_s: float = 60.0,
+    ) -> None:
         host, port, use_shm = parse_url(url)
         if token_file and not token:
             try:
@@ -82,12 +91,22 @@ class RemoteTier(Tier):
         self.url = url
         self.timeout_s = timeout_s
         self.client = DaemonClient(host, port, token=token, timeout_s=timeout_s, use_shm=use_shm)
-        self.breaker = CircuitBreaker(f"kvtier daemon {url}", failure_threshold=failure_threshold,
-                                      backoff_initial_s=retry_backoff_s,
-                                      backoff_max_s=max(retry_backoff_s, retry_backoff_max_s),
-                                      probe=self._ping)  # fmt: skip
-        self._probe_client = functools.partial(DaemonClient, host, port, token=token, timeout_s=timeout_s,
-                                               use_shm=False, client_name="kvtier-probe")  # fmt: skip
+        self.breaker = CircuitBreaker(
+            f"kvtier daemon {url}",
+            failure_threshold=failure_threshold,
+            backoff_initial_s=retry_backoff_s,
+            backoff_max_s=max(retry_backoff_s, retry_backoff_max_s),
+            probe=self._ping,
+        )
+        self._probe_client = functools.partial(
+            DaemonClient,
+            host,
+            port,
+            token=token,
+            timeout_s=timeout_s,
+            use_shm=False,
+            client_name="kvtier-probe",
+        )
         self.flush_timeout_s = flush_timeout_s
         self._lock = threading.Lock()
         self._stats = TierStats(self.name)

@@ -64,28 +64,55 @@ def _missing(e: ClientError) -> bool:
 class S3Tier(NetworkTier):
     """Chunks as S3 objects. Thread-safe (boto3 clients are)."""
 
-    def __init__(self, url: str, *, key_prefix: str = "kvtier", serde_name: str = "raw", endpoint_url: str = "",
-                 region: str = "", timeout_s: float = 5.0, part_bytes: int = 16 * 1024**2, max_workers: int = 8,
-                 failure_threshold: int = 3, retry_backoff_s: float = 0.5, retry_backoff_max_s: float = 5.0,
-                 create_bucket: bool = False, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "kvtier",
+        serde_name: str = "raw",
+        endpoint_url: str = "",
+        region: str = "",
+        timeout_s: float = 5.0,
+        part_bytes: int = 16 * 1024**2,
+        max_workers: int = 8,
+        failure_threshold: int = 3,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 5.0,
+        create_bucket: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bucket, prefix = parse_s3_url(url)
         if timeout_s <= 0 or max_workers < 1:
             raise TierError(
                 f"s3 tier: need timeout_s > 0 and max_workers >= 1, got {timeout_s}, {max_workers}"
             )
-        super().__init__("s3", endpoint_url or url, serde_name=serde_name,
-                         failure_types=(BotoCoreError, ClientError, OSError),
-                         failure_threshold=failure_threshold, retry_backoff_s=retry_backoff_s,
-                         retry_backoff_max_s=retry_backoff_max_s, timeout_s=timeout_s, clock=clock)  # fmt: skip
+        super().__init__(
+            "s3",
+            endpoint_url or url,
+            serde_name=serde_name,
+            failure_types=(BotoCoreError, ClientError, OSError),
+            failure_threshold=failure_threshold,
+            retry_backoff_s=retry_backoff_s,
+            retry_backoff_max_s=retry_backoff_max_s,
+            timeout_s=timeout_s,
+            clock=clock,
+        )
         self.prefix = prefix or key_prefix
         self.part_bytes = max(part_bytes, MIN_PART_BYTES)
-        cfg = BotoConfig(connect_timeout=timeout_s, read_timeout=timeout_s,
-                         max_pool_connections=max_workers * 2, retries={"total_max_attempts": 1},
-                         region_name=region or None)  # fmt: skip
+        cfg = BotoConfig(
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            max_pool_connections=max_workers * 2,
+            retries={"total_max_attempts": 1},
+            region_name=region or None,
+        )
         self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=cfg)
-        self._transfer = TransferConfig(multipart_threshold=self.part_bytes,
-                                        multipart_chunksize=self.part_bytes, max_concurrency=max_workers,
-                                        use_threads=True)  # fmt: skip
+        self._transfer = TransferConfig(
+            multipart_threshold=self.part_bytes,
+            multipart_chunksize=self.part_bytes,
+            max_concurrency=max_workers,
+            use_threads=True,
+        )
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="kvtier-s3")
         if create_bucket:
             self._guard("create_bucket", self._create_bucket, None)

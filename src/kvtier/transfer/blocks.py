@@ -71,8 +71,9 @@ class TokenIndex:
         return TokenIndex(self.blocks[r0:r1], self.offsets[r0:r1], bs, sub_wb)
 
 
-def token_index(block_ids: Sequence[int], first_token: int, start: int, end: int, block_size: int,
-                device: torch.device) -> TokenIndex:  # fmt: skip
+def token_index(
+    block_ids: Sequence[int], first_token: int, start: int, end: int, block_size: int, device: torch.device
+) -> TokenIndex:
     """Index of tokens ``[start, end)`` given ``block_ids[i]`` holds ``[first_token + i*bs, ...)``."""
     if first_token % block_size or not first_token <= start <= end:
         raise LayoutError(

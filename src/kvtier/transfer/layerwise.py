@@ -105,8 +105,9 @@ class ChunkedLayerwiseKV(LayerwiseKV):
     reusing the memory meanwhile).
     """
 
-    def __init__(self, views: list[ChunkViews], num_tokens: int, device: torch.device,
-                 group_layers: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, views: list[ChunkViews], num_tokens: int, device: torch.device, group_layers: int = 0
+    ) -> None:
         if device.type != "cuda" or not views or any(not v.chunks for v in views):
             raise LayoutError("ChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
         first = views[0].chunks[0][1].kv

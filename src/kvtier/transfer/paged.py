@@ -116,8 +116,14 @@ def retrieve_paged(
     if n == 0 or r.kv is None:
         return 0
     prep = prepare(kv_caches, slot_mapping[:n], layout)
-    scatter(prep.entries, prep.slots, _prefix(r.kv, n, prep.layout.is_mla), layout=prep.layout,
-            mode=mode, check_slots=False)  # fmt: skip
+    scatter(
+        prep.entries,
+        prep.slots,
+        _prefix(r.kv, n, prep.layout.is_mla),
+        layout=prep.layout,
+        mode=mode,
+        check_slots=False,
+    )
     if mode == "zero_copy":  # the kernel reads r.kv directly: keep it alive until done
         _sync(prep.device)
     return n

@@ -82,9 +82,13 @@ def delta_tables(
 
 
 def rerotate(
-    k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, theta: float = 10000.0,
-    *, backend: str = "auto",
-) -> torch.Tensor:  # fmt: skip
+    k: torch.Tensor,
+    old_pos: torch.Tensor,
+    new_pos: torch.Tensor,
+    theta: float = 10000.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Return ``k`` re-rotated from ``old_pos`` to ``new_pos`` (new tensor, same dtype/shape).
 
     Triton on CUDA when available (``backend="auto"``), else the torch reference; both use the

@@ -47,8 +47,17 @@ class DaemonError(P.ProtocolError):
 
 
 class DaemonClient:
-    def __init__(self, host: str, port: int, *, token: str = "", timeout_s: float = 2.0,
-                 use_shm: bool = True, client_name: str = "", token_file: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str = "",
+        timeout_s: float = 2.0,
+        use_shm: bool = True,
+        client_name: str = "",
+        token_file: str = "",
+    ) -> None:
         self.host, self.port = host, port
         self.token = token
         self.token_file = token_file or str(default_token_path(port))
@@ -130,16 +139,18 @@ class DaemonClient:
             got += k
         return buf
 
-    def _roundtrip(self, msg: P.Message, parts: Sequence[memoryview], *,
-                   max_payload: int | None = None) -> tuple[P.Message, bytearray]:  # fmt: skip
+    def _roundtrip(
+        self, msg: P.Message, parts: Sequence[memoryview], *, max_payload: int | None = None
+    ) -> tuple[P.Message, bytearray]:
         if self.sock is None:
             raise ConnectionError("not connected to the kvtier daemon")
         try:
             self._flush_releases()
             self._send(msg, parts)
             limit = self.welcome.max_payload_bytes if max_payload is None and self.welcome else 0
-            hlen, plen = P.parse_prefix(bytes(self._recv_exact(P.PREFIX.size)),
-                                        max_header=P.MAX_HEADER_BYTES, max_payload=limit or 0)  # fmt: skip
+            hlen, plen = P.parse_prefix(
+                bytes(self._recv_exact(P.PREFIX.size)), max_header=P.MAX_HEADER_BYTES, max_payload=limit or 0
+            )
             reply = P.decode_header(bytes(self._recv_exact(hlen)))
             payload = self._recv_exact(plen) if plen else bytearray()
         except (OSError, P.ProtocolError):

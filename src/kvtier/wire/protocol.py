@@ -48,9 +48,15 @@ MAX_DIMS = 8
 MAX_DIM = 1 << 31
 
 KV_DTYPES = {
-    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1,
-}  # fmt: skip
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
 """Element sizes of the dtypes a chunk may have (torch names without the ``torch.`` prefix)."""
 
 Key = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
@@ -226,9 +232,29 @@ class Flushed(_Msg, tag="flushed"):
 
 
 Message = (
-    Hello | Welcome | Error | Contains | Prefix | Get | Release | Reserve | Commit | Put | Remove | Clear
-    | Stats | Ping | Flush | Bools | Count | GetReply | Reserved | StatsReply | Pong | Flushed
-)  # fmt: skip
+    Hello
+    | Welcome
+    | Error
+    | Contains
+    | Prefix
+    | Get
+    | Release
+    | Reserve
+    | Commit
+    | Put
+    | Remove
+    | Clear
+    | Stats
+    | Ping
+    | Flush
+    | Bools
+    | Count
+    | GetReply
+    | Reserved
+    | StatsReply
+    | Pong
+    | Flushed
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

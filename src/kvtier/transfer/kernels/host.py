@@ -61,8 +61,12 @@ def gather(
     if out is None:
         dev = torch.device(device) if device is not None else prep.device
         pin = dev.type == "cpu" and prep.device.type == "cuda"
-        out = torch.empty(prep.layout.chunk_shape(len(prep.entries), n_t), dtype=prep.layout.dtype,
-                          device=dev, pin_memory=pin)  # fmt: skip
+        out = torch.empty(
+            prep.layout.chunk_shape(len(prep.entries), n_t),
+            dtype=prep.layout.dtype,
+            device=dev,
+            pin_memory=pin,
+        )
     check_chunk(prep, out, n_t, "out")
     _move(prep, rows_view(out, prep), to_chunk=True, mode=mode, staging_bytes=staging_bytes)
     return out

@@ -229,11 +229,26 @@ def _triton_move(
     kernel = tk.gather_kernel if to_chunk else tk.scatter_kernel
     with torch.cuda.device(prep.device):
         kernel[grid](
-            src, table, row0, slots, n_t, chunk, chunk_rows.stride(0),
-            a0.s_blk, a0.s_off, a0.s_h, lay.block_size,
-            HD=hd, D=d, HD_CONTIG=hd_contig, ALIGNED=aligned, VEC=vec,
-            BLOCK_T=block_t, BLOCK_HD=block_hd, num_warps=warps,
-        )  # fmt: skip
+            src,
+            table,
+            row0,
+            slots,
+            n_t,
+            chunk,
+            chunk_rows.stride(0),
+            a0.s_blk,
+            a0.s_off,
+            a0.s_h,
+            lay.block_size,
+            HD=hd,
+            D=d,
+            HD_CONTIG=hd_contig,
+            ALIGNED=aligned,
+            VEC=vec,
+            BLOCK_T=block_t,
+            BLOCK_HD=block_hd,
+            num_warps=warps,
+        )
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -59,8 +59,14 @@ def _use_triton(t: torch.Tensor) -> bool:
     return True
 
 
-def gather_quant(caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor, codec_name: str,
-                 chunk_tokens: int, *, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+def gather_quant(
+    caches: Sequence[torch.Tensor],
+    slot_mapping: torch.Tensor,
+    codec_name: str,
+    chunk_tokens: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Packed chunks ``[len(slots) // chunk_tokens, packed_nbytes]`` of the slots' KV."""
     codec = get_kv_codec(codec_name)
     if codec is None:
@@ -81,8 +87,15 @@ def gather_quant(caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor, cod
     )
 
 
-def scatter_dequant(packed: torch.Tensor, caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor,
-                    codec_name: str, chunk_tokens: int, *, backend: str = "auto") -> None:  # fmt: skip
+def scatter_dequant(
+    packed: torch.Tensor,
+    caches: Sequence[torch.Tensor],
+    slot_mapping: torch.Tensor,
+    codec_name: str,
+    chunk_tokens: int,
+    *,
+    backend: str = "auto",
+) -> None:
     """Write the KV of ``packed`` chunks (as from ``gather_quant``) into the slots, dequantized."""
     codec = get_kv_codec(codec_name)
     if codec is None:
@@ -92,8 +105,10 @@ def scatter_dequant(packed: torch.Tensor, caches: Sequence[torch.Tensor], slot_m
     shape = _shape(caches, chunk_tokens)
     n_chunks = slots.numel() // chunk_tokens
     if tuple(packed.shape) != (n_chunks, codec.packed_nbytes(shape)) or packed.dtype != torch.uint8:
-        raise KVCodecError(f"packed is {tuple(packed.shape)} {packed.dtype}, expected ({n_chunks}, "
-                           f"{codec.packed_nbytes(shape)}) uint8")  # fmt: skip
+        raise KVCodecError(
+            f"packed is {tuple(packed.shape)} {packed.dtype}, expected ({n_chunks}, "
+            f"{codec.packed_nbytes(shape)}) uint8"
+        )
     if backend == "triton" or (backend == "auto" and _use_triton(caches[0])):
         from kvtier.transfer.kernels import quant_triton
 

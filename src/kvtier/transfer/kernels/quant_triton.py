@@ -71,9 +71,30 @@ def _src_ptrs(src, slot_ptr, t, mask_t, p, h, s_p, s_blk, s_off, s_h, bs, D: tl.
 
 
 @triton.jit
-def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H,
-                      packed, codes_bytes, QMAX: tl.constexpr, RECIP: tl.constexpr, FP8: tl.constexpr, INTERP: tl.constexpr, TO_CHUNK: tl.constexpr,
-                      D: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+def _per_token_kernel(
+    src,
+    slot_ptr,
+    codes,
+    words,
+    n_t,
+    s_p,
+    s_blk,
+    s_off,
+    s_h,
+    bs,
+    layer,
+    CT,
+    H,
+    packed,
+    codes_bytes,
+    QMAX: tl.constexpr,
+    RECIP: tl.constexpr,
+    FP8: tl.constexpr,
+    INTERP: tl.constexpr,
+    TO_CHUNK: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2)
@@ -107,9 +128,33 @@ def _per_token_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, 
 
 
 @triton.jit
-def _kivi_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H, packed,
-                 n_codes, nk, nv, KEYS: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, RECIP: tl.constexpr,
-                 TO_CHUNK: tl.constexpr, INTERP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+def _kivi_kernel(
+    src,
+    slot_ptr,
+    codes,
+    words,
+    n_t,
+    s_p,
+    s_blk,
+    s_off,
+    s_h,
+    bs,
+    layer,
+    CT,
+    H,
+    packed,
+    n_codes,
+    nk,
+    nv,
+    KEYS: tl.constexpr,
+    BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    RECIP: tl.constexpr,
+    TO_CHUNK: tl.constexpr,
+    INTERP: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+):
     """Keys (``KEYS``): one program per 64-token group & head, scales per channel. Values: one
     program per ``BT`` tokens & head, scales per token. ``BT`` divides the chunk either way."""
     PB: tl.constexpr = 8 // BITS
@@ -176,8 +221,14 @@ def _kivi_kernel(src, slot_ptr, codes, words, n_t, s_p, s_blk, s_off, s_h, bs, l
         tl.store(ptrs, x.to(src.dtype.element_ty), mask=mask_t[:, None])
 
 
-def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int, out: torch.Tensor,
-         to_chunk: bool) -> None:  # fmt: skip
+def _run(
+    caches: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    codec: KVCodec,
+    ct: int,
+    out: torch.Tensor,
+    to_chunk: bool,
+) -> None:
     c0 = caches[0]
     _, _, bs, heads, dim = c0.shape
     if c0.stride(4) != 1:
@@ -212,17 +263,35 @@ def _run(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct
             )
             codes_bytes = n_layers * 2 * ct * heads * dim
             _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, 2)](
-                c, slots, codes, words, n_t, *st, bs, layer, ct, heads, packed, codes_bytes,
+                c,
+                slots,
+                codes,
+                words,
+                n_t,
+                *st,
+                bs,
+                layer,
+                ct,
+                heads,
+                packed,
+                codes_bytes,
                 QMAX=448.0 if fp8 else 127.0,
-                RECIP=_recip(448.0 if fp8 else 127.0), FP8=fp8, INTERP=INTERPRET, TO_CHUNK=to_chunk, D=dim, BT=BLOCK_T,
-            )  # fmt: skip
+                RECIP=_recip(448.0 if fp8 else 127.0),
+                FP8=fp8,
+                INTERP=INTERPRET,
+                TO_CHUNK=to_chunk,
+                D=dim,
+                BT=BLOCK_T,
+            )
 
 
-def gather_quant(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int,
-                 out: torch.Tensor) -> None:  # fmt: skip
+def gather_quant(
+    caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int, out: torch.Tensor
+) -> None:
     _run(caches, slots, codec, ct, out, True)
 
 
-def scatter_dequant(packed: torch.Tensor, caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec,
-                    ct: int) -> None:  # fmt: skip
+def scatter_dequant(
+    packed: torch.Tensor, caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int
+) -> None:
     _run(caches, slots, codec, ct, packed, False)

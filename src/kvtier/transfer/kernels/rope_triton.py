@@ -14,9 +14,16 @@ import triton.language as tl
 
 @triton.jit
 def _rerotate_kernel(
-    k_ptr, out_ptr, cos_ptr, sin_ptr, T,
-    H: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
+    k_ptr,
+    out_ptr,
+    cos_ptr,
+    sin_ptr,
+    T,
+    H: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -48,6 +55,5 @@ def rerotate_triton(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     block_t = max(1, min(64, 4096 // block_half))
     grid = (triton.cdiv(t, block_t), m)
     with torch.cuda.device(k.device):
-        _rerotate_kernel[grid](kc, out, cos, sin, t,
-                               H=h, HALF=half, BLOCK_T=block_t, BLOCK_HALF=block_half)  # fmt: skip
+        _rerotate_kernel[grid](kc, out, cos, sin, t, H=h, HALF=half, BLOCK_T=block_t, BLOCK_HALF=block_half)
     return out

@@ -88,9 +88,24 @@ def gather_kernel(
     """dst[lp, t, j] = plane(lp_base + lp)[slot[t], j]  (dst: [n_lp, n_t, HD])."""
     for j0 in tl.static_range(0, HD, BLOCK_HD):
         src_off, dst_off, mask = _tile_offsets(
-            plane_off_ptr, slot_ptr, lp_base, n_t, s_blk, s_off, s_h, dst_lp_stride, block_size,
-            HD, D, HD_CONTIG, ALIGNED, VEC, BLOCK_T, BLOCK_HD, j0,
-        )  # fmt: skip
+            plane_off_ptr,
+            slot_ptr,
+            lp_base,
+            n_t,
+            s_blk,
+            s_off,
+            s_h,
+            dst_lp_stride,
+            block_size,
+            HD,
+            D,
+            HD_CONTIG,
+            ALIGNED,
+            VEC,
+            BLOCK_T,
+            BLOCK_HD,
+            j0,
+        )
         x = tl.load(src_ptr + src_off, mask=mask)
         tl.store(dst_ptr + dst_off, x, mask=mask)
 
@@ -119,9 +134,24 @@ def scatter_kernel(
     """plane(lp_base + lp)[slot[t], j] = src[lp, t, j]  (src: [n_lp, n_t, HD])."""
     for j0 in tl.static_range(0, HD, BLOCK_HD):
         paged_off, chunk_off, mask = _tile_offsets(
-            plane_off_ptr, slot_ptr, lp_base, n_t, s_blk, s_off, s_h, src_lp_stride, block_size,
-            HD, D, HD_CONTIG, ALIGNED, VEC, BLOCK_T, BLOCK_HD, j0,
-        )  # fmt: skip
+            plane_off_ptr,
+            slot_ptr,
+            lp_base,
+            n_t,
+            s_blk,
+            s_off,
+            s_h,
+            src_lp_stride,
+            block_size,
+            HD,
+            D,
+            HD_CONTIG,
+            ALIGNED,
+            VEC,
+            BLOCK_T,
+            BLOCK_HD,
+            j0,
+        )
         x = tl.load(src_ptr + chunk_off, mask=mask)
         tl.store(dst_ptr + paged_off, x, mask=mask)
 
