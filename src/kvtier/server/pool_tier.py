@@ -10,8 +10,6 @@ returns it, so a dead client never leaks pool space.
 
 from __future__ import annotations
 
-from kvtier.memory import ALIGN_BYTES
-from kvtier.tiers.base import TierError
 from kvtier.tiers.cpu import CPUTier, Reservation
 from kvtier.wire.shm import SharedSegment
 
@@ -24,8 +22,7 @@ class SharedCPUTier(CPUTier):
     name = "cpu"
 
     def __init__(self, segment: SharedSegment, *, policy: str = "lru", pin_timeout_s: float = 60.0) -> None:
-        if segment.arena_bytes % ALIGN_BYTES:
-            raise TierError(f"arena of {segment.arena_bytes} bytes is not {ALIGN_BYTES}-aligned")
+        # HostBufferPool(arena=) refuses an arena that is not exactly the aligned capacity (PoolError)
         super().__init__(
             segment.arena_bytes,
             policy=policy,

@@ -42,6 +42,10 @@ class TokenIndex:
     block_size: int
     whole_blocks: torch.Tensor | None = None
     _block_list: list[int] | None = field(default=None, repr=False, compare=False)
+    _slots: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _plane_major: tuple[tuple[tuple[int, ...], int], torch.Tensor] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -58,11 +62,10 @@ class TokenIndex:
     def slots(self) -> torch.Tensor:
         """The tokens' flat slot numbers (``block * block_size + offset``), cached: the kernels'
         index, computed once per index and reused by every layer and plane."""
-        cached = self.__dict__.get("_slots")
-        if cached is None:
-            cached = self.blocks * self.block_size + self.offsets
-            object.__setattr__(self, "_slots", cached)
-        return cached
+        if self._slots is None:
+            object.__setattr__(self, "_slots", self.blocks * self.block_size + self.offsets)
+        assert self._slots is not None
+        return self._slots
 
     def rows(self, r0: int, r1: int) -> TokenIndex:
         """The sub-range of tokens ``[r0, r1)`` of this index."""
@@ -225,21 +228,19 @@ def _plane_major_index(
 ) -> torch.Tensor:
     """Row ``p * T + t`` of the plane-major buffer is row ``index[p * T + t]`` of the piece-major
     staging; cached on ``idx`` (every layer of a load has the same pieces)."""
-    key = ("_plane_major", lengths, planes)
-    cached = idx.__dict__.get("_pm")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    out = torch.empty(planes * sum(lengths), dtype=torch.int64)
+    key = (lengths, planes)
+    if idx._plane_major is not None and idx._plane_major[0] == key:
+        return idx._plane_major[1]
+    total = sum(lengths)
+    out = torch.empty(planes * total, dtype=torch.int64)
     start = row = 0
     for n in lengths:
         for p in range(planes):
-            out[p * sum(lengths) + row : p * sum(lengths) + row + n] = torch.arange(
-                start + p * n, start + (p + 1) * n
-            )
+            out[p * total + row : p * total + row + n] = torch.arange(start + p * n, start + (p + 1) * n)
         start += planes * n
         row += n
     dev = out.to(device)
-    object.__setattr__(idx, "_pm", (key, dev))
+    object.__setattr__(idx, "_plane_major", (key, dev))
     return dev
 
 
