@@ -109,3 +109,22 @@ def test_triton_layer_by_layer_bit_exact_with_torch(name: str) -> None:
     scatter_dequant(whole, ref, slots, name, CT, backend="torch")
     for a, b in zip(back, ref, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_overlapped_store_and_load_equal_the_plain_calls(name: str) -> None:
+    pytest.importorskip("triton")
+    from kvtier.transfer.kernels.quant_pipeline import load_overlapped, store_overlapped
+
+    caches, slots = _setup("cuda", torch.bfloat16, n_tokens=5 * CT, seed=3)
+    want = gather_quant(caches, slots, name, CT)
+    host = torch.full(tuple(want.shape), 7, dtype=torch.uint8, pin_memory=True)
+    store_overlapped(caches, slots, name, CT, host, groups=3)  # uneven groups: 2 + 2 + 1 chunks
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(host, want.cpu())
+    a, b = [torch.zeros_like(c) for c in caches], [torch.zeros_like(c) for c in caches]
+    scatter_dequant(want, a, slots, name, CT)
+    load_overlapped(host, b, slots, name, CT, groups=3)
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
