@@ -318,8 +318,8 @@ def _check_remote_url(url: str) -> None:
 @dataclass
 class RemoteConfig:
     """A remote tier: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, a cluster
-    (``redis+cluster://h1:p1,h2:p2``), ``s3://bucket/prefix`` or ``kvtier://host:port`` (the
-    kvtier daemon). Empty = none.
+    (``redis+cluster://h1:p1,h2:p2``), ``s3://bucket/prefix``, ``mooncake://master:port?...`` (Mooncake
+    Store, see ``MooncakeURL``) or ``kvtier://host:port`` (the kvtier daemon). Empty = none.
 
     ``password`` is a secret: set it via ``KVTIER_REMOTE__PASSWORD`` rather than a file; it is
     never logged and ``config show`` prints it as ``***``. ``max_value_bytes``: Redis values
