@@ -30,7 +30,7 @@ def engine(url: str, codec: str, salt: str, serde: str = "raw") -> CacheEngine:
 
 @pytest.mark.parametrize(
     "codec,transport,serde",
-    [("int8", "shm", "raw"), ("int4", "tcp", "raw"), ("int4", "shm", "shuffle-zstd")],
+    [("int8", "shm", "raw"), ("int4", "tcp", "shuffle-zstd")],
 )
 def test_daemon_tier_round_trips_packed_chunks(
     daemon: DaemonProcess, codec: str, transport: str, serde: str
