@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "kvtier.commands.demo_cmd",
     "kvtier.commands.server_cmd",
     "kvtier.commands.stats_cmd",
+    "kvtier.commands.warm_cmd",
 )
 DEFAULT_LEVEL = {"server": logging.INFO}  # a daemon's log is its record; other commands stay quiet
 
