@@ -10,6 +10,9 @@ Invariants:
 * A document the server refuses (an HTTP 4xx: too long for its context, ...) is counted in
   ``failed`` and named once; a server that stops answering ends the run with a ``WarmError``
   (the state file keeps what was done).
+* The connector stores asynchronously (its write to a daemon or Redis trails the answer), so the
+  final per-tier figures are read once the daemon's put counter has been still for
+  ``settle_s`` (at most ``SETTLE_MAX_S``): they can still miss a write that trails longer.
 * Only ``segments``-free warming: vLLM's connector API reuses prefixes only (README, blending).
 """
 
@@ -26,6 +29,25 @@ from typing import Any
 from kvtier.redact import redact_url
 from kvtier.warm.corpus import Document, WarmError
 from kvtier.warm.report import WarmReport, daemon_deltas
+
+SETTLE_MAX_S = 30.0
+
+
+def settled(stats: Callable[[], dict[str, dict[str, Any]]], settle_s: float) -> dict[str, dict[str, Any]]:
+    """``stats()`` once the sum of its tiers' ``puts`` has not moved for ``settle_s``."""
+
+    def puts(s: dict[str, dict[str, Any]]) -> int:
+        return sum(int(v.get("puts", 0)) for k, v in s.items() if k.startswith("tier:"))
+
+    deadline = time.monotonic() + SETTLE_MAX_S
+    last = stats()
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = stats()
+        if puts(now) == puts(last):
+            return now
+        last = now
+    return last
 
 
 def _request(url: str, body: dict[str, Any] | None, api_key: str, timeout_s: float) -> Any:
@@ -75,6 +97,7 @@ def warm_over_http(
     api_key: str = "",
     timeout_s: float = 600.0,
     stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
+    settle_s: float = 1.0,
     tick: Callable[[Document, int], None] | None = None,
 ) -> WarmReport:
     """Send every document not in ``state`` to ``url``; ``stats``: a kvtier daemon's ``/stats``
@@ -82,7 +105,7 @@ def warm_over_http(
     base = url.rstrip("/")
     name = model or first_model(base, api_key)
     done = StateFile(state)
-    rep = WarmReport()
+    rep = WarmReport(server=redact_url(base))
     before = stats() if stats is not None else None
     t0 = time.perf_counter()
     for doc in docs:
@@ -115,5 +138,5 @@ def warm_over_http(
             tick(doc, n)
     rep.seconds = time.perf_counter() - t0
     if before is not None and stats is not None:
-        rep.tiers = daemon_deltas(before, stats())
+        rep.tiers = daemon_deltas(before, settled(stats, settle_s) if rep.warmed else stats())
     return rep

@@ -10,10 +10,12 @@ from kvtier.observability import CacheStats
 
 @dataclass
 class TierDelta:
-    """One tier's growth during the run: chunks and bytes written, bytes held at the end."""
+    """One tier's growth during the run: chunks put, bytes written (0 where the tier does not
+    count them: a daemon's CPU tier), bytes it holds more, and bytes held at the end."""
 
     chunks: int = 0
     written_bytes: int = 0
+    added_bytes: int = 0
     bytes_used: int = 0
 
 
@@ -33,6 +35,8 @@ class WarmReport:
     """Documents the server refused (``--url``: an HTTP 4xx, e.g. longer than its context)."""
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    server: str = ""
+    """``--url``: the server the documents went to (its connector computed and stored them)."""
     tiers: dict[str, TierDelta] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,13 +49,17 @@ class WarmReport:
         out = [
             f"documents {self.documents}: warmed {self.warmed}, already stored {self.skipped}"
             + (f", refused {self.failed}" if self.failed else ""),
-            f"tokens {self.tokens} in {self.seconds:.1f} s ({rate:.0f} tokens/s); computed "
-            f"{self.computed_tokens}, stored {self.stored_tokens}",
+            f"tokens {self.tokens} in {self.seconds:.1f} s ({rate:.0f} tokens/s); "
+            + (
+                f"sent to {self.server}"
+                if self.server
+                else f"computed {self.computed_tokens}, stored {self.stored_tokens}"
+            ),
         ]
         out += [f"refused: {f}" for f in self.failures[:5]]
         for name, t in self.tiers.items():
             out.append(
-                f"tier {name}: +{t.chunks} chunks, +{_size(t.written_bytes)} written, {_size(t.bytes_used)} held"
+                f"tier {name}: +{t.chunks} chunks, +{_size(t.added_bytes)} held, {_size(t.bytes_used)} in all"
             )
         return out
 
@@ -62,7 +70,10 @@ def tier_deltas(before: CacheStats, after: CacheStats) -> dict[str, TierDelta]:
     for name, a in after.tiers.items():
         b = before.tiers.get(name)
         out[name] = TierDelta(
-            a.puts - (b.puts if b else 0), a.written_bytes - (b.written_bytes if b else 0), a.bytes_used
+            a.puts - (b.puts if b else 0),
+            a.written_bytes - (b.written_bytes if b else 0),
+            a.bytes_used - (b.bytes_used if b else 0),
+            a.bytes_used,
         )
     return out
 
@@ -79,6 +90,7 @@ def daemon_deltas(
         out[key.removeprefix("tier:")] = TierDelta(
             int(a.get("puts", 0)) - int(b.get("puts", 0)),
             int(a.get("written_bytes", 0)) - int(b.get("written_bytes", 0)),
+            int(a.get("bytes_used", 0)) - int(b.get("bytes_used", 0)),
             int(a.get("bytes_used", 0)),
         )
     return out
