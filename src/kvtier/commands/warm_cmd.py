@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="store documents as prefix chunks or as blend segments (in process only)",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=0, help="cut documents to this many tokens (0: the model's context)"
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="in process: cut documents to this many tokens (0: the model's context)",
     )
     m = p.add_argument_group("in process")
     m.add_argument("--model", default="smollm2", help="smollm2, a local HF model directory, or random:NAME")
@@ -69,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     h = p.add_argument_group("through a server (--url)")
     h.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     h.add_argument("--server-model", help="the request's model name (default: the first of /models)")
-    h.add_argument("--api-key", default="", help="sent as Authorization: Bearer KEY")
+    h.add_argument("--api-key", help="sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY, if set)")
     h.add_argument("--state", metavar="FILE", help="resume file: documents done are listed and skipped")
     h.add_argument("--stats-url", help="the kvtier daemon's HTTP address, for the bytes per tier")
     add_config_args(p)
@@ -121,7 +125,7 @@ def _over_http(args: argparse.Namespace, docs: list[Document], tick: Tick) -> Wa
         docs,
         model=args.server_model or "",
         state=Path(args.state) if args.state else None,
-        api_key=args.api_key,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY", ""),
         stats=stats,
         tick=tick,
     )
