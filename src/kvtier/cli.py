@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
         args.no_progress = True
+    if getattr(args, "no_progress", False):
+        # transformers/huggingface_hub bars too ("Loading weights"): read when they are imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from kvtier.commands.user_errors import user_error
     from kvtier.redact import redact_text
 

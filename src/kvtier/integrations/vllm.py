@@ -20,7 +20,8 @@ CacheEngine and reports the digests it stores through vLLM's worker->scheduler m
 scheduler looks prompts up in that key mirror (``tiers.mirror``) and in the remote tier, if
 ``remote.url`` is set. A stale mirror entry costs a failed load, which vLLM recomputes.
 
-Only this module imports vLLM; the rest of kvtier imports without it.
+Only this module and ``vllm_stats`` (vLLM's stats and Prometheus classes) import vLLM; the rest
+of kvtier imports without it.
 """
 
 from __future__ import annotations
