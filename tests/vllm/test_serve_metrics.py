@@ -112,6 +112,16 @@ def test_kvtier_series_on_vllm_metrics(server: VLLMServer) -> None:
     assert series(text, "kvtier_vllm_failed_blocks_total") == 0
     assert re.search(r'kvtier_vllm_hit_tokens_total\{[^}]*engine="0"', text)  # vLLM's own labels
 
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "kvtier.json").read_text())
+    queried = {
+        m
+        for p in dashboard["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"kvtier_vllm_\w+", t["expr"])
+    }
+    exported = set(re.findall(r"^(kvtier_vllm_\w+?)(?:{| )", text, re.M))
+    assert queried and queried <= exported, sorted(queried - exported)  # the dashboard's vLLM panels
+
     log = server.log_tail(200_000)
     # kvtier's INFO lines (logs.attach_if_unhandled): vLLM configures only its own logger
     assert "kvtier: registered 2 layers" in log, log[-3000:]
