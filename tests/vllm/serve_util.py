@@ -50,7 +50,7 @@ class VLLMServer:
             VLLM_CPU_KVCACHE_SPACE="1",
             VLLM_CPU_NUM_OF_RESERVED_CPU="0",
             HF_HUB_OFFLINE="1",
-            PYTHONPATH=os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]),
+            PYTHONPATH=os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p),
         )
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vllm serve's default: engine core apart
         self.env = env
