@@ -32,6 +32,7 @@ class Engine:
     root: str = ""
     die_after: int | None = None  # drop the connection after this many streamed events
     status: int = 200
+    group: int = 1  # tokens per streamed event (vLLM may put several in one under load)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     server: TestServer | None = None
 
@@ -80,6 +81,7 @@ class Engine:
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        toks = ["".join(toks[i : i + self.group]) for i in range(0, len(toks), self.group)]
         for i, t in enumerate(toks):
             if self.die_after is not None and i == self.die_after:
                 await asyncio.sleep(0.05)

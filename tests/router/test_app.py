@@ -172,6 +172,25 @@ def test_a_greedy_stream_resumes_on_another_instance_when_its_instance_dies(mode
     run(go)
 
 
+def test_a_resumed_stream_is_cut_by_text_not_by_events(model_dir: Path) -> None:
+    async def go() -> None:
+        e = [await Engine("e0", die_after=3).start(), await Engine("e1", group=2).start()]
+        c, _ = await client(model_dir, f"{e[0].url} {e[1].url}", policy="round-robin")
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0,
+            "max_tokens": 7,
+        }
+        r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+        events = parse_sse(await r.text())
+        assert r.status == 200 and len(e[1].bodies) == 1
+        assert "".join(ev["choices"][0]["text"] for ev in events) == "".join(tokens_for(body))
+        await c.close()
+
+    run(go)
+
+
 def test_a_sampled_stream_that_loses_its_instance_ends_with_an_error_event(model_dir: Path) -> None:
     async def go() -> None:
         e = [await Engine("e0", die_after=2).start(), await Engine("e1").start()]

@@ -5,8 +5,9 @@
   instance in the order. A non-streaming answer is read whole before it is sent, so any failure
   of its instance is retried. The client sees an error only when every instance failed (503).
 * **Resume** (``resume_streams``): a greedy stream (``temperature`` 0, one choice) whose instance
-  dies after some events were sent is re-sent to the next instance, whose first events — the
-  same tokens, greedy decoding being deterministic — are skipped; the client's stream goes on.
+  dies after some events were sent is re-sent to the next instance; the text the client already
+  has (greedy decoding gives the same tokens) is cut from the new stream by characters, not by
+  events (an engine may put several tokens in one event), and the client's stream goes on.
   Any other stream that loses its instance ends with an OpenAI error event, never a hang.
 * Engine answers (4xx errors included: unknown model, prompt over the context length) pass
   through untouched: the client sees the engine's own error JSON.
@@ -17,6 +18,7 @@ an error writing to the *client* (it went away) ends the request and never marks
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -67,6 +69,47 @@ async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
 
 def is_data(event: bytes) -> bool:
     return event.lstrip().startswith(b"data:") and b"[DONE]" not in event[:16]
+
+
+def _parse(event: bytes) -> dict[str, Any] | None:
+    try:
+        ev = json.loads(event.lstrip()[5:])
+    except ValueError:
+        return None
+    return ev if isinstance(ev, dict) else None
+
+
+def event_text(event: bytes) -> str:
+    """The generated text an event carries (completions ``text``, chat ``delta.content``)."""
+    ev = _parse(event) if is_data(event) else None
+    if ev is None:
+        return ""
+    out = []
+    for c in ev.get("choices") or ():
+        if isinstance(c, dict):
+            out.append(str(c.get("text") or (c.get("delta") or {}).get("content") or ""))
+    return "".join(out)
+
+
+def resume_cut(event: bytes, skip: int) -> tuple[bytes | None, int]:
+    """A resumed stream's event with the first ``skip`` characters (already sent) removed:
+    (the event to forward or None, characters still to skip). An event that only repeats what
+    the client has (a chat role chunk, sent text) is dropped; one that ends the stream is kept."""
+    ev = _parse(event) if is_data(event) else None
+    if ev is None:
+        return (event if not is_data(event) else None), skip
+    choices = [c for c in ev.get("choices") or () if isinstance(c, dict)]
+    text = event_text(event)
+    final = bool(ev.get("usage")) or any(c.get("finish_reason") for c in choices)
+    if skip >= len(text) and not final:
+        return None, skip - len(text)
+    cut = min(skip, len(text))
+    for c in choices[:1]:  # greedy() allows one choice
+        if "text" in c:
+            c["text"] = text[cut:]
+        elif isinstance(c.get("delta"), dict):
+            c["delta"] = {k: v for k, v in c["delta"].items() if k != "role"} | {"content": text[cut:]}
+    return b"data: " + json.dumps(ev).encode() + b"\n\n", skip - cut
 
 
 class Proxy:
@@ -144,7 +187,8 @@ class Proxy:
         t0: float,
     ) -> web.StreamResponse:
         out: web.StreamResponse | None = None
-        sent = 0  # data events the client has
+        sent = 0  # characters of generated text the client has
+        events = 0  # data events the client has
         resumable = self.resume_streams and greedy(body)
         for i, b in enumerate(order):
             last = i == len(order) - 1
@@ -170,15 +214,18 @@ class Proxy:
                                 status=200, headers={"Content-Type": ctype, "Cache-Control": "no-cache"}
                             )
                             await _write(request, out, None)
-                        skip = sent
+                        skip, resuming = sent, events > 0
                         async for event in sse_events(r.content):
-                            if skip and is_data(event):
-                                skip -= 1
-                                continue
+                            if resuming:
+                                cut, skip = resume_cut(event, skip)
+                                if cut is None:
+                                    continue
+                                event, resuming = cut, skip > 0
                             await _write(request, out, event)
-                            sent += is_data(event)
+                            sent += len(event_text(event))
+                            events += is_data(event)
                         if skip:
-                            raise ResumeError(f"the resumed stream was {skip} events short")
+                            raise ResumeError(f"the resumed stream was {skip} characters short")
                         b.mark_up()
                         self.metrics.backend_requests.labels(backend=b.name, outcome="200").inc()
                         await out.write_eof()
@@ -205,7 +252,7 @@ class Proxy:
             "kvtier router: %s failed (%s)%s; trying the next instance",
             b.name,
             reason,
-            f" after {streamed} events" if streamed else "",
+            f" after {streamed} characters" if streamed else "",
         )
         if mark:
             b.mark_down(self.cooldown_s)
