@@ -142,7 +142,14 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        web.run_app(router.app(), host=rc.listen_host, port=rc.listen_port, print=None, handle_signals=True)
+        web.run_app(
+            router.app(),
+            host=rc.listen_host,
+            port=rc.listen_port,
+            print=None,
+            access_log=None,
+            handle_signals=True,
+        )
     except OSError as e:
         raise CommandError(
             f"cannot listen on {rc.listen_host}:{rc.listen_port}: {e.strerror or e} — pick another --port"
