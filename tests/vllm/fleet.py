@@ -230,6 +230,16 @@ def post(url: str, body: Any, *, raw: bytes | None = None, timeout: float = 600)
 
 def stream(url: str, body: dict[str, Any], timeout: float = 600) -> tuple[int, list[dict[str, Any]], bool]:
     """(status, data events, saw [DONE]) of a streaming POST."""
+    status, events, done, _ = stream_timed(url, body, timeout)
+    return status, events, done
+
+
+def stream_timed(
+    url: str, body: dict[str, Any], timeout: float = 600
+) -> tuple[int, list[dict[str, Any]], bool, float]:
+    """``stream`` plus the seconds to the first event that carries text (TTFT; NaN if none)."""
+    t0 = time.perf_counter()
+    first = float("nan")
     req = urllib.request.Request(
         url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"}
     )
@@ -245,6 +255,8 @@ def stream(url: str, body: dict[str, Any], timeout: float = 600) -> tuple[int, l
                         done = True
                         break
                     events.append(json.loads(data))
-            return r.status, events, done
+                    if first != first and any(c.get("text") for c in events[-1].get("choices") or ()):
+                        first = time.perf_counter() - t0
+            return r.status, events, done, first
     except urllib.error.HTTPError as e:
-        return e.code, [json.loads(e.read())], False
+        return e.code, [json.loads(e.read())], False, first

