@@ -224,7 +224,7 @@ def test_killing_an_instance_then_a_daemon_mid_run_fails_no_request(two: dict[st
 
     def user(u: int) -> None:
         history = f"User {u} asks about the history of the number {u}. " * 12
-        for turn in range(4):
+        for turn in range(3):
             body = {
                 "model": fleet.SERVED,
                 "prompt": history + f" Turn {turn}:",
@@ -238,19 +238,19 @@ def test_killing_an_instance_then_a_daemon_mid_run_fails_no_request(two: dict[st
                 results.append(got)
             history += "".join(e["choices"][0]["text"] for e in got[1] if e.get("choices"))
 
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(4)]
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(3)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 600
-    while len(results) < 3 and time.monotonic() < deadline:
+    while len(results) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     two["engines"][1].kill()
-    while len(results) < 9 and time.monotonic() < deadline:
+    while len(results) < 6 and time.monotonic() < deadline:
         time.sleep(0.2)
     two["daemons"][0].kill()
     for t in threads:
         t.join(timeout=900)
-    assert len(results) == 16
+    assert len(results) == 9
     for status, events, done in results:
         assert status == 200 and done, events[-1:]
         usage = [e["usage"] for e in events if e.get("usage")]
