@@ -4,9 +4,9 @@ Each request goes to the instance whose kvtier daemon holds the longest prefix o
 (``POST /lookup``), then to the least loaded one (``--policy kv-aware``, the default); or
 ``round-robin``, ``least-load``, ``session`` (sticky by ``--session-header``). A dead instance is
 retried elsewhere, a dead daemon only loses its prefix signal. ``--pd prefill=URL,...
-decode=URL,...`` runs the prefill/decode two-step instead. Settings: flags < ``--set
-router.FIELD=...`` < ``KVTIER_ROUTER__FIELD`` < the ``router:`` section of ``--config``
-(see ``kvtier config show``); flags win.
+decode=URL,...`` runs the prefill/decode two-step instead. Settings, later ones winning: the
+``router:`` section of ``--config``, ``KVTIER_ROUTER__FIELD``, ``--set router.FIELD=...``, the
+flags below (see ``kvtier config show``).
 
   kvtier router --backend http://127.0.0.1:8001,lookup=http://127.0.0.1:8081 \\
                 --backend http://127.0.0.1:8002,lookup=http://127.0.0.1:8082 --port 8000
@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model-id", help="the /lookup model id (default: that directory, as vLLM's --model)")
     p.add_argument("--kv-dtype", help="the engines' KV dtype (default: config.json's dtype)")
     p.add_argument(
-        "--chunk-tokens", type=int, help="the connector's chunk.chunk_tokens (default: kvtier's default)"
+        "--chunk-tokens",
+        type=int,
+        help="the connector's chunk.chunk_tokens (default: chunk.chunk_tokens, 256)",
     )
     p.add_argument(
         "--lookup-token-file", metavar="FILE", help="the daemons' auth token, for backends without token="
