@@ -32,6 +32,7 @@ class Engine:
     root: str = ""
     die_after: int | None = None  # drop the connection after this many streamed events
     status: int = 200
+    linger_s: float = 0.0  # keep the stream open this long after [DONE]
     group: int = 1  # tokens per streamed event (vLLM may put several in one under load)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     server: TestServer | None = None
@@ -92,6 +93,7 @@ class Engine:
             ev = {"id": self.name, "choices": [{"index": 0, "text": t, "finish_reason": fin}]}
             await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(self.linger_s)  # a slow close: the stream ends a while after [DONE]
         return resp
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,38 @@ def test_a_resumed_stream_is_cut_by_text_not_by_events(model_dir: Path) -> None:
         events = parse_sse(await r.text())
         assert r.status == 200 and len(e[1].bodies) == 1
         assert "".join(ev["choices"][0]["text"] for ev in events) == "".join(tokens_for(body))
+        await c.close()
+
+    run(go)
+
+
+def test_a_client_that_leaves_after_done_is_no_instance_failure(model_dir: Path) -> None:
+    """A client that resets its connection right after [DONE]: no retry, no instance in cool-down.
+
+    NOTE: guard, not a reproduction. On real vLLM (kill test) the router once logged a
+    ``ClientConnectionResetError: Cannot write to closing transport`` as an instance failure
+    after a stream had sent all its text; the router now routes every client write, the last
+    chunk (``write_eof``) included, through ``ClientGone``; this stand-in set-up passes either way."""
+
+    async def go() -> None:
+        e = [await Engine("e0", linger_s=0.5).start(), await Engine("e1").start()]
+        c, _ = await client(model_dir, f"{e[0].url} {e[1].url}", policy="round-robin")
+        body = json.dumps(completion(stream=True)).encode()
+        reader, writer = await asyncio.open_connection(c.host, c.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        seen = b""
+        while b"[DONE]" not in seen:
+            seen += await reader.read(4096)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # a reset, right after [DONE], before the stream's end
+        await asyncio.sleep(2.5)
+        assert not e[1].bodies
+        health = await (await c.get("/health")).json()
+        assert [b["up"] for b in health["backends"]] == [True, True]
         await c.close()
 
     run(go)

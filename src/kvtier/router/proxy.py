@@ -228,7 +228,7 @@ class Proxy:
                             raise ResumeError(f"the resumed stream was {skip} characters short")
                         b.mark_up()
                         self.metrics.backend_requests.labels(backend=b.name, outcome="200").inc()
-                        await out.write_eof()
+                        await _write(request, out, b"", eof=True)
                         return out
             except ClientGone:
                 log.info("kvtier router: the client left during a stream from %s", b.name)
@@ -239,7 +239,7 @@ class Proxy:
             return error_response(503, f"no engine instance answered ({len(order)} tried); retry later")
         try:
             await _write(request, out, error_event(502, "the engine instance serving this stream failed"))
-            await out.write_eof()
+            await _write(request, out, b"", eof=True)
         except ClientGone:
             pass
         return out
@@ -274,10 +274,16 @@ class _InFlight:
         self.gauge.dec()
 
 
-async def _write(request: web.Request, out: web.StreamResponse, data: bytes | None) -> None:
+async def _write(
+    request: web.Request, out: web.StreamResponse, data: bytes | None, *, eof: bool = False
+) -> None:
+    """Every write to the client goes through here: its failure is ``ClientGone``, never an
+    instance failure (the stream's last chunk too: a client may close right after ``[DONE]``)."""
     try:
         if data is None:
             await out.prepare(request)
+        elif eof:
+            await out.write_eof()
         else:
             await out.write(data)
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
