@@ -27,11 +27,15 @@ COMMAND_MODULES = (
     "kvtier.commands.bench_cmd",
     "kvtier.commands.config_cmd",
     "kvtier.commands.demo_cmd",
+    "kvtier.commands.router_cmd",
     "kvtier.commands.server_cmd",
     "kvtier.commands.stats_cmd",
     "kvtier.commands.warm_cmd",
 )
-DEFAULT_LEVEL = {"server": logging.INFO}  # a daemon's log is its record; other commands stay quiet
+DEFAULT_LEVEL = {
+    "server": logging.INFO,
+    "router": logging.INFO,
+}  # a daemon's log is its record; other commands stay quiet
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
