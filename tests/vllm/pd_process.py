@@ -51,6 +51,7 @@ def main() -> None:
         extra={"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.max_bytes": "64MiB"},
     )
     ref = _gen(greedy(both, [prompt], max_tokens=8)[0])
+    stats_ref = connector_stats("pd-both")
     Path(out_file).write_text(
         json.dumps(
             {
@@ -59,6 +60,7 @@ def main() -> None:
                 "stats_first": after_first,
                 "stats_again": after_again,
                 "ref": ref,
+                "stats_ref": stats_ref,
             }
         )
     )

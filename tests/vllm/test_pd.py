@@ -123,7 +123,7 @@ def test_consumer_loads_the_prompt_and_computes_only_the_last_token(
     assert got.num_cached_tokens == len(PROMPT) - 1  # one token computed: < 1 block of the prompt
     assert s1["loaded_tokens"] - s0["loaded_tokens"] == 5 * BLOCK and s1["load_failures"] == 0
     ref = produced["ref"]  # a single colocated kv_both instance, computed from scratch
-    assert ref["cached"] == 0
+    assert ref["cached"] == 0 and produced["stats_ref"]["saved_tokens"] == 5 * BLOCK  # (its own tier)
     assert list(got.outputs[0].token_ids) == ref["tokens"]
     assert ref["tokens"][0] == produced["first"]["tokens"][0]  # the prefill's own token, too
     lp = [next(iter(d.values())).logprob for d in got.outputs[0].logprobs]
