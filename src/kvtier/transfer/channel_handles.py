@@ -25,7 +25,7 @@ import torch
 
 from kvtier.chunk import dtype_from_name, dtype_name
 
-from .channel_protocol import CudaHandle, Item, ShmHandle
+from .channel_protocol import ChannelItemError, CudaHandle, Item, ShmHandle
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def map_item(item: Item) -> Mapped:
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     if shm.size < h.size_bytes:
         shm.close()
-        raise ValueError(
+        raise ChannelItemError(
             f"shared memory block {h.name} holds {shm.size} bytes, the item claims {h.size_bytes}"
         )
     flat = (
@@ -142,10 +142,12 @@ def map_item(item: Item) -> Mapped:
 def _check_bounds(item: Item, dtype: torch.dtype) -> None:
     """The view must lie inside the memory the handle names (a bad item never reads past it)."""
     if len(item.shape) != len(item.stride):
-        raise ValueError(f"item shape {item.shape} and stride {item.stride} differ in length")
+        raise ChannelItemError(f"item shape {item.shape} and stride {item.stride} differ in length")
     if math.prod(item.shape) == 0:
         return
     last = item.offset + sum((n - 1) * s for n, s in zip(item.shape, item.stride))
     size = item.handle.size_bytes
     if (last + 1) * dtype.itemsize > size:
-        raise ValueError(f"item view ends at byte {(last + 1) * dtype.itemsize}, past its {size}-byte memory")
+        raise ChannelItemError(
+            f"item view ends at byte {(last + 1) * dtype.itemsize}, past its {size}-byte memory"
+        )

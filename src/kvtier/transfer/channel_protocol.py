@@ -48,6 +48,14 @@ class ChannelProtocolError(KVTierError, ValueError):
     """A channel frame that is not a valid message of this version (the connection is dropped)."""
 
 
+class ChannelClosedError(KVTierError, ConnectionError):
+    """The channel's peer closed the connection."""
+
+
+class ChannelItemError(KVTierError, ValueError):
+    """An offered item that does not describe memory this side can map safely."""
+
+
 class Hello(msgspec.Struct, tag="hello", tag_field="t"):
     """Who is at this end: protocol version, host identity, device, and handle kinds it maps."""
 
@@ -149,6 +157,6 @@ def _exact(sock: socket.socket, n: int) -> bytes:
     while got < n:
         k = sock.recv_into(view[got:])
         if not k:
-            raise ConnectionError("channel peer closed the connection")
+            raise ChannelClosedError("channel peer closed the connection")
         got += k
     return bytes(buf)
