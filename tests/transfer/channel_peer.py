@@ -1,7 +1,8 @@
-"""A producer in its own process: ``python channel_peer.py SOCKET DEVICE N_CHUNKS TOKENS``.
+"""A producer in its own process: ``python channel_peer.py SOCKET DEVICE N_CHUNKS TOKENS [KEYS_HEX]``.
 
-Offers ``N_CHUNKS`` chunks (``chunk_kv(i, TOKENS)`` on ``DEVICE``) under ``chunk_key(i)``, prints
-``ready``, serves until stdin closes, then prints how many chunks it served and exits.
+Offers ``N_CHUNKS`` chunks (``chunk_kv(i, TOKENS)`` on ``DEVICE``) under ``chunk_key(i)`` (or the
+comma-separated hex digests ``KEYS_HEX``), prints ``ready``, serves until stdin closes, then
+prints how many chunks it served and exits.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ def main() -> None:
     from kvtier.transfer.channel import ChannelServer
 
     path, device, n, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    keys = (
+        [bytes.fromhex(h) for h in sys.argv[5].split(",")]
+        if len(sys.argv) > 5
+        else [chunk_key(i) for i in range(n)]
+    )
     with ChannelServer(path) as server:
         # one buffer for all chunks, offered as views: what a producer's gather buffer would be
         big = torch.cat([chunk_kv(i, tokens, device) for i in range(n)], dim=2)
         for i in range(n):
-            assert server.offer(chunk_key(i), big[:, :, i * tokens : (i + 1) * tokens])
+            assert server.offer(keys[i], big[:, :, i * tokens : (i + 1) * tokens])
         print("ready", flush=True)
         sys.stdin.read()
         print(server.served_chunks, flush=True)

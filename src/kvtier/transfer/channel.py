@@ -346,24 +346,31 @@ class ChannelClient:
         if not isinstance(offer, P.Offer) or offer.req != req:
             return 0, self._drop("unreachable")
         n, why = 0, ""
-        for i, item in enumerate(offer.items):
-            if item.key != keys[i]:
-                why = "bad-offer"
-                break
-            try:
-                m: Mapped = map_item(item)
-            except (RuntimeError, OSError, ValueError) as e:  # no peer access, gone, inconsistent
-                log.info("kvtier channel: cannot map the producer's chunk (%s): using the tier path", e)
-                why = "map-failed"
-                break
-            try:
+        # NOTE: every CUDA mapping of one fetch stays open until its copies are done: views of one
+        # producer buffer share a CUDA IPC handle, which torch then opens once, not per chunk.
+        mapped: list[Mapped] = []
+        try:
+            for i, item in enumerate(offer.items):
+                if item.key != keys[i]:
+                    why = "bad-offer"
+                    break
+                try:
+                    m = map_item(item)
+                except (RuntimeError, OSError, ValueError) as e:  # no peer access, gone, inconsistent
+                    log.info("kvtier channel: cannot map the producer's chunk (%s): using the tier path", e)
+                    why = "map-failed"
+                    break
+                mapped.append(m)
                 consume(i, m.tensor)
                 self.stats.bytes += m.tensor.numel() * m.tensor.element_size()
-            finally:
+                n += 1
+                if not m.tensor.is_cuda:  # a host block is one fd each: unmapped at once
+                    m.close()
+            if self.device.type == "cuda" and n:
+                torch.cuda.current_stream(self.device).synchronize()  # copies done before Done frees them
+        finally:
+            for m in mapped:
                 m.close()
-            n += 1
-        if self.device.type == "cuda" and n:
-            torch.cuda.current_stream(self.device).synchronize()  # copies done before Done frees them
         try:
             P.send(self._sock, P.Done(req))
         except OSError:

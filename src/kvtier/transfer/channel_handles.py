@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
@@ -71,6 +72,7 @@ def export(key: bytes, t: torch.Tensor) -> Exported:
     c = t.detach().contiguous()
     shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
     _CREATED.add(shm.name)
+    _drop_fd(shm)
     dst = (
         torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes)
         if nbytes
@@ -121,6 +123,7 @@ def map_item(item: Item) -> Mapped:
         t.set_(st, item.offset, item.shape, item.stride)
         return Mapped(t)
     shm = shared_memory.SharedMemory(name=h.name)
+    _drop_fd(shm)
     # NOTE: attaching registers the block with this process's resource tracker (Python < 3.13),
     # which would unlink the producer's block when this process exits: it is not ours to unlink.
     # (A block this process created stays registered: its producer unlinks it.)
@@ -137,6 +140,15 @@ def map_item(item: Item) -> Mapped:
         else torch.empty(0, dtype=dtype)
     )
     return Mapped(flat.as_strided(item.shape, item.stride, item.offset), shm)
+
+
+def _drop_fd(shm: shared_memory.SharedMemory) -> None:
+    """Close the block's file descriptor (the mapping stays): an outbox of thousands of chunks
+    must not hold thousands of fds. ``SharedMemory.close`` skips an fd of -1."""
+    fd = getattr(shm, "_fd", -1)
+    if fd >= 0:
+        os.close(fd)
+        shm._fd = -1  # type: ignore[attr-defined]
 
 
 def _check_bounds(item: Item, dtype: torch.dtype) -> None:
