@@ -64,7 +64,7 @@ def export(key: bytes, t: torch.Tensor) -> Exported:
             int(off),
             bytes(rc_handle),
             int(rc_off),
-            ev_handle,
+            bytes(ev_handle) if ev_handle is not None else None,
             bool(ev_sync),
         )
         item = Item(key, h, dtype_name(t.dtype), list(t.shape), list(t.stride()), int(t.storage_offset()))
@@ -116,7 +116,7 @@ def map_item(item: Item) -> Mapped:
             h.offset_bytes,
             h.ref_counter_handle,
             h.ref_counter_offset,
-            h.event_handle,
+            h.event_handle or b"",  # torch checks for bytes
             h.event_sync_required,
         )
         t = torch.empty(0, dtype=dtype, device=torch.device("cuda", h.device))
