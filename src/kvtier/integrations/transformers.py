@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,7 +248,7 @@ def prefill(
     segments: Any = None,
     separator: Any = None,
     recompute_ratio: float = 0.15,
-    check_layer: int | None = None,
+    check_layer: int | Sequence[int] | None = None,
 ) -> PrefillResult:
     """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards.
 
@@ -305,7 +306,7 @@ def _blend(
     spans: list[tuple[int, int]],
     store: bool,
     ratio: float,
-    check_layer: int | None,
+    check_layer: int | Sequence[int] | None,
     t0: float,
     extras: Any = None,
 ) -> PrefillResult:
@@ -356,7 +357,7 @@ def generate(
     segments: Any = None,
     separator: Any = None,
     recompute_ratio: float = 0.15,
-    check_layer: int | None = None,
+    check_layer: int | Sequence[int] | None = None,
     **generate_kwargs: Any,
 ) -> Any:
     """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.
