@@ -91,7 +91,9 @@ def rerotation_check(model: Any, device: torch.device) -> float:
     cos, sin = rope.delta_tables(spec, old, new)
     cos, sin = cos.float()[:, None], sin.float()[:, None]
     kf, half = k.float(), spec.head_dim // 2
-    ref = torch.cat((kf[..., :half] * cos - kf[..., half:] * sin, kf[..., half:] * cos + kf[..., :half] * sin), -1)
+    ref = torch.cat(
+        (kf[..., :half] * cos - kf[..., half:] * sin, kf[..., half:] * cos + kf[..., :half] * sin), -1
+    )
     return float((got.float() - ref.to(torch.bfloat16).float()).abs().max())
 
 

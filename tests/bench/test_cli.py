@@ -129,7 +129,9 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--compare", "/nonexistent/a.json", "/nonexistent/b.json"]) == 2
 
 
-def test_rag_blend_variant_reports_reuse_and_quality(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rag_blend_variant_reports_reuse_and_quality(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "blend.json"
     rag = ["--pool", "3", "--rag-doc-tokens", "24", "--k", "2", "--rag-requests", "4", "--max-tokens", "2"]
     args = ["bench", "--model", "random:tiny", "--workloads", "rag", "--variants", "without,with,blend", *rag]

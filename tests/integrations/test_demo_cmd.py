@@ -71,7 +71,9 @@ def test_demo_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         assert flag in text
 
 
-def test_demo_rag_blends_passages_and_reports_agreement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_rag_blends_passages_and_reports_agreement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rag = ["--workloads", "rag", "--pool", "3", "--k", "2", "--rag-requests", "4", "--rag-doc-tokens", "40"]
     args = ["demo", "--model", "random:tiny", "--out", str(tmp_path), *rag, "--gen-tokens", "3"]
     args += ["--chunk-tokens", "16", "--no-progress", "--no-disk"]

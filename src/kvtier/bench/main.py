@@ -118,7 +118,9 @@ class InProcess:
             label = f"{LABELS[v]} {self.ratio:.0%}" if v == "blend" else LABELS[v]
             ratio = self.ratio if v == "blend" else None
             out.append(
-                TransformersDriver(label, self.lm.model, engine, model_id=self.lm.model_id, recompute_ratio=ratio)
+                TransformersDriver(
+                    label, self.lm.model, engine, model_id=self.lm.model_id, recompute_ratio=ratio
+                )
             )
         return out
 

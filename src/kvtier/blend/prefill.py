@@ -38,7 +38,6 @@ from kvtier.engine import CacheEngine
 from kvtier.keys import KeyExtras
 from kvtier.transfer.layerwise import cache_to_kv
 
-
 DEFAULT_SINK_TOKENS = 1
 """Leading tokens of each reused segment always recomputed (out of the ratio's budget): computed on
 its own, a segment's first token was the sequence start, which attention uses as a sink; reused

@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w = p.add_argument_group("workloads")
     w.add_argument(
-        "--workloads", default="chat,docqa", help="comma list of chat, docqa, rag, context (default chat,docqa)"
+        "--workloads",
+        default="chat,docqa",
+        help="comma list of chat, docqa, rag, context (default chat,docqa)",
     )
     w.add_argument("--users", type=int, default=3, help="chat: users sharing the system prompt (3)")
     w.add_argument("--rounds", type=int, default=4, help="chat: rounds per user (4)")

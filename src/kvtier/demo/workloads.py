@@ -109,7 +109,9 @@ def rag(
 ) -> list[Request]:
     """Requests of ``k`` distinct passages out of ``pool`` (random order), each marked as a segment."""
     if not 1 <= k <= pool or requests < 1:
-        raise ConfigError(f"rag needs 1 <= k <= pool and requests >= 1, got k={k}, pool={pool}, requests={requests}")
+        raise ConfigError(
+            f"rag needs 1 <= k <= pool and requests >= 1, got k={k}, pool={pool}, requests={requests}"
+        )
     rng = random.Random(seed)
     passages = [_text_of(encode, rng, doc_tokens, f"Passage {d + 1}: ", "\n") for d in range(pool)]
     head = encode("Answer the question using only the passages below.\n")
