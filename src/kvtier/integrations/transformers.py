@@ -293,7 +293,9 @@ def _blend_spans(
     if segments is not None and separator is not None:
         raise BlendError("pass segments= or separator=, not both")
     if ids.shape[0] != 1:
-        raise BlendError(f"blending takes one prompt row at a time, got a batch of {ids.shape[0]}")
+        raise BlendError(
+            f"blending takes one prompt row at a time, got a batch of {ids.shape[0]}: call prefill once per row"
+        )
     if separator is not None:
         segments = split_on_separator(ids[0].cpu(), separator)
     return check_segments(segments, int(ids.shape[1]))
