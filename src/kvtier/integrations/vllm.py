@@ -130,13 +130,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self._config = config_from_extra(dict(ktc.kv_connector_extra_config or {}))
         self._instance = str(ktc.engine_id)
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ConnectorError(
-                f"kvtier's vLLM connector supports models with one KV cache group, got {len(groups)} "
-                "(hybrid/sliding-window mixes are not supported yet)"
-            )
+        check_groups(groups)
         spec = groups[0].kv_cache_spec
-        _check_spec(spec)
         self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
@@ -386,21 +381,44 @@ class KVTierConnector(KVConnectorBase_V1):
         release(self._instance, self._share_role, self._ns)
 
 
-def _check_spec(spec: Any) -> None:
-    """Refuse KV cache groups that do not keep every position's KV in its block (clear error, never
-    wrong KV). kvtier saves and loads the full KV of every prompt position; a sliding-window or
-    chunked-local group frees (nulls) blocks behind the window, so a save could read a freed block,
-    and Mamba/MLA state has another layout. ``FullAttentionSpec`` with a ``sliding_window`` (what
-    vLLM makes of the local layers of a hybrid model when, as with a connector, its hybrid
-    manager is off) keeps every block: it is supported."""
+def check_groups(groups: Any) -> None:
+    """Refuse KV cache configurations kvtier cannot save and load exactly (a ``ConnectorError``
+    naming each group's cache type and why, at start: never wrong KV).
+
+    kvtier saves and loads the full KV of every prompt position of one full-attention group.
+    Refused: more than one group (vLLM's hybrid manager: attention beside Mamba/linear-attention
+    state, or sliding-window groups beside full ones), and any group that is not a plain
+    ``FullAttentionSpec``: a sliding-window or chunked-local group frees (nulls) blocks behind
+    the window, so a save could read a freed block; Mamba/SSM groups keep a recurrent state per
+    request, not per-position KV; MLA's one-plane latent goes through ``transfer`` (tested on
+    synthetic tensors) but has not run end to end in a vLLM here. ``FullAttentionSpec`` with a
+    ``sliding_window`` (what vLLM makes of the local layers of a hybrid model when, as with a
+    connector, its hybrid manager is off) keeps every block: it is supported.
+    """
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    if type(spec) is not FullAttentionSpec:
-        raise ConnectorError(
-            f"kvtier's vLLM connector supports full-attention KV caches; this model's is {type(spec).__name__} "
-            "(sliding-window, chunked-local, MLA and Mamba/hybrid caches are not supported yet): serve it "
-            "without kvtier's connector"
-        )
+    bad = [g for g in groups if type(g.kv_cache_spec) is not FullAttentionSpec]
+    if len(groups) == 1 and not bad:
+        return
+    desc = ", ".join(f"{type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)" for g in groups)
+    reasons = sorted({_why_not(g.kv_cache_spec) for g in (bad or groups)})
+    raise ConnectorError(
+        f"kvtier's vLLM connector supports one full-attention KV cache group; this model has "
+        f"{len(groups)}: {desc}; not supported yet: {'; '.join(reasons)}. Serve it without kvtier's connector"
+    )
+
+
+def _why_not(spec: Any) -> str:
+    name = type(spec).__name__
+    if "Mamba" in name or "Linear" in name or "Conv" in name:
+        return f"{name}: Mamba/SSM/linear-attention layers keep a recurrent state, not per-position KV"
+    if "MLA" in name:
+        return f"{name}: MLA latent caches have not been run end to end through the connector"
+    if "Sliding" in name or "Chunked" in name:
+        return f"{name}: sliding-window and chunked-local groups free blocks behind the window"
+    if name == "FullAttentionSpec":
+        return "hybrid models (several KV cache groups) are not supported"
+    return f"{name}: not a full-attention KV cache"
 
 
 def _sorted_layers(names: list[str]) -> list[str]:

@@ -1,0 +1,65 @@
+"""The connector's start-up check on vLLM's KV cache groups (``check_groups``), with vLLM's own spec
+classes: one full-attention group passes; Mamba/hybrid, MLA, sliding-window and chunked-local
+groups are refused with an error naming each group's cache type and the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: run `make vllm-test` (uses .venv-vllm)")
+
+from vllm.v1.kv_cache_interface import (
+    ChunkedLocalAttentionSpec,
+    FullAttentionSpec,
+    KVCacheGroupSpec,
+    MambaSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
+
+from kvtier.integrations.vllm import ConnectorError, check_groups
+
+ATT = dict(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+
+
+def _group(spec: object, n: int = 2) -> KVCacheGroupSpec:
+    return KVCacheGroupSpec([f"model.layers.{i}.attn" for i in range(n)], spec)  # type: ignore[arg-type]
+
+
+def test_one_full_attention_group_passes_also_with_local_layers_promoted() -> None:
+    check_groups([_group(FullAttentionSpec(**ATT))])
+    check_groups([_group(FullAttentionSpec(**ATT, sliding_window=128))])  # Gemma-3 under a connector
+
+
+def test_attention_beside_mamba_state_is_refused_naming_both_and_the_reason() -> None:
+    mamba = MambaSpec(block_size=16, shapes=((4, 8), (2, 4, 4)), dtypes=(torch.float32, torch.float32))
+    with pytest.raises(ConnectorError) as e:
+        check_groups([_group(FullAttentionSpec(**ATT), 1), _group(mamba, 3)])
+    msg = str(e.value)
+    assert "FullAttentionSpec (1 layers)" in msg and "MambaSpec (3 layers)" in msg
+    assert "Mamba/SSM" in msg and "recurrent state" in msg and "not supported" in msg
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "why"),
+    [
+        (
+            MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16),
+            "MLAAttentionSpec",
+            "MLA",
+        ),
+        (SlidingWindowSpec(**ATT, sliding_window=128), "SlidingWindowSpec", "free blocks behind the window"),
+        (ChunkedLocalAttentionSpec(**ATT, attention_chunk_size=128), "ChunkedLocalAttentionSpec", "chunked"),
+    ],
+    ids=["mla", "sliding", "chunked"],
+)
+def test_other_single_groups_are_refused_naming_the_type(spec: object, name: str, why: str) -> None:
+    with pytest.raises(ConnectorError, match=name) as e:
+        check_groups([_group(spec)])
+    assert why in str(e.value)
+
+
+def test_two_full_attention_groups_are_refused_as_hybrid() -> None:
+    with pytest.raises(ConnectorError, match="several KV cache groups"):
+        check_groups([_group(FullAttentionSpec(**ATT)), _group(FullAttentionSpec(**ATT, sliding_window=64))])
