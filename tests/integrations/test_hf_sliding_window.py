@@ -111,14 +111,14 @@ def test_generation_crossing_the_window_is_stored_and_reused_exactly(make: Any) 
     model = make(WINDOW)
     ids = random_ids(10, vocab=256)
     with make_engine(chunk_tokens=8) as engine:
-        ref = model.generate(ids, max_new_tokens=20, do_sample=False)
-        out = kvt.generate(model, ids, engine, max_new_tokens=20, do_sample=False, store_generated=True)
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+        out = kvt.generate(model, ids, engine, max_new_tokens=12, do_sample=False, store_generated=True)
         assert torch.equal(out, ref)
-        assert engine.stats().stored_tokens == 29  # prompt + generated tokens that have KV
-        follow = out[:, :29]
-        want = model.generate(follow, max_new_tokens=12, do_sample=False)
-        got = kvt.generate(model, follow, engine, max_new_tokens=12, do_sample=False)
-        assert engine.stats().hit_tokens == 29  # the lookup finds all of it (generate recomputes one)
+        assert engine.stats().stored_tokens == 21  # prompt + generated tokens that have KV: past the window
+        follow = out[:, :21]
+        want = model.generate(follow, max_new_tokens=6, do_sample=False)
+        got = kvt.generate(model, follow, engine, max_new_tokens=6, do_sample=False)
+        assert engine.stats().hit_tokens == 21  # the lookup finds all of it (generate recomputes one)
         assert torch.equal(got, want)
 
 
@@ -153,8 +153,8 @@ def test_without_a_window_or_with_one_past_the_context_it_works(make: Any) -> No
         model = make(window)
         ids = random_ids(24, vocab=256)
         with make_engine(chunk_tokens=8) as engine:
-            ref = model.generate(ids, max_new_tokens=20, do_sample=False)
-            first = kvt.generate(model, ids, engine, max_new_tokens=20, do_sample=False, store_generated=True)
-            again = kvt.generate(model, ids, engine, max_new_tokens=20, do_sample=False)  # a hit
+            ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+            first = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False, store_generated=True)
+            again = kvt.generate(model, ids, engine, max_new_tokens=8, do_sample=False)  # a hit
             assert engine.stats().hit_tokens > 0
             assert torch.equal(first, ref) and torch.equal(again, ref)
