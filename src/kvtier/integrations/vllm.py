@@ -206,6 +206,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self._uncacheable_logged: set[str] = set()
         self._mm_hashed = mm_ids_are_hashes(vllm_config)
 
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """No layout requirement; used as vLLM's earliest call into the connector class (worker
+        start, before KV cache specs are unified) to refuse state-space models by name: with a
+        connector vLLM turns its hybrid manager off and then fails on them with an error that
+        names neither the layer types nor the connector."""
+        check_model(vllm_config.model_config)
+        return None
+
     @property
     def requires_kv_delivery(self) -> bool:
         """A best-effort cache: a save dropped by preemption is just a future miss."""
@@ -416,6 +425,26 @@ def check_groups(groups: Any) -> None:
     raise ConnectorError(
         f"kvtier's vLLM connector supports one full-attention KV cache group; this model has "
         f"{len(groups)}: {desc}; not supported yet: {'; '.join(reasons)}. Serve it without kvtier's connector"
+    )
+
+
+def check_model(model_config: Any) -> None:
+    """Refuse Mamba/SSM, linear-attention and other hybrid state models (``ConnectorError`` naming the
+    model type and its layer types): their state is per request, not per-position KV."""
+    if model_config is None:
+        return
+    hybrid = any(
+        bool(getattr(model_config, a, False)) for a in ("is_hybrid", "has_inner_state", "is_attention_free")
+    )
+    if not hybrid:
+        return
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    types = getattr(hf, "layer_types", None) or getattr(hf, "layers_block_type", None) or []
+    kinds = sorted({str(t) for t in types}) or ["state layers"]
+    raise ConnectorError(
+        f"kvtier's vLLM connector does not support {getattr(hf, 'model_type', 'this model')}: a hybrid/"
+        f"state-space model (layer types {kinds}); Mamba/SSM/linear-attention layers keep a recurrent "
+        "state, not per-position KV. Serve it without kvtier's connector"
     )
 
 
