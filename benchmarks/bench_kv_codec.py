@@ -13,7 +13,7 @@ import torch
 
 from kvtier import serde
 from kvtier.bench.kv_quality import _kv_of, held_out_text, measure, table
-from kvtier.models import load_model
+from kvtier.models import load_model, output_cache
 from kvtier.serde.kvcodec import get_kv_codec
 from kvtier.tiers.base import Chunk
 
@@ -94,7 +94,7 @@ def main() -> None:
         print(table(res))
     with torch.inference_mode():
         out = lm.model(ids[None, 1000:1256], use_cache=True)
-    ratios_and_speed(_kv_of(out.past_key_values).to(torch.bfloat16).contiguous())
+    ratios_and_speed(_kv_of(output_cache(out)).to(torch.bfloat16).contiguous())
 
 
 if __name__ == "__main__":
