@@ -110,10 +110,3 @@ def test_roles_that_cross_instances_need_a_shared_tier_and_the_producer_writes_i
     assert cons.cpu.enabled  # the consumer keeps its CPU tier (promoted hits)
     prod = role_config(shared, ROLES["kv_producer"])
     assert not prod.cpu.enabled and not prod.disk.enabled and prod.remote.url == shared.remote.url
-
-
-def test_a_lossy_codec_is_refused_not_silently_ignored() -> None:
-    """The connector keys chunks without a codec: chunk.kv_codec did nothing under vLLM."""
-    cfg = Config.load(env={}, cpu__max_bytes="64MiB", chunk__kv_codec="int8")
-    with pytest.raises(ConnectorError, match="kv_codec='int8' is not supported by the vLLM connector"):
-        role_config(cfg, ROLES["kv_both"])

@@ -169,6 +169,7 @@ class KVTierConnector(KVConnectorBase_V1):
             tp_size=1 if self._mla else par.tensor_parallel_size,
             cache_salt=m.cache_salt,
             kv_planes=1 if self._mla else 2,
+            kv_codec=self._config.chunk.kv_codec,
         )
         backend = par.distributed_executor_backend
         # Workers in other processes than the scheduler: vLLM's "mp"/"ray" executors, or TP/PP.

@@ -52,13 +52,6 @@ def config_from_extra(extra: dict[str, Any]) -> Config:
 
 def role_config(config: Config, role: Role) -> Config:
     """``config`` as an instance of ``role`` runs it (see the module docstring)."""
-    if config.chunk.kv_codec != "none":
-        # NOTE: the connector's namespace has no codec, so the chunks would be stored raw: say so
-        # instead of silently ignoring the setting (a lossy codec under vLLM needs its own quality run).
-        raise ConnectorError(
-            f"kvtier.chunk.kv_codec={config.chunk.kv_codec!r} is not supported by the vLLM connector yet: "
-            "remove it (KV is stored unquantized)"
-        )
     if role.loads and role.saves:
         return config
     if not config.remote.url:
