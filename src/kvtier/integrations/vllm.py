@@ -39,6 +39,7 @@ from kvtier.logs import attach_if_unhandled
 from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
+from .vllm_cost import StepClock
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
 from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
 from .vllm_shared import (
@@ -191,6 +192,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self._planner = Planner(
                 self._lookup, block_size=self.block_size, chunk_tokens=self._engine.chunk_tokens
             )
+            self._steps = StepClock(self._engine.note_prefill)  # the prefill rate loads must beat
             if self._split:
                 log.info(
                     "kvtier: vLLM workers run in other processes (executor %r): the scheduler "
@@ -214,7 +216,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
     def _lookup(self, tokens: Any, extras: KeyExtras) -> int:
-        hit = self._engine.lookup(list(tokens), extras=extras)
+        hit = self._engine.lookup_by_cost(list(tokens), extras=extras)  # loads only what beats recompute
         self.stats.lookups += 1
         self.stats.lookup_hit_tokens += hit
         return hit
@@ -255,6 +257,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         so = scheduler_output
         p = self._planner
+        self._steps.step(sum(so.num_scheduled_tokens.values()), bool(so.scheduled_cached_reqs.req_ids))
         for nr in so.scheduled_new_reqs:
             p.new_request(
                 nr.req_id,
