@@ -257,8 +257,9 @@ class CacheEngine:
         tiers one call per chunk) and its recompute cost from the prefill rate per token. The
         answer is the prefix with the largest total saving (0 if none saves anything). A tier
         whose read of one full chunk already costs more than recomputing it is not even asked
-        (its lookup is a round trip too), except once every ``cost.reprobe_s`` so that a tier
-        that recovered is seen again; a tier never measured is asked and its reads measured.
+        (its lookup is a round trip too); once every ``cost.reprobe_s`` it is read once in the
+        background (``TierManager.probe``) so that a tier that recovered is seen again. A tier
+        never measured is asked, and its reads measured.
         """
         if not self.config.cost.enabled or self._namespace is None:
             return self.lookup(tokens, extras=extras)
@@ -269,24 +270,21 @@ class CacheEngine:
         chunk_bytes = self._stored_nbytes(self.chunk_tokens)
         fits: list[Fit | None] = []
         usable: list[int] = []
-        probing: list[int] = []
+        digests = [k.digest for k in keys]
         now = time.monotonic()
         for i in range(len(self.storage.tiers)):
             fit, _ = self.storage.read_fit(i)
             fits.append(fit)
             calls = 1 if i else 0  # the top tier's latency is paid once per batch, not per chunk
             if fit is not None and fit.seconds(chunk_bytes, calls) >= per_token * self.chunk_tokens:
-                if now - self._skipped_at.setdefault(i, now) < self.config.cost.reprobe_s:
-                    self._stats.cost_skipped_tiers += 1
-                    continue
-                self._skipped_at[i] = now
-                probing.append(i)
+                self._stats.cost_skipped_tiers += 1
+                if digests and now - self._skipped_at.setdefault(i, now) >= self.config.cost.reprobe_s:
+                    self._skipped_at[i] = now  # re-measure it off the request's path
+                    self.storage.probe(i, digests[0])
+                continue
+            self._skipped_at.pop(i, None)
             usable.append(i)
-        digests = [k.digest for k in keys]
         where = self.storage.prefix_locate(digests, usable) if keys and usable else []
-        for i in probing:  # re-measure it off the request's path: a background read of one chunk
-            if i in where:
-                self.storage.prefetch(digests[: where.index(i) + 1])
         best = gain = 0.0
         n_best = 0
         top_paid = False

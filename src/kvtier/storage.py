@@ -452,6 +452,24 @@ class TierManager:
             done.set_result(0)
             return done
 
+    def probe(self, i: int, key: bytes) -> Future[bool]:
+        """Read ``key`` from tier ``i`` in the background, only to measure the tier again (the
+        read is timed like any other and then released, never promoted); the future says
+        whether it was there. What ``lookup_by_cost`` does for a tier it stopped asking."""
+        try:
+            return self._prefetcher.submit(self._probe, i, key)
+        except RuntimeError:  # closed
+            done: Future[bool] = Future()
+            done.set_result(False)
+            return done
+
+    def _probe(self, i: int, key: bytes) -> bool:
+        c = self._get_from(i, key)
+        if c is None:
+            return False
+        c.release()
+        return True
+
     def _prefetch(self, keys: list[bytes], events: dict[bytes, threading.Event]) -> int:
         loaded = 0
         try:
