@@ -87,7 +87,7 @@ def run(
     ttft: dict[str, list[float]] = {"without": [], **{v: [] for v in variants}}
     hits: dict[str, int] = {v: 0 for v in variants}
     for p in ids:
-        for name, eng in variants.items():  # the miss: prefill and store
+        for eng in variants.values():  # the miss: prefill and store
             prefill(model, p, eng, model_id="bench-load-cost")
         order = ["without", *variants]
         for name in order:  # the hit (or the recompute cost-on chooses)
