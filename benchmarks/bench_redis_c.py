@@ -35,8 +35,22 @@ def _free_port() -> int:
 def _redis_benchmark(port: int, test: str, size: int, n: int, conns: int) -> float:
     """GB/s of ``redis-benchmark -t test`` with values of ``size`` bytes."""
     out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), "-t", test, "-d", str(size), "-n", str(n), "-c", str(conns)]
-        + ["-P", "1", "--csv"],  # one fixed key: a GET always finds the value SET wrote
+        [
+            "redis-benchmark",
+            "-p",
+            str(port),
+            "-t",
+            test,
+            "-d",
+            str(size),
+            "-n",
+            str(n),
+            "-c",
+            str(conns),
+            "-P",
+            "1",
+            "--csv",
+        ],  # one fixed key: a GET always finds the value SET wrote
         capture_output=True,
         text=True,
         timeout=600,
@@ -60,8 +74,21 @@ def run(chunks: int = 8, rounds: int = 5, layers: int = 8, conns: int = 4) -> di
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
     srv = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp]
-        + ["--maxmemory", "0", "--protected-mode", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+            "--maxmemory",
+            "0",
+            "--protected-mode",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
