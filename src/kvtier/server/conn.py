@@ -356,7 +356,12 @@ class Conn(asyncio.BufferedProtocol):
 
     async def _wait_writable(self) -> None:
         fut = self._writable = self._loop.create_future()
-        self._loop.add_writer(self._fd, lambda: fut.done() or fut.set_result(None))
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(self._fd, ready)
         try:
             await fut
         finally:

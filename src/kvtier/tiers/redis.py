@@ -170,14 +170,14 @@ class RedisTier(NetworkTier):
         Standalone: values are read off the socket into their final buffers (``redis_bulk``);
         a cluster goes through redis-py's pipeline (one per node)."""
         r = self._r()
-        names = [n for k in keys for n in (self._rk(k), self._rk(k) + ":0")]
+        names = [name for k in keys for name in (self._rk(k), self._rk(k) + ":0")]
         replies: list[Any]
         if isinstance(r, redis.Redis):
             replies = list(get_many(r, names))
         else:
             p = self._pipe()
-            for n in names:
-                p.get(n)
+            for name in names:
+                p.get(name)
             replies = list(p.execute())
         out: list[tuple[Buffer, Buffer] | None] = []
         more: list[tuple[int, int]] = []  # (index, parts) of split chunks
