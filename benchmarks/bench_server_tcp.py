@@ -112,7 +112,7 @@ def run(
     out.zero_()
     raw = RawPeer(nbytes)
     try:
-        with DaemonProcess("--cpu-size", pool) as d:
+        with DaemonProcess("--cpu-size", pool).start(300) as d:  # a loaded box starts it slowly
             eng = _engine(d.url + "?shm=0", chunk_tokens, geometry)
             eng.lookup([1])
             assert not eng.storage.tiers[0].shm  # type: ignore[attr-defined]
