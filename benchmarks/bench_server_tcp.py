@@ -112,7 +112,8 @@ def run(
     out.zero_()
     raw = RawPeer(nbytes)
     try:
-        with DaemonProcess("--cpu-size", pool).start(300) as d:  # a loaded box starts it slowly
+        d = DaemonProcess("--cpu-size", pool).start(300)  # a loaded box starts it slowly
+        try:
             eng = _engine(d.url + "?shm=0", chunk_tokens, geometry)
             eng.lookup([1])
             assert not eng.storage.tiers[0].shm  # type: ignore[attr-defined]
@@ -142,6 +143,8 @@ def run(
                     ):
                         res[name].append(nbytes / t / 1e9)
             eng.close()
+        finally:
+            d.__exit__(None, None, None)
     finally:
         raw.close()
     med = {k: statistics.median(v) for k, v in res.items()}
