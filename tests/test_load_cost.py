@@ -161,3 +161,20 @@ def test_a_tier_that_slows_down_stops_being_used_and_is_probed_again() -> None:
     while lower.reads == reads and time.monotonic() < deadline:
         time.sleep(0.01)
     assert lower.reads > reads
+
+
+def test_a_slow_single_tier_counts_its_lookup_and_read_round_trips() -> None:
+    """Defect: a slow top tier read in one batched call looked cheap per byte (its latency
+    spread over the batch) and its lookup round trip was not counted, so it was loaded although
+    lookup + read cost more than recomputing the whole prompt."""
+    cfg = Config.load(env={}, chunk_tokens=CHUNK)
+    engine = CacheEngine(
+        cfg, tiers=[FaultTier(CPUTier(64 * 1024**2, pin_memory=False), FaultSpec(latency_s=0.05))]
+    )
+    tokens = make_tokens(64)
+    engine.store(tokens, make_kv(64))
+    engine.note_prefill(1000, 1.0)  # 1 ms per token: 64 ms to recompute the prompt, 16 ms per chunk
+    assert engine.lookup_by_cost(tokens) == 64  # never measured: asked, and loaded
+    with engine.retrieve_chunks(tokens):  # one batched read: 50 ms for 4 chunks
+        pass
+    assert engine.lookup_by_cost(tokens) == 0  # lookup 50 ms + read 50 ms > 64 ms recompute

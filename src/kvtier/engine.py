@@ -256,8 +256,8 @@ class CacheEngine:
         (latency per call + bytes / bandwidth; the top tier is read in one batched call, lower
         tiers one call per chunk) and its recompute cost from the prefill rate per token. The
         answer is the prefix with the largest total saving (0 if none saves anything). A tier
-        whose read of one full chunk already costs more than recomputing it is not even asked
-        (its lookup is a round trip too); once every ``cost.reprobe_s`` it is read once in the
+        whose lookup round trip plus reads would cost more than recomputing the whole request
+        even if it held every chunk is not even asked; once every ``cost.reprobe_s`` it is read once in the
         background (``TierManager.probe``) so that a tier that recovered is seen again. A tier
         never measured is asked, and its reads measured.
         """
@@ -267,7 +267,8 @@ class CacheEngine:
         arr = tokens_to_array(tokens)
         keys = self.keys(arr, extras)
         per_token = self.prefill_fit().per_unit_s
-        chunk_bytes = self._stored_nbytes(self.chunk_tokens)
+        all_bytes = sum(self._stored_nbytes(k.num_tokens) for k in keys)
+        all_saved = per_token * (keys[-1].end if keys else 0)
         fits: list[Fit | None] = []
         usable: list[int] = []
         digests = [k.digest for k in keys]
@@ -275,8 +276,11 @@ class CacheEngine:
         for i in range(len(self.storage.tiers)):
             fit, _ = self.storage.read_fit(i)
             fits.append(fit)
-            calls = 1 if i else 0  # the top tier's latency is paid once per batch, not per chunk
-            if fit is not None and fit.seconds(chunk_bytes, calls) >= per_token * self.chunk_tokens:
+            # Asking costs a lookup round trip, loading at least one read: if that beats
+            # recomputing even if the tier held every chunk, the tier is not worth asking.
+            calls = len(keys) if i else 1
+            ask = self.storage.lookup_seconds(i) or 0.0
+            if fit is not None and ask + fit.seconds(all_bytes, calls) >= all_saved:
                 self._stats.cost_skipped_tiers += 1
                 if digests and now - self._skipped_at.setdefault(i, now) >= self.config.cost.reprobe_s:
                     self._skipped_at[i] = now  # re-measure it off the request's path

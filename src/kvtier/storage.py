@@ -56,7 +56,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
-from kvtier.tiers.speed import CostEstimate, Fit
+from kvtier.tiers.speed import CostEstimate, Ewma, Fit
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class _TierIO:
     queue_drops: int = 0
     read_cost: CostEstimate = field(default_factory=CostEstimate, repr=False)  # s vs bytes, per call
     write_cost: CostEstimate = field(default_factory=CostEstimate, repr=False)  # prior until a read
+    lookup_s: Ewma = field(default_factory=Ewma, repr=False)  # one prefix_contains round trip
     last_read: float = 0.0  # time.monotonic() of the last measured read (0: never)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -163,16 +164,23 @@ class TierManager:
             progress = False
             for i in order:
                 tier = self.tiers[i]
+                t0 = time.perf_counter()
                 try:
                     found = tier.prefix_contains(keys[len(where) :])
                 except SOFT_ERRORS as e:
                     self._soft_fail(tier, "lookup", e)
                     continue
+                finally:
+                    self._io[i].lookup_s.observe(time.perf_counter() - t0)
                 if found:
                     where += [i] * found
                     progress = True
                     break
         return where
+
+    def lookup_seconds(self, i: int) -> float | None:
+        """Tier ``i``'s measured lookup round trip (EWMA; ``None`` before its first lookup)."""
+        return self._io[i].lookup_s.value
 
     def read_fit(self, i: int) -> tuple[Fit | None, float]:
         """Tier ``i``'s read cost line (for a lower tier, its write cost line before the first
@@ -180,7 +188,8 @@ class TierManager:
         (``inf`` if never). The top tier's writes are no prior: a CPU tier reads by view (no
         copy) but writes by copy, so its writes would overstate its reads many times over."""
         io = self._io[i]
-        fit = io.read_cost.fit() or (io.write_cost.fit() if i else None)
+        lat = io.lookup_s.value  # a read's latency where reads of one size cannot separate it
+        fit = io.read_cost.fit(lat) or (io.write_cost.fit(lat) if i else None)
         age = time.monotonic() - io.last_read if io.last_read else float("inf")
         return fit, age
 

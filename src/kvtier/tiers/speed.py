@@ -12,8 +12,10 @@ cached range beats recomputing it (``CacheEngine.lookup_by_cost``):
 The fit is an exponentially weighted least-squares line (``half_life`` observations), so it
 follows a tier that slows down or recovers within a few dozen calls and needs no window.
 Invariants: estimates are never negative; with too little spread in ``units`` to separate the
-two terms (every read one chunk of one size), the line goes through the origin (all cost per
-unit), which predicts exactly the sizes that were measured. Thread-safe.
+two terms (every read one chunk of one size), the line goes through a latency measured another
+way (``fixed_hint``) or the origin, which still predicts exactly the sizes that were measured.
+``Ewma`` is the plain exponentially weighted mean for costs without units (a lookup's round
+trip). Thread-safe.
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ class CostEstimate:
     def samples(self) -> int:
         return self._n
 
-    def fit(self) -> Fit | None:
-        """The current line, or ``None`` before the first measurement."""
+    def fit(self, fixed_hint: float | None = None) -> Fit | None:
+        """The current line, or ``None`` before the first measurement. Without the spread to fit
+        an intercept, the line goes through ``(0, fixed_hint)`` (a latency measured elsewhere,
+        e.g. the tier's lookups; capped at the mean) or else through the origin."""
         with self._lock:
             if not self._n:
                 return None
@@ -83,4 +87,20 @@ class CostEstimate:
             fixed = (sy - slope * sx) / w
             if slope > 0 and fixed >= 0:
                 return Fit(fixed, slope, n)
-        return Fit(0.0, sy / sx if sx > 0 else 0.0, n)  # through the origin
+        fixed = min(max(fixed_hint or 0.0, 0.0), sy / w)
+        return Fit(fixed, (sy - fixed * w) / sx if sx > 0 else 0.0, n)
+
+
+class Ewma:
+    """An exponentially weighted mean (``alpha`` per observation); ``None`` before the first."""
+
+    def __init__(self, alpha: float = 0.125) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, x: float) -> None:
+        if not math.isfinite(x) or x < 0:
+            return
+        with self._lock:
+            self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
