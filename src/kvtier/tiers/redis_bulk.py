@@ -19,9 +19,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import InvalidResponse
+
+from kvtier.errors import KVTierError
 
 LINE_MAX = 64
 READ_PIECE = 64 << 10
+
+
+class RedisErrorReply(KVTierError, redis.ResponseError):
+    """Redis answered a GET with an error reply (``-ERR``, ``-OOM`` ...): the store refused."""
+
+
+class MalformedReply(KVTierError, InvalidResponse):
+    """Bytes that are no GET reply (a desynchronised stream): the connection is dropped."""
+
+
+class ReplyCutShort(KVTierError, ConnectionResetError):
+    """Redis closed the connection in the middle of a reply."""
 
 
 class BulkReader:
@@ -34,7 +49,7 @@ class BulkReader:
     def _fill(self) -> None:
         got = self.sock.recv(READ_PIECE)
         if not got:
-            raise ConnectionResetError("redis closed the connection mid-reply")
+            raise ReplyCutShort("redis closed the connection mid-reply")
         self.pending += got
 
     def line(self) -> bytes:
@@ -45,7 +60,7 @@ class BulkReader:
                 del self.pending[: end + 2]
                 return out
             if len(self.pending) > LINE_MAX:
-                raise redis.ResponseError("malformed reply line from redis")
+                raise MalformedReply("malformed reply line from redis")
             self._fill()
 
     def bulk(self) -> bytearray | None:
@@ -53,9 +68,9 @@ class BulkReader:
         if head == b"_":  # RESP3's null (redis-py 8 speaks RESP3 where the server does)
             return None
         if head.startswith(b"-"):
-            raise redis.ResponseError(head[1:].decode(errors="replace"))
+            raise RedisErrorReply(head[1:].decode(errors="replace"))
         if not head.startswith(b"$"):
-            raise redis.ResponseError(f"expected a bulk reply from redis, got {head[:20]!r}")
+            raise MalformedReply(f"expected a bulk reply from redis, got {head[:20]!r}")
         n = int(head[1:])
         if n < 0:
             return None
@@ -68,11 +83,11 @@ class BulkReader:
         while got < n + 2:
             k = self.sock.recv_into(view[got:])
             if k == 0:
-                raise ConnectionResetError("redis closed the connection mid-reply")
+                raise ReplyCutShort("redis closed the connection mid-reply")
             got += k
         view.release()  # no export may remain when it shrinks below
         if out[n:] != b"\r\n":
-            raise redis.ResponseError("bulk reply from redis not terminated by CRLF")
+            raise MalformedReply("bulk reply from redis not terminated by CRLF")
         del out[n:]  # shrinks in place (no copy of the value)
         return out
 
@@ -86,11 +101,11 @@ def get_many(client: redis.Redis, names: Sequence[str]) -> list[bytearray | None
         conn.send_packed_command(conn.pack_commands([("GET", n) for n in names]))
         sock = conn._sock  # NOTE: redis-py's own socket; its parser holds nothing between commands
         if sock is None:
-            raise ConnectionResetError("redis connection closed")
+            raise ReplyCutShort("redis connection closed")
         reader = BulkReader(sock)
         out = [reader.bulk() for _ in names]
         if reader.pending:
-            raise redis.ResponseError("unexpected bytes after the replies from redis")
+            raise MalformedReply("unexpected bytes after the replies from redis")
         ok = True
         return out
     finally:
