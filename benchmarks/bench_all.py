@@ -182,7 +182,7 @@ def vllm_rows(repeats: int) -> list[Row]:
 def cost_rows() -> list[Row]:
     import bench_load_cost
 
-    r = bench_load_cost.run(prompts=24)
+    r = bench_load_cost.run(prompts=16)
     v = r["variants"]
     lat = (
         f"tier latency {r['tier_latency_s'] * 1e3:.0f} ms/call, prefill {r['prefill_median_s'] * 1e3:.0f} ms"
