@@ -28,7 +28,7 @@ from kvtier import CacheEngine, Config
 from kvtier.blend import SegmentStore, qa
 from kvtier.blend.prefill import segment_kv
 from kvtier.integrations import transformers as kvt
-from kvtier.models import load_model
+from kvtier.models import cache_kwarg, load_model
 
 SYSTEM = "<|im_start|>system\nYou answer questions from the passages.<|im_end|>\n<|im_start|>user\n"
 
@@ -48,7 +48,7 @@ def greedy(model: Any, logits: torch.Tensor, cache: Any, n: int, eos: int | None
         if eos is not None and t == eos:
             break
         out.append(t)
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok, **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
     return out
 
@@ -57,7 +57,7 @@ def greedy(model: Any, logits: torch.Tensor, cache: Any, n: int, eos: int | None
 def full(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any, float]:
     t0 = time.perf_counter()
     c = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=ids, **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, c, time.perf_counter() - t0
 
 

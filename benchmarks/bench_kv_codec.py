@@ -1,7 +1,7 @@
 """Lossy KV codecs on CPU: quality gate (SmolLM2-135M, real weights and text), compression ratios
 of every codec x serde on real KV, and codec throughput per core.
 
-Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec.py [--windows 50] [--skip-quality]``.
+Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec.py [--windows 50] [--codecs fp8,int8] [--skip-quality]``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from kvtier import serde
 from kvtier.bench.kv_quality import _kv_of, held_out_text, measure, table
-from kvtier.models import load_model
+from kvtier.models import load_model, output_cache
 from kvtier.serde.kvcodec import get_kv_codec
 from kvtier.tiers.base import Chunk
 
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=50)
     ap.add_argument("--prefix", type=int, default=384)
     ap.add_argument("--cont", type=int, default=128)
+    ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated; raw is always measured")
     ap.add_argument("--skip-quality", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -77,7 +78,13 @@ def main() -> None:
                 print(table(res), flush=True)
 
         res = measure(
-            lm.model, ids, CODECS, windows=a.windows, prefix=a.prefix, cont=a.cont, progress=progress
+            lm.model,
+            ids,
+            a.codecs.split(","),
+            windows=a.windows,
+            prefix=a.prefix,
+            cont=a.cont,
+            progress=progress,
         )
         n = a.windows * (a.prefix + a.cont)
         print(
@@ -87,7 +94,7 @@ def main() -> None:
         print(table(res))
     with torch.inference_mode():
         out = lm.model(ids[None, 1000:1256], use_cache=True)
-    ratios_and_speed(_kv_of(out.past_key_values).to(torch.bfloat16).contiguous())
+    ratios_and_speed(_kv_of(output_cache(out)).to(torch.bfloat16).contiguous())
 
 
 if __name__ == "__main__":

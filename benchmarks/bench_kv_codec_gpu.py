@@ -3,7 +3,10 @@
 Llama-3-8B KV geometry (32 layers, 8 KV heads, head_dim 128, bf16), vLLM flash layout with
 16-token blocks in shuffled order, 32k tokens, 256-token chunks. Throughput is counted in raw
 bf16 bytes delivered per second (4 GiB at 32k tokens), so a codec that halves the PCIe bytes can
-beat memcpy. Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768]``.
+beat memcpy. "overlapped" runs the kernels of chunk group g while group g-1 crosses PCIe on a
+second stream (``transfer.kernels.quant_pipeline``). ``--worker`` also times the vLLM worker path
+(``WorkerSide``: per-layer quantize-in-gather, D2H, CPU tier put; and back) per codec, raw included.
+Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 16] [--worker]``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
+from kvtier.transfer.kernels.quant_pipeline import load_overlapped, store_overlapped
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--codecs", default="fp8,int8,int4,int2")
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--worker", action="store_true")
     a = ap.parse_args()
     layers, heads, dim, bs, ct = 32, 8, 128, 16, 256
     nb = a.tokens // bs + 8
@@ -54,13 +60,22 @@ def main() -> None:
     print(f"raw KV {gb:.2f} GB; pinned memcpy D2H {gb / d2h:.1f} GB/s, H2D {gb / h2d:.1f} GB/s")
     print(
         "codec  ratio  kernel-gather GB/s  store(gather+D2H) GB/s  x memcpy  load(H2D+scatter) GB/s  x memcpy"
-        "  torch-path store GB/s"
+        "  torch-path store GB/s | overlapped store GB/s  x memcpy  overlapped load GB/s  x memcpy"
     )
     for name in a.codecs.split(","):
         try:
-            run_codec(name, caches, slots, ct, raw_bytes, d2h, h2d, a.reps)
+            run_codec(name, caches, slots, ct, raw_bytes, d2h, h2d, a.reps, a.groups)
         except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+    if a.worker:
+        del dev_raw, host_raw
+        print("\nvLLM worker path (WorkerSide, CPU tier 12 GiB pinned), raw bf16 GB/s, same caches")
+        print("kv_codec  save (quantize+D2H+tier put) GB/s  x memcpy  load (tier+H2D+scatter) GB/s  x memcpy")
+        for name in ["none", "int8", "int4"]:
+            try:
+                run_worker(name, caches, blocks, bs, ct, a.tokens, raw_bytes, d2h, h2d)
+            except Exception as e:
+                print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 def run_codec(
@@ -72,6 +87,7 @@ def run_codec(
     d2h: float,
     h2d: float,
     reps: int,
+    groups: int,
 ) -> None:
     gb = raw_bytes / 1e9
     a = argparse.Namespace(reps=reps)
@@ -88,12 +104,78 @@ def run_codec(
 
         t_load = timed(load, a.reps)
         t_torch = timed(lambda: gather_quant(caches, slots, name, ct, backend="torch"), 1)
+        t_ostore = timed(lambda: store_overlapped(caches, slots, name, ct, host, groups=groups), a.reps)
+        got = host.clone()
+        host.zero_()
+        store_overlapped(caches, slots, name, ct, host, groups=groups)
+        torch.cuda.synchronize()
+        same = torch.equal(got, host) and torch.equal(host, packed.cpu())
+        t_oload = timed(lambda: load_overlapped(host, caches, slots, name, ct, groups=groups), a.reps)
         ratio = packed.numel() / raw_bytes
         print(
             f"{name:6} {ratio:.3f}  {gb / t_kernel:17.1f}  {gb / t_store:22.1f}  {d2h / t_store:8.2f}"
-            f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f}"
+            f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f} |"
+            f"  {gb / t_ostore:20.1f}  {d2h / t_ostore:8.2f}  {gb / t_oload:19.1f}  {h2d / t_oload:8.2f}"
+            f"  {'bytes equal' if same else 'BYTES DIFFER'}"
         )
         del packed, host, dev_in
+
+
+def run_worker(
+    name: str,
+    caches: list[torch.Tensor],
+    blocks: torch.Tensor,
+    bs: int,
+    ct: int,
+    tokens: int,
+    raw_bytes: int,
+    d2h: float,
+    h2d: float,
+) -> None:
+    """Save ``tokens`` through ``WorkerSide`` (as vLLM's ``save_kv_layer`` calls do), then load them
+    back into the same blocks; one engine per codec, the mean of 2 timed rounds."""
+    from kvtier.config import Config
+    from kvtier.engine import CacheEngine
+    from kvtier.integrations.vllm_plan import TransferSpec
+    from kvtier.integrations.vllm_worker import ConnectorStats, WorkerSide
+    from kvtier.keys import Namespace
+    from kvtier.transfer.blocks import detect
+
+    dev = caches[0].device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    layers, heads, dim = len(caches), int(caches[0].shape[3]), int(caches[0].shape[4])
+    lay = detect(caches[0], num_kv_heads=heads, head_dim=dim, block_size=bs)
+    reps = 3  # the first is warm-up (kernel compiles, pool page faults); each rep other tokens
+    ratio = 1.0 if name == "none" else 0.55
+    pool = int(ratio * raw_bytes * reps) + (1 << 30)
+    cfg = Config.load(env={}, chunk__chunk_tokens=ct, chunk__kv_codec=name, cpu__max_bytes=str(pool))
+    eng = CacheEngine(cfg, namespace=Namespace("bench", "bfloat16", (layers, heads, dim), kv_codec=name))
+    w = WorkerSide(eng, lay, layers, ConnectorStats())
+    ids = [int(b) for b in blocks.tolist()]
+    save_ts, load_ts = [], []
+    for rep in range(reps):
+        toks = list(range(rep * tokens, (rep + 1) * tokens))
+        sync()
+        t0 = time.perf_counter()
+        w.begin_saves([TransferSpec("r", toks, 0, tokens, ids)], dev)
+        for i, c in enumerate(caches):
+            w.save_layer(i, c)
+        w.finish_saves(dev)
+        t1 = time.perf_counter()
+        w.begin_loads([TransferSpec("r", toks, 0, tokens, ids)], dev)
+        for i, c in enumerate(caches):
+            w.load_layer(i, c)
+        sync()
+        t2 = time.perf_counter()
+        w.release_loads()
+        if rep:
+            save_ts.append(t1 - t0)
+            load_ts.append(t2 - t1)
+    assert w.stats.saved_tokens == reps * tokens and w.stats.loaded_tokens == reps * tokens, w.stats
+    eng.close()
+    gb = raw_bytes / 1e9
+    ts, tl = statistics.median(save_ts), statistics.median(load_ts)
+    print(f"{name:8}  {gb / ts:37.1f}  {d2h / ts:8.2f}  {gb / tl:30.1f}  {h2d / tl:8.2f}")
 
 
 if __name__ == "__main__":

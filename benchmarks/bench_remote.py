@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.remote.ser
 
 from kvtier import serde
 from kvtier.chunk import Chunk
+from kvtier.models import output_cache
 from kvtier.tiers.redis import RedisTier
 
 
@@ -162,7 +163,7 @@ def real_kv(target_tokens: int) -> torch.Tensor:
     ids = tok(text, return_tensors="pt").input_ids[:, :target_tokens]
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in layers])  # [L, 2, H, T, D]
     return kv.permute(0, 1, 3, 2, 4).contiguous()  # [L, 2, T, H, D]
 

@@ -358,13 +358,64 @@ class CacheEngine:
         for k in todo[:clean]:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
-            if self.storage.put(k.digest, self.make_chunk(arr, k, part, ctx)):
-                res.stored_tokens += k.num_tokens
-                res.stored_keys.append(k.digest)
-                self._stats.stored_chunks += 1
-            else:
-                res.failed_chunks += 1
-                self._stats.store_failures += 1
+            self._put(k, self.make_chunk(arr, k, part, ctx), res)
+        return self._stored(res, t0)
+
+    def store_packed_range(
+        self, tokens: TokenInput, packed: torch.Tensor, *, start: int = 0, extras: KeyExtras | None = None
+    ) -> StoreResult:
+        """``store_range`` for KV already in this namespace's codec form: ``packed[i]`` is the
+        packed chunk (``KVCodec.encode``) of whole chunk ``i`` from ``start``, and ``tokens`` end
+        where the last one does. What a fused quantize-in-gather (``transfer.kernels.
+        quant_kernels``) produces: the chunks stored are byte for byte the ones ``store_range``
+        makes from the raw KV, under the same keys and fingerprints."""
+        t0 = time.perf_counter()
+        codec, ns = self._kv_codec, self._namespace
+        if codec is None or ns is None:
+            raise KVError("store_packed_range needs an engine bound with a lossy kv_codec")
+        arr = tokens_to_array(tokens)
+        ct = self.chunk_tokens
+        n = int(packed.shape[0]) if packed.dim() == 2 else -1
+        want, dtype = self.stored_shape(ct)
+        if start < 0 or start % ct or n < 0 or arr.size != start + n * ct:
+            raise KVError(
+                f"packed {tuple(packed.shape)} from start={start} must be whole chunks of {ct} tokens "
+                f"ending at the {arr.size} tokens given"
+            )
+        if tuple(packed.shape[1:]) != want or packed.dtype != dtype:
+            raise KVError(
+                f"packed chunks are {tuple(packed.shape)} {packed.dtype}, expected (n, {want[0]}) {dtype}"
+            )
+        keys = [k for k in self.keys(arr, extras) if k.start >= start]
+        res = StoreResult()
+        skip = self.storage.top_prefix([k.digest for k in keys])
+        res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
+        todo = list(range(skip, len(keys)))
+        # NaN/Inf KV gives a non-finite scale (torch's amax propagates NaN; Triton's max may not)
+        scales = packed[skip:, codec.scales_offset(self.logical_shape(ct)) :].contiguous()
+        bad = (~torch.isfinite(scales.view(torch.float32))).any(dim=1).nonzero()
+        clean = int(bad[0]) if bad.numel() else len(todo)
+        if clean < len(todo):
+            res.nonfinite_chunks = len(todo) - clean
+            k = keys[todo[clean]]
+            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {k.start}..{k.end}")
+        for i in todo[:clean]:
+            k = keys[i]
+            ctx = extras.context(k.start, k.end) if extras else b""
+            fp = fingerprint(arr[k.start : k.end], self.logical_shape(ct), self._fp_dtype(), ctx)
+            self._put(k, Chunk(packed[i], fp, k.num_tokens), res)
+        return self._stored(res, t0)
+
+    def _put(self, k: ChunkKey, chunk: Chunk, res: StoreResult) -> None:
+        if self.storage.put(k.digest, chunk):
+            res.stored_tokens += k.num_tokens
+            res.stored_keys.append(k.digest)
+            self._stats.stored_chunks += 1
+        else:
+            res.failed_chunks += 1
+            self._stats.store_failures += 1
+
+    def _stored(self, res: StoreResult, t0: float) -> StoreResult:
         self._stats.stores += 1
         self._stats.stored_tokens += res.stored_tokens
         self.metrics.store_latency.observe(time.perf_counter() - t0)
@@ -675,11 +726,22 @@ class CacheEngine:
         assert ns is not None
         return ns.kv_dtype if ns.kv_codec == "none" else f"{ns.kv_dtype}+{ns.kv_codec}"
 
+    @property
+    def kv_codec(self) -> KVCodec | None:
+        """The lossy codec chunks are stored in (``None``: raw KV)."""
+        return self._kv_codec
+
+    def logical_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """``[layers, planes, num_tokens, kv_heads, head_dim]``: the KV of a chunk before any codec."""
+        ns = self._namespace
+        assert ns is not None
+        return (ns.kv_shape[0], ns.kv_planes, num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+
     def stored_shape(self, num_tokens: int) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of a stored chunk of ``num_tokens`` (packed uint8 under a codec)."""
         ns = self._namespace
         assert ns is not None
-        shape = (ns.kv_shape[0], ns.kv_planes, num_tokens, ns.kv_shape[1], ns.kv_shape[2])
+        shape = self.logical_shape(num_tokens)
         if self._kv_codec is None:
             return shape, dtype_from_name(ns.kv_dtype)
         return (self._kv_codec.packed_nbytes(shape),), torch.uint8

@@ -271,3 +271,29 @@ def _smollm2_tokenizer_if_present(vocab_size: int) -> Any | None:
     if tok is not None and len(tok) > vocab_size:
         return None
     return tok
+
+
+# -- calling a transformers model across versions -----------------------------------------------
+def cache_kwarg(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its cache under: ``"cache"`` where it has one
+    (transformers >= 5.24 deprecates ``past_key_values``, removal announced for 5.40), else
+    ``"past_key_values"`` (the older versions kvtier supports). Memoised per forward function."""
+    fwd = type(model).forward
+    memo = _CACHE_KWARG.get(fwd)
+    if memo is None:
+        import inspect
+
+        params = inspect.signature(fwd).parameters
+        memo = _CACHE_KWARG[fwd] = "cache" if "cache" in params else "past_key_values"
+    return memo
+
+
+_CACHE_KWARG: dict[Any, str] = {}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a model call returned: ``out.cache`` (>= 5.24; reading ``past_key_values`` logs
+    a deprecation), else ``out.past_key_values``."""
+    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
+        return out.cache
+    return out.past_key_values

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from kvtier.models import cache_kwarg
 from kvtier.transfer.layerwise import cache_to_kv
 
 
@@ -37,7 +38,9 @@ def kv_at(model: Any, tokens: torch.Tensor, start: int) -> torch.Tensor:
     n = int(tokens.numel())
     c = DynamicCache(config=model.config)
     pos = torch.arange(start, start + n)[None]
-    model(input_ids=tokens[None], position_ids=pos, past_key_values=c, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=tokens[None], position_ids=pos, **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1
+    )
     return cache_to_kv(c, n)
 
 

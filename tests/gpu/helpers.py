@@ -103,9 +103,12 @@ def ref_token(kind: str, entry: LayerEntry, slot: int, bs: int) -> torch.Tensor:
 
 
 def ref_gather(kind: str, caches: list[LayerEntry], slots: list[int], bs: int) -> torch.Tensor:
-    """The chunk ``[L, 2, T, H, D]`` (MLA ``[L, T, lat]``) built token by token."""
+    """The chunk ``[L, 2, T, H, D]`` (MLA ``[L, 1, T, 1, lat]``) built token by token."""
     per_layer = [
-        torch.stack([ref_token(kind, e, s, bs) for s in slots], dim=1 if kind != "mla" else 0) for e in caches
+        torch.stack([ref_token(kind, e, s, bs) for s in slots], dim=1)
+        if kind != "mla"
+        else torch.stack([ref_token(kind, e, s, bs) for s in slots])[None, :, None]
+        for e in caches
     ]
     return torch.stack(per_layer)
 

@@ -68,3 +68,63 @@ def test_triton_bit_exact_with_torch(name: str, dtype: torch.dtype) -> None:
         outs.append(back)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _layer_by_layer(caches, slots, name, backend, whole):
+    """Pack layer by layer into one buffer, unpack layer by layer into fresh caches."""
+    n = len(caches)
+    out = torch.full_like(whole, 0xAB)  # every byte must be written
+    for i, c in enumerate(caches):
+        gather_quant([c], slots, name, CT, out=out, first_layer=i, num_layers=n, backend=backend)
+    back = [torch.zeros_like(c) for c in caches]
+    for i, c in enumerate(back):
+        scatter_dequant(whole, [c], slots, name, CT, first_layer=i, num_layers=n, backend=backend)
+    return out, back
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_layer_by_layer_gives_the_bytes_of_all_layers_at_once(name: str) -> None:
+    caches, slots = _setup("cpu", torch.bfloat16)
+    whole = gather_quant(caches, slots, name, CT, backend="torch")
+    out, back = _layer_by_layer(caches, slots, name, "torch", whole)
+    assert torch.equal(out, whole)
+    ref = [torch.zeros_like(c) for c in caches]
+    scatter_dequant(whole, ref, slots, name, CT, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(back, ref, strict=True))
+    with pytest.raises(KVCodecError, match="do not fit"):
+        gather_quant(caches[:1], slots, name, CT, out=out, first_layer=3, num_layers=3, backend="torch")
+    with pytest.raises(KVCodecError, match="contiguous"):
+        gather_quant(caches, slots, name, CT, out=out[:, :-4], backend="torch")
+
+
+@cuda
+@pytest.mark.parametrize("name", CODECS)
+def test_triton_layer_by_layer_bit_exact_with_torch(name: str) -> None:
+    pytest.importorskip("triton")
+    caches, slots = _setup("cuda", torch.bfloat16, n_tokens=4 * CT, seed=2)
+    whole = gather_quant(caches, slots, name, CT, backend="torch")
+    out, back = _layer_by_layer(caches, slots, name, "triton", whole)
+    assert torch.equal(out, whole), f"{(out != whole).sum().item()} bytes differ"
+    ref = [torch.zeros_like(c) for c in caches]
+    scatter_dequant(whole, ref, slots, name, CT, backend="torch")
+    for a, b in zip(back, ref, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_overlapped_store_and_load_equal_the_plain_calls(name: str) -> None:
+    pytest.importorskip("triton")
+    from kvtier.transfer.kernels.quant_pipeline import load_overlapped, store_overlapped
+
+    caches, slots = _setup("cuda", torch.bfloat16, n_tokens=5 * CT, seed=3)
+    want = gather_quant(caches, slots, name, CT)
+    host = torch.full(tuple(want.shape), 7, dtype=torch.uint8, pin_memory=True)
+    store_overlapped(caches, slots, name, CT, host, groups=3)  # uneven groups: 2 + 2 + 1 chunks
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(host, want.cpu())
+    a, b = [torch.zeros_like(c) for c in caches], [torch.zeros_like(c) for c in caches]
+    scatter_dequant(want, a, slots, name, CT)
+    load_overlapped(host, b, slots, name, CT, groups=3)
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

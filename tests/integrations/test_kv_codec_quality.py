@@ -9,7 +9,7 @@ import torch
 from kvtier.bench.kv_quality import _kv_of, held_out_text, measure, roundtrip
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
-from kvtier.models import LoadedModel
+from kvtier.models import LoadedModel, output_cache
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_engine_path_equals_the_measured_roundtrip(smollm2: LoadedModel, ids: to
     """What the gate measures is what the engine serves: KV read back from an int8 engine is the
     bench's roundtrip bit for bit (chunking included), and differs from the raw KV."""
     with torch.inference_mode():
-        kv = _kv_of(smollm2.model(ids[None, :300], use_cache=True).past_key_values)
+        kv = _kv_of(output_cache(smollm2.model(ids[None, :300], use_cache=True)))
     cfg = Config.load(env={}, chunk__kv_codec="int8", cpu__pin_memory="no")
     with CacheEngine(cfg) as eng:
         assert eng.store(ids[:300], kv) == 300

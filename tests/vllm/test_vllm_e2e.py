@@ -22,6 +22,7 @@ import llm_util
 pytest.importorskip("vllm", reason="vLLM is not installed here: run `make vllm-test` (uses .venv-vllm)")
 
 from kvtier.integrations.vllm import connector_stats, find_engine
+from kvtier.models import output_cache
 
 ENGINE_ID = "kvtier-test-main"
 PREFIX = 600  # 4 full 128-token chunks/blocks = 512 tokens kvtier can serve
@@ -90,7 +91,7 @@ def test_stored_kv_equals_transformers_kv(llm: Any, tiny_model: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
         out = model(torch.tensor([p[:512]]), use_cache=True)
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(output_cache(out).layers):
         hf_k = layer.keys[0].transpose(0, 1)  # [T, H, D]
         hf_v = layer.values[0].transpose(0, 1)
         torch.testing.assert_close(r.kv[i, 0], hf_k, atol=2e-4, rtol=1e-3)

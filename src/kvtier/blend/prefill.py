@@ -36,6 +36,7 @@ from kvtier.blend.segments import SegmentStore
 from kvtier.chunk import dtype_from_name
 from kvtier.engine import CacheEngine
 from kvtier.keys import KeyExtras
+from kvtier.models import cache_kwarg
 from kvtier.transfer.layerwise import cache_to_kv
 
 DEFAULT_SINK_TOKENS = 1
@@ -152,5 +153,5 @@ def segment_kv(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
     c = DynamicCache(config=model.config)
-    model(input_ids=tokens[None], past_key_values=c, use_cache=True, logits_to_keep=1)
+    model(input_ids=tokens[None], **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1)
     return cache_to_kv(c, int(tokens.numel()))

@@ -2,7 +2,9 @@
 
 Layouts: kvtier's CacheEngine speaks ``[num_layers, 2, T, num_kv_heads, head_dim]``; a
 transformers cache holds, per layer, ``keys``/``values`` of ``[batch, num_kv_heads, T, head_dim]``
-(keys after RoPE). Positions are absolute and RoPE is applied before the cache, so the KV of a
+(keys after RoPE); MLA models (DeepSeek-V2/V3) cache a latent instead, keys ``[batch, 1, T, rank]``
+and values ``[batch, 1, T, rope]``, which kvtier stores as one plane ``[L, 1, T, 1, rank + rope]``
+(``ModelKVSpec.latent_split``). Positions are absolute and RoPE is applied before the cache, so the KV of a
 prefix is valid for any continuation of it: that is what makes prefix reuse exact.
 
 ``KVTierCache`` is a ``DynamicCache`` whose first ``num_tokens`` positions come from kvtier.
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.errors import KVTierError
 from kvtier.transfer.layerwise import ChunkedLayerwiseKV, LayerwiseKV, cache_to_kv
@@ -51,13 +54,30 @@ class UnsupportedInputError(KVTierError, NotImplementedError):
 
 @dataclass(frozen=True)
 class ModelKVSpec:
-    """What decides whether KV is valid for a model: folded into the engine's namespace."""
+    """What decides whether KV is valid for a model: folded into the engine's namespace.
+
+    ``planes`` is 2 (keys, values) for attention models; MLA models (DeepSeek-V2/V3) cache one
+    latent per position (``num_kv_heads`` 1, ``head_dim`` = latent width): transformers keeps
+    it as keys ``[B, 1, T, latent_split]`` (the normalised ``kv_nope``) and values
+    ``[B, 1, T, head_dim - latent_split]`` (the RoPE'd ``k_rot``), kvtier as one row, the same
+    ``[kv_c, k_pe]`` latent vLLM's MLA cache holds.
+    """
 
     model_id: str
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    planes: int = 2
+    latent_split: int | None = None
+
+
+_ATTENTION = ("full_attention", "sliding_attention")
+"""Layer types whose cache is per-position K/V that kvtier can store and rebuild."""
+_MLA_MODELS = ("deepseek_v2", "deepseek_v3")
+"""Models whose MLA latent cache layout (keys = ``kv_nope``, values = ``k_rot``) is tested."""
+_STATE_ATTRS = ("ssm_state_size", "mamba_d_state", "state_size", "mamba_d_conv", "conv_kernel")
+"""Config fields of Mamba/SSM models (for versions whose configs have no ``layer_types``)."""
 
 
 def model_kv_spec(model: Any, model_id: str | None = None) -> ModelKVSpec:
@@ -65,7 +85,9 @@ def model_kv_spec(model: Any, model_id: str | None = None) -> ModelKVSpec:
 
     ``model_id`` defaults to ``config._name_or_path``; a digest of a few weight values is
     appended, so two checkpoints saved under the same name (a fine-tune, a re-init) never share
-    KV. The digest reads a fixed handful of elements: cheap, and stable across processes.
+    KV. The digest reads a fixed handful of elements: cheap, and stable across processes. A model
+    with local (sliding-window) layers also gets its attention pattern appended
+    (``attention_signature``): the same weights under another window compute other KV.
     """
     cfg = model.config.get_text_config(decoder=True)
     layers = int(cfg.num_hidden_layers)
@@ -76,7 +98,12 @@ def model_kv_spec(model: Any, model_id: str | None = None) -> ModelKVSpec:
     if not name:
         name = f"{cfg.model_type}-unnamed"
     dtype = next(model.parameters()).dtype
-    return ModelKVSpec(f"{name}#{weights_digest(model)}", layers, kv_heads, head_dim, dtype)
+    full_id = f"{name}#{weights_digest(model)}{attention_signature(model)}"
+    rank = getattr(cfg, "kv_lora_rank", None)
+    if rank:  # MLA: one latent row per position (check_supported admits only _MLA_MODELS)
+        latent = int(rank) + int(cfg.qk_rope_head_dim)
+        return ModelKVSpec(full_id, layers, 1, latent, dtype, planes=1, latent_split=int(rank))
+    return ModelKVSpec(full_id, layers, kv_heads, head_dim, dtype)
 
 
 def weights_digest(model: Any, sample: int = 64) -> str:
@@ -90,53 +117,103 @@ def weights_digest(model: Any, sample: int = 64) -> str:
     return h.hexdigest()
 
 
+def attention_signature(model: Any) -> str:
+    """``""`` for a model whose layers are all full attention (its keys stay as before), else
+    ``~swa`` + a digest of each layer's window (``None`` for a global layer): Mistral
+    ``sliding_window``, Gemma ``layer_types``, Qwen2 ``use_sliding_window``, per-layer configs.
+    Read from the layers of the cache transformers itself would build for this config."""
+    windows = [getattr(layer, "sliding_window", None) for layer in _cache_layers(model)]
+    if all(w is None for w in windows):
+        return ""
+    return "~swa" + hashlib.blake2b(repr(windows).encode(), digest_size=4).hexdigest()
+
+
+def _cache_layers(model: Any) -> list[Any]:
+    """The layers of the ``DynamicCache`` transformers builds for the model (no tensors yet)."""
+    return list(DynamicCache(config=model.config).layers)
+
+
+def _layer_types(cfg: Any) -> list[str]:
+    """The config's layer types (``layer_types``, or the older ``layers_block_type``), else
+    inferred as transformers does: a window or a chunk size on a config without types makes
+    every layer local; Mamba/SSM fields make every layer a state layer."""
+    for attr in ("layer_types", "layers_block_type"):
+        types = getattr(cfg, attr, None)
+        if types:
+            return [str(t) for t in types]
+    n = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    if any(getattr(cfg, a, None) is not None for a in _STATE_ATTRS):
+        return ["mamba"] * n
+    if getattr(cfg, "sliding_window", None) is not None:
+        return ["sliding_attention"] * n
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        return ["chunked_attention"] * n
+    return ["full_attention"] * n
+
+
+def _why_not(layer_type: str) -> str:
+    if layer_type in ("mamba", "linear_attention", "conv", "hybrid", "hybrid_sliding", "recurrent"):
+        return (
+            "Mamba/SSM, linear-attention and convolution layers keep a recurrent state, not per-position "
+            "KV, so a cached prefix cannot be rebuilt from KV chunks"
+        )
+    if layer_type == "chunked_attention":
+        return "chunked local attention (Llama-4 style) is not supported yet"
+    return "kvtier stores per-position K/V of full and sliding-window attention layers only"
+
+
 def check_supported(model: Any) -> None:
-    """Refuse models whose cache is not a plain full-attention KV per layer (clear error, never wrong KV)."""
+    """Refuse models whose cache is not per-position K/V that kvtier can rebuild (a clear error
+    naming the layer type, raised before any lookup or store: never wrong KV).
+
+    Supported: full attention, sliding-window layers (all or interleaved; ``KVTierCache`` keeps
+    their full KV, the mask applies the window) and the MLA latent of ``_MLA_MODELS``. Refused:
+    Mamba/SSM/linear-attention/conv state layers, chunked local attention, KV-sharing (dummy)
+    and other special cache layers, other MLA variants.
+    """
     cfg = model.config.get_text_config(decoder=True)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    types = _layer_types(cfg)
+    other = sorted({t for t in types if t not in _ATTENTION})
     if other:
         raise IntegrationError(
-            f"{cfg.model_type}: layer types {other} are not supported yet (kvtier reuses full-attention "
-            "KV only; sliding-window and linear-attention layers do not keep every position)"
+            f"{cfg.model_type}: layer types {other} are not supported by kvtier's transformers "
+            f"integration ({_why_not(other[0])}); supported: {list(_ATTENTION)} layers"
         )
-    if not layer_types:  # then transformers makes every layer of a windowed config a sliding one
-        _check_no_window(cfg)
-    if getattr(cfg, "use_mla", False) or getattr(cfg, "kv_lora_rank", None):
+    kinds = sorted({type(x).__name__ for x in _cache_layers(model) if type(x) not in _LAYER_CLASSES})
+    if kinds:
         raise IntegrationError(
-            f"{cfg.model_type}: MLA caches are not supported by the transformers integration"
+            f"{cfg.model_type}: its cache has {kinds} layers, which kvtier's transformers integration does "
+            "not support (it stores per-position K/V of DynamicLayer and DynamicSlidingWindowLayer only)"
         )
-
-
-def _check_no_window(cfg: Any) -> None:
-    """Refuse a config that windows every layer (``sliding_window`` / ``attention_chunk_size``
-    without ``layer_types``: Mistral v0.1, Phi3, Starcoder2 style), unless the window is at least
-    ``max_position_embeddings`` (then no prompt reaches it: full attention).
-
-    Why refuse rather than cap: such a cache keeps only the last ``window - 1`` positions, so
-    after a generation that crosses the window its first positions are gone and what kvtier
-    would store as positions 0.. is KV of later ones (issue 22 #4), and a prefix longer than the
-    window cannot be rebuilt into it. The check runs before any lookup or store.
-    """
-    for attr in ("sliding_window", "attention_chunk_size"):
-        window = getattr(cfg, attr, None)
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if window is None or (limit is not None and int(window) >= int(limit)):
-            continue
+    if getattr(cfg, "kv_lora_rank", None) and cfg.model_type not in _MLA_MODELS:
         raise IntegrationError(
-            f"{cfg.model_type}: {attr}={window}: every layer attends to (and its cache keeps) only the "
-            f"last {window} positions, which kvtier's transformers integration does not support yet "
-            f"(it reuses full-attention KV only). Use a checkpoint without a window (e.g. Mistral-7B "
-            f"v0.2+), or if prompt plus generation always stay under {window} tokens set "
-            f"config.{attr}=None (then every layer is full attention, which is then exact)"
+            f"{cfg.model_type}: MLA caches of this model are not supported by the transformers integration "
+            f"(supported: {list(_MLA_MODELS)})"
         )
+    if getattr(cfg, "use_mla", False) and not getattr(cfg, "kv_lora_rank", None):
+        raise IntegrationError(f"{cfg.model_type}: use_mla without kv_lora_rank is not supported")
+
+
+_LAYER_CLASSES = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class KVTierCache(DynamicCache):
-    """A DynamicCache pre-filled, layer by layer as the forward reaches it, from a ``LayerwiseKV``."""
+    """A DynamicCache pre-filled, layer by layer as the forward reaches it, from a ``LayerwiseKV``.
+
+    Every layer keeps the KV of every position, sliding-window layers included (a plain
+    ``DynamicCache`` keeps only their last ``window - 1``): the model's sliding mask, built from
+    absolute positions, still restricts what they attend to, so the output is the same, and any
+    prefix of the prompt or of the generation can be stored. Why not keep just the window:
+    kvtier's chunks hold one row per layer and position, and a prefix longer than the window
+    could not be stored after the first positions were dropped. Cost: sliding layers hold (and
+    attend over, masked) the whole sequence, like global ones.
+    """
 
     def __init__(self, config: Any, prefix: LayerwiseKV | None = None) -> None:
         super().__init__(config=config)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                self.layers[i] = DynamicLayer()
         self._prefix = prefix
         self.prefix_tokens = prefix.num_tokens if prefix is not None else 0
         """Positions that came from kvtier (installed or still pending)."""

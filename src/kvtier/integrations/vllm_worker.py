@@ -14,6 +14,12 @@ chunks are copied out of the paged tensor into a host buffer as the layer finish
 layers are in, the chunks are put into the tiers. The copy out of vLLM's blocks is done inside
 the step, so the blocks can be freed as soon as the request finishes.
 
+Under a lossy ``chunk.kv_codec`` on vLLM's flash layouts, saves of whole chunks quantize each
+layer straight out of the blocks and loads dequantize straight into them (``transfer.
+packed_blocks``; on CUDA the Triton kernels, so only packed bytes cross PCIe); the chunks are the
+ones the engine's own store would make from the same KV. Other layouts keep the raw path above
+(the engine quantizes the host buffer).
+
 Each chunk is saved once: cold requests that share a prefix and are scheduled in one step all
 ask to save it (none is cached yet when the step is planned), so ``begin_saves`` skips the
 leading chunks an earlier request of the step, or a save still in flight, will store (chained
@@ -40,6 +46,7 @@ from kvtier.chunk import Chunk
 from kvtier.engine import CacheEngine
 from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.layout import KVLayout
+from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
 
 from .vllm_plan import BOTH, Role, TransferSpec, align_down
 
@@ -87,6 +94,11 @@ class _Load:
     spec: TransferSpec
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
+    packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
+
+    def release(self) -> None:
+        for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
+            c.release()
 
 
 @dataclass
@@ -96,6 +108,7 @@ class _Save:
     idx: TokenIndex
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
+    packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
 
 
 class WorkerSide:
@@ -113,6 +126,8 @@ class WorkerSide:
         self.num_layers = num_layers
         self.stats = stats
         self.bs = layout.block_size
+        self._packs = packs(engine, layout)
+        """Lossy codec on a flash layout: KV moves packed through the fused kernels (``packed_blocks``)."""
         self._loads: list[_Load] = []
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
@@ -146,7 +161,9 @@ class WorkerSide:
         pieces: list[tuple[Chunk, int, int]] = []
         ok_end = spec.start
         # one batched, validated read of the whole range (one round trip to a remote top tier)
-        views = self.engine.retrieve_chunks(spec.tokens, start=spec.start, end=spec.end, extras=spec.extras)
+        views = self.engine.retrieve_chunks(
+            spec.tokens, start=spec.start, end=spec.end, extras=spec.extras, decode=not self._packs
+        )
         for k, chunk in views.chunks:
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
             pieces.append((chunk, lo - k.start, hi - k.start))
@@ -171,6 +188,8 @@ class WorkerSide:
             return None
         self.stats.loaded_tokens += ok_end - spec.start
         idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
+        if self._packs:
+            return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
         return _Load(spec, idx, pieces)
 
     def load_layer(self, layer: int, entry: torch.Tensor) -> None:
@@ -179,6 +198,9 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         for ld in self._loads:
+            if ld.packed is not None:
+                ld.packed.layer(self.layout, layer, entry)
+                continue
             scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
@@ -199,8 +221,7 @@ class WorkerSide:
             self._loads_done.synchronize()
             self._loads_done = None
         for ld in self._loads:
-            for c, _, _ in ld.pieces:
-                c.release()
+            ld.release()
         self._loads = []
         self._loaded_layers = set()
 
@@ -229,11 +250,19 @@ class WorkerSide:
             if start < spec.end:
                 todo.append((spec, start, lay.chunk_shape(self.num_layers, spec.end - start)))
                 self.stats.copied_tokens += spec.end - start
-        total = sum(int(np.prod(shape)) for _, _, shape in todo)
+        packed = [
+            self._packs and (spec.end - start) % self.engine.chunk_tokens == 0 for spec, start, _ in todo
+        ]
+        total = sum(int(np.prod(shape)) for (_, _, shape), p in zip(todo, packed) if not p)
         if todo and (self._flat is None or self._flat.numel() < total):
             self._flat = torch.empty(total, dtype=lay.dtype, pin_memory=device.type == "cuda")
         at = 0
-        for spec, start, shape in todo:
+        for (spec, start, shape), p in zip(todo, packed):
+            if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
+                idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+                sv = PackedSave(self.engine, idx, self.num_layers, device)
+                self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
+                continue
             assert self._flat is not None
             n = int(np.prod(shape))
             buf = self._flat[at : at + n].view(shape)
@@ -268,7 +297,10 @@ class WorkerSide:
         t0 = time.perf_counter()
         for sv in self._saves:
             if layer not in sv.done:
-                gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
+                if sv.packed is not None:
+                    sv.packed.layer(self.layout, layer, entry)
+                else:
+                    gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
                 sv.done.add(layer)
         self.stats.save_s += time.perf_counter() - t0
 
@@ -276,6 +308,9 @@ class WorkerSide:
         if not self._saves:
             return
         t0 = time.perf_counter()
+        for sv in self._saves:  # enqueue the packed chunks' copy to the host before the sync
+            if sv.packed is not None and len(sv.done) == self.num_layers:
+                sv.packed.finish()
         if device.type == "cuda" and self._saves:
             torch.cuda.current_stream(device).synchronize()
         for sv in self._saves:
@@ -288,9 +323,14 @@ class WorkerSide:
                 )
                 continue
             self.stats.save_requests += 1
-            res = self.engine.store_range(
-                sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
-            )
+            if sv.packed is not None:
+                res = self.engine.store_packed_range(
+                    sv.spec.tokens[: sv.spec.end], sv.packed.finish(), start=sv.start, extras=sv.spec.extras
+                )
+            else:
+                res = self.engine.store_range(
+                    sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
+                )
             self.new_keys.extend(res.stored_keys)
             self.stats.saved_tokens += res.stored_tokens
             self.stats.skipped_tokens += res.skipped_tokens

@@ -68,8 +68,29 @@ class KVCodec(ABC):
             )
 
     @abstractmethod
+    def segments(self, shape: Shape) -> list[int]:
+        """Byte sizes of the packed form's parts in order (codes, then each scale array). Every
+        part is layer-major (``[layers, ...]``), so layer ``l``'s share of a part is its ``l``-th
+        of ``layers`` equal slices: a layer can be quantized on its own into a whole chunk
+        (``layer_slices``) with the same bytes as encoding all layers at once."""
+
     def packed_nbytes(self, shape: Shape) -> int:
         """Bytes of the packed form of KV of ``shape``."""
+        return sum(self.segments(shape))
+
+    def scales_offset(self, shape: Shape) -> int:
+        """Where the fp32 scales begin (everything after the codes is fp32)."""
+        return self.segments(shape)[0]
+
+    def layer_slices(self, shape: Shape, layer: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` byte ranges of layer ``layer``'s share of a packed chunk of ``shape``,
+        in the order of the packed form of that layer alone (``shape`` with one layer)."""
+        out, at = [], 0
+        for size in self.segments(shape):
+            per = size // shape[0]
+            out.append((at + layer * per, at + (layer + 1) * per))
+            at += size
+        return out
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
@@ -110,9 +131,9 @@ class _PerTokenCodec(KVCodec):
     qmax: float
     code_dtype: torch.dtype
 
-    def packed_nbytes(self, shape: Shape) -> int:
+    def segments(self, shape: Shape) -> list[int]:
         n_rows = shape[0] * shape[1] * shape[2] * shape[3]
-        return n_rows * shape[4] + 4 * n_rows
+        return [n_rows * shape[4], 4 * n_rows]
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 scale per row of ``x [..., D]`` (fp32): absmax * fp32(1/qmax), 1 where the row is all 0."""
@@ -187,12 +208,11 @@ class KiviCodec(KVCodec):
         layers, _, t, h, d = shape
         return layers * self._groups(t) * h * d, layers * t * h
 
-    def packed_nbytes(self, shape: Shape) -> int:
+    def segments(self, shape: Shape) -> list[int]:
         layers, planes, t, h, d = shape
         codes = layers * planes * t * h * d // self.per_byte
         nk, nv = self._scale_counts(shape)
-        n_scales = (nk + nv) if planes == 2 else nv
-        return codes + 8 * n_scales
+        return [codes, *([4 * nk, 4 * nk] if planes == 2 else []), 4 * nv, 4 * nv]
 
     def _quant(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = (mx - mn) * _recip(self.qmax)
@@ -247,10 +267,7 @@ class KiviCodec(KVCodec):
     def decode(self, packed: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         self._check_packed(packed, shape)
         layers, planes, t, h, d = shape
-        n_codes = layers * planes * t * h * d // self.per_byte
-        nk, nv = self._scale_counts(shape)
-        sizes = [n_codes] + ([4 * nk, 4 * nk] if planes == 2 else []) + [4 * nv, 4 * nv]
-        parts = _split(packed, sizes)
+        parts = _split(packed, self.segments(shape))
         q = self._unpack(parts[0].view(layers, planes, t, h, d // self.per_byte)).float()
         sv, ov = (p.view(torch.float32).view(layers, t, h, 1) for p in parts[-2:])
         if planes == 1:

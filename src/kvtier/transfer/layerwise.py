@@ -5,6 +5,10 @@ layer ``i``'s cached prefix out as ``[B, H, n, D]`` keys/values when asked and, 
 copying the next layer(s) on a side stream first, so transfer overlaps compute. ``cache_to_kv``
 is the opposite direction: a transformers cache's layers to kvtier's ``[L, 2, T, H, D]`` rows.
 
+MLA (``latent_split=r``): transformers caches keys ``[B, 1, T, r]`` and values ``[B, 1, T, rope]``
+of different widths; kvtier keeps them as one plane ``[L, 1, T, 1, r + rope]`` (keys first), and
+the sources split that row back into the two tensors.
+
 Stream contract: ``take(i)`` makes the *current* stream wait for layer ``i``'s copy only; the
 buffers are ``record_stream``-ed on it, so the allocator keeps them until that work is done.
 """
@@ -22,21 +26,59 @@ from kvtier.transfer.layout import LayoutError
 __all__ = ["ChunkedLayerwiseKV", "LayerwiseKV", "cache_to_kv"]
 
 
-def cache_to_kv(cache: Any, num_tokens: int, *, batch_index: int = 0) -> torch.Tensor:
-    """The first ``num_tokens`` positions of ``cache`` as ``[L, 2, T, H, D]`` (a new contiguous tensor)."""
+def cache_to_kv(
+    cache: Any, num_tokens: int, *, batch_index: int = 0, latent_split: int | None = None
+) -> torch.Tensor:
+    """The first ``num_tokens`` positions of ``cache`` as ``[L, 2, T, H, D]`` (a new contiguous
+    tensor); with ``latent_split`` (MLA) as ``[L, 1, T, 1, keys + values width]``."""
     layers = cache.layers
     first = layers[0].keys
     n_layers = len(layers)
     _, heads, seq, dim = first.shape
     if seq < num_tokens:
         raise LayoutError(f"the cache holds {seq} positions, fewer than the {num_tokens} to store")
+    if latent_split is not None:
+        return _latent_rows(layers, num_tokens, batch_index, latent_split)
     out = torch.empty((n_layers, 2, num_tokens, heads, dim), dtype=first.dtype, device=first.device)
     for i, layer in enumerate(layers):
         if layer.keys.shape[-2] < num_tokens:
             raise LayoutError(f"layer {i} holds {layer.keys.shape[-2]} positions, expected >= {num_tokens}")
+        if layer.keys.shape != layer.values.shape:
+            raise LayoutError(
+                f"layer {i}: keys {tuple(layer.keys.shape)} and values {tuple(layer.values.shape)} differ "
+                "in shape (an MLA latent cache: pass latent_split)"
+            )
         out[i, 0].copy_(layer.keys[batch_index, :, :num_tokens].transpose(0, 1))
         out[i, 1].copy_(layer.values[batch_index, :, :num_tokens].transpose(0, 1))
     return out
+
+
+def _latent_rows(layers: Any, num_tokens: int, batch_index: int, split: int) -> torch.Tensor:
+    """MLA layers' keys ``[B, 1, T, split]`` and values ``[B, 1, T, rest]`` as ``[L, 1, T, 1, split + rest]``."""
+    k0, v0 = layers[0].keys, layers[0].values
+    width = int(k0.shape[-1]) + int(v0.shape[-1])
+    out = torch.empty((len(layers), 1, num_tokens, 1, width), dtype=k0.dtype, device=k0.device)
+    for i, layer in enumerate(layers):
+        k, v = layer.keys, layer.values
+        if k.shape[1] != 1 or v.shape[1] != 1 or k.shape[-1] != split or k.shape[-1] + v.shape[-1] != width:
+            raise LayoutError(
+                f"layer {i}: an MLA latent cache needs keys [B, 1, T, {split}] and values [B, 1, T, "
+                f"{width - split}], got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[-2] < num_tokens or v.shape[-2] < num_tokens:
+            raise LayoutError(f"layer {i} holds {k.shape[-2]} positions, expected >= {num_tokens}")
+        out[i, 0, :, 0, :split].copy_(k[batch_index, 0, :num_tokens])
+        out[i, 0, :, 0, split:].copy_(v[batch_index, 0, :num_tokens])
+    return out
+
+
+def _split_planes(planes: torch.Tensor, latent_split: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P, n, H, D]`` rows of one layer and batch row as ``[1, H, n, D]`` keys and values views
+    (MLA: the single latent plane cut at ``latent_split``)."""
+    if latent_split is None:
+        return planes[0].transpose(0, 1).unsqueeze(0), planes[-1].transpose(0, 1).unsqueeze(0)
+    row = planes[0].transpose(0, 1).unsqueeze(0)  # [1, 1, n, latent]
+    return row[..., :latent_split], row[..., latent_split:]
 
 
 class LayerwiseKV:
@@ -49,10 +91,13 @@ class LayerwiseKV:
     while earlier ones compute.
     """
 
-    def __init__(self, rows: list[torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, rows: list[torch.Tensor], device: torch.device, latent_split: int | None = None
+    ) -> None:
         if not rows or any(r.dim() != 5 or r.shape != rows[0].shape for r in rows):
             raise LayoutError("LayerwiseKV needs one [L, 2, n, H, D] tensor per row, all of one shape")
         self.rows = rows
+        self.latent_split = latent_split
         self.num_layers = int(rows[0].shape[0])
         self.num_tokens = int(rows[0].shape[2])
         self.device = device
@@ -83,8 +128,8 @@ class LayerwiseKV:
         else:
             srcs = [r[layer] for r in self.rows]
         # [2, n, H, D] -> [1, H, n, D] views; DynamicLayer.update's cat makes them contiguous.
-        ks = [s[0].transpose(0, 1).unsqueeze(0) for s in srcs]
-        vs = [s[1].transpose(0, 1).unsqueeze(0) for s in srcs]
+        pairs = [_split_planes(s, self.latent_split) for s in srcs]
+        ks, vs = [k for k, _ in pairs], [v for _, v in pairs]
         if len(srcs) == 1:
             return ks[0], vs[0]
         return torch.cat(ks), torch.cat(vs)
@@ -106,12 +151,18 @@ class ChunkedLayerwiseKV(LayerwiseKV):
     """
 
     def __init__(
-        self, views: list[ChunkViews], num_tokens: int, device: torch.device, group_layers: int = 0
+        self,
+        views: list[ChunkViews],
+        num_tokens: int,
+        device: torch.device,
+        group_layers: int = 0,
+        latent_split: int | None = None,
     ) -> None:
         if device.type != "cuda" or not views or any(not v.chunks for v in views):
             raise LayoutError("ChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
         first = views[0].chunks[0][1].kv
         self.views = views
+        self.latent_split = latent_split
         self.num_layers = int(first.shape[0])
         self.num_tokens = num_tokens
         self.device = device
@@ -166,8 +217,9 @@ class ChunkedLayerwiseKV(LayerwiseKV):
             dst.record_stream(main)
             t = dst[:, j]  # [chunks, planes, ct, H, D]
             flat = t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3], t.shape[4])[:, : self.num_tokens]
-            ks.append(flat[0].transpose(0, 1).unsqueeze(0))
-            vs.append(flat[-1].transpose(0, 1).unsqueeze(0))
+            k, v = _split_planes(flat, self.latent_split)
+            ks.append(k)
+            vs.append(v)
         if j == min(self.group_layers, self.num_layers - g * self.group_layers) - 1:
             del self._groups[g]  # the group's last layer: its buffers go when the forward is done
         if len(ks) == 1:

@@ -107,9 +107,9 @@ class KVLayout:
         return all(p.s_d == 1 for p in self.planes)
 
     def chunk_shape(self, num_layers: int, num_tokens: int) -> tuple[int, ...]:
-        """Shape of the contiguous chunk buffer: ``[L, 2, T, H, D]``; MLA ``[L, T, latent]``."""
-        if self.is_mla:
-            return (num_layers, num_tokens, self.head_dim)
+        """Shape of the contiguous chunk buffer ``[L, planes, T, H, D]``: ``[L, 2, T, H, D]``, MLA
+        ``[L, 1, T, 1, latent]`` (what ``CacheEngine`` stores for a one-plane namespace, so a
+        gathered MLA buffer is a chunk as is)."""
         return (num_layers, self.num_planes, num_tokens, self.num_kv_heads, self.head_dim)
 
     def plane_bases(self, entry: LayerEntry) -> tuple[torch.Tensor, ...]:

@@ -58,9 +58,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _prefix(kv: torch.Tensor, n: int, mla: bool) -> torch.Tensor:
-    """The first ``n`` tokens of a retrieved chunk (token axis 1 for MLA, else 2); a view."""
-    return kv[:, :n] if mla else kv[:, :, :n]
+def _prefix(kv: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of a retrieved ``[L, P, T, H, D]`` chunk (MLA too); a view."""
+    return kv[:, :, :n]
 
 
 @dataclass
@@ -119,7 +119,7 @@ def retrieve_paged(
     scatter(
         prep.entries,
         prep.slots,
-        _prefix(r.kv, n, prep.layout.is_mla),
+        _prefix(r.kv, n),
         layout=prep.layout,
         mode=mode,
         check_slots=False,
@@ -144,7 +144,7 @@ def retrieve_paged_layerwise(
     if n == 0 or r.kv is None:
         return LayerwiseLoad(0)
     prep = prepare(kv_caches, slot_mapping[:n], layout)
-    rows = rows_view(_prefix(r.kv, n, prep.layout.is_mla), prep)
+    rows = rows_view(_prefix(r.kv, n), prep)
     return LayerwiseLoad(n, _load_layers(prep, rows))
 
 

@@ -51,7 +51,7 @@ def gather(
     check_slots: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Copy the KV of ``slot_mapping``'s tokens into a chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, T, lat]``).
+    """Copy the KV of ``slot_mapping``'s tokens into a chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, 1, T, 1, lat]``).
 
     ``out`` (contiguous, right shape and dtype) or ``device`` (default: the cache's; ``"cpu"``
     for a CUDA cache allocates pinned host memory) picks the destination.

@@ -1,7 +1,7 @@
 """Paged gather/scatter: validation, backend choice and the (layer-plane x token) launch unit.
 
 ``gather`` copies the KV of the tokens in ``slot_mapping`` out of a list of per-layer paged
-tensors into a contiguous chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, T, latent]``); ``scatter``
+tensors into a contiguous chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, 1, T, 1, latent]``); ``scatter``
 writes such a buffer back into the slots. Host buffers go through ``kvtier.transfer.kernels.host``.
 
 Backends: Triton on CUDA when Triton imports and ``d`` has unit stride; otherwise the torch

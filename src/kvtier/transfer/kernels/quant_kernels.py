@@ -45,8 +45,19 @@ def _check(caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, 
         raise KVCodecError(f"{codec.name} fused path needs chunk_tokens divisible by {KEY_GROUP_TOKENS}")
 
 
-def _shape(caches: Sequence[torch.Tensor], chunk_tokens: int) -> tuple[int, int, int, int, int]:
-    return (len(caches), 2, chunk_tokens, int(caches[0].shape[3]), int(caches[0].shape[4]))
+def _shape(
+    caches: Sequence[torch.Tensor], chunk_tokens: int, num_layers: int
+) -> tuple[int, int, int, int, int]:
+    return (num_layers, 2, chunk_tokens, int(caches[0].shape[3]), int(caches[0].shape[4]))
+
+
+def _layers(caches: Sequence[torch.Tensor], first_layer: int, num_layers: int | None) -> int:
+    n = len(caches) if num_layers is None else num_layers
+    if first_layer < 0 or first_layer + len(caches) > n:
+        raise KVCodecError(
+            f"layers {first_layer}..{first_layer + len(caches)} do not fit chunks of {n} layers"
+        )
+    return n
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -65,26 +76,50 @@ def gather_quant(
     codec_name: str,
     chunk_tokens: int,
     *,
+    out: torch.Tensor | None = None,
+    first_layer: int = 0,
+    num_layers: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Packed chunks ``[len(slots) // chunk_tokens, packed_nbytes]`` of the slots' KV."""
+    """Packed chunks ``[len(slots) // chunk_tokens, packed_nbytes]`` of the slots' KV.
+
+    ``caches`` are layers ``first_layer ..`` of chunks of ``num_layers`` layers (default: the
+    given layers are all of them); only their share of ``out`` is written, so a caller that gets
+    one layer at a time (vLLM's ``save_kv_layer``) fills whole chunks layer by layer with the same
+    bytes as one call over all layers (the packed parts are layer-major: ``KVCodec.segments``).
+    ``out``: a contiguous ``[chunks, packed_nbytes]`` uint8 tensor on the caches' device to fill
+    (allocated when ``None``)."""
     codec = get_kv_codec(codec_name)
     if codec is None:
         raise KVCodecError("gather_quant needs a lossy codec, not 'none'")
     slots = slot_mapping.to(torch.int64).contiguous()
     _check(caches, slots, codec, chunk_tokens)
-    shape = _shape(caches, chunk_tokens)
+    n_layers = _layers(caches, first_layer, num_layers)
+    shape = _shape(caches, chunk_tokens, n_layers)
     n_chunks = slots.numel() // chunk_tokens
+    want = (n_chunks, codec.packed_nbytes(shape))
+    if out is None:
+        out = torch.empty(want, dtype=torch.uint8, device=caches[0].device)
+    elif tuple(out.shape) != want or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise KVCodecError(f"out is {tuple(out.shape)} {out.dtype}, expected contiguous {want} uint8")
     if backend == "triton" or (backend == "auto" and _use_triton(caches[0])):
         from kvtier.transfer.kernels import quant_triton
 
-        out = torch.empty((n_chunks, codec.packed_nbytes(shape)), dtype=torch.uint8, device=caches[0].device)
-        quant_triton.gather_quant(caches, slots, codec, chunk_tokens, out)
+        quant_triton.gather_quant(caches, slots, codec, chunk_tokens, out, first_layer, n_layers)
         return out
     kv = reference_gather(caches, slots)
-    return torch.stack(
-        [codec.encode(kv[:, :, i * chunk_tokens : (i + 1) * chunk_tokens]) for i in range(n_chunks)]
-    )
+    for i in range(n_chunks):
+        part = kv[:, :, i * chunk_tokens : (i + 1) * chunk_tokens]
+        if len(caches) == n_layers:
+            out[i] = codec.encode(part)
+            continue
+        for j in range(len(caches)):  # one layer's share of each packed part
+            one = codec.encode(part[j : j + 1])
+            at = 0
+            for a, b in codec.layer_slices(shape, first_layer + j):
+                out[i, a:b] = one[at : at + b - a]
+                at += b - a
+    return out
 
 
 def scatter_dequant(
@@ -94,15 +129,19 @@ def scatter_dequant(
     codec_name: str,
     chunk_tokens: int,
     *,
+    first_layer: int = 0,
+    num_layers: int | None = None,
     backend: str = "auto",
 ) -> None:
-    """Write the KV of ``packed`` chunks (as from ``gather_quant``) into the slots, dequantized."""
+    """Write the KV of ``packed`` chunks (as from ``gather_quant``) into the slots, dequantized;
+    ``caches`` are layers ``first_layer ..`` of the chunks' ``num_layers`` (as in ``gather_quant``)."""
     codec = get_kv_codec(codec_name)
     if codec is None:
         raise KVCodecError("scatter_dequant needs a lossy codec, not 'none'")
     slots = slot_mapping.to(torch.int64).contiguous()
     _check(caches, slots, codec, chunk_tokens)
-    shape = _shape(caches, chunk_tokens)
+    n_layers = _layers(caches, first_layer, num_layers)
+    shape = _shape(caches, chunk_tokens, n_layers)
     n_chunks = slots.numel() // chunk_tokens
     if tuple(packed.shape) != (n_chunks, codec.packed_nbytes(shape)) or packed.dtype != torch.uint8:
         raise KVCodecError(
@@ -112,12 +151,20 @@ def scatter_dequant(
     if backend == "triton" or (backend == "auto" and _use_triton(caches[0])):
         from kvtier.transfer.kernels import quant_triton
 
-        quant_triton.scatter_dequant(packed.contiguous(), caches, slots, codec, chunk_tokens)
+        quant_triton.scatter_dequant(
+            packed.contiguous(), caches, slots, codec, chunk_tokens, first_layer, n_layers
+        )
         return
     dtype = caches[0].dtype
+    one_shape = (1, *shape[1:])
     for i in range(n_chunks):
-        kv = codec.decode(packed[i], shape, dtype)
-        reference_scatter(kv, caches, slots[i * chunk_tokens : (i + 1) * chunk_tokens])
+        rows = slots[i * chunk_tokens : (i + 1) * chunk_tokens]
+        if len(caches) == n_layers:
+            reference_scatter(codec.decode(packed[i], shape, dtype), caches, rows)
+            continue
+        for j, c in enumerate(caches):
+            one = torch.cat([packed[i, a:b] for a, b in codec.layer_slices(shape, first_layer + j)])
+            reference_scatter(codec.decode(one, one_shape, dtype), [c], rows)
 
 
 def reference_gather(caches: Sequence[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:

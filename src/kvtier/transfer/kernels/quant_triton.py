@@ -228,18 +228,23 @@ def _run(
     ct: int,
     out: torch.Tensor,
     to_chunk: bool,
+    first_layer: int = 0,
+    num_layers: int | None = None,
 ) -> None:
+    """``caches`` are layers ``first_layer ..`` of chunks of ``num_layers`` (default: all given)."""
     c0 = caches[0]
     _, _, bs, heads, dim = c0.shape
     if c0.stride(4) != 1:
         raise ValueError("the fused path needs head_dim with unit stride")
+    if not out.is_contiguous():
+        raise ValueError("the packed chunks must be one contiguous [chunks, bytes] tensor")
     n_t = slots.numel()
-    n_layers = len(caches)
+    n_layers = len(caches) if num_layers is None else num_layers
     shape = (n_layers, 2, ct, heads, dim)
     packed = codec.packed_nbytes(shape)
     flat = out.view(-1)
     words = flat.view(torch.float32)
-    for layer, c in enumerate(caches):
+    for layer, c in enumerate(caches, start=first_layer):
         st = (c.stride(0), c.stride(1), c.stride(2), c.stride(3))
         if isinstance(codec, KiviCodec):
             n_codes = n_layers * 2 * ct * heads * dim // codec.per_byte
@@ -286,12 +291,24 @@ def _run(
 
 
 def gather_quant(
-    caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int, out: torch.Tensor
+    caches: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    codec: KVCodec,
+    ct: int,
+    out: torch.Tensor,
+    first_layer: int = 0,
+    num_layers: int | None = None,
 ) -> None:
-    _run(caches, slots, codec, ct, out, True)
+    _run(caches, slots, codec, ct, out, True, first_layer, num_layers)
 
 
 def scatter_dequant(
-    packed: torch.Tensor, caches: Sequence[torch.Tensor], slots: torch.Tensor, codec: KVCodec, ct: int
+    packed: torch.Tensor,
+    caches: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    codec: KVCodec,
+    ct: int,
+    first_layer: int = 0,
+    num_layers: int | None = None,
 ) -> None:
-    _run(caches, slots, codec, ct, packed, False)
+    _run(caches, slots, codec, ct, packed, False, first_layer, num_layers)
