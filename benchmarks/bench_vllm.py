@@ -172,8 +172,26 @@ def main() -> None:
         results[role] = json.loads(out.read_text())
         out.unlink()
     report(results, args)
+    results["summary"] = summary(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def summary(r: dict[str, Any]) -> dict[str, float]:
+    """The issue-21 rows: kvtier hit / vLLM hit (same process), connector work on a miss."""
+    med = statistics.median
+    k = r["kvtier"]
+    n = max(len(k["cold_s"]), 1)
+    kc, kh, kv_vllm = med(k["cold_s"]), med(k["kvtier_hit_s"]), med(k["vllm_hit_s"])
+    save = k["connector"]["save_s"] / n
+    return {
+        "kvtier_hit_s": kh,
+        "vllm_hit_s": kv_vllm,
+        "hit_ratio": kh / kv_vllm,
+        "cold_s": kc,
+        "miss_connector_s": save,
+        "miss_share": save / kc,
+    }
 
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> None:

@@ -518,6 +518,28 @@ class RouterConfig:
 
 
 @dataclass
+class CostConfig:
+    """Load or recompute by measured cost (``CacheEngine.lookup_by_cost``): a cached range is
+    loaded only where the tiers' measured read cost is below the model's measured prefill cost
+    for those tokens. ``prefill_start_s_per_token`` is the prefill rate assumed before the first
+    measured prefill: conservative (a fast prefill), so a tier must prove clearly faster than
+    recomputing; ``reprobe_s``: a tier skipped as too slow is tried again after this long."""
+
+    enabled: bool = True
+    prefill_start_s_per_token: float = 1e-5
+    reprobe_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.prefill_start_s_per_token > 0,
+            "cost.prefill_start_s_per_token",
+            self.prefill_start_s_per_token,
+            "seconds > 0",
+        )
+        _check(self.reprobe_s > 0, "cost.reprobe_s", self.reprobe_s, "seconds > 0")
+
+
+@dataclass
 class Config:
     """Everything kvtier can be told. Build with ``Config.load``."""
 
@@ -530,6 +552,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     @classmethod
     def load(

@@ -20,6 +20,10 @@ Invariants:
   transient fault to every later request that shares the prefix, on every process sharing the
   store. It is not an error: the request goes on, only the cache declines.
 * A tier failure at run time is a miss (``TierManager``), never an exception from these calls.
+* ``lookup_by_cost`` (what integrations call before loading) answers at most ``lookup``'s
+  prefix: the leading chunks whose measured read cost from the tier holding them is below
+  recomputing them at the model's measured prefill rate (``note_prefill``), so a slow tier or a
+  short prefix is recomputed rather than loaded. ``cost.enabled: false`` makes it ``lookup``.
 * With a lossy ``chunk.kv_codec`` (``serde.kvcodec``) chunks are quantized once in ``make_chunk``
   and dequantized in ``open_chunk``; tiers only ever see the packed form, the codec is in the
   namespace, and the fingerprint names the codec too.
@@ -56,6 +60,7 @@ from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
 from kvtier.tiers.factory import build_remote_tier, build_tiers
 from kvtier.tiers.mirror import MirrorTier
+from kvtier.tiers.speed import CostEstimate, Fit
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,8 @@ class CacheEngine:
         self._ns_digest = b""
         self._kv_codec: KVCodec | None = None
         self._warned_nonfinite = False
+        self._prefill_cost = CostEstimate()  # seconds vs tokens computed, fed by integrations
+        self._skipped_at: dict[int, float] = {}  # tier index -> monotonic time it was last left out
         m = self.config.model
         if namespace is not None:
             self.bind(namespace)
@@ -228,6 +235,89 @@ class CacheEngine:
         s.hit_requests += hit > 0
         self.metrics.lookup_latency.observe(time.perf_counter() - t0)
         return hit
+
+    # -- load or recompute ------------------------------------------------------------------------
+    def note_prefill(self, num_tokens: int, seconds: float) -> None:
+        """Report a real forward that computed ``num_tokens`` tokens' KV in ``seconds`` (an
+        integration calls this after each prefill it times); ``lookup_by_cost`` weighs loads
+        against the rate fitted from these."""
+        self._prefill_cost.observe(num_tokens, seconds)
+
+    def prefill_fit(self) -> Fit:
+        """The model's prefill cost line (seconds = fixed + per token * tokens); before the first
+        ``note_prefill``, the configured conservative start (``cost.prefill_start_s_per_token``)."""
+        fit = self._prefill_cost.fit()
+        return fit if fit is not None else Fit(0.0, self.config.cost.prefill_start_s_per_token, 0)
+
+    def lookup_by_cost(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> int:
+        """How many leading tokens are worth *loading* rather than recomputing (<= ``lookup``).
+
+        Each chunk's load cost is predicted from the measured read line of the tier holding it
+        (latency per call + bytes / bandwidth; the top tier is read in one batched call, lower
+        tiers one call per chunk) and its recompute cost from the prefill rate per token. The
+        answer is the prefix with the largest total saving (0 if none saves anything). A tier
+        whose lookup round trip plus reads would cost more than recomputing the whole request
+        even if it held every chunk is not even asked; once every ``cost.reprobe_s`` it is read once in the
+        background (``TierManager.probe``) so that a tier that recovered is seen again. A tier
+        never measured is asked, and its reads measured.
+        """
+        if not self.config.cost.enabled or self._namespace is None:
+            return self.lookup(tokens, extras=extras)
+        t0 = time.perf_counter()
+        arr = tokens_to_array(tokens)
+        keys = self.keys(arr, extras)
+        per_token = self.prefill_fit().per_unit_s
+        all_bytes = sum(self._stored_nbytes(k.num_tokens) for k in keys)
+        all_saved = per_token * (keys[-1].end if keys else 0)
+        fits: list[Fit | None] = []
+        usable: list[int] = []
+        digests = [k.digest for k in keys]
+        now = time.monotonic()
+        for i in range(len(self.storage.tiers)):
+            fit, _ = self.storage.read_fit(i)
+            fits.append(fit)
+            # Asking costs a lookup round trip, loading at least one read: if that beats
+            # recomputing even if the tier held every chunk, the tier is not worth asking.
+            calls = len(keys) if i else 1
+            ask = self.storage.lookup_seconds(i) or 0.0
+            if fit is not None and ask + fit.seconds(all_bytes, calls) >= all_saved:
+                self._stats.cost_skipped_tiers += 1
+                if digests and now - self._skipped_at.setdefault(i, now) >= self.config.cost.reprobe_s:
+                    self._skipped_at[i] = now  # re-measure it off the request's path
+                    self.storage.probe(i, digests[0])
+                continue
+            self._skipped_at.pop(i, None)
+            usable.append(i)
+        where = self.storage.prefix_locate(digests, usable) if keys and usable else []
+        best = gain = 0.0
+        n_best = 0
+        top_paid = False
+        for j, (k, i) in enumerate(zip(keys, where)):
+            fit = fits[i]
+            load = 0.0
+            if fit is not None:
+                calls = 1 if i or not top_paid else 0
+                top_paid = top_paid or i == 0
+                load = fit.seconds(self._stored_nbytes(k.num_tokens), calls)
+            gain += per_token * k.num_tokens - load
+            if gain > best:
+                best, n_best = gain, j + 1
+        hit = keys[n_best - 1].end if n_best else 0
+        s = self._stats
+        s.lookups += 1
+        s.lookup_tokens += int(arr.size)
+        s.hit_tokens += hit
+        s.hit_requests += hit > 0
+        s.cost_declined_tokens += (keys[len(where) - 1].end if where else 0) - hit
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        return hit
+
+    def _stored_nbytes(self, num_tokens: int) -> int:
+        shape, dtype = self.stored_shape(num_tokens)
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        return n
 
     def store(self, tokens: TokenInput, kv: torch.Tensor, *, extras: KeyExtras | None = None) -> int:
         """Store the KV of ``tokens``; returns the number of tokens newly stored.

@@ -43,6 +43,10 @@ class CacheStats:
     nonfinite_chunks: int = 0  # chunks not stored because their KV held NaN/Inf (engine.py)
     uncacheable_requests: int = 0
     """Requests an integration could not key (an input kvtier does not hash): never cached."""
+    cost_declined_tokens: int = 0
+    """Cached tokens ``lookup_by_cost`` chose to recompute: loading them was measured slower."""
+    cost_skipped_tiers: int = 0
+    """Tier lookups ``lookup_by_cost`` left out: the tier reads slower than the model prefills."""
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     @property
@@ -89,6 +93,8 @@ class _StatsCollector(Collector):
             ("fingerprint_mismatches", "Chunks rejected on read (fingerprint/shape mismatch)"),
             ("nonfinite_chunks", "Chunks not stored: their KV held NaN/Inf (the engine computed garbage)"),
             ("uncacheable_requests", "Requests with an input kvtier cannot key: never cached"),
+            ("cost_declined_tokens", "Cached tokens recomputed because loading them was measured slower"),
+            ("cost_skipped_tiers", "Tier lookups left out: the tier reads slower than the model prefills"),
         ):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(s, name))
         yield GaugeMetricFamily(

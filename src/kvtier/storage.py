@@ -13,6 +13,10 @@
   the background; a ``get`` of a key being prefetched waits for it instead of reading it twice.
 * Single-flight loads: concurrent ``get``s of one key missing from the top tier make one read
   of the lower tiers; the others wait for it and read the promoted copy (``get`` says how).
+* Read cost: every timed read that returns data feeds the tier's ``CostEstimate`` (latency per
+  call, seconds per byte; writes are the prior until the first read); ``read_fit`` gives it to
+  the engine, which weighs it against recomputing (``CacheEngine.lookup_by_cost``), and
+  ``prefix_locate`` can leave out tiers it has found too slow to be worth asking.
 * ``flush(timeout_s)`` waits for the queues and makes every tier durable (``DiskTier.sync``;
   ``RemoteTier.sync`` asks the daemon to do the same).
 
@@ -52,6 +56,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
+from kvtier.tiers.speed import CostEstimate, Ewma, Fit
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,10 @@ class _TierIO:
     put_seconds: float = 0.0
     promotions: int = 0
     queue_drops: int = 0
+    read_cost: CostEstimate = field(default_factory=CostEstimate, repr=False)  # s vs bytes, per call
+    write_cost: CostEstimate = field(default_factory=CostEstimate, repr=False)  # prior until a read
+    lookup_s: Ewma = field(default_factory=Ewma, repr=False)  # one prefix_contains round trip
+    last_read: float = 0.0  # time.monotonic() of the last measured read (0: never)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -136,28 +145,53 @@ class TierManager:
 
     # -- lookup and read --------------------------------------------------------------------------
     def prefix_lookup(self, keys: Sequence[bytes]) -> int:
-        """Number of leading ``keys`` present in some tier.
+        """Number of leading ``keys`` present in some tier (see ``prefix_locate``)."""
+        return len(self.prefix_locate(keys))
 
-        Chunks of one prefix may be spread over tiers (early ones promoted to CPU, later ones
-        only on disk), so each round asks the tiers top-down for the longest run from the
-        current position and restarts from the top after any progress.
+    def prefix_locate(self, keys: Sequence[bytes], tiers: Sequence[int] | None = None) -> list[int]:
+        """For each leading key present in some tier, the index of the first tier found holding it.
+
+        Only the tier indices in ``tiers`` are asked (default: all, in order). Chunks of one
+        prefix may be spread over tiers (early ones promoted to CPU, later ones only on disk), so
+        each round asks the tiers top-down for the longest run from the current position and
+        restarts from the top after any progress.
         """
-        n = 0
+        order = range(len(self.tiers)) if tiers is None else sorted(set(tiers))
+        where: list[int] = []
         keys = list(keys)
         progress = True
-        while progress and n < len(keys):
+        while progress and len(where) < len(keys):
             progress = False
-            for tier in self.tiers:
+            for i in order:
+                tier = self.tiers[i]
+                t0 = time.perf_counter()
                 try:
-                    found = tier.prefix_contains(keys[n:])
+                    found = tier.prefix_contains(keys[len(where) :])
                 except SOFT_ERRORS as e:
                     self._soft_fail(tier, "lookup", e)
                     continue
+                finally:
+                    self._io[i].lookup_s.observe(time.perf_counter() - t0)
                 if found:
-                    n += found
+                    where += [i] * found
                     progress = True
                     break
-        return n
+        return where
+
+    def lookup_seconds(self, i: int) -> float | None:
+        """Tier ``i``'s measured lookup round trip (EWMA; ``None`` before its first lookup)."""
+        return self._io[i].lookup_s.value
+
+    def read_fit(self, i: int) -> tuple[Fit | None, float]:
+        """Tier ``i``'s read cost line (for a lower tier, its write cost line before the first
+        measured read; ``None`` if not measured) and the seconds since its last measured read
+        (``inf`` if never). The top tier's writes are no prior: a CPU tier reads by view (no
+        copy) but writes by copy, so its writes would overstate its reads many times over."""
+        io = self._io[i]
+        lat = io.lookup_s.value  # a read's latency where reads of one size cannot separate it
+        fit = io.read_cost.fit(lat) or (io.write_cost.fit(lat) if i else None)
+        age = time.monotonic() - io.last_read if io.last_read else float("inf")
+        return fit, age
 
     def top_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` the top tier holds (0 if it fails: those chunks are then
@@ -260,10 +294,15 @@ class TierManager:
         return got
 
     def _record_read(self, i: int, t0: float, chunks: Sequence[Chunk | None]) -> None:
+        dt = time.perf_counter() - t0
+        nbytes = sum(c.nbytes for c in chunks if c is not None)
         io = self._io[i]
         with io.lock:
-            io.get_seconds += time.perf_counter() - t0
-            io.read_bytes += sum(c.nbytes for c in chunks if c is not None)
+            io.get_seconds += dt
+            io.read_bytes += nbytes
+            if nbytes:  # a miss says nothing about bandwidth
+                io.last_read = time.monotonic()
+        io.read_cost.observe(nbytes, dt)
 
     def _promote(self, i: int, key: bytes, c: Chunk) -> bool:
         if self._put_to(0, key, c):
@@ -311,9 +350,12 @@ class TierManager:
         except SOFT_ERRORS as e:
             self._soft_fail(tier, "put", e)
             ok = False
+        dt = time.perf_counter() - t0
         with io.lock:
-            io.put_seconds += time.perf_counter() - t0
+            io.put_seconds += dt
             io.written_bytes += chunk.nbytes if ok else 0
+        if ok:
+            io.write_cost.observe(chunk.nbytes, dt)
         return ok
 
     def _submit(self, key: bytes, chunk: Chunk, *, private: bool = False) -> bool:
@@ -418,6 +460,24 @@ class TierManager:
             done: Future[int] = Future()
             done.set_result(0)
             return done
+
+    def probe(self, i: int, key: bytes) -> Future[bool]:
+        """Read ``key`` from tier ``i`` in the background, only to measure the tier again (the
+        read is timed like any other and then released, never promoted); the future says
+        whether it was there. What ``lookup_by_cost`` does for a tier it stopped asking."""
+        try:
+            return self._prefetcher.submit(self._probe, i, key)
+        except RuntimeError:  # closed
+            done: Future[bool] = Future()
+            done.set_result(False)
+            return done
+
+    def _probe(self, i: int, key: bytes) -> bool:
+        c = self._get_from(i, key)
+        if c is None:
+            return False
+        c.release()
+        return True
 
     def _prefetch(self, keys: list[bytes], events: dict[bytes, threading.Event]) -> int:
         loaded = 0

@@ -204,7 +204,8 @@ def _load_prefix(
     if seq < 2:
         return 0, None
     lim = seq if limit is None else min(limit, seq)
-    found = min(engine.lookup(r[:lim], extras=extras) for r in rows_cpu)
+    # Only what loads faster than it recomputes (measured tier reads vs measured prefill rate).
+    found = min(engine.lookup_by_cost(r[:lim], extras=extras) for r in rows_cpu)
     hit = min(found, seq - 1)
     if hit <= 0:
         return 0, None
@@ -269,6 +270,8 @@ def prefill(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_first = time.perf_counter()
+    if hit == 0 or device.type != "cuda":  # on CUDA a hit's forward also waits for its layer loads
+        engine.note_prefill(int(ids.shape[0]) * (seq - hit), t_first - t_load)  # the rate loads must beat
     stored = 0
     if store and keys:
         kv_rows = [cache_to_kv(cache, seq, batch_index=b, latent_split=split) for b in range(ids.shape[0])]

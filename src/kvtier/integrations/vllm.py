@@ -45,6 +45,7 @@ from kvtier.logs import attach_if_unhandled
 from kvtier.transfer.blocks import TokenIndex, detect, gather_layer, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_layout
 
+from .vllm_cost import StepClock
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
 from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec, parse_role
 from .vllm_shared import (
@@ -209,6 +210,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 chunk_tokens=self._engine.chunk_tokens,
                 role=self._role,
             )
+            self._steps = StepClock(self._engine.note_prefill)  # the prefill rate loads must beat
             if self._split:
                 log.info(
                     "kvtier: vLLM workers run in other processes (executor %r): the scheduler "
@@ -241,7 +243,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
     def _lookup(self, tokens: Any, extras: KeyExtras) -> int:
-        hit = self._engine.lookup(list(tokens), extras=extras)
+        hit = self._engine.lookup_by_cost(list(tokens), extras=extras)  # loads only what beats recompute
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(tokens)
         self.stats.lookup_hit_tokens += hit
@@ -283,6 +285,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         so = scheduler_output
         p = self._planner
+        self._steps.step(sum(so.num_scheduled_tokens.values()), bool(so.scheduled_cached_reqs.req_ids))
         for nr in so.scheduled_new_reqs:
             p.new_request(
                 nr.req_id,

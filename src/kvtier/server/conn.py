@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -43,11 +44,50 @@ from kvtier.wire import protocol as P
 SMALL_BUFFER = 256 << 10
 LAZY_PAYLOAD_BYTES = 1 << 20
 """Payloads from this size up are anonymous mmaps (backed as bytes arrive), smaller ones bytearrays."""
+DIRECT_SEND_BYTES = 256 << 10
+"""Payloads from this size up are written with ``os.writev`` straight from their buffers: a
+3.11 transport copies whatever the kernel did not take at once into its own growing bytearray
+(for a 32 MiB chunk nearly all of it: fresh memory, page faults and a copy)."""
+IOV_MAX = 1024
 MIN_RATE_BYTES_S = 50e6
 """Slowest accepted sender, beyond ``body_timeout_s`` (NOTE: well under a 1 Gbit/s link)."""
 
 Payload = bytearray | mmap.mmap
 """A frame's payload as the daemon's handlers see it (both are writable buffers)."""
+
+WARM_PAYLOAD_BYTES = 64 << 20
+"""Handled payload mmaps kept for reuse, daemon-wide, at most this many bytes together. A fresh
+mmap costs a page fault per 4 KiB as bytes land (on a VM more than the copy into the pool);
+KV chunks of one model all have one size, so a recycled one fits the next frame. Reuse only
+once the daemon is done with it (``done_with``); at most these bytes stay resident beyond the
+budget's in-flight bound."""
+
+
+class _WarmPayloads:
+    """Recycled payload mmaps by exact size (loop thread only, like the budget)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._held = 0
+
+    def take(self, n: int) -> mmap.mmap:
+        free = self._free.get(n)
+        if free:
+            self._held -= n
+            return free.pop()
+        return mmap.mmap(-1, n)
+
+    def give(self, m: mmap.mmap) -> None:
+        n = len(m)
+        if self._held + n > self.max_bytes:
+            m.close()
+            return
+        self._free.setdefault(n, []).append(m)
+        self._held += n
+
+
+_WARM = _WarmPayloads(WARM_PAYLOAD_BYTES)
 
 
 class Conn(asyncio.BufferedProtocol):
@@ -79,6 +119,9 @@ class Conn(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._fd = -1  # a dup of the socket's fd, for direct payload writes (``send``): the loop
+        # refuses add_writer on an fd a transport owns; the dup is the same socket
+        self._writable: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- protocol callbacks -----------------------------------------------------------------------
@@ -91,6 +134,7 @@ class Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._fd = os.dup(sock.fileno())
         assert self._handler is not None
         self.task = self._loop.create_task(self._handler(self))
 
@@ -117,8 +161,10 @@ class Conn(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or asyncio.IncompleteReadError(b"", None))
         self._drop_unhandled()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionResetError("connection lost"))
+        self._close_fd()
+        for fut in (self._drain, self._writable):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionResetError("connection lost"))
 
     def pause_writing(self) -> None:
         if self._drain is None or self._drain.done():
@@ -169,7 +215,7 @@ class Conn(asyncio.BufferedProtocol):
         """Allocate the admitted payload and move in the bytes that came with the header."""
         plen = self._plen
         self._partial_held = plen if self._budget is not None else 0
-        self._payload = mmap.mmap(-1, plen) if plen >= LAZY_PAYLOAD_BYTES else bytearray(plen)
+        self._payload = _WARM.take(plen) if plen >= LAZY_PAYLOAD_BYTES else bytearray(plen)
         take = min(plen, self._end - self._start)
         self._payload[:take] = self._buf[self._start : self._start + take]
         self._start += take
@@ -259,19 +305,69 @@ class Conn(asyncio.BufferedProtocol):
         return frame
 
     def done_with(self, payload: Payload | None) -> None:
-        """The daemon has handled a frame from ``read_frame``: its payload's budget returns."""
+        """The daemon has handled a frame from ``read_frame``: its payload's budget returns, and
+        a large payload's memory goes to the warm pool (nothing may use it after this call)."""
         if payload is not None and self._budget is not None:
             self._budget.give(len(payload))
+        if isinstance(payload, mmap.mmap):
+            _WARM.give(payload)
 
     async def send(self, msg: P.Message, parts: Sequence[memoryview] = ()) -> None:
         """Write a frame; returns once the kernel has taken all of it (``parts`` may be reused)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection closed")
-        self.transport.write(P.encode_frame(msg, sum(p.nbytes for p in parts)))
+        size = sum(p.nbytes for p in parts)
+        self.transport.write(P.encode_frame(msg, size))
+        if size >= DIRECT_SEND_BYTES and self._fd >= 0:
+            if self._drain is not None and not self._drain.done():
+                await self._drain  # the header first: the transport's buffer must be empty
+            await self._send_direct([p.cast("B") for p in parts if p.nbytes])
+            return
         for p in parts:
             self.transport.write(p)
         if self._drain is not None and not self._drain.done():
             await self._drain
+
+    async def _send_direct(self, views: list[memoryview]) -> None:
+        """Write ``views`` to the socket with ``os.writev``, waiting for writability in between.
+        Only while the transport has nothing buffered (so the bytes stay in order); the socket
+        is non-blocking, so a full send buffer raises ``BlockingIOError`` and we wait."""
+        i = 0
+        while i < len(views):
+            if self.transport is None or self.transport.is_closing() or self._fd < 0:
+                raise ConnectionResetError("connection closed")
+            try:
+                sent = os.writev(self._fd, views[i : i + IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                await self._wait_writable()
+                continue
+            while i < len(views) and sent >= views[i].nbytes:
+                sent -= views[i].nbytes
+                i += 1
+            if sent:
+                views[i] = views[i][sent:]
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            if self._writable is not None:
+                self._loop.remove_writer(fd)
+            os.close(fd)
+
+    async def _wait_writable(self) -> None:
+        fut = self._writable = self._loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(self._fd, ready)
+        try:
+            await fut
+        finally:
+            if self._fd >= 0:
+                self._loop.remove_writer(self._fd)
+            self._writable = None
 
     async def send_error(self, code: str, message: str, timeout_s: float = 2.0) -> None:
         """Best effort: the peer may be gone or not reading."""
@@ -285,6 +381,7 @@ class Conn(asyncio.BufferedProtocol):
     def dispose(self) -> None:
         """Close, give everything back and break reference cycles; the object is dead after it."""
         self.close()
+        self._close_fd()
         self._fail(ConnectionResetError("connection disposed"))
         self._drop_unhandled()
         self._error = ConnectionResetError("connection disposed")  # the raised one holds a traceback

@@ -39,6 +39,7 @@ from kvtier.chunk import Chunk
 from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import TierError
 from kvtier.tiers.network import NetworkTier
+from kvtier.tiers.redis_bulk import get_many
 from kvtier.tiers.redis_client import connect, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -164,12 +165,20 @@ class RedisTier(NetworkTier):
         return out
 
     def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
-        """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete."""
-        p = self._pipe()
-        for k in keys:
-            p.get(self._rk(k))
-            p.get(self._rk(k) + ":0")
-        replies: list[Any] = list(p.execute())
+        """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete.
+
+        Standalone: values are read off the socket into their final buffers (``redis_bulk``);
+        a cluster goes through redis-py's pipeline (one per node)."""
+        r = self._r()
+        names = [name for k in keys for name in (self._rk(k), self._rk(k) + ":0")]
+        replies: list[Any]
+        if isinstance(r, redis.Redis):
+            replies = list(get_many(r, names))
+        else:
+            p = self._pipe()
+            for name in names:
+                p.get(name)
+            replies = list(p.execute())
         out: list[tuple[Buffer, Buffer] | None] = []
         more: list[tuple[int, int]] = []  # (index, parts) of split chunks
         for i in range(len(keys)):

@@ -47,6 +47,10 @@ class _UnixConnection(_PythonPacker, redis.UnixDomainSocketConnection):
     pass
 
 
+SOCKET_READ_BYTES = 1 << 20
+"""How much redis-py's parser asks the socket for per read (its default is 64 KiB)."""
+
+
 @dataclass(frozen=True)
 class RedisTarget:
     """A parsed ``remote.url``: one server (``url`` for redis-py) or cluster ``nodes``."""
@@ -97,6 +101,8 @@ def connect(
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         max_connections=max_connections,
+        # NOTE: KV values are MiBs: the default 64 KiB reads cost one parser round per 64 KiB
+        socket_read_size=SOCKET_READ_BYTES,
     )
     kw.update({k: v for k, v in (("username", username), ("password", password)) if v})
     if target.cluster:

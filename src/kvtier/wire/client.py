@@ -10,6 +10,11 @@ KV paths (chosen per connection, by the handshake):
   next request (or at once past ``RELEASE_BATCH``). ``put`` reserves pool space, copies the KV
   straight into it, and commits.
 * socket — KV bytes ride in the frame payload (a client on another host, or ``use_shm=False``).
+  A put sends a chunk's contiguous slabs with ``sendmsg`` (scatter/gather: no copy of a strided
+  view into a fresh buffer); a get receives into a recycled buffer (``RecvBuffers``: fresh
+  memory costs a page fault per 4 KiB, on a VM more than the copy itself), which goes back when
+  every chunk viewing it is released (``Chunk.release`` — after that the views may be reused,
+  as with any tier's chunk views).
 
 Not thread-safe by itself: ``RemoteTier`` serialises calls with a lock.
 """
@@ -35,7 +40,53 @@ from kvtier.wire.token_file import default_token_path, read_token_file
 log = logging.getLogger(__name__)
 
 RELEASE_BATCH = 256
+IOV_MAX = 1024  # buffers per sendmsg (Linux's limit)
+RECV_BUFFERS_KEPT = 4
+RECV_BUFFERS_MAX_BYTES = 512 << 20
+"""At most this many recycled receive buffers, of at most this many bytes together, are kept."""
 _T = TypeVar("_T")
+
+
+class RecvBuffers:
+    """Recycled receive buffers of one client. ``take(n)`` gives a buffer of at least ``n`` bytes
+    and a ``give_back`` for it; buffers beyond ``RECV_BUFFERS_KEPT`` / ``..._MAX_BYTES`` are
+    left to the garbage collector. Thread-safe (chunks are released from any thread)."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        with self._lock:
+            fits = [b for b in self._free if n <= len(b) <= 2 * n]
+            if fits:
+                buf = min(fits, key=len)
+                self._free.remove(buf)
+                return buf
+        return bytearray(n)
+
+    def give_back(self, buf: bytearray) -> None:
+        with self._lock:
+            if (
+                len(self._free) < RECV_BUFFERS_KEPT
+                and sum(map(len, self._free)) + len(buf) <= RECV_BUFFERS_MAX_BYTES
+            ):
+                self._free.append(buf)
+
+
+class _Shared:
+    """A receive buffer shared by the chunks of one reply: back to the pool after the last release."""
+
+    def __init__(self, pool: RecvBuffers, buf: bytearray, users: int) -> None:
+        self._pool, self._buf, self._users = pool, buf, users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self._pool.give_back(self._buf)
 
 
 class DaemonError(P.ProtocolError):
@@ -73,6 +124,7 @@ class DaemonClient:
         self.generation = 0
         self._pending: list[int] = []
         self._plock = threading.Lock()
+        self._recv_buffers = RecvBuffers()
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -122,15 +174,24 @@ class DaemonClient:
 
     # -- framing --------------------------------------------------------------------------------
     def _send(self, msg: P.Message, parts: Sequence[memoryview]) -> None:
+        """The frame in ``sendmsg`` calls of up to ``IOV_MAX`` buffers (a partial send resumes)."""
         assert self.sock is not None
-        self.sock.sendall(P.encode_frame(msg, sum(p.nbytes for p in parts)))
-        for p in parts:
-            self.sock.sendall(p)
+        views = [memoryview(P.encode_frame(msg, sum(p.nbytes for p in parts)))]
+        views += [p.cast("B") for p in parts if p.nbytes]
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i : i + IOV_MAX])
+            while i < len(views) and sent >= views[i].nbytes:
+                sent -= views[i].nbytes
+                i += 1
+            if sent:
+                views[i] = views[i][sent:]
 
-    def _recv_exact(self, n: int) -> bytearray:
+    def _recv_exact(self, n: int, buf: bytearray | None = None) -> bytearray:
+        """``n`` bytes, into the start of ``buf`` if given (else a new buffer)."""
         assert self.sock is not None
-        buf = bytearray(n)
-        view = memoryview(buf)
+        buf = bytearray(n) if buf is None else buf
+        view = memoryview(buf)[:n]
         got = 0
         while got < n:
             k = self.sock.recv_into(view[got:])
@@ -140,8 +201,15 @@ class DaemonClient:
         return buf
 
     def _roundtrip(
-        self, msg: P.Message, parts: Sequence[memoryview], *, max_payload: int | None = None
+        self,
+        msg: P.Message,
+        parts: Sequence[memoryview],
+        *,
+        max_payload: int | None = None,
+        recycled: RecvBuffers | None = None,
     ) -> tuple[P.Message, bytearray]:
+        """Send ``msg`` and read the reply; its payload goes into a buffer from ``recycled`` if
+        given (the caller gives it back), else a new one."""
         if self.sock is None:
             raise ConnectionError("not connected to the kvtier daemon")
         try:
@@ -152,7 +220,9 @@ class DaemonClient:
                 bytes(self._recv_exact(P.PREFIX.size)), max_header=P.MAX_HEADER_BYTES, max_payload=limit or 0
             )
             reply = P.decode_header(bytes(self._recv_exact(hlen)))
-            payload = self._recv_exact(plen) if plen else bytearray()
+            payload = (
+                self._recv_exact(plen, recycled.take(plen) if recycled else None) if plen else bytearray()
+            )
         except (OSError, P.ProtocolError):
             self.close()
             raise
@@ -195,14 +265,24 @@ class DaemonClient:
     def get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
         out: list[Chunk | None] = []
         for i in range(0, len(keys), P.MAX_KEYS):
-            r, payload = self._roundtrip(P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [])
+            pool = self._recv_buffers
+            r, payload = self._roundtrip(
+                P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [], recycled=pool
+            )
             if not isinstance(r, P.GetReply):
                 raise P.ProtocolError(f"expected a get reply, got {type(r).__name__}")
+            inline = sum(1 for it in r.items if it is not None and it.where != "shm")
+            if not inline:
+                if payload:
+                    pool.give_back(payload)
+                shared = None
+            else:
+                shared = _Shared(pool, payload, inline)
             src = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
-            out += [self._chunk(it, src) if it is not None else None for it in r.items]
+            out += [self._chunk(it, src, shared) if it is not None else None for it in r.items]
         return out
 
-    def _chunk(self, it: P.GotItem, src: torch.Tensor | None) -> Chunk:
+    def _chunk(self, it: P.GotItem, src: torch.Tensor | None, shared: _Shared | None = None) -> Chunk:
         m = it.meta
         if m.dtype not in P.KV_DTYPES:
             raise P.ProtocolError(f"daemon sent a chunk of unknown dtype {m.dtype!r}")
@@ -217,7 +297,7 @@ class DaemonClient:
         if src is None or it.offset + it.nbytes > src.numel():
             raise P.ProtocolError("daemon's get reply overruns its payload")
         kv = src[it.offset : it.offset + it.nbytes].view(dtype).view(shape)
-        return Chunk(kv, m.fingerprint, m.num_tokens)
+        return Chunk(kv, m.fingerprint, m.num_tokens, shared.release if shared is not None else None)
 
     def put(self, items: Sequence[tuple[bytes, Chunk]]) -> list[bool]:
         out: list[bool] = []
@@ -259,7 +339,7 @@ class DaemonClient:
             if c is None:
                 break
             batch.append(P.PutItem(key, _meta(c), size))
-            parts.append(_bytes_view(c.kv.detach().cpu()))
+            parts += _slabs(c.kv.detach().cpu())
             size += n
         return out
 
@@ -289,6 +369,17 @@ class DaemonClient:
 
     def ping(self) -> None:
         self._roundtrip(P.Ping(), [])
+
+
+def _slabs(t: torch.Tensor) -> list[memoryview]:
+    """``t``'s bytes in order as contiguous pieces, without copying when each ``t[l, p]`` of a
+    ``[layers, planes, tokens, ...]`` token-range view is contiguous (a chunk cut from a larger
+    store is exactly that); anything else is made contiguous once."""
+    if t.is_contiguous():
+        return [_bytes_view(t)]
+    if t.dim() >= 3 and t[0, 0].is_contiguous():
+        return [_bytes_view(t[a, b]) for a in range(t.shape[0]) for b in range(t.shape[1])]
+    return [_bytes_view(t.contiguous())]
 
 
 def _expect(r: P.Message, cls: type[_T]) -> _T:
