@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from kvtier.chunk import Chunk
+from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine
 from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 
 from .vllm_plan import TransferSpec, align_down
@@ -89,7 +91,18 @@ class _Save:
 
 
 class WorkerSide:
-    def __init__(self, engine: CacheEngine, layout: KVLayout, num_layers: int, stats: ConnectorStats) -> None:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        layout: KVLayout,
+        num_layers: int,
+        stats: ConnectorStats,
+        *,
+        group_layers: int = 0,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ) -> None:
+        """``group_layers``/``staging_bytes``: the CUDA load ring (``transfer.grouped``): layers
+        per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4)."""
         self.engine = engine
         self.layout = layout
         self.num_layers = num_layers
@@ -99,6 +112,9 @@ class WorkerSide:
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
         self._loads_done: torch.cuda.Event | None = None
+        self._grouped: GroupedLoad | None = None
+        self._group_layers = group_layers
+        self._staging_bytes = staging_bytes
         self._errors: set[int] = set()
         self._flat: torch.Tensor | None = None
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
@@ -118,6 +134,18 @@ class WorkerSide:
             load = self._plan_load(spec, device)
             if load is not None:
                 self._loads.append(load)
+        if device.type == "cuda" and self._loads:
+            loads = [LoadPieces(ld.idx, [(c.kv, a, b) for c, a, b in ld.pieces]) for ld in self._loads]
+            if GroupedLoad.plan(self.layout, loads, self.num_layers):
+                # the DMAs of the first layer groups start now, on the copy stream
+                self._grouped = GroupedLoad(
+                    self.layout,
+                    loads,
+                    self.num_layers,
+                    device,
+                    group_layers=self._group_layers,
+                    staging_bytes=self._staging_bytes,
+                )
         self.stats.load_s += time.perf_counter() - t0
 
     def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
@@ -157,8 +185,11 @@ class WorkerSide:
         if layer in self._loaded_layers or not self._loads:
             return
         t0 = time.perf_counter()
-        for ld in self._loads:
-            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
+        if self._grouped is not None:
+            self._grouped.layer(layer, entry)
+        else:
+            for ld in self._loads:
+                scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             if entry.device.type == "cuda":
@@ -177,6 +208,9 @@ class WorkerSide:
         if self._loads_done is not None:
             self._loads_done.synchronize()
             self._loads_done = None
+        if self._grouped is not None:  # its DMAs read the chunks: wait for them (all issued ones)
+            self._grouped.wait()
+            self._grouped = None
         for ld in self._loads:
             for c, _, _ in ld.pieces:
                 c.release()
@@ -244,7 +278,8 @@ class WorkerSide:
         t0 = time.perf_counter()
         for sv in self._saves:
             if layer not in sv.done:
-                gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
+                # join=False: this layer's last DMAs drain while the next layer computes
+                gather_layer(self.layout, entry, sv.idx, sv.buf[layer], join=False)
                 sv.done.add(layer)
         self.stats.save_s += time.perf_counter() - t0
 
@@ -254,6 +289,7 @@ class WorkerSide:
         t0 = time.perf_counter()
         if device.type == "cuda" and self._saves:
             torch.cuda.current_stream(device).synchronize()
+            side_stream(device).synchronize()  # the gathers' DMAs (save_layer does not join them)
         for sv in self._saves:
             if len(sv.done) != self.num_layers:
                 log.warning(

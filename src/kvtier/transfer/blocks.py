@@ -123,13 +123,16 @@ def _kernel_path(layout: KVLayout, entry: torch.Tensor) -> bool:
     return entry.device.type == "cuda" and layout.inner_contiguous and triton_available()
 
 
-def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor) -> None:
+def gather_layer(
+    layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor, *, join: bool = True
+) -> None:
     """``out[p] = plane p's rows of the indexed tokens``; ``out`` is ``[planes, T, H, D]``.
 
     On CUDA the copy is enqueued on the current stream (into pinned host ``out`` through the
-    staging ring); synchronise before reading ``out`` on the CPU."""
+    staging ring); synchronise before reading ``out`` on the CPU (with ``join=False`` the last
+    DMAs run on ``kvtier.devcopy.side_stream`` after the call: synchronise that one too)."""
     if _kernel_path(layout, entry):
-        gather([entry], idx.slots(), layout=layout, out=out.unsqueeze(0), check_slots=False)
+        gather([entry], idx.slots(), layout=layout, out=out.unsqueeze(0), check_slots=False, join=join)
         return
     for p in range(layout.num_planes):
         view = layout.plane_view(entry, p)
