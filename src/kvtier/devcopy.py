@@ -53,7 +53,9 @@ def copy_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch
         if not (d if s.device.type == "cpu" else s).is_contiguous()
     ]
     cap = max((t.numel() for t in strided), default=0)
-    ring = [torch.empty(cap, dtype=strided[0].dtype, device=device) for _ in range(RING_SLOTS)] if cap else []
+    ring = [
+        torch.empty(cap, dtype=strided[0].dtype, device=device) for _ in range(min(RING_SLOTS, len(strided)))
+    ]
     free: list[torch.cuda.Event | None] = [None] * len(ring)
     used: list[torch.Tensor] = []
     i = 0
