@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -116,11 +116,11 @@ class ChunkViews:
 
 STORE_WINDOW_BYTES = 256 << 20
 """A GPU store reserves and copies this much top-tier space at a time (two windows in flight)."""
-RETRIEVE_INFLIGHT_CHUNKS = 1
+RETRIEVE_INFLIGHT_CHUNKS = 2
 """A retrieve to a GPU keeps this many chunks' copies in flight while it reads the next chunk,
-then releases the oldest (after its DMA): double buffering, so a long prefix holds at most two
-of a lower tier's read buffers (the disk's default pool holds eight 32 MiB chunks), and a CPU
-tier hit still has the next DMA queued while the host issues the one after."""
+then releases the oldest (after its DMA): a long prefix holds at most three of a lower tier's
+read buffers (the disk's default pool holds eight 32 MiB chunks). With one in flight the copy
+engine idled ~60 us per chunk while the host validated and issued the next (0.90x memcpy)."""
 
 
 class CacheEngine:
@@ -277,13 +277,14 @@ class CacheEngine:
         if clean < len(todo):
             res.nonfinite_chunks = len(todo) - clean
             self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
-        items = []
-        for k in todo[:clean]:
+
+        def chunk_of(k: ChunkKey) -> Chunk:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
-            items.append((k, self.make_chunk(arr, k, part, ctx)))
-        oks = self._put_from_device(items, kv.device) if kv.device.type == "cuda" else []
-        oks += [self.storage.put(k.digest, c) for k, c in items[len(oks) :]]
+            return self.make_chunk(arr, k, part, ctx)
+
+        oks = self._put_from_device(todo[:clean], chunk_of, kv.device) if kv.device.type == "cuda" else []
+        oks += [self.storage.put(k.digest, chunk_of(k)) for k in todo[len(oks) : clean]]
         for k, ok in zip(todo[:clean], oks):
             if ok:
                 res.stored_tokens += k.num_tokens
@@ -311,24 +312,30 @@ class CacheEngine:
         else:
             log.debug(msg, where, refused - 1)
 
-    def _put_from_device(self, items: list[tuple[ChunkKey, Chunk]], device: torch.device) -> list[bool]:
+    def _put_from_device(
+        self, keys: list[ChunkKey], chunk_of: Callable[[ChunkKey], Chunk], device: torch.device
+    ) -> list[bool]:
         """Put chunks whose KV is on ``device`` straight into the top tier's pinned pool: space
         is reserved per window of ``STORE_WINDOW_BYTES``, one pipelined pass of DMAs fills it
         (``kvtier.devcopy``: strided token ranges are packed on the device, the copy engine moves
         them), and window w is committed while window w+1 copies. No pageable bounce and no
-        per-chunk synchronous copy. Returns the results of a leading part of ``items`` (all of
-        them, unless the top tier cannot reserve: the caller ``put``s the rest). On an error the
-        reservations not yet committed are given back (after the DMAs writing them are done)."""
+        per-chunk synchronous copy. Chunks are made (fingerprinted, encoded) window by window, so
+        the first DMAs start after one window's host work, not all of it. Returns the results of
+        a leading part of ``keys`` (all of them, unless the top tier cannot reserve: the caller
+        ``put``s the rest). On an error the reservations not yet committed are given back (after
+        the DMAs writing them are done)."""
         oks: list[bool] = []
         windows: deque[tuple[torch.cuda.Event | None, list[Reservation | bool]]] = deque()
         at = 0
         try:
-            while at < len(items):
+            while at < len(keys):
                 window: list[Reservation | bool] = []
                 windows.append((None, window))
+                pairs = []
                 nbytes, refused = 0, False
-                while at + len(window) < len(items) and nbytes < STORE_WINDOW_BYTES:
-                    k, c = items[at + len(window)]
+                while at + len(window) < len(keys) and nbytes < STORE_WINDOW_BYTES:
+                    k = keys[at + len(window)]
+                    c = chunk_of(k)
                     r = self.storage.reserve(
                         k.digest, tuple(c.kv.shape), c.kv.dtype, c.fingerprint, c.num_tokens
                     )
@@ -336,12 +343,9 @@ class CacheEngine:
                         refused = True
                         break
                     window.append(r)
+                    if isinstance(r, Reservation):
+                        pairs.append((c.kv, r.obj.tensor))
                     nbytes += c.nbytes
-                pairs = [
-                    (c.kv, r.obj.tensor)
-                    for (_, c), r in zip(items[at:], window)
-                    if isinstance(r, Reservation)
-                ]
                 windows[-1] = (copy_pairs(pairs, device) if pairs else None, window)
                 at += len(window)
                 while len(windows) > 1:  # commit window w while window w+1 copies
