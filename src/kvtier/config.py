@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -221,7 +221,68 @@ REMOTE_SCHEMES = (
     "valkeys+cluster",
     "s3",
     "kvtier",
+    "mooncake",
 )
+
+
+@dataclass(frozen=True)
+class MooncakeURL:
+    """``mooncake://MASTER_HOST:PORT?metadata=...&segment=...&buffer=...&protocol=...&device=...&local=...``
+
+    ``metadata``: the transfer engine's metadata service (``P2PHANDSHAKE``, the default, needs
+    none; else e.g. ``http://host:8080/metadata`` or ``etcd://host:2379``). ``segment``: the
+    memory this process contributes to the distributed store (objects of every client may land
+    in it; it goes when the process goes). ``buffer``: the client's registered transfer buffer,
+    which must hold the largest chunk (header included). ``local``: the address other clients
+    reach this one at (default 127.0.0.1 for a loopback master, else this host's name).
+    """
+
+    master: str
+    metadata: str = "P2PHANDSHAKE"
+    segment_bytes: int = 256 * 1024**2
+    buffer_bytes: int = 64 * 1024**2
+    protocol: str = "tcp"
+    device: str = ""
+    local: str = ""
+
+
+_MOONCAKE_QUERY = ("metadata", "segment", "buffer", "protocol", "device", "local")
+
+
+def parse_mooncake_url(url: str) -> MooncakeURL:
+    """The parts of a ``mooncake://`` URL; ``ConfigError`` naming the problem and the form."""
+    form = (
+        "mooncake://MASTER_HOST:RPC_PORT[?metadata=P2PHANDSHAKE|URL&segment=256MiB&buffer=64MiB"
+        "&protocol=tcp|rdma&device=NIC&local=HOST]"
+    )
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"remote.url: {shown!r} is not a valid URL: {e}; expected {form}") from None
+    _check(parts.scheme.lower() == "mooncake", "remote.url", shown, form)
+    _check(bool(parts.hostname) and port is not None and "@" not in parts.netloc, "remote.url", shown, form)
+    query: dict[str, str] = {}
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        _check(
+            k in _MOONCAKE_QUERY, "remote.url", shown, f"query keys from {'|'.join(_MOONCAKE_QUERY)} ({form})"
+        )
+        query[k] = v
+    out = MooncakeURL(
+        master=f"{parts.hostname}:{port}",
+        metadata=query.get("metadata") or "P2PHANDSHAKE",
+        segment_bytes=parse_size(query.get("segment", 256 * 1024**2), "remote.url segment"),
+        buffer_bytes=parse_size(query.get("buffer", 64 * 1024**2), "remote.url buffer"),
+        protocol=query.get("protocol") or "tcp",
+        device=query.get("device", ""),
+        local=query.get("local", ""),
+    )
+    _check(out.protocol in ("tcp", "rdma"), "remote.url protocol", out.protocol, "tcp|rdma")
+    _check(
+        out.buffer_bytes >= 1024**2, "remote.url buffer", out.buffer_bytes, ">= 1MiB (it must hold one chunk)"
+    )
+    return out
 
 
 def _check_remote_url(url: str) -> None:
@@ -250,13 +311,15 @@ def _check_remote_url(url: str) -> None:
             shown,
             "s3://BUCKET[/PREFIX], e.g. s3://my-bucket/kv (endpoint: remote.endpoint_url)",
         )
+    elif scheme == "mooncake":
+        parse_mooncake_url(url)
 
 
 @dataclass
 class RemoteConfig:
     """A remote tier: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, a cluster
-    (``redis+cluster://h1:p1,h2:p2``), ``s3://bucket/prefix`` or ``kvtier://host:port`` (the
-    kvtier daemon). Empty = none.
+    (``redis+cluster://h1:p1,h2:p2``), ``s3://bucket/prefix``, ``mooncake://master:port?...`` (Mooncake
+    Store, see ``MooncakeURL``) or ``kvtier://host:port`` (the kvtier daemon). Empty = none.
 
     ``password`` is a secret: set it via ``KVTIER_REMOTE__PASSWORD`` rather than a file; it is
     never logged and ``config show`` prints it as ``***``. ``max_value_bytes``: Redis values

@@ -36,4 +36,12 @@ def s3_tier(capacity: int, tmp_path: Path) -> Tier:
     )
 
 
-REMOTE_TIER_FACTORIES = {"redis": redis_tier, "s3": s3_tier}
+def mooncake_tier(capacity: int, tmp_path: Path) -> Tier:
+    if servers.MOONCAKE_MASTER is None:
+        pytest.skip(servers.NO_MOONCAKE_REASON)
+    from kvtier.tiers.mooncake import MooncakeTier
+
+    return MooncakeTier(servers.shared_mooncake().url, key_prefix=f"t{uuid.uuid4().hex[:12]}", timeout_s=10.0)
+
+
+REMOTE_TIER_FACTORIES = {"redis": redis_tier, "s3": s3_tier, "mooncake": mooncake_tier}

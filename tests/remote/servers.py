@@ -1,4 +1,5 @@
-"""Real stores for tests and benchmarks: redis-server (standalone, 3-node cluster) and moto's S3.
+"""Real stores for tests and benchmarks: redis-server (standalone, 3-node cluster), moto's S3 and a
+mooncake_master (Mooncake Store).
 
 Every server binds 127.0.0.1 on a free port, keeps its files in a private temp dir, and is stopped
 by whoever started it. ``shared_redis()`` / ``shared_s3()`` hand out one lazily started server per
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -241,7 +243,124 @@ class S3Server:
         self._server.stop()
 
 
-_shared: dict[str, RedisServer | RedisCluster | S3Server] = {}
+def _mooncake_master() -> tuple[str | None, str]:
+    """The ``mooncake_master`` binary beside this Python (the ``mooncake`` extra's entry point) and
+    the reason it cannot be used (empty when it can): the client library must import too, and it
+    links libibverbs even for TCP."""
+    exe = shutil.which("mooncake_master") or str(Path(sys.executable).parent / "mooncake_master")
+    if not os.path.exists(exe):
+        return None, "mooncake_master not installed (pip install 'kvtier[mooncake]')"
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as e:
+        return None, f"mooncake.store does not import ({e}); apt-get install libibverbs1"
+    return exe, ""
+
+
+MOONCAKE_MASTER, NO_MOONCAKE_REASON = _mooncake_master()
+
+
+class MooncakeMaster:
+    """One ``mooncake_master`` (RPC + HTTP metadata + metrics ports on 127.0.0.1); ``kill()`` +
+    ``start()`` restarts it on the same ports (with its in-memory metadata gone)."""
+
+    def __init__(self) -> None:
+        if MOONCAKE_MASTER is None:
+            raise RuntimeError(NO_MOONCAKE_REASON)
+        self.port = free_port()
+        self.metadata_port = free_port()
+        self.metrics_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"kvtier-mooncake-{self.port}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mooncake://127.0.0.1:{self.port}?segment=64MiB&buffer=32MiB"
+
+    def start(self) -> MooncakeMaster:
+        assert MOONCAKE_MASTER is not None
+        args = [
+            MOONCAKE_MASTER,
+            f"--rpc_port={self.port}",
+            "--rpc_address=127.0.0.1",
+            "--enable_http_metadata_server=true",
+            "--http_metadata_server_host=127.0.0.1",
+            f"--http_metadata_server_port={self.metadata_port}",
+            "--metrics_host=127.0.0.1",
+            f"--metrics_port={self.metrics_port}",
+            f"--log_dir={self.dir}",
+        ]
+        log = open(self.dir / "master.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mooncake_master exited with {self.proc.returncode}: see {self.dir}/master.log"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mooncake_master did not listen on {self.port} within 30s")
+
+    def start_store(self, segment: str = "128MB") -> subprocess.Popen[bytes]:
+        """A standalone ``mooncake_client`` that contributes ``segment`` to the store and outlives
+        the engine processes (the deployment where chunks survive an engine's exit); the caller
+        stops it. Ready once it has mounted (bounded wait on its log line)."""
+        exe = Path(MOONCAKE_MASTER or "").with_name("mooncake_client")
+        port = free_port()
+        log_path = self.dir / f"store-{port}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [
+                str(exe),
+                f"--global_segment_size={segment}",
+                "--host=127.0.0.1",
+                f"--master_server_address=127.0.0.1:{self.port}",
+                "--metadata_server=P2PHANDSHAKE",
+                f"--port={port}",
+                f"--http_port={free_port()}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mooncake_client exited with {proc.returncode}: see {log_path}")
+            if b"Starting real client service" in log_path.read_bytes():
+                return proc
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"mooncake_client did not start within 30s: see {log_path}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_shared: dict[str, RedisServer | RedisCluster | S3Server | MooncakeMaster] = {}
 
 
 def shared_redis() -> RedisServer:
@@ -265,6 +384,14 @@ def shared_s3() -> S3Server:
     if s is None:
         s = _shared["s3"] = S3Server().start()
     assert isinstance(s, S3Server)
+    return s
+
+
+def shared_mooncake() -> MooncakeMaster:
+    s = _shared.get("mooncake")
+    if s is None:
+        s = _shared["mooncake"] = MooncakeMaster().start()
+    assert isinstance(s, MooncakeMaster)
     return s
 
 

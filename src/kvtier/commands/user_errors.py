@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "redis": "redis",
     "hiredis": "redis",
     "boto3": "s3",
+    "mooncake": "mooncake",
     "botocore": "s3",
     "transformers": "transformers",
     "accelerate": "transformers",

@@ -69,7 +69,7 @@ def _with_faults(tier: Tier, f: FaultConfig) -> Tier:
 
 
 def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
-    """The tier for ``remote.url``'s scheme: Redis/Valkey (standalone, cluster) or S3.
+    """The tier for ``remote.url``'s scheme: Redis/Valkey (standalone, cluster), S3, Mooncake or the daemon.
 
     The client modules are imported here so that ``redis``/``boto3`` stay optional extras.
     """
@@ -112,6 +112,19 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
             region=remote.region,
             timeout_s=remote.timeout_s,
             part_bytes=remote.max_value_bytes,
+            max_workers=remote.max_workers,
+            failure_threshold=remote.failure_threshold,
+            retry_backoff_s=remote.retry_backoff_s,
+            retry_backoff_max_s=remote.retry_backoff_max_s,
+        )
+    if scheme == "mooncake":
+        from kvtier.tiers.mooncake import MooncakeTier
+
+        return MooncakeTier(
+            remote.url,
+            key_prefix=remote.key_prefix,
+            serde_name=remote.serde,
+            timeout_s=remote.timeout_s,
             max_workers=remote.max_workers,
             failure_threshold=remote.failure_threshold,
             retry_backoff_s=remote.retry_backoff_s,
