@@ -304,7 +304,7 @@ def engine_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
 
     for name, new in (("before", False), ("now", True)):
         with (
-            patched(eng, "_put_from_device", eng._put_from_device if new else (lambda items, device: [])),
+            patched(eng, "_put_from_device", eng._put_from_device if new else (lambda *a: [])),
             patched(engine_mod, "copy_pairs", engine_mod.copy_pairs if new else old_copy_pairs),
         ):
             times: list[float] = []
