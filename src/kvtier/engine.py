@@ -118,9 +118,8 @@ STORE_WINDOW_BYTES = 256 << 20
 """A GPU store reserves and copies this much top-tier space at a time (two windows in flight)."""
 RETRIEVE_INFLIGHT_CHUNKS = 2
 """A retrieve to a GPU keeps this many chunks' copies in flight while it reads the next chunk,
-then releases the oldest (after its DMA): a long prefix holds at most four of a lower tier's
-read buffers (these, the current one, one read ahead; the disk's default pool holds eight 32 MiB
-chunks). With one in flight the copy
+then releases the oldest (after its DMA): a long prefix holds at most three of a lower tier's
+read buffers (the disk's default pool holds eight 32 MiB chunks). With one in flight the copy
 engine idled ~60 us per chunk while the host validated and issued the next (0.90x memcpy)."""
 
 
@@ -510,7 +509,7 @@ class CacheEngine:
         To a GPU each chunk is one copy-engine transfer (``kvtier.devcopy``; a lossy codec's
         packed bytes cross and are decoded there) and its host memory is released only after
         that transfer's event completed, never before (the copy reads it asynchronously); at
-        most ``RETRIEVE_INFLIGHT_CHUNKS`` + 2 are held, so a prefix longer than a disk tier's read
+        most ``RETRIEVE_INFLIGHT_CHUNKS`` + 1 are held, so a prefix longer than a disk tier's read
         buffer pool recycles its buffers instead of falling back to fresh pageable tensors."""
         dev = out.device
         cuda = dev.type == "cuda"
