@@ -743,6 +743,9 @@ class CacheEngine:
         try:
             kv = codec.decode(packed, shape, dtype_from_name(ns.kv_dtype))
         finally:
+            if packed.device.type == "cuda" and chunk.kv.device.type == "cpu":
+                # the H2D above may still be reading the tier's memory: not released before it ran
+                torch.cuda.current_stream(packed.device).synchronize()
             chunk.release()
         return Chunk(kv, chunk.fingerprint, chunk.num_tokens)
 
