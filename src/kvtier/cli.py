@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,10 +27,15 @@ COMMAND_MODULES = (
     "kvtier.commands.bench_cmd",
     "kvtier.commands.config_cmd",
     "kvtier.commands.demo_cmd",
+    "kvtier.commands.router_cmd",
     "kvtier.commands.server_cmd",
     "kvtier.commands.stats_cmd",
+    "kvtier.commands.warm_cmd",
 )
-DEFAULT_LEVEL = {"server": logging.INFO}  # a daemon's log is its record; other commands stay quiet
+DEFAULT_LEVEL = {
+    "server": logging.INFO,
+    "router": logging.INFO,
+}  # a daemon's log is its record; other commands stay quiet
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -119,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
         args.no_progress = True
+    if getattr(args, "no_progress", False):
+        # transformers/huggingface_hub bars too ("Loading weights"): read when they are imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from kvtier.commands.user_errors import user_error
     from kvtier.redact import redact_text
 

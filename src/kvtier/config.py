@@ -462,6 +462,61 @@ class ServerConfig:
         _check(self.body_timeout_s > 0, "server.body_timeout_s", self.body_timeout_s, "> 0")
 
 
+ROUTER_POLICIES = ("kv-aware", "round-robin", "session", "least-load")
+
+
+@dataclass
+class RouterConfig:
+    """The HTTP router in front of several engines (``kvtier router``, ``kvtier.router``).
+
+    ``backends``: engine instances separated by spaces or ``;``, each ``URL`` or
+    ``URL,lookup=DAEMON_HTTP_URL[,token=FILE]`` (the instance's own kvtier daemon answers which
+    prompt prefixes it holds). ``prefill``/``decode``: the PD two-step's instances (same syntax);
+    set both or neither. The /lookup namespace is the ``model`` section's (model_id, kv_dtype,
+    num_layers, num_kv_heads, head_dim: 0/empty = read from ``tokenizer``'s config.json) and
+    ``chunk.chunk_tokens``, as the engines' connector uses them.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    backends: str = ""
+    prefill: str = ""
+    decode: str = ""
+    policy: str = "kv-aware"
+    fallback_policy: str = "least-load"  # when the kv-aware or session signal is missing
+    session_header: str = "x-session-id"
+    tokenizer: str = ""  # the model directory the engines serve (tokenizer, chat template, config.json)
+    lookup_token_file: str = ""  # the daemons' token, for backends that name none
+    lookup_timeout_s: float = 0.5
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 600.0
+    cooldown_s: float = 5.0  # an instance or daemon that failed is skipped this long
+    balance_gap: int = 8  # a prefix holder this many in-flight requests above the least loaded yields
+    resume_streams: bool = True  # replay a greedy stream on another instance when one dies mid-stream
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.listen_port <= 65535, "router.listen_port", self.listen_port, "a port 0..65535")
+        for name in ("policy", "fallback_policy"):
+            v = getattr(self, name)
+            _check(v in ROUTER_POLICIES, f"router.{name}", v, "|".join(ROUTER_POLICIES))
+        _check(
+            self.fallback_policy not in ("kv-aware", "session"),
+            "router.fallback_policy",
+            self.fallback_policy,
+            "round-robin|least-load",
+        )
+        for name in ("lookup_timeout_s", "connect_timeout_s", "read_timeout_s"):
+            _check(getattr(self, name) > 0, f"router.{name}", getattr(self, name), "> 0")
+        _check(self.cooldown_s >= 0, "router.cooldown_s", self.cooldown_s, ">= 0")
+        _check(self.balance_gap >= 1, "router.balance_gap", self.balance_gap, "an integer >= 1")
+        _check(
+            bool(self.prefill) == bool(self.decode),
+            "router.prefill/decode",
+            (self.prefill, self.decode),
+            "both set (PD two-step) or both empty",
+        )
+
+
 @dataclass
 class Config:
     """Everything kvtier can be told. Build with ``Config.load``."""
@@ -474,6 +529,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     @classmethod
     def load(

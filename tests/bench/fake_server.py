@@ -25,7 +25,9 @@ class FakeStreamingServer:
         status: int = 200,
         send_text: bool = True,
         eos_first: bool = False,
+        cached_tokens: int | None = None,
     ) -> None:
+        self.cached_tokens = cached_tokens  # vLLM's usage.prompt_tokens_details.cached_tokens
         self.delay_s, self.tail_s, self.tokens = delay_s, tail_s, tokens
         self.chunked, self.status, self.send_text, self.eos_first = chunked, status, send_text, eos_first
         self.bodies: list[dict[str, Any]] = []
@@ -103,7 +105,15 @@ class FakeStreamingServer:
                 self._event(
                     {
                         "choices": [],
-                        "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": srv.tokens},
+                        "usage": {
+                            "prompt_tokens": len(body["prompt"]),
+                            "completion_tokens": srv.tokens,
+                            **(
+                                {"prompt_tokens_details": {"cached_tokens": srv.cached_tokens}}
+                                if srv.cached_tokens is not None
+                                else {}
+                            ),
+                        },
                     }
                 )
                 self._event(b"[DONE]")

@@ -46,6 +46,20 @@ def test_ttft_is_the_delay_before_the_first_token_not_the_tail(server: FakeStrea
     assert body["model"] == "fake-model" and body["temperature"] == 0.0
 
 
+def test_the_servers_cached_tokens_are_the_hit_tokens() -> None:
+    srv = FakeStreamingServer(delay_s=0.0, tail_s=0.0, cached_tokens=3)
+    try:
+        r = HttpDriver("fake", srv.url, "fake-model").run(req())
+        assert r.error is None and r.hit_tokens == 3
+    finally:
+        srv.close()
+    srv = FakeStreamingServer(delay_s=0.0, tail_s=0.0)
+    try:
+        assert HttpDriver("fake", srv.url, "fake-model").run(req()).hit_tokens is None  # not reported
+    finally:
+        srv.close()
+
+
 def test_repeated_requests_each_measure_their_own_delay(server: FakeStreamingServer) -> None:
     d = HttpDriver("fake", server.url, "fake-model")
     ttfts = [d.run(req(label=str(i))).ttft_s for i in range(3)]

@@ -8,6 +8,8 @@
   TTFT = request sent to the first streamed chunk that carries text (or a ``finish_reason``: the
   first token was EOS). Response headers, an empty keep-alive or role-only chunk do not count;
   nor does the rest of the stream (``latency_s``). ``ignore_eos`` (vLLM/SGLang) fixes output lengths.
+  ``hit_tokens`` is the server's ``usage.prompt_tokens_details.cached_tokens`` when it reports one
+  (vLLM ``--enable-prompt-tokens-details``): prompt tokens it did not compute, from any cache.
 
 A failed request is a ``Result`` with ``error`` set (and NaN times), never an exception: one
 bad request must not lose a long run's measurements.
@@ -33,7 +35,7 @@ class Result:
     output_tokens: int
     ttft_s: float
     latency_s: float
-    hit_tokens: int | None = None  # known in-process with kvtier; None elsewhere
+    hit_tokens: int | None = None  # in-process kvtier's hits; over HTTP the server's usage cached_tokens
     output: list[int] | str | None = None  # greedy token ids (in-process) or streamed text (HTTP)
     error: str | None = None
 
@@ -160,7 +162,11 @@ class HttpDriver:
         if ttft is None:
             return _failed(req, "the stream ended without a token")
         n_out = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        return Result(req.label, len(req.prompt), n_out, ttft, latency, None, text)
+        # NOTE: the engine's own count of prompt tokens it did not compute (its prefix cache and
+        # kvtier's loads together): vLLM reports it with --enable-prompt-tokens-details.
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None
+        hit = int(cached) if isinstance(cached, int) and not isinstance(cached, bool) else None
+        return Result(req.label, len(req.prompt), n_out, ttft, latency, hit, text)
 
     def cache_stats(self) -> dict[str, Any] | None:
         return None

@@ -28,6 +28,7 @@ EXTRAS: dict[str, str] = {
     "lz4": "compress",
     "triton": "gpu",
     "vllm": "vllm",
+    "aiohttp": "router",
 }
 """Top-level module -> the ``pip install 'kvtier[EXTRA]'`` extra that brings it (pyproject)."""
 

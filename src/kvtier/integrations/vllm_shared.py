@@ -45,6 +45,8 @@ class Shared:
     mirror: bool = False
     """The engine is a key mirror of workers in other processes (``CacheEngine(key_mirror=...)``)."""
     users: int = 0
+    reported: dict[str, float] = field(default_factory=dict)
+    """``stats`` as last reported to vLLM (``vllm_stats.take_delta``: each count reported once)."""
 
 
 _SHARED: dict[tuple[str, bytes, str], Shared] = {}

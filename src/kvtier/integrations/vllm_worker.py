@@ -49,6 +49,8 @@ class ConnectorStats:
     """What the connector did; ``loaded_tokens`` counts tokens vLLM did not have to compute."""
 
     lookups: int = 0
+    lookup_tokens: int = 0
+    """Prompt tokens the scheduler looked up (``lookup_hit_tokens`` of them were held)."""
     lookup_hit_tokens: int = 0
     load_requests: int = 0
     loaded_tokens: int = 0

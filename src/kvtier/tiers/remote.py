@@ -12,6 +12,9 @@ Invariants:
   daemon), and while open the tier answers misses without touching the socket; a background
   probe (``Ping`` on a fresh connection) closes it again within ``retry_backoff_max_s × 1.1 +
   timeout_s`` of the daemon's return. So an outage costs a caller at most one ``timeout_s``.
+* Logs: an outage is one WARNING (the breaker opening) and one INFO (it closing again); each
+  failed call is a DEBUG line. A refused call (the daemon answered ``invalid``) is a WARNING the
+  first time and DEBUG after that. Every failure is counted in ``stats().errors``.
 * ``get`` may return a view into the daemon's shared pool (same host): the engine copies it and
   calls ``release()``, which returns the lease. A chunk must be released well within the
   daemon's lease timeout (``cpu.pin_timeout_s`` of the daemon, 60 s by default).
@@ -110,6 +113,7 @@ class RemoteTier(Tier):
         self.flush_timeout_s = flush_timeout_s
         self._lock = threading.Lock()
         self._stats = TierStats(self.name)
+        self._refusals = 0
         self._closed = False
 
     # -- failure handling -----------------------------------------------------------------------
@@ -134,7 +138,7 @@ class RemoteTier(Tier):
             except DaemonError as e:
                 if e.code == "invalid":  # this request was refused; the connection is fine
                     self._stats.errors += 1
-                    log.warning("kvtier daemon refused %s: %s", op, e)
+                    self._refused(op, e)
                     self.breaker.success()
                     return default
                 self._down(op, e, t0)
@@ -146,6 +150,24 @@ class RemoteTier(Tier):
             return result
         finally:
             self._lock.release()
+
+    def _refused(self, op: str, e: DaemonError) -> None:
+        """Log a refusal: the first one at WARNING, later ones at DEBUG (all counted in ``errors``).
+
+        NOTE: a client/daemon mismatch refuses every call; one line per call would flood the log
+        (the issue counted 35 lines in one outage), the same reason the breaker logs an outage once."""
+        self._refusals += 1
+        level = logging.WARNING if self._refusals == 1 else logging.DEBUG
+        log.log(
+            level,
+            "kvtier daemon at %s refused %s: %s%s",
+            self.url,
+            op,
+            e,
+            " (further refusals are logged at DEBUG and counted in the tier's errors)"
+            if self._refusals == 1
+            else "",
+        )
 
     def _down(self, op: str, e: BaseException, t0: float) -> None:
         self.client.close()
