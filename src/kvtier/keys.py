@@ -33,8 +33,11 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -149,6 +152,46 @@ class KeyExtras:
 
 NO_EXTRAS = KeyExtras()
 """A request with nothing beyond its tokens: the bare namespace's keys."""
+
+
+def lora_identity(name: str, path: str) -> str:
+    """A LoRA adapter's ``KeyExtras.adapter``: its name, path and (for a local directory) a digest
+    of its files, so an adapter retrained in place (same name and path, new weights) is another
+    key. vLLM's connector and the daemon's ``POST /lookup`` both derive it here, so a router that
+    sends an adapter's name and path gets the engine's answer (when the path is a directory, the
+    daemon must see the same files)."""
+    return "\0".join(["lora-v1", name, path, _files_digest(path)])
+
+
+_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _files_digest(path: str) -> str:
+    """blake2b of an adapter directory's files, memoised on their names, sizes and mtimes
+    (read once per adapter version, not per request). "" when the path is not a local directory
+    (a hub id: vLLM's worker resolves it; kvtier then keys by name and path, as vLLM does).
+    ``OSError`` when a file cannot be read."""
+    d = Path(path)
+    if not path or not d.is_dir():
+        return ""
+    files = sorted(p for p in d.iterdir() if p.is_file())
+    stamp = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
+    key = (os.path.realpath(path), stamp)
+    with _DIGESTS_LOCK:
+        hit = _DIGESTS.get(key)
+    if hit is not None:
+        return hit
+    h = hashlib.blake2b(digest_size=16)
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    out = h.hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = out
+    return out
 
 
 def _put_str(h: Any, s: str) -> None:

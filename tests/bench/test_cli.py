@@ -127,3 +127,27 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert "unknown" in capsys.readouterr().err
     assert main(["bench", "--compare", "/nonexistent/a.json", "/nonexistent/b.json"]) == 2
+
+
+def test_rag_blend_variant_reports_reuse_and_quality(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "blend.json"
+    rag = ["--pool", "3", "--rag-doc-tokens", "24", "--k", "2", "--rag-requests", "4", "--max-tokens", "2"]
+    args = ["bench", "--model", "random:tiny", "--workloads", "rag", "--variants", "without,with,blend", *rag]
+    args += ["--chunk-tokens", "16", "--no-progress", "--set", "cpu.pin_memory=no", "--json", str(out)]
+    rc = main([*args, "--recompute-ratio", "1.0"])  # 1.0: blending must be exact (fp32)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    variants = {v["name"]: v for v in json.loads(out.read_text())["workloads"][0]["variants"]}
+    blend = variants["kvtier + blend 100%"]
+    s = blend["summary"]
+    assert s["segment_tokens"] > 0 and s["recomputed_tokens"] == s["segment_tokens"]
+    # documents recur at other positions: blend reuses more than prefix caching
+    assert s["token_hit_rate"] > variants["with kvtier"]["summary"]["token_hit_rate"]
+    q = blend["blend_quality"]
+    assert q == {"requests": 4, "identical_outputs": 4, "first_token_agreement": 4}
+    assert "reused from segments" in text and "greedy outputs identical 4/4" in text
+    assert "segment_tokens" not in variants["with kvtier"]["summary"]
+    assert main([*args, "--recompute-ratio", "1.5"]) == 2
+    assert "--recompute-ratio must be in [0, 1]" in capsys.readouterr().err

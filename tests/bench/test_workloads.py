@@ -118,6 +118,7 @@ def test_rag_documents_recur_at_non_prefix_positions(encode: Encode) -> None:
                 offsets.setdefault(d, set()).add(pos[0])
         assert len(found) == 3
         assert tuple(d for _, d in sorted(found)) == r.docs
+        assert [r.prompt[s:e] for s, e in r.segments] == [w.documents[d] for d in r.docs]  # blend spans
         any_position += sum(len(w.documents[d]) for _, d in found if d in seen)
         prefix += max((common_prefix(r.prompt, e.prompt) for e in w.requests[:i]), default=0)
         seen.update(d for _, d in found)

@@ -69,3 +69,19 @@ def test_demo_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for flag in ("--model", "--device", "--contexts", "--no-disk", "--out", "random:NAME"):
         assert flag in text
+
+
+def test_demo_rag_blends_passages_and_reports_agreement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rag = ["--workloads", "rag", "--pool", "3", "--k", "2", "--rag-requests", "4", "--rag-doc-tokens", "40"]
+    args = ["demo", "--model", "random:tiny", "--out", str(tmp_path), *rag, "--gen-tokens", "3"]
+    args += ["--chunk-tokens", "16", "--no-progress", "--no-disk"]
+    assert main([*args, "--recompute-ratio", "1.0"]) == 0  # 1.0: blending is exact in fp32
+    out = capsys.readouterr().out
+    assert "== rag:" in out and "passage tokens reused at other positions" in out
+    assert "greedy outputs identical 4/4, first token 4/4" in out
+    reused = int(out.split("blend (CacheBlend, approximate by design): ")[1].split(" ")[0].replace(",", ""))
+    assert reused > 0
+    assert main([*args, "--recompute-ratio", "-0.1"]) == 2
+    assert "--recompute-ratio must be in [0, 1]" in capsys.readouterr().err

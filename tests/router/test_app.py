@@ -95,6 +95,21 @@ def test_kv_aware_sends_the_request_to_the_prefix_holder(model_dir: Path) -> Non
     run(go)
 
 
+def test_a_salted_request_is_looked_up_with_its_salt(model_dir: Path) -> None:
+    async def go() -> None:
+        e = [await Engine("e0").start(), await Engine("e1").start()]
+        d = [await Daemon(0).start(), await Daemon(256).start()]
+        c, _ = await client(model_dir, f"{e[0].url},lookup={d[0].url} {e[1].url},lookup={d[1].url}")
+        r = await c.post("/v1/completions", json=completion(cache_salt="tenant-7"))
+        assert r.status == 200 and len(e[1].bodies) == 1  # routed by the (salted) prefix answer
+        assert d[0].bodies[0]["extras"] == {"salt": "tenant-7"}
+        r = await c.post("/v1/completions", json=completion())
+        assert r.status == 200 and "extras" not in d[0].bodies[1]
+        await c.close()
+
+    run(go)
+
+
 def test_chat_prompts_are_looked_up_with_the_chat_template(model_dir: Path) -> None:
     async def go() -> None:
         from transformers import AutoTokenizer

@@ -16,6 +16,7 @@ from tests.conftest import make_kv, make_tokens
 
 from kvtier import CacheEngine, Config
 from kvtier.cli import main
+from kvtier.keys import KeyExtras, MMSpan, lora_identity
 from kvtier.server.process import DaemonProcess
 from kvtier.wire.token_file import read_token_file
 
@@ -76,6 +77,68 @@ def test_lookup_matches_the_engine(daemon: DaemonProcess) -> None:
     ):
         code, r = _post(base, bad, tok)
         assert code == 400 and why in r["error"], (bad, r)
+
+
+def test_lookup_takes_the_request_key_extras(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """#16: a router asking for a salted / LoRA / multimodal request gets that request's answer,
+    not the base one: the daemon keys the question with the same ``KeyExtras`` the engine stored."""
+    tok = read_token_file(daemon.info["token_file"])
+    base = daemon.http_url + "/lookup"
+    tokens = make_tokens(100, seed=21)
+    lora_dir = tmp_path / "lora-a"
+    lora_dir.mkdir()
+    (lora_dir / "adapter_model.safetensors").write_bytes(b"weights v1")
+    image = MMSpan("img-hash-1", 40, 8)  # inside chunk [32, 48)
+    stored = {
+        "salt": KeyExtras(salt="S"),
+        "lora": KeyExtras(adapter=lora_identity("a", str(lora_dir))),
+        "raw": KeyExtras(adapter="some-engine-adapter-id"),
+    }
+    with _engine(daemon.url) as eng:
+        for i, ex in enumerate(stored.values()):
+            assert eng.store(tokens[:80], make_kv(80, seed=30 + i), extras=ex) == 80
+        with_image = make_tokens(100, seed=22)
+        assert eng.store(with_image[:80], make_kv(80, seed=40), extras=KeyExtras(mm=(image,))) == 80
+
+        def ask(extras: Any = None, toks: Any = tokens) -> int:
+            body = {"tokens": toks.tolist(), **NS, **({} if extras is None else {"extras": extras})}
+            code, r = _post(base, body, tok)
+            assert code == 200, r
+            return int(r["cached_tokens"])
+
+        assert ask() == 0  # nothing was stored bare
+        assert ask({"salt": "S"}) == 80
+        assert ask({"salt": "T"}) == 0  # found only when asked with S
+        assert ask({"salt": "S", "adapter": "some-engine-adapter-id"}) == 0  # salt and adapter: other keys
+        assert ask({"lora_name": "a", "lora_path": str(lora_dir)}) == 80  # derived as vLLM's connector does
+        assert ask({"lora_name": "b", "lora_path": str(lora_dir)}) == 0
+        assert ask({"adapter": "some-engine-adapter-id"}) == 80
+        mm = {"identifier": image.identifier, "offset": image.offset, "length": image.length}
+        assert ask({"mm": [mm]}, with_image) == 80
+        assert (
+            ask({"mm": [{**mm, "identifier": "img-hash-2"}]}, with_image) == 32
+        )  # text before it still hits
+        assert ask(None, with_image) == 32
+        (lora_dir / "adapter_model.safetensors").write_bytes(b"weights v2, retrained in place")
+        assert ask({"lora_name": "a", "lora_path": str(lora_dir)}) == 0  # new files, new key
+        assert eng.lookup(tokens, extras=stored["salt"]) == 80  # the engine agrees
+        code, r = _post(
+            base, {"tokens": tokens.tolist(), **NS, "kv_codec": "int8", "extras": {"salt": "S"}}, tok
+        )
+        assert (code, r["cached_tokens"]) == (200, 0)  # a quantized namespace is another one
+    for extras, why in (
+        ("S", "'extras' must be an object"),
+        ({"salty": "S"}, "unknown fields ['salty']"),
+        ({"salt": 5}, "'extras.salt'"),
+        ({"adapter": "x", "lora_name": "a"}, "either 'adapter'"),
+        ({"mm": [{"identifier": "", "offset": 0, "length": 1}]}, "extras.mm[0]"),
+        ({"mm": [{"identifier": "i", "offset": -1, "length": 1}]}, "extras.mm[0]"),
+        ({"mm": "img"}, "'extras.mm'"),
+    ):
+        code, r = _post(base, {"tokens": [1, 2], **NS, "extras": extras}, tok)
+        assert code == 400 and why in r["error"], (extras, r)
+    code, r = _post(base, {"tokens": [1, 2], **NS, "kv_codec": "zip"}, tok)
+    assert code == 400 and "'kv_codec'" in r["error"]
 
 
 def test_health_stats_metrics_and_cli(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:

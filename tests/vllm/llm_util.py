@@ -17,8 +17,16 @@ for _k, _v in VLLM_ENV.items():
     os.environ.setdefault(_k, _v)
 
 
-def make_llm(model: str, *, engine_id: str | None, extra: dict[str, Any] | None = None, **kw: Any) -> Any:
-    """An ``LLM`` on ``model``; with ``engine_id`` it runs kvtier's connector (``extra``: its config)."""
+def make_llm(
+    model: str,
+    *,
+    engine_id: str | None,
+    extra: dict[str, Any] | None = None,
+    kv_role: str = "kv_both",
+    **kw: Any,
+) -> Any:
+    """An ``LLM`` on ``model``; with ``engine_id`` it runs kvtier's connector (``extra``: its config)
+    in ``kv_role``."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -27,7 +35,7 @@ def make_llm(model: str, *, engine_id: str | None, extra: dict[str, Any] | None 
         ktc = KVTransferConfig(
             kv_connector="KVTierConnector",
             kv_connector_module_path="kvtier.integrations.vllm",
-            kv_role="kv_both",
+            kv_role=kv_role,
             engine_id=engine_id,
             kv_connector_extra_config=dict(extra or {}),
         )

@@ -38,6 +38,8 @@ class Result:
     hit_tokens: int | None = None  # in-process kvtier's hits; over HTTP the server's usage cached_tokens
     output: list[int] | str | None = None  # greedy token ids (in-process) or streamed text (HTTP)
     error: str | None = None
+    segment_tokens: int | None = None  # blend: prompt tokens reused from segments (re-rotated)
+    recomputed_tokens: int | None = None  # blend: of those, recomputed after the check layer
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(self).items()}
@@ -61,12 +63,24 @@ class Driver(Protocol):
 
 
 class TransformersDriver:
-    """A transformers model in this process; ``engine`` None = plain transformers (no cache)."""
+    """A transformers model in this process; ``engine`` None = plain transformers (no cache).
+
+    ``recompute_ratio`` set (with an engine): requests that carry ``segments`` (rag) are blended
+    (``kvtier.blend``: documents reused at any position, that share of their tokens recomputed);
+    other requests use prefix caching as usual.
+    """
 
     def __init__(
-        self, name: str, model: Any, engine: Any | None = None, *, model_id: str | None = None
+        self,
+        name: str,
+        model: Any,
+        engine: Any | None = None,
+        *,
+        model_id: str | None = None,
+        recompute_ratio: float | None = None,
     ) -> None:
         self.name, self.model, self.engine, self.model_id = name, model, engine, model_id
+        self.recompute_ratio = recompute_ratio
         self.device = next(model.parameters()).device
 
     def run(self, req: Request) -> Result:
@@ -78,16 +92,22 @@ class TransformersDriver:
         ids = torch.tensor(req.prompt, dtype=torch.long, device=self.device).unsqueeze(0)
         t0 = time.perf_counter()
         hit: int | None = None
+        seg: tuple[int | None, int | None] = (None, None)
         if self.engine is None:
             logits, cache, ttft = plain_prefill(self.model, ids)
         else:
-            r = kvt.prefill(self.model, ids, self.engine, model_id=self.model_id)
+            blend: dict[str, Any] = {}
+            if self.recompute_ratio is not None and req.segments:
+                blend = dict(segments=[list(s) for s in req.segments], recompute_ratio=self.recompute_ratio)
+            r = kvt.prefill(self.model, ids, self.engine, model_id=self.model_id, **blend)
             logits, cache, ttft, hit = r.logits, r.cache, r.ttft_s, r.hit_tokens
+            if blend:
+                seg = (r.segment_tokens, r.recomputed_tokens)
         tokens = greedy(self.model, logits, cache, req.max_tokens) if req.max_tokens > 0 else []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         latency = time.perf_counter() - t0
-        return Result(req.label, len(req.prompt), len(tokens), ttft, latency, hit, tokens)
+        return Result(req.label, len(req.prompt), len(tokens), ttft, latency, hit, tokens, None, *seg)
 
     def cache_stats(self) -> dict[str, Any] | None:
         return None if self.engine is None else self.engine.stats().to_dict()

@@ -21,8 +21,13 @@ from kvtier.bench.plots import plot_all
 from kvtier.bench.workloads import WorkloadError
 from kvtier.cli_args import load_config
 
-VARIANTS = ("without", "with", "capped")
-LABELS = {"without": "without kvtier", "with": "with kvtier", "capped": "capped (engine-sized)"}
+VARIANTS = ("without", "with", "capped", "blend")
+LABELS = {
+    "without": "without kvtier",
+    "with": "with kvtier",
+    "capped": "capped (engine-sized)",
+    "blend": "kvtier + blend",
+}
 
 
 def names(csv: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -78,6 +83,10 @@ class InProcess:
             torch.set_num_threads(args.threads)
         self.args = args
         self.variants = names(args.variants, VARIANTS, "--variants")
+        ratio = float(getattr(args, "recompute_ratio", 0.15))
+        if not 0.0 <= ratio <= 1.0:
+            raise WorkloadError(f"--recompute-ratio must be in [0, 1], got {ratio}")
+        self.ratio = ratio
         load_config(args, chunk_tokens=args.chunk_tokens)  # a bad --set fails before the model loads
         print(f"kvtier bench: loading {args.model} on {args.device} ...", file=sys.stderr, flush=True)
         self.lm = load_model(args.model, device=args.device)
@@ -92,7 +101,7 @@ class InProcess:
         out: list[Driver] = []
         for v in self.variants:
             engine = None
-            if v == "with":
+            if v in ("with", "blend"):
                 engine = CacheEngine(load_config(self.args, chunk_tokens=self.args.chunk_tokens))
             elif v == "capped":
                 chunks = max(1, self.args.capacity_tokens // self.args.chunk_tokens)
@@ -106,7 +115,13 @@ class InProcess:
                         remote__url="",
                     )
                 )
-            out.append(TransformersDriver(LABELS[v], self.lm.model, engine, model_id=self.lm.model_id))
+            label = f"{LABELS[v]} {self.ratio:.0%}" if v == "blend" else LABELS[v]
+            ratio = self.ratio if v == "blend" else None
+            out.append(
+                TransformersDriver(
+                    label, self.lm.model, engine, model_id=self.lm.model_id, recompute_ratio=ratio
+                )
+            )
         return out
 
 

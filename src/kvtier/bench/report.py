@@ -61,7 +61,50 @@ def summarize(run: VariantRun) -> dict[str, Any]:
     elif run.cache and run.cache.get("source") == "daemon /stats":
         s["token_hit_rate"] = run.cache.get("hit_rate")
         s["request_hit_rate"] = run.cache.get("request_hit_rate")
+    blended = [r for r in ok if r.segment_tokens is not None]
+    if blended:
+        s["segment_tokens"] = sum(r.segment_tokens or 0 for r in blended)
+        s["recomputed_tokens"] = sum(r.recomputed_tokens or 0 for r in blended)
     return s
+
+
+def blend_quality(base: VariantRun, run: VariantRun) -> dict[str, Any] | None:
+    """Agreement of a blend variant with ``base`` (full prefill) on the same requests: greedy
+    outputs identical, first token identical; None if ``run`` blended nothing or requests differ."""
+    if not any(r.segment_tokens is not None for r in run.results) or len(base.results) != len(run.results):
+        return None
+    pairs = [
+        (a.output, b.output)
+        for a, b in zip(base.results, run.results)
+        if a.error is None and b.error is None and isinstance(a.output, list) and isinstance(b.output, list)
+    ]
+    if not pairs or any(a.label != b.label for a, b in zip(base.results, run.results)):
+        return None
+    return {
+        "requests": len(pairs),
+        "identical_outputs": sum(a == b for a, b in pairs),
+        "first_token_agreement": sum(a[:1] == b[:1] for a, b in pairs),
+    }
+
+
+def blend_line(base: VariantRun, run: VariantRun) -> str | None:
+    """One line on what a blend variant reused and recomputed, and its quality vs ``base``."""
+    s = summarize(run)
+    if "segment_tokens" not in s:
+        return None
+    prompt = max(s["prompt_tokens"], 1)
+    line = (
+        f"   {run.name}: {s['segment_tokens']:,} prompt tokens reused from segments "
+        f"({s['segment_tokens'] / prompt:.0%}), {s['recomputed_tokens']:,} of them recomputed"
+    )
+    q = blend_quality(base, run) if base is not run else None
+    if q:
+        n = q["requests"]
+        line += (
+            f"; vs '{base.name}': greedy outputs identical {q['identical_outputs']}/{n}, "
+            f"first token {q['first_token_agreement']}/{n}"
+        )
+    return line
 
 
 def to_json(workloads: list[WorkloadRuns], meta: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +122,7 @@ def to_json(workloads: list[WorkloadRuns], meta: dict[str, Any]) -> dict[str, An
                         "cache": r.cache,
                         "extra": r.extra,
                         "summary": summarize(r),
+                        "blend_quality": blend_quality(w.runs[0], r) if r is not w.runs[0] else None,
                         "results": [x.to_dict() for x in r.results],
                     }
                     for r in w.runs
@@ -181,6 +225,9 @@ def format_workload(w: WorkloadRuns) -> str:
         if s["errors"]:
             bad = next(x for x in r.results if x.error is not None)
             lines.append(f"   {s['errors']} failed requests, e.g. {bad.label}: {bad.error}")
+        extra = blend_line(w.runs[0], r)
+        if extra:
+            lines.append(extra)
     same = identical_outputs(w.runs)
     if same:
         lines.append(f"greedy outputs identical to '{w.runs[0].name}': {same}")

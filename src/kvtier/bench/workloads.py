@@ -53,6 +53,7 @@ class Request:
     answer: tuple[int, ...] = ()  # chat: the simulated reply the next turn resends
     depends_on: int | None = None  # index of the request this prompt extends (chat history)
     docs: tuple[int, ...] = ()  # docqa/rag/pressure: documents in the prompt, in order
+    segments: tuple[tuple[int, int], ...] = ()  # rag: each document's [start, end) in ``prompt``
 
 
 @dataclass
@@ -187,10 +188,14 @@ def rag(
     for i in range(requests):
         chosen = tuple(rng.sample(range(pool), k))
         body: tuple[int, ...] = head
+        spans: list[tuple[int, int]] = []
         for d in chosen:
+            spans.append((len(body), len(body) + len(documents[d])))
             body += documents[d] + sep
         ask = tuple(encode(f"Question: {question(rng)}\nAnswer:"))
-        out.append(Request("rag", f"request {i + 1}", body + ask, max_tokens, "", docs=chosen))
+        out.append(
+            Request("rag", f"request {i + 1}", body + ask, max_tokens, "", docs=chosen, segments=tuple(spans))
+        )
     params = dict(pool=pool, doc_tokens=doc_tokens, k=k, requests=requests, seed=seed)
     return Workload("rag", params, out, documents)
 

@@ -9,6 +9,10 @@ re-rotated segment rows (``reused``) — compute the rest and fix the reused row
 2. Layers after it: only the selected tokens, the tokens no cache had, and the last token run
    through the layer; their fresh K/V overwrite their rows, every other reused row stays cached.
 
+With several check layers (``check_layer=[1, 2, 3]``) the selection narrows layer by layer
+(gradual filtering, ``_stage_ratios``). Rows in ``force`` (each reused segment's first token:
+cached at position 0 it was an attention sink) are recomputed first, out of the same budget.
+
 ``recompute_ratio=1.0`` selects every reused token: all layers compute all non-prefix tokens
 over an exact prefix, i.e. a full prefill. ``recompute_ratio=0.0`` skips the check: reused rows
 are used as cached in every layer (naive reuse) and only uncached tokens are computed.
@@ -16,6 +20,10 @@ are used as cached in every layer (naive reuse) and only uncached tokens are com
 Invariants:
 * Each computed query attends to every key row at a position <= its own (an explicit additive
   causal mask over the whole prompt), whatever mix of cached and fresh rows those are.
+* Tokens outside every reused span (the system text, uncached segments, the question) are
+  computed in every layer with full attention; only reused rows are ever skipped.
+* Deviations compare fresh and cached keys at the same (new) position: cached keys are
+  re-rotated before the forward pass, so RoPE does not count as deviation.
 * The last prompt token is always computed through every layer: logits come from it.
 * Works with the ``eager`` and ``sdpa`` attention implementations (both take an additive 4-D
   mask); others are refused by ``check_blendable``.
@@ -23,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +43,11 @@ from kvtier.blend.plan import BlendError
 DEFAULT_CHECK_LAYER = 1
 """CacheBlend/LMCache select at the second layer: deviations are already informative there and the
 layers before it are the only ones every token pays for."""
+
+DEFAULT_DEVIATION = "kv"
+"""K and V deviation: on SmolLM2-135M (50 questions) K-only (LMCache's choice) gave +0.02 F1 but
+lower agreement with full prefill (exact match 0.18 vs 0.22, KL 0.435 vs 0.427); see RESULTS.md."""
+DEVIATIONS = ("k", "v", "kv")
 
 
 def check_blendable(model: Any) -> None:
@@ -70,6 +84,7 @@ class _RowCache:
         self.rows: torch.Tensor = torch.empty(0, dtype=torch.long)  # positions computed in this layer
         self.probe: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, local idx, positions)
         self.deviation: torch.Tensor | None = None
+        self.kind = DEFAULT_DEVIATION
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -77,20 +92,28 @@ class _RowCache:
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
         if self.probe is not None and self.probe[0] == layer_idx:
             _, local, pos = self.probe
-            self.deviation = _deviation(k[:, :, local], v[:, :, local], kb[:, :, pos], vb[:, :, pos])
+            self.deviation = _deviation(
+                k[:, :, local], v[:, :, local], kb[:, :, pos], vb[:, :, pos], self.kind
+            )
         kb[:, :, self.rows] = k
         vb[:, :, self.rows] = v
         return kb, vb
 
 
-def _deviation(k: torch.Tensor, v: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
-    """Per-token squared K and V deviation ``[n]``, each relative to the cached rows' mean energy
-    (keys and values have different scales; neither should drown the other)."""
+def _deviation(
+    k: torch.Tensor, v: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, kind: str = "kv"
+) -> torch.Tensor:
+    """Per-token squared deviation ``[n]``: ``"k"`` keys only (LMCache), ``"v"`` values only, ``"kv"``
+    both, each relative to the cached rows' mean energy (keys and values have different scales)."""
 
     def rel(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         d = (new.float() - old.float()).pow(2).sum(dim=(0, 1, 3))
         return d / old.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp_min(1e-12)
 
+    if kind == "k":
+        return rel(k, k_old)
+    if kind == "v":
+        return rel(v, v_old)
     return rel(k, k_old) + rel(v, v_old)
 
 
@@ -102,6 +125,13 @@ def _mask(rows: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
     return m[None, None]
 
 
+def _stage_ratios(ratio: float, stages: int) -> list[float]:
+    """Share of reused tokens kept after each check layer: ``ratio`` at the last one, and a wider
+    net before it (``stages - j`` times ``ratio`` at stage ``j``), narrowed layer by layer as in
+    CacheBlend's gradual filtering: a token is recomputed only if it deviates at every check."""
+    return [min(1.0, ratio * (stages - j)) for j in range(stages)]
+
+
 def blend_forward(
     model: Any,
     ids: torch.Tensor,
@@ -110,13 +140,19 @@ def blend_forward(
     prefix: int,
     reused: torch.Tensor,
     recompute_ratio: float,
-    check_layer: int = DEFAULT_CHECK_LAYER,
+    check_layer: int | Sequence[int] = DEFAULT_CHECK_LAYER,
+    force: torch.Tensor | None = None,
+    deviation: str = DEFAULT_DEVIATION,
     cache: DynamicCache | None = None,
 ) -> BlendForward:
     """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv`` ``[L, 2, S, H, D]``.
 
     ``kv``'s rows ``[0, prefix)`` are exact and rows where ``reused`` (bool ``[S]``) holds are
     re-rotated segment KV; other rows are ignored (computed). ``kv`` is not modified.
+    ``check_layer``: one layer, or several (gradual filtering, see ``_stage_ratios``).
+    ``force`` (bool ``[S]``): reused rows recomputed whenever ``recompute_ratio > 0`` (a segment's
+    first tokens), taken out of the ``recompute_ratio`` budget first; the rest of the budget goes
+    to the rows with the largest ``deviation`` (``"k"``, ``"v"`` or ``"kv"``).
     ``cache``: an empty ``DynamicCache`` (or subclass) to fill with the result; a new one if ``None``.
     """
     base = model.model
@@ -132,37 +168,57 @@ def blend_forward(
     keys = [kv[i, 0].transpose(0, 1).unsqueeze(0).clone() for i in range(n_layers)]  # [1, H, S, D]
     values = [kv[i, 1].transpose(0, 1).unsqueeze(0).clone() for i in range(n_layers)]
     rc = _RowCache(keys, values)
+    rc.kind = deviation
     n_reused = int(reused.sum())
-    check = min(max(check_layer, 0), n_layers - 1)
+    if deviation not in DEVIATIONS:
+        raise BlendError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
+    checks = sorted({min(max(c, 0), n_layers - 1) for c in _as_layers(check_layer)})
     probe = recompute_ratio > 0.0 and n_reused > 0
+    budget = min(n_reused, round(recompute_ratio * n_reused))
+    forced = torch.zeros(seq, dtype=torch.bool, device=device)
+    if probe and force is not None:
+        forced = force.to(device) & reused
+        over = int(forced.sum()) - budget
+        if over > 0:  # NOTE: a ratio too small for every forced row: keep the earliest ones
+            forced[forced.nonzero().squeeze(1)[budget:]] = False
+    fixed = always | forced  # computed in every layer
+    stage_ratio = dict(zip(checks, _stage_ratios(recompute_ratio, len(checks)), strict=True))
+    cand = (reused & ~forced).nonzero().squeeze(1)  # reused rows still in the running
     rows = torch.arange(prefix, seq, device=device) if probe else always.nonzero().squeeze(1)
     if probe:
-        reused_rows = reused.nonzero().squeeze(1)
-        rc.probe = (check, reused_rows - prefix, reused_rows)  # rows == prefix..seq-1 here
+        rc.probe = (checks[0], torch.searchsorted(rows, cand), cand)
     h = base.embed_tokens(ids[:, rows])
     dtype = h.dtype
     mask = _mask(rows, seq, dtype)
-    recomputed = 0
     for i, layer in enumerate(base.layers[:n_layers]):
         rc.rows = rows
         pos = rows[None]
         pe = base.rotary_emb(h, pos)
         h = layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
-        if probe and i == check:
+        if probe and i in stage_ratio:
             assert rc.deviation is not None
-            n_sel = min(n_reused, round(recompute_ratio * n_reused))
-            chosen = rc.probe[2][torch.topk(rc.deviation, n_sel).indices] if n_sel else rows[:0]  # type: ignore[index]
-            recomputed = n_sel
-            keep = always.clone()
-            keep[chosen] = True
+            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * n_reused) - int(forced.sum())))
+            cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
+            keep = fixed.clone()
+            keep[cand] = True
             new_rows = keep.nonzero().squeeze(1)
-            h = h[:, new_rows - prefix]
+            h = h[:, torch.searchsorted(rows, new_rows)]
             rows = new_rows
             mask = _mask(rows, seq, dtype)
-            rc.probe = None
+            later = [c for c in checks if c > i]
+            rc.probe = (later[0], torch.searchsorted(rows, cand), cand) if later else None
+            rc.deviation = None
+    recomputed = int(forced.sum()) + int(cand.numel()) if probe else 0
     h = base.norm(h[:, -1:])
     logits = model.lm_head(h)[:, -1]
     cache = DynamicCache(config=model.config) if cache is None else cache
     for i in range(n_layers):
         cache.update(keys[i], values[i], i)
     return BlendForward(logits, cache, recomputed, int(rows.numel()))
+
+
+def _as_layers(check_layer: int | Sequence[int]) -> list[int]:
+    layers = [int(check_layer)] if isinstance(check_layer, int) else [int(c) for c in check_layer]
+    if not layers:
+        raise BlendError("check_layer needs at least one layer index")
+    return layers

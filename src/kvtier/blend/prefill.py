@@ -23,12 +23,13 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvtier.blend.forward import DEFAULT_CHECK_LAYER, blend_forward, check_blendable
+from kvtier.blend.forward import DEFAULT_CHECK_LAYER, DEFAULT_DEVIATION, blend_forward, check_blendable
 from kvtier.blend.plan import Span
 from kvtier.blend.rope import rerotate_kv, rope_spec
 from kvtier.blend.segments import SegmentStore
@@ -36,6 +37,11 @@ from kvtier.chunk import dtype_from_name
 from kvtier.engine import CacheEngine
 from kvtier.keys import KeyExtras
 from kvtier.transfer.layerwise import cache_to_kv
+
+DEFAULT_SINK_TOKENS = 1
+"""Leading tokens of each reused segment always recomputed (out of the ratio's budget): computed on
+its own, a segment's first token was the sequence start, which attention uses as a sink; reused
+mid-prompt unfixed, it draws the attention of every later token away from the real context."""
 
 
 @dataclass
@@ -60,7 +66,9 @@ def blend_prefill(
     cache: Any,
     *,
     recompute_ratio: float,
-    check_layer: int = DEFAULT_CHECK_LAYER,
+    check_layer: int | Sequence[int] = DEFAULT_CHECK_LAYER,
+    sink_tokens: int = DEFAULT_SINK_TOKENS,
+    deviation: str = DEFAULT_DEVIATION,
     store: bool = True,
     t0: float | None = None,
     extras: KeyExtras | None = None,
@@ -79,6 +87,7 @@ def blend_prefill(
     layers, heads, dim = ns.kv_shape
     kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
     reused = torch.zeros(seq, dtype=torch.bool)
+    force = torch.zeros(seq, dtype=torch.bool)
 
     found = engine.lookup(row_cpu, extras=extras)
     prefix = min(found, seq - 1)
@@ -100,6 +109,8 @@ def blend_prefill(
         if cached is not None and s + n > lo:
             kv[:, :, lo : s + n] = rerotate_kv(cached[:, :, lo - s :], lo - s, lo, spec)
             reused[lo : s + n] = True
+            if lo == s:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
+                force[s : min(s + n, s + sink_tokens)] = True
             seg_tokens += s + n - lo
         if n < e - s:
             missing.append((s, e))
@@ -113,6 +124,8 @@ def blend_prefill(
         reused=reused,
         recompute_ratio=recompute_ratio,
         check_layer=check_layer,
+        force=force,
+        deviation=deviation,
         cache=cache,
     )
     if device.type == "cuda":

@@ -102,7 +102,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument(
-        "--variants", default="without,with", help="in process: comma list of without, with, capped"
+        "--variants",
+        default="without,with",
+        help="in process: comma list of without, with, capped, blend (rag: CacheBlend reuse)",
+    )
+    t.add_argument(
+        "--recompute-ratio",
+        type=float,
+        default=0.15,
+        help="blend variant: share of reused document tokens recomputed (0.15; 0 = naive reuse, 1 = exact)",
     )
     t.add_argument(
         "--chunk-tokens",

@@ -1,7 +1,9 @@
 """``kvtier demo``: a real model, run without and with kvtier, on chat and document-QA workloads.
 
 Workloads: ``chat`` (a shared system prompt, several users, each turn resending the history),
-``docqa`` (the same documents asked several questions) and, with ``--contexts``, ``context``
+``docqa`` (the same documents asked several questions), ``rag`` (passages that recur at other
+positions, blended with CacheBlend at ``--recompute-ratio``: lossy by design, so its outputs are
+compared with full prefill rather than required to match) and, with ``--contexts``, ``context``
 (long prompts asked again: full prefill vs full hit). The two variants run interleaved request
 by request, so load that drifts during the run hits both. For each it prints the time to first
 token (TTFT) without and with kvtier, the paired speedup (median of per-request ratios), the
@@ -53,7 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w = p.add_argument_group("workloads")
     w.add_argument(
-        "--workloads", default="chat,docqa", help="comma list of chat, docqa, context (default chat,docqa)"
+        "--workloads",
+        default="chat,docqa",
+        help="comma list of chat, docqa, rag, context (default chat,docqa)",
     )
     w.add_argument("--users", type=int, default=3, help="chat: users sharing the system prompt (3)")
     w.add_argument("--rounds", type=int, default=4, help="chat: rounds per user (4)")
@@ -62,6 +66,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--docs", type=int, default=2, help="docqa: documents (2)")
     w.add_argument("--questions", type=int, default=3, help="docqa: questions per document (3)")
     w.add_argument("--doc-tokens", type=int, default=800, help="docqa: tokens per document (800)")
+    w.add_argument("--pool", type=int, default=6, help="rag: passages in the pool (6)")
+    w.add_argument("--k", type=int, default=3, help="rag: passages per request (3)")
+    w.add_argument("--rag-requests", type=int, default=8, help="rag: requests (8)")
+    w.add_argument("--rag-doc-tokens", type=int, default=200, help="rag: tokens per passage (200)")
+    w.add_argument(
+        "--recompute-ratio",
+        type=float,
+        default=0.15,
+        help="rag: share of reused passage tokens recomputed (0.15; 1.0 = exact)",
+    )
     w.add_argument(
         "--contexts", default="", help="context: prompt lengths, e.g. 8192,16384,32768 (adds 'context')"
     )
@@ -95,9 +109,11 @@ def _workloads(args: argparse.Namespace) -> list[str]:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     if args.contexts and "context" not in names:
         names.append("context")
-    bad = sorted(set(names) - {"chat", "docqa", "context"})
+    bad = sorted(set(names) - {"chat", "docqa", "rag", "context"})
     if bad or not names:
-        raise ConfigError(f"--workloads: unknown {bad}; choose from chat, docqa, context")
+        raise ConfigError(f"--workloads: unknown {bad}; choose from chat, docqa, rag, context")
+    if not 0.0 <= args.recompute_ratio <= 1.0:
+        raise ConfigError(f"--recompute-ratio must be in [0, 1], got {args.recompute_ratio}")
     if "context" in names and not args.contexts:
         raise ConfigError("--workloads context needs --contexts, e.g. --contexts 8192,16384")
     return names

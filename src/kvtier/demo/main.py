@@ -52,6 +52,10 @@ def build_requests(
             system_tokens=args.system_tokens,
             turn_tokens=args.turn_tokens,
         )
+    if name == "rag":
+        return workloads.rag(
+            encode, pool=args.pool, k=args.k, requests=args.rag_requests, doc_tokens=args.rag_doc_tokens
+        )
     if name == "docqa":
         return workloads.docqa(encode, docs=args.docs, questions=args.questions, doc_tokens=args.doc_tokens)
     return workloads.context(lengths=lengths, vocab_size=vocab, repeat=args.repeat)
@@ -102,6 +106,7 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
                 model_id=lm.model_id,
                 check_split=low_precision,
                 tick=lambda: bar.update(1),
+                recompute_ratio=args.recompute_ratio,
             )
             engine.flush(30.0)
             stats = engine.stats()

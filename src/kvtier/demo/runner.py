@@ -41,6 +41,8 @@ class RequestResult:
     split_logits: torch.Tensor | None = None  # uncached prefill split at the same token (reference)
     tokens: list[int] = field(default_factory=list)  # greedy continuation
     first_logits: torch.Tensor | None = None  # [vocab] fp32 on CPU
+    segment_tokens: int | None = None  # rag (blend): passage tokens reused at another position
+    recomputed_tokens: int = 0  # rag (blend): of those, recomputed after the check layer
 
 
 def _sync(device: torch.device) -> None:
@@ -120,10 +122,16 @@ def one_with(
     gen_tokens: int,
     model_id: str | None = None,
     check_split: bool = False,
+    recompute_ratio: float = 0.15,
 ) -> RequestResult:
-    """One request through kvtier (median TTFT over ``req.repeat`` prefills; the last one's hit)."""
+    """One request through kvtier (median TTFT over ``req.repeat`` prefills; the last one's hit).
+    A request with ``segments`` (rag) is blended at ``recompute_ratio``: approximate by design, so
+    its outputs are compared with full prefill, not required to equal it."""
     ids = req.ids.to(next(model.parameters()).device).unsqueeze(0)
-    runs = [kvt.prefill(model, ids, engine, model_id=model_id) for _ in range(req.repeat)]
+    blend: dict[str, Any] = {}
+    if req.segments:
+        blend = dict(segments=req.segments, recompute_ratio=recompute_ratio)
+    runs = [kvt.prefill(model, ids, engine, model_id=model_id, **blend) for _ in range(req.repeat)]
     r = runs[-1]
     tokens = greedy(model, r.logits, r.cache, gen_tokens)
     out = RequestResult(
@@ -135,8 +143,10 @@ def one_with(
         load_s=statistics.median(x.load_s for x in runs),
         tokens=tokens,
         first_logits=r.logits[0].float().cpu(),
+        segment_tokens=r.segment_tokens if blend else None,
+        recomputed_tokens=r.recomputed_tokens,
     )
-    if check_split:
+    if check_split and not blend:
         out.split_logits = split_prefill(model, ids, r.hit_tokens)[0].float().cpu()
     return out
 
@@ -150,11 +160,20 @@ def run_with(
     model_id: str | None = None,
     check_split: bool = False,
     tick: Tick | None = None,
+    recompute_ratio: float = 0.15,
 ) -> list[RequestResult]:
     results = []
     for req in requests:
         results.append(
-            one_with(model, req, engine, gen_tokens=gen_tokens, model_id=model_id, check_split=check_split)
+            one_with(
+                model,
+                req,
+                engine,
+                gen_tokens=gen_tokens,
+                model_id=model_id,
+                check_split=check_split,
+                recompute_ratio=recompute_ratio,
+            )
         )
         if tick:
             tick()
@@ -170,6 +189,7 @@ def run_interleaved(
     model_id: str | None = None,
     check_split: bool = False,
     tick: Tick | None = None,
+    recompute_ratio: float = 0.15,
 ) -> tuple[list[RequestResult], list[RequestResult]]:
     """Both variants, request by request: ``(without, with_)``, in request order.
 
@@ -186,7 +206,13 @@ def run_interleaved(
             else:
                 with_.append(
                     one_with(
-                        model, req, engine, gen_tokens=gen_tokens, model_id=model_id, check_split=check_split
+                        model,
+                        req,
+                        engine,
+                        gen_tokens=gen_tokens,
+                        model_id=model_id,
+                        check_split=check_split,
+                        recompute_ratio=recompute_ratio,
                     )
                 )
             if tick:

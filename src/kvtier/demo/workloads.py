@@ -3,6 +3,9 @@
 * ``chat``: a shared system prompt, several users, several rounds; every turn resends the user's
   whole history (system prompt + earlier questions and answers) plus a new question.
 * ``docqa``: long documents, each asked several questions (document first, question last).
+* ``rag``: a pool of passages; each request is an instruction, k of them in random order and a
+  question. Passages recur at other positions, so prefix caching reuses little; the ``with``
+  variant blends them (``kvtier.blend``: ``Request.segments`` marks each passage).
 * ``context``: one long prompt per length (e.g. 8k/16k/32k), asked again unchanged: the
   full-prefill vs full-hit comparison for long contexts.
 
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kvtier.config import ConfigError
 from kvtier.demo.corpus import paragraph, question, sentence
 
 Encode = Callable[[str], list[int]]
@@ -32,6 +36,7 @@ class Request:
     label: str  # e.g. "user 2, round 3"
     ids: torch.Tensor  # 1-D int64 token ids
     repeat: int = 1  # measure this many times and report the median (long-context timing)
+    segments: list[tuple[int, int]] | None = None  # rag: each passage's [start, end) in ``ids``
 
 
 def make_encoder(tokenizer: Any | None, vocab_size: int) -> Encode:
@@ -96,6 +101,30 @@ def docqa(
             out.append(
                 Request("docqa", f"doc {d + 1}, question {q + 1}", torch.tensor(doc + ask, dtype=torch.long))
             )
+    return out
+
+
+def rag(
+    encode: Encode, *, pool: int = 6, k: int = 3, requests: int = 8, doc_tokens: int = 200, seed: int = 3
+) -> list[Request]:
+    """Requests of ``k`` distinct passages out of ``pool`` (random order), each marked as a segment."""
+    if not 1 <= k <= pool or requests < 1:
+        raise ConfigError(
+            f"rag needs 1 <= k <= pool and requests >= 1, got k={k}, pool={pool}, requests={requests}"
+        )
+    rng = random.Random(seed)
+    passages = [_text_of(encode, rng, doc_tokens, f"Passage {d + 1}: ", "\n") for d in range(pool)]
+    head = encode("Answer the question using only the passages below.\n")
+    out: list[Request] = []
+    for i in range(requests):
+        chosen = rng.sample(range(pool), k)
+        ids, spans = list(head), []
+        for d in chosen:
+            spans.append((len(ids), len(ids) + len(passages[d])))
+            ids += passages[d]
+        ids += encode(f"Question: {question(rng)}\nAnswer:")
+        label = f"request {i + 1}: passages {', '.join(str(d + 1) for d in chosen)}"
+        out.append(Request("rag", label, torch.tensor(ids, dtype=torch.long), segments=spans))
     return out
 
 

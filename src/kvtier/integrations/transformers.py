@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,7 +248,7 @@ def prefill(
     segments: Any = None,
     separator: Any = None,
     recompute_ratio: float = 0.15,
-    check_layer: int | None = None,
+    check_layer: int | Sequence[int] | None = None,
 ) -> PrefillResult:
     """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards.
 
@@ -292,7 +293,9 @@ def _blend_spans(
     if segments is not None and separator is not None:
         raise BlendError("pass segments= or separator=, not both")
     if ids.shape[0] != 1:
-        raise BlendError(f"blending takes one prompt row at a time, got a batch of {ids.shape[0]}")
+        raise BlendError(
+            f"blending takes one prompt row at a time, got a batch of {ids.shape[0]}: call prefill once per row"
+        )
     if separator is not None:
         segments = split_on_separator(ids[0].cpu(), separator)
     return check_segments(segments, int(ids.shape[1]))
@@ -305,7 +308,7 @@ def _blend(
     spans: list[tuple[int, int]],
     store: bool,
     ratio: float,
-    check_layer: int | None,
+    check_layer: int | Sequence[int] | None,
     t0: float,
     extras: Any = None,
 ) -> PrefillResult:
@@ -356,7 +359,7 @@ def generate(
     segments: Any = None,
     separator: Any = None,
     recompute_ratio: float = 0.15,
-    check_layer: int | None = None,
+    check_layer: int | Sequence[int] | None = None,
     **generate_kwargs: Any,
 ) -> Any:
     """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.

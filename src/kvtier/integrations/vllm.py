@@ -9,6 +9,11 @@
 ``kv_connector_extra_config`` takes ``kvtier.config_file`` and inline ``kvtier.<section>.<field>``
 overrides (any other key is an error, so a typo never silently does nothing).
 
+``kv_role``: ``kv_both`` loads and saves; for prefill/decode disaggregation a ``kv_producer``
+(prefill) saves and never loads (its scheduler reports 0 external tokens) and a ``kv_consumer``
+(decode) loads and never saves. Both need a tier the other instance reaches (``remote.url``);
+see ``vllm_shared.role_config``.
+
 vLLM builds this class twice: the SCHEDULER role answers "how many prompt tokens can kvtier
 supply beyond vLLM's own prefix cache" and plans loads/saves (``vllm_plan``); the WORKER role
 moves KV between vLLM's paged tensors and kvtier (``vllm_worker``, ``vllm_paged``).
@@ -41,13 +46,14 @@ from kvtier.transfer.blocks import detect, probe_cpu_layout
 from kvtier.transfer.layout import KVLayout, LayoutError
 
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
-from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec
+from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec, parse_role
 from .vllm_shared import (
     config_from_extra,
     connector_stats,
     find_engine,
     local_engine,
     release,
+    role_config,
     scheduler_engine,
     shared_engine,
 )
@@ -131,7 +137,8 @@ class KVTierConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         attach_if_unhandled()  # vLLM configures only its own logger: kvtier's INFO lines would vanish
         ktc = self._kv_transfer_config
-        self._config = config_from_extra(dict(ktc.kv_connector_extra_config or {}))
+        self._role = parse_role(ktc.kv_role)
+        self._config = role_config(config_from_extra(dict(ktc.kv_connector_extra_config or {})), self._role)
         self._instance = str(ktc.engine_id)
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
@@ -197,7 +204,10 @@ class KVTierConnector(KVConnectorBase_V1):
                 )
                 ktc.kv_load_failure_policy = "recompute"
             self._planner = Planner(
-                self._lookup, block_size=self.block_size, chunk_tokens=self._engine.chunk_tokens
+                self._lookup,
+                block_size=self.block_size,
+                chunk_tokens=self._engine.chunk_tokens,
+                role=self._role,
             )
             if self._split:
                 log.info(
@@ -316,13 +326,14 @@ class KVTierConnector(KVConnectorBase_V1):
             _probe_vllm_cpu(layout)
         self._caches = caches
         self._device = first.device
-        self._worker = WorkerSide(self._engine, layout, len(caches), self.stats)
+        self._worker = WorkerSide(self._engine, layout, len(caches), self.stats, self._role)
         log.info(
-            "kvtier: registered %d layers, layout %s, blocks %d x %d tokens",
+            "kvtier: registered %d layers, layout %s, blocks %d x %d tokens, role %s",
             len(caches),
             layout.kind.value,
             layout.num_blocks,
             layout.block_size,
+            self._role.name,
         )
 
     def _meta(self) -> KVTierMetadata | None:

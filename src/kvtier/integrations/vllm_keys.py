@@ -23,16 +23,12 @@ Rules and why:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kvtier.keys import KeyExtras, MMSpan
+from kvtier.keys import KeyExtras, MMSpan, lora_identity
 
 log = logging.getLogger(__name__)
 
@@ -85,37 +81,6 @@ def mm_ids_are_hashes(vllm_config: Any) -> bool:
 
 
 def adapter_identity(lora: Any) -> str:
-    """``name``, ``path`` and (for a local directory) a digest of the adapter's files."""
-    name = str(getattr(lora, "lora_name", "") or "")
-    path = str(getattr(lora, "lora_path", "") or "")
-    return "\0".join(["lora-v1", name, path, _files_digest(path)])
-
-
-_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
-_LOCK = threading.Lock()
-
-
-def _files_digest(path: str) -> str:
-    """blake2b of an adapter directory's files, memoised on their names, sizes and mtimes
-    (read once per adapter version, not per request). "" when the path is not a local directory
-    (a hub id: vLLM's worker resolves it; kvtier then keys by name and path, as vLLM does)."""
-    d = Path(path)
-    if not path or not d.is_dir():
-        return ""
-    files = sorted(p for p in d.iterdir() if p.is_file())
-    stamp = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
-    key = (os.path.realpath(path), stamp)
-    with _LOCK:
-        hit = _DIGESTS.get(key)
-    if hit is not None:
-        return hit
-    h = hashlib.blake2b(digest_size=16)
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    out = h.hexdigest()
-    with _LOCK:
-        _DIGESTS[key] = out
-    return out
+    """``name``, ``path`` and (for a local directory) a digest of the adapter's files
+    (``keys.lora_identity``, which the daemon's ``POST /lookup`` uses too)."""
+    return lora_identity(str(getattr(lora, "lora_name", "") or ""), str(getattr(lora, "lora_path", "") or ""))

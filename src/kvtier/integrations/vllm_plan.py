@@ -21,6 +21,10 @@ Rules and why:
   ``vllm_keys``) are fixed at its first ``match`` and travel in every spec, so the worker keys
   loads and saves exactly as the lookup did. A request ``match`` was given ``None`` for cannot
   be keyed: kvtier neither loads nor saves it (``uncacheable``).
+* The instance's ``kv_role`` (``Role``) gates both directions for every request: a
+  ``kv_producer`` (the prefill side of a disaggregated pair) never looks up and never loads, so
+  its scheduler reports 0 external tokens; a ``kv_consumer`` (the decode side) never saves.
+  ``kv_both`` does both.
 """
 
 from __future__ import annotations
@@ -46,6 +50,35 @@ class ConnectorVersionError(KVTierError, RuntimeError):
 
 class ConnectorStateError(StateError):
     """vLLM and the connector's plan disagree (a bug on one side): refuse rather than load wrong KV."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one vLLM instance's connector does (its ``kv_role``)."""
+
+    name: str
+    loads: bool
+    saves: bool
+
+
+ROLES = {
+    "kv_both": Role("kv_both", loads=True, saves=True),
+    "kv_producer": Role("kv_producer", loads=False, saves=True),
+    "kv_consumer": Role("kv_consumer", loads=True, saves=False),
+}
+BOTH = ROLES["kv_both"]
+
+
+def parse_role(kv_role: object) -> Role:
+    """The ``Role`` of vLLM's ``kv_role``; ``ConnectorError`` (one line naming the fix) otherwise."""
+    role = ROLES.get(kv_role) if isinstance(kv_role, str) else None
+    if role is None:
+        raise ConnectorError(
+            f"kv_transfer_config kv_role {kv_role!r} is not a role kvtier's connector knows: use "
+            "'kv_producer' (prefill: saves, never loads), 'kv_consumer' (decode: loads, never saves) "
+            "or 'kv_both'"
+        )
+    return role
 
 
 @dataclass
@@ -92,16 +125,23 @@ class Planner:
     """Per-request bookkeeping of the scheduler-side connector.
 
     ``lookup(tokens, extras) -> int`` returns how many leading tokens kvtier holds (a chunk prefix).
+    ``role``: which directions this instance moves KV in (``kv_role``).
     """
 
     def __init__(
-        self, lookup: Callable[[Sequence[int], KeyExtras], int], *, block_size: int, chunk_tokens: int
+        self,
+        lookup: Callable[[Sequence[int], KeyExtras], int],
+        *,
+        block_size: int,
+        chunk_tokens: int,
+        role: Role = BOTH,
     ) -> None:
         if block_size <= 0 or chunk_tokens <= 0:
             raise ConnectorError(
                 f"block_size and chunk_tokens must be positive, got {block_size}, {chunk_tokens}"
             )
         self._lookup = lookup
+        self.role = role
         self.block_size = block_size
         self.chunk_tokens = chunk_tokens
         self._reqs: dict[str, _Req] = {}
@@ -123,7 +163,7 @@ class Planner:
             extras = st.extras
         else:
             extras = self._extras.setdefault(req_id, extras)
-        if extras is None:
+        if extras is None or not self.role.loads:  # NOTE: a producer does not even look
             self._matches.pop(req_id, None)
             return 0
         limit = align_down(len(tokens) - 1, self.block_size) if tokens else 0
@@ -205,7 +245,7 @@ class Planner:
                 st.load = None
                 loads.append(self._spec(rid, st, s, e))
             end = st.pending_end
-            if end > st.saved_upto:
+            if self.role.saves and end > st.saved_upto:
                 saves.append(self._spec(rid, st, st.saved_upto, end))
                 st.saved_upto = end
         return loads, saves

@@ -7,12 +7,21 @@ an engine of its own that reads only what it can reach: a ``MirrorTier`` of the 
 report, plus the remote tier (``remote.url``) if one is configured. Local tiers (CPU memory, the
 disk directory, which one process locks) belong to the worker.
 
+Disaggregated prefill/decode (``role_config``): a ``kv_producer`` and a ``kv_consumer`` are
+different vLLM instances, so the KV must go through a tier both reach (``remote.url``: the
+kvtier daemon on one host, a daemon over TCP or Redis across hosts); without one the start
+fails. The producer writes that tier directly (its local tiers are turned off): it never loads,
+so they would serve nothing, and a write-through queue below them would let the consumer look
+before the KV has landed. With the shared tier on top, a save has reached it when the step that
+computed the KV returns, so the prefill request's answer means "stored".
+
 No vLLM import here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +32,10 @@ from kvtier.config import Config, ConfigError
 from kvtier.engine import CacheEngine
 from kvtier.keys import Namespace
 
+from .vllm_plan import ConnectorError, Role
 from .vllm_worker import ConnectorStats
+
+log = logging.getLogger(__name__)
 
 
 def config_from_extra(extra: dict[str, Any]) -> Config:
@@ -36,6 +48,36 @@ def config_from_extra(extra: dict[str, Any]) -> Config:
     path = extra.get("kvtier.config_file")
     overrides = {k.removeprefix("kvtier."): v for k, v in extra.items() if k != "kvtier.config_file"}
     return Config.load(path, **overrides)
+
+
+def role_config(config: Config, role: Role) -> Config:
+    """``config`` as an instance of ``role`` runs it (see the module docstring)."""
+    if config.chunk.kv_codec != "none":
+        # NOTE: the connector's namespace has no codec, so the chunks would be stored raw: say so
+        # instead of silently ignoring the setting (a lossy codec under vLLM needs its own quality run).
+        raise ConnectorError(
+            f"kvtier.chunk.kv_codec={config.chunk.kv_codec!r} is not supported by the vLLM connector yet: "
+            "remove it (KV is stored unquantized)"
+        )
+    if role.loads and role.saves:
+        return config
+    if not config.remote.url:
+        raise ConnectorError(
+            f"kv_role {role.name!r} moves KV between vLLM instances: set kvtier.remote.url to a tier both "
+            "reach (kvtier://HOST:PORT for the kvtier daemon, or redis://HOST:PORT)"
+        )
+    if role.loads:
+        return config
+    if config.cpu.enabled or config.disk.enabled:
+        log.info(
+            "kvtier: kv_producer writes the shared tier directly; its local cpu/disk tiers are off "
+            "(it never loads from them)"
+        )
+    return dataclasses.replace(
+        config,
+        cpu=dataclasses.replace(config.cpu, enabled=False),
+        disk=dataclasses.replace(config.disk, enabled=False),
+    )
 
 
 @dataclass

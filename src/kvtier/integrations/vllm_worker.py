@@ -20,6 +20,10 @@ leading chunks an earlier request of the step, or a save still in flight, will s
 keys: a shared chunk key means the whole prefix up to it is shared, so duplicates are always a
 prefix of a request's range). Only one copy leaves vLLM's blocks; ``saved_tokens`` counts
 unique tokens, the duplicates go to ``skipped_tokens`` (and ``deduped_tokens``).
+
+The instance's ``Role`` is enforced here too, not only in the scheduler's plan: a ``kv_producer``
+worker drops load specs and a ``kv_consumer`` worker drops save specs (and counts them in
+``refused_loads`` / ``refused_saves``, which stay 0 unless the two sides disagree).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, tok
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 
-from .vllm_plan import TransferSpec, align_down
+from .vllm_plan import BOTH, Role, TransferSpec, align_down
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ class ConnectorStats:
     store_failures: int = 0
     uncacheable_requests: int = 0
     """Requests with an input kvtier cannot key (``vllm_keys``): neither loaded nor saved."""
+    refused_loads: int = 0
+    """Load specs a ``kv_producer`` worker was handed and dropped (its scheduler plans none)."""
+    refused_saves: int = 0
+    """Save specs a ``kv_consumer`` worker was handed and dropped (its scheduler plans none)."""
     load_s: float = 0.0
     """Seconds spent fetching chunks and writing them into vLLM's blocks."""
     save_s: float = 0.0
@@ -99,6 +107,7 @@ class WorkerSide:
         layout: KVLayout,
         num_layers: int,
         stats: ConnectorStats,
+        role: Role = BOTH,
         *,
         group_layers: int = 0,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
@@ -106,6 +115,7 @@ class WorkerSide:
         """``group_layers``/``staging_bytes``: the CUDA load ring (``transfer.grouped``): layers
         per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4)."""
         self.engine = engine
+        self.role = role
         self.layout = layout
         self.num_layers = num_layers
         self.stats = stats
@@ -131,6 +141,9 @@ class WorkerSide:
     def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self.release_loads()
+        if not self.role.loads:
+            self.stats.refused_loads += len(specs)
+            specs = []
         for spec in specs:
             self.stats.load_requests += 1
             load = self._plan_load(spec, device)
@@ -232,6 +245,9 @@ class WorkerSide:
         t0 = time.perf_counter()
         self._saves = []
         self._inflight = set()  # saves begun and never finished were dropped with self._saves
+        if not self.role.saves:
+            self.stats.refused_saves += len(specs)
+            specs = []
         lay = self.layout
         todo = []
         for spec in specs:

@@ -236,14 +236,16 @@ class Router:
         self, pool: list[Backend], policy: Policy, endpoint: str, body: dict[str, Any], request: web.Request
     ) -> Decision:
         cached: dict[str, int | None] | None = None
-        if isinstance(policy, KvAware) and not body.get("cache_salt"):
-            # NOTE: a salted request's chunks carry its salt in their keys; the namespace here
-            # has none, so its lookup would say 0 everywhere: route it by load instead.
+        if isinstance(policy, KvAware):
+            # NOTE: a salted request's chunks carry its salt in their keys: the daemon is asked
+            # with the same salt (/lookup extras), so tenants never see each other's prefixes.
+            salt = body.get("cache_salt")
+            extras = {"salt": salt} if isinstance(salt, str) and salt else None
             await self._ensure_model()
             if self.tokenizer is not None and self.lookup is not None:
                 ids = await asyncio.to_thread(self.tokenizer.prompt_ids, endpoint, body)
                 if ids:
-                    cached = await self.lookup.cached_tokens(pool, ids)
+                    cached = await self.lookup.cached_tokens(pool, ids, extras)
                     self.metrics.prompt_tokens.inc(len(ids))
         d = policy.order(pool, RouteContext(request.headers.get(self.cfg.router.session_header), cached))
         if cached:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 
@@ -39,12 +40,17 @@ class LookupClient:
         self.cooldown_s = cooldown_s
         self.metrics = metrics
 
-    async def cached_tokens(self, backends: Sequence[Backend], tokens: list[int]) -> dict[str, int | None]:
-        """backend name -> cached prefix tokens (None: no answer); only daemons that are up are asked."""
+    async def cached_tokens(
+        self, backends: Sequence[Backend], tokens: list[int], extras: dict[str, Any] | None = None
+    ) -> dict[str, int | None]:
+        """backend name -> cached prefix tokens (None: no answer); only daemons that are up are asked.
+        ``extras``: the request's key extras (``{"salt": ...}``), the daemon's ``/lookup`` ``extras``."""
         asked = [b for b in backends if b.lookup_up()]
         if not asked:
             return {}
         body = self.namespace.body(tokens)
+        if extras:
+            body["extras"] = extras
         t0 = time.perf_counter()
         answers = await asyncio.gather(*(self._one(b, body) for b in asked))
         self.metrics.lookup_seconds.observe(time.perf_counter() - t0)

@@ -1,12 +1,7 @@
 """The daemon's HTTP face: ``/health``, ``/stats`` (JSON), ``/metrics`` (Prometheus), ``POST /lookup``.
 
-``POST /lookup`` lets a router ask "how much of this prompt do you hold?" without speaking the
-binary protocol: it takes the tokens and the namespace fields, computes the chunk keys with
-``keys.chunk_keys`` exactly as an engine would, and answers the cached prefix length::
-
-    {"tokens": [1, 2, ...], "model_id": "m", "kv_dtype": "bfloat16", "kv_shape": [32, 8, 128],
-     "tp_rank": 0, "tp_size": 1, "cache_salt": "", "chunk_tokens": 256}
-    -> {"cached_tokens": 512, "cached_chunks": 2, "total_tokens": 700}
+``POST /lookup`` lets a router ask "how much of this request's prompt do you hold?" without
+speaking the binary protocol (body and rules: ``server/lookup.py``).
 
 stdlib ``ThreadingHTTPServer`` in a thread: no new dependency, and these endpoints are small.
 ``/lookup`` needs ``Authorization: Bearer TOKEN`` (it reveals which prompts are cached), and so
@@ -24,59 +19,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kvtier.chunk import DTypeError, dtype_from_name
-from kvtier.errors import KVTierError
-from kvtier.keys import Namespace, chunk_keys
 from kvtier.server.health import health
+from kvtier.server.lookup import LookupBodyError, lookup
 from kvtier.server.service import CacheService
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
-MAX_LOOKUP_TOKENS = 1 << 20
-
-
-class LookupError_(KVTierError, ValueError):
-    """A ``/lookup`` body that is not what the endpoint takes."""
-
-
-def lookup(service: CacheService, body: dict[str, Any]) -> dict[str, int]:
-    """Cached prefix length of ``body['tokens']`` under the namespace the body names."""
-    if not isinstance(body, dict):
-        raise LookupError_("body must be a JSON object")
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or len(tokens) > MAX_LOOKUP_TOKENS:
-        raise LookupError_(f"'tokens' must be a list of at most {MAX_LOOKUP_TOKENS} token ids")
-    shape = body.get("kv_shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise LookupError_("'kv_shape' must be [num_layers, num_kv_heads, head_dim] of positive integers")
-    fields: dict[str, Any] = {}
-    for name, typ, default in (
-        ("model_id", str, None),
-        ("kv_dtype", str, None),
-        ("tp_rank", int, 0),
-        ("tp_size", int, 1),
-        ("cache_salt", str, ""),
-    ):
-        v = body.get(name, default)
-        if v is None or not isinstance(v, typ) or isinstance(v, bool):
-            raise LookupError_(f"'{name}' must be a {typ.__name__}")
-        fields[name] = v
-    try:  # NOTE: an unknown dtype would make keys no store holds: an error, not "0 cached"
-        dtype_from_name(fields["kv_dtype"])
-    except DTypeError as e:
-        raise LookupError_(f"'kv_dtype': {e} (the engine's KV dtype, e.g. bfloat16, float16, float32)") from e
-    chunk = body.get("chunk_tokens", service.config.chunk.chunk_tokens)
-    if not isinstance(chunk, int) or not 1 <= chunk <= 1 << 20:
-        raise LookupError_("'chunk_tokens' must be an integer in 1..1048576")
-    partial = body.get("allow_partial", service.config.chunk.allow_partial_chunks)
-    ns = Namespace(kv_shape=(shape[0], shape[1], shape[2]), **fields)
-    try:
-        keys = chunk_keys(tokens, ns, chunk, allow_partial=bool(partial))
-    except (ValueError, TypeError, OverflowError) as e:
-        raise LookupError_(f"'tokens': {e}") from e
-    n = service.prefix_lookup([k.digest for k in keys])
-    return {"cached_tokens": keys[n - 1].end if n else 0, "cached_chunks": n, "total_tokens": len(tokens)}
 
 
 class HttpFace:
@@ -165,7 +114,7 @@ def _handler_class(face: HttpFace) -> type[BaseHTTPRequestHandler]:
                 self._json(200, lookup(face.service, body))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 self._json(400, {"error": f"body is not JSON: {e}"})
-            except LookupError_ as e:
+            except LookupBodyError as e:
                 self._json(400, {"error": str(e)})
 
     return Handler

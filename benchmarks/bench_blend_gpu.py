@@ -1,0 +1,194 @@
+"""Blend (CacheBlend) TTFT vs full prefill on a GPU, Llama-3-8B-shaped model (issue 14).
+
+    PYTHONPATH=src python benchmarks/bench_blend_gpu.py --json /tmp/blend_gpu.json
+    PYTHONPATH=src python benchmarks/bench_blend_gpu.py --tiny   # CPU smoke test of the script
+
+A Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads / 8 KV heads, MLP 14336, llama3 rope)
+with random weights in bf16, built in code (nothing is downloaded). Every one of ``--docs``
+documents of ``--doc-tokens`` random tokens is cached first as a segment (computed on its own, kept
+in kvtier's pinned CPU tier). Each request is a system head + the documents in a fresh random
+order + a question; its TTFT is measured for full prefill (``model(...)``, flash SDPA) and for
+``kvt.prefill(..., segments=, recompute_ratio=)``, which includes the segment lookups, the CPU ->
+GPU copies, the re-rotation and the selective recompute. The two are timed back to back per
+request in alternating order; the per-request ratio's median is reported (same-run ratio).
+Also reported: the blend's load share of its TTFT and the re-rotation kernel's agreement with the
+torch path (the Triton kernel is used on CUDA; this is its check on real hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from kvtier import CacheEngine, Config
+from kvtier.blend import SegmentStore
+from kvtier.blend.prefill import segment_kv
+from kvtier.integrations import transformers as kvt
+
+
+def llama3_8b_config(tiny: bool) -> LlamaConfig:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if tiny:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+        shape.update(num_key_value_heads=2, vocab_size=512)
+    else:
+        shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+        shape.update(num_key_value_heads=8, vocab_size=128256)
+    return LlamaConfig(**shape, max_position_embeddings=131072, rope_parameters=rope, rms_norm_eps=1e-5)
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    torch.manual_seed(0)
+    with device:  # initialise on the device: an 8B random init on the host would take minutes
+        model = AutoModelForCausalLM.from_config(
+            llama3_8b_config(tiny), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+    model.config._name_or_path = "random-llama3-8b-shape" + ("-tiny" if tiny else "")
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def full_ttft(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    sync(ids.device)
+    t0 = time.perf_counter()
+    c = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1]
+    sync(ids.device)
+    return logits, time.perf_counter() - t0
+
+
+def rerotation_check(model: Any, device: torch.device) -> float:
+    """Max |triton - torch| over a re-rotation of random bf16 keys (0.0 off CUDA)."""
+    from kvtier.blend import rope
+
+    if device.type != "cuda":
+        return 0.0
+    spec = rope.rope_spec(model)
+    cfg = model.config
+    k = torch.randn(4, 2048, cfg.num_key_value_heads, spec.head_dim, device=device, dtype=torch.bfloat16)
+    old, new = torch.arange(2048, device=device), torch.arange(9000, 9000 + 2048, device=device)
+    got = rope.rerotate_keys(k, old, new, spec)
+    cos, sin = rope.delta_tables(spec, old, new)
+    cos, sin = cos.float()[:, None], sin.float()[:, None]
+    kf, half = k.float(), spec.head_dim // 2
+    ref = torch.cat(
+        (kf[..., :half] * cos - kf[..., half:] * sin, kf[..., half:] * cos + kf[..., :half] * sin), -1
+    )
+    return float((got.float() - ref.to(torch.bfloat16).float()).abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model on CPU: checks the script only")
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--doc-tokens", type=int, default=2048)
+    ap.add_argument("--requests", type=int, default=6)
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.doc_tokens = min(args.doc_tokens, 64)
+    t_build = time.perf_counter()
+    model = build_model(args.tiny, device, dtype)
+    vocab = model.config.vocab_size
+    print(f"model built in {time.perf_counter() - t_build:.1f}s on {device}", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(100, vocab, (args.doc_tokens,), generator=gen) for _ in range(args.docs)]
+    head = torch.randint(100, vocab, (24,), generator=gen)
+    question = torch.randint(100, vocab, (32,), generator=gen)
+    kv_bytes_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * 128 * 2
+    need = kv_bytes_per_token * args.docs * args.doc_tokens
+    eng = CacheEngine(
+        Config.load(
+            env={},
+            chunk_tokens=256,
+            cpu__max_bytes=max(2 * need, 64 * 1024**2),
+            cpu__pin_memory="yes" if device.type == "cuda" else "no",
+        )
+    )
+    kvt.bind_engine(eng, model)
+    keys = kvt._request_keys(eng, model, head[None], {})
+    store = SegmentStore(eng, keys[0] if keys else None)
+    t_store = time.perf_counter()
+    with torch.inference_mode():
+        for d in docs:  # every document cached as a segment, computed on its own from position 0
+            store.store(d, segment_kv(model, d.to(device)))
+    print(f"{args.docs} segments stored in {time.perf_counter() - t_store:.1f}s", flush=True)
+    rng = random.Random(2)
+    pairs: list[tuple[float, float]] = []
+    loads: list[float] = []
+    agree: list[float] = []
+    seg_tokens = recomputed = seq = 0
+    for i in range(args.requests + 1):  # request 0 warms both paths up (kernels, allocator); not counted
+        order = list(range(args.docs))
+        rng.shuffle(order)
+        parts, spans, pos = [head], [], int(head.numel())
+        for d in order:
+            parts.append(docs[d])
+            spans.append((pos, pos + int(docs[d].numel())))
+            pos += int(docs[d].numel())
+        ids = torch.cat([*parts, question])[None].to(device)
+        seq = int(ids.shape[1])
+        res: dict[str, float] = {}
+        for v in ("full", "blend") if i % 2 == 0 else ("blend", "full"):
+            if v == "full":
+                ref, res[v] = full_ttft(model, ids)
+            else:
+                sync(device)
+                r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=args.ratio, store=False)
+                sync(device)
+                res[v], logits = r.ttft_s, r.logits
+                loads.append(r.load_s)
+                seg_tokens, recomputed = r.segment_tokens, r.recomputed_tokens
+        agree.append(float(int(logits.argmax()) == int(ref.argmax())))
+        if i > 0:
+            pairs.append((res["full"], res["blend"]))
+        print(i, seq, {k: round(x, 4) for k, x in res.items()}, flush=True)
+    ratios = [f / b for f, b in pairs]
+    out = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        prompt_tokens=seq,
+        docs=args.docs,
+        doc_tokens=args.doc_tokens,
+        recompute_ratio=args.ratio,
+        segment_tokens=seg_tokens,
+        recomputed_tokens=recomputed,
+        ttft_full_median_s=statistics.median(p[0] for p in pairs),
+        ttft_blend_median_s=statistics.median(p[1] for p in pairs),
+        speedup_paired_median=statistics.median(ratios),
+        blend_load_median_s=statistics.median(loads[1:]),
+        top1_agreement_random_weights=statistics.fmean(agree),
+        rerotation_triton_vs_torch_max_abs=rerotation_check(model, device),
+        pairs=pairs,
+    )
+    print(json.dumps({k: v for k, v in out.items() if k != "pairs"}), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
