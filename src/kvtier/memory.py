@@ -110,6 +110,8 @@ class HostBufferPool:
         self.pinned_memory = bool(pin)
         self._free: list[tuple[int, int]] = [(0, self.capacity_bytes)]  # (offset, size), sorted
         self._used = 0
+        self.failed_allocations = 0
+        """``allocate`` calls that found no extent (the caller evicted, or fell back elsewhere)."""
         self._lock = threading.RLock()
 
     # -- allocation -------------------------------------------------------------------------
@@ -127,6 +129,7 @@ class HostBufferPool:
                     self._used += size
                     break
             else:
+                self.failed_allocations += 1
                 return None
         view = self._arena[off : off + nbytes].view(dtype).view(shape)
         return MemoryObject(self, off, size, view)

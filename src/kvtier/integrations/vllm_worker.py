@@ -43,8 +43,10 @@ import numpy as np
 import torch
 
 from kvtier.chunk import Chunk
+from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine
 from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
 
@@ -119,7 +121,12 @@ class WorkerSide:
         num_layers: int,
         stats: ConnectorStats,
         role: Role = BOTH,
+        *,
+        group_layers: int = 0,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
     ) -> None:
+        """``group_layers``/``staging_bytes``: the CUDA load ring (``transfer.grouped``): layers
+        per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4)."""
         self.engine = engine
         self.role = role
         self.layout = layout
@@ -132,6 +139,9 @@ class WorkerSide:
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
         self._loads_done: torch.cuda.Event | None = None
+        self._grouped: GroupedLoad | None = None
+        self._group_layers = group_layers
+        self._staging_bytes = staging_bytes
         self._errors: set[int] = set()
         self._flat: torch.Tensor | None = None
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
@@ -154,6 +164,19 @@ class WorkerSide:
             load = self._plan_load(spec, device)
             if load is not None:
                 self._loads.append(load)
+        # NOTE: packed (lossy codec) loads dequantize per layer in their own kernels, not through the ring
+        if device.type == "cuda" and self._loads and not any(ld.packed is not None for ld in self._loads):
+            loads = [LoadPieces(ld.idx, [(c.kv, a, b) for c, a, b in ld.pieces]) for ld in self._loads]
+            if GroupedLoad.plan(self.layout, loads, self.num_layers):
+                # the DMAs of the first layer groups start now, on the copy stream
+                self._grouped = GroupedLoad(
+                    self.layout,
+                    loads,
+                    self.num_layers,
+                    device,
+                    group_layers=self._group_layers,
+                    staging_bytes=self._staging_bytes,
+                )
         self.stats.load_s += time.perf_counter() - t0
 
     def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
@@ -197,11 +220,14 @@ class WorkerSide:
         if layer in self._loaded_layers or not self._loads:
             return
         t0 = time.perf_counter()
-        for ld in self._loads:
-            if ld.packed is not None:
-                ld.packed.layer(self.layout, layer, entry)
-                continue
-            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
+        if self._grouped is not None:
+            self._grouped.layer(layer, entry)
+        else:
+            for ld in self._loads:
+                if ld.packed is not None:
+                    ld.packed.layer(self.layout, layer, entry)
+                    continue
+                scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             if entry.device.type == "cuda":
@@ -220,6 +246,9 @@ class WorkerSide:
         if self._loads_done is not None:
             self._loads_done.synchronize()
             self._loads_done = None
+        if self._grouped is not None:  # its DMAs read the chunks: wait for them (all issued ones)
+            self._grouped.wait()
+            self._grouped = None
         for ld in self._loads:
             ld.release()
         self._loads = []
@@ -300,7 +329,8 @@ class WorkerSide:
                 if sv.packed is not None:
                     sv.packed.layer(self.layout, layer, entry)
                 else:
-                    gather_layer(self.layout, entry, sv.idx, sv.buf[layer])
+                    # join=False: this layer's last DMAs drain while the next layer computes
+                    gather_layer(self.layout, entry, sv.idx, sv.buf[layer], join=False)
                 sv.done.add(layer)
         self.stats.save_s += time.perf_counter() - t0
 
@@ -313,6 +343,7 @@ class WorkerSide:
                 sv.packed.finish()
         if device.type == "cuda" and self._saves:
             torch.cuda.current_stream(device).synchronize()
+            side_stream(device).synchronize()  # the gathers' DMAs (save_layer does not join them)
         for sv in self._saves:
             if len(sv.done) != self.num_layers:
                 log.warning(

@@ -163,6 +163,12 @@ class DiskTier(Tier):
             HostBufferPool(read_buffer_bytes, pin=should_pin("auto")) if read_buffer_bytes > 0 else None
         )
 
+    @property
+    def read_buffers(self) -> HostBufferPool | None:
+        """The recycled read-buffer pool (``None`` when ``read_buffer_bytes`` is 0); its
+        ``failed_allocations`` counts gets that had to read into a fresh tensor instead."""
+        return self._buffers
+
     # -- start-up -------------------------------------------------------------------------------
     def _take_lock(self) -> int:
         fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

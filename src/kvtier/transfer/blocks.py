@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtier.transfer.kernels import gather, scatter, triton_available
@@ -82,14 +83,21 @@ def token_index(
         raise LayoutError(
             f"bad token range [{start}, {end}) from first token {first_token} (bs {block_size})"
         )
-    pos = torch.arange(start - first_token, end - first_token, dtype=torch.int64)
-    ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
-    if ids.numel() * block_size < end - first_token:
-        raise LayoutError(f"{ids.numel()} blocks cannot hold tokens up to {end} from {first_token}")
-    whole = None
-    if start % block_size == 0 and end % block_size == 0:
-        whole = ids[(start - first_token) // block_size : (end - first_token) // block_size].to(device)
-    return TokenIndex(ids[pos // block_size].to(device), (pos % block_size).to(device), block_size, whole)
+    # numpy, then one host-to-device copy: torch's CPU ops on 32k-element index tensors cost
+    # 5-25 ms of host time per load (thread-pool dispatch), numpy ~0.5 ms, and this is on the
+    # path before the first DMA of a load
+    ids = np.asarray(list(block_ids), dtype=np.int64)
+    if ids.size * block_size < end - first_token:
+        raise LayoutError(f"{ids.size} blocks cannot hold tokens up to {end} from {first_token}")
+    pos = np.arange(start - first_token, end - first_token, dtype=np.int64)
+    n = pos.size
+    parts = [ids[pos // block_size], pos % block_size]
+    whole = start % block_size == 0 and end % block_size == 0
+    if whole:
+        parts.append(ids[(start - first_token) // block_size : (end - first_token) // block_size])
+    flat = torch.from_numpy(np.concatenate(parts)).to(device)
+    wb = flat[2 * n :] if whole else None
+    return TokenIndex(flat[:n], flat[n : 2 * n], block_size, wb)
 
 
 def detect(
@@ -138,13 +146,16 @@ def _kernel_path(layout: KVLayout, entry: torch.Tensor) -> bool:
     return entry.device.type == "cuda" and layout.inner_contiguous and triton_available()
 
 
-def gather_layer(layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor) -> None:
+def gather_layer(
+    layout: KVLayout, entry: torch.Tensor, idx: TokenIndex, out: torch.Tensor, *, join: bool = True
+) -> None:
     """``out[p] = plane p's rows of the indexed tokens``; ``out`` is ``[planes, T, H, D]``.
 
     On CUDA the copy is enqueued on the current stream (into pinned host ``out`` through the
-    staging ring); synchronise before reading ``out`` on the CPU."""
+    staging ring); synchronise before reading ``out`` on the CPU (with ``join=False`` the last
+    DMAs run on ``kvtier.devcopy.side_stream`` after the call: synchronise that one too)."""
     if _kernel_path(layout, entry):
-        gather([entry], idx.slots(), layout=layout, out=out.unsqueeze(0), check_slots=False)
+        gather([entry], idx.slots(), layout=layout, out=out.unsqueeze(0), check_slots=False, join=join)
         return
     for p in range(layout.num_planes):
         view = layout.plane_view(entry, p)

@@ -22,21 +22,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from kvtier.devcopy import side_stream
 from kvtier.transfer.kernels.ops import LayoutArg, Prepared, check_chunk, move_rows, prepare, rows_view
 from kvtier.transfer.layout import LayerEntry, LayoutError
 
 MODES = ("auto", "zero_copy", "staging")
 DEFAULT_STAGING_BYTES = 16 << 20
 _RING = 3
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One long-lived copy stream per device (creating streams per call leaks handles)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _side_streams:
-        _side_streams[idx] = torch.cuda.Stream(device=idx)
-    return _side_streams[idx]
+__all__ = ["MODES", "gather", "pieces", "scatter", "side_stream"]
 
 
 def gather(
@@ -50,11 +43,17 @@ def gather(
     staging_bytes: int = DEFAULT_STAGING_BYTES,
     check_slots: bool = True,
     backend: str = "auto",
+    join: bool = True,
 ) -> torch.Tensor:
     """Copy the KV of ``slot_mapping``'s tokens into a chunk buffer ``[L, 2, T, H, D]`` (MLA ``[L, 1, T, 1, lat]``).
 
     ``out`` (contiguous, right shape and dtype) or ``device`` (default: the cache's; ``"cpu"``
     for a CUDA cache allocates pinned host memory) picks the destination.
+
+    ``join=False`` (host ``out`` through the staging ring): the current stream does not wait
+    for the last DMAs, so a layer-wise caller's next gather (and the model's next layer) runs
+    while this call's copies drain; the caller synchronises ``side_stream`` before reading
+    ``out``. One join per layer left the copy engine idle at every layer boundary.
     """
     prep = prepare(kv_caches, slot_mapping, layout, check_slots=check_slots, backend=backend)
     n_t = prep.slots.numel()
@@ -68,7 +67,7 @@ def gather(
             pin_memory=pin,
         )
     check_chunk(prep, out, n_t, "out")
-    _move(prep, rows_view(out, prep), to_chunk=True, mode=mode, staging_bytes=staging_bytes)
+    _move(prep, rows_view(out, prep), to_chunk=True, mode=mode, staging_bytes=staging_bytes, join=join)
     return out
 
 
@@ -89,7 +88,9 @@ def scatter(
     _move(prep, rows_view(src, prep), to_chunk=False, mode=mode, staging_bytes=staging_bytes)
 
 
-def _move(prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, mode: str, staging_bytes: int) -> None:
+def _move(
+    prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, mode: str, staging_bytes: int, join: bool = True
+) -> None:
     if mode not in MODES:
         raise LayoutError(f"mode must be one of {MODES}, got {mode!r}")
     if rows.numel() == 0:
@@ -105,7 +106,7 @@ def _move(prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, mode: str, stag
     if mode == "zero_copy":
         move_rows(prep, 0, prep.slots, rows, to_chunk=to_chunk)
     else:
-        _staged(prep, rows, to_chunk=to_chunk, piece_bytes=staging_bytes)
+        _staged(prep, rows, to_chunk=to_chunk, piece_bytes=staging_bytes, join=join)
 
 
 def pieces(
@@ -127,8 +128,12 @@ def pieces(
             yield r0, min(step, n_rows - r0), 0, n_t
 
 
-def _staged(prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, piece_bytes: int) -> None:
-    """Pipeline kernel (current stream) and DMA (side stream) through a ring of device buffers."""
+def _staged(
+    prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, piece_bytes: int, join: bool = True
+) -> None:
+    """Pipeline kernel (current stream) and DMA (side stream) through a ring of device buffers.
+
+    ``join=False`` is for gathers only (a scatter's last kernel runs on the current stream anyway)."""
     n_rows, n_t, hd = rows.shape
     elem = rows.element_size()
     packed = rows.stride(0) == n_t * hd
@@ -164,8 +169,9 @@ def _staged(prep: Prepared, rows: torch.Tensor, *, to_chunk: bool, piece_bytes: 
             main.wait_event(ready[s])
             move_rows(prep, r0, slots, dev, to_chunk=False)
             free[s].record(main)
-    done = torch.cuda.Event()
-    done.record(side)
-    main.wait_event(done)
+    if join or not to_chunk:
+        done = torch.cuda.Event()
+        done.record(side)
+        main.wait_event(done)
     for buf in ring:  # the side stream used them: keep the allocator from recycling them early
         buf.record_stream(side)
