@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -65,7 +66,35 @@ def _wait_ping(
     raise RuntimeError(f"redis-server on port {port} did not answer within {timeout_s}s: {last}")
 
 
-class RedisServer:
+class _ServerProcess:
+    """A server child process with a private temp dir: ``kill()`` (SIGKILL, a crash), ``stop()``
+    (SIGTERM, then SIGKILL after 10 s), ``cleanup()`` (stop and remove the dir)."""
+
+    proc: subprocess.Popen[bytes] | None
+    dir: Path
+
+    def kill(self) -> None:
+        """SIGKILL: the store vanishes mid-conversation, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisServer(_ServerProcess):
     """One ``redis-server`` process; ``kill()`` + ``start()`` restarts it on the same port."""
 
     def __init__(
@@ -146,26 +175,6 @@ class RedisServer:
             raise
         self.ever_started = True
         return self
-
-    def kill(self) -> None:
-        """SIGKILL: the store vanishes mid-conversation, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class RedisCluster:
@@ -260,7 +269,7 @@ def _mooncake_master() -> tuple[str | None, str]:
 MOONCAKE_MASTER, NO_MOONCAKE_REASON = _mooncake_master()
 
 
-class MooncakeMaster:
+class MooncakeMaster(_ServerProcess):
     """One ``mooncake_master`` (RPC + HTTP metadata + metrics ports on 127.0.0.1); ``kill()`` +
     ``start()`` restarts it on the same ports (with its in-memory metadata gone)."""
 
@@ -340,59 +349,36 @@ class MooncakeMaster:
         proc.kill()
         raise RuntimeError(f"mooncake_client did not start within 30s: see {log_path}")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 _shared: dict[str, RedisServer | RedisCluster | S3Server | MooncakeMaster] = {}
 
 
-def shared_redis() -> RedisServer:
-    s = _shared.get("redis")
+T = TypeVar("T", RedisServer, RedisCluster, S3Server, MooncakeMaster)
+
+
+def _shared_one(name: str, cls: type[T]) -> T:
+    """The session's one started ``cls`` server under ``name`` (started on first use)."""
+    s = _shared.get(name)
     if s is None:
-        s = _shared["redis"] = RedisServer().start()
-    assert isinstance(s, RedisServer)
+        s = _shared[name] = cls().start()
+    assert isinstance(s, cls)
     return s
+
+
+def shared_redis() -> RedisServer:
+    return _shared_one("redis", RedisServer)
 
 
 def shared_cluster() -> RedisCluster:
-    s = _shared.get("cluster")
-    if s is None:
-        s = _shared["cluster"] = RedisCluster().start()
-    assert isinstance(s, RedisCluster)
-    return s
+    return _shared_one("cluster", RedisCluster)
 
 
 def shared_s3() -> S3Server:
-    s = _shared.get("s3")
-    if s is None:
-        s = _shared["s3"] = S3Server().start()
-    assert isinstance(s, S3Server)
-    return s
+    return _shared_one("s3", S3Server)
 
 
 def shared_mooncake() -> MooncakeMaster:
-    s = _shared.get("mooncake")
-    if s is None:
-        s = _shared["mooncake"] = MooncakeMaster().start()
-    assert isinstance(s, MooncakeMaster)
-    return s
+    return _shared_one("mooncake", MooncakeMaster)
 
 
 def stop_shared() -> None:
