@@ -158,8 +158,9 @@ def test_write_back_skips_chunks_that_came_from_below(tmp_path: Path) -> None:
     m.close()
 
 
-def test_prefetch_then_retrieve_hits_cpu(tmp_path: Path) -> None:
-    cfg = Config.load(
+def _cpu_disk_config(tmp_path: Path) -> Config:
+    """A 16 MiB unpinned CPU tier over a disk tier in ``tmp_path/d``, 16-token chunks."""
+    return Config.load(
         env={},
         chunk_tokens=16,
         cpu__max_bytes="16MiB",
@@ -168,6 +169,10 @@ def test_prefetch_then_retrieve_hits_cpu(tmp_path: Path) -> None:
         disk__path=str(tmp_path / "d"),
         model__model_id="m",
     )
+
+
+def test_prefetch_then_retrieve_hits_cpu(tmp_path: Path) -> None:
+    cfg = _cpu_disk_config(tmp_path)
     tokens = torch.randint(0, 1000, (16 * 6,), generator=torch.Generator().manual_seed(0))
     kv = torch.randn(2, 2, 16 * 6, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -270,15 +275,7 @@ def test_remove_cancels_queued_writes(tmp_path: Path) -> None:
 
 
 def test_broken_disk_fails_soft_cpu_keeps_serving(tmp_path: Path) -> None:
-    cfg = Config.load(
-        env={},
-        chunk_tokens=16,
-        cpu__max_bytes="16MiB",
-        cpu__pin_memory="no",
-        disk__enabled=True,
-        disk__path=str(tmp_path / "d"),
-        model__model_id="m",
-    )
+    cfg = _cpu_disk_config(tmp_path)
     tokens = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))
     kv = torch.randn(2, 2, 64, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -292,15 +289,7 @@ def test_broken_disk_fails_soft_cpu_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_engine_with_disk_survives_restart(tmp_path: Path) -> None:
-    cfg = Config.load(
-        env={},
-        chunk_tokens=16,
-        cpu__max_bytes="16MiB",
-        cpu__pin_memory="no",
-        disk__enabled=True,
-        disk__path=str(tmp_path / "d"),
-        model__model_id="m",
-    )
+    cfg = _cpu_disk_config(tmp_path)
     tokens = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(2))
     kv = torch.randn(2, 2, 40, 2, 8)
     with CacheEngine(cfg) as eng:
@@ -322,15 +311,7 @@ def test_write_back_needs_an_evicting_top_tier(tmp_path: Path) -> None:
 
 
 def test_per_tier_metrics_reach_prometheus(tmp_path: Path) -> None:
-    cfg = Config.load(
-        env={},
-        chunk_tokens=16,
-        cpu__max_bytes="16MiB",
-        cpu__pin_memory="no",
-        disk__enabled=True,
-        disk__path=str(tmp_path / "d"),
-        model__model_id="m",
-    )
+    cfg = _cpu_disk_config(tmp_path)
     with CacheEngine(cfg) as eng:
         eng.store(torch.arange(32), torch.randn(2, 2, 32, 2, 8))
         assert eng.flush(30)
@@ -359,15 +340,7 @@ def test_disk_full_through_the_engine_is_counted_and_cpu_serves(
     def full(*a: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    cfg = Config.load(
-        env={},
-        chunk_tokens=16,
-        cpu__max_bytes="16MiB",
-        cpu__pin_memory="no",
-        disk__enabled=True,
-        disk__path=str(tmp_path / "d"),
-        model__model_id="m",
-    )
+    cfg = _cpu_disk_config(tmp_path)
     tokens = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(3))
     kv = torch.randn(2, 2, 48, 2, 8)
     with CacheEngine(cfg) as eng:

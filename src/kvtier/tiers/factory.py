@@ -6,6 +6,8 @@ by class-name strings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvtier.config import Config, FaultConfig, RemoteConfig
 from kvtier.memory import should_pin
 from kvtier.tiers.base import Tier, TierError
@@ -74,6 +76,11 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
     The client modules are imported here so that ``redis``/``boto3`` stay optional extras.
     """
     scheme = remote.url.partition("://")[0].lower()
+    breaker: dict[str, Any] = {  # every remote tier's circuit-breaker settings
+        "failure_threshold": remote.failure_threshold,
+        "retry_backoff_s": remote.retry_backoff_s,
+        "retry_backoff_max_s": remote.retry_backoff_max_s,
+    }
     if scheme.partition("+")[0] in ("redis", "rediss", "valkey", "valkeys", "unix"):
         from kvtier.tiers.redis import RedisTier
 
@@ -86,9 +93,7 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
             max_value_bytes=remote.max_value_bytes,
             username=remote.username,
             password=remote.password,
-            failure_threshold=remote.failure_threshold,
-            retry_backoff_s=remote.retry_backoff_s,
-            retry_backoff_max_s=remote.retry_backoff_max_s,
+            **breaker,
         )
     if scheme == "kvtier":
         from kvtier.tiers.remote import RemoteTier
@@ -97,9 +102,7 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
             remote.url,
             timeout_s=remote.timeout_s,
             token_file=token_file,
-            failure_threshold=remote.failure_threshold,
-            retry_backoff_s=remote.retry_backoff_s,
-            retry_backoff_max_s=remote.retry_backoff_max_s,
+            **breaker,
         )
     if scheme == "s3":
         from kvtier.tiers.s3 import S3Tier
@@ -113,9 +116,7 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
             timeout_s=remote.timeout_s,
             part_bytes=remote.max_value_bytes,
             max_workers=remote.max_workers,
-            failure_threshold=remote.failure_threshold,
-            retry_backoff_s=remote.retry_backoff_s,
-            retry_backoff_max_s=remote.retry_backoff_max_s,
+            **breaker,
         )
     if scheme == "mooncake":
         from kvtier.tiers.mooncake import MooncakeTier
@@ -126,8 +127,6 @@ def build_remote_tier(remote: RemoteConfig, token_file: str = "") -> Tier:
             serde_name=remote.serde,
             timeout_s=remote.timeout_s,
             max_workers=remote.max_workers,
-            failure_threshold=remote.failure_threshold,
-            retry_backoff_s=remote.retry_backoff_s,
-            retry_backoff_max_s=remote.retry_backoff_max_s,
+            **breaker,
         )
     raise TierError(f"remote.url scheme {scheme!r} has no tier in this build")
