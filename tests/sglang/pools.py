@@ -30,6 +30,21 @@ def _ptrs(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in ts], dtype=torch.uint64)
 
 
+# what both host pools take after their buffer info: host/device size ratio 2.0, no fixed host
+# size, the page size and layout; CPU-only, unpinned, all layers
+def _host_args(layout: str) -> tuple[float, int, int, str]:
+    return 2.0, 0, PAGE, layout
+
+
+_HOST_KW: dict[str, Any] = {
+    "pin_memory": False,
+    "device": "cpu",
+    "device_capacity_tokens": DEVICE_TOKENS,
+    "start_layer": 0,
+    "end_layer": LAYERS,
+}
+
+
 def mha_pool(layout: str, v_head_dim: int = HEAD_DIM, dtype: torch.dtype = DTYPE) -> MHATokenToKVPoolHost:
     k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
     v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, v_head_dim, dtype=dtype) for _ in range(LAYERS))
@@ -44,15 +59,8 @@ def mha_pool(layout: str, v_head_dim: int = HEAD_DIM, dtype: torch.dtype = DTYPE
     )
     return MHATokenToKVPoolHost(
         info,
-        2.0,
-        0,
-        PAGE,
-        layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0,
-        end_layer=LAYERS,
+        *_host_args(layout),
+        **_HOST_KW,
     )
 
 
@@ -73,15 +81,8 @@ def mla_pool(layout: str) -> MLATokenToKVPoolHost:
     )
     return MLATokenToKVPoolHost(
         info,
-        2.0,
-        0,
-        PAGE,
-        layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0,
-        end_layer=LAYERS,
+        *_host_args(layout),
+        **_HOST_KW,
         target_layer_num=LAYERS,
     )
 
