@@ -109,3 +109,58 @@ def test_key_chain_is_xxh3_128_under_a_versioned_namespace(monkeypatch: pytest.M
     ]
     monkeypatch.setattr(K, "KEY_FORMAT", "kvtier-ns-v1")
     assert ns.digest() != nsd  # another format version: another namespace, all keys differ
+
+
+def _reference_keys(
+    tokens: list[int], ns: Namespace, chunk: int, allow_partial: bool
+) -> list[tuple[bytes, int, int]]:
+    """The chain as the module docstring states it, written the plain way."""
+    import xxhash
+
+    nsd = ns.digest()
+    stop = len(tokens) if allow_partial else len(tokens) // chunk * chunk
+    prev, out = nsd, []
+    for s in range(0, stop, chunk):
+        e = min(s + chunk, stop)
+        body = b"".join(t.to_bytes(4, "little") for t in tokens[s:e])
+        prev = xxhash.xxh3_128_digest(prev + body + nsd)
+        out.append((prev, s, e))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 256])
+@pytest.mark.parametrize("allow_partial", [True, False])
+def test_chain_equals_a_plain_reference_on_random_tokens(chunk: int, allow_partial: bool) -> None:
+    rng = np.random.default_rng(chunk)
+    for n in (0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk, 5 * chunk + 2, 1000):
+        toks = rng.integers(0, 2**32, size=max(n, 0), dtype=np.uint64).tolist()
+        got = [tuple(k) for k in chunk_keys(toks, NS, chunk, allow_partial=allow_partial)]
+        assert got == _reference_keys(toks, NS, chunk, allow_partial), (n, chunk)
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", ">i8", ">u4", ">i4"]
+)
+def test_every_integer_dtype_gives_the_same_ids_and_refuses_out_of_range(dtype: str) -> None:
+    dt = np.dtype(dtype)
+    top = min(int(np.iinfo(dt).max), 2**32 - 1)
+    ok = np.array([0, 1, top], dtype=dt)
+    assert tokens_to_array(ok).tolist() == [0, 1, top] and tokens_to_array(ok).dtype == np.dtype("<u4")
+    assert tokens_to_array(np.array([], dtype=dt)).size == 0
+    if dt.kind == "i":
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+            tokens_to_array(np.array([5, -1, 7], dtype=dt))
+    if dt.itemsize == 8:
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+            tokens_to_array(np.array([5, 2**32, 7], dtype=dt))
+
+
+def test_a_strided_uint32_array_is_copied_not_hashed_as_is() -> None:
+    base = np.arange(64, dtype="<u4")
+    view = base[::2]
+    assert not view.flags.c_contiguous
+    assert [k.digest for k in chunk_keys(view, NS, 16)] == [
+        k.digest for k in chunk_keys(view.tolist(), NS, 16)
+    ]
+    same = np.arange(32, dtype="<u4")
+    assert tokens_to_array(same) is same  # already the key format: no copy

@@ -52,8 +52,11 @@ from kvtier.keys import (
     KeyExtras,
     Namespace,
     TokenInput,
+    chain_digests,
     chunk_keys,
     fingerprint,
+    hit_tokens,
+    keyed_tokens,
     tokens_to_array,
 )
 from kvtier.observability import CacheStats, Metrics
@@ -232,14 +235,21 @@ class CacheEngine:
             extras=extras,
         )
 
+    def _digests(self, arr: np.ndarray, extras: KeyExtras | None) -> tuple[list[bytes], int]:
+        """The chained digests of ``arr`` (a ``tokens_to_array`` result) and the tokens they
+        cover, without ``ChunkKey`` records (a lookup needs only these); ([], 0) if unbound."""
+        if self._namespace is None:
+            return [], 0
+        stop = keyed_tokens(arr.size, self.chunk_tokens, self.allow_partial)
+        return chain_digests(arr, self._ns_digest, self.chunk_tokens, stop, extras), stop
+
     # -- the API --------------------------------------------------------------------------------
     def lookup(self, tokens: TokenInput, *, extras: KeyExtras | None = None) -> int:
         """Number of leading tokens whose KV is cached (a prefix, chunk-aligned except a stored tail)."""
         t0 = time.perf_counter()
         arr = tokens_to_array(tokens)
-        keys = self.keys(arr, extras)
-        n_chunks = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
-        hit = keys[n_chunks - 1].end if n_chunks else 0
+        digests, stop = self._digests(arr, extras)
+        hit = hit_tokens(self.storage.prefix_lookup(digests), self.chunk_tokens, stop) if digests else 0
         s = self._stats
         s.lookups += 1
         s.lookup_tokens += int(arr.size)
