@@ -53,12 +53,18 @@ def _server_stats(d: DaemonProcess) -> dict[str, Any]:
         return dict(json.loads(r.read())["server"])
 
 
-def _announce(d: DaemonProcess, send: int = 30, size: int = ANNOUNCED) -> socket.socket:
-    """A connection that announces a ``size``-byte put and sends only ``send`` bytes of it."""
+def _announce(
+    d: DaemonProcess, send: int = 30, size: int = ANNOUNCED, *, buffered: bool = False, key: bytes = b"m" * 16
+) -> socket.socket:
+    """A connection that announces a ``size``-byte put and sends only ``send`` bytes of it.
+
+    A put that fits the pool is received into reserved pool space (``server/sink.py``), not a
+    budgeted buffer; ``buffered`` announces one byte more than the item (items that do not
+    tile the payload take the buffered path)."""
     s = raw_connect(d.port, timeout_s=30)
     assert isinstance(hello(s), P.Welcome)
-    item = P.PutItem(b"m" * 16, P.ItemMeta(b"f", 16, [size // 4], "float32"), 0)
-    s.sendall(P.encode_frame(P.Put([item]), size) + b"\0" * send)
+    item = P.PutItem(key, P.ItemMeta(b"f", 16, [size // 4], "float32"), 0)
+    s.sendall(P.encode_frame(P.Put([item]), size + buffered) + b"\0" * send)
     return s
 
 
@@ -97,7 +103,8 @@ def test_a_closed_connection_returns_its_partial_payload(daemon: DaemonProcess) 
 
 def test_the_daemon_wide_budget_queues_frames_and_slow_senders_are_cut_off(daemon: DaemonProcess) -> None:
     before = _server_stats(daemon)
-    socks = [_announce(daemon) for _ in range(2)] + [_announce(daemon, size=MiB)]  # > the 512 MiB budget
+    # > the 512 MiB budget (the first two do not fit the 16 MiB pool: buffered anyway)
+    socks = [_announce(daemon) for _ in range(2)] + [_announce(daemon, size=MiB, buffered=True)]
     try:
         time.sleep(0.5)
         st = _server_stats(daemon)
@@ -118,3 +125,59 @@ def test_the_daemon_wide_budget_queues_frames_and_slow_senders_are_cut_off(daemo
     ok.sendall(P.encode_frame(P.Ping()))
     assert isinstance(read_reply(ok), P.Pong)
     ok.close()
+
+
+def _cpu(d: DaemonProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(d.http_url + "/stats", timeout=10) as r:
+        return dict(json.loads(r.read())["tier:cpu"])
+
+
+def _has(d: DaemonProcess, key: bytes) -> bool:
+    s = raw_connect(d.port)
+    try:
+        assert isinstance(hello(s), P.Welcome)
+        s.sendall(P.encode_frame(P.Contains([key])))
+        r = read_reply(s)
+        assert isinstance(r, P.Bools)
+        return r.values == [True]
+    finally:
+        s.close()
+
+
+def test_a_socket_put_is_received_into_pool_space_and_reads_back_exactly(daemon: DaemonProcess) -> None:
+    import torch
+
+    from kvtier import CacheEngine, Config
+
+    before = _server_stats(daemon)["sunk_puts"]
+    cfg = Config.load(
+        env={}, chunk_tokens=16, model__model_id="sink", cpu__enabled=False, remote__url=daemon.url + "?shm=0"
+    )
+    with CacheEngine(cfg) as eng:
+        eng.bind_model(2, 2, 64, torch.float32)
+        kv = torch.randn(2, 2, 40, 2, 64)  # two full chunks and a 8-token tail, one put each
+        assert eng.store(list(range(40)), kv) == 40
+        out = eng.retrieve(list(range(40)))
+        assert out.kv is not None and torch.equal(out.kv, kv)
+    assert _server_stats(daemon)["sunk_puts"] == before + 3
+
+
+@pytest.mark.parametrize("how", ["closed", "stalled"])
+def test_a_put_cut_short_returns_its_reserved_space_and_is_never_stored(daemon: DaemonProcess, how: str) -> None:
+    key = (b"cut-" + how.encode()).ljust(16, b".")
+    used = _cpu(daemon)["bytes_used"]
+    sunk = _server_stats(daemon)["sunk_puts"]
+    s = _announce(daemon, send=MiB // 2, size=MiB, key=key)  # fits the pool: reserved, half sent
+    try:
+        _settle(daemon.pid, lambda r: _cpu(daemon)["bytes_used"] >= used + MiB, 10)
+        assert _cpu(daemon)["bytes_used"] >= used + MiB  # the reservation exists while bytes arrive
+        if how == "closed":
+            s.close()
+        else:  # the body timeout (2 s + 1 MiB at 50 MB/s) cuts the stalled sender off
+            assert read_reply(s) is None
+    finally:
+        s.close()
+    _settle(daemon.pid, lambda r: _cpu(daemon)["bytes_used"] == used, 20)
+    assert _cpu(daemon)["bytes_used"] == used, "a cut-short put kept its reserved pool space"
+    assert not _has(daemon, key), "a cut-short put was committed"
+    assert _server_stats(daemon)["sunk_puts"] == sunk

@@ -39,6 +39,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from kvtier.server.budget import PayloadBudget
+from kvtier.server.sink import PutSink
 from kvtier.wire import protocol as P
 
 SMALL_BUFFER = 256 << 10
@@ -54,6 +55,11 @@ MIN_RATE_BYTES_S = 50e6
 
 Payload = bytearray | mmap.mmap
 """A frame's payload as the daemon's handlers see it (both are writable buffers)."""
+
+Sink = Callable[[P.Message, int], PutSink | None]
+"""Offered each header with a payload (and its size) before any payload byte is read: a
+``PutSink`` to receive the payload straight into reserved pool space, or ``None`` for the
+buffered path (see ``server/sink.py``)."""
 
 WARM_PAYLOAD_BYTES = 64 << 20
 """Handled payload mmaps kept for reuse, daemon-wide, at most this many bytes together. A fresh
@@ -114,7 +120,11 @@ class Conn(asyncio.BufferedProtocol):
         self._got = 0
         self._admitting = False  # waiting for the budget to admit the pending payload
         self._partial_held = 0  # budget taken for the payload being received
-        self._frames: deque[tuple[P.Message, Payload | None]] = deque()
+        self._frames: deque[tuple[P.Message, Payload | PutSink | None]] = deque()
+        self.sink: Sink | None = None
+        """Set by the daemon after the handshake (``CacheService.sink_put``)."""
+        self._sink: PutSink | None = None  # the payload being received into a sink
+        self._sink_i = self._sink_off = 0  # the view being filled, and how far
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -139,6 +149,8 @@ class Conn(asyncio.BufferedProtocol):
         self.task = self._loop.create_task(self._handler(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._sink is not None:
+            return self._sink.views[self._sink_i][self._sink_off :]
         if self._payload is not None:
             return memoryview(self._payload)[self._got :]
         if self._end == len(self._buf):  # compact, or grow for a large header
@@ -149,7 +161,9 @@ class Conn(asyncio.BufferedProtocol):
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._payload is not None:
+        if self._sink is not None:
+            self._sink_advance(nbytes)
+        elif self._payload is not None:
             self._got += nbytes
         else:
             self._end += nbytes
@@ -178,6 +192,12 @@ class Conn(asyncio.BufferedProtocol):
     def _parse(self) -> None:
         """Turn buffered bytes into frames; pauses reading once a frame is ready."""
         while not self._frames and self._error is None and not self._admitting:
+            if self._sink is not None:
+                if self._sink_i < len(self._sink.views):
+                    return
+                assert self._msg is not None
+                self._complete(self._msg, self._sink)
+                continue
             if self._payload is not None:
                 if self._got < len(self._payload):
                     return
@@ -203,6 +223,10 @@ class Conn(asyncio.BufferedProtocol):
                 self._complete(msg, None)
                 continue
             self._msg, self._plen = msg, plen
+            sink = self.sink(msg, plen) if self.sink is not None else None
+            if sink is not None:
+                self._begin_sink(sink)
+                continue
             if self._budget is not None and not self._budget.admit(plen, self._admitted):
                 self._admitting = True  # NOTE: not the sender's fault: no slow-sender clock meanwhile
                 self._cancel_timer()
@@ -220,6 +244,28 @@ class Conn(asyncio.BufferedProtocol):
         self._payload[:take] = self._buf[self._start : self._start + take]
         self._start += take
         self._got = take
+
+    def _begin_sink(self, sink: PutSink) -> None:
+        """Receive the pending payload into ``sink`` (its views sum to ``_plen``), starting with
+        the bytes that came with the header."""
+        if sink.nbytes != self._plen:
+            sink.release()
+            raise P.ProtocolError(f"a sink of {sink.nbytes} bytes for a {self._plen}-byte payload")
+        self._sink, self._sink_i, self._sink_off = sink, 0, 0
+        while self._start < self._end and self._sink_i < len(sink.views):
+            view = sink.views[self._sink_i][self._sink_off :]
+            take = min(view.nbytes, self._end - self._start)
+            view[:take] = self._buf[self._start : self._start + take]
+            self._start += take
+            self._sink_advance(take)
+
+    def _sink_advance(self, nbytes: int) -> None:
+        assert self._sink is not None
+        self._sink_off += nbytes
+        views = self._sink.views
+        while self._sink_i < len(views) and self._sink_off >= views[self._sink_i].nbytes:
+            self._sink_off -= views[self._sink_i].nbytes
+            self._sink_i += 1
 
     def _admitted(self) -> None:
         """The budget took ``_plen`` bytes for this connection (called by ``PayloadBudget``)."""
@@ -249,9 +295,10 @@ class Conn(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
 
-    def _complete(self, msg: P.Message, payload: Payload | None) -> None:
+    def _complete(self, msg: P.Message, payload: Payload | PutSink | None) -> None:
         self._frames.append((msg, payload))
         self._payload, self._msg, self._got, self._plen, self._partial_held = None, None, 0, 0, 0
+        self._sink, self._sink_i, self._sink_off = None, 0, 0
         if self._start == self._end:
             self._start = self._end = 0
         self._cancel_timer()
@@ -274,11 +321,18 @@ class Conn(asyncio.BufferedProtocol):
             if self._admitting:
                 self._budget.cancel(self._admitted)
                 self._admitting = False
-            held = self._partial_held + sum(len(p) for _, p in self._frames if p is not None)
+            held = self._partial_held + sum(
+                len(p) for _, p in self._frames if p is not None and not isinstance(p, PutSink)
+            )
             if held:
                 self._budget.give(held)
+        for _, p in self._frames:
+            if isinstance(p, PutSink):
+                p.release()
+        if self._sink is not None:  # cut short: never published
+            self._sink.release()
         self._partial_held = 0
-        self._payload = self._msg = None
+        self._payload = self._msg = self._sink = None
         self._frames.clear()
 
     def _wake(self) -> None:
@@ -286,7 +340,7 @@ class Conn(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     # -- the daemon's side ------------------------------------------------------------------------
-    async def read_frame(self) -> tuple[P.Message, Payload | None]:
+    async def read_frame(self) -> tuple[P.Message, Payload | PutSink | None]:
         """The next frame; raises what broke the connection (``ProtocolError``, EOF, timeout).
 
         The caller owns the payload's budget share until it calls ``done_with(payload)``."""
@@ -304,9 +358,13 @@ class Conn(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         return frame
 
-    def done_with(self, payload: Payload | None) -> None:
+    def done_with(self, payload: Payload | PutSink | None) -> None:
         """The daemon has handled a frame from ``read_frame``: its payload's budget returns, and
-        a large payload's memory goes to the warm pool (nothing may use it after this call)."""
+        a large payload's memory goes to the warm pool (nothing may use it after this call); a
+        sink's reservations the handler did not commit are returned."""
+        if isinstance(payload, PutSink):
+            payload.release()
+            return
         if payload is not None and self._budget is not None:
             self._budget.give(len(payload))
         if isinstance(payload, mmap.mmap):

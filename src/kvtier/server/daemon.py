@@ -45,6 +45,7 @@ from kvtier.server.auth import ensure_token_file
 from kvtier.server.budget import PayloadBudget
 from kvtier.server.conn import Conn, Payload
 from kvtier.server.service import CacheService, Reply, Session
+from kvtier.server.sink import PutSink
 from kvtier.server.startup import notify_ready, startup_line
 from kvtier.wire import protocol as P
 from kvtier.wire.token_file import default_token_path
@@ -272,6 +273,7 @@ class Daemon:
         if msg.want_shm:
             welcome.shm_path, welcome.shm_bytes, welcome.shm_nonce = str(seg.path), seg.arena_bytes, seg.nonce
         conn.max_header, conn.max_payload = P.MAX_HEADER_BYTES, self.max_payload_bytes
+        conn.sink = self.service.sink_put  # socket puts land in pool space (server/sink.py)
         await conn.send(welcome)
         return self.service.new_session(msg.client)
 
@@ -283,7 +285,7 @@ class Daemon:
                 self.service.release(s, msg.leases)
                 continue
             try:
-                if self._memory_only and not isinstance(msg, P.Put):
+                if self._memory_only and (not isinstance(msg, P.Put) or isinstance(payload, PutSink)):
                     # bookkeeping only (pins, leases, allocations): faster on the loop than a thread hop
                     reply, parts, after = self._handle(s, msg, payload)
                 else:
@@ -304,7 +306,7 @@ class Daemon:
                 for cb in after:
                     cb()
 
-    def _handle(self, s: Session, msg: P.Message, payload: Payload | None) -> Reply:
+    def _handle(self, s: Session, msg: P.Message, payload: Payload | PutSink | None) -> Reply:
         try:
             return self.service.handle(s, msg, payload)
         except P.ProtocolError as e:

@@ -28,10 +28,12 @@ import numpy as np
 
 from kvtier.chunk import Chunk, dtype_from_name
 from kvtier.config import Config
+from kvtier.errors import KVTierError
 from kvtier.memory import _align
 from kvtier.server.budget import PayloadBudget
 from kvtier.server.metrics import DaemonMetrics
 from kvtier.server.pool_tier import Reservation, SharedCPUTier
+from kvtier.server.sink import PutSink
 from kvtier.storage import TierManager
 from kvtier.tiers.base import Tier
 from kvtier.tiers.factory import build_tiers
@@ -40,8 +42,9 @@ from kvtier.wire.shm import SharedSegment, as_bytes, bytes_view, reap_stale_segm
 
 log = logging.getLogger(__name__)
 
-Buffer = bytes | bytearray | mmap.mmap
-"""A request's payload: what the connection received (see ``server/conn.py``)."""
+Buffer = bytes | bytearray | mmap.mmap | PutSink
+"""A request's payload: what the connection received (see ``server/conn.py``), or for a
+``Put`` the pool space it was received into (``sink_put``)."""
 
 Reply = tuple[P.Message, list[memoryview], list[Callable[[], None]]]
 """A reply header, payload parts to send after it, and callbacks to run once they are sent."""
@@ -70,6 +73,7 @@ class ServerCounters:
     get_hits: int = 0
     get_misses: int = 0
     puts: int = 0
+    sunk_puts: int = 0  # socket puts received straight into pool space (server/sink.py)
     shm_bytes_in: int = 0
     shm_bytes_out: int = 0
     socket_bytes_in: int = 0
@@ -187,6 +191,8 @@ class CacheService:
         if isinstance(msg, P.Commit):
             return self._commit(s, msg), [], []
         if isinstance(msg, P.Put):
+            if isinstance(payload, PutSink):
+                return self._put_sunk(payload), [], []
             return self._put(msg, payload or b""), [], []
         if isinstance(msg, P.Remove):
             return P.Count(sum(self.manager.remove(k) for k in msg.keys)), [], []
@@ -279,7 +285,50 @@ class CacheService:
             self.counters.shm_bytes_in += held[0].obj.nbytes
         return P.Bools(out)
 
-    def _put(self, msg: P.Put, payload: Buffer) -> P.Bools:
+    def sink_put(self, msg: P.Message, plen: int) -> PutSink | None:
+        """Pool space to receive a ``Put``'s ``plen``-byte payload into (``server/sink.py``), or
+        ``None`` for the buffered path: not a ``Put``, an item the handler would refuse, items
+        that do not tile the payload in order, or any item without a reservation (stored
+        already, no room). Runs on the loop when the header arrives; never raises."""
+        if not isinstance(msg, P.Put) or not msg.items:
+            return None
+        try:
+            sizes = [P.check_meta(it.meta, self.max_payload_bytes) for it in msg.items]
+        except P.ProtocolError:
+            return None
+        end = 0
+        for it, n in zip(msg.items, sizes):
+            if it.payload_offset != end:
+                return None
+            end += n
+        if end != plen:
+            return None
+        held: list[Reservation] = []
+        for it in msg.items:
+            try:
+                r = self._new_reservation(it)
+            except KVTierError:  # closing, or a dtype check_meta let through: the handler says
+                r = False
+            if isinstance(r, bool):
+                for x in held:
+                    self.cpu.abort(x)
+                return None
+            held.append(r)
+        views = [bytes_view(r.obj.tensor).cast("B") for r in held]  # pool tensors are contiguous
+        return PutSink(held, views, self.cpu.abort)
+
+    def _put_sunk(self, sink: PutSink) -> P.Bools:
+        """A ``Put`` whose chunks arrived in their reservations: publish them (every byte is
+        there: the connection hands over only complete frames)."""
+        self.counters.sunk_puts += 1
+        out = []
+        for i in range(len(sink.reservations)):
+            r = sink.take(i)
+            out.append(self._publish(r))
+            self.counters.socket_bytes_in += r.obj.nbytes
+        return P.Bools(out)
+
+    def _put(self, msg: P.Put, payload: bytes | bytearray | mmap.mmap) -> P.Bools:
         sizes = [P.check_meta(it.meta, self.max_payload_bytes) for it in msg.items]
         for it, n in zip(msg.items, sizes):
             if it.payload_offset + n > len(payload):
