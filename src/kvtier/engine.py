@@ -46,6 +46,7 @@ from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.devcopy import copy_pairs
 from kvtier.errors import KVTierError, StateError
+from kvtier.finite import AheadChecker
 from kvtier.keys import (
     DIGEST_BYTES,
     ChunkKey,
@@ -157,6 +158,7 @@ class CacheEngine:
             tiers if tiers is not None else build_tiers(self.config), self.config.storage
         )
         self._stats = CacheStats()
+        self._finite = AheadChecker()
         self.metrics = Metrics(self.stats)
         self._namespace: Namespace | None = None
         self._ns_digest = b""
@@ -373,18 +375,25 @@ class CacheEngine:
         skip = self.storage.top_prefix([k.digest for k in keys])
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         todo = keys[skip:]
-        clean = _finite_prefix(kv, todo, start)
-        if clean < len(todo):
-            res.nonfinite_chunks = len(todo) - clean
-            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
 
         def chunk_of(k: ChunkKey) -> Chunk:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
             return self.make_chunk(arr, k, part, ctx)
 
-        oks = self._put_from_device(todo[:clean], chunk_of, kv.device) if kv.device.type == "cuda" else []
-        oks += [self.storage.put(k.digest, chunk_of(k)) for k in todo[len(oks) : clean]]
+        if kv.device.type == "cuda":
+            clean = _finite_prefix(kv, todo, start)
+            oks = self._put_from_device(todo[:clean], chunk_of, kv.device)
+            oks += [self.storage.put(k.digest, chunk_of(k)) for k in todo[len(oks) : clean]]
+        else:  # the NaN/Inf guard one chunk ahead of the puts, on a helper thread (finite.py)
+            parts = [kv[:, :, k.start - start : k.end - start] for k in todo]
+            oks = self._finite.put_while_finite(
+                parts, lambda i: self.storage.put(todo[i].digest, chunk_of(todo[i]))
+            )
+            clean = len(oks)
+        if clean < len(todo):
+            res.nonfinite_chunks = len(todo) - clean
+            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
         for k, ok in zip(todo[:clean], oks):
             self._count_put(k, ok, res)
         return self._stored(res, t0)
@@ -807,6 +816,7 @@ class CacheEngine:
 
     def close(self) -> None:
         self.storage.close()
+        self._finite.close()
 
     def __enter__(self) -> CacheEngine:
         return self

@@ -163,7 +163,9 @@ def test_a_socket_put_is_received_into_pool_space_and_reads_back_exactly(daemon:
 
 
 @pytest.mark.parametrize("how", ["closed", "stalled"])
-def test_a_put_cut_short_returns_its_reserved_space_and_is_never_stored(daemon: DaemonProcess, how: str) -> None:
+def test_a_put_cut_short_returns_its_reserved_space_and_is_never_stored(
+    daemon: DaemonProcess, how: str
+) -> None:
     key = (b"cut-" + how.encode()).ljust(16, b".")
     used = _cpu(daemon)["bytes_used"]
     sunk = _server_stats(daemon)["sunk_puts"]
