@@ -178,3 +178,27 @@ def test_a_slow_single_tier_counts_its_lookup_and_read_round_trips() -> None:
     with engine.retrieve_chunks(tokens):  # one batched read: 50 ms for 4 chunks
         pass
     assert engine.lookup_by_cost(tokens) == 0  # lookup 50 ms + read 50 ms > 64 ms recompute
+
+
+def test_worth_asking_is_false_only_while_every_tier_would_be_left_out() -> None:
+    """What an integration asks before keying a request: ``False`` exactly when
+    ``lookup_by_cost`` would ask no tier (and none is due for its re-measure)."""
+    cfg = Config.load(env={}, chunk_tokens=CHUNK, cost={"reprobe_s": 0.3})
+    engine = CacheEngine(
+        cfg, tiers=[FaultTier(CPUTier(64 * 1024**2, pin_memory=False), FaultSpec(latency_s=0.05))]
+    )
+    tokens = make_tokens(64)
+    engine.store(tokens, make_kv(64))
+    engine.note_prefill(1000, 1.0)  # 1 ms per token
+    assert engine.worth_asking(64)  # never measured: asked
+    assert engine.lookup_by_cost(tokens) == 64
+    with engine.retrieve_chunks(tokens):
+        pass
+    assert engine.worth_asking(64 * 1000)  # 64 s to recompute: a 100 ms load is worth it
+    assert engine.lookup_by_cost(tokens) == 0  # left out: its skip clock starts
+    lookups = engine.stats().lookups
+    assert not engine.worth_asking(64) and engine.stats().lookups == lookups + 1  # counted, no hit
+    time.sleep(0.35)
+    assert engine.worth_asking(64)  # due for its re-measure: lookup_by_cost starts it
+    engine.config.cost.enabled = False
+    assert engine.worth_asking(64)

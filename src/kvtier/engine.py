@@ -300,11 +300,7 @@ class CacheEngine:
         for i in range(len(self.storage.tiers)):
             fit, _ = self.storage.read_fit(i)
             fits.append(fit)
-            # Asking costs a lookup round trip, loading at least one read: if that beats
-            # recomputing even if the tier held every chunk, the tier is not worth asking.
-            calls = len(keys) if i else 1
-            ask = self.storage.lookup_seconds(i) or 0.0
-            if fit is not None and ask + fit.seconds(all_bytes, calls) >= all_saved:
+            if self._not_worth_asking(i, fit, all_bytes, len(keys), all_saved):
                 self._stats.cost_skipped_tiers += 1
                 if digests and now - self._skipped_at.setdefault(i, now) >= self.config.cost.reprobe_s:
                     self._skipped_at[i] = now  # re-measure it off the request's path
@@ -335,6 +331,44 @@ class CacheEngine:
         s.cost_declined_tokens += (keys[len(where) - 1].end if where else 0) - hit
         self.metrics.lookup_latency.observe(time.perf_counter() - t0)
         return hit
+
+    def _not_worth_asking(
+        self, i: int, fit: Fit | None, all_bytes: int, n_chunks: int, all_saved: float
+    ) -> bool:
+        """Asking tier ``i`` costs a lookup round trip, loading at least one read: if that beats
+        recomputing even if the tier held every chunk, the tier is not worth asking."""
+        calls = n_chunks if i else 1
+        ask = self.storage.lookup_seconds(i) or 0.0
+        return fit is not None and ask + fit.seconds(all_bytes, calls) >= all_saved
+
+    def worth_asking(self, num_tokens: int) -> bool:
+        """Whether ``lookup_by_cost`` of a ``num_tokens``-token request could load anything:
+        ``False`` when cost is on and every tier is one ``lookup_by_cost`` would leave out
+        (slower to ask and read than recomputing the whole request) with none due for its
+        ``cost.reprobe_s`` re-measure. An integration that gets ``False`` may skip keying and
+        looking up before its forward (the decline path's fixed cost is then ~nothing on the
+        request's critical path) and key the request afterwards, for its store. A ``False`` is
+        counted as a lookup that found nothing (do not call ``lookup_by_cost`` after it)."""
+        if not self.config.cost.enabled or self._namespace is None or num_tokens <= 0:
+            return True
+        ct = self.chunk_tokens
+        stop = keyed_tokens(num_tokens, ct, self.allow_partial)
+        full, tail = divmod(stop, ct)
+        n_chunks = full + (tail > 0)
+        all_bytes = full * self._stored_nbytes(ct) + (self._stored_nbytes(tail) if tail else 0)
+        all_saved = self.prefill_fit().per_unit_s * stop
+        now = time.monotonic()
+        for i in range(len(self.storage.tiers)):
+            fit, _ = self.storage.read_fit(i)
+            if not self._not_worth_asking(i, fit, all_bytes, n_chunks, all_saved):
+                return True
+            if now - self._skipped_at.get(i, now) >= self.config.cost.reprobe_s:
+                return True  # due for its re-measure, which lookup_by_cost starts
+        s = self._stats  # counted as the lookup it replaces, one that found nothing
+        s.cost_skipped_tiers += len(self.storage.tiers)
+        s.lookups += 1
+        s.lookup_tokens += num_tokens
+        return False
 
     def _stored_nbytes(self, num_tokens: int) -> int:
         shape, dtype = self.stored_shape(num_tokens)

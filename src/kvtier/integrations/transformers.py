@@ -257,7 +257,11 @@ def prefill(
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
     spans = _blend_spans(ids, segments, separator, recompute_ratio)
-    keys = _request_keys(engine, model, rows_cpu, {}) if bind_engine(engine, model, model_id) else None
+    bound = bind_engine(engine, model, model_id)
+    # NOTE: when no tier could load anything faster than this prefill recomputes it (measured),
+    # the request is keyed only after the forward, for its store: off the TTFT path.
+    early = bound and (spans is not None or engine.worth_asking(seq))
+    keys = _request_keys(engine, model, rows_cpu, {}) if early else None
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
         return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras)
@@ -273,6 +277,9 @@ def prefill(
     if hit == 0 or device.type != "cuda":  # on CUDA a hit's forward also waits for its layer loads
         engine.note_prefill(int(ids.shape[0]) * (seq - hit), t_first - t_load)  # the rate loads must beat
     stored = 0
+    if store and bound and not early:
+        keys = _request_keys(engine, model, rows_cpu, {})
+        extras = keys[0] if keys is not None else None
     if store and keys:
         kv_rows = [cache_to_kv(cache, seq, batch_index=b, latent_split=split) for b in range(ids.shape[0])]
         stored = sum(engine.store(r, kv, extras=extras) for r, kv in zip(rows_cpu, kv_rows))
@@ -378,11 +385,9 @@ def generate(
     rows_cpu = ids.cpu()
     seq = int(ids.shape[1])
     spans = _blend_spans(ids, segments, separator, recompute_ratio)
-    keys = (
-        _request_keys(engine, model, rows_cpu, generate_kwargs)
-        if bind_engine(engine, model, model_id)
-        else None
-    )
+    bound = bind_engine(engine, model, model_id)
+    early = bound and (spans is not None or engine.worth_asking(seq))  # as in prefill
+    keys = _request_keys(engine, model, rows_cpu, generate_kwargs) if early else None
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
         cache = _blend(
@@ -398,6 +403,9 @@ def generate(
     out = model.generate(
         ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
     )
+    if store and bound and not early:
+        keys = _request_keys(engine, model, rows_cpu, generate_kwargs)
+        extras, limit = keys if keys is not None else (None, 0)
     if store and keys:
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         cache.finish_loading()
