@@ -65,7 +65,7 @@ def lookup_rows() -> list[Row]:
     eng.bind_model(32, 8, 128, torch.bfloat16)
     eng.store(toks[:1024], torch.zeros(32, 2, 1024, 8, 128, dtype=torch.bfloat16))
 
-    def best(fn: Callable[[], object], n: int = 20) -> float:
+    def best(fn: Callable[[], object], n: int = 100) -> float:  # best of many: the box is shared
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
