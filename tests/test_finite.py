@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from kvtier import finite
 from kvtier.finite import AheadChecker, all_finite
 
 
@@ -30,7 +31,11 @@ def test_all_finite_keeps_large_finite_values_and_odd_layouts() -> None:
     assert not all_finite(t)
 
 
-def test_puts_stop_before_the_first_non_finite_chunk_in_order() -> None:
+@pytest.mark.parametrize("ahead", [True, False])
+def test_puts_stop_before_the_first_non_finite_chunk_in_order(
+    monkeypatch: pytest.MonkeyPatch, ahead: bool
+) -> None:
+    monkeypatch.setattr(finite, "AHEAD_MIN_BYTES", 0 if ahead else 1 << 40)  # the helper thread, or inline
     chunks = [torch.randn(2, 2, 4, 1, 4) for _ in range(6)]
     chunks[3][1, 0, 2, 0, 1] = float("inf")
     seen: list[int] = []

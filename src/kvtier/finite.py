@@ -43,6 +43,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+AHEAD_MIN_BYTES = 1 << 20
+"""Chunks smaller than this are checked inline: their sum takes microseconds, less than handing
+it to the helper thread, whose work would only compete with the tiers' own (timed) writes."""
+
+
 class AheadChecker:
     """One helper thread per engine, started on first use."""
 
@@ -52,10 +57,15 @@ class AheadChecker:
 
     def put_while_finite(self, chunks: Sequence[torch.Tensor], put: Callable[[int], bool]) -> list[bool]:
         """``put(i)``'s answers for the leading finite ``chunks`` (stops at the first that is not)."""
-        if len(chunks) < 2:  # nothing to overlap: no thread hop
-            return [put(0)] if chunks and all_finite(chunks[0]) else []
+        if len(chunks) < 2 or chunks[0].numel() * chunks[0].element_size() < AHEAD_MIN_BYTES:
+            out: list[bool] = []
+            for i, c in enumerate(chunks):  # the sequential guard: nothing worth a thread hop
+                if not all_finite(c):
+                    break
+                out.append(put(i))
+            return out
         futs: list[Future[bool]] = [self._executor().submit(all_finite, c) for c in chunks]
-        out: list[bool] = []
+        out = []
         try:
             for i, f in enumerate(futs):
                 if not f.result():
