@@ -206,6 +206,57 @@ def engine(n_t: int, out_dir: str) -> dict[str, Any]:
     return res
 
 
+def quant(n_t: int, out_dir: str) -> dict[str, Any]:
+    """int4 overlapped store/load (``quant_pipeline``): the same trace summary, plus the host
+    time of one group's ``gather_quant`` enqueue (if it is near a group's DMA time the host,
+    not the copy engine, sets the pace)."""
+    from kvtier.transfer.kernels.quant_kernels import gather_quant
+    from kvtier.transfer.kernels.quant_pipeline import load_overlapped, store_overlapped
+
+    nb = n_t // BS + 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    caches = [
+        torch.randn(2, nb, BS, HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(LAYERS)
+    ]
+    blocks = torch.randperm(nb, device="cuda", generator=g)[: n_t // BS]
+    slots = (blocks[:, None] * BS + torch.arange(BS, device="cuda")).reshape(-1)
+    packed = gather_quant(caches, slots, "int4", CT)
+    host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+    res: dict[str, Any] = {}
+    for groups in (16, 4):
+        n = n_t // groups
+        sub = torch.empty((n // CT, int(packed.shape[1])), dtype=torch.uint8, device="cuda")
+        gather_quant(caches, slots[:n], "int4", CT, out=sub)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gather_quant(caches, slots[:n], "int4", CT, out=sub)
+        t_host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        t_all = time.perf_counter() - t0
+        print(
+            f"    gather_quant of 1/{groups}: host enqueue {t_host * 1e3:.2f} ms, with the kernels {t_all * 1e3:.2f} ms"
+        )
+        store_overlapped(caches, slots, "int4", CT, host, groups=groups)
+        res[f"int4_store_g{groups}"] = profile_call(
+            f"int4 store_overlapped g{groups}",
+            lambda groups=groups: (
+                store_overlapped(caches, slots, "int4", CT, host, groups=groups),
+                torch.cuda.synchronize(),
+            ),
+            out_dir,
+        )
+        res[f"int4_load_g{groups}"] = profile_call(
+            f"int4 load_overlapped g{groups}",
+            lambda groups=groups: (
+                load_overlapped(host, caches, slots, "int4", CT, groups=groups),
+                torch.cuda.synchronize(),
+            ),
+            out_dir,
+        )
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
@@ -214,7 +265,7 @@ def main() -> None:
     a = ap.parse_args()
     allres: dict[str, Any] = {}
     for p in a.parts.split(","):
-        allres.update({"worker": worker, "engine": engine}[p](a.tokens, a.out))
+        allres.update({"worker": worker, "engine": engine, "quant": quant}[p](a.tokens, a.out))
         torch.cuda.empty_cache()
     with open(os.path.join(a.out, "gaps.json"), "w") as f:
         json.dump(allres, f, indent=1)
