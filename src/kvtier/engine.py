@@ -371,9 +371,11 @@ class CacheEngine:
 
         oks: list[bool] | None = None
         if kv.device.type == "cuda" and todo:
-            # the NaN/Inf sum runs on the device beside the first DMAs, not before them; nothing
-            # is committed before it passed (None: it failed and every reservation was given back)
-            oks = self._put_from_device(todo, chunk_of, kv.device, _FiniteCheck(kv, todo, start))
+            # the NaN/Inf sum runs on the device beside the DMAs, not before them; nothing is
+            # committed before it passed (None: it failed and every reservation was given back)
+            oks = self._put_from_device(
+                todo, chunk_of, kv.device, lambda ev: _FiniteCheck(kv, todo, start, ev)
+            )
         clean = len(todo) if oks is not None else _finite_prefix(kv, todo, start)
         if clean < len(todo):
             res.nonfinite_chunks = len(todo) - clean
@@ -468,7 +470,7 @@ class CacheEngine:
         keys: list[ChunkKey],
         chunk_of: Callable[[ChunkKey], Chunk],
         device: torch.device,
-        finite: _FiniteCheck | None = None,
+        finite_check: Callable[[torch.cuda.Event], _FiniteCheck] | None = None,
     ) -> list[bool] | None:
         """Put chunks whose KV is on ``device`` straight into the top tier's pinned pool: space
         is reserved per window of ``STORE_WINDOW_BYTES``, one pipelined pass of DMAs fills it
@@ -478,14 +480,19 @@ class CacheEngine:
         the first DMAs start after one window's host work, not all of it. Returns the results of
         a leading part of ``keys`` (all of them, unless the top tier cannot reserve: the caller
         ``put``s the rest). On an error the reservations not yet committed are given back (after
-        the DMAs writing them are done). ``finite``: the NaN/Inf check of all of ``keys``' KV,
-        running on the device; it is waited for before the first commit and, if it failed,
-        everything is given back and the result is ``None``. One ``CopyQueue`` carries every
+        the DMAs writing them are done). ``finite_check``: makes the NaN/Inf check of all of
+        ``keys``' KV on the device, launched once the first window's copies are queued (a
+        reduction launched first took the SMs the first slot copies needed: ~0.5 ms before the
+        first DMA) but ordered after the work queued before this call; it is waited for before
+        the first commit and, if it failed, everything is given back and the result is ``None``. One ``CopyQueue`` carries every
         window's DMAs (one ``copy_pairs`` per window made the next window's first slot copy
         wait for the previous window's last DMA)."""
         oks: list[bool] = []
         windows: deque[tuple[torch.cuda.Event | None, list[Reservation | bool]]] = deque()
         at = 0
+        queued = torch.cuda.Event()
+        queued.record(torch.cuda.current_stream(device))  # the KV is final here
+        finite: _FiniteCheck | None = None
         queue = CopyQueue(device)
         try:
             while at < len(keys):
@@ -507,6 +514,8 @@ class CacheEngine:
                     nbytes += c.nbytes
                 windows[-1] = (ev, window)
                 at += len(window)
+                if finite_check is not None:
+                    finite, finite_check = finite_check(queued), None
                 if len(windows) > 1 and finite is not None:  # wait for the check before the first commit
                     if not finite.passed():
                         break
@@ -970,14 +979,14 @@ class CacheEngine:
 
 class _FiniteCheck:
     """``_finite_prefix``'s fast test (one sum over the KV of ``keys``) enqueued on the device's
-    aux stream after the work already queued on the current stream, so it runs beside the
-    store's first DMAs; ``passed()`` waits for it. Only "all finite" is answered here: on a
-    failure the caller runs the exact ``_finite_prefix`` (rare: engines do not make NaN KV)."""
+    aux stream after the event ``after`` (the KV is final), so it runs beside the store's DMAs;
+    ``passed()`` waits for it. Only "all finite" is answered here: on a failure the caller runs
+    the exact ``_finite_prefix`` (rare: engines do not make NaN KV)."""
 
-    def __init__(self, kv: torch.Tensor, keys: list[ChunkKey], start: int) -> None:
+    def __init__(self, kv: torch.Tensor, keys: list[ChunkKey], start: int, after: torch.cuda.Event) -> None:
         dev = kv.device
         aux = aux_stream(dev)
-        aux.wait_stream(torch.cuda.current_stream(dev))
+        aux.wait_event(after)  # the current stream's work up to the store's start
         region = kv[:, :, keys[0].start - start : keys[-1].end - start]
         self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
         with torch.cuda.stream(aux):
