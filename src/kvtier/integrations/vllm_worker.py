@@ -45,7 +45,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine
-from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
@@ -143,6 +143,9 @@ class WorkerSide:
         self._group_layers = group_layers
         self._staging_bytes = staging_bytes
         self._errors: set[int] = set()
+        self._load_index = IndexStaging()
+        self._save_index = IndexStaging()
+        """CUDA token indexes of this step's loads / saves (reset at ``begin_loads`` / ``begin_saves``)."""
         self._flat: torch.Tensor | None = None
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
         faults every time (more than the copy); the tiers copy what they keep, so it is free again
@@ -156,6 +159,7 @@ class WorkerSide:
     def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self.release_loads()
+        self._load_index.reset()
         if not self.role.loads:
             self.stats.refused_loads += len(specs)
             specs = []
@@ -210,10 +214,19 @@ class WorkerSide:
                 c.release()
             return None
         self.stats.loaded_tokens += ok_end - spec.start
-        idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
+        idx = token_index(
+            spec.block_ids, first, spec.start, ok_end, self.bs, device, self._index(device, True)
+        )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
         return _Load(spec, idx, pieces)
+
+    def _index(self, device: torch.device, load: bool) -> IndexStaging | None:
+        """The reused index buffer on CUDA (a fresh device tensor per index cost ms of host time
+        before the first DMA); elsewhere none: plain tensors, which may outlive the step."""
+        if device.type != "cuda":
+            return None
+        return self._load_index if load else self._save_index
 
     def load_layer(self, layer: int, entry: torch.Tensor) -> None:
         """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
@@ -266,6 +279,7 @@ class WorkerSide:
     def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self._saves = []
+        self._save_index.reset()
         self._inflight = set()  # saves begun and never finished were dropped with self._saves
         if not self.role.saves:
             self.stats.refused_saves += len(specs)
@@ -288,7 +302,15 @@ class WorkerSide:
         at = 0
         for (spec, start, shape), p in zip(todo, packed):
             if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
-                idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+                idx = token_index(
+                    spec.block_ids,
+                    spec.first_token(self.bs),
+                    start,
+                    spec.end,
+                    self.bs,
+                    device,
+                    self._index(device, False),
+                )
                 sv = PackedSave(self.engine, idx, self.num_layers, device)
                 self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
                 continue
@@ -296,7 +318,15 @@ class WorkerSide:
             n = int(np.prod(shape))
             buf = self._flat[at : at + n].view(shape)
             at += n
-            idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+            idx = token_index(
+                spec.block_ids,
+                spec.first_token(self.bs),
+                start,
+                spec.end,
+                self.bs,
+                device,
+                self._index(device, False),
+            )
             self._saves.append(_Save(spec, start, idx, buf))
         self.stats.save_s += time.perf_counter() - t0
 
