@@ -24,16 +24,18 @@ from collections.abc import Sequence
 import torch
 
 RING_SLOTS = 3
-_side_streams: dict[int, torch.cuda.Stream] = {}
+_side_streams: dict[int | tuple[int, int], torch.cuda.Stream] = {}
 _aux_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One long-lived copy stream per device (creating streams per call leaks handles)."""
+def side_stream(device: torch.device, which: int = 0) -> torch.cuda.Stream:
+    """One long-lived copy stream per device (creating streams per call leaks handles);
+    ``which=1``: a second one, for DMAs split over two streams (``transfer.grouped``)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _side_streams:
-        _side_streams[idx] = torch.cuda.Stream(device=idx)
-    return _side_streams[idx]
+    key = idx if which == 0 else (idx, which)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(device=idx)
+    return _side_streams[key]
 
 
 def aux_stream(device: torch.device) -> torch.cuda.Stream:

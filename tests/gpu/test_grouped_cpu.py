@@ -85,3 +85,44 @@ def test_unaligned_or_strided_pieces_are_not_planned() -> None:
     ]
     assert not GroupedLoad.plan(lay, strided, L)
     assert not GroupedLoad.plan(lay, [LoadPieces(token_index([1, 2], 0, 0, 6, BS, CPU), [(kv, 0, 6)])], L)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("copy_streams", [1, 2])
+@pytest.mark.parametrize("group_layers", [1, 2])
+def test_grouped_load_on_cuda_is_bit_exact_over_one_or_two_copy_streams(
+    copy_streams: int, group_layers: int
+) -> None:
+    """The same loads on CUDA: pinned host chunks, device caches, indexes through the worker's
+    ``IndexStaging``, the group's DMAs split over ``copy_streams`` streams; the stream is held
+    back by a sleep kernel so a missing wait between a DMA and its scatter would show."""
+    from kvtier.transfer.blocks import IndexStaging
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    caches, loads = _setup(seed=7)
+    st = IndexStaging()
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    blocks = ([30, 3, 17, 8, 22, 11, 5, 36], [1, 9, 25, 14])
+    spans = ((4, 28), (0, 16))
+    on_dev = [
+        LoadPieces(
+            token_index(blk, 0, a, b, BS, dev, st), [(kv.pin_memory(), x, y) for kv, x, y in ld.pieces]
+        )
+        for blk, (a, b), ld in zip(blocks, spans, loads, strict=True)
+    ]
+    dcaches = [c.to(dev) for c in caches]
+    torch.cuda._sleep(20_000_000)
+    gl = GroupedLoad(lay, on_dev, L, dev, group_layers=group_layers, copy_streams=copy_streams)
+    for i in range(L):
+        gl.layer(i, dcaches[i])
+    gl.wait()
+    torch.cuda.synchronize()
+    assert gl.grouped_layers == L
+    for i in range(L):
+        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"

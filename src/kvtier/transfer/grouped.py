@@ -41,6 +41,9 @@ from kvtier.transfer.layout import KVLayout
 RING = 2
 DEFAULT_STAGING_BYTES = 512 << 20
 """Device memory for the ring (all ``RING`` group buffers together); sets the group size."""
+COPY_STREAMS = 1
+"""Copy streams a group's DMAs are spread over (1 or 2): with 2, two copy engines take turns,
+so the per-DMA fixed cost (~3.4 us per 2 MiB DMA on the H200: 0.92x memcpy) may overlap."""
 MAX_GROUP_LAYERS = 4
 """Past 4 MiB per DMA (4 layers of a 256-token 8-kv-head chunk) larger DMAs gain nothing."""
 
@@ -73,8 +76,10 @@ class GroupedLoad:
         *,
         group_layers: int = 0,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        copy_streams: int | None = None,
     ) -> None:
         self.layout = layout
+        self.copy_streams = max(1, min(2, COPY_STREAMS if copy_streams is None else copy_streams))
         self.loads = list(loads)
         self.num_layers = num_layers
         self.device = device
@@ -120,12 +125,12 @@ class GroupedLoad:
         self._ring: list[torch.Tensor | None] = [None] * RING
         self._slot_group: list[int | None] = [None] * RING
         self._free: list[Any] = [None] * RING  # CUDA events (None on the CPU)
-        self._ready: dict[int, Any] = {}
+        self._ready: dict[int, list[Any]] = {}
         self._done: list[set[int]] = [set() for _ in range(self.num_groups)]
         self._next = 0  # next group to issue
         self._cuda = device.type == "cuda"
         self._issued: set[int] = set()
-        self._last_dma: Any = None
+        self._last_dma: list[Any] = []
         self.grouped_layers = 0
         """Layers written from the ring (the rest, called out of order, from the pieces)."""
         self._start = self._record(torch.cuda.current_stream(device) if self._cuda else None)
@@ -183,16 +188,10 @@ class GroupedLoad:
             self._next += 1
 
     def _issue(self, g: int, s: int) -> None:
-        side = side_stream(self.device) if self._cuda else None
         if self._ring[s] is None:
             self._ring[s] = torch.empty(self._group_elems, dtype=self.dtype, device=self.device)
         buf = self._ring[s]
         assert buf is not None
-        if side is not None:
-            side.wait_event(self._start)
-            ev = self._free[s]
-            if ev is not None:
-                side.wait_event(ev)
         lays = self._layers(g)
         l0, l1 = lays.start, lays.stop
         dsts, srcs = [], []
@@ -200,11 +199,21 @@ class GroupedLoad:
             n = int(p.kv.shape[2]) * self._token_elems * (l1 - l0)
             dsts.append(buf[p.offset : p.offset + n])
             srcs.append(p.kv[l0:l1].view(-1))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            torch._foreach_copy_(dsts, srcs, non_blocking=self._cuda)
-        if side is not None:
-            buf.record_stream(side)
-        self._ready[g] = self._last_dma = self._record(side)
+        k = self.copy_streams if self._cuda else 1
+        events = []
+        for j in range(k):  # pieces j, j+k, ... on copy stream j (their DMAs' fixed costs overlap)
+            side = side_stream(self.device, j) if self._cuda else None
+            if side is not None:
+                side.wait_event(self._start)
+                ev = self._free[s]
+                if ev is not None:
+                    side.wait_event(ev)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                torch._foreach_copy_(dsts[j::k], srcs[j::k], non_blocking=self._cuda)
+            if side is not None:
+                buf.record_stream(side)
+            events.append(self._record(side))
+        self._ready[g] = self._last_dma = events
         self._issued.add(g)
         self._slot_group[s] = g
 
@@ -236,7 +245,8 @@ class GroupedLoad:
 
     def _scatter_from_ring(self, i: int, g: int, entry: torch.Tensor) -> None:
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[g])
+            for ev in self._ready[g]:
+                torch.cuda.current_stream(self.device).wait_event(ev)
         buf = self._ring[g % RING]
         assert buf is not None
         j = i - g * self.group_layers
@@ -258,5 +268,6 @@ class GroupedLoad:
 
     def wait(self) -> None:
         """Block until every issued DMA is done (then the pieces' host memory may be released)."""
-        if self._last_dma is not None:
-            self._last_dma.synchronize()
+        for ev in self._last_dma:
+            if ev is not None:
+                ev.synchronize()
