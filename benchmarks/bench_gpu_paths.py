@@ -176,10 +176,15 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
         w.save_layer(i, c)
     w.finish_saves(dev)
     assert eng.lookup(toks) == n_t
-    variants: list[tuple[str, int, bool]] = [("before", 0, False), ("now, auto group", 0, True)]
-    variants += [(f"now, group {gl}", gl, True) for gl in (1, 2, 4)]
-    for name, gl, new in variants:
+    from kvtier.transfer import grouped
+
+    variants: list[tuple[str, int, bool, int]] = [("before", 0, False, 1), ("now, auto group", 0, True, 1)]
+    variants += [("now, auto group, 2 copy streams", 0, True, 2)]
+    variants += [("now, group 4", 4, True, 1), ("now, group 4, 2 copy streams", 4, True, 2)]
+    for name, gl, new, streams in variants:
         w = WorkerSide(eng, lay, LAYERS, ConnectorStats(), group_layers=gl)
+        st = patched(grouped, "COPY_STREAMS", streams)
+        st.__enter__()
 
         def load(w: WorkerSide = w) -> None:
             w.begin_loads([load_spec], dev)
@@ -212,6 +217,7 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
             if profile and name in ("before", "now, auto group"):
                 _profile(f"worker load {name}", load)
             w.release_loads()
+        st.__exit__(None, None, None)
     # layer-wise overlap with a simulated forward (per layer: [4096,4096]@[4096,14336]@[14336,4096])
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     w1 = torch.randn(4096, 14336, device=dev, dtype=torch.bfloat16)
@@ -302,10 +308,23 @@ def engine_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
         ev.record()
         return ev
 
+    class PerChunkCopies:  # "before": one synchronous-ordered copy call per chunk
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def copy(self, src: torch.Tensor, dst: torch.Tensor) -> Any:
+            return old_copy_pairs([(src, dst)], self.device)
+
+        def close(self) -> Any:
+            ev = torch.cuda.Event()
+            ev.record()
+            return ev
+
     for name, new in (("before", False), ("now", True)):
         with (
             patched(eng, "_put_from_device", eng._put_from_device if new else (lambda *a: [])),
             patched(engine_mod, "copy_pairs", engine_mod.copy_pairs if new else old_copy_pairs),
+            patched(engine_mod, "CopyQueue", engine_mod.CopyQueue if new else PerChunkCopies),
         ):
             times: list[float] = []
             for _ in range(6):
