@@ -35,7 +35,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -117,6 +117,20 @@ class ChunkViews:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass
+class ChunkStream:
+    """``CacheEngine.iter_chunks``: the held keys of a range, and its validated chunks lazily."""
+
+    keys: list[ChunkKey]
+    chunks: Generator[tuple[ChunkKey, Chunk], None, None]
+
+    def __iter__(self) -> Iterator[tuple[ChunkKey, Chunk]]:
+        return self.chunks
+
+    def close(self) -> None:
+        self.chunks.close()
 
 
 STORE_WINDOW_BYTES = 256 << 20
@@ -609,6 +623,48 @@ class CacheEngine:
         self._stats.retrieved_tokens += sum(k.num_tokens for k, _ in views.chunks)
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return views
+
+    def iter_chunks(
+        self,
+        tokens: TokenInput,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        extras: KeyExtras | None = None,
+        decode: bool = True,
+    ) -> ChunkStream:
+        """``retrieve_chunks`` lazily: ``stream.keys`` are the keys of the range the tiers say
+        they hold (one batched lookup, no data moved), and iterating the stream yields
+        ``(key, chunk)`` validated one at a time, in order, stopping at the first missing or
+        invalid one. So a caller can plan from the keys and start copying the first chunk
+        while the next ones are fetched and checked (the vLLM worker's CUDA load: its first
+        DMAs used to wait for all 128 chunks of a 32k prefix to be validated). The caller
+        owns (and must ``release``) every chunk yielded; ``close()`` (or exhausting the
+        stream) releases the rest."""
+        arr = tokens_to_array(tokens)
+        stop = arr.size if end is None else end
+        keys = [k for k in self.keys(arr, extras) if k.end > start and k.start < stop]
+        if not keys or self._namespace is None:
+            keys = []
+        n_avail = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
+        self._stats.retrieves += 1
+        return ChunkStream(keys[:n_avail], self._validated(arr, keys[:n_avail], extras, decode))
+
+    def _validated(
+        self, arr: np.ndarray, keys: list[ChunkKey], extras: KeyExtras | None, decode: bool
+    ) -> Generator[tuple[ChunkKey, Chunk], None, None]:
+        if not keys:
+            return
+        chunks = self.storage.iter_prefix([k.digest for k in keys])
+        try:
+            for k, chunk in zip(keys, chunks):
+                if not self.chunk_ok(chunk, arr, k, extras):
+                    chunk.release()
+                    return
+                self._stats.retrieved_tokens += k.num_tokens
+                yield k, self.open_chunk(chunk) if decode else chunk
+        finally:
+            chunks.close()
 
     def _views(
         self,
