@@ -146,12 +146,19 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
     def no_plan(*a: Any) -> bool:
         return False
 
-    def variant(new: bool) -> Any:
+    def no_stream(*a: Any, **kw: Any) -> None:
+        return None
+
+    def variant(new: bool, stream: bool = True) -> Any:
+        """``new=False``: the per-layer load and joined saves; ``stream=False``: the ring built
+        only after every chunk was validated (before the streamed feed)."""
         from contextlib import ExitStack
 
         st = ExitStack()
         st.enter_context(patched(vllm_worker, "gather_layer", real_gather if new else joined_gather))
         st.enter_context(patched(GroupedLoad, "plan", GroupedLoad.plan if new else staticmethod(no_plan)))
+        if not (new and stream):
+            st.enter_context(patched(GroupedLoad, "streamed", staticmethod(no_stream)))
         return st
 
     # saves first, into an empty engine (a cached chunk is not saved again)
@@ -178,10 +185,13 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
     assert eng.lookup(toks) == n_t
     from kvtier.transfer import grouped
 
-    variants: list[tuple[str, int, bool, int]] = [("before", 0, False, 1), ("now, auto group", 0, True, 1)]
-    variants += [("now, auto group, 2 copy streams", 0, True, 2)]
-    variants += [("now, group 4", 4, True, 1), ("now, group 4, 2 copy streams", 4, True, 2)]
-    for name, gl, new, streams in variants:
+    variants: list[tuple[str, int, bool, int, bool]] = [("before", 0, False, 1, False)]
+    variants += [("ring after validation (main), auto group", 0, True, 1, False)]
+    variants += [("now (streamed), auto group", 0, True, 1, True)]
+    variants += [("now (streamed), auto group, 2 copy streams", 0, True, 2, True)]
+    variants += [("now (streamed), group 4", 4, True, 1, True)]
+    variants += [("now (streamed), group 4, 2 copy streams", 4, True, 2, True)]
+    for name, gl, new, streams, streamed in variants:
         w = WorkerSide(eng, lay, LAYERS, ConnectorStats(), group_layers=gl)
         st = patched(grouped, "COPY_STREAMS", streams)
         st.__enter__()
@@ -192,7 +202,7 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
                 w.load_layer(i, c)
             sync()
 
-        with variant(new):
+        with variant(new, streamed):
             for d in dst:
                 d.zero_()
             load()
@@ -214,7 +224,7 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
                     f"(group {grp}; begin_loads host {t_begin * 1e3:.1f} ms)",
                 )
             )
-            if profile and name in ("before", "now, auto group"):
+            if profile and name in ("before", "now (streamed), auto group"):
                 _profile(f"worker load {name}", load)
             w.release_loads()
         st.__exit__(None, None, None)
