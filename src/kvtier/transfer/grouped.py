@@ -210,7 +210,8 @@ class GroupedLoad:
         self._done: list[set[int]] = [set() for _ in range(self.num_groups)]
         self._next = 0  # next group to issue
         self._issued: set[int] = set()
-        self._last_dma: list[Any] = []
+        self._last_dma: dict[int, Any] = {}
+        """Per copy stream, the event after the last DMA issued on it."""
         self._fed_streams: set[int] = set()
         self._attached = False
         self.grouped_layers = 0
@@ -294,10 +295,8 @@ class GroupedLoad:
         self._n_full = nf
         self._full_dst = torch.stack([p.dst for p in ring_kept[:nf] if p.dst is not None]) if nf else None
         self._attached = True
-        events = [
-            self._record(side_stream(self.device, j) if self._cuda else None)
-            for j in sorted(self._fed_streams)
-        ]
+        streams = sorted(self._fed_streams)
+        events = [self._record(side_stream(self.device, j) if self._cuda else None) for j in streams]
         for g in range(self._open):
             buf = self._ring[g]
             assert buf is not None
@@ -308,7 +307,7 @@ class GroupedLoad:
             self._issued.add(g)
             self._slot_group[g] = g
         self._next = self._open
-        self._last_dma = events
+        self._last_dma = dict(zip(streams, events, strict=True))
         self._issue_free()
         return True
 
@@ -388,6 +387,8 @@ class GroupedLoad:
         k = self.copy_streams if self._cuda else 1
         events = []
         for j in range(k):  # pieces j, j+k, ... on copy stream j (their DMAs' fixed costs overlap)
+            if not dsts[j::k]:
+                continue
             side = side_stream(self.device, j) if self._cuda else None
             if side is not None:
                 side.wait_event(self._start)
@@ -399,7 +400,8 @@ class GroupedLoad:
             if side is not None:
                 buf.record_stream(side)
             events.append(self._record(side))
-        self._ready[g] = self._last_dma = events
+            self._last_dma[j] = events[-1]
+        self._ready[g] = events
         self._issued.add(g)
         self._slot_group[s] = g
 
@@ -455,6 +457,6 @@ class GroupedLoad:
 
     def wait(self) -> None:
         """Block until every issued DMA is done (then the pieces' host memory may be released)."""
-        for ev in self._last_dma:
+        for ev in self._last_dma.values():
             if ev is not None:
                 ev.synchronize()
