@@ -40,15 +40,26 @@ def test_token_index_through_the_staging_equals_the_plain_one() -> None:
             assert got.whole_blocks is not None and torch.equal(got.whole_blocks, want.whole_blocks)
 
 
+def test_a_device_without_index_is_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect: ``torch.device("cuda") != tensor.device`` (``cuda:0``) made the staging reallocate
+    its buffers on every put (the CUDA test below failed on the H200 with the old code)."""
+    from kvtier.transfer import blocks
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert blocks._indexed(torch.device("cuda")) == torch.device("cuda", 0)
+    assert blocks._indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert blocks._indexed(CPU) == CPU
+
+
 @pytest.mark.gpu
 def test_cuda_staging_copies_through_pinned_memory_and_reuses_it_after_the_copy() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     dev = torch.device("cuda")
     st = IndexStaging()
-    a = st.put(np.arange(1000, dtype=np.int64), dev)
+    a = st.put(np.arange(1000, dtype=np.int64), dev)  # a device without index, as the worker gets it
     torch.cuda._sleep(50_000_000)  # the stream is busy: the next step's put must not race the H2D
     st.reset()
     b = st.put(np.arange(1000, 2000, dtype=np.int64), dev)
-    assert b.data_ptr() == a.data_ptr()
+    assert b.data_ptr() == a.data_ptr()  # both at offset 0 of the staging's own buffer: reused
     assert b.cpu().tolist() == list(range(1000, 2000))

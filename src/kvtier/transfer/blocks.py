@@ -103,6 +103,7 @@ class IndexStaging:
         """``arr`` (int64) as a tensor on ``device``, a view into the staging buffer."""
         n = int(arr.size)
         cuda = device.type == "cuda"
+        device = _indexed(device)
         if self._dev is None or self._dev.device != device or self._at + n > self._dev.numel():
             cap = max(2 * (self._at + n), 1 << 16)
             self._dev = torch.empty(cap, dtype=torch.int64, device=device)
@@ -120,6 +121,16 @@ class IndexStaging:
             self._copied.record()
         self._at = b
         return out
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:<current>``): a tensor's ``.device`` always
+    has one, and ``torch.device("cuda") != torch.device("cuda:0")``. Without this the staging
+    above compared unequal on every call and reallocated its buffers (a pinned allocation each
+    time: 5-10 ms of host time per vLLM load on the H200)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def token_index(
