@@ -6,11 +6,13 @@ for int4 the kernels' share (~20 % of the copy) kept a store at 2.7x memcpy agai
 current stream while group g-1's packed bytes cross PCIe on a copy stream (and the reverse
 for loads), so only one group's kernel time is left exposed.
 
-Group count: each group's ``gather_quant`` / ``scatter_dequant`` costs ~2 ms of *host* time
-(two Triton launches per layer for int4, 64 in all) whatever its size, so with 16 groups the
-host (32 ms) was slower than the PCIe copies (23 ms for int4 at 32k tokens) and the overlapped
-path ran at 1.7-2.6x memcpy, below the serial 2.8x (H200, 2026-12-02). ``GROUPS = 4``: 8 ms of
-host time, one group's kernels (~1.3 ms) exposed.
+Group count: each group's ``gather_quant`` / ``scatter_dequant`` is launch-bound on the host
+(two Triton launches per layer for int4, 64 per group, ~28 us each) whatever its size: 3.3 ms
+per group at 16 groups, so the host (53 ms) paced the PCIe copies (23 ms for int4 at 32k
+tokens) and the overlapped path ran at 1.7-2.6x memcpy, below the serial 2.7-2.8x (H200,
+2026-12-02, ``benchmarks/profile_gpu_gaps.py --parts quant``). With ``GROUPS = 4`` (1.8 ms a
+group) the DMAs run back to back: store 2.97x, load 3.20x memcpy in raw bytes (same run:
+serial 2.72x / 2.99x). What is left of a store is the first group's launches before its DMA.
 
 Stream contract: both functions return with the work enqueued; the current stream has waited
 for the copy stream, so work enqueued next on it (or a ``synchronize``) sees everything done.
