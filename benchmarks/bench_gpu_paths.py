@@ -186,7 +186,7 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
     from kvtier.transfer import grouped
 
     variants: list[tuple[str, int, bool, int, bool]] = [("before", 0, False, 1, False)]
-    variants += [("ring after validation (main), auto group", 0, True, 1, False)]
+    variants += [("ring built after validation, auto group", 0, True, 1, False)]
     variants += [("now (streamed), auto group", 0, True, 1, True)]
     variants += [("now (streamed), auto group, 2 copy streams", 0, True, 2, True)]
     variants += [("now (streamed), group 4", 4, True, 1, True)]
