@@ -46,12 +46,14 @@ def test_batched_scores_equal_one_forward_per_codec(smollm2: LoadedModel, ids: t
     """The gate scores all codecs' continuations in one batched forward; on 2 windows that gives
     the scores of one forward per codec (fp32 rounding at most), and the codecs differ."""
     for i in range(2):
-        seq = window_ids(ids, i, prefix=256, cont=48)
-        b = score_window(smollm2.model, seq, ["int8", "int4"], prefix=256)
-        u = score_window(smollm2.model, seq, ["int8", "int4"], prefix=256, batched=False)
+        seq = window_ids(ids, i, prefix=128, cont=32)
+        b = score_window(smollm2.model, seq, ["int8", "int4"], prefix=128, chunk_tokens=64)
+        u = score_window(smollm2.model, seq, ["int8", "int4"], prefix=128, chunk_tokens=64, batched=False)
         assert list(b) == ["none", "int8", "int4"] == list(u)
         for c in b:
             assert b[c].nll_sum == pytest.approx(u[c].nll_sum, rel=1e-5)
-            assert b[c].first_kl == pytest.approx(u[c].first_kl, rel=1e-3, abs=1e-7)
-            assert abs(b[c].agree - u[c].agree) <= 1 and b[c].n_tokens == u[c].n_tokens == 47
+            assert b[c].first_kl == pytest.approx(
+                u[c].first_kl, rel=1e-2, abs=1e-6
+            )  # KL of ~1e-4: a small difference of logs
+            assert abs(b[c].agree - u[c].agree) <= 1 and b[c].n_tokens == u[c].n_tokens == 31
         assert b["int4"].nll_sum != b["none"].nll_sum
