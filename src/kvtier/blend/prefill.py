@@ -29,9 +29,17 @@ from typing import Any
 
 import torch
 
-from kvtier.blend.forward import DEFAULT_CHECK_LAYER, DEFAULT_DEVIATION, blend_forward, check_blendable
+from kvtier.blend.forward import (
+    DEFAULT_CHECK_LAYER,
+    DEFAULT_DEVIATION,
+    KVBuffer,
+    as_layers,
+    blend_forward,
+    check_blendable,
+)
+from kvtier.blend.load import SegmentLoad
 from kvtier.blend.plan import Span
-from kvtier.blend.rope import rerotate_kv, rope_spec
+from kvtier.blend.rope import rope_spec
 from kvtier.blend.segments import SegmentStore
 from kvtier.chunk import dtype_from_name
 from kvtier.engine import CacheEngine
@@ -73,10 +81,14 @@ def blend_prefill(
     store: bool = True,
     t0: float | None = None,
     extras: KeyExtras | None = None,
+    profile: dict[str, float] | None = None,
 ) -> BlendOutcome:
     """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
     transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
-    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains."""
+    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains.
+    ``profile``: a dict receiving ``blend_forward``'s phase times (synchronises; breakdowns only).
+    ``load_s`` covers the lookups and *starting* the segment copies: on CUDA they run on the side
+    stream while the first layers compute (``SegmentLoad``); ``ttft_s`` includes all of it."""
     t0 = time.perf_counter() if t0 is None else t0
     check_blendable(model)
     spec = rope_spec(model)
@@ -86,51 +98,66 @@ def blend_prefill(
     seq = int(row.numel())
     row_cpu = row.cpu()
     layers, heads, dim = ns.kv_shape
-    kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
+    buf = KVBuffer(layers, heads, seq, dim, dtype_from_name(ns.kv_dtype), device)
     reused = torch.zeros(seq, dtype=torch.bool)
     force = torch.zeros(seq, dtype=torch.bool)
+    load = SegmentLoad(buf, spec, device)
+    try:
+        found = engine.lookup(row_cpu, extras=extras)
+        prefix = min(found, seq - 1)
+        if prefix > 0:
+            # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
+            got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
+            prefix = min(prefix, got.num_tokens)
+            if got.kv is not None and prefix > 0:
+                buf.put(slice(None), 0, got.kv[:, :, :prefix])
+            else:
+                prefix = 0
+        segments = SegmentStore(engine, extras)
+        missing: list[Span] = []
+        seg_tokens = 0
+        for s, e in spans:
+            if e <= prefix:
+                continue  # inside the exact prefix
+            chunks = segments.chunks(row_cpu[s:e])
+            n = 0
+            lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
+            for off, chunk in chunks:
+                end = off + int(chunk.num_tokens)
+                n = end
+                if s + end <= lo:
+                    chunk.release()  # wholly inside the exact prefix
+                    continue
+                skip = max(0, lo - (s + off))
+                load.add(chunk, skip, off + skip, s + off + skip)
+            if s + n > lo:
+                reused[lo : s + n] = True
+                if lo == s:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
+                    force[s : min(s + n, s + sink_tokens)] = True
+                seg_tokens += s + n - lo
+            if n < e - s:
+                missing.append((s, e))
+        load.start(_first_cached_layer(recompute_ratio, check_layer, layers))
+        t_load = time.perf_counter()
 
-    found = engine.lookup(row_cpu, extras=extras)
-    prefix = min(found, seq - 1)
-    if prefix > 0:
-        # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
-        got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
-        prefix = min(prefix, got.num_tokens)
-        if got.kv is not None and prefix > 0:
-            kv[:, :, :prefix] = got.kv[:, :, :prefix]
-    segments = SegmentStore(engine, extras)
-    missing: list[Span] = []
-    seg_tokens = 0
-    for s, e in spans:
-        if e <= prefix:
-            continue  # inside the exact prefix
-        cached = segments.retrieve(row_cpu[s:e], device=device)
-        n = 0 if cached is None else int(cached.shape[2])
-        lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
-        if cached is not None and s + n > lo:
-            kv[:, :, lo : s + n] = rerotate_kv(cached[:, :, lo - s :], lo - s, lo, spec)
-            reused[lo : s + n] = True
-            if lo == s:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
-                force[s : min(s + n, s + sink_tokens)] = True
-            seg_tokens += s + n - lo
-        if n < e - s:
-            missing.append((s, e))
-    t_load = time.perf_counter()
-
-    out = blend_forward(
-        model,
-        row[None],
-        kv,
-        prefix=prefix,
-        reused=reused,
-        recompute_ratio=recompute_ratio,
-        check_layer=check_layer,
-        force=force,
-        deviation=deviation,
-        cache=cache,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        out = blend_forward(
+            model,
+            row[None],
+            buf,
+            prefix=prefix,
+            reused=reused,
+            recompute_ratio=recompute_ratio,
+            check_layer=check_layer,
+            force=force,
+            deviation=deviation,
+            cache=cache,
+            fill=load.fill,
+            profile=profile,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        load.finish()
     t_first = time.perf_counter()
 
     stored = 0
@@ -145,6 +172,14 @@ def blend_prefill(
     return BlendOutcome(
         out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0, t_end - t_first
     )
+
+
+def _first_cached_layer(ratio: float, check_layer: int | Sequence[int], layers: int) -> int:
+    """The first layer whose cached rows ``blend_forward`` reads (as it computes it): the first check
+    layer when it selects, layer 0 for naive reuse."""
+    if ratio <= 0.0:
+        return 0
+    return min(min(max(c, 0), layers - 1) for c in as_layers(check_layer))
 
 
 @torch.inference_mode()

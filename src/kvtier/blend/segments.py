@@ -67,21 +67,32 @@ class SegmentStore:
         n = self.engine.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         return keys[n - 1].end if n else 0
 
-    def retrieve(self, tokens: TokenInput, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """The KV of the longest cached leading run of the segment, ``[L, 2, n, H, D]``, or ``None``."""
+    def chunks(self, tokens: TokenInput) -> list[tuple[int, Chunk]]:
+        """The validated chunks of the longest cached leading run of the segment, each with its first
+        token's offset in the segment, still pinned in their tier: the caller ``release``s each one
+        once its copies are done (``SegmentLoad`` does). A chunk failing ``chunk_ok`` ends the run."""
         arr = tokens_to_array(tokens)
         keys = self.keys(arr)
         storage = self.engine.storage
         n_avail = storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         if n_avail == 0:
-            return None
-        parts: list[torch.Tensor] = []
+            return []
+        out: list[tuple[int, Chunk]] = []
         ok = True
         for k, chunk in zip(keys, storage.get_prefix([k.digest for k in keys[:n_avail]])):
             ok = ok and self.engine.chunk_ok(chunk, arr, k)
             if ok:
+                out.append((k.start, chunk))
+            else:
+                chunk.release()
+        return out
+
+    def retrieve(self, tokens: TokenInput, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The KV of the longest cached leading run of the segment, ``[L, 2, n, H, D]``, or ``None``."""
+        parts: list[torch.Tensor] = []
+        for _, chunk in self.chunks(tokens):
+            with chunk:
                 parts.append(chunk.kv.to(device or "cpu", copy=True))
-            chunk.release()
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
