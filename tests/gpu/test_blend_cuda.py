@@ -17,23 +17,25 @@ from kvtier.blend.rope import rerotate_kv, rope_spec
 from kvtier.integrations import transformers as kvt
 
 pytestmark = pytest.mark.gpu
+DEVICE = "cuda"  # the same checks pass on "cpu" (the synchronous path); set it there to try them
 
 
 def _engine() -> CacheEngine:
-    return CacheEngine(Config.load(env={}, chunk_tokens=16, cpu__max_bytes="256MiB", cpu__pin_memory="yes"))
+    pin = "yes" if DEVICE == "cuda" else "no"
+    return CacheEngine(Config.load(env={}, chunk_tokens=16, cpu__max_bytes="256MiB", cpu__pin_memory=pin))
 
 
 def _setup(
     dtype: torch.dtype,
 ) -> tuple[Any, CacheEngine, torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
-    model = tiny_model("llama", num_hidden_layers=6).to("cuda", dtype)
-    head, q = random_ids(9, 0, 512)[0], random_ids(7, 1, 512)[0]
+    model = tiny_model("llama", num_hidden_layers=6).to(DEVICE, dtype)
+    head, q = random_ids(16, 0, 512)[0], random_ids(7, 1, 512)[0]  # the head: one whole chunk
     docs = [random_ids(n, 2 + i, 512)[0] for i, n in enumerate((70, 45, 90))]
     eng = _engine()
     ids, spans = rag_prompt(head, docs, q)
-    kvt.prefill(model, ids.cuda(), eng, segments=spans, recompute_ratio=0.15)  # stores head + segments
+    kvt.prefill(model, ids.to(DEVICE), eng, segments=spans, recompute_ratio=0.15)  # stores head + segments
     ids, spans = rag_prompt(head, docs[::-1], q)
-    return model, eng, ids.cuda(), spans, docs[::-1]
+    return model, eng, ids.to(DEVICE), spans, docs[::-1]
 
 
 @torch.inference_mode()
@@ -60,15 +62,15 @@ def test_async_segment_load_equals_the_synchronous_path_and_releases_pins() -> N
         ex = kvt._request_keys(eng, model, ids.cpu(), {})
         store = SegmentStore(eng, ex[0] if ex else None)
         prefix = r.hit_tokens - r.segment_tokens
-        base = store.engine.retrieve(ids[0, :prefix].cpu(), device="cuda", extras=ex[0] if ex else None)
-        kv0 = store.retrieve(docs[0].cpu(), device="cuda")
+        base = store.engine.retrieve(ids[0, :prefix].cpu(), device=DEVICE, extras=ex[0] if ex else None)
+        kv0 = store.retrieve(docs[0].cpu(), device=DEVICE)
         assert base.kv is not None and kv0 is not None
-        kv = torch.zeros((kv0.shape[0], 2, seq, *kv0.shape[3:]), device="cuda")
+        kv = torch.zeros((kv0.shape[0], 2, seq, *kv0.shape[3:]), device=DEVICE, dtype=kv0.dtype)
         kv[:, :, :prefix] = base.kv[:, :, :prefix]
         reused = torch.zeros(seq, dtype=torch.bool)
         force = torch.zeros(seq, dtype=torch.bool)
         for (s, e), d in zip(spans, docs, strict=True):
-            seg = store.retrieve(d.cpu(), device="cuda")
+            seg = store.retrieve(d.cpu(), device=DEVICE)
             assert seg is not None
             kv[:, :, s:e] = rerotate_kv(seg, 0, s, rope_spec(model))
             reused[s:e] = True

@@ -120,6 +120,11 @@ class KVBuffer:
         n = int(kv.shape[2])
         self.buf[layers, :, 0, :, start : start + n] = kv.transpose(2, 3)
 
+    def put_plane(self, layers: slice, plane: int, start: int, x: torch.Tensor) -> None:
+        """Write keys (``plane`` 0) or values (1) ``x`` ``[l, n, H, D]`` into rows ``[start, start + n)``."""
+        n = int(x.shape[1])
+        self.buf[layers, plane, 0, :, start : start + n] = x.transpose(1, 2)
+
 
 Fill = Callable[[int, int], None]
 """``fill(layer, first)``: make the cached rows of ``layer`` (and of any layers ``>= first`` it
