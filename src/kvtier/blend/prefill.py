@@ -38,7 +38,7 @@ from kvtier.blend.forward import (
     check_blendable,
 )
 from kvtier.blend.load import SegmentLoad
-from kvtier.blend.plan import Span
+from kvtier.blend.plan import BlendError, Span
 from kvtier.blend.rope import rope_spec
 from kvtier.blend.segments import SegmentStore
 from kvtier.chunk import dtype_from_name
@@ -51,6 +51,11 @@ DEFAULT_SINK_TOKENS = 1
 """Leading tokens of each reused segment always recomputed (out of the ratio's budget): computed on
 its own, a segment's first token was the sequence start, which attention uses as a sink; reused
 mid-prompt unfixed, it draws the attention of every later token away from the real context."""
+
+
+DEFAULT_SEGMENT_SINK: int | str = 0
+"""No sink by default: segments stored by ``kvtier warm --mode segments`` (which knows no prompt)
+keep matching. ``"head"`` gave better agreement on SmolLM2 (RESULTS.md); pass it per call."""
 
 
 @dataclass
@@ -77,6 +82,7 @@ def blend_prefill(
     recompute_ratio: float,
     check_layer: int | Sequence[int] = DEFAULT_CHECK_LAYER,
     sink_tokens: int = DEFAULT_SINK_TOKENS,
+    segment_sink: int | str = DEFAULT_SEGMENT_SINK,
     deviation: str = DEFAULT_DEVIATION,
     store: bool = True,
     t0: float | None = None,
@@ -86,6 +92,10 @@ def blend_prefill(
     """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
     transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
     ``extras``: the request's key extras (adapter identity, salt), folded into both key domains.
+    ``segment_sink``: the prompt tokens each segment's KV is computed after (see
+    ``sink_length``): ``0`` none (from position 0), ``n`` the first ``n``, ``"head"`` everything
+    before the first segment. With a sink no segment start is forced (``sink_tokens``): its first
+    token was not the sequence start.
     ``profile``: a dict receiving ``blend_forward``'s phase times (synchronises; breakdowns only).
     ``load_s`` covers the lookups and *starting* the segment copies: on CUDA they run on the side
     stream while the first layers compute (``SegmentLoad``); ``ttft_s`` includes all of it."""
@@ -113,7 +123,9 @@ def blend_prefill(
                 buf.put(slice(None), 0, got.kv[:, :, :prefix])
             else:
                 prefix = 0
-        segments = SegmentStore(engine, extras)
+        n_sink = sink_length(segment_sink, spans)
+        sink = row_cpu[:n_sink]
+        segments = SegmentStore(engine, extras, sink)
         missing: list[Span] = []
         seg_tokens = 0
         for s, e in spans:
@@ -129,10 +141,10 @@ def blend_prefill(
                     chunk.release()  # wholly inside the exact prefix
                     continue
                 skip = max(0, lo - (s + off))
-                load.add(chunk, skip, off + skip, s + off + skip)
+                load.add(chunk, skip, n_sink + off + skip, s + off + skip)
             if s + n > lo:
                 reused[lo : s + n] = True
-                if lo == s:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
+                if lo == s and not n_sink:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
                     force[s : min(s + n, s + sink_tokens)] = True
                 seg_tokens += s + n - lo
             if n < e - s:
@@ -167,7 +179,7 @@ def blend_prefill(
         if exact_end > 0:
             stored += engine.store(row_cpu[:exact_end], cache_to_kv(cache, exact_end), extras=extras)
         for s, e in missing:
-            stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e]))
+            stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e], row[:n_sink]))
     t_end = time.perf_counter()
     return BlendOutcome(
         out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0, t_end - t_first
@@ -182,11 +194,30 @@ def _first_cached_layer(ratio: float, check_layer: int | Sequence[int], layers: 
     return min(min(max(c, 0), layers - 1) for c in as_layers(check_layer))
 
 
+def sink_length(segment_sink: int | str, spans: Sequence[Span]) -> int:
+    """How many leading prompt tokens are the segments' sink; a ``BlendError`` for a bad value or
+    a sink that reaches into a segment (its KV would depend on itself)."""
+    if segment_sink == "head":
+        return spans[0][0] if spans else 0
+    if isinstance(segment_sink, str) or int(segment_sink) < 0:
+        raise BlendError(f"segment_sink must be 'head' or a token count >= 0, got {segment_sink!r}")
+    n = int(segment_sink)
+    if spans and n > spans[0][0]:
+        raise BlendError(
+            f"segment_sink={n} reaches into the segment starting at {spans[0][0]}: use at most "
+            f"{spans[0][0]} (or 'head')"
+        )
+    return n
+
+
 @torch.inference_mode()
-def segment_kv(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """A segment's KV computed on its own, from position 0: ``[L, 2, n, H, D]``."""
+def segment_kv(model: Any, tokens: torch.Tensor, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """A segment's KV ``[L, 2, n, H, D]`` computed on its own: from position 0, or after the
+    ``sink`` tokens (positions ``len(sink)..``; the sink's own rows are dropped)."""
     from transformers import DynamicCache
 
+    k = 0 if sink is None else int(sink.numel())
+    ids = tokens if not k else torch.cat([sink.to(tokens.device), tokens])  # type: ignore[union-attr]
     c = DynamicCache(config=model.config)
-    model(input_ids=tokens[None], **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1)
-    return cache_to_kv(c, int(tokens.numel()))
+    model(input_ids=ids[None], **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1)
+    return cache_to_kv(c, int(ids.numel()))[:, :, k:]
