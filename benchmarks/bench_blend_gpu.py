@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvtier import CacheEngine, Config
 from kvtier.blend import SegmentStore
+from kvtier.blend.forward import DEFAULT_CHECK_LAYER
 from kvtier.blend.prefill import blend_prefill, segment_kv
 from kvtier.integrations import transformers as kvt
 
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--check-layer", type=int, default=None, help="default: kvtier's (1)")
     ap.add_argument("--profile-requests", type=int, default=2, help="extra profiled requests (breakdown)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -161,7 +163,15 @@ def main() -> None:
                 ref, res[v] = full_ttft(model, ids)
             else:
                 sync(device)
-                r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=args.ratio, store=False)
+                r = kvt.prefill(
+                    model,
+                    ids,
+                    eng,
+                    segments=spans,
+                    recompute_ratio=args.ratio,
+                    check_layer=args.check_layer,
+                    store=False,
+                )
                 sync(device)
                 res[v], logits = r.ttft_s, r.logits
                 loads.append(r.load_s)
@@ -181,6 +191,7 @@ def main() -> None:
             spans,
             DynamicCache(config=model.config),
             recompute_ratio=args.ratio,
+            check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
             store=False,
             extras=keys[0] if keys else None,
             profile=prof,
@@ -195,6 +206,7 @@ def main() -> None:
         docs=args.docs,
         doc_tokens=args.doc_tokens,
         recompute_ratio=args.ratio,
+        check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
         segment_tokens=seg_tokens,
         recomputed_tokens=recomputed,
         ttft_full_median_s=statistics.median(p[0] for p in pairs),

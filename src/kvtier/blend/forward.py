@@ -181,15 +181,18 @@ def _mask(rows: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
     return m[None, None]
 
 
-def _attn_mask(rows: torch.Tensor, seq: int, dtype: torch.dtype, impl: str) -> Any:
+def _attn_mask(
+    rows: torch.Tensor, seq: int, dtype: torch.dtype, impl: str, tail_start: int | None = None
+) -> Any:
     """The attention mask for queries at ``rows`` (sorted) over keys ``[0, seq)``.
 
     SDPA with queries ``[start, seq)``: ``None`` from 0 (transformers then passes ``is_causal``),
     a lower-right ``CausalBias`` after a prefix (keys ``[0, seq)``, query ``j`` at ``start + j``):
     both reach the flash / memory-efficient kernels without a mask in memory. Anything else, and
-    every ``eager`` layer: the explicit additive mask."""
+    every ``eager`` layer: the explicit additive mask. ``tail_start``: the caller knows ``rows``
+    is ``[tail_start, seq)`` (no device read, so no synchronisation)."""
     n = int(rows.numel())
-    contiguous = n > 0 and int(rows[0]) == seq - n
+    contiguous = tail_start == seq - n if tail_start is not None else n > 0 and int(rows[0]) == seq - n
     if impl == "sdpa" and contiguous:
         if n == seq:
             return None
@@ -238,6 +241,7 @@ def blend_forward(
     deviation: str = DEFAULT_DEVIATION,
     cache: DynamicCache | None = None,
     fill: Fill | None = None,
+    prepare: Callable[[], None] | None = None,
     profile: dict[str, float] | None = None,
 ) -> BlendForward:
     """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv``.
@@ -251,8 +255,13 @@ def blend_forward(
     first tokens), taken out of the ``recompute_ratio`` budget first; the rest of the budget goes
     to the rows with the largest ``deviation`` (``"k"``, ``"v"`` or ``"kv"``).
     ``cache``: an empty ``DynamicCache`` (or subclass) to fill with the result; a new one if ``None``.
-    ``profile``: a dict that receives seconds per phase (``fill``, ``all_token_layers``,
-    ``selected_layers``, ``head``); synchronises the device, so for breakdowns only.
+    ``prepare``: called once before ``reused``/``force`` are first read, which it may fill in
+    place: before the first check layer when selecting (the layers before it compute every
+    non-prefix row whatever is reused, so the caller's segment lookups overlap them on a GPU),
+    before layer 0 for naive reuse. No reused row after it: every layer computes every row.
+    ``profile``: a dict that receives seconds per phase (``prepare``, ``fill``,
+    ``all_token_layers``, ``selected_layers``, ``head``); synchronises the device, so for
+    breakdowns only.
     """
     base = model.model
     seq = int(ids.shape[1])
@@ -261,65 +270,66 @@ def blend_forward(
     device = ids.device
     phases = _Phases(profile, device)
     impl = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "eager"
-    reused = reused.to(device, copy=True)
-    reused[:prefix] = False
-    reused[seq - 1] = False
-    always = torch.ones(seq, dtype=torch.bool, device=device)
-    always[:prefix] = False
-    always &= ~reused
-    rc = _RowCache(buf)
-    rc.kind = deviation
-    n_reused = int(reused.sum())
     if deviation not in DEVIATIONS:
         raise BlendError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
     checks = sorted({min(max(c, 0), n_layers - 1) for c in as_layers(check_layer)})
-    probe = recompute_ratio > 0.0 and n_reused > 0
-    budget = min(n_reused, round(recompute_ratio * n_reused))
-    forced = torch.zeros(seq, dtype=torch.bool, device=device)
-    if probe and force is not None:
-        forced = force.to(device) & reused
-        over = int(forced.sum()) - budget
-        if over > 0:  # NOTE: a ratio too small for every forced row: keep the earliest ones
-            forced[forced.nonzero().squeeze(1)[budget:]] = False
-    fixed = always | forced  # computed in every layer
     stage_ratio = dict(zip(checks, _stage_ratios(recompute_ratio, len(checks)), strict=True))
-    cand = (reused & ~forced).nonzero().squeeze(1)  # reused rows still in the running
-    rows = torch.arange(prefix, seq, device=device) if probe else always.nonzero().squeeze(1)
-    if probe:
-        rc.probe = (checks[0], torch.searchsorted(rows, cand), cand)
-    first_cached = checks[0] if probe else 0
+    rc = _RowCache(buf)
+    rc.kind = deviation
+    selecting_mode = recompute_ratio > 0.0
+    plan: _Plan | None = None
+    if selecting_mode:  # every non-prefix row through the first check layer: reused is not needed yet
+        first_cached = checks[0]
+        rows = torch.arange(prefix, seq, device=device)
+        rc.rows = slice(prefix, seq)
+    else:
+        first_cached = 0
+        if prepare is not None:
+            prepare()
+        plan = _Plan(reused, force, prefix, seq, 0.0, device)
+        rows = plan.always.nonzero().squeeze(1)
+        rc.rows = _as_index(rows, seq)
     h = base.embed_tokens(ids[:, rows])
     dtype = h.dtype
-    mask = _attn_mask(rows, seq, dtype, impl)
-    rc.rows = _as_index(rows, seq)
+    mask = _attn_mask(rows, seq, dtype, impl, tail_start=prefix if selecting_mode else None)
     selecting = False
     for i, layer in enumerate(base.layers[:n_layers]):
-        if fill is not None and i >= first_cached and n_reused:
+        if plan is None and i == first_cached:
+            phases.mark("all_token_layers")
+            if prepare is not None:
+                prepare()
+            plan = _Plan(reused, force, prefix, seq, recompute_ratio, device)
+            if plan.n_reused:
+                rc.probe = (checks[0], torch.searchsorted(rows, plan.cand), plan.cand)
+            phases.mark("prepare")
+        if fill is not None and plan is not None and i >= first_cached and plan.n_reused:
             phases.mark("selected_layers" if selecting else "all_token_layers")
             fill(i, first_cached)
             phases.mark("fill")
         pos = rows[None]
         pe = base.rotary_emb(h, pos)
         h = layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
-        if probe and i in stage_ratio:
+        if selecting_mode and plan is not None and plan.n_reused and i in stage_ratio:
             assert rc.deviation is not None
-            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * n_reused) - int(forced.sum())))
-            cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
-            keep = fixed.clone()
-            keep[cand] = True
+            n_forced, cand = plan.n_forced, plan.cand
+            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * plan.n_reused) - n_forced))
+            plan.cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
+            keep = plan.fixed.clone()
+            keep[plan.cand] = True
             new_rows = keep.nonzero().squeeze(1)
             h = h[:, torch.searchsorted(rows, new_rows)]
             rows = new_rows
             mask = _attn_mask(rows, seq, dtype, impl)
             rc.rows = _as_index(rows, seq)
             later = [c for c in checks if c > i]
-            rc.probe = (later[0], torch.searchsorted(rows, cand), cand) if later else None
+            rc.probe = (later[0], torch.searchsorted(rows, plan.cand), plan.cand) if later else None
             rc.deviation = None
             if not later:
                 phases.mark("all_token_layers")
                 selecting = True
     phases.mark("selected_layers" if selecting else "all_token_layers")
-    recomputed = int(forced.sum()) + int(cand.numel()) if probe else 0
+    assert plan is not None
+    recomputed = plan.n_forced + int(plan.cand.numel()) if selecting_mode and plan.n_reused else 0
     h = base.norm(h[:, -1:])
     logits = model.lm_head(h)[:, -1]
     cache = DynamicCache(config=model.config) if cache is None else cache
@@ -327,6 +337,38 @@ def blend_forward(
         _put_layer(cache, buf.keys(i), buf.values(i), i)
     phases.mark("head")
     return BlendForward(logits, cache, recomputed, int(rows.numel()))
+
+
+class _Plan:
+    """Which rows are reused, forced and still candidates (``blend_forward``'s selection state)."""
+
+    def __init__(
+        self,
+        reused: torch.Tensor,
+        force: torch.Tensor | None,
+        prefix: int,
+        seq: int,
+        ratio: float,
+        device: torch.device,
+    ) -> None:
+        reused = reused.to(device, copy=True)
+        reused[:prefix] = False
+        reused[seq - 1] = False
+        always = torch.ones(seq, dtype=torch.bool, device=device)
+        always[:prefix] = False
+        always &= ~reused
+        self.always = always
+        self.n_reused = int(reused.sum())
+        budget = min(self.n_reused, round(ratio * self.n_reused))
+        forced = torch.zeros(seq, dtype=torch.bool, device=device)
+        if ratio > 0.0 and self.n_reused and force is not None:
+            forced = force.to(device) & reused
+            over = int(forced.sum()) - budget
+            if over > 0:  # NOTE: a ratio too small for every forced row: keep the earliest ones
+                forced[forced.nonzero().squeeze(1)[budget:]] = False
+        self.n_forced = int(forced.sum())
+        self.fixed = always | forced  # computed in every layer
+        self.cand = (reused & ~forced).nonzero().squeeze(1)  # reused rows still in the running
 
 
 def _as_index(rows: torch.Tensor, seq: int) -> torch.Tensor | slice:

@@ -67,7 +67,7 @@ class BlendOutcome:
     segment_tokens: int  # rows loaded from segment chunks (re-rotated)
     recomputed_tokens: int  # of those, recomputed after the check layer
     stored_tokens: int  # prefix + segment tokens newly stored
-    load_s: float  # lookups, retrieves and re-rotation
+    load_s: float  # from the call until the segment lookups are done and their copies started
     ttft_s: float  # from the call to logits ready
     store_s: float
 
@@ -124,33 +124,39 @@ def blend_prefill(
             else:
                 prefix = 0
         n_sink = sink_length(segment_sink, spans)
-        sink = row_cpu[:n_sink]
-        segments = SegmentStore(engine, extras, sink)
+        segments = SegmentStore(engine, extras, row_cpu[:n_sink])
         missing: list[Span] = []
         seg_tokens = 0
-        for s, e in spans:
-            if e <= prefix:
-                continue  # inside the exact prefix
-            chunks = segments.chunks(row_cpu[s:e])
-            n = 0
-            lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
-            for off, chunk in chunks:
-                end = off + int(chunk.num_tokens)
-                n = end
-                if s + end <= lo:
-                    chunk.release()  # wholly inside the exact prefix
-                    continue
-                skip = max(0, lo - (s + off))
-                load.add(chunk, skip, n_sink + off + skip, s + off + skip)
-            if s + n > lo:
-                reused[lo : s + n] = True
-                if lo == s and not n_sink:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
-                    force[s : min(s + n, s + sink_tokens)] = True
-                seg_tokens += s + n - lo
-            if n < e - s:
-                missing.append((s, e))
-        load.start(_first_cached_layer(recompute_ratio, check_layer, layers))
-        t_load = time.perf_counter()
+        t_load = 0.0
+
+        def lookup_segments() -> None:
+            """Find each segment's cached run, hand its chunks to ``load`` and mark the rows; run by
+            ``blend_forward`` as ``prepare`` (on a GPU, while the first layers compute)."""
+            nonlocal seg_tokens, t_load
+            for s, e in spans:
+                if e <= prefix:
+                    continue  # inside the exact prefix
+                n = 0
+                lo = max(
+                    prefix, s
+                )  # NOTE: a prefix may end inside a segment (documents sharing a first token)
+                for off, chunk in segments.chunks(row_cpu[s:e]):
+                    end = off + int(chunk.num_tokens)
+                    n = end
+                    if s + end <= lo:
+                        chunk.release()  # wholly inside the exact prefix
+                        continue
+                    skip = max(0, lo - (s + off))
+                    load.add(chunk, skip, n_sink + off + skip, s + off + skip)
+                if s + n > lo:
+                    reused[lo : s + n] = True
+                    if lo == s and not n_sink:  # NOTE: cached at position 0, its first tokens were its sink
+                        force[s : min(s + n, s + sink_tokens)] = True
+                    seg_tokens += s + n - lo
+                if n < e - s:
+                    missing.append((s, e))
+            load.start(_first_cached_layer(recompute_ratio, check_layer, layers))
+            t_load = time.perf_counter() - t0
 
         out = blend_forward(
             model,
@@ -164,6 +170,7 @@ def blend_prefill(
             deviation=deviation,
             cache=cache,
             fill=load.fill,
+            prepare=lookup_segments,
             profile=profile,
         )
         if device.type == "cuda":
@@ -182,7 +189,7 @@ def blend_prefill(
             stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e], row[:n_sink]))
     t_end = time.perf_counter()
     return BlendOutcome(
-        out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0, t_end - t_first
+        out.logits, prefix, seg_tokens, out.recomputed, stored, t_load, t_first - t0, t_end - t_first
     )
 
 
