@@ -115,7 +115,9 @@ def chat(
     if private_tokens:
         # NOTE: own generators, so the default (no private documents) keeps its token ids.
         for u in range(users):
-            doc = text_tokens(encode, random.Random(f"chat:{seed}:doc{u}"), private_tokens, f"Document {u + 1}:")
+            doc = text_tokens(
+                encode, random.Random(f"chat:{seed}:doc{u}"), private_tokens, f"Document {u + 1}:"
+            )
             history[u] += doc + sep
     turns: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = [[] for _ in range(users)]
     for _r in range(rounds):
