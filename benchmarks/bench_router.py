@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,19 @@ def backend_counts(url: str) -> dict[str, float]:
     return out
 
 
+def misses(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Requests that found under half their prompt cached: how many, how many were a user's first
+    turn (a miss for every policy), and the median TTFT of hits and of misses."""
+    miss = [r for r in results if (r["hit_tokens"] or 0) < 0.5 * r["prompt_tokens"]]
+    hit = [r for r in results if (r["hit_tokens"] or 0) >= 0.5 * r["prompt_tokens"]]
+    return {
+        "misses": len(miss),
+        "first_turn_misses": sum(r["label"].endswith("round 1") for r in miss),
+        "hit_ttft_median_s": round(statistics.median(r["ttft_s"] for r in hit), 2) if hit else None,
+        "miss_ttft_median_s": round(statistics.median(r["ttft_s"] for r in miss), 2) if miss else None,
+    }
+
+
 def bench(a: argparse.Namespace, url: str, seed: int, salt: str, out: Path) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "kvtier.cli", "bench", "--url", url + "/v1",
@@ -97,7 +111,8 @@ def bench(a: argparse.Namespace, url: str, seed: int, salt: str, out: Path) -> d
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=fleet.env())
     if res.returncode != 0:
         raise RuntimeError(f"kvtier bench failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
-    return dict(json.loads(out.read_text())["workloads"][0]["variants"][0]["summary"])
+    variant = json.loads(out.read_text())["workloads"][0]["variants"][0]
+    return {**variant["summary"], **misses(variant["results"])}
 
 
 def main() -> int:
@@ -155,6 +170,7 @@ def main() -> int:
                     "seed": seed, "policy": pol, "requests": s["requests"], "errors": s["errors"],
                     "token_hit_rate": s["token_hit_rate"], "ttft_p50_ms": s["ttft_p50_ms"],
                     "ttft_p90_ms": s["ttft_p90_ms"], "ttft_p99_ms": s["ttft_p99_ms"],
+                    **{k: s[k] for k in ("misses", "first_turn_misses", "hit_ttft_median_s", "miss_ttft_median_s")},
                     "per_instance": sorted(after.get(b, 0) - before.get(b, 0) for b in after),
                     "wall_s": round(time.monotonic() - t0, 1),
                     "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
@@ -164,11 +180,15 @@ def main() -> int:
     finally:
         for p in reversed(procs):
             p.stop()
-    print(f"\n{'seed':>4} {'policy':<12}{'hit':>6}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}  per instance  load")
+    print(
+        f"\n{'seed':>4} {'policy':<12}{'hit':>6}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}"
+        "  misses (1st turns)  hit/miss median s  per instance  load"
+    )
     for r in rows:
         print(
             f"{r['seed']:>4} {r['policy']:<12}{r['token_hit_rate']:>6.2f}{r['ttft_p50_ms'] / 1e3:>8.2f}"
-            f"{r['ttft_p90_ms'] / 1e3:>8.2f}{r['ttft_p99_ms'] / 1e3:>8.2f}  {r['per_instance']}  "
+            f"{r['ttft_p90_ms'] / 1e3:>8.2f}{r['ttft_p99_ms'] / 1e3:>8.2f}  {r['misses']:>6} ({r['first_turn_misses']})"
+            f"         {r['hit_ttft_median_s']}/{r['miss_ttft_median_s']}  {r['per_instance']}  "
             f"{r['load_before']}-{r['load_after']}"
         )
     for seed in seeds:
