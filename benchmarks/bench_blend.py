@@ -107,9 +107,11 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     seg_eng, pre_eng = engine(), engine()
     kvt.bind_engine(seg_eng, model)
     keys = kvt._request_keys(seg_eng, model, torch.tensor([head]), {})  # the adapter identity in every key
-    store = SegmentStore(seg_eng, keys[0] if keys else None)
-    for d in dids:  # every document of the pool cached as a segment, computed on its own
-        store.store(torch.tensor(d), segment_kv(model, torch.tensor(d)))
+    sink = torch.tensor(head if args.segment_sink == "head" else [], dtype=torch.long)
+    store = SegmentStore(seg_eng, keys[0] if keys else None, sink)
+    for d in dids:  # every pool document cached as a segment, computed alone or after the system head
+        store.store(torch.tensor(d), segment_kv(model, torch.tensor(d), sink))
+    blend_kw: dict[str, Any] = dict(segment_sink=args.segment_sink if args.segment_sink == "head" else 0)
     variants = ("full", "prefix", "naive", "blend15", "blend30")
     ratios = {"naive": 0.0, "blend15": 0.15, "blend30": 0.30}
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -133,7 +135,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             if v == "full":
                 res[v] = full(model, ids)
             else:
-                r = kvt.prefill(model, ids, seg_eng, segments=spans, recompute_ratio=0.15, store=False)
+                r = kvt.prefill(
+                    model, ids, seg_eng, segments=spans, recompute_ratio=0.15, store=False, **blend_kw
+                )
                 res[v] = (r.logits, r.cache, r.ttft_s)
                 recomputed += r.recomputed_tokens
                 computed_share.append((seq - r.hit_tokens + r.recomputed_tokens) / seq)
@@ -142,7 +146,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         r = kvt.prefill(model, ids, pre_eng)
         res["prefix"] = (r.logits, r.cache, r.ttft_s)
         for v in ("naive", "blend30"):
-            r = kvt.prefill(model, ids, seg_eng, segments=spans, recompute_ratio=ratios[v], store=False)
+            r = kvt.prefill(
+                model, ids, seg_eng, segments=spans, recompute_ratio=ratios[v], store=False, **blend_kw
+            )
             res[v] = (r.logits, r.cache, r.ttft_s)
         ans = {v: greedy(model, res[v][0], res[v][1], args.max_new_tokens, eos) for v in variants}
         ref_logits, ref_ans = res["full"][0], ans["full"]
@@ -170,6 +176,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         questions=len(items),
         k=args.k,
         pool=args.pool,
+        segment_sink=args.segment_sink,
         mean_prompt_tokens=prompt_tokens / len(items),
         ttft_full_over_blend15_paired_median=statistics.median(ratios_paired),
         ttft_pairs=ttft_pairs,
@@ -227,6 +234,12 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared, loaded CPU box)")
+    ap.add_argument(
+        "--segment-sink",
+        choices=("none", "head"),
+        default="none",
+        help="compute passages after the system head",
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     # NOTE: on the loaded 2-core box two torch threads made a 285-token prefill 10x slower (spinning

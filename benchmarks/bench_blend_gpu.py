@@ -11,8 +11,11 @@ order + a question; its TTFT is measured for full prefill (``model(...)``, flash
 ``kvt.prefill(..., segments=, recompute_ratio=)``, which includes the segment lookups, the CPU ->
 GPU copies, the re-rotation and the selective recompute. The two are timed back to back per
 request in alternating order; the per-request ratio's median is reported (same-run ratio).
-Also reported: the blend's load share of its TTFT and the re-rotation kernel's agreement with the
-torch path (the Triton kernel is used on CUDA; this is its check on real hardware).
+Also reported: where a blend's time goes (one extra, profiled request after the timed ones:
+``blend_forward`` synchronises at each phase boundary, so its parts sum to a little more than an
+unprofiled TTFT): lookups + starting the segment copies, waiting for / placing cached rows,
+the layers that compute every token (through the first check layer), the selected-token layers,
+and the logits/cache hand-off; and the re-rotation kernel's agreement with the torch path.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvtier import CacheEngine, Config
 from kvtier.blend import SegmentStore
-from kvtier.blend.prefill import segment_kv
+from kvtier.blend.forward import DEFAULT_CHECK_LAYER
+from kvtier.blend.prefill import blend_prefill, segment_kv
 from kvtier.integrations import transformers as kvt
 
 
@@ -104,6 +108,8 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--check-layer", type=int, default=None, help="default: kvtier's (1)")
+    ap.add_argument("--profile-requests", type=int, default=2, help="extra profiled requests (breakdown)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -157,7 +163,15 @@ def main() -> None:
                 ref, res[v] = full_ttft(model, ids)
             else:
                 sync(device)
-                r = kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=args.ratio, store=False)
+                r = kvt.prefill(
+                    model,
+                    ids,
+                    eng,
+                    segments=spans,
+                    recompute_ratio=args.ratio,
+                    check_layer=args.check_layer,
+                    store=False,
+                )
                 sync(device)
                 res[v], logits = r.ttft_s, r.logits
                 loads.append(r.load_s)
@@ -166,6 +180,24 @@ def main() -> None:
         if i > 0:
             pairs.append((res["full"], res["blend"]))
         print(i, seq, {k: round(x, 4) for k, x in res.items()}, flush=True)
+    breakdowns: list[dict[str, float]] = []
+    for _ in range(args.profile_requests):  # where the time goes; synchronising, so not in the pairs
+        prof: dict[str, float] = {}
+        sync(device)
+        o = blend_prefill(
+            model,
+            ids[0],
+            eng,
+            spans,
+            DynamicCache(config=model.config),
+            recompute_ratio=args.ratio,
+            check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
+            store=False,
+            extras=keys[0] if keys else None,
+            profile=prof,
+        )
+        breakdowns.append({"load_start": o.load_s, **prof, "ttft": o.ttft_s})
+    print("breakdown (s):", [{k: round(v, 4) for k, v in b.items()} for b in breakdowns], flush=True)
     ratios = [f / b for f, b in pairs]
     out = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -174,12 +206,14 @@ def main() -> None:
         docs=args.docs,
         doc_tokens=args.doc_tokens,
         recompute_ratio=args.ratio,
+        check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
         segment_tokens=seg_tokens,
         recomputed_tokens=recomputed,
         ttft_full_median_s=statistics.median(p[0] for p in pairs),
         ttft_blend_median_s=statistics.median(p[1] for p in pairs),
         speedup_paired_median=statistics.median(ratios),
         blend_load_median_s=statistics.median(loads[1:]),
+        breakdown_s=breakdowns[-1] if breakdowns else {},
         top1_agreement_random_weights=statistics.fmean(agree),
         rerotation_triton_vs_torch_max_abs=rerotation_check(model, device),
         pairs=pairs,

@@ -4,9 +4,11 @@
         '[{"recompute_ratio": 0.15, "deviation": "k"}, {"recompute_ratio": 0.15, "check_layer": [1, 2, 3]}]'
 
 Each JSON object is a set of ``blend_prefill`` keyword arguments (``recompute_ratio``,
-``check_layer``, ``sink_tokens``, ``deviation``). Same prompts, same cached passages as
-``bench_blend.py``; per variant: token F1 against the gold answers, exact match of the greedy
-answer with full prefill's, first-token top-1 agreement and KL(full || variant). No timing.
+``check_layer``, ``sink_tokens``, ``deviation``, ``segment_sink``). Same prompts, same cached
+passages as ``bench_blend.py`` (stored once per distinct ``segment_sink``: after the shared system
+head for ``"head"``); per variant: token F1 against the gold answers, exact match and Rouge-L of
+the greedy answer against full prefill's, first-token top-1 agreement and KL(full || variant).
+No timing.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ def main() -> None:
     kvt.bind_engine(eng, model)
     keys = kvt._request_keys(eng, model, torch.tensor([head]), {})
     extras = keys[0] if keys else None
-    store = SegmentStore(eng, extras)
-    for d in dids:
-        store.store(torch.tensor(d), segment_kv(model, torch.tensor(d)))
+    for sink_opt in sorted({str(v.get("segment_sink", 0)) for v in variants}):
+        n_sink = len(head) if sink_opt == "head" else int(sink_opt)
+        sink = torch.tensor(head[:n_sink], dtype=torch.long)
+        store = SegmentStore(eng, extras, sink)
+        for d in dids:  # every passage cached as a segment, computed after the sink (or alone)
+            store.store(torch.tensor(d), segment_kv(model, torch.tensor(d), sink))
     prompts = []
     for it in items:  # the same prompts as bench_blend.quality
         ids_l, spans = list(head), []
@@ -79,6 +84,7 @@ def main() -> None:
                 dict(
                     f1=bb.f1(bb.answer_text(tok, ans), gold),
                     em=float(ans == ref_ans),
+                    rouge=bb.rouge_l(ref_ans, ans),
                     top1=float(int(o.logits.argmax()) == int(ref_logits.argmax())),
                     kl=bb.kl(ref_logits, o.logits),
                 )

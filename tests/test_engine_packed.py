@@ -45,3 +45,23 @@ def test_bad_packed_input_is_a_clear_error() -> None:
         eng.store_packed_range(toks[:-1], torch.zeros(2, n, dtype=torch.uint8))
     with pytest.raises(KVError, match="expected"):
         eng.store_packed_range(toks, torch.zeros(2, n + 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("codec_name", ["fp8", "int8", "int4", "int2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_packed_chunk_of_nonfinite_kv_is_refused_and_counted(codec_name: str, bad: float) -> None:
+    """The fused save path (quantize in the gather, then ``store_packed_range``) never sees the
+    raw KV, so its only guard is the packed scales: a chunk quantized from NaN/Inf KV is refused
+    with the chunks after it (keys are chained), counted, and the chunks before it are stored.
+    Before the fix a NaN row was packed with ``scale = 1`` and stored as plausible numbers."""
+    toks = list(range(3 * CT))
+    kv = torch.randn(L, 2, 3 * CT, H, D).to(torch.float16)
+    kv[1, 1, CT + 5, 0, 7] = bad  # in chunk 1
+    eng = engine(codec_name)
+    codec = eng.kv_codec
+    assert codec is not None
+    rows = torch.stack([codec.encode(kv[:, :, i * CT : (i + 1) * CT]) for i in range(3)])
+    res = eng.store_packed_range(toks, rows)
+    assert (res.stored_tokens, res.nonfinite_chunks) == (CT, 2)
+    assert eng.stats().nonfinite_chunks == 2
+    assert eng.retrieve(toks).num_tokens == CT  # a miss from chunk 1 on: the request recomputes

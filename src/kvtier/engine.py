@@ -18,7 +18,9 @@ Invariants:
   ``CacheStats.nonfinite_chunks`` and warning once per engine. Non-finite KV means the serving
   engine computed garbage (overflow, a broken kernel, a bad GPU); caching it would replay a
   transient fault to every later request that shares the prefix, on every process sharing the
-  store. It is not an error: the request goes on, only the cache declines.
+  store. It is not an error: the request goes on, only the cache declines. ``store_packed_range``
+  (KV already quantized, e.g. on the GPU) checks the packed scales instead: every codec gives a
+  group holding NaN/Inf a non-finite scale (``serde.kvcodec``), so no pass over the KV is added.
 * A tier failure at run time is a miss (``TierManager``), never an exception from these calls.
 * ``lookup_by_cost`` (what integrations call before loading) answers at most ``lookup``'s
   prefix: the leading chunks whose measured read cost from the tier holding them is below
@@ -484,7 +486,8 @@ class CacheEngine:
         skip = self.storage.top_prefix([k.digest for k in keys])
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         todo = list(range(skip, len(keys)))
-        # NaN/Inf KV gives a non-finite scale (torch's amax propagates NaN; Triton's max may not)
+        # NaN/Inf KV gives its group a non-finite scale or offset on every codec path (torch and
+        # Triton: serde.kvcodec's invariants), so the packed scales are the non-finite check
         scales = packed[skip:, codec.scales_offset(self.logical_shape(ct)) :].contiguous()
         bad = (~torch.isfinite(scales.view(torch.float32))).any(dim=1).nonzero()
         clean = int(bad[0]) if bad.numel() else len(todo)

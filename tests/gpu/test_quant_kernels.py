@@ -112,6 +112,27 @@ def test_triton_layer_by_layer_bit_exact_with_torch(name: str) -> None:
 
 
 @cuda
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_triton_gives_nonfinite_kv_a_nonfinite_scale(name: str, bad: float) -> None:
+    """Compiled kernels: ``tl.max`` drops NaN, so the scale reductions propagate it explicitly;
+    a NaN/Inf element's groups get non-finite scales, the same ones as the torch codec's, and
+    ``store_packed_range`` refuses the chunk. Before the fix NaN gave finite scales here."""
+    pytest.importorskip("triton")
+    caches, slots = _setup("cuda", torch.bfloat16, seed=5)
+    blk, off = int(slots[70]) // BS, int(slots[70]) % BS  # chunk 1
+    caches[2][0, blk, off, 1, 3] = bad
+    caches[2][1, blk, off, 0, 9] = bad
+    off0 = KV_CODECS[name].scales_offset((3, 2, CT, H, D))
+    ref = gather_quant(caches, slots, name, CT, backend="torch")
+    got = gather_quant(caches, slots, name, CT, backend="triton")
+    bad_t, bad_r = ((~torch.isfinite(p[:, off0:].contiguous().view(torch.float32))) for p in (got, ref))
+    assert bool(bad_t[1].any()) and not bool(bad_t[0].any())
+    assert torch.equal(bad_t, bad_r)
+    assert torch.equal(got[0], ref[0])  # the clean chunk: bit-exact as ever
+
+
+@cuda
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_overlapped_store_and_load_equal_the_plain_calls(name: str) -> None:
     pytest.importorskip("triton")

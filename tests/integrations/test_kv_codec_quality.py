@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.bench.kv_quality import _kv_of, held_out_text, measure, roundtrip
+from kvtier.bench.kv_quality import _kv_of, held_out_text, measure, roundtrip, score_window, window_ids
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
 from kvtier.models import LoadedModel, output_cache
@@ -40,3 +40,20 @@ def test_quality_gate_small(smollm2: LoadedModel, ids: torch.Tensor) -> None:
     assert abs(int4.ppl / raw.ppl - 1) < 0.05 and int4.agreement >= 0.85
     # the measurement discriminates: 2-bit KV is measurably worse than 8-bit
     assert int2.first_kl > int8.first_kl and int2.nll_sum > int8.nll_sum
+
+
+def test_batched_scores_equal_one_forward_per_codec(smollm2: LoadedModel, ids: torch.Tensor) -> None:
+    """The gate scores all codecs' continuations in one batched forward; on 2 windows that gives
+    the scores of one forward per codec (fp32 rounding at most), and the codecs differ."""
+    for i in range(2):
+        seq = window_ids(ids, i, prefix=128, cont=32)
+        b = score_window(smollm2.model, seq, ["int8", "int4"], prefix=128, chunk_tokens=64)
+        u = score_window(smollm2.model, seq, ["int8", "int4"], prefix=128, chunk_tokens=64, batched=False)
+        assert list(b) == ["none", "int8", "int4"] == list(u)
+        for c in b:
+            assert b[c].nll_sum == pytest.approx(u[c].nll_sum, rel=1e-5)
+            assert b[c].first_kl == pytest.approx(
+                u[c].first_kl, rel=1e-2, abs=1e-6
+            )  # KL of ~1e-4: a small difference of logs
+            assert abs(b[c].agree - u[c].agree) <= 1 and b[c].n_tokens == u[c].n_tokens == 31
+        assert b["int4"].nll_sum != b["none"].nll_sum

@@ -12,7 +12,7 @@ from kvtier.engine import CacheEngine, KVError
 from kvtier.keys import Namespace
 from kvtier.serde import CODECS, decode, encode
 from kvtier.serde.kvcodec import KV_CODEC_NAMES as CODEC_MODULE_NAMES
-from kvtier.serde.kvcodec import KV_CODECS, KVCodecError, get_kv_codec
+from kvtier.serde.kvcodec import KV_CODECS, KiviCodec, KVCodecError, get_kv_codec
 from kvtier.tiers.base import Chunk
 
 # relative L2 error bounds on Gaussian KV (measured: fp8 0.025, int8 0.006, int4 0.09, int2 0.45)
@@ -183,3 +183,31 @@ def test_kv_codec_flag_reaches_the_config() -> None:
     assert load_config(p.parse_args([])).chunk.kv_codec == "none"
     with pytest.raises(SystemExit):
         p.parse_args(["--kv-codec", "int3"])
+
+
+@pytest.mark.parametrize("name", sorted(KV_CODECS))
+@pytest.mark.parametrize("plane", [0, 1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_kv_gives_its_group_a_nonfinite_scale(name: str, plane: int, bad: float) -> None:
+    """A group holding NaN/Inf is never encoded as plausible numbers: the scale of that group is
+    non-finite (so ``store_packed_range``'s scale check refuses the chunk); other groups keep
+    their finite scales. Before the fix a NaN row got ``scale = 1`` (``NaN > 0`` is false)."""
+    codec = KV_CODECS[name]
+    kv = _kv(tokens=128)
+    kv[1, plane, 70, 1, 5] = bad
+    shape = tuple(kv.shape)
+    packed, at, parts = codec.encode(kv), 0, []
+    for size in codec.segments(shape):  # codes, then the fp32 scale arrays
+        parts.append(packed[at : at + size])
+        at += size
+    if isinstance(codec, KiviCodec) and plane == 0:  # keys: per channel over 64-token groups
+        scales = parts[1].view(torch.float32).view(3, 2, 2, 64)  # [L, T/64, H, D]
+        group = scales[1, 70 // 64, 1, 5]
+    elif isinstance(codec, KiviCodec):  # values: per token & head
+        scales = parts[3].view(torch.float32).view(3, 128, 2)
+        group = scales[1, 70, 1]
+    else:
+        scales = parts[1].view(torch.float32).view(3, 2, 128, 2)
+        group = scales[1, plane, 70, 1]
+    assert not bool(torch.isfinite(group))
+    assert int((~torch.isfinite(scales)).sum()) == 1

@@ -117,22 +117,6 @@ def test_save_that_is_not_whole_chunks_takes_the_raw_path_with_the_same_bytes() 
     assert packed_chunks(a, toks) == packed_chunks(b, toks) and len(packed_chunks(a, toks)) == 2
 
 
-def test_nonfinite_kv_is_not_stored_by_the_packed_path() -> None:
-    src = caches("cpu", False, seed=4)
-    src[1][0, BLOCKS[5], 3, 1, 7] = float("inf")  # layer 1, token 83: the second chunk
-    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
-    toks = list(range(128))
-    eng = engine("int8")
-    stats = ConnectorStats()
-    w = WorkerSide(eng, lay, L, stats)
-    w.begin_saves([TransferSpec("r", toks, 0, 128, BLOCKS[:8])], torch.device("cpu"))
-    for i, c in enumerate(src):
-        w.save_layer(i, c)
-    w.finish_saves(torch.device("cpu"))
-    assert stats.saved_tokens == CT and eng.stats().nonfinite_chunks == 1
-    assert eng.lookup(toks) == CT
-
-
 def test_packed_save_refuses_a_partial_chunk_and_codec_none_does_not_pack() -> None:
     src = caches("cpu", False)
     lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
@@ -142,3 +126,30 @@ def test_packed_save_refuses_a_partial_chunk_and_codec_none_does_not_pack() -> N
     idx = token_index(BLOCKS, 0, 0, 80, BS, torch.device("cpu"))
     with pytest.raises(Exception, match="whole chunks"):
         PackedSave(engine("int8"), idx, L, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("codec", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_packed_save_refuses_a_chunk_of_nonfinite_kv(device: str, codec: str, bad: float) -> None:
+    """The packed save never hands the raw KV to the engine (whose store_range checks it), so a
+    NaN/Inf in the cache must reach ``store_packed_range`` as a non-finite scale: that chunk and
+    the ones after it are refused and counted, the ones before are stored, nothing fails, and a
+    later load of the request is a hit up to the bad chunk only (the rest is recomputed)."""
+    dev = torch.device(device)
+    src = caches(device, False)
+    src[1][1, BLOCKS[5], 7, 1, 9] = bad  # a value of layer 1, token 5 * 16 + 7: chunk 1
+    lay = detect(src[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    toks = list(range(500, 660))
+    eng = engine(codec)
+    stats = ConnectorStats()
+    w = WorkerSide(eng, lay, L, stats)
+    w.begin_saves([TransferSpec("r", toks, 0, 2 * CT, BLOCKS[:8])], dev)
+    assert all(sv.packed is not None for sv in w._saves)
+    for i, c in enumerate(src):
+        w.save_layer(i, c)
+    w.finish_saves(dev)
+    assert stats.saved_tokens == CT and stats.store_failures == 0
+    assert eng.stats().nonfinite_chunks == 1
+    back = eng.retrieve(toks).kv
+    assert back is not None and back.shape[2] == CT and bool(torch.isfinite(back).all())

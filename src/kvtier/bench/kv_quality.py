@@ -31,6 +31,17 @@ def held_out_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
+@dataclass(frozen=True)
+class WindowScore:
+    """One codec's scores on one window: the unit the resumable log stores (kv_quality_log)."""
+
+    nll_sum: float
+    n_tokens: int
+    agree: int
+    first_agree: int
+    first_kl: float
+
+
 @dataclass
 class CodecQuality:
     name: str
@@ -41,6 +52,14 @@ class CodecQuality:
     n_windows: int = 0
     first_agree: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, w: WindowScore) -> None:
+        self.nll_sum += w.nll_sum
+        self.n_tokens += w.n_tokens
+        self.agree += w.agree
+        self.first_agree += w.first_agree
+        self.first_kl_sum += w.first_kl
+        self.n_windows += 1
 
     @property
     def ppl(self) -> float:
@@ -75,17 +94,71 @@ def _kv_of(cache: Any) -> torch.Tensor:
 
 
 def _cache_of(model: Any, kv: torch.Tensor) -> Any:
+    """A DynamicCache holding ``kv``: ``[L, 2, T, H, D]`` (batch 1) or ``[B, L, 2, T, H, D]``."""
     from transformers import DynamicCache
 
+    if kv.dim() == 5:
+        kv = kv[None]
     cache = DynamicCache(config=model.config)
-    for i in range(kv.shape[0]):
-        cache.update(
-            kv[i, 0].transpose(0, 1)[None].contiguous(), kv[i, 1].transpose(0, 1)[None].contiguous(), i
-        )
+    for i in range(kv.shape[1]):
+        cache.update(kv[:, i, 0].transpose(1, 2).contiguous(), kv[:, i, 1].transpose(1, 2).contiguous(), i)
     return cache
 
 
+def _scores(logits: torch.Tensor, ref_logits: torch.Tensor, target: torch.Tensor) -> WindowScore:
+    """Scores of one continuation's ``logits [cont, V]`` (fp32) against the raw KV's."""
+    logp = torch.log_softmax(logits, -1)
+    ref_logp0 = torch.log_softmax(ref_logits[0], -1)
+    return WindowScore(
+        nll_sum=float(-logp[:-1].gather(1, target[:, None]).sum()),
+        n_tokens=int(target.numel()),
+        agree=int((logits[:-1].argmax(-1) == ref_logits[:-1].argmax(-1)).sum()),
+        first_agree=int(logits[0].argmax() == ref_logits[0].argmax()),
+        first_kl=float((ref_logp0.exp() * (ref_logp0 - logp[0])).sum()),
+    )
+
+
 @torch.inference_mode()
+def score_window(
+    model: Any,
+    seq: torch.Tensor,
+    codecs: list[str],
+    *,
+    prefix: int,
+    chunk_tokens: int = 256,
+    batched: bool = True,
+) -> dict[str, WindowScore]:
+    """Scores of raw (``"none"``) and each codec on one window ``seq`` (1-D, ``prefix + cont`` ids).
+
+    The prefix is prefilled once (logits of its last position only: the rest are unused) and every
+    codec's KV is derived from that one raw KV. ``batched``: all continuations run in ONE forward
+    (batch row = codec, the same continuation tokens, no padding), equal to one forward per codec
+    within fp32 rounding (tested); ``batched=False`` is that reference.
+    """
+    names = [REFERENCE, *(c for c in codecs if c != REFERENCE)]
+    out = model(seq[None, :prefix], use_cache=True, logits_to_keep=1)
+    kv = _kv_of(output_cache(out))
+    cont = seq[None, prefix:]
+    target = seq[prefix + 1 :]
+    kvs = [roundtrip(kv, name, chunk_tokens) for name in names]
+    if batched:
+        cache = _cache_of(model, torch.stack(kvs))
+        logits = model(cont.expand(len(names), -1), **{cache_kwarg(model): cache}, use_cache=True).logits
+        rows = [logits[b].float() for b in range(len(names))]
+    else:
+        rows = [
+            model(cont, **{cache_kwarg(model): _cache_of(model, k)}, use_cache=True).logits[0].float()
+            for k in kvs
+        ]
+    return {name: _scores(row, rows[0], target) for name, row in zip(names, rows, strict=True)}
+
+
+def window_ids(ids: torch.Tensor, i: int, *, prefix: int, cont: int) -> torch.Tensor:
+    """Window ``i`` of ``ids``: consecutive, non-overlapping ``prefix + cont`` tokens."""
+    w = prefix + cont
+    return ids[i * w : (i + 1) * w]
+
+
 def measure(
     model: Any,
     ids: torch.Tensor,
@@ -96,39 +169,29 @@ def measure(
     cont: int,
     chunk_tokens: int = 256,
     progress: Any = None,
+    done: dict[int, dict[str, WindowScore]] | None = None,
+    on_window: Any = None,
+    batched: bool = True,
 ) -> dict[str, CodecQuality]:
-    """Quality per codec over ``windows`` consecutive windows of ``ids`` (1-D token ids);
-    ``progress(i, results)`` is called after each window (partial results stay usable)."""
+    """Quality per codec over ``windows`` consecutive windows of ``ids`` (1-D token ids).
+
+    ``done``: scores of windows already measured (a resumed run): summed, not recomputed.
+    ``on_window(i, scores)`` is called after each newly measured window (to log it), then
+    ``progress(i, results)`` (partial results stay usable)."""
     results = {c: CodecQuality(c) for c in [REFERENCE, *codecs]}
-    w = prefix + cont
-    if ids.numel() < windows * w:
-        raise WorkloadError(f"need {windows * w} tokens of text, have {ids.numel()}")
+    if ids.numel() < windows * (prefix + cont):
+        raise WorkloadError(f"need {windows * (prefix + cont)} tokens of text, have {ids.numel()}")
     for i in range(windows):
-        seq = ids[i * w : (i + 1) * w][None]
-        out = model(seq[:, :prefix], use_cache=True)
-        kv = _kv_of(output_cache(out))
-        target = seq[0, prefix + 1 :]
-        ref_logits: torch.Tensor | None = None
-        for name, q in results.items():
-            logits = (
-                model(
-                    seq[:, prefix:],
-                    **{cache_kwarg(model): _cache_of(model, roundtrip(kv, name, chunk_tokens))},
-                    use_cache=True,
-                )
-                .logits[0]
-                .float()
+        scores = (done or {}).get(i)
+        if scores is None:
+            seq = window_ids(ids, i, prefix=prefix, cont=cont)
+            scores = score_window(
+                model, seq, codecs, prefix=prefix, chunk_tokens=chunk_tokens, batched=batched
             )
-            logp = torch.log_softmax(logits, -1)
-            q.nll_sum += float(-logp[:-1].gather(1, target[:, None]).sum())
-            q.n_tokens += int(target.numel())
-            q.n_windows += 1
-            if ref_logits is None:
-                ref_logits = logits
-            ref_logp = torch.log_softmax(ref_logits, -1)
-            q.agree += int((logits[:-1].argmax(-1) == ref_logits[:-1].argmax(-1)).sum())
-            q.first_agree += int(logits[0].argmax() == ref_logits[0].argmax())
-            q.first_kl_sum += float((ref_logp[0].exp() * (ref_logp[0] - logp[0])).sum())
+            if on_window is not None:
+                on_window(i, scores)
+        for name, q in results.items():
+            q.add(scores[name])
         if progress is not None:
             progress(i, results)
     return results

@@ -18,20 +18,31 @@ over an exact prefix, i.e. a full prefill. ``recompute_ratio=0.0`` skips the che
 are used as cached in every layer (naive reuse) and only uncached tokens are computed.
 
 Invariants:
-* Each computed query attends to every key row at a position <= its own (an explicit additive
-  causal mask over the whole prompt), whatever mix of cached and fresh rows those are.
+* Each computed query attends to every key row at a position <= its own, whatever mix of cached
+  and fresh rows those are. How that is expressed (``_attn_mask``): a contiguous run of queries
+  ending at the last position (the layers that compute every token) takes SDPA's own causal
+  path (``is_causal`` from position 0, ``causal_lower_right`` after an exact prefix: flash
+  kernels, no mask in memory); any other set of queries (the selected rows) an additive
+  ``[n_rows, S]`` mask. ``eager`` attention always gets the explicit mask.
+* One KV buffer (``KVBuffer``, ``[L, 2, 1, H, S, D]``): computed rows are written into it in
+  place, and the returned cache's layers are views of it (no copy of the prompt's KV).
+* Cached rows a ``fill`` callback provides must be in the buffer before the layer that reads
+  them runs: ``blend_forward`` calls ``fill(layer, first)`` before each layer ``>= first``, where
+  ``first`` is the first check layer (earlier layers recompute every row) or 0 (naive reuse);
+  layers before ``first`` are never filled, so their freshly computed rows stay.
 * Tokens outside every reused span (the system text, uncached segments, the question) are
   computed in every layer with full attention; only reused rows are ever skipped.
 * Deviations compare fresh and cached keys at the same (new) position: cached keys are
   re-rotated before the forward pass, so RoPE does not count as deviation.
 * The last prompt token is always computed through every layer: logits come from it.
-* Works with the ``eager`` and ``sdpa`` attention implementations (both take an additive 4-D
-  mask); others are refused by ``check_blendable``.
+* Works with the ``eager`` and ``sdpa`` attention implementations; others are refused by
+  ``check_blendable``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,13 +86,58 @@ class BlendForward:
     computed: int  # tokens computed in the last layer (recomputed + uncached + the last one)
 
 
+class KVBuffer:
+    """The prompt's KV, one buffer ``[L, 2, 1, H, S, D]``: ``keys(i)``/``values(i)`` are layer ``i``'s
+    ``[1, H, S, D]`` views in the layout attention reads, so rows are written in place and the
+    finished cache hands out views, never copies. Contents start undefined: every row is either
+    provided (prefix, ``fill``) or computed before a query can read it (see ``blend_forward``)."""
+
+    def __init__(
+        self, layers: int, heads: int, seq: int, dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        self.buf = torch.empty((layers, 2, 1, heads, seq, dim), dtype=dtype, device=device)
+
+    @classmethod
+    def from_kv(cls, kv: torch.Tensor) -> KVBuffer:
+        """A buffer holding a copy of ``kv`` ``[L, 2, S, H, D]``."""
+        layers, _, seq, heads, dim = kv.shape
+        b = cls(layers, heads, seq, dim, kv.dtype, kv.device)
+        b.buf[:, :, 0] = kv.transpose(2, 3)
+        return b
+
+    @property
+    def layers(self) -> int:
+        return int(self.buf.shape[0])
+
+    def keys(self, i: int) -> torch.Tensor:
+        return self.buf[i, 0]
+
+    def values(self, i: int) -> torch.Tensor:
+        return self.buf[i, 1]
+
+    def put(self, layers: slice, start: int, kv: torch.Tensor) -> None:
+        """Write ``kv`` ``[l, 2, n, H, D]`` into rows ``[start, start + n)`` of ``layers``."""
+        n = int(kv.shape[2])
+        self.buf[layers, :, 0, :, start : start + n] = kv.transpose(2, 3)
+
+    def put_plane(self, layers: slice, plane: int, start: int, x: torch.Tensor) -> None:
+        """Write keys (``plane`` 0) or values (1) ``x`` ``[l, n, H, D]`` into rows ``[start, start + n)``."""
+        n = int(x.shape[1])
+        self.buf[layers, plane, 0, :, start : start + n] = x.transpose(1, 2)
+
+
+Fill = Callable[[int, int], None]
+"""``fill(layer, first)``: make the cached rows of ``layer`` (and of any layers ``>= first`` it
+chooses to do at once) present in the buffer; never touch layers below ``first``."""
+
+
 class _RowCache:
     """Handed to each attention layer as its cache: writes the fresh rows of the tokens being computed
     into that layer's full-length K/V buffers and returns the buffers, so queries see the whole prompt."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.keys, self.values = keys, values
-        self.rows: torch.Tensor = torch.empty(0, dtype=torch.long)  # positions computed in this layer
+    def __init__(self, buf: KVBuffer) -> None:
+        self.buf = buf
+        self.rows: torch.Tensor | slice = slice(None)  # positions computed in this layer
         self.probe: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, local idx, positions)
         self.deviation: torch.Tensor | None = None
         self.kind = DEFAULT_DEVIATION
@@ -89,7 +145,7 @@ class _RowCache:
     def update(
         self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kb, vb = self.keys[layer_idx], self.values[layer_idx]
+        kb, vb = self.buf.keys(layer_idx), self.buf.values(layer_idx)
         if self.probe is not None and self.probe[0] == layer_idx:
             _, local, pos = self.probe
             self.deviation = _deviation(
@@ -125,6 +181,27 @@ def _mask(rows: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
     return m[None, None]
 
 
+def _attn_mask(
+    rows: torch.Tensor, seq: int, dtype: torch.dtype, impl: str, tail_start: int | None = None
+) -> Any:
+    """The attention mask for queries at ``rows`` (sorted) over keys ``[0, seq)``.
+
+    SDPA with queries ``[start, seq)``: ``None`` from 0 (transformers then passes ``is_causal``),
+    a lower-right ``CausalBias`` after a prefix (keys ``[0, seq)``, query ``j`` at ``start + j``):
+    both reach the flash / memory-efficient kernels without a mask in memory. Anything else, and
+    every ``eager`` layer: the explicit additive mask. ``tail_start``: the caller knows ``rows``
+    is ``[tail_start, seq)`` (no device read, so no synchronisation)."""
+    n = int(rows.numel())
+    contiguous = tail_start == seq - n if tail_start is not None else n > 0 and int(rows[0]) == seq - n
+    if impl == "sdpa" and contiguous:
+        if n == seq:
+            return None
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(n, seq)
+    return _mask(rows, seq, dtype)
+
+
 def _stage_ratios(ratio: float, stages: int) -> list[float]:
     """Share of reused tokens kept after each check layer: ``ratio`` at the last one, and a wider
     net before it (``stages - j`` times ``ratio`` at stage ``j``), narrowed layer by layer as in
@@ -132,10 +209,29 @@ def _stage_ratios(ratio: float, stages: int) -> list[float]:
     return [min(1.0, ratio * (stages - j)) for j in range(stages)]
 
 
+class _Phases:
+    """Wall time per phase when ``profile`` is a dict (synchronising the device at each boundary,
+    so only for breakdowns; the timed runs pass ``None`` and never synchronise)."""
+
+    def __init__(self, profile: dict[str, float] | None, device: torch.device) -> None:
+        self.profile, self.device = profile, device
+        self.t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.profile is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.profile[name] = self.profile.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+@torch.no_grad()  # inference only: rows are written in place into one buffer
 def blend_forward(
     model: Any,
     ids: torch.Tensor,
-    kv: torch.Tensor,
+    kv: torch.Tensor | KVBuffer,
     *,
     prefix: int,
     reused: torch.Tensor,
@@ -144,80 +240,157 @@ def blend_forward(
     force: torch.Tensor | None = None,
     deviation: str = DEFAULT_DEVIATION,
     cache: DynamicCache | None = None,
+    fill: Fill | None = None,
+    prepare: Callable[[], None] | None = None,
+    profile: dict[str, float] | None = None,
 ) -> BlendForward:
-    """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv`` ``[L, 2, S, H, D]``.
+    """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv``.
 
-    ``kv``'s rows ``[0, prefix)`` are exact and rows where ``reused`` (bool ``[S]``) holds are
-    re-rotated segment KV; other rows are ignored (computed). ``kv`` is not modified.
+    ``kv``: a ``[L, 2, S, H, D]`` tensor (copied once into a ``KVBuffer``; not modified) or a
+    ``KVBuffer`` (used and written in place). Its rows ``[0, prefix)`` are exact and rows where
+    ``reused`` (bool ``[S]``) holds are re-rotated segment KV, present already or brought by
+    ``fill`` (see ``Fill``); other rows are ignored (computed).
     ``check_layer``: one layer, or several (gradual filtering, see ``_stage_ratios``).
     ``force`` (bool ``[S]``): reused rows recomputed whenever ``recompute_ratio > 0`` (a segment's
     first tokens), taken out of the ``recompute_ratio`` budget first; the rest of the budget goes
     to the rows with the largest ``deviation`` (``"k"``, ``"v"`` or ``"kv"``).
     ``cache``: an empty ``DynamicCache`` (or subclass) to fill with the result; a new one if ``None``.
+    ``prepare``: called once before ``reused``/``force`` are first read, which it may fill in
+    place: before the first check layer when selecting (the layers before it compute every
+    non-prefix row whatever is reused, so the caller's segment lookups overlap them on a GPU),
+    before layer 0 for naive reuse. No reused row after it: every layer computes every row.
+    ``profile``: a dict that receives seconds per phase (``prepare``, ``fill``,
+    ``all_token_layers``, ``selected_layers``, ``head``); synchronises the device, so for
+    breakdowns only.
     """
     base = model.model
     seq = int(ids.shape[1])
-    n_layers = int(kv.shape[0])
+    buf = kv if isinstance(kv, KVBuffer) else KVBuffer.from_kv(kv)
+    n_layers = buf.layers
     device = ids.device
-    reused = reused.to(device, copy=True)
-    reused[:prefix] = False
-    reused[seq - 1] = False
-    always = torch.ones(seq, dtype=torch.bool, device=device)
-    always[:prefix] = False
-    always &= ~reused
-    keys = [kv[i, 0].transpose(0, 1).unsqueeze(0).clone() for i in range(n_layers)]  # [1, H, S, D]
-    values = [kv[i, 1].transpose(0, 1).unsqueeze(0).clone() for i in range(n_layers)]
-    rc = _RowCache(keys, values)
-    rc.kind = deviation
-    n_reused = int(reused.sum())
+    phases = _Phases(profile, device)
+    impl = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "eager"
     if deviation not in DEVIATIONS:
         raise BlendError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
-    checks = sorted({min(max(c, 0), n_layers - 1) for c in _as_layers(check_layer)})
-    probe = recompute_ratio > 0.0 and n_reused > 0
-    budget = min(n_reused, round(recompute_ratio * n_reused))
-    forced = torch.zeros(seq, dtype=torch.bool, device=device)
-    if probe and force is not None:
-        forced = force.to(device) & reused
-        over = int(forced.sum()) - budget
-        if over > 0:  # NOTE: a ratio too small for every forced row: keep the earliest ones
-            forced[forced.nonzero().squeeze(1)[budget:]] = False
-    fixed = always | forced  # computed in every layer
+    checks = sorted({min(max(c, 0), n_layers - 1) for c in as_layers(check_layer)})
     stage_ratio = dict(zip(checks, _stage_ratios(recompute_ratio, len(checks)), strict=True))
-    cand = (reused & ~forced).nonzero().squeeze(1)  # reused rows still in the running
-    rows = torch.arange(prefix, seq, device=device) if probe else always.nonzero().squeeze(1)
-    if probe:
-        rc.probe = (checks[0], torch.searchsorted(rows, cand), cand)
+    rc = _RowCache(buf)
+    rc.kind = deviation
+    selecting_mode = recompute_ratio > 0.0
+    plan: _Plan | None = None
+    if selecting_mode:  # every non-prefix row through the first check layer: reused is not needed yet
+        first_cached = checks[0]
+        rows = torch.arange(prefix, seq, device=device)
+        rc.rows = slice(prefix, seq)
+    else:
+        first_cached = 0
+        if prepare is not None:
+            prepare()
+        plan = _Plan(reused, force, prefix, seq, 0.0, device)
+        rows = plan.always.nonzero().squeeze(1)
+        rc.rows = _as_index(rows, seq)
     h = base.embed_tokens(ids[:, rows])
     dtype = h.dtype
-    mask = _mask(rows, seq, dtype)
+    mask = _attn_mask(rows, seq, dtype, impl, tail_start=prefix if selecting_mode else None)
+    selecting = False
     for i, layer in enumerate(base.layers[:n_layers]):
-        rc.rows = rows
+        if plan is None and i == first_cached:
+            phases.mark("all_token_layers")
+            if prepare is not None:
+                prepare()
+            plan = _Plan(reused, force, prefix, seq, recompute_ratio, device)
+            if plan.n_reused:
+                rc.probe = (checks[0], torch.searchsorted(rows, plan.cand), plan.cand)
+            phases.mark("prepare")
+        if fill is not None and plan is not None and i >= first_cached and plan.n_reused:
+            phases.mark("selected_layers" if selecting else "all_token_layers")
+            fill(i, first_cached)
+            phases.mark("fill")
         pos = rows[None]
         pe = base.rotary_emb(h, pos)
         h = layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
-        if probe and i in stage_ratio:
+        if selecting_mode and plan is not None and plan.n_reused and i in stage_ratio:
             assert rc.deviation is not None
-            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * n_reused) - int(forced.sum())))
-            cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
-            keep = fixed.clone()
-            keep[cand] = True
+            n_forced, cand = plan.n_forced, plan.cand
+            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * plan.n_reused) - n_forced))
+            plan.cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
+            keep = plan.fixed.clone()
+            keep[plan.cand] = True
             new_rows = keep.nonzero().squeeze(1)
             h = h[:, torch.searchsorted(rows, new_rows)]
             rows = new_rows
-            mask = _mask(rows, seq, dtype)
+            mask = _attn_mask(rows, seq, dtype, impl)
+            rc.rows = _as_index(rows, seq)
             later = [c for c in checks if c > i]
-            rc.probe = (later[0], torch.searchsorted(rows, cand), cand) if later else None
+            rc.probe = (later[0], torch.searchsorted(rows, plan.cand), plan.cand) if later else None
             rc.deviation = None
-    recomputed = int(forced.sum()) + int(cand.numel()) if probe else 0
+            if not later:
+                phases.mark("all_token_layers")
+                selecting = True
+    phases.mark("selected_layers" if selecting else "all_token_layers")
+    assert plan is not None
+    recomputed = plan.n_forced + int(plan.cand.numel()) if selecting_mode and plan.n_reused else 0
     h = base.norm(h[:, -1:])
     logits = model.lm_head(h)[:, -1]
     cache = DynamicCache(config=model.config) if cache is None else cache
     for i in range(n_layers):
-        cache.update(keys[i], values[i], i)
+        _put_layer(cache, buf.keys(i), buf.values(i), i)
+    phases.mark("head")
     return BlendForward(logits, cache, recomputed, int(rows.numel()))
 
 
-def _as_layers(check_layer: int | Sequence[int]) -> list[int]:
+class _Plan:
+    """Which rows are reused, forced and still candidates (``blend_forward``'s selection state)."""
+
+    def __init__(
+        self,
+        reused: torch.Tensor,
+        force: torch.Tensor | None,
+        prefix: int,
+        seq: int,
+        ratio: float,
+        device: torch.device,
+    ) -> None:
+        reused = reused.to(device, copy=True)
+        reused[:prefix] = False
+        reused[seq - 1] = False
+        always = torch.ones(seq, dtype=torch.bool, device=device)
+        always[:prefix] = False
+        always &= ~reused
+        self.always = always
+        self.n_reused = int(reused.sum())
+        budget = min(self.n_reused, round(ratio * self.n_reused))
+        forced = torch.zeros(seq, dtype=torch.bool, device=device)
+        if ratio > 0.0 and self.n_reused and force is not None:
+            forced = force.to(device) & reused
+            over = int(forced.sum()) - budget
+            if over > 0:  # NOTE: a ratio too small for every forced row: keep the earliest ones
+                forced[forced.nonzero().squeeze(1)[budget:]] = False
+        self.n_forced = int(forced.sum())
+        self.fixed = always | forced  # computed in every layer
+        self.cand = (reused & ~forced).nonzero().squeeze(1)  # reused rows still in the running
+
+
+def _as_index(rows: torch.Tensor, seq: int) -> torch.Tensor | slice:
+    """``rows`` as a slice when it is the contiguous tail ``[start, seq)`` (a view write, not a scatter)."""
+    n = int(rows.numel())
+    if n and int(rows[0]) == seq - n and int(rows[-1]) == seq - 1:
+        return slice(seq - n, seq)
+    return rows
+
+
+def _put_layer(cache: Any, k: torch.Tensor, v: torch.Tensor, i: int) -> None:
+    """Hand layer ``i``'s buffer views to ``cache``: a plain ``DynamicLayer`` takes them as its tensors
+    (its ``update`` would ``cat`` them onto an empty tensor, a copy of the whole prompt's KV)."""
+    cache.update(k[:, :, :0], v[:, :, :0], i)  # initialises the layer (dtype, device)
+    layer = cache.layers[i] if hasattr(cache, "layers") else None
+    if layer is not None and type(layer).__name__ == "DynamicLayer" and layer.keys.numel() == 0:
+        layer.keys, layer.values = k, v
+    else:
+        cache.update(k, v, i)
+
+
+def as_layers(check_layer: int | Sequence[int]) -> list[int]:
     layers = [int(check_layer)] if isinstance(check_layer, int) else [int(c) for c in check_layer]
     if not layers:
         raise BlendError("check_layer needs at least one layer index")

@@ -29,9 +29,17 @@ from typing import Any
 
 import torch
 
-from kvtier.blend.forward import DEFAULT_CHECK_LAYER, DEFAULT_DEVIATION, blend_forward, check_blendable
-from kvtier.blend.plan import Span
-from kvtier.blend.rope import rerotate_kv, rope_spec
+from kvtier.blend.forward import (
+    DEFAULT_CHECK_LAYER,
+    DEFAULT_DEVIATION,
+    KVBuffer,
+    as_layers,
+    blend_forward,
+    check_blendable,
+)
+from kvtier.blend.load import SegmentLoad
+from kvtier.blend.plan import BlendError, Span
+from kvtier.blend.rope import rope_spec
 from kvtier.blend.segments import SegmentStore
 from kvtier.chunk import dtype_from_name
 from kvtier.engine import CacheEngine
@@ -45,6 +53,11 @@ its own, a segment's first token was the sequence start, which attention uses as
 mid-prompt unfixed, it draws the attention of every later token away from the real context."""
 
 
+DEFAULT_SEGMENT_SINK: int | str = 0
+"""No sink by default: segments stored by ``kvtier warm --mode segments`` (which knows no prompt)
+keep matching. ``"head"`` gave better agreement on SmolLM2 (RESULTS.md); pass it per call."""
+
+
 @dataclass
 class BlendOutcome:
     """What ``blend_prefill`` did; token counts are over the one prompt row."""
@@ -54,7 +67,7 @@ class BlendOutcome:
     segment_tokens: int  # rows loaded from segment chunks (re-rotated)
     recomputed_tokens: int  # of those, recomputed after the check layer
     stored_tokens: int  # prefix + segment tokens newly stored
-    load_s: float  # lookups, retrieves and re-rotation
+    load_s: float  # from the call until the segment lookups are done and their copies started
     ttft_s: float  # from the call to logits ready
     store_s: float
 
@@ -69,14 +82,23 @@ def blend_prefill(
     recompute_ratio: float,
     check_layer: int | Sequence[int] = DEFAULT_CHECK_LAYER,
     sink_tokens: int = DEFAULT_SINK_TOKENS,
+    segment_sink: int | str = DEFAULT_SEGMENT_SINK,
     deviation: str = DEFAULT_DEVIATION,
     store: bool = True,
     t0: float | None = None,
     extras: KeyExtras | None = None,
+    profile: dict[str, float] | None = None,
 ) -> BlendOutcome:
     """Prefill ``row`` ``[S]`` (on the model's device) with blending; fills ``cache`` (an empty
     transformers ``DynamicCache``) with every prompt position. ``spans`` are validated segments.
-    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains."""
+    ``extras``: the request's key extras (adapter identity, salt), folded into both key domains.
+    ``segment_sink``: the prompt tokens each segment's KV is computed after (see
+    ``sink_length``): ``0`` none (from position 0), ``n`` the first ``n``, ``"head"`` everything
+    before the first segment. With a sink no segment start is forced (``sink_tokens``): its first
+    token was not the sequence start.
+    ``profile``: a dict receiving ``blend_forward``'s phase times (synchronises; breakdowns only).
+    ``load_s`` covers the lookups and *starting* the segment copies: on CUDA they run on the side
+    stream while the first layers compute (``SegmentLoad``); ``ttft_s`` includes all of it."""
     t0 = time.perf_counter() if t0 is None else t0
     check_blendable(model)
     spec = rope_spec(model)
@@ -86,51 +108,75 @@ def blend_prefill(
     seq = int(row.numel())
     row_cpu = row.cpu()
     layers, heads, dim = ns.kv_shape
-    kv = torch.zeros((layers, 2, seq, heads, dim), dtype=dtype_from_name(ns.kv_dtype), device=device)
+    buf = KVBuffer(layers, heads, seq, dim, dtype_from_name(ns.kv_dtype), device)
     reused = torch.zeros(seq, dtype=torch.bool)
     force = torch.zeros(seq, dtype=torch.bool)
+    load = SegmentLoad(buf, spec, device)
+    try:
+        found = engine.lookup(row_cpu, extras=extras)
+        prefix = min(found, seq - 1)
+        if prefix > 0:
+            # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
+            got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
+            prefix = min(prefix, got.num_tokens)
+            if got.kv is not None and prefix > 0:
+                buf.put(slice(None), 0, got.kv[:, :, :prefix])
+            else:
+                prefix = 0
+        n_sink = sink_length(segment_sink, spans)
+        segments = SegmentStore(engine, extras, row_cpu[:n_sink])
+        missing: list[Span] = []
+        seg_tokens = 0
+        t_load = 0.0
 
-    found = engine.lookup(row_cpu, extras=extras)
-    prefix = min(found, seq - 1)
-    if prefix > 0:
-        # Ask for exactly the looked-up span: a stored partial tail chunk is keyed by its own end.
-        got = engine.retrieve(row_cpu[:found], device=device, extras=extras)
-        prefix = min(prefix, got.num_tokens)
-        if got.kv is not None and prefix > 0:
-            kv[:, :, :prefix] = got.kv[:, :, :prefix]
-    segments = SegmentStore(engine, extras)
-    missing: list[Span] = []
-    seg_tokens = 0
-    for s, e in spans:
-        if e <= prefix:
-            continue  # inside the exact prefix
-        cached = segments.retrieve(row_cpu[s:e], device=device)
-        n = 0 if cached is None else int(cached.shape[2])
-        lo = max(prefix, s)  # NOTE: a prefix may end inside a segment (documents sharing a first token)
-        if cached is not None and s + n > lo:
-            kv[:, :, lo : s + n] = rerotate_kv(cached[:, :, lo - s :], lo - s, lo, spec)
-            reused[lo : s + n] = True
-            if lo == s:  # NOTE: cached at position 0, a segment's first tokens were its attention sink
-                force[s : min(s + n, s + sink_tokens)] = True
-            seg_tokens += s + n - lo
-        if n < e - s:
-            missing.append((s, e))
-    t_load = time.perf_counter()
+        def lookup_segments() -> None:
+            """Find each segment's cached run, hand its chunks to ``load`` and mark the rows; run by
+            ``blend_forward`` as ``prepare`` (on a GPU, while the first layers compute)."""
+            nonlocal seg_tokens, t_load
+            for s, e in spans:
+                if e <= prefix:
+                    continue  # inside the exact prefix
+                n = 0
+                lo = max(
+                    prefix, s
+                )  # NOTE: a prefix may end inside a segment (documents sharing a first token)
+                for off, chunk in segments.chunks(row_cpu[s:e]):
+                    end = off + int(chunk.num_tokens)
+                    n = end
+                    if s + end <= lo:
+                        chunk.release()  # wholly inside the exact prefix
+                        continue
+                    skip = max(0, lo - (s + off))
+                    load.add(chunk, skip, n_sink + off + skip, s + off + skip)
+                if s + n > lo:
+                    reused[lo : s + n] = True
+                    if lo == s and not n_sink:  # NOTE: cached at position 0, its first tokens were its sink
+                        force[s : min(s + n, s + sink_tokens)] = True
+                    seg_tokens += s + n - lo
+                if n < e - s:
+                    missing.append((s, e))
+            load.start(_first_cached_layer(recompute_ratio, check_layer, layers))
+            t_load = time.perf_counter() - t0
 
-    out = blend_forward(
-        model,
-        row[None],
-        kv,
-        prefix=prefix,
-        reused=reused,
-        recompute_ratio=recompute_ratio,
-        check_layer=check_layer,
-        force=force,
-        deviation=deviation,
-        cache=cache,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        out = blend_forward(
+            model,
+            row[None],
+            buf,
+            prefix=prefix,
+            reused=reused,
+            recompute_ratio=recompute_ratio,
+            check_layer=check_layer,
+            force=force,
+            deviation=deviation,
+            cache=cache,
+            fill=load.fill,
+            prepare=lookup_segments,
+            profile=profile,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        load.finish()
     t_first = time.perf_counter()
 
     stored = 0
@@ -140,18 +186,45 @@ def blend_prefill(
         if exact_end > 0:
             stored += engine.store(row_cpu[:exact_end], cache_to_kv(cache, exact_end), extras=extras)
         for s, e in missing:
-            stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e]))
+            stored += segments.store(row_cpu[s:e], segment_kv(model, row[s:e], row[:n_sink]))
     t_end = time.perf_counter()
     return BlendOutcome(
-        out.logits, prefix, seg_tokens, out.recomputed, stored, t_load - t0, t_first - t0, t_end - t_first
+        out.logits, prefix, seg_tokens, out.recomputed, stored, t_load, t_first - t0, t_end - t_first
     )
 
 
+def _first_cached_layer(ratio: float, check_layer: int | Sequence[int], layers: int) -> int:
+    """The first layer whose cached rows ``blend_forward`` reads (as it computes it): the first check
+    layer when it selects, layer 0 for naive reuse."""
+    if ratio <= 0.0:
+        return 0
+    return min(min(max(c, 0), layers - 1) for c in as_layers(check_layer))
+
+
+def sink_length(segment_sink: int | str, spans: Sequence[Span]) -> int:
+    """How many leading prompt tokens are the segments' sink; a ``BlendError`` for a bad value or
+    a sink that reaches into a segment (its KV would depend on itself)."""
+    if segment_sink == "head":
+        return spans[0][0] if spans else 0
+    if isinstance(segment_sink, str) or int(segment_sink) < 0:
+        raise BlendError(f"segment_sink must be 'head' or a token count >= 0, got {segment_sink!r}")
+    n = int(segment_sink)
+    if spans and n > spans[0][0]:
+        raise BlendError(
+            f"segment_sink={n} reaches into the segment starting at {spans[0][0]}: use at most "
+            f"{spans[0][0]} (or 'head')"
+        )
+    return n
+
+
 @torch.inference_mode()
-def segment_kv(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """A segment's KV computed on its own, from position 0: ``[L, 2, n, H, D]``."""
+def segment_kv(model: Any, tokens: torch.Tensor, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """A segment's KV ``[L, 2, n, H, D]`` computed on its own: from position 0, or after the
+    ``sink`` tokens (positions ``len(sink)..``; the sink's own rows are dropped)."""
     from transformers import DynamicCache
 
+    k = 0 if sink is None else int(sink.numel())
+    ids = tokens if not k else torch.cat([sink.to(tokens.device), tokens])  # type: ignore[union-attr]
     c = DynamicCache(config=model.config)
-    model(input_ids=tokens[None], **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1)
-    return cache_to_kv(c, int(tokens.numel()))
+    model(input_ids=ids[None], **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1)
+    return cache_to_kv(c, int(ids.numel()))[:, :, k:]

@@ -6,6 +6,9 @@ on the segment's tokens and the model only. Its chunks are keyed exactly like pr
 namespace digest*, ``blake2b("kvtier-segment-v1" || namespace.digest())``.
 
 Invariants:
+* A segment computed after a *sink* (a fixed context such as the prompt's instruction head, so its
+  first token is not an attention sink of its own) is keyed with the sink's tokens in the digest:
+  its KV depends on exactly (sink, segment, model), and all three are in the key.
 * Never confused with prefix chunks: a prefix key's chain starts from ``namespace.digest()``,
   a segment key's from the derived digest, so the same tokens give unrelated keys in the two
   domains (short of a 128-bit collision); and since the namespace is in the derived digest,
@@ -41,9 +44,13 @@ SEGMENT_DOMAIN = b"kvtier-segment-v1"
 class SegmentStore:
     """Stores and reads segment KV (``[L, 2, n, H, D]`` computed from position 0) through ``engine``."""
 
-    def __init__(self, engine: CacheEngine, extras: KeyExtras | None = None) -> None:
+    def __init__(
+        self, engine: CacheEngine, extras: KeyExtras | None = None, sink: TokenInput | None = None
+    ) -> None:
         """``extras``: the request's adapter identity and salt, folded into the domain digest; inputs
-        whose positions are unknown (``inputs``, ``mm``) cannot be segment-keyed and are refused."""
+        whose positions are unknown (``inputs``, ``mm``) cannot be segment-keyed and are refused.
+        ``sink``: the tokens every segment's KV is computed after (``segment_kv(..., sink=)``), also
+        folded into the digest: KV computed after another sink, or after none, is never served."""
         ns = engine.namespace
         if ns is None:
             raise BlendError("SegmentStore needs an engine bound to a model namespace (bind_engine first)")
@@ -54,6 +61,10 @@ class SegmentStore:
                 "segments cannot be keyed with extra model inputs (images, ...); blend text only"
             )
         ext = b"" if extras is None else f"|{extras.adapter}|{extras.salt}".encode()
+        sink_arr = tokens_to_array(sink if sink is not None else []).astype("<i8")
+        self.sink_tokens = int(sink_arr.size)
+        if sink_arr.size:  # NOTE: no sink keeps the v1 digest, so segments stored before sinks still match
+            ext += b"|sink|" + sink_arr.tobytes()
         self._digest = hashlib.blake2b(SEGMENT_DOMAIN + ns.digest() + ext, digest_size=DIGEST_BYTES).digest()
 
     def keys(self, tokens: TokenInput) -> list[ChunkKey]:
@@ -67,21 +78,32 @@ class SegmentStore:
         n = self.engine.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         return keys[n - 1].end if n else 0
 
-    def retrieve(self, tokens: TokenInput, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """The KV of the longest cached leading run of the segment, ``[L, 2, n, H, D]``, or ``None``."""
+    def chunks(self, tokens: TokenInput) -> list[tuple[int, Chunk]]:
+        """The validated chunks of the longest cached leading run of the segment, each with its first
+        token's offset in the segment, still pinned in their tier: the caller ``release``s each one
+        once its copies are done (``SegmentLoad`` does). A chunk failing ``chunk_ok`` ends the run."""
         arr = tokens_to_array(tokens)
         keys = self.keys(arr)
         storage = self.engine.storage
         n_avail = storage.prefix_lookup([k.digest for k in keys]) if keys else 0
         if n_avail == 0:
-            return None
-        parts: list[torch.Tensor] = []
+            return []
+        out: list[tuple[int, Chunk]] = []
         ok = True
         for k, chunk in zip(keys, storage.get_prefix([k.digest for k in keys[:n_avail]])):
             ok = ok and self.engine.chunk_ok(chunk, arr, k)
             if ok:
+                out.append((k.start, chunk))
+            else:
+                chunk.release()
+        return out
+
+    def retrieve(self, tokens: TokenInput, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The KV of the longest cached leading run of the segment, ``[L, 2, n, H, D]``, or ``None``."""
+        parts: list[torch.Tensor] = []
+        for _, chunk in self.chunks(tokens):
+            with chunk:
                 parts.append(chunk.kv.to(device or "cpu", copy=True))
-            chunk.release()
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

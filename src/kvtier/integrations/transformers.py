@@ -245,11 +245,13 @@ def prefill(
     separator: Any = None,
     recompute_ratio: float = 0.15,
     check_layer: int | Sequence[int] | None = None,
+    segment_sink: int | str = 0,
 ) -> PrefillResult:
     """Prefill ``input_ids`` reusing kvtier's cached prefix; store the prompt's KV afterwards.
 
     ``segments`` (``[(start, end), ...]``) or ``separator`` (token ids) turn on blending for a
-    single prompt row: see ``kvtier.blend``. ``recompute_ratio`` and ``check_layer`` tune it.
+    single prompt row: see ``kvtier.blend``. ``recompute_ratio``, ``check_layer`` and
+    ``segment_sink`` (the prompt tokens segments are computed after: 0, n or ``"head"``) tune it.
     """
     device = _model_device(model)
     t0 = time.perf_counter()
@@ -264,7 +266,9 @@ def prefill(
     keys = _request_keys(engine, model, rows_cpu, {}) if early else None
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
-        return _blend(model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras)
+        return _blend(
+            model, ids, engine, spans, store, recompute_ratio, check_layer, t0, extras, segment_sink
+        )
     split = _spec(model, model_id or engine.config.model.model_id or None).latent_split
     hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit, split) if keys else (0, None)
     t_load = time.perf_counter()
@@ -317,6 +321,7 @@ def _blend(
     check_layer: int | Sequence[int] | None,
     t0: float,
     extras: Any = None,
+    segment_sink: int | str = 0,
 ) -> PrefillResult:
     from kvtier.blend.forward import DEFAULT_CHECK_LAYER, check_blendable
     from kvtier.blend.prefill import blend_prefill
@@ -334,6 +339,7 @@ def _blend(
         cache,
         recompute_ratio=ratio,
         check_layer=layer,
+        segment_sink=segment_sink,
         store=store,
         t0=t0,
         extras=extras,
@@ -366,6 +372,7 @@ def generate(
     separator: Any = None,
     recompute_ratio: float = 0.15,
     check_layer: int | Sequence[int] | None = None,
+    segment_sink: int | str = 0,
     **generate_kwargs: Any,
 ) -> Any:
     """``model.generate(input_ids, **generate_kwargs)`` with kvtier prefix reuse.
@@ -391,7 +398,16 @@ def generate(
     extras, limit = keys if keys is not None else (None, 0)
     if spans is not None and keys is not None:
         cache = _blend(
-            model, ids, engine, spans, store, recompute_ratio, check_layer, time.perf_counter(), extras
+            model,
+            ids,
+            engine,
+            spans,
+            store,
+            recompute_ratio,
+            check_layer,
+            time.perf_counter(),
+            extras,
+            segment_sink,
         ).cache
         cache.crop(-1)  # drop the last position: generate recomputes it to start decoding
         return model.generate(

@@ -25,8 +25,13 @@ Invariants and reasons:
   other bits on a GPU than on a CPU (measured: 0.07-3 % of packed bytes on an H200).
 * A group whose values are all equal gets scale 1 (no division by zero; its codes are exact).
 * Codes and scales are covered by the chunk's payload checksum like any other bytes; a flipped
-  scale is therefore a miss, never wrong KV. Non-finite KV is not supported (quantizing ``inf``
-  gives garbage); engines never produce it in a healthy run.
+  scale is therefore a miss, never wrong KV.
+* Non-finite KV is never encoded as plausible numbers: a group holding NaN/Inf gets a non-finite
+  scale (``amax``/``amin`` propagate NaN, Inf gives an Inf or NaN extreme or range), so a caller
+  that has only the packed form (``CacheEngine.store_packed_range``, fed by the fused GPU save)
+  refuses the chunk by checking the scales, with no extra pass over the KV. NOTE: the "constant
+  group" rule is ``where(s == 0, 1, s)``, not ``where(s > 0, s, 1)``: ``NaN > 0`` is false, so
+  the latter turned a NaN group into ``scale = 1`` and garbage codes (same bits for finite KV).
 * The codec is part of the cache namespace (``keys.Namespace.kv_codec``): KV quantized by one
   codec is never served to a reader that expects another, or raw.
 """
@@ -138,7 +143,7 @@ class _PerTokenCodec(KVCodec):
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 scale per row of ``x [..., D]`` (fp32): absmax * fp32(1/qmax), 1 where the row is all 0."""
         s = x.abs().amax(dim=-1) * _recip(self.qmax)
-        return torch.where(s > 0, s, torch.ones_like(s))
+        return torch.where(s == 0, torch.ones_like(s), s)  # NaN stays NaN (see the invariants)
 
     @abstractmethod
     def _codes(self, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor: ...
@@ -216,7 +221,7 @@ class KiviCodec(KVCodec):
 
     def _quant(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = (mx - mn) * _recip(self.qmax)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s == 0, torch.ones_like(s), s)  # NaN stays NaN (see the invariants)
         inv = torch.ones_like(s) / s
         q = torch.round((x - mn) * inv).clamp_(0, self.qmax).to(torch.uint8)
         return q, s, mn / s

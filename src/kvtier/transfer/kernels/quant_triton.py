@@ -6,6 +6,11 @@ constant, as torch multiplies), IEEE ``div_rn``, ``rint``, no fusable multiply-a
 fp32 scales (int8/fp8: ``[L, 2, T, H]``; int4/int2: key scale and offset ``[L, T/64, H, D]``,
 value scale and offset ``[L, T, H]``). Offsets into the output are int64 (32k tokens of an 8B
 model's packed KV exceed 2**31 bytes).
+
+NOTE: the scale reductions propagate NaN (``_max_nan``/``_min_nan``, ``PropagateNan.ALL``):
+``tl.max``/``tl.min`` lower to maxnum/minnum, which drop NaN, so a NaN element gave a finite scale
+and garbage codes that the engine's scale check (``store_packed_range``) could not see. Folding it
+into the reduction the kernel does anyway costs nothing extra; for finite KV the bits are the same.
 """
 
 from __future__ import annotations
@@ -42,6 +47,16 @@ def _rint(x, INTERP: tl.constexpr):
         return (x + 12582912.0) - 12582912.0
     else:
         return libdevice.rint(x)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -110,8 +125,8 @@ def _per_token_kernel(
     word_off = (chunk * packed + codes_bytes) // 4 + row * H + h
     if TO_CHUNK:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.max(tl.abs(x), axis=1) * RECIP
-        s = tl.where(s > 0, s, 1.0)
+        s = tl.reduce(tl.abs(x), 1, _max_nan) * RECIP
+        s = tl.where(s == 0, 1.0, s)
         inv = _div(tl.full(s.shape, 1.0, tl.float32), s, INTERP)
         y = x * inv[:, None]
         if FP8:
@@ -187,13 +202,13 @@ def _kivi_kernel(
     if TO_CHUNK:
         x = tl.load(ptrs, mask=mask_t[:, None], other=0.0).to(tl.float32)
         if KEYS:
-            mn = tl.min(x, axis=0)[None, :]
-            mx = tl.max(x, axis=0)[None, :]
+            mn = tl.reduce(x, 0, _min_nan)[None, :]
+            mx = tl.reduce(x, 0, _max_nan)[None, :]
         else:
-            mn = tl.min(x, axis=1)[:, None]
-            mx = tl.max(x, axis=1)[:, None]
+            mn = tl.reduce(x, 1, _min_nan)[:, None]
+            mx = tl.reduce(x, 1, _max_nan)[:, None]
         s = (mx - mn) * RECIP
-        s = tl.where(s > 0, s, 1.0)
+        s = tl.where(s == 0, 1.0, s)
         inv = _div(tl.full(s.shape, 1.0, tl.float32), s, INTERP)
         off = _div(mn, s, INTERP)
         q = tl.minimum(tl.maximum(_rint((x - mn) * inv, INTERP), 0.0), QMAX).to(tl.uint8)
