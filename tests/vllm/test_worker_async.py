@@ -42,12 +42,14 @@ def worker(max_pending: int = 2) -> tuple[WorkerSide, CacheEngine, ConnectorStat
 
 
 def step(w: WorkerSide, src: list[torch.Tensor], specs: list[TransferSpec]) -> None:
-    """What vLLM's step does: fence (handle_preemptions), then per layer save, then finish."""
-    w.fence_saves()
-    w.begin_saves(specs, CPU)
-    for i, c in enumerate(src):
-        w.save_layer(i, c)
-    w.finish_saves(CPU)
+    """What vLLM's step does, in its inference mode: fence (handle_preemptions), then per layer
+    save, then finish."""
+    with torch.inference_mode():
+        w.fence_saves()
+        w.begin_saves(specs, CPU)
+        for i, c in enumerate(src):
+            w.save_layer(i, c)
+        w.finish_saves(CPU)
 
 
 def blocks_kv(w: WorkerSide, src: list[torch.Tensor], blocks: list[int], n: int) -> list[torch.Tensor]:

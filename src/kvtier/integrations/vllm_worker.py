@@ -454,17 +454,21 @@ class WorkerSide:
         digests, self._inflight = frozenset(self._inflight), set()
         clock = {"t0": 0.0}
 
+        # NOTE: inference_mode as in the step: the buffer was made in vLLM's inference mode, and
+        # an inference tensor may only be written inside one
         def gather() -> None:
             clock["t0"] = time.perf_counter()
-            for sv in saves:
-                for layer in range(self.num_layers):
-                    gather_layer(lay, sv.entries[layer], sv.idx, sv.buf[layer])
-                sv.entries.clear()  # vLLM's tensors: not referenced past the copy
+            with torch.inference_mode():
+                for sv in saves:
+                    for layer in range(self.num_layers):
+                        gather_layer(lay, sv.entries[layer], sv.idx, sv.buf[layer])
+                    sv.entries.clear()  # vLLM's tensors: not referenced past the copy
 
         def store() -> None:
             try:
-                for sv in saves:
-                    self._store(sv)
+                with torch.inference_mode():
+                    for sv in saves:
+                        self._store(sv)
             finally:
                 with self._lock:
                     self.stats.save_bg_s += time.perf_counter() - clock["t0"]
