@@ -357,7 +357,15 @@ class KVTierConnector(KVConnectorBase_V1):
         saver = None
         if vc.async_save and self._role == BOTH and first.device.type == "cpu":
             saver = BackgroundSaver(max_pending=vc.max_pending_saves)
-        self._worker = WorkerSide(self._engine, layout, len(caches), self.stats, self._role, saver=saver)
+        self._worker = WorkerSide(
+            self._engine,
+            layout,
+            len(caches),
+            self.stats,
+            self._role,
+            saver=saver,
+            load_ahead=vc.load_ahead and first.device.type == "cpu",
+        )
         if saver is not None:
             self._shared.drains.append(self._worker.drain_saves)
         log.info(
@@ -388,7 +396,7 @@ class KVTierConnector(KVConnectorBase_V1):
             return
         self._begin_saves(meta)
         if meta.loads:
-            self._worker.begin_loads(meta.loads, self._device)
+            self._worker.begin_loads(meta.loads, self._device, self._caches)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layer_index.get(layer_name)

@@ -59,6 +59,7 @@ from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPiec
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
 
+from .vllm_feeder import LayerFeeder
 from .vllm_plan import BOTH, Role, TransferSpec, align_down
 from .vllm_saver import BackgroundSaver, SaveJob
 
@@ -141,10 +142,13 @@ class WorkerSide:
         group_layers: int = 0,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         saver: BackgroundSaver | None = None,
+        load_ahead: bool = False,
     ) -> None:
         """``group_layers``/``staging_bytes``: the CUDA load ring (``transfer.grouped``): layers
         per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4). ``saver``:
-        save raw chunks from CPU caches in the background (see the module docstring)."""
+        save raw chunks from CPU caches in the background (see the module docstring);
+        ``load_ahead``: loads into CPU caches are written layer-ahead by a thread
+        (``vllm_feeder``) when ``begin_loads`` is given the layers' tensors."""
         self.engine = engine
         self.role = role
         self.layout = layout
@@ -158,6 +162,8 @@ class WorkerSide:
         self._saves: list[_Save] = []
         self._loads_done: torch.cuda.Event | None = None
         self._grouped: GroupedLoad | None = None
+        self._load_ahead = load_ahead
+        self._feeder: LayerFeeder | None = None
         self._group_layers = group_layers
         self._staging_bytes = staging_bytes
         self._errors: set[int] = set()
@@ -177,7 +183,13 @@ class WorkerSide:
         """Guards ``stats``' save counters, ``new_keys`` and ``_bufs`` (the saver's thread writes them too)."""
 
     # -- loads ----------------------------------------------------------------------------------
-    def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+    def begin_loads(
+        self,
+        specs: Sequence[TransferSpec],
+        device: torch.device,
+        caches: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """``caches``: every layer's tensor (``load_ahead`` on CPU writes them ahead of the forward)."""
         self.fence_saves()  # loads write blocks a pending background save may still read
         t0 = time.perf_counter()
         self.release_loads()
@@ -202,7 +214,19 @@ class WorkerSide:
                     group_layers=self._group_layers,
                     staging_bytes=self._staging_bytes,
                 )
+        ahead = self._load_ahead and device.type == "cpu" and caches is not None
+        if ahead and self._loads and not any(ld.packed is not None for ld in self._loads):
+            assert caches is not None
+            layers = list(caches)
+            self._feeder = LayerFeeder(lambda i: self._write_layer(i, layers[i]), self.num_layers)
         self.stats.load_s += time.perf_counter() - t0
+
+    def _write_layer(self, layer: int, entry: torch.Tensor) -> None:
+        for ld in self._loads:
+            if ld.packed is not None:
+                ld.packed.layer(self.layout, layer, entry)
+                continue
+            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
 
     def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
         first = spec.first_token(self.bs)
@@ -245,14 +269,12 @@ class WorkerSide:
         if layer in self._loaded_layers or not self._loads:
             return
         t0 = time.perf_counter()
-        if self._grouped is not None:
+        if self._feeder is not None:
+            self._feeder.wait(layer)
+        elif self._grouped is not None:
             self._grouped.layer(layer, entry)
         else:
-            for ld in self._loads:
-                if ld.packed is not None:
-                    ld.packed.layer(self.layout, layer, entry)
-                    continue
-                scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
+            self._write_layer(layer, entry)
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             if entry.device.type == "cuda":
@@ -268,6 +290,14 @@ class WorkerSide:
         return [i for i in range(self.num_layers) if i not in self._loaded_layers] if self._loads else []
 
     def release_loads(self) -> None:
+        if self._feeder is not None:  # its writes read the chunks: wait for the thread
+            self._feeder.join()
+            if self._feeder.failed:  # a layer may be half-written: vLLM recomputes every block
+                bad = [b for ld in self._loads for b in torch.unique(ld.idx.blocks).tolist()]
+                self._errors.update(bad)
+                self.stats.load_failures += 1
+                self.stats.failed_blocks += len(set(bad))
+            self._feeder = None
         if self._loads_done is not None:
             self._loads_done.synchronize()
             self._loads_done = None
