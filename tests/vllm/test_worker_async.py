@@ -168,3 +168,46 @@ def test_close_drains_or_abandons_within_its_timeout() -> None:
     assert s.drain(WAIT) and stored == [True]  # only the job taken before close ran
     with pytest.raises(KVTierError, match="max_pending"):
         BackgroundSaver(max_pending=0)
+
+
+def load(w: WorkerSide, dst: list[torch.Tensor], s: TransferSpec, *, ahead: bool) -> None:
+    """What vLLM's step does for a load: begin (with the layers when ahead), then per layer wait."""
+    with torch.inference_mode():
+        w.begin_loads([s], CPU, dst if ahead else None)
+        for i, c in enumerate(dst):
+            w.load_layer(i, c)
+
+
+def test_layer_ahead_loads_write_what_in_step_loads_write() -> None:
+    w, _, stats, src = worker()
+    w._load_ahead = True
+    toks = list(range(700, 800))
+    step(w, src, [TransferSpec("a", toks, 0, 96, [0, 1, 2, 3, 4, 5])])
+    assert w.drain_saves(WAIT)
+    s = TransferSpec("b", toks, 16, 96, [7, 8, 9, 10, 11])  # [0, 16): vLLM's own hit
+    ahead, inline = [torch.zeros_like(c) for c in src], [torch.zeros_like(c) for c in src]
+    load(w, ahead, s, ahead=True)
+    assert w._feeder is None and w.take_errors() == set()  # joined and released at the last layer
+    load(w, inline, s, ahead=False)
+    for a, b in zip(ahead, inline):
+        assert torch.equal(a, b)
+    assert stats.loaded_tokens == 2 * 80 and ahead[0][6].abs().sum() == 0 and ahead[0][7].abs().sum() > 0
+
+
+def test_a_failing_layer_ahead_write_reports_every_loaded_block() -> None:
+    w, _, stats, src = worker()
+    w._load_ahead = True
+    toks = list(range(800, 900))
+    step(w, src, [TransferSpec("a", toks, 0, 64, [0, 1, 2, 3])])
+    assert w.drain_saves(WAIT)
+    real = w._write_layer
+
+    def flaky(layer: int, entry: torch.Tensor) -> None:
+        if layer == 1:
+            raise RuntimeError("injected: copy failed")
+        real(layer, entry)
+
+    w._write_layer = flaky  # type: ignore[method-assign]
+    dst = [torch.zeros_like(c) for c in src]
+    load(w, dst, TransferSpec("b", toks, 0, 64, [4, 5, 6, 7]), ahead=True)
+    assert w.take_errors() == {4, 5, 6, 7} and stats.load_failures == 1 and stats.failed_blocks == 4
