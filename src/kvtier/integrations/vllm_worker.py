@@ -55,6 +55,7 @@ from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine
 from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.cpu_blocks import block_rows, buffer_rows, cache_blocks, copy_blocks
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
@@ -113,6 +114,7 @@ class _Load:
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
     packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
+    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, the pieces' block views
 
     def release(self) -> None:
         for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
@@ -127,6 +129,7 @@ class _Save:
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
     entries: dict[int, torch.Tensor] = field(default_factory=dict)  # background: layer -> vLLM's tensor
+    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, ``buf``'s block views
     packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
 
 
@@ -223,6 +226,9 @@ class WorkerSide:
 
     def _write_layer(self, layer: int, entry: torch.Tensor) -> None:
         for ld in self._loads:
+            if ld.rows is not None:  # host cache, whole blocks: one call per layer (``cpu_blocks``)
+                copy_blocks(cache_blocks(self.layout, entry, ld.idx.block_list()), ld.rows[layer])
+                continue
             if ld.packed is not None:
                 ld.packed.layer(self.layout, layer, entry)
                 continue
@@ -262,7 +268,12 @@ class WorkerSide:
         idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
-        return _Load(spec, idx, pieces)
+        rows = None
+        if device.type == "cpu" and idx.whole_blocks is not None:
+            rows = block_rows(
+                [(c.kv, a, b) for c, a, b in pieces], self.num_layers, self.layout.num_planes, self.bs
+            )
+        return _Load(spec, idx, pieces, rows=rows)
 
     def load_layer(self, layer: int, entry: torch.Tensor) -> None:
         """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
@@ -365,7 +376,10 @@ class WorkerSide:
             buf = flat[at : at + n].view(shape)
             at += n
             idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
-            self._saves.append(_Save(spec, start, idx, buf))
+            rows = (
+                buffer_rows(buf, self.bs) if device.type == "cpu" and idx.whole_blocks is not None else None
+            )
+            self._saves.append(_Save(spec, start, idx, buf, rows=rows))
         self.stats.save_s += time.perf_counter() - t0
 
     def _skip_inflight(self, spec: TransferSpec, start: int, background: set[bytes]) -> int:
@@ -399,6 +413,8 @@ class WorkerSide:
                     sv.entries[layer] = entry  # copied out by the saver's thread, after the step
                 elif sv.packed is not None:
                     sv.packed.layer(self.layout, layer, entry)
+                elif sv.rows is not None:
+                    copy_blocks(sv.rows[layer], cache_blocks(self.layout, entry, sv.idx.block_list()))
                 else:
                     # join=False: this layer's last DMAs drain while the next layer computes
                     gather_layer(self.layout, entry, sv.idx, sv.buf[layer], join=False)
@@ -491,7 +507,11 @@ class WorkerSide:
             with torch.inference_mode():
                 for sv in saves:
                     for layer in range(self.num_layers):
-                        gather_layer(lay, sv.entries[layer], sv.idx, sv.buf[layer])
+                        entry = sv.entries[layer]
+                        if sv.rows is not None:
+                            copy_blocks(sv.rows[layer], cache_blocks(lay, entry, sv.idx.block_list()))
+                        else:
+                            gather_layer(lay, entry, sv.idx, sv.buf[layer])
                     sv.entries.clear()  # vLLM's tensors: not referenced past the copy
 
         def store() -> None:
