@@ -146,12 +146,19 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
     def no_plan(*a: Any) -> bool:
         return False
 
-    def variant(new: bool) -> Any:
+    def no_stream(*a: Any, **kw: Any) -> None:
+        return None
+
+    def variant(new: bool, stream: bool = True) -> Any:
+        """``new=False``: the per-layer load and joined saves; ``stream=False``: the ring built
+        only after every chunk was validated (before the streamed feed)."""
         from contextlib import ExitStack
 
         st = ExitStack()
         st.enter_context(patched(vllm_worker, "gather_layer", real_gather if new else joined_gather))
         st.enter_context(patched(GroupedLoad, "plan", GroupedLoad.plan if new else staticmethod(no_plan)))
+        if not (new and stream):
+            st.enter_context(patched(GroupedLoad, "streamed", staticmethod(no_stream)))
         return st
 
     # saves first, into an empty engine (a cached chunk is not saved again)
@@ -176,10 +183,18 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
         w.save_layer(i, c)
     w.finish_saves(dev)
     assert eng.lookup(toks) == n_t
-    variants: list[tuple[str, int, bool]] = [("before", 0, False), ("now, auto group", 0, True)]
-    variants += [(f"now, group {gl}", gl, True) for gl in (1, 2, 4)]
-    for name, gl, new in variants:
+    from kvtier.transfer import grouped
+
+    variants: list[tuple[str, int, bool, int, bool]] = [("before", 0, False, 1, False)]
+    variants += [("ring built after validation, auto group", 0, True, 1, False)]
+    variants += [("now (streamed), auto group", 0, True, 1, True)]
+    variants += [("now (streamed), auto group, 2 copy streams", 0, True, 2, True)]
+    variants += [("now (streamed), group 4", 4, True, 1, True)]
+    variants += [("now (streamed), group 4, 2 copy streams", 4, True, 2, True)]
+    for name, gl, new, streams, streamed in variants:
         w = WorkerSide(eng, lay, LAYERS, ConnectorStats(), group_layers=gl)
+        st = patched(grouped, "COPY_STREAMS", streams)
+        st.__enter__()
 
         def load(w: WorkerSide = w) -> None:
             w.begin_loads([load_spec], dev)
@@ -187,7 +202,7 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
                 w.load_layer(i, c)
             sync()
 
-        with variant(new):
+        with variant(new, streamed):
             for d in dst:
                 d.zero_()
             load()
@@ -209,9 +224,10 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
                     f"(group {grp}; begin_loads host {t_begin * 1e3:.1f} ms)",
                 )
             )
-            if profile and name in ("before", "now, auto group"):
+            if profile and name in ("before", "now (streamed), auto group"):
                 _profile(f"worker load {name}", load)
             w.release_loads()
+        st.__exit__(None, None, None)
     # layer-wise overlap with a simulated forward (per layer: [4096,4096]@[4096,14336]@[14336,4096])
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     w1 = torch.randn(4096, 14336, device=dev, dtype=torch.bfloat16)
@@ -302,10 +318,23 @@ def engine_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
         ev.record()
         return ev
 
+    class PerChunkCopies:  # "before": one synchronous-ordered copy call per chunk
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def copy(self, src: torch.Tensor, dst: torch.Tensor) -> Any:
+            return old_copy_pairs([(src, dst)], self.device)
+
+        def close(self) -> Any:
+            ev = torch.cuda.Event()
+            ev.record()
+            return ev
+
     for name, new in (("before", False), ("now", True)):
         with (
             patched(eng, "_put_from_device", eng._put_from_device if new else (lambda *a: [])),
             patched(engine_mod, "copy_pairs", engine_mod.copy_pairs if new else old_copy_pairs),
+            patched(engine_mod, "CopyQueue", engine_mod.CopyQueue if new else PerChunkCopies),
         ):
             times: list[float] = []
             for _ in range(6):

@@ -6,7 +6,7 @@ bf16 bytes delivered per second (4 GiB at 32k tokens), so a codec that halves th
 beat memcpy. "overlapped" runs the kernels of chunk group g while group g-1 crosses PCIe on a
 second stream (``transfer.kernels.quant_pipeline``). ``--worker`` also times the vLLM worker path
 (``WorkerSide``: per-layer quantize-in-gather, D2H, CPU tier put; and back) per codec, raw included.
-Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 16] [--worker]``.
+Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 4] [--worker]``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--codecs", default="fp8,int8,int4,int2")
-    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--worker", action="store_true")
     a = ap.parse_args()
     layers, heads, dim, bs, ct = 32, 8, 128, 16, 256

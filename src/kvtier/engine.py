@@ -35,7 +35,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -44,7 +44,7 @@ import torch
 
 from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
-from kvtier.devcopy import copy_pairs
+from kvtier.devcopy import CopyQueue, aux_stream, copy_pairs
 from kvtier.errors import KVTierError, StateError
 from kvtier.keys import (
     DIGEST_BYTES,
@@ -117,6 +117,20 @@ class ChunkViews:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass
+class ChunkStream:
+    """``CacheEngine.iter_chunks``: the held keys of a range, and its validated chunks lazily."""
+
+    keys: list[ChunkKey]
+    chunks: Generator[tuple[ChunkKey, Chunk], None, None]
+
+    def __iter__(self) -> Iterator[tuple[ChunkKey, Chunk]]:
+        return self.chunks
+
+    def close(self) -> None:
+        self.chunks.close()
 
 
 STORE_WINDOW_BYTES = 256 << 20
@@ -363,17 +377,26 @@ class CacheEngine:
         skip = self.storage.top_prefix([k.digest for k in keys])
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         todo = keys[skip:]
-        clean = _finite_prefix(kv, todo, start)
-        if clean < len(todo):
-            res.nonfinite_chunks = len(todo) - clean
-            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
 
         def chunk_of(k: ChunkKey) -> Chunk:
             part = kv[:, :, k.start - start : k.end - start]  # a view; each tier copies what it keeps
             ctx = extras.context(k.start, k.end) if extras else b""
             return self.make_chunk(arr, k, part, ctx)
 
-        oks = self._put_from_device(todo[:clean], chunk_of, kv.device) if kv.device.type == "cuda" else []
+        oks: list[bool] | None = None
+        if kv.device.type == "cuda" and todo:
+            # the NaN/Inf sum runs on the device beside the DMAs, not before them; nothing is
+            # committed before it passed (None: it failed and every reservation was given back)
+            oks = self._put_from_device(
+                todo, chunk_of, kv.device, lambda ev: _FiniteCheck(kv, todo, start, ev)
+            )
+        clean = len(todo) if oks is not None else _finite_prefix(kv, todo, start)
+        if clean < len(todo):
+            res.nonfinite_chunks = len(todo) - clean
+            self._refuse_nonfinite(res.nonfinite_chunks, f"tokens {todo[clean].start}..{todo[clean].end}")
+        if oks is None:
+            oks = self._put_from_device(todo[:clean], chunk_of, kv.device) if kv.device.type == "cuda" else []
+            assert oks is not None
         oks += [self.storage.put(k.digest, chunk_of(k)) for k in todo[len(oks) : clean]]
         for k, ok in zip(todo[:clean], oks):
             self._count_put(k, ok, res)
@@ -457,8 +480,12 @@ class CacheEngine:
             log.debug(msg, where, refused - 1)
 
     def _put_from_device(
-        self, keys: list[ChunkKey], chunk_of: Callable[[ChunkKey], Chunk], device: torch.device
-    ) -> list[bool]:
+        self,
+        keys: list[ChunkKey],
+        chunk_of: Callable[[ChunkKey], Chunk],
+        device: torch.device,
+        finite_check: Callable[[torch.cuda.Event], _FiniteCheck] | None = None,
+    ) -> list[bool] | None:
         """Put chunks whose KV is on ``device`` straight into the top tier's pinned pool: space
         is reserved per window of ``STORE_WINDOW_BYTES``, one pipelined pass of DMAs fills it
         (``kvtier.devcopy``: strided token ranges are packed on the device, the copy engine moves
@@ -467,16 +494,25 @@ class CacheEngine:
         the first DMAs start after one window's host work, not all of it. Returns the results of
         a leading part of ``keys`` (all of them, unless the top tier cannot reserve: the caller
         ``put``s the rest). On an error the reservations not yet committed are given back (after
-        the DMAs writing them are done)."""
+        the DMAs writing them are done). ``finite_check``: makes the NaN/Inf check of all of
+        ``keys``' KV on the device, launched once the first window's copies are queued (a
+        reduction launched first took the SMs the first slot copies needed: ~0.5 ms before the
+        first DMA) but ordered after the work queued before this call; it is waited for before
+        the first commit and, if it failed, everything is given back and the result is ``None``. One ``CopyQueue`` carries every
+        window's DMAs (one ``copy_pairs`` per window made the next window's first slot copy
+        wait for the previous window's last DMA)."""
         oks: list[bool] = []
         windows: deque[tuple[torch.cuda.Event | None, list[Reservation | bool]]] = deque()
         at = 0
+        queued = torch.cuda.Event()
+        queued.record(torch.cuda.current_stream(device))  # the KV is final here
+        finite: _FiniteCheck | None = None
+        queue = CopyQueue(device)
         try:
             while at < len(keys):
                 window: list[Reservation | bool] = []
                 windows.append((None, window))
-                pairs = []
-                nbytes, refused = 0, False
+                nbytes, refused, ev = 0, False, None
                 while at + len(window) < len(keys) and nbytes < STORE_WINDOW_BYTES:
                     k = keys[at + len(window)]
                     c = chunk_of(k)
@@ -488,26 +524,43 @@ class CacheEngine:
                         break
                     window.append(r)
                     if isinstance(r, Reservation):
-                        pairs.append((c.kv, r.obj.tensor))
+                        ev = queue.copy(c.kv, r.obj.tensor)  # side-stream events: the last covers all
                     nbytes += c.nbytes
-                windows[-1] = (copy_pairs(pairs, device) if pairs else None, window)
+                windows[-1] = (ev, window)
                 at += len(window)
+                if finite_check is not None:
+                    finite, finite_check = finite_check(queued), None
+                if len(windows) > 1 and finite is not None:  # wait for the check before the first commit
+                    if not finite.passed():
+                        break
+                    finite = None
                 while len(windows) > 1:  # commit window w while window w+1 copies
                     oks += self._commit_window(*windows[0])
                     windows.popleft()
                 if refused:
                     break
+            queue.close()
+            if finite is not None and not finite.passed():
+                self._give_back(windows, device)
+                return None
             while windows:
                 oks += self._commit_window(*windows[0])
                 windows.popleft()
         except BaseException:
-            torch.cuda.synchronize(device)  # no DMA may still write a reservation given back
-            for _, w in windows:
-                for r in w:
-                    if isinstance(r, Reservation):
-                        self.storage.abort(r)
+            queue.close()
+            self._give_back(windows, device)
             raise
         return oks
+
+    def _give_back(
+        self, windows: Iterable[tuple[object, list[Reservation | bool]]], device: torch.device
+    ) -> None:
+        """Abort the reservations not committed, once no DMA writes them any more."""
+        torch.cuda.synchronize(device)
+        for _, w in windows:
+            for r in w:
+                if isinstance(r, Reservation):
+                    self.storage.abort(r)
 
     def _commit_window(self, ev: torch.cuda.Event | None, window: list[Reservation | bool]) -> list[bool]:
         if ev is not None:
@@ -570,6 +623,48 @@ class CacheEngine:
         self._stats.retrieved_tokens += sum(k.num_tokens for k, _ in views.chunks)
         self.metrics.retrieve_latency.observe(time.perf_counter() - t0)
         return views
+
+    def iter_chunks(
+        self,
+        tokens: TokenInput,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        extras: KeyExtras | None = None,
+        decode: bool = True,
+    ) -> ChunkStream:
+        """``retrieve_chunks`` lazily: ``stream.keys`` are the keys of the range the tiers say
+        they hold (one batched lookup, no data moved), and iterating the stream yields
+        ``(key, chunk)`` validated one at a time, in order, stopping at the first missing or
+        invalid one. So a caller can plan from the keys and start copying the first chunk
+        while the next ones are fetched and checked (the vLLM worker's CUDA load: its first
+        DMAs used to wait for all 128 chunks of a 32k prefix to be validated). The caller
+        owns (and must ``release``) every chunk yielded; ``close()`` (or exhausting the
+        stream) releases the rest."""
+        arr = tokens_to_array(tokens)
+        stop = arr.size if end is None else end
+        keys = [k for k in self.keys(arr, extras) if k.end > start and k.start < stop]
+        if not keys or self._namespace is None:
+            keys = []
+        n_avail = self.storage.prefix_lookup([k.digest for k in keys]) if keys else 0
+        self._stats.retrieves += 1
+        return ChunkStream(keys[:n_avail], self._validated(arr, keys[:n_avail], extras, decode))
+
+    def _validated(
+        self, arr: np.ndarray, keys: list[ChunkKey], extras: KeyExtras | None, decode: bool
+    ) -> Generator[tuple[ChunkKey, Chunk], None, None]:
+        if not keys:
+            return
+        chunks = self.storage.iter_prefix([k.digest for k in keys])
+        try:
+            for k, chunk in zip(keys, chunks):
+                if not self.chunk_ok(chunk, arr, k, extras):
+                    chunk.release()
+                    return
+                self._stats.retrieved_tokens += k.num_tokens
+                yield k, self.open_chunk(chunk) if decode else chunk
+        finally:
+            chunks.close()
 
     def _views(
         self,
@@ -662,6 +757,9 @@ class CacheEngine:
         inflight: deque[tuple[torch.cuda.Event | None, Chunk]] = deque()
         got = n = 0
         chunks = self.storage.iter_prefix([k.digest for k in keys])
+        # raw KV to a GPU: one copy queue for the whole prefix, so chunk i+1's DMA does not wait
+        # for chunk i's slot copy (one copy_pairs call per chunk serialised them)
+        queue = CopyQueue(dev) if cuda and self._kv_codec is None else None
         try:
             for k, chunk in zip(keys, chunks):
                 if not self.chunk_ok(chunk, arr, k, extras):
@@ -677,8 +775,8 @@ class CacheEngine:
                         packed = torch.empty(chunk.kv.shape, dtype=chunk.kv.dtype, device=dev)
                         ev = copy_pairs([(chunk.kv, packed)], dev)
                     dst.copy_(codec.decode(packed, shape, dst.dtype))
-                elif cuda:
-                    ev = copy_pairs([(chunk.kv, dst)], dev)
+                elif queue is not None:
+                    ev = queue.copy(chunk.kv, dst)
                 else:
                     dst.copy_(chunk.kv)
                 inflight.append((ev, chunk))
@@ -687,6 +785,8 @@ class CacheEngine:
                     _release_after(*inflight.popleft())
         finally:
             chunks.close()  # releases the top tier's chunks not handed out
+            if queue is not None:
+                queue.close()  # the current stream waits for every DMA
             while inflight:
                 _release_after(*inflight.popleft())
         return got, n
@@ -931,6 +1031,29 @@ class CacheEngine:
                 "chunk %s failed validation on read (fingerprint/shape/dtype); treated as a miss", k.hex()
             )
         return ok
+
+
+class _FiniteCheck:
+    """``_finite_prefix``'s fast test (one sum over the KV of ``keys``) enqueued on the device's
+    aux stream after the event ``after`` (the KV is final), so it runs beside the store's DMAs;
+    ``passed()`` waits for it. Only "all finite" is answered here: on a failure the caller runs
+    the exact ``_finite_prefix`` (rare: engines do not make NaN KV)."""
+
+    def __init__(self, kv: torch.Tensor, keys: list[ChunkKey], start: int, after: torch.cuda.Event) -> None:
+        dev = kv.device
+        aux = aux_stream(dev)
+        aux.wait_event(after)  # the current stream's work up to the store's start
+        region = kv[:, :, keys[0].start - start : keys[-1].end - start]
+        self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        with torch.cuda.stream(aux):
+            self._flag.copy_(torch.isfinite(region.sum()), non_blocking=True)
+        region.record_stream(aux)
+        self._done = torch.cuda.Event()
+        self._done.record(aux)
+
+    def passed(self) -> bool:
+        self._done.synchronize()
+        return bool(self._flag)
 
 
 def _release_after(ev: torch.cuda.Event | None, chunk: Chunk) -> None:

@@ -66,3 +66,35 @@ def test_store_from_gpu_of_more_windows_than_fit_at_once(monkeypatch: pytest.Mon
         assert e.store(tokens, kv) == n
         r = e.retrieve(tokens, device="cuda")
         assert r.kv is not None and torch.equal(r.kv, kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [1, 1 << 30], ids=["one-chunk-windows", "one-window"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_kv_stored_from_gpu_keeps_only_the_clean_prefix(
+    monkeypatch: pytest.MonkeyPatch, window: int, bad: float
+) -> None:
+    """The NaN/Inf check of a GPU store runs beside its DMAs (``_FiniteCheck``): when it fails,
+    every reservation is given back before any commit and the clean chunks before the bad one
+    are stored again through the exact check; nothing from the bad chunk on is stored."""
+    import kvtier.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STORE_WINDOW_BYTES", window)
+    dev = torch.device("cuda")
+    n = 6 * CT
+    kv = torch.randn((L, 2, n, H, D), device=dev, dtype=torch.bfloat16)
+    kv[1, 1, 3 * CT + 7, 0, 2] = bad  # inside chunk 3
+    tokens = list(range(n))
+    with _engine() as e:
+        res = e.store_range(tokens, kv)
+        assert res.stored_tokens == 3 * CT and res.nonfinite_chunks == 3
+        assert e.lookup(tokens) == 3 * CT
+        assert e.storage.tiers[0].stats().chunks == 3  # the given-back reservations left nothing
+        r = e.retrieve(tokens, device="cuda")
+        assert r.kv is not None and torch.equal(r.kv, kv[:, :, : 3 * CT])
+        kv[1, 1, 3 * CT + 7, 0, 2] = 0.0
+        assert e.store(tokens, kv) == 3 * CT  # the rest once it is clean
+        out = torch.zeros_like(kv)
+        assert e.retrieve(tokens, out=out).num_tokens == n
+        torch.cuda.current_stream().synchronize()
+        assert torch.equal(out, kv)

@@ -85,3 +85,92 @@ def test_unaligned_or_strided_pieces_are_not_planned() -> None:
     ]
     assert not GroupedLoad.plan(lay, strided, L)
     assert not GroupedLoad.plan(lay, [LoadPieces(token_index([1, 2], 0, 0, 6, BS, CPU), [(kv, 0, 6)])], L)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("copy_streams", [1, 2])
+@pytest.mark.parametrize("group_layers", [1, 2])
+def test_grouped_load_on_cuda_is_bit_exact_over_one_or_two_copy_streams(
+    copy_streams: int, group_layers: int
+) -> None:
+    """The same loads on CUDA: pinned host chunks, device caches, indexes through the worker's
+    ``IndexStaging``, the group's DMAs split over ``copy_streams`` streams; the stream is held
+    back by a sleep kernel so a missing wait between a DMA and its scatter would show."""
+    from kvtier.transfer.blocks import IndexStaging
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    caches, loads = _setup(seed=7)
+    st = IndexStaging()
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    blocks = ([30, 3, 17, 8, 22, 11, 5, 36], [1, 9, 25, 14])
+    spans = ((4, 28), (0, 16))
+    on_dev = [
+        LoadPieces(
+            token_index(blk, 0, a, b, BS, dev, st), [(kv.pin_memory(), x, y) for kv, x, y in ld.pieces]
+        )
+        for blk, (a, b), ld in zip(blocks, spans, loads, strict=True)
+    ]
+    dcaches = [c.to(dev) for c in caches]
+    torch.cuda._sleep(20_000_000)
+    gl = GroupedLoad(lay, on_dev, L, dev, group_layers=group_layers, copy_streams=copy_streams)
+    for i in range(L):
+        gl.layer(i, dcaches[i])
+    gl.wait()
+    torch.cuda.synchronize()
+    assert gl.grouped_layers == L
+    for i in range(L):
+        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"
+
+
+def test_streamed_load_fed_chunk_by_chunk_with_a_short_request_is_bit_exact() -> None:
+    """``GroupedLoad.streamed``: planned from sizes, fed piece by piece, attached with what made
+    it: load A lost its last two chunks (a validation failure) and its second is trimmed to one
+    block, one planned request got nothing (its row stays empty), load B is whole."""
+    caches, loads = _setup(seed=3)
+    lay = detect_layout(caches[0], block_size=BS)
+    a, b = loads
+    kv0, kv1 = a.pieces[0][0], a.pieces[1][0]
+    short = LoadPieces(
+        token_index([30, 3, 17, 8, 22, 11, 5, 36], 0, 4, 12, BS, CPU), [(kv0, 4, 8), (kv1, 0, 4)]
+    )
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in (short, b):
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, x:y] for kv, x, y in ld.pieces])
+    geometry = [
+        [(int(kv.shape[2]), x, y) for kv, x, y in a.pieces],
+        [(CT, 0, CT)],  # a request whose chunk never arrives
+        [(int(kv.shape[2]), x, y) for kv, x, y in b.pieces],
+    ]
+    gl = GroupedLoad.streamed(lay, geometry, L, CPU, group_layers=2)
+    assert gl is not None
+    assert gl.feed(0, kv0) and gl.feed(1, kv1) and gl.feed(2, a.pieces[2][0])  # fed, then dropped
+    assert not gl.feed(5, torch.zeros(L, 2, 3, H, D))  # not the planned size: refused
+    assert gl.feed(5, b.pieces[0][0]) and gl.feed(6, b.pieces[1][0])
+    assert gl.attach([(0, short), (2, b)])
+    for i in range(L):
+        gl.layer(i, caches[i])
+    gl.wait()
+    for i in range(L):
+        assert bits_equal(caches[i], want[i]), f"layer {i} differs"
+    assert gl.grouped_layers == L
+
+
+def test_streamed_plan_refuses_unaligned_pieces_and_attach_refuses_other_chunks() -> None:
+    caches, loads = _setup(seed=4)
+    lay = detect_layout(caches[0], block_size=BS)
+    assert GroupedLoad.streamed(lay, [[(CT, 2, CT)]], L, CPU) is None
+    assert GroupedLoad.streamed(lay, [[], []], L, CPU) is None
+    a = loads[0]
+    gl = GroupedLoad.streamed(lay, [[(int(kv.shape[2]), x, y) for kv, x, y in a.pieces]], L, CPU)
+    assert gl is not None
+    for j, (kv, _, _) in enumerate(a.pieces):
+        assert gl.feed(j, kv)
+    swapped = LoadPieces(a.idx, [a.pieces[1], a.pieces[0], *a.pieces[2:]])
+    assert not gl.attach([(0, swapped)])

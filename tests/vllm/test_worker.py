@@ -205,6 +205,64 @@ def test_cuda_flash_attention_layout_round_trip(hnd: bool) -> None:
             assert torch.equal(dst[i][:, b].cpu(), kv[i, :, t0 : t0 + bs].cpu())
 
 
+@pytest.mark.gpu
+def test_cuda_streamed_load_of_several_requests_with_a_corrupt_chunk_is_bit_exact() -> None:
+    """CUDA loads go through the ring fed chunk by chunk as each is validated: request A is
+    whole, request B's third chunk is corrupt (its blocks from there on are reported and not
+    written), request C has nothing cached. What is written equals the stored KV."""
+    dev = torch.device("cuda")
+    nb, bs, h, d, layers, ct = 96, 16, 2, 64, 4, 32
+    g = torch.Generator(device=dev).manual_seed(1)
+    src = [
+        torch.randn((2, nb, bs, h, d), device=dev, generator=g, dtype=torch.bfloat16) for _ in range(layers)
+    ]
+    lay = detect(src[0], num_kv_heads=h, head_dim=d, block_size=bs)
+    cfg = Config.load(env={}, chunk__chunk_tokens=ct, cpu__max_bytes="64MiB")
+    eng = CacheEngine(cfg, namespace=Namespace("m", "bfloat16", (layers, h, d)))
+    stats = ConnectorStats()
+    w = WorkerSide(eng, lay, layers, stats)
+    ta, tb = list(range(0, 128)), list(range(5000, 5128))
+    for toks, blocks in ((ta, list(range(0, 8))), (tb, list(range(8, 16)))):
+        w.begin_saves([TransferSpec("r", toks, 0, 128, blocks)], dev)
+        for i, c in enumerate(src):
+            w.save_layer(i, c)
+        w.finish_saves(dev)
+    want_a, want_b = eng.retrieve(ta).kv, eng.retrieve(tb).kv
+    assert want_a is not None and want_b is not None
+    key = eng.keys(tb)[2].digest
+    good = eng.storage.get(key)
+    assert good is not None
+    with good:
+        eng.storage.remove(key)
+        eng.storage.put(key, Chunk(good.kv.clone(), b"x" * 8, ct))
+    dst = [torch.zeros_like(c) for c in src]
+    blocks_a, blocks_b, blocks_c = list(range(40, 46)), list(range(50, 58)), [70, 71]
+    w.begin_loads(
+        [
+            TransferSpec("a", ta, 32, 128, blocks_a),
+            TransferSpec("b", tb, 0, 128, blocks_b),
+            TransferSpec("c", list(range(9000, 9032)), 0, 32, blocks_c),
+        ],
+        dev,
+    )
+    assert w._grouped is not None  # through the ring
+    for i, c in enumerate(dst):
+        w.load_layer(i, c)
+    torch.cuda.synchronize()
+    assert w.take_errors() == set(blocks_b[4:]) | set(blocks_c)
+    assert stats.loaded_tokens == 96 + 64
+    for i in range(layers):
+        for j, b in enumerate(blocks_a):
+            t0 = 32 + j * bs
+            assert torch.equal(dst[i][:, b].cpu(), want_a[i, :, t0 : t0 + bs])
+        for j, b in enumerate(blocks_b):
+            if j < 4:
+                assert torch.equal(dst[i][:, b].cpu(), want_b[i, :, j * bs : (j + 1) * bs])
+            else:
+                assert torch.count_nonzero(dst[i][:, b]) == 0
+    w.release_loads()
+
+
 class CountingTier(CPUTier):
     """A CPU tier that counts its read calls (stands in for a remote top tier: one call = one round trip)."""
 

@@ -53,8 +53,8 @@ import torch
 
 from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
-from kvtier.engine import CacheEngine
-from kvtier.transfer.blocks import TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.engine import CacheEngine, ChunkStream
+from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.cpu_blocks import block_rows, buffer_rows, cache_blocks, copy_blocks
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
@@ -167,9 +167,14 @@ class WorkerSide:
         self._grouped: GroupedLoad | None = None
         self._load_ahead = load_ahead
         self._feeder: LayerFeeder | None = None
+        self._streaming: GroupedLoad | None = None
+        """The ring being fed chunk by chunk during ``begin_loads`` (CUDA, raw KV)."""
         self._group_layers = group_layers
         self._staging_bytes = staging_bytes
         self._errors: set[int] = set()
+        self._load_index = IndexStaging()
+        self._save_index = IndexStaging()
+        """CUDA token indexes of this step's loads / saves (reset at ``begin_loads`` / ``begin_saves``)."""
         self._flat: torch.Tensor | None = None
         """Host staging for saves, reused across steps: a fresh large allocation costs its page
         faults every time (more than the copy); the tiers copy what they keep, so it is free again
@@ -196,17 +201,64 @@ class WorkerSide:
         self.fence_saves()  # loads write blocks a pending background save may still read
         t0 = time.perf_counter()
         self.release_loads()
+        self._load_index.reset()
         if not self.role.loads:
             self.stats.refused_loads += len(specs)
             specs = []
-        for spec in specs:
-            self.stats.load_requests += 1
-            load = self._plan_load(spec, device)
-            if load is not None:
-                self._loads.append(load)
+        # keys and one batched lookup per request first (no data moved): on CUDA the ring is
+        # planned from them, and each chunk's DMAs start as soon as it is fetched and validated,
+        # not after every chunk of the step was (5-8 ms of host time for 32k tokens)
+        streams = [
+            self.engine.iter_chunks(
+                spec.tokens, start=spec.start, end=spec.end, extras=spec.extras, decode=not self._packs
+            )
+            for spec in specs
+        ]
+        self._streaming = None
+        if device.type == "cuda" and not self._packs and specs:
+            geometry = [
+                [
+                    (k.num_tokens, max(k.start, sp.start) - k.start, min(k.end, sp.end) - k.start)
+                    for k in st.keys
+                ]
+                for sp, st in zip(specs, streams, strict=True)
+            ]
+            self._streaming = GroupedLoad.streamed(
+                self.layout,
+                geometry,
+                self.num_layers,
+                device,
+                group_layers=self._group_layers,
+                staging_bytes=self._staging_bytes,
+            )
+        rows: list[tuple[int, _Load]] = []
+        base = 0
+        try:
+            for row, (spec, st) in enumerate(zip(specs, streams, strict=True)):
+                self.stats.load_requests += 1
+                load = self._plan_load(spec, st, device, base)
+                base += len(st.keys)
+                if load is not None:
+                    self._loads.append(load)
+                    rows.append((row, load))
+        except BaseException:
+            if self._streaming is not None:  # its DMAs read chunks about to be released
+                self._streaming.abandon()
+                self._streaming = None
+            raise
+        finally:
+            for st in streams:
+                st.close()
+        ring, self._streaming = self._streaming, None
+        as_pieces = [(row, LoadPieces(ld.idx, [(c.kv, a, b) for c, a, b in ld.pieces])) for row, ld in rows]
+        if ring is not None:
+            if as_pieces and ring.attach(as_pieces):
+                self._grouped = ring
+            else:
+                ring.abandon()
         # NOTE: packed (lossy codec) loads dequantize per layer in their own kernels, not through the ring
-        if device.type == "cuda" and self._loads and not any(ld.packed is not None for ld in self._loads):
-            loads = [LoadPieces(ld.idx, [(c.kv, a, b) for c, a, b in ld.pieces]) for ld in self._loads]
+        if self._grouped is None and device.type == "cuda" and self._loads and not self._packs:
+            loads = [ld for _, ld in as_pieces]
             if GroupedLoad.plan(self.layout, loads, self.num_layers):
                 # the DMAs of the first layer groups start now, on the copy stream
                 self._grouped = GroupedLoad(
@@ -234,18 +286,22 @@ class WorkerSide:
                 continue
             scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
 
-    def _plan_load(self, spec: TransferSpec, device: torch.device) -> _Load | None:
+    def _plan_load(
+        self, spec: TransferSpec, stream: ChunkStream, device: torch.device, base: int
+    ) -> _Load | None:
+        """The chunks of ``stream`` (validated as they come) as this request's load; each is fed
+        to the ring being streamed (``self._streaming``, piece ``base + i``) as it arrives."""
         first = spec.first_token(self.bs)
         pieces: list[tuple[Chunk, int, int]] = []
         ok_end = spec.start
-        # one batched, validated read of the whole range (one round trip to a remote top tier)
-        views = self.engine.retrieve_chunks(
-            spec.tokens, start=spec.start, end=spec.end, extras=spec.extras, decode=not self._packs
-        )
-        for k, chunk in views.chunks:
+        for k, chunk in stream:
             lo, hi = max(k.start, spec.start), min(k.end, spec.end)
             pieces.append((chunk, lo - k.start, hi - k.start))
             ok_end = hi
+            ring = self._streaming
+            if ring is not None and not ring.feed(base + len(pieces) - 1, chunk.kv):
+                ring.abandon()  # e.g. a chunk of another shape: the per-layer path for this step
+                self._streaming = None
         ok_end = align_down(ok_end, self.bs) if ok_end < spec.end else ok_end
         if ok_end < spec.end:  # blocks from the first unloadable one on: vLLM recomputes them
             self.stats.load_failures += 1
@@ -265,7 +321,9 @@ class WorkerSide:
                 c.release()
             return None
         self.stats.loaded_tokens += ok_end - spec.start
-        idx = token_index(spec.block_ids, first, spec.start, ok_end, self.bs, device)
+        idx = token_index(
+            spec.block_ids, first, spec.start, ok_end, self.bs, device, self._index(device, True)
+        )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
         rows = None
@@ -274,6 +332,13 @@ class WorkerSide:
                 [(c.kv, a, b) for c, a, b in pieces], self.num_layers, self.layout.num_planes, self.bs
             )
         return _Load(spec, idx, pieces, rows=rows)
+
+    def _index(self, device: torch.device, load: bool) -> IndexStaging | None:
+        """The reused index buffer on CUDA (a fresh device tensor per index cost ms of host time
+        before the first DMA); elsewhere none: plain tensors, which may outlive the step."""
+        if device.type != "cuda":
+            return None
+        return self._load_index if load else self._save_index
 
     def load_layer(self, layer: int, entry: torch.Tensor) -> None:
         """Write layer ``layer`` of every pending load into ``entry`` (vLLM's tensor of that layer)."""
@@ -333,6 +398,7 @@ class WorkerSide:
     def begin_saves(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
         t0 = time.perf_counter()
         self._saves = []
+        self._save_index.reset()
         self._inflight = set()  # saves begun and never finished were dropped with self._saves
         if not self.role.saves:
             self.stats.refused_saves += len(specs)
@@ -367,7 +433,15 @@ class WorkerSide:
         at = 0
         for (spec, start, shape), p in zip(todo, packed):
             if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
-                idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+                idx = token_index(
+                    spec.block_ids,
+                    spec.first_token(self.bs),
+                    start,
+                    spec.end,
+                    self.bs,
+                    device,
+                    self._index(device, False),
+                )
                 sv = PackedSave(self.engine, idx, self.num_layers, device)
                 self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
                 continue
@@ -375,7 +449,15 @@ class WorkerSide:
             n = int(np.prod(shape))
             buf = flat[at : at + n].view(shape)
             at += n
-            idx = token_index(spec.block_ids, spec.first_token(self.bs), start, spec.end, self.bs, device)
+            idx = token_index(
+                spec.block_ids,
+                spec.first_token(self.bs),
+                start,
+                spec.end,
+                self.bs,
+                device,
+                self._index(device, False),
+            )
             rows = (
                 buffer_rows(buf, self.bs) if device.type == "cpu" and idx.whole_blocks is not None else None
             )

@@ -41,6 +41,9 @@ from kvtier.transfer.layout import KVLayout
 RING = 2
 DEFAULT_STAGING_BYTES = 512 << 20
 """Device memory for the ring (all ``RING`` group buffers together); sets the group size."""
+COPY_STREAMS = 1
+"""Copy streams a group's DMAs are spread over (1 or 2): with 2, two copy engines take turns,
+so the per-DMA fixed cost (~3.4 us per 2 MiB DMA on the H200: 0.92x memcpy) may overlap."""
 MAX_GROUP_LAYERS = 4
 """Past 4 MiB per DMA (4 layers of a 256-token 8-kv-head chunk) larger DMAs gain nothing."""
 
@@ -55,14 +58,26 @@ class LoadPieces:
 
 @dataclass
 class _Piece:
-    kv: torch.Tensor  # [L, P, n, H, D] host
+    n: int  # the chunk's rows (tokens)
     offset: int  # element offset of the piece's group block in a group buffer
     rows: tuple[int, int]  # the rows [a, b) of the chunk to write
-    dst: torch.Tensor  # destination block numbers of rows a..b (device, int64)
+    kv: torch.Tensor | None = None  # [L, P, n, H, D] host, once fed
+    dst: torch.Tensor | None = None  # destination block numbers of rows a..b (device, int64), once attached
+
+
+Geometry = Sequence[Sequence[tuple[int, int, int]]]
+"""Per load, per piece in load order: ``(chunk rows n, first row a, end row b)``."""
 
 
 class GroupedLoad:
-    """Loads ``LoadPieces`` layer group by layer group; call ``layer(i, entry)`` per layer."""
+    """Loads ``LoadPieces`` layer group by layer group; call ``layer(i, entry)`` per layer.
+
+    Two ways to make one: ``GroupedLoad(layout, loads, ...)`` with every piece known, or
+    ``GroupedLoad.streamed(layout, geometry, ...)`` from the pieces' sizes alone (known from
+    the chunk keys before any chunk is fetched), then ``feed(i, kv)`` per piece as each chunk
+    is fetched and validated (its DMAs for the first ``RING`` groups start right away), then
+    ``attach(loads)`` with the pieces that made it (a prefix of each load's planned pieces,
+    the last possibly trimmed). The first way is the second with all pieces fed at once."""
 
     def __init__(
         self,
@@ -73,63 +88,237 @@ class GroupedLoad:
         *,
         group_layers: int = 0,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        copy_streams: int | None = None,
+    ) -> None:
+        first = loads[0].pieces[0][0]
+        geometry = [[(int(kv.shape[2]), a, b) for kv, a, b in ld.pieces] for ld in loads]
+        self._setup(
+            layout,
+            geometry,
+            num_layers,
+            device,
+            first.dtype,
+            int(first.shape[1]),
+            tuple(int(x) for x in first.shape[3:]),
+            group_layers,
+            staging_bytes,
+            copy_streams,
+        )
+        i = 0
+        for ld in loads:
+            for kv, _, _ in ld.pieces:
+                fed = self.feed(i, kv)
+                assert fed, "GroupedLoad.plan() first"
+                i += 1
+        attached = self.attach(list(enumerate(loads)))
+        assert attached, "GroupedLoad.plan() first"
+
+    @classmethod
+    def streamed(
+        cls,
+        layout: KVLayout,
+        geometry: Geometry,
+        num_layers: int,
+        device: torch.device,
+        *,
+        group_layers: int = 0,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        copy_streams: int | None = None,
+    ) -> GroupedLoad | None:
+        """A load planned from piece sizes (``None`` if they cannot go through the ring: empty, or
+        a piece not block-aligned); the chunks' dtype and shape are the layout's."""
+        bs = layout.block_size
+        if not any(geometry):  # rows may be empty (a request with nothing cached)
+            return None
+        if any(a % bs or b % bs or not 0 <= a < b <= n for g in geometry for n, a, b in g):
+            return None
+        self = cls.__new__(cls)
+        shape = layout.chunk_shape(num_layers, 1)
+        self._setup(
+            layout,
+            geometry,
+            num_layers,
+            device,
+            layout.dtype,
+            int(shape[1]),
+            tuple(int(x) for x in shape[3:]),
+            group_layers,
+            staging_bytes,
+            copy_streams,
+        )
+        return self
+
+    def _setup(
+        self,
+        layout: KVLayout,
+        geometry: Geometry,
+        num_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        planes: int,
+        tail: tuple[int, ...],
+        group_layers: int,
+        staging_bytes: int,
+        copy_streams: int | None,
     ) -> None:
         self.layout = layout
-        self.loads = list(loads)
+        self.copy_streams = max(1, min(2, COPY_STREAMS if copy_streams is None else copy_streams))
+        self.loads: list[LoadPieces] = []
         self.num_layers = num_layers
         self.device = device
-        bs = layout.block_size
-        first = self.loads[0].pieces[0][0]
-        self.dtype = first.dtype
-        self.tail = tuple(int(x) for x in first.shape[3:])
-        self.planes = int(first.shape[1])
+        self.dtype = dtype
+        self.tail = tail
+        self.planes = planes
         self._token_elems = self.planes * int(torch.Size(self.tail).numel())
-        all_pieces = [(ld, kv, a, b) for ld in self.loads for kv, a, b in ld.pieces]
-        layer_elems = sum(int(kv.shape[2]) for _, kv, _, _ in all_pieces) * self._token_elems
+        flat = [piece for g in geometry for piece in g]
+        self._geometry_sizes = [len(g) for g in geometry]
+        layer_elems = sum(n for n, _, _ in flat) * self._token_elems
         if group_layers <= 0:
             fit = staging_bytes // max(1, RING * layer_elems * self.dtype.itemsize)
             group_layers = max(1, min(MAX_GROUP_LAYERS, fit))
         self.group_layers = min(group_layers, num_layers)
         self.num_groups = -(-num_layers // self.group_layers)
-        # destination blocks of each piece, in load order
-        dst_of: list[torch.Tensor] = []
-        for ld in self.loads:
-            wb, row = ld.idx.whole_blocks, 0
-            assert wb is not None
-            for _, a, b in ld.pieces:
-                dst_of.append(wb[row // bs : (row + b - a) // bs])
-                row += b - a
-        # whole chunks of the most common size first, back to back in each group buffer: one
+        # whole chunks of the largest size first, back to back in each group buffer: one
         # index_put per plane and layer writes all of them; the others (a request's first or
         # tail chunk) one index_copy_ each
-        ct = int(first.shape[2])
-        full = [
-            i for i, (_, kv, a, b) in enumerate(all_pieces) if int(kv.shape[2]) == ct and (a, b) == (0, ct)
-        ]
-        rest = [i for i in range(len(all_pieces)) if i not in set(full)]
+        ct = max(n for n, _, _ in flat)
+        full = [i for i, (n, a, b) in enumerate(flat) if n == ct and (a, b) == (0, ct)]
+        fullset = set(full)
+        rest = [i for i in range(len(flat)) if i not in fullset]
         self._chunk_tokens = ct
-        self._pieces: list[_Piece] = []
+        self._planned: list[_Piece] = [_Piece(0, 0, (0, 0))] * len(flat)  # in load order
+        self._pieces: list[_Piece] = []  # in ring order
         off = 0
         for i in full + rest:
-            _, kv, a, b = all_pieces[i]
-            self._pieces.append(_Piece(kv, off, (a, b), dst_of[i]))
-            off += self.group_layers * int(kv.shape[2]) * self._token_elems
+            n, a, b = flat[i]
+            self._planned[i] = _Piece(n, off, (a, b))
+            self._pieces.append(self._planned[i])
+            off += self.group_layers * n * self._token_elems
         self._group_elems = off
-        self._n_full = len(full)
-        self._full_dst = torch.stack([p.dst for p in self._pieces[: len(full)]]) if full else None
+        self._n_full = 0
+        self._full_dst: torch.Tensor | None = None
+        self._cuda = device.type == "cuda"
+        # the first groups' buffers exist before the side streams' start event: their DMAs
+        # may begin as soon as the first piece is fed
         self._ring: list[torch.Tensor | None] = [None] * RING
+        self._open = min(RING, self.num_groups)
+        for s in range(self._open):
+            self._ring[s] = torch.empty(self._group_elems, dtype=self.dtype, device=device)
         self._slot_group: list[int | None] = [None] * RING
         self._free: list[Any] = [None] * RING  # CUDA events (None on the CPU)
-        self._ready: dict[int, Any] = {}
+        self._ready: dict[int, list[Any]] = {}
         self._done: list[set[int]] = [set() for _ in range(self.num_groups)]
         self._next = 0  # next group to issue
-        self._cuda = device.type == "cuda"
         self._issued: set[int] = set()
-        self._last_dma: Any = None
+        self._last_dma: dict[int, Any] = {}
+        """Per copy stream, the event after the last DMA issued on it."""
+        self._fed_streams: set[int] = set()
+        self._attached = False
         self.grouped_layers = 0
         """Layers written from the ring (the rest, called out of order, from the pieces)."""
         self._start = self._record(torch.cuda.current_stream(device) if self._cuda else None)
+        if self._cuda:
+            for j in range(self.copy_streams):
+                side_stream(device, j).wait_event(self._start)
+
+    def feed(self, i: int, kv: torch.Tensor) -> bool:
+        """Planned piece ``i`` (load order) is chunk ``kv``: its DMAs for the first groups are
+        issued now. ``False`` (nothing issued) if ``kv`` cannot go through the ring (not a
+        contiguous host chunk of the planned size, dtype and shape): the caller ``abandon``s."""
+        p = self._planned[i]
+        if (
+            kv.device.type != "cpu"
+            or not kv.is_contiguous()
+            or kv.dim() != 5
+            or int(kv.shape[0]) != self.num_layers
+            or kv.dtype != self.dtype
+            or int(kv.shape[1]) != self.planes
+            or int(kv.shape[2]) != p.n
+            or tuple(int(x) for x in kv.shape[3:]) != self.tail
+            or p.kv is not None
+        ):
+            return False
+        p.kv = kv
+        j = i % self.copy_streams if self._cuda else 0
+        side = side_stream(self.device, j) if self._cuda else None
+        self._fed_streams.add(j)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for g in range(self._open):
+                buf = self._ring[g]
+                assert buf is not None
+                lays = self._layers(g)
+                n = p.n * self._token_elems * len(lays)
+                src = kv[lays.start : lays.stop].view(-1)
+                buf[p.offset : p.offset + n].copy_(src, non_blocking=self._cuda)
+        return True
+
+    def attach(self, loads: Sequence[tuple[int, LoadPieces]]) -> bool:
+        """The loads as they turned out, each with the index of its plan (``geometry``'s row):
+        its pieces must be the first ones fed for that row, in order, rows ``(a, b)`` as
+        planned but for the last, which may end earlier. Ends the first groups' DMAs
+        (events); returns ``False`` (the caller ``abandon``s) if the loads do not fit the plan."""
+        assert not self._attached
+        starts, at = [], 0
+        for g in self._geometry_sizes:
+            starts.append(at)
+            at += g
+        kept: set[int] = set()
+        for row, ld in loads:
+            for j, (kv, a, b) in enumerate(ld.pieces):
+                if row >= len(starts) or j >= self._geometry_sizes[row]:
+                    return False
+                p = self._planned[starts[row] + j]
+                last = j == len(ld.pieces) - 1
+                if p.kv is not kv or a != p.rows[0] or not (b == p.rows[1] or (last and a < b < p.rows[1])):
+                    return False
+                p.rows = (a, b)
+                kept.add(starts[row] + j)
+        if not kept:
+            return False
+        self.loads = [ld for _, ld in loads]
+        bs = self.layout.block_size
+        for row, ld in loads:
+            wb, r = ld.idx.whole_blocks, 0
+            if wb is None:
+                return False
+            for j, (_, a, b) in enumerate(ld.pieces):
+                self._planned[starts[row] + j].dst = wb[r // bs : (r + b - a) // bs]
+                r += b - a
+        ct = self._chunk_tokens
+        nf = 0  # the leading whole chunks in ring order, back to back from offset 0, all kept:
+        for p in self._pieces:  # one index_put per plane writes them; any other kept piece its own
+            if p.dst is None or (p.n, *p.rows) != (ct, 0, ct):
+                break
+            nf += 1
+        ring_kept = [p for p in self._pieces if p.dst is not None]
+        self._pieces = ring_kept
+        self._n_full = nf
+        self._full_dst = torch.stack([p.dst for p in ring_kept[:nf] if p.dst is not None]) if nf else None
+        self._attached = True
+        streams = sorted(self._fed_streams)
+        events = [self._record(side_stream(self.device, j) if self._cuda else None) for j in streams]
+        for g in range(self._open):
+            buf = self._ring[g]
+            assert buf is not None
+            if self._cuda:
+                for j in self._fed_streams:
+                    buf.record_stream(side_stream(self.device, j))
+            self._ready[g] = events
+            self._issued.add(g)
+            self._slot_group[g] = g
+        self._next = self._open
+        self._last_dma = dict(zip(streams, events, strict=True))
         self._issue_free()
+        return True
+
+    def abandon(self) -> None:
+        """Drop a load that will not go through the ring: waits for the DMAs already issued
+        (they read the fed chunks, which the caller may release only after this)."""
+        if self._cuda:
+            for j in sorted(self._fed_streams):
+                ev = self._record(side_stream(self.device, j))
+                ev.synchronize()
+        self._fed_streams = set()
 
     def _record(self, stream: Any) -> Any:
         if not self._cuda:
@@ -183,28 +372,36 @@ class GroupedLoad:
             self._next += 1
 
     def _issue(self, g: int, s: int) -> None:
-        side = side_stream(self.device) if self._cuda else None
         if self._ring[s] is None:
             self._ring[s] = torch.empty(self._group_elems, dtype=self.dtype, device=self.device)
         buf = self._ring[s]
         assert buf is not None
-        if side is not None:
-            side.wait_event(self._start)
-            ev = self._free[s]
-            if ev is not None:
-                side.wait_event(ev)
         lays = self._layers(g)
         l0, l1 = lays.start, lays.stop
         dsts, srcs = [], []
         for p in self._pieces:
-            n = int(p.kv.shape[2]) * self._token_elems * (l1 - l0)
+            assert p.kv is not None
+            n = p.n * self._token_elems * (l1 - l0)
             dsts.append(buf[p.offset : p.offset + n])
             srcs.append(p.kv[l0:l1].view(-1))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            torch._foreach_copy_(dsts, srcs, non_blocking=self._cuda)
-        if side is not None:
-            buf.record_stream(side)
-        self._ready[g] = self._last_dma = self._record(side)
+        k = self.copy_streams if self._cuda else 1
+        events = []
+        for j in range(k):  # pieces j, j+k, ... on copy stream j (their DMAs' fixed costs overlap)
+            if not dsts[j::k]:
+                continue
+            side = side_stream(self.device, j) if self._cuda else None
+            if side is not None:
+                side.wait_event(self._start)
+                ev = self._free[s]
+                if ev is not None:
+                    side.wait_event(ev)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                torch._foreach_copy_(dsts[j::k], srcs[j::k], non_blocking=self._cuda)
+            if side is not None:
+                buf.record_stream(side)
+            events.append(self._record(side))
+            self._last_dma[j] = events[-1]
+        self._ready[g] = events
         self._issued.add(g)
         self._slot_group[s] = g
 
@@ -236,7 +433,8 @@ class GroupedLoad:
 
     def _scatter_from_ring(self, i: int, g: int, entry: torch.Tensor) -> None:
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[g])
+            for ev in self._ready[g]:
+                torch.cuda.current_stream(self.device).wait_event(ev)
         buf = self._ring[g % RING]
         assert buf is not None
         j = i - g * self.group_layers
@@ -249,8 +447,9 @@ class GroupedLoad:
             for p in range(planes):
                 lay.plane_view(entry, p)[self._full_dst] = full[:, j, p]
         for pc in self._pieces[self._n_full :]:
-            n = int(pc.kv.shape[2])
+            n = pc.n
             a, b = pc.rows
+            assert pc.dst is not None
             view = buf[pc.offset : pc.offset + gl * n * self._token_elems].view(gl, planes, n, *self.tail)
             for p in range(planes):
                 rows = view[j, p, a:b].reshape(-1, bs, *self.tail)
@@ -258,5 +457,6 @@ class GroupedLoad:
 
     def wait(self) -> None:
         """Block until every issued DMA is done (then the pieces' host memory may be released)."""
-        if self._last_dma is not None:
-            self._last_dma.synchronize()
+        for ev in self._last_dma.values():
+            if ev is not None:
+                ev.synchronize()

@@ -6,6 +6,14 @@ for int4 the kernels' share (~20 % of the copy) kept a store at 2.7x memcpy agai
 current stream while group g-1's packed bytes cross PCIe on a copy stream (and the reverse
 for loads), so only one group's kernel time is left exposed.
 
+Group count: each group's ``gather_quant`` / ``scatter_dequant`` is launch-bound on the host
+(two Triton launches per layer for int4, 64 per group, ~28 us each) whatever its size: 3.3 ms
+per group at 16 groups, so the host (53 ms) paced the PCIe copies (23 ms for int4 at 32k
+tokens) and the overlapped path ran at 1.7-2.6x memcpy, below the serial 2.7-2.8x (H200,
+2026-12-02, ``benchmarks/profile_gpu_gaps.py --parts quant``). With ``GROUPS = 4`` (1.8 ms a
+group) the DMAs run back to back: store 2.97x, load 3.20x memcpy in raw bytes (same run:
+serial 2.72x / 2.99x). What is left of a store is the first group's launches before its DMA.
+
 Stream contract: both functions return with the work enqueued; the current stream has waited
 for the copy stream, so work enqueued next on it (or a ``synchronize``) sees everything done.
 The device staging is allocated on the current stream and used by the copy stream, which is
@@ -21,6 +29,8 @@ import torch
 from kvtier.serde.kvcodec import KVCodecError
 from kvtier.transfer.kernels.host import side_stream
 from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
+
+GROUPS = 4
 
 
 def _bounds(n_chunks: int, groups: int) -> list[tuple[int, int]]:
@@ -43,7 +53,7 @@ def store_overlapped(
     chunk_tokens: int,
     host_out: torch.Tensor,
     *,
-    groups: int = 16,
+    groups: int = GROUPS,
 ) -> None:
     """``host_out[:] = gather_quant(caches, slot_mapping, ...)``, group by group, D2H overlapped."""
     _check_host(host_out, "host_out")
@@ -70,7 +80,7 @@ def load_overlapped(
     codec_name: str,
     chunk_tokens: int,
     *,
-    groups: int = 16,
+    groups: int = GROUPS,
 ) -> None:
     """``scatter_dequant(host_in, caches, slot_mapping, ...)`` with group g+1's H2D overlapping
     group g's kernels. ``host_in`` must stay unchanged until the current stream has run the work."""
