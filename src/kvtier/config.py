@@ -488,6 +488,7 @@ class RouterConfig:
     tokenizer: str = ""  # the model directory the engines serve (tokenizer, chat template, config.json)
     lookup_token_file: str = ""  # the daemons' token, for backends that name none
     lookup_timeout_s: float = 0.5
+    lookup_strikes: int = 3  # consecutive lookup timeouts before a daemon's cool-down
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
     cooldown_s: float = 5.0  # an instance or daemon that failed is skipped this long
@@ -509,6 +510,7 @@ class RouterConfig:
             _check(getattr(self, name) > 0, f"router.{name}", getattr(self, name), "> 0")
         _check(self.cooldown_s >= 0, "router.cooldown_s", self.cooldown_s, ">= 0")
         _check(self.balance_gap >= 1, "router.balance_gap", self.balance_gap, "an integer >= 1")
+        _check(self.lookup_strikes >= 1, "router.lookup_strikes", self.lookup_strikes, "an integer >= 1")
         _check(
             bool(self.prefill) == bool(self.decode),
             "router.prefill/decode",

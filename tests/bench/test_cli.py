@@ -121,6 +121,26 @@ def test_http_run_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (tmp_path / "cmp" / "bench_ttft_vs_context.png").is_file()
 
 
+def test_http_fleet_chat_flags_reach_the_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    """--private-tokens / --turn-order random shape the prompts; --cache-salt is in every body
+    (so two runs of one sequence share no prefix in vLLM or kvtier)."""
+    srv = FakeStreamingServer(delay_s=0.0, tail_s=0.0, tokens=1)
+    chat = ["--workloads", "chat", "--users", "3", "--rounds", "3", "--system-tokens", "32"]
+    try:
+        args = [*chat, "--private-tokens", "80", "--turn-order", "random", "--cache-salt", "run-7"]
+        assert main(["bench", "--url", srv.url, *args, "--turn-tokens", "8", "--no-progress"]) == 0
+    finally:
+        srv.close()
+    capsys.readouterr()
+    assert len(srv.bodies) == 9 and all(b["cache_salt"] == "run-7" for b in srv.bodies)
+    prompts = [b["prompt"] for b in srv.bodies]
+    assert min(len(p) for p in prompts) >= 32 + 80  # system prompt + the private document
+    docs = {tuple(p[32:48]) for p in prompts}  # each user's document starts after the system prompt
+    assert len(docs) == 3
+    users = [sorted(docs).index(tuple(p[32:48])) for p in prompts]
+    assert users != users[:3] * 3  # interleaved at random, not round-major
+
+
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["bench", "--url", "http://127.0.0.1:9/v1", "--server-model", "m", "--workloads", "video"]) == 2

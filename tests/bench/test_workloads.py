@@ -72,6 +72,39 @@ def test_chat_every_turn_resends_the_previous_turn_and_its_answer(encode: Encode
     assert all(common_prefix(firsts[0], r.prompt) >= system for r in reqs)
 
 
+def test_chat_random_order_with_private_documents(encode: Encode) -> None:
+    """A fleet's chat: each user's long private document right after the system prompt, turns of
+    different users interleaved in a seeded random order, each user's own turns still in order."""
+    users, rounds, system, private = 4, 5, 40, 200
+    kw = dict(users=users, rounds=rounds, system_tokens=system, turn_tokens=10, private_tokens=private)
+    w = W.chat(encode, turn_order="random", seed=1, **kw)
+    reqs = w.requests
+    assert len(reqs) == users * rounds
+    groups = [r.group for r in reqs]
+    assert groups != [f"user{u + 1}" for _ in range(rounds) for u in range(users)]  # not round-major
+    assert groups != [r.group for r in W.chat(encode, turn_order="random", seed=2, **kw).requests]
+    by_user: dict[str, list[W.Request]] = {}
+    for i, r in enumerate(reqs):
+        if r.depends_on is not None:
+            assert r.depends_on < i and reqs[r.depends_on].group == r.group
+            resent = reqs[r.depends_on].prompt + reqs[r.depends_on].answer
+            assert r.prompt[: len(resent)] == resent
+        by_user.setdefault(r.group, []).append(r)
+    assert all(len(v) == rounds for v in by_user.values())
+    for v in by_user.values():
+        assert [r.label.rsplit(" ", 1)[1] for r in v] == [str(n + 1) for n in range(rounds)]
+    # users share only the system prompt: their private documents diverge at once
+    firsts = [v[0].prompt for v in by_user.values()]
+    assert all(len(p) >= system + private for p in firsts)
+    shared = max(common_prefix(a, b) for a, b in itertools.combinations(firsts, 2))
+    assert system <= shared < system + 8
+    # the same turns, whatever the order: random order only reorders round-major's requests
+    rm = W.chat(encode, turn_order="rounds", seed=1, **kw).requests
+    assert sorted(r.prompt for r in rm) == sorted(r.prompt for r in reqs)
+    with pytest.raises(W.WorkloadError, match="turn_order"):
+        W.chat(encode, turn_order="shuffled")
+
+
 def test_docqa_questions_share_their_document_as_prefix(encode: Encode) -> None:
     docs, t, q = 3, 150, 3
     w = W.docqa(encode, docs=docs, doc_tokens=t, questions=q, order="random")

@@ -101,6 +101,7 @@ class Engine:
 class Daemon:
     cached: int = 0
     delay_s: float = 0.0
+    delay_first: int = 0  # > 0: only the first N lookups are late (a loaded host's hiccup)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     server: TestServer | None = None
 
@@ -119,7 +120,7 @@ class Daemon:
     async def lookup(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
-        if self.delay_s:
+        if self.delay_s and (not self.delay_first or len(self.bodies) <= self.delay_first):
             await asyncio.sleep(self.delay_s)
         n = min(self.cached, len(body["tokens"]))
         return web.json_response(

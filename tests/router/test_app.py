@@ -131,17 +131,53 @@ def test_chat_prompts_are_looked_up_with_the_chat_template(model_dir: Path) -> N
     run(go)
 
 
-def test_a_slow_daemon_costs_one_timeout_then_is_skipped(model_dir: Path) -> None:
+def test_a_slow_daemon_costs_its_strikes_then_is_skipped(model_dir: Path) -> None:
     async def go() -> None:
         e = [await Engine("e0").start(), await Engine("e1").start()]
         d = [await Daemon(128).start(), await Daemon(1024, delay_s=5.0).start()]
         c, _ = await client(model_dir, f"{e[0].url},lookup={d[0].url} {e[1].url},lookup={d[1].url}")
-        for _ in range(3):
+        for _ in range(5):
             assert (await c.post("/v1/completions", json=completion())).status == 200
-        assert len(d[1].bodies) == 1  # asked once, then in its cool-down
-        assert len(e[0].bodies) == 3  # the answering daemon's prefix decides
+        assert len(d[1].bodies) == 3  # asked until 3 timeouts in a row (lookup_strikes), then cool-down
+        assert len(e[0].bodies) == 5  # the answering daemon's prefix decides
         health = await (await c.get("/health")).json()
         assert [b["lookup_up"] for b in health["backends"]] == [True, False]
+        await c.close()
+
+    run(go)
+
+
+def test_a_daemon_late_once_keeps_its_prefix_signal(model_dir: Path) -> None:
+    """One late answer (a loaded host) costs that request's signal only: the next request is
+    routed by that daemon's prefix again. (With a cool-down after one timeout every request of
+    the next ``cooldown_s`` went blind, to the wrong instance half the time.)"""
+
+    async def go() -> None:
+        e = [await Engine("e0").start(), await Engine("e1").start()]
+        d = [await Daemon(0).start(), await Daemon(1024, delay_s=5.0, delay_first=1).start()]
+        c, _ = await client(model_dir, f"{e[0].url},lookup={d[0].url} {e[1].url},lookup={d[1].url}")
+        for _ in range(4):
+            assert (await c.post("/v1/completions", json=completion())).status == 200
+        assert len(d[1].bodies) == 4 and len(e[1].bodies) >= 3  # late once, then the holder again
+        health = await (await c.get("/health")).json()
+        assert [b["lookup_up"] for b in health["backends"]] == [True, True]
+        await c.close()
+
+    run(go)
+
+
+def test_a_refused_lookup_skips_the_daemon_at_once(model_dir: Path) -> None:
+    async def go() -> None:
+        e = [await Engine("e0").start(), await Engine("e1").start()]
+        d = await Daemon(128).start()
+        c, _ = await client(model_dir, f"{e[0].url},lookup={d.url} {e[1].url},lookup={closed_port_url()}")
+        for _ in range(2):
+            assert (await c.post("/v1/completions", json=completion())).status == 200
+        health = await (await c.get("/health")).json()
+        assert [b["lookup_up"] for b in health["backends"]] == [True, False]
+        metrics = await (await c.get("/metrics")).text()
+        assert 'kvtier_router_lookup_failures_total{backend="' in metrics
+        assert metrics.count("kvtier_router_lookup_failures_total{") == 1  # asked once, then skipped
         await c.close()
 
     run(go)

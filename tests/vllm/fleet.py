@@ -83,10 +83,16 @@ class Proc:
                 self.proc.wait(timeout=30)
 
 
-def spawn(name: str, cmd: list[str], logs: Path) -> Proc:
+def spawn(name: str, cmd: list[str], logs: Path, extra_env: dict[str, str] | None = None) -> Proc:
     log = logs / f"{name}.log"
     with log.open("wb") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        p = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**env(), **(extra_env or {})},
+            start_new_session=True,
+        )
     return Proc(name, p, log)
 
 
@@ -97,7 +103,7 @@ class DaemonProc(Proc):
     token_file: str = ""
 
 
-def start_daemon(name: str, logs: Path) -> DaemonProc:
+def start_daemon(name: str, logs: Path, *, cpu_size: str = "512MiB") -> DaemonProc:
     ready = logs / f"{name}.ready.json"
     cmd = [
         sys.executable,
@@ -109,7 +115,7 @@ def start_daemon(name: str, logs: Path) -> DaemonProc:
         "--http-port",
         "0",
         "--cpu-size",
-        "512MiB",
+        cpu_size,
         "--chunk-tokens",
         "128",
         "--ready-file",
@@ -137,7 +143,18 @@ class EngineProc(Proc):
     url: str = ""
 
 
-def start_engine(name: str, daemon: DaemonProc, logs: Path, *, max_model_len: int = 1024) -> EngineProc:
+def start_engine(
+    name: str,
+    daemon: DaemonProc,
+    logs: Path,
+    *,
+    max_model_len: int = 1024,
+    extra_args: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> EngineProc:
+    """One vLLM OpenAI server whose connector stores into ``daemon`` only. ``extra_args`` (e.g.
+    ``--num-gpu-blocks-override N``: the instance's own prefix-cache size) and ``extra_env`` (e.g.
+    ``OMP_NUM_THREADS``) go to that process only."""
     port = free_port()
     ktc = {
         "kv_connector": "KVTierConnector",
@@ -171,8 +188,9 @@ def start_engine(name: str, daemon: DaemonProc, logs: Path, *, max_model_len: in
         "--kv-transfer-config",
         json.dumps(ktc),
         "--enable-prompt-tokens-details",
+        *(extra_args or []),
     ]
-    p = spawn(name, cmd, logs)
+    p = spawn(name, cmd, logs, extra_env)
     return EngineProc(name, p.proc, p.log, f"http://127.0.0.1:{port}")
 
 

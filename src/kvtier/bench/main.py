@@ -46,6 +46,8 @@ def build_workloads(args: argparse.Namespace, encode: workloads.Encode) -> list[
             rounds=args.rounds,
             system_tokens=args.system_tokens,
             turn_tokens=args.turn_tokens,
+            private_tokens=args.private_tokens,
+            turn_order=args.turn_order,
         ),
         "docqa": dict(docs=args.docs, doc_tokens=args.doc_tokens, questions=args.questions, order=args.order),
         "rag": dict(pool=args.pool, doc_tokens=args.rag_doc_tokens, k=args.k, requests=args.rag_requests),
@@ -143,7 +145,9 @@ class OverHttp:
 
     def drivers(self) -> list[Driver]:
         a = self.args
-        extra = {"ignore_eos": True} if a.ignore_eos else {}
+        extra: dict[str, Any] = {"ignore_eos": True} if a.ignore_eos else {}
+        if a.cache_salt:
+            extra["cache_salt"] = a.cache_salt
         return [HttpDriver(a.label, a.url, self.model, send=a.send, decode=self.decode, extra=extra)]
 
 

@@ -1,7 +1,8 @@
 """Seeded benchmark workloads, as token-id prompts in the target model's tokenizer.
 
 * ``chat``: N users, R rounds, one shared system prompt; every turn resends the user's whole
-  history (system prompt + earlier questions + simulated answers) plus a new question.
+  history (system prompt + optional private document + earlier questions + simulated answers)
+  plus a new question; turns round-major or interleaved in a seeded random order.
 * ``docqa``: D documents of exactly T tokens, each asked Q questions (document first), in
   ``tiled`` (all questions of doc 1, then doc 2 ...), ``interleaved`` (question 1 of every doc,
   then question 2 ...) or ``random`` order.
@@ -35,6 +36,7 @@ from kvtier.errors import KVTierError
 Encode = Callable[[str], list[int]]
 ORDERS = ("random", "tiled", "interleaved")
 NAMES = ("chat", "docqa", "rag", "pressure")
+CHAT_ORDERS = ("rounds", "random")
 
 
 class WorkloadError(KVTierError, ValueError):
@@ -95,34 +97,66 @@ def chat(
     turn_tokens: int = 60,
     max_tokens: int = 8,
     seed: int = 0,
+    private_tokens: int = 0,
+    turn_order: str = "rounds",
 ) -> Workload:
-    """Round-major: round 1 of every user, then round 2 ... (users interleave as in a server)."""
+    """Round-major (``turn_order="rounds"``: round 1 of every user, then round 2 ...) or
+    ``"random"``: every user's turns in their own order, users interleaved in a seeded random order
+    (a fleet's traffic; the same user may come twice in a row). ``private_tokens`` > 0 gives each
+    user a private document of that many tokens after the system prompt (a pasted file: the long,
+    per-user context that makes *where* a user's turn runs matter)."""
     _check(users >= 1 and rounds >= 1, "chat needs users >= 1 and rounds >= 1")
+    _check(private_tokens >= 0, f"chat: private_tokens must be >= 0, got {private_tokens}")
+    _check(turn_order in CHAT_ORDERS, f"chat: turn_order must be one of {CHAT_ORDERS}, got {turn_order!r}")
     rng = random.Random(f"chat:{seed}")
     system = text_tokens(encode, rng, system_tokens, "System: You are the archive assistant of a small town.")
     sep = tuple(encode("\n"))
     history = [system + sep for _ in range(users)]
-    last: list[int | None] = [None] * users
-    out: list[Request] = []
-    for r in range(rounds):
+    if private_tokens:
+        # NOTE: own generators, so the default (no private documents) keeps its token ids.
+        for u in range(users):
+            doc = text_tokens(
+                encode, random.Random(f"chat:{seed}:doc{u}"), private_tokens, f"Document {u + 1}:"
+            )
+            history[u] += doc + sep
+    turns: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = [[] for _ in range(users)]
+    for _r in range(rounds):
         for u in range(users):
             q = tuple(encode(f"User: {question(rng)} {sentence(rng)}\nAssistant:"))
             answer = text_tokens(encode, rng, turn_tokens) + sep
-            prompt = history[u] + q
-            out.append(
-                Request(
-                    "chat",
-                    f"user {u + 1}, round {r + 1}",
-                    prompt,
-                    max_tokens,
-                    f"user{u + 1}",
-                    answer=answer,
-                    depends_on=last[u],
-                )
+            turns[u].append((history[u] + q, answer))
+            history[u] = history[u] + q + answer
+    order = [u for _r in range(rounds) for u in range(users)]
+    if turn_order == "random":
+        random.Random(f"chat-order:{seed}").shuffle(order)
+    out: list[Request] = []
+    last: list[int | None] = [None] * users
+    taken = [0] * users  # each user's turns stay in their own order
+    for u in order:
+        r = taken[u]
+        taken[u] += 1
+        prompt, answer = turns[u][r]
+        out.append(
+            Request(
+                "chat",
+                f"user {u + 1}, round {r + 1}",
+                prompt,
+                max_tokens,
+                f"user{u + 1}",
+                answer=answer,
+                depends_on=last[u],
             )
-            last[u] = len(out) - 1
-            history[u] = prompt + answer
-    params = dict(users=users, rounds=rounds, system_tokens=system_tokens, turn_tokens=turn_tokens, seed=seed)
+        )
+        last[u] = len(out) - 1
+    params = dict(
+        users=users,
+        rounds=rounds,
+        system_tokens=system_tokens,
+        turn_tokens=turn_tokens,
+        seed=seed,
+        private_tokens=private_tokens,
+        turn_order=turn_order,
+    )
     return Workload("chat", params, out)
 
 

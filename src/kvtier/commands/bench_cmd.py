@@ -55,6 +55,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w.add_argument("--system-tokens", type=int, default=300, help="chat: system prompt tokens (300)")
     w.add_argument("--turn-tokens", type=int, default=60, help="chat: tokens per simulated answer (60)")
+    w.add_argument(
+        "--private-tokens",
+        type=int,
+        default=0,
+        help="chat: tokens of each user's private document, sent after the system prompt (0: none)",
+    )
+    w.add_argument(
+        "--turn-order",
+        choices=("rounds", "random"),
+        default="rounds",
+        help="chat: round-major (rounds) or users' turns interleaved in a seeded random order (random)",
+    )
     w.add_argument("--docs", type=int, default=3, help="docqa: documents (3)")
     w.add_argument("--doc-tokens", type=int, default=1000, help="docqa: tokens per document (1000)")
     w.add_argument("--questions", type=int, default=3, help="docqa: questions per document (3)")
@@ -89,6 +101,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--ignore-eos",
         action="store_true",
         help="HTTP: send ignore_eos=true (vLLM, SGLang) so every request decodes --max-tokens",
+    )
+    t.add_argument(
+        "--cache-salt",
+        default="",
+        help="HTTP: send cache_salt=VALUE (vLLM): the same prompts, but no prefix cached by an earlier run",
     )
     t.add_argument("--concurrency", type=int, default=1, help="HTTP: requests in flight (1)")
     t.add_argument("--label", default="http", help="HTTP: the variant's name in tables and JSON")

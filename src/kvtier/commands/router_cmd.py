@@ -71,6 +71,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help=f"per /lookup fan-out (default: {D.lookup_timeout_s})",
     )
+    p.add_argument(
+        "--lookup-strikes",
+        type=int,
+        metavar="N",
+        help="skip a daemon after N lookup timeouts in a row; refused or bad answers: at once "
+        f"(default: {D.lookup_strikes})",
+    )
     p.add_argument("--connect-timeout", type=float, metavar="S", help=f"default: {D.connect_timeout_s}")
     p.add_argument(
         "--read-timeout", type=float, metavar="S", help=f"idle engine stream (default: {D.read_timeout_s})"
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         "router.tokenizer": args.tokenizer,
         "router.lookup_token_file": args.lookup_token_file,
         "router.lookup_timeout_s": args.lookup_timeout,
+        "router.lookup_strikes": args.lookup_strikes,
         "router.connect_timeout_s": args.connect_timeout,
         "router.read_timeout_s": args.read_timeout,
         "router.cooldown_s": args.cooldown,

@@ -146,6 +146,7 @@ class Router:
                 self.namespace,
                 timeout_s=rc.lookup_timeout_s,
                 cooldown_s=rc.cooldown_s,
+                strikes=rc.lookup_strikes,
                 metrics=self.metrics,
             )
             log.info(
