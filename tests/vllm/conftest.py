@@ -6,6 +6,7 @@ under the main venv they skip, the pure-Python ones run everywhere.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# NOTE: these tests check a request's chunks right after it returns; with background saves
+# (vllm.async_save, the default) they land after the step. test_async_save.py turns them on in
+# its own LLM (an override beats this env default); subprocess helpers inherit it.
+os.environ.setdefault("KVTIER_VLLM__ASYNC_SAVE", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_llama

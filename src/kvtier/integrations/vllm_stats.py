@@ -51,7 +51,7 @@ TOKEN_FIELDS = (
     "uncacheable_requests",
 )
 """Counters that count tokens or requests (reported by tensor-parallel rank 0 only)."""
-TIME_FIELDS = ("load_s", "save_s")
+TIME_FIELDS = ("load_s", "save_s", "save_bg_s")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,14 @@ SERIES = (
     PromSeries("kvtier_vllm_load_bytes", "load_bytes", "KV bytes kvtier wrote into vLLM's blocks."),
     PromSeries("kvtier_vllm_save_bytes", "save_bytes", "KV bytes kvtier stored from vLLM's blocks."),
     PromSeries("kvtier_vllm_load_seconds", "load_s", "Seconds spent loading KV into vLLM's blocks."),
-    PromSeries("kvtier_vllm_save_seconds", "save_s", "Seconds spent saving KV out of vLLM's blocks."),
+    PromSeries(
+        "kvtier_vllm_save_seconds", "save_s", "Seconds vLLM's steps spent saving KV out of its blocks."
+    ),
+    PromSeries(
+        "kvtier_vllm_save_background_seconds",
+        "save_bg_s",
+        "Seconds kvtier's background saver spent saving KV.",
+    ),
     PromSeries("kvtier_vllm_failed_blocks", "failed_blocks", "Blocks kvtier could not load (recomputed)."),
     PromSeries("kvtier_vllm_store_failures", "store_failures", "Chunks kvtier failed to store."),
     PromSeries("kvtier_vllm_uncacheable_requests", "uncacheable_requests", "Requests kvtier cannot key."),

