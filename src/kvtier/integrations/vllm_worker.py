@@ -432,23 +432,6 @@ class WorkerSide:
         flat = self._step_buf if self._step_buf is not None else self._flat
         at = 0
         for (spec, start, shape), p in zip(todo, packed):
-            if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
-                idx = token_index(
-                    spec.block_ids,
-                    spec.first_token(self.bs),
-                    start,
-                    spec.end,
-                    self.bs,
-                    device,
-                    self._index(device, False),
-                )
-                sv = PackedSave(self.engine, idx, self.num_layers, device)
-                self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
-                continue
-            assert flat is not None
-            n = int(np.prod(shape))
-            buf = flat[at : at + n].view(shape)
-            at += n
             idx = token_index(
                 spec.block_ids,
                 spec.first_token(self.bs),
@@ -458,6 +441,14 @@ class WorkerSide:
                 device,
                 self._index(device, False),
             )
+            if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
+                sv = PackedSave(self.engine, idx, self.num_layers, device)
+                self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
+                continue
+            assert flat is not None
+            n = int(np.prod(shape))
+            buf = flat[at : at + n].view(shape)
+            at += n
             rows = (
                 buffer_rows(buf, self.bs) if device.type == "cpu" and idx.whole_blocks is not None else None
             )
