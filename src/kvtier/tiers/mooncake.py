@@ -29,6 +29,7 @@ What Mooncake does that shapes this tier (observed against a real master, 0.3.13
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -102,6 +103,30 @@ class _DaemonPool:
     def shutdown(self) -> None:
         for _ in self._threads:
             self._q.put(None)
+
+
+def _settle_threads(timeout_s: float = 2.0, poll_s: float = 0.05) -> None:
+    """Wait (at most ``timeout_s``) until this process's OS thread count stops falling.
+
+    Why: Mooncake's client tears its transfer threads down asynchronously after ``close()``; a
+    process that exits right then (a short-lived engine: store, close, exit) was aborted by
+    ``terminate called without an active exception`` during C++ static destruction
+    (tests/remote/test_mooncake.py::test_process_b_retrieves_what_process_a_stored_through_a_store_service,
+    SIGABRT after a clean close). The count fell 39 -> 18 -> 11 within 0.1 s of ``close()``, so
+    waiting until it is steady for three polls costs ~0.15 s once per tier close. Off Linux
+    (no ``/proc/self/task``) a fixed short wait stands in.
+    """
+    task_dir = "/proc/self/task"
+    if not os.path.isdir(task_dir):
+        time.sleep(min(timeout_s, 0.2))
+        return
+    deadline = time.monotonic() + timeout_s
+    last, steady = len(os.listdir(task_dir)), 0
+    while steady < 3 and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        now = len(os.listdir(task_dir))
+        steady = steady + 1 if now >= last else 0
+        last = now
 
 
 def _store_class() -> Any:
@@ -272,3 +297,5 @@ class MooncakeTier(NetworkTier):
         s, self._store = self._store, None
         if s is not None:
             s.close()
+            del s  # the last reference: the client's destructor starts its threads' teardown
+            _settle_threads()
