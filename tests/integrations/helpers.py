@@ -10,6 +10,10 @@ from kvtier import CacheEngine, Config
 
 
 def make_engine(chunk_tokens: int = 16, **overrides: Any) -> CacheEngine:
+    """An engine for correctness tests: load-or-recompute is off unless a test turns it on, since
+    it weighs measured times and a tiny model's prefill can beat the timed CPU tier on a loaded
+    machine (a hit the test expects becomes a recompute: test_hf_sliding_window, a CI run)."""
+    overrides.setdefault("cost__enabled", False)
     cfg = Config.load(
         env={}, chunk_tokens=chunk_tokens, cpu__max_bytes="256MiB", cpu__pin_memory="no", **overrides
     )
