@@ -17,7 +17,14 @@ from kvtier.tiers.fault import FaultSpec, FaultTier
 from kvtier.tiers.speed import CostEstimate
 
 SLOW = FaultSpec(latency_s=0.02)
+# Where a *fast* tier must be judged fast, the model is declared slow (1 ms per token: 16 ms a
+# chunk) so that a loaded machine's hiccups in a RAM put or get never reach the recompute cost,
+# and the slow tier sleeps 200 ms a call so that it stays well above it.
+SLOWER = FaultSpec(latency_s=0.2)
 CHUNK = 16
+
+
+pytestmark = pytest.mark.cost  # the decision itself: cost.enabled at its product default
 
 
 class CountingTier(CPUTier):
@@ -124,11 +131,11 @@ def test_a_slow_model_loads_even_from_the_slow_tier() -> None:
 
 
 def test_the_fast_part_of_a_prefix_is_loaded_and_the_slow_part_recomputed() -> None:
-    engine, _, _ = _engine(SLOW)
+    engine, _, _ = _engine(SLOWER)
     tokens = make_tokens(64)
     engine.store(tokens, make_kv(64))
     _only_below(engine, tokens, first=2)  # chunks 0, 1 in RAM; 2, 3 only in the slow tier
-    engine.note_prefill(1000, 1e-2)
+    engine.note_prefill(1000, 1.0)  # 16 ms a chunk: RAM is far below it, the slow tier far above
     fast = engine.lookup_by_cost(tokens)
     # the top tier was never read yet (unmeasured: tried) or reads in microseconds: both load it
     assert fast == 2 * CHUNK
@@ -136,13 +143,13 @@ def test_the_fast_part_of_a_prefix_is_loaded_and_the_slow_part_recomputed() -> N
 
 
 def test_a_tier_that_slows_down_stops_being_used_and_is_probed_again() -> None:
-    engine, lower, slow = _engine(FaultSpec(), reprobe_s=0.2)
-    engine.note_prefill(1000, 1e-2)  # 1e-5 s per token: 160 us per chunk to recompute
+    engine, lower, slow = _engine(FaultSpec(), reprobe_s=1.0)
+    engine.note_prefill(1000, 1.0)  # 1 ms per token: 16 ms per chunk to recompute
     prompts = [make_tokens(64, seed=s) for s in range(8)]
     for p in prompts:
         engine.store(p, make_kv(64))
     assert engine.flush(30)
-    slow.spec = SLOW  # the lower tier turns slow (its writes measured it fast)
+    slow.spec = SLOWER  # the lower tier turns slow (its writes measured it fast)
     hits = []
     for p in prompts:
         _only_below(engine, p)
@@ -154,7 +161,7 @@ def test_a_tier_that_slows_down_stops_being_used_and_is_probed_again() -> None:
     assert hits[0] == 64  # measured fast so far: loaded
     assert hits[-1] == 0 and hits.count(0) >= len(hits) - 3  # a few slow reads and it is left out
     reads = lower.reads
-    time.sleep(0.25)  # past reprobe_s: the next lookup re-measures it in the background
+    time.sleep(1.1)  # past reprobe_s: the next lookup re-measures it in the background
     _only_below(engine, prompts[0])  # its first load promoted it to RAM
     assert engine.lookup_by_cost(prompts[0]) == 0  # still slow: not loaded on the request's path
     deadline = time.monotonic() + 30

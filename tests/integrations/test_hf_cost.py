@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from tests.integrations.helpers import random_ids
 
@@ -14,6 +15,8 @@ from kvtier.integrations import transformers as kvt
 from kvtier.models import load_model
 from kvtier.tiers.cpu import CPUTier
 from kvtier.tiers.fault import FaultSpec, FaultTier
+
+pytestmark = pytest.mark.cost  # the decision itself: cost.enabled at its product default
 
 
 class SlowReads(FaultTier):
