@@ -16,7 +16,10 @@ into the reduction the kernel does anyway costs nothing extra; for finite KV the
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -77,6 +80,13 @@ def _e4m3_bits(y, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _layer_base(src, layer_off, li, ALIGN: tl.constexpr):
+    """Layer ``li``'s cache: ``src`` (layer 0's) plus its offset from the table, in units of
+    ``ALIGN`` elements, so the compiler still knows the base is 16-byte aligned (vector loads)."""
+    return src + tl.load(layer_off + li) * ALIGN
+
+
+@triton.jit
 def _src_ptrs(src, slot_ptr, t, mask_t, p, h, s_p, s_blk, s_off, s_h, bs, D: tl.constexpr):
     slot = tl.load(slot_ptr + t, mask=mask_t, other=0)
     blk = slot // bs
@@ -88,6 +98,7 @@ def _src_ptrs(src, slot_ptr, t, mask_t, p, h, s_p, s_blk, s_off, s_h, bs, D: tl.
 @triton.jit
 def _per_token_kernel(
     src,
+    layer_off,
     slot_ptr,
     codes,
     words,
@@ -97,11 +108,12 @@ def _per_token_kernel(
     s_off,
     s_h,
     bs,
-    layer,
+    first_layer,
     CT,
     H,
     packed,
     codes_bytes,
+    ALIGN: tl.constexpr,
     QMAX: tl.constexpr,
     RECIP: tl.constexpr,
     FP8: tl.constexpr,
@@ -112,7 +124,10 @@ def _per_token_kernel(
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    p = tl.program_id(2)
+    p = tl.program_id(2) % 2
+    li = tl.program_id(2) // 2
+    layer = first_layer + li
+    src = _layer_base(src, layer_off, li, ALIGN)
     t = pid_t * BT + tl.arange(0, BT)
     mask_t = t < n_t
     mask = mask_t[:, None]
@@ -143,11 +158,13 @@ def _per_token_kernel(
 
 
 @triton.jit
-def _kivi_kernel(
+def _kivi_part(
     src,
     slot_ptr,
     codes,
     words,
+    pid_t,
+    h,
     n_t,
     s_p,
     s_blk,
@@ -170,12 +187,10 @@ def _kivi_kernel(
     D: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """Keys (``KEYS``): one program per 64-token group & head, scales per channel. Values: one
-    program per ``BT`` tokens & head, scales per token. ``BT`` divides the chunk either way."""
+    """One plane of ``BT`` tokens & one head. Keys (``KEYS``, ``BT`` = 64: one key group): scales
+    per channel. Values: scales per token (the block size does not change a value's bytes)."""
     PB: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // PB
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
     if KEYS:
         p = 0
     else:
@@ -236,6 +251,120 @@ def _kivi_kernel(
         tl.store(ptrs, x.to(src.dtype.element_ty), mask=mask_t[:, None])
 
 
+@triton.jit
+def _kivi_kernel(
+    src,
+    layer_off,
+    slot_ptr,
+    codes,
+    words,
+    n_t,
+    s_p,
+    s_blk,
+    s_off,
+    s_h,
+    bs,
+    first_layer,
+    CT,
+    H,
+    packed,
+    n_codes,
+    nk,
+    nv,
+    ALIGN: tl.constexpr,
+    BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    RECIP: tl.constexpr,
+    TO_CHUNK: tl.constexpr,
+    INTERP: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Grid ``(tokens / 64, heads, 2 * layers)``: axis 2 is layer * 2 + plane, so one launch moves
+    every layer's keys (one 64-token group a program) and values (the same 64 tokens)."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    li = tl.program_id(2) // 2
+    layer = first_layer + li
+    src = _layer_base(src, layer_off, li, ALIGN)
+    if tl.program_id(2) % 2 == 0:
+        _kivi_part(
+            src, slot_ptr, codes, words, pid_t, h, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H,
+            packed, n_codes, nk, nv, True, BITS, QMAX, RECIP, TO_CHUNK, INTERP, D, 64,
+        )  # fmt: skip
+    else:
+        _kivi_part(
+            src, slot_ptr, codes, words, pid_t, h, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H,
+            packed, n_codes, nk, nv, False, BITS, QMAX, RECIP, TO_CHUNK, INTERP, D, 64,
+        )  # fmt: skip
+
+
+@dataclass
+class _Table:
+    """A device copy of one layer-offset table and what makes it safe to share between streams:
+    the event after its H2D copy (a kernel on another stream waits for it once) and the streams
+    it was used on (recorded, so the caching allocator never reuses it under their kernels)."""
+
+    offs: torch.Tensor
+    ready: torch.cuda.Event | None
+    streams: set[int] = field(default_factory=set)
+
+
+_TABLES: OrderedDict[tuple[object, ...], _Table] = OrderedDict()
+_TABLES_MAX = 16
+_TABLES_LOCK = threading.Lock()
+
+
+def layer_table(caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    """The kernels' per-layer base addresses as an int64 tensor on the caches' device: layer i's
+    offset from ``caches[0]`` in units of ``align`` elements, and ``align`` (16 bytes' worth of
+    elements where every offset allows it, else 1). ``None`` where the layers' strides differ
+    (then the caller launches per layer).
+
+    Why offsets and not raw pointers: the kernel adds them to layer 0's pointer argument, so it
+    needs no integer-to-pointer cast (which Triton's CPU interpreter cannot follow), and the
+    ``* align`` keeps the base's 16-byte alignment visible to the compiler (vectorized loads).
+    The table depends only on the offsets, so it is cached by them: the vLLM worker's per-layer
+    calls (one layer, offset 0) and a transfer's group-by-group calls build it once."""
+    c0 = caches[0]
+    if any(c.stride() != c0.stride() for c in caches):
+        return None
+    es = c0.element_size()
+    diffs = [c.data_ptr() - c0.data_ptr() for c in caches]
+    if any(d % es for d in diffs):
+        return None
+    align = 16 // es if es <= 16 and all(d % 16 == 0 for d in diffs) else 1
+    units = tuple(d // (es * align) for d in diffs)
+    dev = c0.device
+    key = (dev.type, dev.index, align, units)
+    with _TABLES_LOCK:
+        entry = _TABLES.get(key)
+        if entry is None:
+            entry = _new_table(units, dev)
+            _TABLES[key] = entry
+            if len(_TABLES) > _TABLES_MAX:
+                _TABLES.popitem(last=False)
+        else:
+            _TABLES.move_to_end(key)
+        if entry.ready is not None:
+            cur = torch.cuda.current_stream(dev)
+            if cur.stream_id not in entry.streams:
+                cur.wait_event(entry.ready)
+                entry.offs.record_stream(cur)
+                entry.streams.add(cur.stream_id)
+    return entry.offs, align
+
+
+def _new_table(units: tuple[int, ...], dev: torch.device) -> _Table:
+    host = torch.tensor(units, dtype=torch.int64)
+    if dev.type != "cuda":
+        return _Table(host, None)
+    cur = torch.cuda.current_stream(dev)
+    offs = host.pin_memory().to(dev, non_blocking=True)  # no host sync; the pinned block is event-guarded
+    ready = torch.cuda.Event()
+    ready.record(cur)
+    return _Table(offs, ready, {cur.stream_id})
+
+
 def _run(
     caches: Sequence[torch.Tensor],
     slots: torch.Tensor,
@@ -246,63 +375,73 @@ def _run(
     first_layer: int = 0,
     num_layers: int | None = None,
 ) -> None:
-    """``caches`` are layers ``first_layer ..`` of chunks of ``num_layers`` (default: all given)."""
-    c0 = caches[0]
-    _, _, bs, heads, dim = c0.shape
-    if c0.stride(4) != 1:
+    """``caches`` are layers ``first_layer ..`` of chunks of ``num_layers`` (default: all given).
+    One launch for all of them where they share strides (``layer_table``), else one per layer."""
+    if any(c.stride(4) != 1 for c in caches):
         raise ValueError("the fused path needs head_dim with unit stride")
     if not out.is_contiguous():
         raise ValueError("the packed chunks must be one contiguous [chunks, bytes] tensor")
-    n_t = slots.numel()
     n_layers = len(caches) if num_layers is None else num_layers
+    table = layer_table(caches)
+    if table is not None:
+        _launch(caches, table, slots, codec, ct, out, to_chunk, first_layer, n_layers)
+        return
+    for i, c in enumerate(caches):  # strides differ between layers: one launch each
+        one = layer_table([c])
+        assert one is not None  # one layer: always a table
+        _launch([c], one, slots, codec, ct, out, to_chunk, first_layer + i, n_layers)
+
+
+def _launch(
+    caches: Sequence[torch.Tensor],
+    table: tuple[torch.Tensor, int],
+    slots: torch.Tensor,
+    codec: KVCodec,
+    ct: int,
+    out: torch.Tensor,
+    to_chunk: bool,
+    first_layer: int,
+    n_layers: int,
+) -> None:
+    c0 = caches[0]
+    offs, align = table
+    _, _, bs, heads, dim = c0.shape
+    n_t = slots.numel()
     shape = (n_layers, 2, ct, heads, dim)
     packed = codec.packed_nbytes(shape)
     flat = out.view(-1)
     words = flat.view(torch.float32)
-    for layer, c in enumerate(caches, start=first_layer):
-        st = (c.stride(0), c.stride(1), c.stride(2), c.stride(3))
-        if isinstance(codec, KiviCodec):
-            n_codes = n_layers * 2 * ct * heads * dim // codec.per_byte
-            nk, nv = n_layers * (ct // KEY_GROUP_TOKENS) * heads * dim, n_layers * ct * heads
-            common = dict(
-                BITS=codec.bits,
-                QMAX=codec.qmax,
-                RECIP=_recip(codec.qmax),
-                TO_CHUNK=to_chunk,
-                INTERP=INTERPRET,
-                D=dim,
-            )
-            args = (c, slots, flat, words, n_t, *st, bs, layer, ct, heads, packed, n_codes, nk, nv)
-            _kivi_kernel[(n_t // KEY_GROUP_TOKENS, heads)](*args, KEYS=True, BT=KEY_GROUP_TOKENS, **common)
-            _kivi_kernel[(triton.cdiv(n_t, BLOCK_T), heads)](*args, KEYS=False, BT=BLOCK_T, **common)
-        else:
-            fp8 = isinstance(codec, Fp8Codec)
-            # fp8 codes are written as their bits (``_e4m3_bits``) and read back as fp8
-            codes = flat.view(
-                torch.float8_e4m3fn if fp8 and not to_chunk else torch.uint8 if fp8 else torch.int8
-            )
-            codes_bytes = n_layers * 2 * ct * heads * dim
-            _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, 2)](
-                c,
-                slots,
-                codes,
-                words,
-                n_t,
-                *st,
-                bs,
-                layer,
-                ct,
-                heads,
-                packed,
-                codes_bytes,
-                QMAX=448.0 if fp8 else 127.0,
-                RECIP=_recip(448.0 if fp8 else 127.0),
-                FP8=fp8,
-                INTERP=INTERPRET,
-                TO_CHUNK=to_chunk,
-                D=dim,
-                BT=BLOCK_T,
-            )
+    st = (c0.stride(0), c0.stride(1), c0.stride(2), c0.stride(3))
+    planes = 2 * len(caches)
+    if isinstance(codec, KiviCodec):
+        n_codes = n_layers * 2 * ct * heads * dim // codec.per_byte
+        nk, nv = n_layers * (ct // KEY_GROUP_TOKENS) * heads * dim, n_layers * ct * heads
+        _kivi_kernel[(n_t // KEY_GROUP_TOKENS, heads, planes)](
+            c0, offs, slots, flat, words, n_t, *st, bs, first_layer, ct, heads, packed, n_codes, nk, nv,
+            ALIGN=align,
+            BITS=codec.bits,
+            QMAX=codec.qmax,
+            RECIP=_recip(codec.qmax),
+            TO_CHUNK=to_chunk,
+            INTERP=INTERPRET,
+            D=dim,
+        )  # fmt: skip
+        return
+    fp8 = isinstance(codec, Fp8Codec)
+    # fp8 codes are written as their bits (``_e4m3_bits``) and read back as fp8
+    codes = flat.view(torch.float8_e4m3fn if fp8 and not to_chunk else torch.uint8 if fp8 else torch.int8)
+    codes_bytes = n_layers * 2 * ct * heads * dim
+    _per_token_kernel[(triton.cdiv(n_t, BLOCK_T), heads, planes)](
+        c0, offs, slots, codes, words, n_t, *st, bs, first_layer, ct, heads, packed, codes_bytes,
+        ALIGN=align,
+        QMAX=448.0 if fp8 else 127.0,
+        RECIP=_recip(448.0 if fp8 else 127.0),
+        FP8=fp8,
+        INTERP=INTERPRET,
+        TO_CHUNK=to_chunk,
+        D=dim,
+        BT=BLOCK_T,
+    )  # fmt: skip
 
 
 def gather_quant(
