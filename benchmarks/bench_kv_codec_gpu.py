@@ -6,6 +6,7 @@ bf16 bytes delivered per second (4 GiB at 32k tokens), so a codec that halves th
 beat memcpy. "overlapped" runs the kernels of chunk group g while group g-1 crosses PCIe on a
 second stream (``transfer.kernels.quant_pipeline``). ``--worker`` also times the vLLM worker path
 (``WorkerSide``: per-layer quantize-in-gather, D2H, CPU tier put; and back) per codec, raw included.
+``--groups 4,16`` times the overlapped paths once per group count (one line each).
 Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 4] [--worker]``.
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--codecs", default="fp8,int8,int4,int2")
-    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--groups", default="4", help="comma-separated group counts of the overlapped paths")
     ap.add_argument("--worker", action="store_true")
     a = ap.parse_args()
     layers, heads, dim, bs, ct = 32, 8, 128, 16, 256
@@ -64,7 +65,9 @@ def main() -> None:
     )
     for name in a.codecs.split(","):
         try:
-            run_codec(name, caches, slots, ct, raw_bytes, d2h, h2d, a.reps, a.groups)
+            run_codec(
+                name, caches, slots, ct, raw_bytes, d2h, h2d, a.reps, [int(x) for x in a.groups.split(",")]
+            )
         except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
     if a.worker:
@@ -87,7 +90,7 @@ def run_codec(
     d2h: float,
     h2d: float,
     reps: int,
-    groups: int,
+    groups_list: list[int],
 ) -> None:
     gb = raw_bytes / 1e9
     a = argparse.Namespace(reps=reps)
@@ -104,20 +107,27 @@ def run_codec(
 
         t_load = timed(load, a.reps)
         t_torch = timed(lambda: gather_quant(caches, slots, name, ct, backend="torch"), 1)
-        t_ostore = timed(lambda: store_overlapped(caches, slots, name, ct, host, groups=groups), a.reps)
-        got = host.clone()
-        host.zero_()
-        store_overlapped(caches, slots, name, ct, host, groups=groups)
-        torch.cuda.synchronize()
-        same = torch.equal(got, host) and torch.equal(host, packed.cpu())
-        t_oload = timed(lambda: load_overlapped(host, caches, slots, name, ct, groups=groups), a.reps)
         ratio = packed.numel() / raw_bytes
         print(
             f"{name:6} {ratio:.3f}  {gb / t_kernel:17.1f}  {gb / t_store:22.1f}  {d2h / t_store:8.2f}"
             f"  {gb / t_load:22.1f}  {h2d / t_load:8.2f}  {gb / t_torch:20.1f} |"
-            f"  {gb / t_ostore:20.1f}  {d2h / t_ostore:8.2f}  {gb / t_oload:19.1f}  {h2d / t_oload:8.2f}"
-            f"  {'bytes equal' if same else 'BYTES DIFFER'}"
         )
+        for groups in groups_list:
+            # the loads above wrote dequantized KV into the caches: compare with the plain path now
+            want = gather_quant(caches, slots, name, ct).cpu()
+            t_ostore = timed(
+                lambda g=groups: store_overlapped(caches, slots, name, ct, host, groups=g), a.reps
+            )
+            host.zero_()
+            store_overlapped(caches, slots, name, ct, host, groups=groups)
+            torch.cuda.synchronize()
+            same = torch.equal(host, want)
+            t_oload = timed(lambda g=groups: load_overlapped(host, caches, slots, name, ct, groups=g), a.reps)
+            print(
+                f"{name:6} overlapped, {groups:2} groups: store {gb / t_ostore:6.1f} GB/s"
+                f"  {d2h / t_ostore:5.2f}x memcpy  load {gb / t_oload:6.1f} GB/s  {h2d / t_oload:5.2f}x memcpy"
+                f"  {'bytes equal' if same else 'BYTES DIFFER'}"
+            )
         del packed, host, dev_in
 
 

@@ -149,3 +149,28 @@ def test_overlapped_store_and_load_equal_the_plain_calls(name: str) -> None:
     load_overlapped(host, b, slots, name, CT, groups=3)
     torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_layer_table_built_on_one_stream_is_safe_on_another(name: str) -> None:
+    """The per-layer offset table is copied to the device on the stream that first needs it and
+    cached; a kernel on another stream must wait for that copy. Stream 1 is held back by a sleep
+    kernel, so its table copy lands late; stream 2's gather must still give the torch bytes."""
+    pytest.importorskip("triton")
+    from kvtier.transfer.kernels import quant_triton
+
+    caches, slots = _setup("cuda", torch.bfloat16, n_tokens=2 * CT, seed=4)
+    ref = gather_quant(caches, slots, name, CT, backend="torch")
+    quant_triton._TABLES.clear()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    for s in (s1, s2):
+        s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the table's H2D runs
+        first = gather_quant(caches, slots, name, CT, backend="triton")
+    with torch.cuda.stream(s2):
+        second = gather_quant(caches, slots, name, CT, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.equal(second.cpu(), ref.cpu())
+    assert torch.equal(first.cpu(), ref.cpu())
