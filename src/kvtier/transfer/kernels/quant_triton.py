@@ -7,6 +7,10 @@ fp32 scales (int8/fp8: ``[L, 2, T, H]``; int4/int2: key scale and offset ``[L, T
 value scale and offset ``[L, T, H]``). Offsets into the output are int64 (32k tokens of an 8B
 model's packed KV exceed 2**31 bytes).
 
+One launch covers every layer of a call: grid axis 2 is ``layer * 2 + plane`` and a program finds
+its layer at ``caches[0]`` plus an offset read from ``layer_table``'s device table. Layers whose
+strides differ (not seen from vLLM; possible from a caller) get one launch each instead.
+
 NOTE: the scale reductions propagate NaN (``_max_nan``/``_min_nan``, ``PropagateNan.ALL``):
 ``tl.max``/``tl.min`` lower to maxnum/minnum, which drop NaN, so a NaN element gave a finite scale
 and garbage codes that the engine's scale check (``store_packed_range``) could not see. Folding it
