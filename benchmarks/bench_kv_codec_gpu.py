@@ -7,7 +7,7 @@ beat memcpy. "overlapped" runs the kernels of chunk group g while group g-1 cros
 second stream (``transfer.kernels.quant_pipeline``). ``--worker`` also times the vLLM worker path
 (``WorkerSide``: per-layer quantize-in-gather, D2H, CPU tier put; and back) per codec, raw included.
 ``--groups 4,16`` times the overlapped paths once per group count (one line each).
-Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 4] [--worker]``.
+Run: ``PYTHONPATH=src python benchmarks/bench_kv_codec_gpu.py [--tokens 32768] [--groups 16] [--worker]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
-from kvtier.transfer.kernels.quant_pipeline import load_overlapped, store_overlapped
+from kvtier.transfer.kernels.quant_pipeline import GROUPS, load_overlapped, store_overlapped
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:
@@ -40,9 +40,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--codecs", default="fp8,int8,int4,int2")
-    ap.add_argument("--groups", default="4", help="comma-separated group counts of the overlapped paths")
+    ap.add_argument(
+        "--groups", default=str(GROUPS), help="comma-separated group counts of the overlapped paths"
+    )
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument(
+        "--kivi-value-tokens", type=int, default=None, help="set quant_triton.KIVI_VALUE_TOKENS (64, 32, 16)"
+    )
     a = ap.parse_args()
+    if a.kivi_value_tokens is not None:
+        from kvtier.transfer.kernels import quant_triton
+
+        quant_triton.KIVI_VALUE_TOKENS = a.kivi_value_tokens
+        print(f"KIVI_VALUE_TOKENS = {a.kivi_value_tokens}")
     layers, heads, dim, bs, ct = 32, 8, 128, 16, 256
     nb = a.tokens // bs + 8
     g = torch.Generator(device="cuda").manual_seed(0)

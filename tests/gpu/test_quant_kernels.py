@@ -174,3 +174,25 @@ def test_layer_table_built_on_one_stream_is_safe_on_another(name: str) -> None:
     torch.cuda.synchronize()
     assert torch.equal(second.cpu(), ref.cpu())
     assert torch.equal(first.cpu(), ref.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("name", ["int2", "int4"])
+@pytest.mark.parametrize("value_tokens", [16, 32])
+def test_triton_kivi_value_steps_are_bit_exact(name: str, value_tokens: int, monkeypatch) -> None:
+    """``quant_triton.KIVI_VALUE_TOKENS`` (the candidate to recover the int4 gather's speed) changes
+    no byte: a value's scale is per token."""
+    pytest.importorskip("triton")
+    from kvtier.transfer.kernels import quant_triton
+
+    monkeypatch.setattr(quant_triton, "KIVI_VALUE_TOKENS", value_tokens)
+    caches, slots = _setup("cuda", torch.bfloat16, n_tokens=4 * CT, seed=6)
+    ref = gather_quant(caches, slots, name, CT, backend="torch")
+    assert torch.equal(gather_quant(caches, slots, name, CT, backend="triton"), ref)
+    outs = []
+    for backend in ("torch", "triton"):
+        back = [torch.zeros_like(c) for c in caches]
+        scatter_dequant(ref, back, slots, name, CT, backend=backend)
+        outs.append(back)
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

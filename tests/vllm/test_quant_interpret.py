@@ -69,7 +69,9 @@ import json, torch
 from kvtier.serde.kvcodec import KV_CODECS
 from kvtier.transfer.kernels import quant_triton
 from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
+import sys
 NB, BS, H, D, CT, L = 6, 16, 2, 64, 64, 3
+quant_triton.KIVI_VALUE_TOKENS = int(sys.argv[1])
 
 class Count:
     def __init__(self, kernel):
@@ -83,7 +85,8 @@ for k, c in counts.items():
     setattr(quant_triton, k, c)
 launches = lambda: sum(c.n for c in counts.values())
 out = {}
-for dtype in (torch.float32, torch.bfloat16):
+VARIANT = quant_triton.KIVI_VALUE_TOKENS != 64  # only the KIVI value programs change
+for dtype in (torch.float32,) if VARIANT else (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(1)
     # separate allocations, as vLLM's layers are: the kernels find them through the layer table
     caches = [(torch.randn(2, NB, BS, H, D, generator=g) * 4).to(dtype) for _ in range(L)]
@@ -91,7 +94,7 @@ for dtype in (torch.float32, torch.bfloat16):
     slots = torch.randperm(NB * BS, generator=g)[: 1 * CT]
     # HND handed out as a strided view (other strides than the NHD layers)
     hnd = (torch.randn(2, NB, H, BS, D, generator=g) * 4).to(dtype).permute(0, 1, 3, 2, 4)
-    for name in sorted(KV_CODECS):
+    for name in ("int2", "int4") if VARIANT else sorted(KV_CODECS):
         r = {}
         n0 = launches()
         tri = gather_quant(caches, slots, name, CT, backend="triton")
@@ -129,20 +132,25 @@ print(json.dumps(out))
 """
 
 
-def test_one_launch_covers_every_layer_bit_exact_with_torch() -> None:
+@pytest.mark.parametrize("value_tokens", [64, 16])
+def test_one_launch_covers_every_layer_bit_exact_with_torch(value_tokens: int) -> None:
     """The kernels reach every layer through a device table of per-layer offsets, so one launch
     moves all layers of a call (int4/int2 before: two launches per layer, 64 for 32 layers: the
     host paced the overlapped store). Bytes equal the torch codec's both ways, for separately
     allocated layers, for one layer at a time, and for layers of different strides (HND view),
-    which fall back to one launch per layer."""
+    which fall back to one launch per layer. ``value_tokens``: ``KIVI_VALUE_TOKENS`` (the same bytes)."""
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": src}
     run = subprocess.run(
-        [sys.executable, "-c", LAYERS_SCRIPT], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", LAYERS_SCRIPT, str(value_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(res) == 4 * 2
+    assert len(res) == (4 * 2 if value_tokens == 64 else 2)
     for key, r in res.items():
         mixed = {"mixed_launches": 3, "mixed_equal": True} if key.endswith("float32") else {}
         assert r == {

@@ -1,18 +1,21 @@
 """Packed chunks between GPU pages and pinned host memory with the kernels and PCIe overlapped.
 
 ``gather_quant`` then one D2H copy runs the quantize kernels and the copy one after the other:
-for int4 the kernels' share (~20 % of the copy) kept a store at 2.7x memcpy against the
-3.3x its ratio allows. Here the chunks are cut into ``groups``: group g's kernels run on the
+for int4 the kernels' share (~20-30 % of the copy) kept a store at 2.6-2.8x memcpy against the
+3.37x its ratio allows. Here the chunks are cut into ``groups``: group g's kernels run on the
 current stream while group g-1's packed bytes cross PCIe on a copy stream (and the reverse
 for loads), so only one group's kernel time is left exposed.
 
-Group count: each group's ``gather_quant`` / ``scatter_dequant`` is launch-bound on the host
-(two Triton launches per layer for int4, 64 per group, ~28 us each) whatever its size: 3.3 ms
-per group at 16 groups, so the host (53 ms) paced the PCIe copies (23 ms for int4 at 32k
-tokens) and the overlapped path ran at 1.7-2.6x memcpy, below the serial 2.7-2.8x (H200,
-2026-12-02, ``benchmarks/profile_gpu_gaps.py --parts quant``). With ``GROUPS = 4`` (1.8 ms a
-group) the DMAs run back to back: store 2.97x, load 3.20x memcpy in raw bytes (same run:
-serial 2.72x / 2.99x). What is left of a store is the first group's launches before its DMA.
+Group count: every group's ``gather_quant`` / ``scatter_dequant`` is one Triton launch over all
+layers (the kernels' layer table), ~0.2 ms of host time a group at 16 groups. With a launch per
+layer (64 a group for int4) the host paced the DMAs at 16 groups (3.3 ms a group: 1.7-2.6x
+memcpy) and 4 groups left the first group's launches and kernels (4.2 ms) before the first DMA
+(store 2.97x).
+Measured with one launch (H200, 2026-12-02 09:12 UTC, ``benchmarks/bench_kv_codec_gpu.py --groups
+4,8,16,32``), int4 store / load in raw bytes vs pinned memcpy: 3.08x / 3.23x at 4 groups, 3.18x /
+3.27x at 8, 3.24x / 3.29x at 16, 3.25x / 3.28x at 32 (16 DMAs back to back, 0.02 ms of gaps).
+``GROUPS = 16``: what is left is one group's kernels (1/16 of them) before the first DMA of a
+store and after the last DMA of a load; 32 adds nothing measurable.
 
 Stream contract: both functions return with the work enqueued; the current stream has waited
 for the copy stream, so work enqueued next on it (or a ``synchronize``) sees everything done.
@@ -30,7 +33,7 @@ from kvtier.serde.kvcodec import KVCodecError
 from kvtier.transfer.kernels.host import side_stream
 from kvtier.transfer.kernels.quant_kernels import gather_quant, scatter_dequant
 
-GROUPS = 4
+GROUPS = 16
 
 
 def _bounds(n_chunks: int, groups: int) -> list[tuple[int, int]]:

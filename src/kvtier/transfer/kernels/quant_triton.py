@@ -33,6 +33,12 @@ from triton.language.extra import libdevice
 from kvtier.serde.kvcodec import KEY_GROUP_TOKENS, Fp8Codec, KiviCodec, KVCodec, _recip
 
 BLOCK_T = 16
+KIVI_VALUE_TOKENS = 64
+"""Tokens per step of an int4/int2 value program (64, 32 or 16: a loop over the program's 64
+tokens). 64 is what was measured (H200, 2026-12-02: the gather kernel alone at 589 GB/s, against
+805 GB/s when values had their own launch of 16-token programs); 16 is the candidate to recover
+that, bit-exact in the interpreter but not yet measured on a GPU (``benchmarks/gpu_next/int4.sh``).
+Bytes do not depend on it: a value's scale is per token."""
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's CPU interpreter (used to debug these kernels without a GPU) has no ``div_rn``; its
 ``/`` is numpy's, which is IEEE division already."""
@@ -282,6 +288,7 @@ def _kivi_kernel(
     TO_CHUNK: tl.constexpr,
     INTERP: tl.constexpr,
     D: tl.constexpr,
+    VBT: tl.constexpr,
 ):
     """Grid ``(tokens / 64, heads, 2 * layers)``: axis 2 is layer * 2 + plane, so one launch moves
     every layer's keys (one 64-token group a program) and values (the same 64 tokens)."""
@@ -296,10 +303,11 @@ def _kivi_kernel(
             packed, n_codes, nk, nv, True, BITS, QMAX, RECIP, TO_CHUNK, INTERP, D, 64,
         )  # fmt: skip
     else:
-        _kivi_part(
-            src, slot_ptr, codes, words, pid_t, h, n_t, s_p, s_blk, s_off, s_h, bs, layer, CT, H,
-            packed, n_codes, nk, nv, False, BITS, QMAX, RECIP, TO_CHUNK, INTERP, D, 64,
-        )  # fmt: skip
+        for i in tl.static_range(64 // VBT):  # the same 64 tokens' values, VBT at a time
+            _kivi_part(
+                src, slot_ptr, codes, words, pid_t * (64 // VBT) + i, h, n_t, s_p, s_blk, s_off, s_h, bs,
+                layer, CT, H, packed, n_codes, nk, nv, False, BITS, QMAX, RECIP, TO_CHUNK, INTERP, D, VBT,
+            )  # fmt: skip
 
 
 @dataclass
@@ -429,6 +437,7 @@ def _launch(
             TO_CHUNK=to_chunk,
             INTERP=INTERPRET,
             D=dim,
+            VBT=KIVI_VALUE_TOKENS,
         )  # fmt: skip
         return
     fp8 = isinstance(codec, Fp8Codec)
