@@ -6,7 +6,7 @@
 set -euo pipefail
 export PYTHONPATH=src
 python -m pytest -x -q -m gpu tests/integrations/test_hf_transformers.py
-DEMO=(python -m kvtier demo --model random:llama-3-8b --device cuda --workloads context
+DEMO=(python -m kvtier.cli demo --model random:llama-3-8b --device cuda --workloads context
       --contexts 32768 --repeat 2 --gen-tokens 1 --chunk-tokens 256 --no-disk
       --set cpu.max_bytes=9GiB)
 timeout 70 "${DEMO[@]}"
