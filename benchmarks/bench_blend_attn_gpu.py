@@ -8,7 +8,8 @@ Variants, each timed as the median of 20 CUDA-event-timed calls after warm-up:
 ``dense``: the explicit ``[n_sel, S]`` additive mask, KV repeated to 32 heads (what
 transformers' sdpa path does with a mask); ``grouped-G``: queries split into ``G`` position
 groups, each attending over keys ``[0, last position of the group]`` only (causal work roughly
-halved); ``causal-full``: full prefill's own attention for all 16,440 queries (flash, is_causal),
+halved); ``flex``: ``torch.nn.attention.flex_attention`` compiled, a block mask from
+``kv <= position[q]`` (fully masked key blocks skipped, GQA without a KV repeat); ``causal-full``: full prefill's own attention for all 16,440 queries (flash, is_causal),
 for scale. Checks every variant's output against ``dense``.
 """
 
@@ -86,6 +87,28 @@ def main() -> None:
         err = float((grouped() - ref).abs().max())
         out[f"grouped{groups}_ms"] = timed(grouped)
         out[f"grouped{groups}_max_abs_vs_dense"] = err
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        pos = rows
+
+        def causal_at(b, h, qi, ki):  # type: ignore[no-untyped-def]
+            return ki <= pos[qi]
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        for block in (128, 64):
+            bm = create_block_mask(causal_at, 1, 1, n, seq, device=dev, BLOCK_SIZE=block)
+
+            def run_flex(bm=bm) -> torch.Tensor:  # type: ignore[no-untyped-def]
+                return flex(q, k, v, block_mask=bm, enable_gqa=True)
+
+            out[f"flex{block}_max_abs_vs_dense"] = float((run_flex() - ref).abs().max())
+            out[f"flex{block}_ms"] = timed(run_flex)
+            out[f"flex{block}_mask_build_ms"] = timed(
+                lambda block=block: create_block_mask(causal_at, 1, 1, n, seq, device=dev, BLOCK_SIZE=block), n=5
+            )
+    except Exception as exc:  # noqa: BLE001 - a probe: report why flex did not run
+        out["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]  # type: ignore[assignment]
     qa = torch.randn(1, hq, seq, d, device=dev, dtype=torch.bfloat16, generator=g)
     out["causal_full_ms"] = timed(lambda: F.scaled_dot_product_attention(qa, kr, vr, is_causal=True))
     out["selected_queries"] = n
