@@ -105,9 +105,10 @@ def main() -> None:
             out[f"flex{block}_max_abs_vs_dense"] = float((run_flex() - ref).abs().max())
             out[f"flex{block}_ms"] = timed(run_flex)
             out[f"flex{block}_mask_build_ms"] = timed(
-                lambda block=block: create_block_mask(causal_at, 1, 1, n, seq, device=dev, BLOCK_SIZE=block), n=5
+                lambda block=block: create_block_mask(causal_at, 1, 1, n, seq, device=dev, BLOCK_SIZE=block),
+                n=5,
             )
-    except Exception as exc:  # noqa: BLE001 - a probe: report why flex did not run
+    except Exception as exc:
         out["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]  # type: ignore[assignment]
     qa = torch.randn(1, hq, seq, d, device=dev, dtype=torch.bfloat16, generator=g)
     out["causal_full_ms"] = timed(lambda: F.scaled_dot_product_attention(qa, kr, vr, is_causal=True))
