@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace, plan: DemoPlan) -> int:
             )
             engine.flush(30.0)
             stats = engine.stats()
-        reports.append(WorkloadReport(name, without, with_, stats, cost))
+        reports.append(WorkloadReport(name, without, with_, stats, cost, cfg.chunk.kv_codec))
     bar.close()
     print()
     for rep in reports:

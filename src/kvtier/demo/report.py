@@ -26,6 +26,7 @@ class WorkloadReport:
     with_: list[RequestResult]
     stats: CacheStats
     cost: PrefillCost | None = None  # the model's prefill FLOPs (None: not reported)
+    kv_codec: str = "none"  # the lossy KV codec the with-variant stored chunks under ("none": exact)
 
     @property
     def paired_speedup(self) -> float:
@@ -44,6 +45,11 @@ class WorkloadReport:
     def blended(self) -> bool:
         """The with-variant blended (rag): approximate by design, judged by agreement, not identity."""
         return any(r.segment_tokens is not None for r in self.with_)
+
+    @property
+    def lossy(self) -> bool:
+        """Approximate by design: blended, or served from chunks a lossy ``kv_codec`` quantized."""
+        return self.blended or self.kv_codec != "none"
 
     @property
     def first_token_agreement(self) -> int:
@@ -86,9 +92,10 @@ class WorkloadReport:
     def ok(self) -> bool:
         """Greedy outputs identical; or, in low-precision runs, kvtier's logits no further from the
         one-shot prefill than splitting the prefill at the same token without any cache (x2), so
-        any difference is the dtype's rounding, not the cache's. A blended workload is lossy by
-        design (its quality is reported: ``first_token_agreement``, ``identical``)."""
-        if self.blended:
+        any difference is the dtype's rounding, not the cache's. A blended workload or a lossy
+        ``kv_codec`` is approximate by design (its quality is reported: ``first_token_agreement``,
+        ``identical``, ``max_logit_diff``; the codecs' quality gate is ``kvtier.bench.kv_quality``)."""
+        if self.lossy:
             return True
         if self.identical == len(self.without):
             return True
@@ -149,8 +156,19 @@ def format_report(rep: WorkloadReport) -> str:
             f"{rec:,} of them recomputed; vs full prefill: greedy outputs identical {rep.identical}/{n}, "
             f"first token {rep.first_token_agreement}/{n}, max |logit diff| {rep.max_logit_diff:.2e}"
         )
+    elif rep.lossy:
+        n = len(wo)
+        lines[-1] = (
+            f"lossy KV codec {rep.kv_codec} (approximate by design): vs full prefill greedy outputs identical "
+            f"{rep.identical}/{n}, first token {rep.first_token_agreement}/{n}, max |logit diff| of the first "
+            f"token {rep.max_logit_diff:.2e}"
+        )
     ref = rep.split_logit_diff
-    if ref is not None:
+    if ref is not None and rep.lossy:
+        lines.append(
+            f"for scale: the same prefill split at the same token without kvtier differs by up to {ref:.2e}"
+        )
+    elif ref is not None:
         lines.append(
             f"reference: the same prefill split at the same token without kvtier differs by up to "
             f"{ref:.2e} (low-precision rounding); within 2x of it: {'yes' if rep.ok else 'NO'}"
