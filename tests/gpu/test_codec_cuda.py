@@ -43,7 +43,7 @@ def test_cuda_decode_is_the_host_decode_bit_for_bit(codec: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> None:
-    """The hit's logits equal a forward whose prefix KV is the codec's host round trip of the
+    """The hit (packed bytes to the GPU, decoded there layer group by layer group) has logits equal to a forward whose prefix KV is the codec's host round trip of the
     miss's KV (same kernels, so equal up to bf16 matmul order); greedy tokens agree."""
     model = load_model("random:llama-tiny", device="cuda", dtype=torch.bfloat16).model
     ids = random_ids(301, seed=21).cuda()
@@ -61,3 +61,7 @@ def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> N
     assert int(hit.logits.argmax()) == int(ref_logits.argmax())
     # and it is lossy: the raw prefill differs from the round trip's forward
     assert not torch.equal(full_logits(model, ids).float(), ref_logits)
+    # the packed views went to the GPU straight from the pool and were given back
+    assert isinstance(hit.cache, KVTierCache)
+    cpu = eng.storage.tiers[0]
+    assert not any(e.obj.pinned for e in cpu._entries.values())  # type: ignore[attr-defined]

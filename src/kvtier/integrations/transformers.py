@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from kvtier.chunk import dtype_name
+from kvtier.chunk import dtype_from_name, dtype_name
 from kvtier.engine import CacheEngine
 from kvtier.integrations.hf_cache import (
     ChunkedLayerwiseKV,
@@ -60,6 +60,7 @@ from kvtier.integrations.hf_cache import (
 from kvtier.integrations.hf_keys import Uncacheable, adapter_identity, input_extras
 from kvtier.keys import KeyExtras
 from kvtier.models import cache_kwarg
+from kvtier.transfer.packed_layerwise import PackedChunkedLayerwiseKV
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +210,31 @@ def _load_prefix(
     hit = min(found, seq - 1)
     if hit <= 0:
         return 0, None
-    # NOTE: under a lossy kv_codec ``retrieve(device=cuda)`` below copies the packed bytes and
-    # decodes them on the GPU; the layer-wise views would be decoded on the host (~0.2 GB/s a core).
-    if device.type == "cuda" and engine.kv_codec is None:
-        # Straight from the pinned pool to the GPU, layer by layer, overlapping the forward.
-        views = [engine.retrieve_chunks(r[:found], extras=extras) for r in rows_cpu]
+    if device.type == "cuda":
+        # Straight from the pinned pool to the GPU, layer by layer, overlapping the forward; under
+        # a lossy kv_codec the packed bytes cross and are decoded there, layer group by group.
+        codec = engine.kv_codec
+        views = [engine.retrieve_chunks(r[:found], extras=extras, decode=codec is None) for r in rows_cpu]
         hit = min([hit] + [v.num_tokens for v in views])
-        if hit <= 0:
+        if hit <= 0 or any(not v.chunks for v in views):
             for v in views:
                 v.release()
             return 0, None
-        return hit, ChunkedLayerwiseKV(views, hit, device, latent_split=latent_split)
+        if codec is None:
+            return hit, ChunkedLayerwiseKV(views, hit, device, latent_split=latent_split)
+        ns = engine.namespace
+        assert ns is not None  # bound: the lookup above found chunks
+        shape = (
+            ns.kv_shape[0],
+            ns.kv_planes,
+            engine.config.chunk.chunk_tokens,
+            ns.kv_shape[1],
+            ns.kv_shape[2],
+        )
+        dtype = dtype_from_name(ns.kv_dtype)
+        return hit, PackedChunkedLayerwiseKV(
+            views, hit, device, codec, shape, dtype, latent_split=latent_split
+        )
     kvs = []
     for r in rows_cpu:
         # Ask for exactly the looked-up span: its chunk keys (a stored partial tail included) match.
