@@ -43,8 +43,9 @@ def test_cuda_decode_is_the_host_decode_bit_for_bit(codec: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> None:
-    """The hit (packed bytes to the GPU, decoded there layer group by layer group) has logits equal to a forward whose prefix KV is the codec's host round trip of the
-    miss's KV (same kernels, so equal up to bf16 matmul order); greedy tokens agree."""
+    """The hit (packed bytes to the GPU, decoded there layer group by layer group) has the
+    logits of a forward whose prefix KV is the codec's host round trip of the miss's KV (same
+    kernels, so equal up to bf16 matmul order); greedy tokens agree."""
     model = load_model("random:llama-tiny", device="cuda", dtype=torch.bfloat16).model
     ids = random_ids(301, seed=21).cuda()
     eng = make_engine(chunk_tokens=64, chunk__kv_codec=codec, cpu__pin_memory="auto")
