@@ -161,13 +161,16 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         device: torch.device,
         group_layers: int = 0,
         latent_split: int | None = None,
+        num_layers: int = 0,
     ) -> None:
+        """``num_layers``: 0 = the chunks' first dimension (a subclass over packed, flat chunks
+        passes it)."""
         if device.type != "cuda" or not views or any(not v.chunks for v in views):
             raise LayoutError("ChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
         first = views[0].chunks[0][1].kv
         self.views = views
         self.latent_split = latent_split
-        self.num_layers = int(first.shape[0])
+        self.num_layers = num_layers or int(first.shape[0])
         self.num_tokens = num_tokens
         self.device = device
         self.group_layers = group_layers or min(self.num_layers, self.GROUP_LAYERS)

@@ -26,7 +26,6 @@ import torch
 
 from kvtier.engine import ChunkViews
 from kvtier.serde.kvcodec import KVCodec
-from kvtier.transfer.kernels.host import side_stream
 from kvtier.transfer.layerwise import ChunkedLayerwiseKV
 from kvtier.transfer.layout import LayoutError
 
@@ -51,8 +50,6 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
         group_layers: int = 0,
         latent_split: int | None = None,
     ) -> None:
-        if device.type != "cuda" or not views or any(not v.chunks for v in views):
-            raise LayoutError("PackedChunkedLayerwiseKV needs CUDA and a non-empty chunk list per row")
         self.codec = codec
         self.chunk_shape = chunk_shape
         self.dtype = dtype
@@ -64,17 +61,7 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
                         f"chunk at {k.start}: {tuple(chunk.kv.shape)} {chunk.kv.dtype} is not a packed "
                         f"{codec.name} chunk of {k.num_tokens} tokens ({want} bytes)"
                     )
-        # ChunkedLayerwiseKV's fields, with the layer count from chunk_shape (a packed view is flat)
-        self.views = views
-        self.latent_split = latent_split
-        self.num_layers = chunk_shape[0]
-        self.num_tokens = num_tokens
-        self.device = device
-        self.group_layers = group_layers or min(self.num_layers, self.GROUP_LAYERS)
-        self._async = True
-        self._stream = side_stream(device)
-        self._groups = {}
-        self.prefetch(0)
+        super().__init__(views, num_tokens, device, group_layers, latent_split, num_layers=chunk_shape[0])
 
     def _stage_group(self, g: int) -> None:
         l0 = g * self.group_layers
