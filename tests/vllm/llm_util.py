@@ -44,15 +44,18 @@ def make_llm(
     return LLM(model=model, kv_transfer_config=ktc, **args)
 
 
-def greedy(llm: Any, prompts: list[list[int]], max_tokens: int = 8, *, skip_cache: bool = False) -> list[Any]:
-    """Greedy outputs (token ids, with chosen-token logprobs); ``skip_cache`` bypasses every prefix cache."""
+def greedy(
+    llm: Any, prompts: list[list[int]], max_tokens: int = 8, *, skip_cache: bool = False, logprobs: int = 0
+) -> list[Any]:
+    """Greedy outputs (token ids, with chosen-token logprobs and the top ``logprobs`` others);
+    ``skip_cache`` bypasses every prefix cache."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     sp = SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0,
-        logprobs=0,
+        logprobs=logprobs,
         skip_reading_prefix_cache=True if skip_cache else None,
     )
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)

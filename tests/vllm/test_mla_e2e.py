@@ -42,12 +42,20 @@ def test_mla_model_saves_loads_and_matches_an_uncached_run(tmp_path: Path) -> No
         stats = connector_stats("kvtier-test-mla")
         assert stats["loaded_tokens"] >= 512 and stats["load_failures"] == 0
         assert got.num_cached_tokens >= 512
-        ref = llm_util.greedy(llm, [[*p, 6, 7]], skip_cache=True)[0]
-        assert list(got.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
-        lp = [next(iter(d.values())).logprob for d in got.outputs[0].logprobs]
-        lr = [next(iter(d.values())).logprob for d in ref.outputs[0].logprobs]
+        ref = llm_util.greedy(llm, [[*p, 6, 7]], skip_cache=True, logprobs=2)[0]
         # bf16 compute: the reference prefills all 602 tokens in one pass, the cached run 512 + 90,
-        # so attention sums in another order (seen up to 0.057 on the CI box; the KV is bit-exact)
-        assert max(abs(a - b) for a, b in zip(lp, lr)) < 0.15
+        # so attention sums in another order (logprobs seen up to 0.057 apart on a CI box; the KV
+        # is bit-exact) and a near tie of this random model can flip (an AMD EPYC box: token 7 of
+        # 8). So: the tokens agree up to the first difference, the chosen logprobs up to there
+        # are within 0.15, and a difference is only where the reference's top two are that close.
+        a, b = list(got.outputs[0].token_ids), list(ref.outputs[0].token_ids)
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        assert first >= 1, f"the first token differs: {a} vs {b}"
+        lp = [d[t].logprob for d, t in zip(got.outputs[0].logprobs, a)]
+        lr = [d[t].logprob for d, t in zip(ref.outputs[0].logprobs, b)]
+        assert max(abs(x - y) for x, y in zip(lp[:first], lr[:first])) < 0.15
+        if first < len(a):
+            top = sorted((v.logprob for v in ref.outputs[0].logprobs[first].values()), reverse=True)
+            assert top[0] - top[1] < 0.15, f"token {first} differs without a near tie: {a} vs {b}"
     finally:
         del llm

