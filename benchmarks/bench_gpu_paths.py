@@ -359,15 +359,22 @@ def engine_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
 
 
 # -- disk -> GPU ---------------------------------------------------------------------------------
-def disk_rows(n_chunks: int = 16, root: str | None = None) -> list[Row]:
+def disk_rows(n_chunks: int = 16, root: str | None = None, cuda: bool = True) -> list[Row]:
+    """Disk -> GPU retrieve vs raw readinto + H2D, with the manager's read-ahead (``read_ahead``)
+    at its default and at 0 (the old one-chunk-at-a-time path) .. 4; then a host-only breakdown
+    of the same 16 files (no GPU: raw readinto, xxh3, the tier's reads one at a time and read
+    ahead), which says where a gap comes from. ``cuda=False`` runs only the host rows."""
     from kvtier.config import Config
     from kvtier.engine import CacheEngine
+    from kvtier.storage import READ_AHEAD
+    from kvtier.tiers.disk import DiskTier
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if cuda else "cpu")
     n_t = CT * n_chunks
     kv = torch.randn((LAYERS, 2, n_t, HEADS, DIM), dtype=torch.bfloat16)
     nbytes = kv.numel() * 2
     tokens = torch.arange(n_t) + 7
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(dir=root) as d:
         path = Path(d) / "disk"
 
@@ -394,11 +401,13 @@ def disk_rows(n_chunks: int = 16, root: str | None = None) -> list[Row]:
         files = sorted(path.glob("??/*.kvc"))
         assert len(files) == n_chunks
         size = max(os.path.getsize(f) for f in files)
-        bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        for b in bufs:
+            b.fill_(0)  # fault the pages in (the tier's pool is touched by its first reads)
         devbuf = torch.empty(size * n_chunks, dtype=torch.uint8, device=dev)
         evs: list[Any] = [None, None]
 
-        def raw() -> None:
+        def raw(h2d: bool = True) -> None:
             for i, f in enumerate(files):
                 b = bufs[i % 2]
                 if evs[i % 2] is not None:
@@ -407,34 +416,84 @@ def disk_rows(n_chunks: int = 16, root: str | None = None) -> list[Row]:
                 with open(f, "rb", buffering=0) as fh:
                     got = fh.readinto(memoryview(b.numpy())[:n])
                 assert got == n
-                devbuf[i * size : i * size + n].copy_(b[:n], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-                evs[i % 2] = ev
-            sync()
+                if h2d:
+                    devbuf[i * size : i * size + n].copy_(b[:n], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    evs[i % 2] = ev
+            if h2d:
+                sync()
 
         out = torch.empty((LAYERS, 2, n_t, HEADS, DIM), dtype=torch.bfloat16, device=dev)
         with engine(False) as e:
-            r = e.retrieve(tokens, out=out)
-            sync()
-            assert r.num_tokens == n_t and torch.equal(out.cpu(), kv)
             disk = e.storage.tiers[1]
-            pool = disk.read_buffers  # type: ignore[attr-defined]
-            t_raw1 = timed(raw, reps=5)
-            t_tier = timed(lambda: (e.retrieve(tokens, out=out), sync()), reps=5)
-            t_raw2 = timed(raw, reps=5)
-            fails = pool.failed_allocations if pool is not None else -1
-        t_raw = min(t_raw1, t_raw2)
-        rows = [
-            Row(f"raw readinto + H2D, {n_chunks} x 32 MiB files (page cache)", t_raw, nbytes),
-            Row(
-                "retrieve(out=gpu) straight from the disk tier",
-                t_tier,
-                nbytes,
-                t_raw,
-                f"(fresh-tensor reads: {fails})",
-            ),
-        ]
+            assert isinstance(disk, DiskTier)
+            pool = disk.read_buffers
+            if cuda:
+                variants = [READ_AHEAD] + [w for w in range(5) if w != READ_AHEAD]
+                for w in variants:  # each checked bit-exact before it is timed
+                    e.storage.read_ahead = w
+                    out.zero_()
+                    r = e.retrieve(tokens, out=out)
+                    sync()
+                    assert r.num_tokens == n_t and torch.equal(out.cpu(), kv), w
+                t_raw1 = timed(raw, reps=5)
+                t_w = {}
+                for w in variants:
+                    e.storage.read_ahead = w
+                    t_w[w] = timed(lambda: (e.retrieve(tokens, out=out), sync()), reps=5)
+                t_raw2 = timed(raw, reps=5)
+                fails = pool.failed_allocations if pool is not None else -1
+                t_raw = min(t_raw1, t_raw2)
+                rows += [
+                    Row(f"raw readinto + H2D, {n_chunks} x 32 MiB files (page cache)", t_raw, nbytes),
+                    Row(
+                        "retrieve(out=gpu) straight from the disk tier",
+                        t_w[READ_AHEAD],
+                        nbytes,
+                        t_raw,
+                        f"(read_ahead={READ_AHEAD}; fresh-tensor reads: {fails})",
+                    ),
+                ]
+                rows += [
+                    Row(f"  retrieve(out=gpu), read_ahead={w}", t_w[w], nbytes, t_raw)
+                    for w in variants
+                    if w != READ_AHEAD
+                ]
+            # host only: where the time goes (no GPU involved)
+            digests = [k.digest for k in e.keys(tokens)]
+            import xxhash
+
+            def hash_only() -> None:
+                for i in range(n_chunks):
+                    xxhash.xxh3_64_intdigest(memoryview(bufs[i % 2].numpy()))
+
+            def tier_reads(w: int) -> Callable[[], None]:
+                def run() -> None:
+                    e.storage.read_ahead = w
+                    held: list[Any] = []
+                    for c in e.storage.iter_prefix(digests):
+                        held.append(c)
+                        if len(held) > 3:
+                            held.pop(0).release()
+                    for c in held:
+                        c.release()
+
+                return run
+
+            h_raw1 = timed(lambda: raw(False), reps=5)
+            h_hash = timed(hash_only, reps=5)
+            h_w = {w: timed(tier_reads(w), reps=5) for w in (0, 1, 2, READ_AHEAD, 4)}
+            h_raw = min(h_raw1, timed(lambda: raw(False), reps=5))
+            rows += [
+                Row("host: raw readinto only (no H2D)", h_raw, nbytes),
+                Row("host: xxh3 of the same bytes (one thread)", h_hash, nbytes, h_raw),
+            ]
+            rows += [
+                Row(f"host: tier reads via iter_prefix, read_ahead={w}", t, nbytes, h_raw)
+                for w, t in h_w.items()
+            ]
+            e.storage.read_ahead = READ_AHEAD
     return emit(rows)
 
 
@@ -495,7 +554,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"device: {gpu}, torch {torch.__version__}", flush=True)
     out: dict[str, list[dict[str, Any]]] = {}
     for part in args.parts.split(","):
         t0 = time.perf_counter()
@@ -506,6 +566,8 @@ def main() -> None:
             rows = engine_rows(args.tokens, args.profile)
         elif part == "disk":
             rows = disk_rows()
+        elif part == "diskhost":  # the host-only rows of "disk" (runs without a GPU)
+            rows = disk_rows(cuda=False)
         elif part == "hf":
             rows = hf_rows(args.tokens, profile=args.profile)
         else:

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from kvtier.config import Config
-from kvtier.engine import CacheEngine
+from kvtier.engine import RETRIEVE_INFLIGHT_CHUNKS, CacheEngine
+from kvtier.storage import READ_AHEAD
 from kvtier.tiers.disk import DiskTier
 
 L, H, D, CT, N_CHUNKS = 2, 2, 8, 16, 8
 CHUNK_BYTES = L * 2 * CT * H * D * 4  # float32
 
 
-def _engine(path: Path, *, promote: bool = True) -> CacheEngine:
+def _engine(path: Path, *, promote: bool = True, pool_chunks: int = 4) -> CacheEngine:
     cfg = Config.load(
         env={},
         chunk_tokens=CT,
@@ -25,7 +26,7 @@ def _engine(path: Path, *, promote: bool = True) -> CacheEngine:
         cpu__pin_memory="no",
         disk__enabled=True,
         disk__path=str(path),
-        disk__read_buffer_bytes=4 * CHUNK_BYTES,  # the pool holds 4 chunks, the prefix 8
+        disk__read_buffer_bytes=pool_chunks * CHUNK_BYTES,  # the pool holds 4 chunks, the prefix 8
         storage__promote_on_hit=promote,
         model__model_id="m",
         model__kv_dtype="float32",
@@ -84,7 +85,9 @@ def test_cuda_retrieve_from_disk_waits_for_each_copy_before_recycling_its_buffer
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     tokens, kv = _stored(tmp_path)
-    with _engine(tmp_path, promote=False) as e:
+    # a CUDA retrieve holds RETRIEVE_INFLIGHT_CHUNKS + 1 chunks, the manager reads READ_AHEAD more
+    # ahead: a pool of that many (6) still recycles for the 8-chunk prefix
+    with _engine(tmp_path, promote=False, pool_chunks=RETRIEVE_INFLIGHT_CHUNKS + 1 + READ_AHEAD) as e:
         pool = _disk(e).read_buffers
         assert pool is not None
         out = torch.zeros(kv.shape, dtype=kv.dtype, device="cuda")

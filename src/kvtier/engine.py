@@ -144,7 +144,8 @@ STORE_WINDOW_BYTES = 256 << 20
 RETRIEVE_INFLIGHT_CHUNKS = 2
 """A retrieve to a GPU keeps this many chunks' copies in flight while it reads the next chunk,
 then releases the oldest (after its DMA): a long prefix holds at most three of a lower tier's
-read buffers (the disk's default pool holds eight 32 MiB chunks). With one in flight the copy
+read buffers, plus the ``storage.READ_AHEAD`` being read ahead (the disk's default pool holds
+eight 32 MiB chunks; a smaller pool makes the excess reads fall back to fresh tensors). With one in flight the copy
 engine idled ~60 us per chunk while the host validated and issued the next (0.90x memcpy)."""
 
 

@@ -41,7 +41,8 @@ returned to it by ``Chunk.release()``, or the caller's own tensor (``get_into``)
 hashes those that landed; a write copies pieces in parallel while the caller hashes, and writes
 the header (which holds the checksum) last. The xxh3 hasher releases the GIL, so checksumming
 costs little beyond the I/O itself (benchmarks/RESULTS.md). ``batched_get`` runs reads on a thread pool (``io_threads``; ``preadv`` releases the
-GIL), so many are in flight. O_DIRECT is not used: re-reads from the page cache are the common
+GIL), so many are in flight; ``TierManager.iter_prefix`` (a retrieve) keeps ``READ_AHEAD``
+gets in flight ahead of its consumer, each verified before it is handed out. O_DIRECT is not used: re-reads from the page cache are the common
 fast case, and O_DIRECT needs aligned buffers and fails on tmpfs.
 
 Privacy: chunk files are created 0600 and the fan-out and ``tmp`` folders 0700 (a new root too):
