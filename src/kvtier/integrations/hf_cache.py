@@ -27,10 +27,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.errors import KVTierError
+from kvtier.integrations.hf_layers import InPlaceLayer
 from kvtier.transfer.layerwise import ChunkedLayerwiseKV, LayerwiseKV, cache_to_kv
 
 __all__ = [
     "ChunkedLayerwiseKV",
+    "InPlaceLayer",
     "IntegrationError",
     "KVTierCache",
     "LayerwiseKV",
@@ -207,13 +209,22 @@ class KVTierCache(DynamicCache):
     kvtier's chunks hold one row per layer and position, and a prefix longer than the window
     could not be stored after the first positions were dropped. Cost: sliding layers hold (and
     attend over, masked) the whole sequence, like global ones.
+
+    Layers are ``InPlaceLayer``s (``in_place``, the default): each holds one buffer for
+    ``capacity`` positions (prompt + tokens to generate; it grows if exceeded), the prefix is
+    copied straight from the source into it (``LayerwiseKV.fill``: one copy per layer, no
+    ``cat``), and every later update writes in place. ``in_place=False`` keeps plain
+    ``DynamicLayer``s (``cat`` per update), for callers that hand the layers tensors themselves.
     """
 
-    def __init__(self, config: Any, prefix: LayerwiseKV | None = None) -> None:
+    def __init__(
+        self, config: Any, prefix: LayerwiseKV | None = None, capacity: int = 0, in_place: bool = True
+    ) -> None:
         super().__init__(config=config)
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                self.layers[i] = DynamicLayer()
+            if isinstance(layer, _LAYER_CLASSES):
+                self.layers[i] = InPlaceLayer(capacity) if in_place else DynamicLayer()
+        self.capacity = int(capacity)
         self._prefix = prefix
         self.prefix_tokens = prefix.num_tokens if prefix is not None else 0
         """Positions that came from kvtier (installed or still pending)."""
@@ -229,14 +240,22 @@ class KVTierCache(DynamicCache):
     def _install(self, layer_idx: int) -> None:
         if layer_idx not in self._pending:
             return
-        assert self._prefix is not None
-        self._prefix.prefetch(layer_idx + 1)  # next layer's copy overlaps this layer's compute
-        k, v = self._prefix.take(layer_idx)
+        src = self._prefix
+        assert src is not None
+        src.prefetch(layer_idx + 1)  # next layer's copy overlaps this layer's compute
         self._pending.discard(layer_idx)
-        layer: Any = self.layers[layer_idx]  # a DynamicLayer: check_supported refused other kinds
-        layer.update(k, v)
+        layer: Any = self.layers[layer_idx]  # check_supported refused other kinds
+        if isinstance(layer, InPlaceLayer):
+            planes, split = (1, src.latent_split) if src.latent_split is not None else (src.planes, None)
+            n = src.num_tokens
+            dst = layer.reserve(src.batch, planes, src.heads, src.width, split, src.dtype, src.device, n)
+            src.fill(layer_idx, dst)
+            layer.filled(n)
+        else:
+            k, v = src.take(layer_idx)
+            layer.update(k, v)
         if not self._pending:
-            self._prefix.close()
+            src.close()
             self._prefix = None  # drop the retrieved tensor: the layers now hold their own copies
 
     def update(
