@@ -237,7 +237,10 @@ class KVTierCache(DynamicCache):
             prefix.prefetch(0)
             prefix.prefetch(1)
 
-    def _install(self, layer_idx: int) -> None:
+    def _install(self, layer_idx: int, batch: int = 0) -> None:
+        """Load layer ``layer_idx``'s prefix; ``batch`` (the forward's rows), a multiple of the
+        source's rows, repeats each row (``generate`` expands the prompt for beams / return
+        sequences, ``repeat_interleave`` order, but not a cache handed to it)."""
         if layer_idx not in self._pending:
             return
         src = self._prefix
@@ -245,14 +248,19 @@ class KVTierCache(DynamicCache):
         src.prefetch(layer_idx + 1)  # next layer's copy overlaps this layer's compute
         self._pending.discard(layer_idx)
         layer: Any = self.layers[layer_idx]  # check_supported refused other kinds
+        rep = batch // src.batch if batch > src.batch and batch % src.batch == 0 else 1
         if isinstance(layer, InPlaceLayer):
             planes, split = (1, src.latent_split) if src.latent_split is not None else (src.planes, None)
             n = src.num_tokens
-            dst = layer.reserve(src.batch, planes, src.heads, src.width, split, src.dtype, src.device, n)
-            src.fill(layer_idx, dst)
+            dst = layer.reserve(src.batch * rep, planes, src.heads, src.width, split, src.dtype, src.device, n)
+            src.fill(layer_idx, dst[:, ::rep])
+            for r in range(1, rep):
+                dst[:, r::rep, :n].copy_(dst[:, ::rep, :n])
             layer.filled(n)
         else:
             k, v = src.take(layer_idx)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
             layer.update(k, v)
         if not self._pending:
             src.close()
@@ -261,7 +269,7 @@ class KVTierCache(DynamicCache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._install(layer_idx)
+        self._install(layer_idx, int(key_states.shape[0]))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -273,6 +281,20 @@ class KVTierCache(DynamicCache):
         if layer_idx in self._pending:
             return self.prefix_tokens + query_length, 0
         return super().get_mask_sizes(query_length, layer_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Beams / ``num_return_sequences``: install pending layers first (a pending layer reports no
+        positions, so transformers would leave it unexpanded and its prefix would keep batch 1)."""
+        self.finish_loading()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.finish_loading()
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.finish_loading()
+        super().reorder_cache(beam_idx)
 
     def finish_loading(self) -> None:
         """Install every layer not reached by a forward yet (before reading ``layers`` directly)."""
