@@ -95,7 +95,11 @@ def test_generate_greedy_and_beams_equal_model_generate(llama: Any) -> None:
     eng = make_engine()
     ids = random_ids(60, seed=23)
     kvt.prefill(llama, ids, eng)  # the prompt is cached: generate loads 59 positions
-    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=3), dict(do_sample=False, num_beams=2, num_return_sequences=2)):
+    for kw in (
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=3),
+        dict(do_sample=False, num_beams=2, num_return_sequences=2),
+    ):
         want = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, **kw)
         got = kvt.generate(llama, ids, eng, max_new_tokens=7, **kw)
         assert torch.equal(got, want), kw
@@ -149,7 +153,9 @@ def test_fill_from_host_rows_is_bit_exact_for_a_batch(llama: Any) -> None:
     kvs = [cache_to_kv(ref.cache, 40, batch_index=b) for b in range(2)]
     cache = KVTierCache(llama.config, LayerwiseKV(kvs, torch.device("cpu")), capacity=64)
     with torch.inference_mode():
-        logits = llama(input_ids=rows[:, 40:], **{kvt.cache_kwarg(llama): cache}, use_cache=True).logits[:, -1]
+        logits = llama(input_ids=rows[:, 40:], **{kvt.cache_kwarg(llama): cache}, use_cache=True).logits[
+            :, -1
+        ]
     torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
     for b in range(2):
         torch.testing.assert_close(cache_to_kv(cache, 40, batch_index=b), kvs[b], atol=0, rtol=0)

@@ -252,7 +252,9 @@ class KVTierCache(DynamicCache):
         if isinstance(layer, InPlaceLayer):
             planes, split = (1, src.latent_split) if src.latent_split is not None else (src.planes, None)
             n = src.num_tokens
-            dst = layer.reserve(src.batch * rep, planes, src.heads, src.width, split, src.dtype, src.device, n)
+            dst = layer.reserve(
+                src.batch * rep, planes, src.heads, src.width, split, src.dtype, src.device, n
+            )
             src.fill(layer_idx, dst[:, ::rep])
             for r in range(1, rep):
                 dst[:, r::rep, :n].copy_(dst[:, ::rep, :n])

@@ -57,6 +57,7 @@ class InPlaceLayer(DynamicLayer):
         self.split: int | None = None
         self.n = 0
         self._fallback = False
+        self._pub: tuple[Any, Any] = (None, None)  # the (keys, values) views published last
 
     # -- geometry and storage ---------------------------------------------------------------------
     @property
@@ -78,12 +79,14 @@ class InPlaceLayer(DynamicLayer):
         (``[P, B, cap, H, W]``): a loader writes a prefix into ``buf[:, :, :n]``, then calls
         ``filled(n)``."""
         if planes not in (1, 2) or (planes == 1) != (split is not None):
-            raise LayerGeometryError(f"planes {planes} with split {split}: 2 planes, or 1 latent plane with a split")
+            raise LayerGeometryError(
+                f"planes {planes} with split {split}: 2 planes, or 1 latent plane with a split"
+            )
         cap = max(int(tokens), self.capacity_hint, 1)
         self.buf = torch.empty((planes, batch, cap, heads, width), dtype=dtype, device=device)
         self.split = split
         self.n = 0
-        self.device = device
+        self.dtype, self.device = dtype, device  # transformers 5.19's lazy_initialization sets both
         self.is_initialized = True
         self._publish()
         return self.buf
@@ -139,7 +142,7 @@ class InPlaceLayer(DynamicLayer):
         """If ``keys``/``values`` are no longer the published views, copy them into a new buffer."""
         if self.buf is None or self._fallback:
             return
-        pub_k, pub_v = self._published
+        pub_k, pub_v = self._pub
         if self.keys is pub_k and self.values is pub_v:
             return
         k, v = self.keys, self.values
@@ -156,10 +159,6 @@ class InPlaceLayer(DynamicLayer):
         self._views(0, n)[1].copy_(v)
         self.n = n
         self._publish()
-
-    @property
-    def _published(self) -> tuple[Any, Any]:
-        return getattr(self, "_pub", (None, None))
 
     # -- the CacheLayerMixin API -------------------------------------------------------------------
     def update(
@@ -192,8 +191,11 @@ class InPlaceLayer(DynamicLayer):
         assert self.buf is not None
         kd, vd = self._views(0, 0)
         for name, got, want in (("keys", k, kd), ("values", v, vd)):
-            if got.dim() != 4 or got.shape[0] != want.shape[0] or got.shape[1] != want.shape[1] or (
-                got.shape[3] != want.shape[3]
+            if (
+                got.dim() != 4
+                or got.shape[0] != want.shape[0]
+                or got.shape[1] != want.shape[1]
+                or (got.shape[3] != want.shape[3])
             ):
                 raise LayerGeometryError(
                     f"{name} {tuple(got.shape)} do not fit this layer's buffer (batch, heads, width "
