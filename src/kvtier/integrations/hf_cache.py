@@ -27,10 +27,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.errors import KVTierError
+from kvtier.integrations.hf_layers import InPlaceLayer
 from kvtier.transfer.layerwise import ChunkedLayerwiseKV, LayerwiseKV, cache_to_kv
 
 __all__ = [
     "ChunkedLayerwiseKV",
+    "InPlaceLayer",
     "IntegrationError",
     "KVTierCache",
     "LayerwiseKV",
@@ -207,13 +209,22 @@ class KVTierCache(DynamicCache):
     kvtier's chunks hold one row per layer and position, and a prefix longer than the window
     could not be stored after the first positions were dropped. Cost: sliding layers hold (and
     attend over, masked) the whole sequence, like global ones.
+
+    Layers are ``InPlaceLayer``s (``in_place``, the default): each holds one buffer for
+    ``capacity`` positions (prompt + tokens to generate; it grows if exceeded), the prefix is
+    copied straight from the source into it (``LayerwiseKV.fill``: one copy per layer, no
+    ``cat``), and every later update writes in place. ``in_place=False`` keeps plain
+    ``DynamicLayer``s (``cat`` per update), for callers that hand the layers tensors themselves.
     """
 
-    def __init__(self, config: Any, prefix: LayerwiseKV | None = None) -> None:
+    def __init__(
+        self, config: Any, prefix: LayerwiseKV | None = None, capacity: int = 0, in_place: bool = True
+    ) -> None:
         super().__init__(config=config)
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                self.layers[i] = DynamicLayer()
+            if isinstance(layer, _LAYER_CLASSES):
+                self.layers[i] = InPlaceLayer(capacity) if in_place else DynamicLayer()
+        self.capacity = int(capacity)
         self._prefix = prefix
         self.prefix_tokens = prefix.num_tokens if prefix is not None else 0
         """Positions that came from kvtier (installed or still pending)."""
@@ -226,23 +237,41 @@ class KVTierCache(DynamicCache):
             prefix.prefetch(0)
             prefix.prefetch(1)
 
-    def _install(self, layer_idx: int) -> None:
+    def _install(self, layer_idx: int, batch: int = 0) -> None:
+        """Load layer ``layer_idx``'s prefix; ``batch`` (the forward's rows), a multiple of the
+        source's rows, repeats each row (``generate`` expands the prompt for beams / return
+        sequences, ``repeat_interleave`` order, but not a cache handed to it)."""
         if layer_idx not in self._pending:
             return
-        assert self._prefix is not None
-        self._prefix.prefetch(layer_idx + 1)  # next layer's copy overlaps this layer's compute
-        k, v = self._prefix.take(layer_idx)
+        src = self._prefix
+        assert src is not None
+        src.prefetch(layer_idx + 1)  # next layer's copy overlaps this layer's compute
         self._pending.discard(layer_idx)
-        layer: Any = self.layers[layer_idx]  # a DynamicLayer: check_supported refused other kinds
-        layer.update(k, v)
+        layer: Any = self.layers[layer_idx]  # check_supported refused other kinds
+        rep = batch // src.batch if batch > src.batch and batch % src.batch == 0 else 1
+        if isinstance(layer, InPlaceLayer):
+            planes, split = (1, src.latent_split) if src.latent_split is not None else (src.planes, None)
+            n = src.num_tokens
+            dst = layer.reserve(
+                src.batch * rep, planes, src.heads, src.width, split, src.dtype, src.device, n
+            )
+            src.fill(layer_idx, dst[:, ::rep])
+            for r in range(1, rep):
+                dst[:, r::rep, :n].copy_(dst[:, ::rep, :n])
+            layer.filled(n)
+        else:
+            k, v = src.take(layer_idx)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+            layer.update(k, v)
         if not self._pending:
-            self._prefix.close()
+            src.close()
             self._prefix = None  # drop the retrieved tensor: the layers now hold their own copies
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._install(layer_idx)
+        self._install(layer_idx, int(key_states.shape[0]))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -254,6 +283,20 @@ class KVTierCache(DynamicCache):
         if layer_idx in self._pending:
             return self.prefix_tokens + query_length, 0
         return super().get_mask_sizes(query_length, layer_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Beams / ``num_return_sequences``: install pending layers first (a pending layer reports no
+        positions, so transformers would leave it unexpanded and its prefix would keep batch 1)."""
+        self.finish_loading()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.finish_loading()
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.finish_loading()
+        super().reorder_cache(beam_idx)
 
     def finish_loading(self) -> None:
         """Install every layer not reached by a forward yet (before reading ``layers`` directly)."""

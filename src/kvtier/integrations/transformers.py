@@ -76,6 +76,25 @@ __all__ = [
 ]
 
 
+DECODE_HEADROOM = 256
+"""Positions a ``prefill`` cache has room for past the prompt (a caller's first decode steps;
+past them the layers grow by half, one copy)."""
+
+
+def _generation_capacity(model: Any, seq: int, kwargs: dict[str, Any]) -> int:
+    """Prompt + the tokens ``generate`` may add (``max_new_tokens``, else ``max_length``, from the
+    call or the generation config), so its layers never grow; ``+ DECODE_HEADROOM`` if unknown."""
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    for source in (kwargs, vars(gc) if gc is not None else {}):
+        new = source.get("max_new_tokens")
+        if isinstance(new, int) and new >= 0:
+            return seq + new
+        total = source.get("max_length")
+        if isinstance(total, int) and total > seq:
+            return total
+    return seq + DECODE_HEADROOM
+
+
 @dataclass
 class PrefillResult:
     """What ``prefill`` returns. ``ttft_s`` runs from the call to logits ready (store excluded)."""
@@ -287,7 +306,7 @@ def prefill(
     split = _spec(model, model_id or engine.config.model.model_id or None).latent_split
     hit, prefix = _load_prefix(engine, rows_cpu, device, extras, limit, split) if keys else (0, None)
     t_load = time.perf_counter()
-    cache = KVTierCache(model.config, prefix)
+    cache = KVTierCache(model.config, prefix, capacity=seq + DECODE_HEADROOM)
     out = model(input_ids=ids[:, hit:], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
     if device.type == "cuda":
@@ -344,7 +363,8 @@ def _blend(
 
     rope_spec(model)  # refuse a model that cannot be re-rotated (or run) before touching the cache
     check_blendable(model)
-    cache = KVTierCache(model.config)
+    # NOTE: plain DynamicLayers: blend hands each layer its own buffer's views (``_put_layer``)
+    cache = KVTierCache(model.config, in_place=False)
     layer = DEFAULT_CHECK_LAYER if check_layer is None else check_layer
     r = blend_prefill(
         model,
@@ -430,7 +450,7 @@ def generate(
         )
     split = _spec(model, model_id or engine.config.model.model_id or None).latent_split
     _, prefix = _load_prefix(engine, rows_cpu, device, extras, limit, split) if keys else (0, None)
-    cache = KVTierCache(model.config, prefix)
+    cache = KVTierCache(model.config, prefix, capacity=_generation_capacity(model, seq, generate_kwargs))
     out = model.generate(
         ids, **{cache_kwarg(model): cache}, attention_mask=torch.ones_like(ids), **generate_kwargs
     )

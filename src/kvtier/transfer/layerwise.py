@@ -104,6 +104,8 @@ class LayerwiseKV:
         self._async = device.type == "cuda" and rows[0].device.type == "cpu"
         self._stream = side_stream(device) if self._async else None
         self._staged: dict[int, tuple[list[torch.Tensor], Any]] = {}
+        self.batch, self.planes = len(rows), int(rows[0].shape[1])
+        self.heads, self.width, self.dtype = int(rows[0].shape[3]), int(rows[0].shape[4]), rows[0].dtype
 
     def prefetch(self, layer: int) -> None:
         if not self._async or layer >= self.num_layers or layer in self._staged:
@@ -133,6 +135,23 @@ class LayerwiseKV:
         if len(srcs) == 1:
             return ks[0], vs[0]
         return torch.cat(ks), torch.cat(vs)
+
+    def fill(self, layer: int, dst: torch.Tensor) -> None:
+        """Write layer ``layer``'s prefix into ``dst[:, b, :num_tokens]`` (``dst`` ``[P, B, >= n, H, W]``,
+        kvtier's row order per batch row: one copy per row, no transpose), on the current stream.
+        ``take`` hands out ``[B, H, n, D]`` views instead (for a cache that copies them itself)."""
+        n = self.num_tokens
+        if self._async:
+            self.prefetch(layer)
+            srcs, ev = self._staged.pop(layer)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ev)
+            for t in srcs:
+                t.record_stream(main)
+        else:
+            srcs = [r[layer] for r in self.rows]
+        for b, src in enumerate(srcs):
+            dst[:, b, :n].copy_(src)
 
     def close(self) -> None:
         """Called once every layer has been taken; views over tier memory are given back here."""
@@ -177,6 +196,8 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         self._async = True
         self._stream = side_stream(device)
         self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
+        self.batch, self.planes = len(views), int(first.shape[1])
+        self.heads, self.width, self.dtype = int(first.shape[3]), int(first.shape[4]), first.dtype
         self.prefetch(0)
 
     def _stage_group(self, g: int) -> None:
@@ -238,6 +259,28 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         if len(ks) == 1:
             return ks[0], vs[0]
         return torch.cat(ks), torch.cat(vs)
+
+    def fill(self, layer: int, dst: torch.Tensor) -> None:
+        """As ``LayerwiseKV.fill``: the layer's rows go from its group's staging buffer (one DMA
+        per chunk and group) to ``dst`` in two copies per row (whole chunks as one strided copy, then
+        the partial last one), on the current stream once the group's DMAs are done. This replaces
+        ``take``'s reshape copy and the cache's ``cat`` onto an empty tensor."""
+        g, j = divmod(layer, self.group_layers)
+        self._stage_group(g)
+        staged, ev = self._groups[g]
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(ev)
+        p, h, w = dst.shape[0], dst.shape[3], dst.shape[4]
+        for b, src in enumerate(staged):  # [chunks, group layers, P, ct, H, W]
+            src.record_stream(main)
+            ct = int(src.shape[3])
+            full, rem = divmod(self.num_tokens, ct)
+            if full:
+                dst[:, b, : full * ct].view(p, full, ct, h, w).copy_(src[:full, j].transpose(0, 1))
+            if rem:
+                dst[:, b, full * ct : self.num_tokens].copy_(src[full, j, :, :rem])
+        if j == min(self.group_layers, self.num_layers - g * self.group_layers) - 1:
+            del self._groups[g]  # the group's last layer: its buffers go when the copies are done
 
     def close(self) -> None:
         if self._stream is not None:
