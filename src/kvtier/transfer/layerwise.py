@@ -196,9 +196,13 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         self._async = True
         self._stream = side_stream(device)
         self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
-        self.batch, self.planes = len(views), int(first.shape[1])
-        self.heads, self.width, self.dtype = int(first.shape[3]), int(first.shape[4]), first.dtype
+        self.batch = len(views)
+        self.planes, self.heads, self.width, self.dtype = self._dims(first)
         self.prefetch(0)
+
+    def _dims(self, first: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
+        """(planes, heads, width, dtype) of the KV handed out, from the first chunk view."""
+        return int(first.shape[1]), int(first.shape[3]), int(first.shape[4]), first.dtype
 
     def _stage_group(self, g: int) -> None:
         l0 = g * self.group_layers

@@ -52,7 +52,7 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
     ) -> None:
         self.codec = codec
         self.chunk_shape = chunk_shape
-        self.dtype = dtype
+        self.kv_dtype = dtype
         for v in views:
             for k, chunk in v.chunks:
                 want = codec.packed_nbytes(_with(chunk_shape, tokens=k.num_tokens))
@@ -62,6 +62,10 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
                         f"{codec.name} chunk of {k.num_tokens} tokens ({want} bytes)"
                     )
         super().__init__(views, num_tokens, device, group_layers, latent_split, num_layers=chunk_shape[0])
+
+    def _dims(self, first: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
+        _, planes, _, heads, width = self.chunk_shape
+        return planes, heads, width, self.kv_dtype
 
     def _stage_group(self, g: int) -> None:
         l0 = g * self.group_layers
@@ -79,7 +83,7 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
                     l0,
                     l1,
                     self.device,
-                    self.dtype,
+                    self.kv_dtype,
                 )
                 for v in self.views
             ]
