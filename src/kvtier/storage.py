@@ -255,7 +255,9 @@ class TierManager:
         """
         return list(self.iter_prefix(keys))
 
-    def iter_prefix(self, keys: Sequence[bytes]) -> Generator[Chunk, None, None]:
+    def iter_prefix(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> Generator[Chunk, None, None]:
         """``get_prefix`` lazily: the top tier's chunks come from one batched call up front, a
         key it misses is read from the lower tiers only when the consumer asks for it. So a
         consumer that releases each chunk once copied (``CacheEngine.retrieve``) holds a bounded
@@ -263,11 +265,12 @@ class TierManager:
         is never exhausted, so no read falls back to a fresh pageable tensor. Closing the
         generator early releases the top tier's chunks not handed out. (A one-thread read-ahead
         of the next lower-tier chunk was tried: no gain on the H200's page cache, 123 -> 136 ms
-        for 16 x 32 MiB in one run each; not kept.)"""
+        for 16 x 32 MiB in one run each; not kept.) ``into``: destinations for the top tier's
+        batched call (``Tier.batched_get_into``; a chunk received there *is* ``into[i]``)."""
         if not keys:
             return
         # while a prefetch is loading keys, go key by key: ``get`` waits for the in-flight ones
-        first = None if self._inflight else self._batched_get_from(0, list(keys))
+        first = None if self._inflight else self._batched_get_from(0, list(keys), into)
         if first is None:
             first = [None] * len(keys)
         try:
@@ -294,12 +297,15 @@ class TierManager:
         self._record_read(i, t0, [c])
         return c
 
-    def _batched_get_from(self, i: int, keys: list[bytes]) -> list[Chunk | None] | None:
-        """Tier ``i``'s ``batched_get`` of ``keys``, timed and counted; ``None`` if the tier failed."""
+    def _batched_get_from(
+        self, i: int, keys: list[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> list[Chunk | None] | None:
+        """Tier ``i``'s ``batched_get`` of ``keys`` (``batched_get_into`` given ``into``), timed
+        and counted; ``None`` if the tier failed."""
         tier = self.tiers[i]
         t0 = time.perf_counter()
         try:
-            got = tier.batched_get(keys)
+            got = tier.batched_get(keys) if into is None else tier.batched_get_into(keys, into)
         except SOFT_ERRORS as e:
             self._soft_fail(tier, "batched_get", e)
             return None
