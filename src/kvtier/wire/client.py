@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -301,29 +302,15 @@ class DaemonClient:
         for i in range(0, len(keys), P.MAX_KEYS):
             pool = self._recv_buffers
             dests = into[i : i + P.MAX_KEYS] if into is not None else None
-            placed: list[bool] = []
-
-            def place(
-                r: P.Message, plen: int, dests: Sequence[torch.Tensor | None] | None = dests
-            ) -> list[memoryview] | None:
-                views = _placement(r, plen, dests) if dests is not None else None
-                placed.append(views is not None)
-                return views
-
+            placer = _Placer(dests) if dests is not None else None
             r, payload = self._roundtrip(
-                P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [], recycled=pool, place=place
+                P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [], recycled=pool, place=placer
             )
             if not isinstance(r, P.GetReply):
                 raise P.ProtocolError(f"expected a get reply, got {type(r).__name__}")
-            if placed and placed[0]:
-                assert dests is not None
+            if placer is not None and placer.used:
                 out += [
-                    None
-                    if it is None
-                    else self._chunk(it, None)
-                    if it.where == "shm"
-                    else Chunk(d, it.meta.fingerprint, it.meta.num_tokens)  # type: ignore[arg-type]
-                    for it, d in zip(r.items, dests)
+                    self._placed(it, d) if it is not None else None for it, d in zip(r.items, placer.dests)
                 ]
                 continue
             inline = sum(1 for it in r.items if it is not None and it.where != "shm")
@@ -336,6 +323,13 @@ class DaemonClient:
             src = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
             out += [self._chunk(it, src, shared) if it is not None else None for it in r.items]
         return out
+
+    def _placed(self, it: P.GotItem, dest: torch.Tensor | None) -> Chunk:
+        """A hit of a reply received by ``_Placer``: an inline one is its destination itself."""
+        if it.where == "shm":
+            return self._chunk(it, None)
+        assert dest is not None  # _placement matched every inline item to a destination
+        return Chunk(dest, it.meta.fingerprint, it.meta.num_tokens)
 
     def _chunk(self, it: P.GotItem, src: torch.Tensor | None, shared: _Shared | None = None) -> Chunk:
         m = it.meta
@@ -351,6 +345,10 @@ class DaemonClient:
             return Chunk(kv, m.fingerprint, m.num_tokens, lambda: self._release_later(gen, lease))
         if src is None or it.offset + it.nbytes > src.numel():
             raise P.ProtocolError("daemon's get reply overruns its payload")
+        if it.nbytes != math.prod(shape) * P.KV_DTYPES[m.dtype]:
+            raise P.ProtocolError(
+                f"daemon's get reply: {it.nbytes} bytes for a {m.dtype} chunk of shape {list(shape)}"
+            )
         kv = src[it.offset : it.offset + it.nbytes].view(dtype).view(shape)
         return Chunk(kv, m.fingerprint, m.num_tokens, shared.release if shared is not None else None)
 
@@ -440,6 +438,19 @@ def _slabs(t: torch.Tensor) -> list[memoryview]:
 Placement = Callable[[P.Message, int], "list[memoryview] | None"]
 """Given a reply and its payload length (before any payload byte is read): the views to receive
 the payload into, or ``None`` for a buffer."""
+
+
+class _Placer:
+    """A ``Placement`` into fixed destinations (``_placement``), remembering whether it was used."""
+
+    def __init__(self, dests: Sequence[torch.Tensor | None]) -> None:
+        self.dests = dests
+        self.used = False
+
+    def __call__(self, r: P.Message, plen: int) -> list[memoryview] | None:
+        views = _placement(r, plen, self.dests)
+        self.used = views is not None
+        return views
 
 
 def _placement(r: P.Message, plen: int, dests: Sequence[torch.Tensor | None]) -> list[memoryview] | None:
