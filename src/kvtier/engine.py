@@ -812,7 +812,10 @@ class CacheEngine:
         assert ns is not None
         inflight: deque[tuple[torch.cuda.Event | None, Chunk]] = deque()
         got = n = 0
-        chunks = self.storage.iter_prefix([k.digest for k in keys])
+        # raw KV to host memory: a tier that receives bytes (the daemon over TCP) may put them
+        # straight into ``out``'s rows; its chunk then *is* that view and the copy below is a no-op
+        into = [out[:, :, k.start : k.end] for k in keys] if not cuda and self._kv_codec is None else None
+        chunks = self.storage.iter_prefix([k.digest for k in keys], into=into)
         # raw KV to a GPU: one copy queue for the whole prefix, so chunk i+1's DMA does not wait
         # for chunk i's slot copy (one copy_pairs call per chunk serialised them)
         queue = CopyQueue(dev) if cuda and self._kv_codec is None else None

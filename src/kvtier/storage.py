@@ -265,7 +265,9 @@ class TierManager:
         """
         return list(self.iter_prefix(keys))
 
-    def iter_prefix(self, keys: Sequence[bytes]) -> Generator[Chunk, None, None]:
+    def iter_prefix(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> Generator[Chunk, None, None]:
         """``get_prefix`` lazily: the top tier's chunks come from one batched call up front; the
         keys it misses are read from the lower tiers ``read_ahead`` at a time (``get`` on the
         read-ahead pool's threads), yielded in key order.
@@ -285,11 +287,13 @@ class TierManager:
         chunks plus ``read_ahead`` of a lower tier's read buffers however long the prefix, so a
         disk tier's recycled pool is not exhausted and no read falls back to a fresh pageable
         tensor. ``read_ahead = 0`` is the old one-at-a-time path (read in the consumer's thread).
+        ``into``: destinations for the top tier's batched call (``Tier.batched_get_into``; a chunk
+        received there *is* ``into[i]``).
         """
         if not keys:
             return
         # while a prefetch is loading keys, go key by key: ``get`` waits for the in-flight ones
-        first = None if self._inflight else self._batched_get_from(0, list(keys))
+        first = None if self._inflight else self._batched_get_from(0, list(keys), into)
         if first is None:
             first = [None] * len(keys)
         ahead: dict[int, Future[Chunk | None]] = {}
@@ -350,12 +354,15 @@ class TierManager:
         self._record_read(i, t0, [c])
         return c
 
-    def _batched_get_from(self, i: int, keys: list[bytes]) -> list[Chunk | None] | None:
-        """Tier ``i``'s ``batched_get`` of ``keys``, timed and counted; ``None`` if the tier failed."""
+    def _batched_get_from(
+        self, i: int, keys: list[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> list[Chunk | None] | None:
+        """Tier ``i``'s ``batched_get`` of ``keys`` (``batched_get_into`` given ``into``), timed
+        and counted; ``None`` if the tier failed."""
         tier = self.tiers[i]
         t0 = time.perf_counter()
         try:
-            got = tier.batched_get(keys)
+            got = tier.batched_get(keys) if into is None else tier.batched_get_into(keys, into)
         except SOFT_ERRORS as e:
             self._soft_fail(tier, "batched_get", e)
             return None

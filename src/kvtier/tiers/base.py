@@ -22,9 +22,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from kvtier.chunk import Chunk
 from kvtier.errors import KVTierError, StateError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TierError(KVTierError, ValueError):
@@ -122,6 +126,16 @@ class Tier(ABC):
 
     def batched_put(self, items: Iterable[tuple[bytes, Chunk]]) -> list[bool]:
         return [self.put(k, c) for k, c in items]
+
+    def batched_get_into(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None]
+    ) -> list[Chunk | None]:
+        """``batched_get`` with a destination per key: ``into[i]`` is a CPU tensor of key ``i``'s
+        expected (stored) shape and dtype — e.g. the caller's output rows — or ``None``. A tier
+        that receives or reads bytes may put a hit's straight into ``into[i]`` and return a chunk
+        whose ``kv`` *is* ``into[i]`` (the caller's copy then has nothing to do); it may also
+        ignore them (this default). On a miss or a failure ``into[i]`` may hold partial data."""
+        return self.batched_get(keys)
 
     def __enter__(self) -> Tier:
         return self

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+import torch
+
 from kvtier.chunk import Chunk
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 from kvtier.tiers.breaker import CircuitBreaker
@@ -200,6 +202,18 @@ class RemoteTier(Tier):
     def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
         miss: list[Chunk | None] = [None] * len(keys)
         got = self._call("get", lambda c: c.get(keys), miss)
+        hits = sum(g is not None for g in got)
+        self._stats.hits += hits
+        self._stats.misses += len(keys) - hits
+        return got
+
+    def batched_get_into(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None]
+    ) -> list[Chunk | None]:
+        """``batched_get`` receiving each hit's bytes straight into ``into`` over a socket
+        connection (``DaemonClient.get``); shared memory ignores it (its chunks are pool views)."""
+        miss: list[Chunk | None] = [None] * len(keys)
+        got = self._call("get", lambda c: c.get(keys, into), miss)
         hits = sum(g is not None for g in got)
         self._stats.hits += hits
         self._stats.misses += len(keys) - hits

@@ -14,7 +14,11 @@ KV paths (chosen per connection, by the handshake):
   view into a fresh buffer); a get receives into a recycled buffer (``RecvBuffers``: fresh
   memory costs a page fault per 4 KiB, on a VM more than the copy itself), which goes back when
   every chunk viewing it is released (``Chunk.release`` — after that the views may be reused,
-  as with any tier's chunk views).
+  as with any tier's chunk views). A get given destinations (``into``: the caller's own output
+  rows, ``Tier.batched_get_into``) receives each chunk's bytes straight into them with
+  ``recvmsg_into`` — no buffer, and no copy by the caller — once the reply's header shows that
+  its items match them (shape, dtype, size) and tile the payload in order; checked before any
+  payload byte is read, else the payload goes to a buffer as without ``into``.
 
 Not thread-safe by itself: ``RemoteTier`` serialises calls with a lock.
 """
@@ -23,10 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -200,6 +205,20 @@ class DaemonClient:
             got += k
         return buf
 
+    def _recv_views(self, views: list[memoryview]) -> None:
+        """Fill ``views`` in order from the socket (``recvmsg_into`` of up to ``IOV_MAX`` at a time)."""
+        assert self.sock is not None
+        i = 0
+        while i < len(views):
+            k = self.sock.recvmsg_into(views[i : i + IOV_MAX])[0]
+            if k == 0:
+                raise ConnectionResetError("the kvtier daemon closed the connection")
+            while i < len(views) and k >= views[i].nbytes:
+                k -= views[i].nbytes
+                i += 1
+            if k:
+                views[i] = views[i][k:]
+
     def _roundtrip(
         self,
         msg: P.Message,
@@ -207,9 +226,11 @@ class DaemonClient:
         *,
         max_payload: int | None = None,
         recycled: RecvBuffers | None = None,
+        place: Placement | None = None,
     ) -> tuple[P.Message, bytearray]:
-        """Send ``msg`` and read the reply; its payload goes into a buffer from ``recycled`` if
-        given (the caller gives it back), else a new one."""
+        """Send ``msg`` and read the reply; its payload goes into the views ``place(reply,
+        payload_len)`` returns (they sum to ``payload_len``; the returned buffer is then empty),
+        else into a buffer from ``recycled`` if given (the caller gives it back), else a new one."""
         if self.sock is None:
             raise ConnectionError("not connected to the kvtier daemon")
         try:
@@ -220,9 +241,14 @@ class DaemonClient:
                 bytes(self._recv_exact(P.PREFIX.size)), max_header=P.MAX_HEADER_BYTES, max_payload=limit or 0
             )
             reply = P.decode_header(bytes(self._recv_exact(hlen)))
-            payload = (
-                self._recv_exact(plen, recycled.take(plen) if recycled else None) if plen else bytearray()
-            )
+            views = place(reply, plen) if plen and place is not None else None
+            if views is not None:
+                self._recv_views(views)
+                payload = bytearray()
+            else:
+                payload = (
+                    self._recv_exact(plen, recycled.take(plen) if recycled else None) if plen else bytearray()
+                )
         except (OSError, P.ProtocolError):
             self.close()
             raise
@@ -262,15 +288,31 @@ class DaemonClient:
             out += r.values
         return out
 
-    def get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+    def get(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> list[Chunk | None]:
+        """The chunks of ``keys`` (``None``: a miss). ``into[i]``, if given: a CPU tensor of key
+        ``i``'s expected shape and dtype to receive its bytes into; a hit received there is a
+        chunk whose ``kv`` *is* ``into[i]``. Used only when every inline item of a reply fits
+        its destination (see the module docstring), else ignored; on an error (or a miss) the
+        destinations may hold partial data."""
+        if into is not None and len(into) != len(keys):
+            raise ValueError(f"{len(into)} destinations for {len(keys)} keys")
         out: list[Chunk | None] = []
         for i in range(0, len(keys), P.MAX_KEYS):
             pool = self._recv_buffers
+            dests = into[i : i + P.MAX_KEYS] if into is not None else None
+            placer = _Placer(dests) if dests is not None else None
             r, payload = self._roundtrip(
-                P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [], recycled=pool
+                P.Get(list(keys[i : i + P.MAX_KEYS]), shm=self.shm), [], recycled=pool, place=placer
             )
             if not isinstance(r, P.GetReply):
                 raise P.ProtocolError(f"expected a get reply, got {type(r).__name__}")
+            if placer is not None and placer.used:
+                out += [
+                    self._placed(it, d) if it is not None else None for it, d in zip(r.items, placer.dests)
+                ]
+                continue
             inline = sum(1 for it in r.items if it is not None and it.where != "shm")
             if not inline:
                 if payload:
@@ -281,6 +323,13 @@ class DaemonClient:
             src = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
             out += [self._chunk(it, src, shared) if it is not None else None for it in r.items]
         return out
+
+    def _placed(self, it: P.GotItem, dest: torch.Tensor | None) -> Chunk:
+        """A hit of a reply received by ``_Placer``: an inline one is its destination itself."""
+        if it.where == "shm":
+            return self._chunk(it, None)
+        assert dest is not None  # _placement matched every inline item to a destination
+        return Chunk(dest, it.meta.fingerprint, it.meta.num_tokens)
 
     def _chunk(self, it: P.GotItem, src: torch.Tensor | None, shared: _Shared | None = None) -> Chunk:
         m = it.meta
@@ -296,6 +345,10 @@ class DaemonClient:
             return Chunk(kv, m.fingerprint, m.num_tokens, lambda: self._release_later(gen, lease))
         if src is None or it.offset + it.nbytes > src.numel():
             raise P.ProtocolError("daemon's get reply overruns its payload")
+        if it.nbytes != math.prod(shape) * P.KV_DTYPES[m.dtype]:
+            raise P.ProtocolError(
+                f"daemon's get reply: {it.nbytes} bytes for a {m.dtype} chunk of shape {list(shape)}"
+            )
         kv = src[it.offset : it.offset + it.nbytes].view(dtype).view(shape)
         return Chunk(kv, m.fingerprint, m.num_tokens, shared.release if shared is not None else None)
 
@@ -380,6 +433,67 @@ def _slabs(t: torch.Tensor) -> list[memoryview]:
     if t.dim() >= 3 and t[0, 0].is_contiguous():
         return [_bytes_view(t[a, b]) for a in range(t.shape[0]) for b in range(t.shape[1])]
     return [_bytes_view(t.contiguous())]
+
+
+Placement = Callable[[P.Message, int], "list[memoryview] | None"]
+"""Given a reply and its payload length (before any payload byte is read): the views to receive
+the payload into, or ``None`` for a buffer."""
+
+
+class _Placer:
+    """A ``Placement`` into fixed destinations (``_placement``), remembering whether it was used."""
+
+    def __init__(self, dests: Sequence[torch.Tensor | None]) -> None:
+        self.dests = dests
+        self.used = False
+
+    def __call__(self, r: P.Message, plen: int) -> list[memoryview] | None:
+        views = _placement(r, plen, self.dests)
+        self.used = views is not None
+        return views
+
+
+def _placement(r: P.Message, plen: int, dests: Sequence[torch.Tensor | None]) -> list[memoryview] | None:
+    """The views of ``dests`` that a get reply's payload can be received into, or ``None``.
+
+    Only when every inline item has a destination of its exact shape, dtype and size, the
+    items tile the payload in order from offset 0 and end at ``plen``, and each destination's
+    bytes are contiguous pieces (``_recv_slabs``). So a daemon's header can never make the
+    client write past a destination or land bytes in the wrong one."""
+    if not isinstance(r, P.GetReply) or len(r.items) != len(dests):
+        return None
+    views: list[memoryview] = []
+    end = 0
+    for it, d in zip(r.items, dests):
+        if it is None or it.where != "inline":
+            continue
+        if (
+            d is None
+            or it.offset != end
+            or d.device.type != "cpu"
+            or str(d.dtype).removeprefix("torch.") != it.meta.dtype
+            or list(d.shape) != it.meta.shape
+            or d.numel() * d.element_size() != it.nbytes
+        ):
+            return None
+        slabs = _recv_slabs(d)
+        if slabs is None:
+            return None
+        views += slabs
+        end += it.nbytes
+    return views if end == plen and views else None
+
+
+def _recv_slabs(t: torch.Tensor) -> list[memoryview] | None:
+    """Writable views of ``t``'s bytes in order, as ``_slabs`` cuts them but never copying:
+    ``None`` when ``t`` is neither contiguous nor made of contiguous ``t[l, p]`` rows."""
+    if t.numel() == 0 or t.requires_grad:
+        return None
+    if t.is_contiguous():
+        return [_bytes_view(t)]
+    if t.dim() >= 3 and t[0, 0].is_contiguous():
+        return [_bytes_view(t[a, b]) for a in range(t.shape[0]) for b in range(t.shape[1])]
+    return None
 
 
 def _expect(r: P.Message, cls: type[_T]) -> _T:
