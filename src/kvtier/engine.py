@@ -254,7 +254,7 @@ class CacheEngine:
         )
 
     def _digests(self, arr: np.ndarray, extras: KeyExtras | None) -> tuple[list[bytes], int]:
-        """The chained digests of ``arr`` (a ``tokens_to_array`` result) and the tokens they
+        """The prefix keys of ``arr`` (a ``tokens_to_array`` result) and the tokens they
         cover, without ``ChunkKey`` records (a lookup needs only these); ([], 0) if unbound."""
         if self._namespace is None:
             return [], 0

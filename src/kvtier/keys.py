@@ -49,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -331,7 +331,9 @@ def chain_digests(
         return _mm_digests(arr, root, chunk_tokens, stop, extras)
     full = stop - stop % chunk_tokens
     state = xxhash.xxh3_128(root)
-    update, digest = state.update, state.digest
+    # numpy's stubs do not declare the buffer protocol the hasher reads rows through
+    update: Callable[[Any], object] = state.update
+    digest = state.digest
     # NOTE: rows of a 2-D view are zero-copy buffers; the comprehension's filter feeds each row
     # to the state (update returns None) and its body takes the digest: two C calls and no
     # bytecode beyond the loop's per chunk (0.13 ms for 512 chunks; slicing a memoryview in
@@ -357,7 +359,7 @@ def _mm_digests(arr: np.ndarray, root: bytes, chunk_tokens: int, stop: int, extr
             state = xxhash.xxh3_128(anchor)
             out.append(anchor)
         else:
-            state.update(arr[s:e])
+            state.update(arr[s:e].tobytes())
             out.append(state.digest())
     return out
 
