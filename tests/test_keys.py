@@ -87,9 +87,18 @@ def test_keys_identical_across_processes_with_different_hash_seeds() -> None:
     assert outs[0] == ",".join(k.hex() for k in chunk_keys(list(range(1000)), ns, 256))
 
 
-def test_key_chain_is_xxh3_128_under_a_versioned_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The chain is h_i = xxh3_128(h_{i-1} || tokens_i || ns); the format version is in the namespace
-    digest, so keys of an older chain (v1: blake2b) can never be found by this one."""
+def _root(ns: Namespace, chunk: int, xd: bytes = b"") -> bytes:
+    """The running hash's root as the module docstring states it."""
+    import hashlib
+
+    return hashlib.blake2b(
+        b"kvtier-chain-v3" + ns.digest() + chunk.to_bytes(8, "little") + xd, digest_size=16
+    ).digest()
+
+
+def test_keys_are_one_running_xxh3_128_under_a_versioned_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k_i = xxh3_128(root || tokens[:e_i]); the format version is in the namespace digest, so keys
+    of an older format (v1: blake2b chain, v2: xxh3 chain) can never be found by this one."""
     import xxhash
 
     from kvtier import keys as K
@@ -97,34 +106,48 @@ def test_key_chain_is_xxh3_128_under_a_versioned_namespace(monkeypatch: pytest.M
     ns = Namespace("m", "float32", (2, 2, 8))
     toks = np.arange(600, dtype=np.uint32)
     got = K.chunk_keys(toks, ns, 256)
-    nsd, prev, want = ns.digest(), ns.digest(), []
     raw = toks.astype("<u4").tobytes()
-    for s in range(0, 600, 256):
-        prev = xxhash.xxh3_128_digest(prev + raw[s * 4 : min(s + 256, 600) * 4] + nsd)
-        want.append(prev)
+    root = _root(ns, 256)
+    want = [xxhash.xxh3_128_digest(root + raw[: e * 4]) for e in (256, 512, 600)]
     assert [k.digest for k in got] == want and [(k.start, k.end) for k in got] == [
         (0, 256),
         (256, 512),
         (512, 600),
     ]
-    monkeypatch.setattr(K, "KEY_FORMAT", "kvtier-ns-v1")
+    nsd, prev, v2 = ns.digest(), ns.digest(), []
+    for s in range(0, 600, 256):  # the v2 chain, for the record: none of its keys is a v3 key
+        prev = xxhash.xxh3_128_digest(prev + raw[s * 4 : min(s + 256, 600) * 4] + nsd)
+        v2.append(prev)
+    assert not set(v2) & set(want)
+    assert K.KEY_FORMAT == "kvtier-ns-v3-xxh3-run"
+    monkeypatch.setattr(K, "KEY_FORMAT", "kvtier-ns-v2-xxh3")
     assert ns.digest() != nsd  # another format version: another namespace, all keys differ
+
+
+def test_the_chunk_size_is_in_every_key() -> None:
+    """The same 512-token prefix is key 1 at 256-token chunks and key 0 at 512: the values differ
+    (the last 256 vs 512 tokens' KV), so the keys must too."""
+    toks = list(range(512))
+    k256 = chunk_keys(toks, NS, 256)
+    k512 = chunk_keys(toks, NS, 512)
+    assert k256[1].end == k512[0].end == 512 and k256[1].digest != k512[0].digest
+    k128 = chunk_keys(toks, NS, 128)
+    assert len({k128[3].digest, k256[1].digest, k512[0].digest}) == 3
 
 
 def _reference_keys(
     tokens: list[int], ns: Namespace, chunk: int, allow_partial: bool
 ) -> list[tuple[bytes, int, int]]:
-    """The chain as the module docstring states it, written the plain way."""
+    """The keys as the module docstring states them, written the plain way (one hash per prefix)."""
     import xxhash
 
-    nsd = ns.digest()
+    root = _root(ns, chunk)
     stop = len(tokens) if allow_partial else len(tokens) // chunk * chunk
-    prev, out = nsd, []
+    body = b"".join(t.to_bytes(4, "little") for t in tokens[:stop])
+    out = []
     for s in range(0, stop, chunk):
         e = min(s + chunk, stop)
-        body = b"".join(t.to_bytes(4, "little") for t in tokens[s:e])
-        prev = xxhash.xxh3_128_digest(prev + body + nsd)
-        out.append((prev, s, e))
+        out.append((xxhash.xxh3_128_digest(root + body[: e * 4]), s, e))
     return out
 
 

@@ -55,6 +55,62 @@ def test_partial_tail_is_keyed_with_its_image() -> None:
     assert [k.digest for k in base[:2]] == [k.digest for k in img[:2]] and base[2].digest != img[2].digest
 
 
+def _reference(tokens: list[int], extras: KeyExtras, chunk: int = 16) -> list[bytes]:
+    """The keys as ``keys``' docstring states them, written the plain way: a root with the extras'
+    digest; a chunk with items keyed under ``MM_SEED`` from the previous key, where the running
+    hash restarts; every other chunk the hash of its anchor and the tokens since."""
+    import hashlib
+
+    import xxhash
+
+    from kvtier.keys import MM_SEED
+
+    root = hashlib.blake2b(
+        b"kvtier-chain-v3" + NS.digest() + chunk.to_bytes(8, "little") + extras.digest(), digest_size=16
+    ).digest()
+    raw = b"".join(t.to_bytes(4, "little") for t in tokens)
+    anchor, since, out = root, 0, []
+    for s in range(0, len(tokens), chunk):
+        e = min(s + chunk, len(tokens))
+        mm = extras.mm_bytes(s, e)
+        if mm:
+            anchor, since = xxhash.xxh3_128_digest(anchor + raw[s * 4 : e * 4] + mm, MM_SEED), e
+            out.append(anchor)
+        else:
+            out.append(xxhash.xxh3_128_digest(anchor + raw[since * 4 : e * 4]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [
+        KeyExtras(adapter="lora-a"),
+        KeyExtras(salt="t", mm=(MMSpan("img", 20, 8),)),
+        KeyExtras(mm=(MMSpan("a", 0, 3), MMSpan("b", 40, 30))),
+        KeyExtras(mm=(MMSpan("tail", 60, 2),)),
+    ],
+)
+def test_keys_with_extras_equal_the_stated_reference(extras: KeyExtras) -> None:
+    toks = [*TOKENS, 9, 9, 9]  # a partial tail chunk too
+    assert digests_of(toks, extras) == _reference(toks, extras)
+
+
+def digests_of(tokens: list[int], extras: KeyExtras | None) -> list[bytes]:
+    return [k.digest for k in chunk_keys(tokens, NS, 16, extras=extras)]
+
+
+def test_tokens_that_spell_an_items_bytes_do_not_take_its_key() -> None:
+    """Were an item's bytes simply fed to the running hash after its chunk, the prompt whose next
+    4 tokens are those 16 bytes would hash the same stream, and its partial tail chunk would get
+    the image chunk's key. ``MM_SEED`` keeps item chunks in their own domain."""
+    img = KeyExtras(mm=(MMSpan("sha-a", 20, 8),))
+    with_img = digests_of(TOKENS[:32], img)
+    spelled = [int.from_bytes(img.mm_bytes(16, 32)[i : i + 4], "little") for i in range(0, 16, 4)]
+    forged = digests_of(TOKENS[:32] + spelled, None)
+    assert len(forged) == 3 and with_img[1] not in forged
+    assert with_img[0] == forged[0]  # the text before the image is shared, as it must be
+
+
 @pytest.fixture
 def eng(engine: CacheEngine) -> CacheEngine:
     return engine

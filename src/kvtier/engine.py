@@ -255,7 +255,7 @@ class CacheEngine:
         )
 
     def _digests(self, arr: np.ndarray, extras: KeyExtras | None) -> tuple[list[bytes], int]:
-        """The chained digests of ``arr`` (a ``tokens_to_array`` result) and the tokens they
+        """The prefix keys of ``arr`` (a ``tokens_to_array`` result) and the tokens they
         cover, without ``ChunkKey`` records (a lookup needs only these); ([], 0) if unbound."""
         if self._namespace is None:
             return [], 0
@@ -308,7 +308,7 @@ class CacheEngine:
         arr = tokens_to_array(tokens)
         keys = self.keys(arr, extras)
         per_token = self.prefill_fit().per_unit_s
-        all_bytes = sum(self._stored_nbytes(k.num_tokens) for k in keys)
+        all_bytes = self._keyed_nbytes(keys[-1].end if keys else 0)
         all_saved = per_token * (keys[-1].end if keys else 0)
         fits: list[Fit | None] = []
         usable: list[int] = []
@@ -370,9 +370,8 @@ class CacheEngine:
             return True
         ct = self.chunk_tokens
         stop = keyed_tokens(num_tokens, ct, self.allow_partial)
-        full, tail = divmod(stop, ct)
-        n_chunks = full + (tail > 0)
-        all_bytes = full * self._stored_nbytes(ct) + (self._stored_nbytes(tail) if tail else 0)
+        n_chunks = -(-stop // ct)
+        all_bytes = self._keyed_nbytes(stop)
         all_saved = self.prefill_fit().per_unit_s * stop
         now = time.monotonic()
         for i in range(len(self.storage.tiers)):
@@ -386,6 +385,12 @@ class CacheEngine:
         s.lookups += 1
         s.lookup_tokens += num_tokens
         return False
+
+    def _keyed_nbytes(self, stop: int) -> int:
+        """The stored bytes of all chunks of the first ``stop`` keyed tokens. NOTE: by chunk size,
+        not per key: a sum over a 128k prompt's 512 keys cost 0.5 ms of a 0.85 ms lookup_by_cost."""
+        full, tail = divmod(stop, self.chunk_tokens)
+        return full * self._stored_nbytes(self.chunk_tokens) + (self._stored_nbytes(tail) if tail else 0)
 
     def _stored_nbytes(self, num_tokens: int) -> int:
         shape, dtype = self.stored_shape(num_tokens)

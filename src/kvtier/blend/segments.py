@@ -2,14 +2,14 @@
 
 A segment's KV is computed on its own, from position 0 with no preceding context, so it depends
 on the segment's tokens and the model only. Its chunks are keyed exactly like prefix chunks
-(chained blake2b over ``chunk_tokens`` pieces, ``keys.chunk_keys``) but from a *segment
+(one running xxh3 over the prefix, ``keys.chunk_keys``) but from a *segment
 namespace digest*, ``blake2b("kvtier-segment-v1" || namespace.digest())``.
 
 Invariants:
 * A segment computed after a *sink* (a fixed context such as the prompt's instruction head, so its
   first token is not an attention sink of its own) is keyed with the sink's tokens in the digest:
   its KV depends on exactly (sink, segment, model), and all three are in the key.
-* Never confused with prefix chunks: a prefix key's chain starts from ``namespace.digest()``,
+* Never confused with prefix chunks: a prefix key's root is derived from ``namespace.digest()``,
   a segment key's from the derived digest, so the same tokens give unrelated keys in the two
   domains (short of a 128-bit collision); and since the namespace is in the derived digest,
   segments of another model, dtype, shard or salt are never served either.
