@@ -48,7 +48,7 @@ def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> N
     kernels, so equal up to bf16 matmul order); greedy tokens agree."""
     model = load_model("random:llama-tiny", device="cuda", dtype=torch.bfloat16).model
     ids = random_ids(301, seed=21).cuda()
-    eng = make_engine(chunk_tokens=64, chunk__kv_codec=codec, cpu__pin_memory="auto")
+    eng = make_engine(chunk_tokens=64, chunk__kv_codec=codec)
     miss = kvt.prefill(model, ids, eng)
     assert miss.hit_tokens == 0 and miss.stored_tokens > 0
     hit = kvt.prefill(model, ids, eng)
@@ -58,6 +58,7 @@ def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> N
     with torch.inference_mode():
         ref = model(input_ids=ids[:, 300:], **{kvt.cache_kwarg(model): ref_cache}, use_cache=True)
     ref_logits = ref.logits[:, -1].float()
+    assert torch.isfinite(hit.logits).all(), "non-finite logits from the codec hit"
     torch.testing.assert_close(hit.logits.float(), ref_logits, atol=2e-2, rtol=0)
     assert int(hit.logits.argmax()) == int(ref_logits.argmax())
     # and it is lossy: the raw prefill differs from the round trip's forward
@@ -66,3 +67,29 @@ def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> N
     assert isinstance(hit.cache, KVTierCache)
     cpu = eng.storage.tiers[0]
     assert not any(e.obj.pinned for e in cpu._entries.values())  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", CODECS)
+def test_decode_layers_on_cuda_equals_the_host_per_chunk_decode(codec: str) -> None:
+    """A 32k-like prefix's worth of chunks (many full + a short tail) as one group decode on the
+    GPU = each chunk's own host decode, layers sliced."""
+    from kvtier.serde.kvcodec import get_kv_codec
+    from kvtier.transfer.packed_layerwise import decode_layers
+
+    c = get_kv_codec(codec)
+    assert c is not None
+    shape = (8, 2, 64, 2, 128)
+    g = torch.Generator().manual_seed(9)
+    chunks = []
+    for n in [64] * 40 + [37]:
+        kv = torch.randn(8, 2, n, 2, 128, generator=g).to(torch.bfloat16)
+        chunks.append((n, c.encode(kv).pin_memory()))
+    for l0, l1 in [(0, 4), (4, 8)]:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            got = decode_layers(c, shape, chunks, l0, l1, torch.device("cuda"), torch.bfloat16)
+        torch.cuda.synchronize()
+        assert torch.isfinite(got).all()
+        for i, (n, packed) in enumerate(chunks):
+            want = c.decode(packed, (8, 2, n, 2, 128), torch.bfloat16)[l0:l1]
+            assert torch.equal(got[i, :, :, :n].cpu(), want), f"chunk {i}, layers {l0}:{l1}"

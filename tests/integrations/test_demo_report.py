@@ -40,3 +40,11 @@ def test_lossy_codec_reports_its_quality_instead_of_failing() -> None:
     assert "lossy KV codec int8 (approximate by design)" in text
     assert "identical 1/2, first token 1/2, max |logit diff| of the first token 5.00e+00" in text
     assert "within 2x" not in text
+
+
+def test_nonfinite_logits_fail_even_a_lossy_run() -> None:
+    """A lossy codec may change logits, never make them NaN (and max() must not hide the NaN)."""
+    rep = _report("int4")
+    rep.with_[1].first_logits = torch.full((8,), float("nan"))
+    assert not rep.ok
+    assert "nan" in format_report(rep)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvtier.demo.flops import PrefillCost, human
 from kvtier.demo.runner import RequestResult
@@ -76,7 +77,8 @@ class WorkloadReport:
             for a, b in zip(self.without, self.with_)
             if a.first_logits is not None and b.first_logits is not None
         ]
-        return max(diffs, default=0.0)
+        # NaN-aware: Python's max() may drop a NaN (max([0.0, nan]) is 0.0), hiding a broken hit
+        return float(np.max(diffs)) if diffs else 0.0
 
     @property
     def split_logit_diff(self) -> float | None:
@@ -95,8 +97,10 @@ class WorkloadReport:
         any difference is the dtype's rounding, not the cache's. A blended workload or a lossy
         ``kv_codec`` is approximate by design (its quality is reported: ``first_token_agreement``,
         ``identical``, ``max_logit_diff``; the codecs' quality gate is ``kvtier.bench.kv_quality``)."""
-        if self.lossy:
-            return True
+        if self.lossy:  # approximate by design, but never non-finite
+            return all(
+                bool(torch.isfinite(b.first_logits).all()) for b in self.with_ if b.first_logits is not None
+            )
         if self.identical == len(self.without):
             return True
         ref = self.split_logit_diff
