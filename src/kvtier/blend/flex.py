@@ -78,13 +78,16 @@ def disabled() -> str | None:
 
 
 def disable(reason: BaseException | str) -> None:
-    """Stop ``auto`` from choosing flex for the rest of the process; logs one warning the first time."""
+    """Stop ``auto`` from choosing flex for the rest of the process. A fault (an exception) logs one
+    warning the first time; a string is an operator's choice (a benchmark's dense-mask variant)."""
     global _disabled
     with _lock:
         first = _disabled is None
         _disabled = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"[:500]
-    if first:
+    if first and isinstance(reason, BaseException):
         log.warning("blend: flex attention failed, using the dense mask from now on (%s)", _disabled)
+    elif first:
+        log.info("blend: flex attention off (%s)", _disabled)
 
 
 def enable() -> None:
