@@ -86,6 +86,8 @@ def main() -> None:
     torch.cuda.synchronize()
     out["new_shape_call_s"] = time.perf_counter() - t
     out["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames
+    out["kernel_mode"] = getattr(kern, "mode", None)  # "dynamic", or "automatic" if dynamic failed to build
+    out["dynamic_compile_error"] = getattr(kern, "first_error", None)
     print(json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in out.items()}), flush=True)
 
 

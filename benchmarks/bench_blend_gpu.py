@@ -235,6 +235,7 @@ def main() -> None:
         speedup_paired_median=statistics.median(ratios),
         first_blend_ttft_s=first_blend,
         flex_fault=flex.disabled(),
+        flex_kernel_mode=getattr(flex._kernels.get(device.type), "mode", None),
         ttft_blend_mask_median_s=statistics.median(p[1] for p in mask_pairs) if mask_pairs else None,
         speedup_mask_paired_median=statistics.median(
             f / m for (f, _), (_, m) in zip(pairs, mask_pairs, strict=True)

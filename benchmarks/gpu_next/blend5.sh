@@ -5,7 +5,7 @@
 # (probe: 1.59 vs 2.39), block_mask_build_ms (create_block_mask was 8.7), first_call_s (= the compile
 # cost of a process's first blend request), recompiled=false; (3) bench_blend_gpu: speedup_paired_median
 # (goal >= 3.0), flex_gain_paired_median (blend with the dense mask / blend with flex, same run),
-# first_blend_ttft_s, flex_fault (must be null). Budget: <= 3 min on one H200.
+# first_blend_ttft_s, flex_fault (must be null), flex_kernel_mode ("dynamic"; "automatic" = dynamic did not build). Budget: <= 3 min on one H200.
 set -uo pipefail
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
 echo "== CUDA blend tests"

@@ -231,3 +231,23 @@ def test_the_sdpa_wrapper_is_transparent_for_other_masks_and_installs_once(model
         torch.testing.assert_close(full_logits(model, ids), before, rtol=0, atol=0)
     finally:
         flex.install()
+
+
+@pytest.mark.slow
+def test_compiled_flex_serves_through_its_second_mode_when_the_first_does_not_build() -> None:
+    """``CompiledFlex`` on CPU: in torch 2.13 the dynamic kernel fails to build (C++ codegen), so the
+    default mode must take over within the same call; either way the result is the dense one."""
+    rows, seq = _rows_cases()[0]
+    g = torch.Generator().manual_seed(2)
+    n = int(rows.numel())
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k, v = torch.randn(1, 2, seq, 16, generator=g), torch.randn(1, 2, seq, 16, generator=g)
+    kern = flex.CompiledFlex()
+    got = flex.SelectedRows(rows, seq, kern).attend(q, k, v, None)
+    mask = torch.arange(seq)[None, :] <= rows[:, None]
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert kern.mode in ("dynamic", "automatic")
+    assert (kern.mode == "automatic") == (kern.first_error is not None)

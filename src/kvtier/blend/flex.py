@@ -20,7 +20,7 @@ H200 (Llama-3-8B shape, 2,514 queries over 16,440 keys) 1.59 ms against 2.39 ms 
   model's ``attn_implementation``; other models and requests never see a difference.
 * The kernel (``kernel``): on CUDA ``torch.compile(flex_attention, dynamic=True)``, compiled once
   per process (query and key counts change every request; static shapes would recompile each
-  time); elsewhere flex's eager reference (correct, unfused: for tests; on CPU torch 2.13 the
+  time), with the compiler's default mode as a second try (``CompiledFlex``); elsewhere flex's eager reference (correct, unfused: for tests; on CPU torch 2.13 the
   compiled dynamic kernel does not build, and a static one recompiles per shape).
 
 Invariants:
@@ -117,9 +117,38 @@ def kernel(device: torch.device) -> Kernel:
         if k is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            k = torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+            k = CompiledFlex() if device.type == "cuda" else flex_attention
             _kernels[device.type] = k
         return k
+
+
+class CompiledFlex:
+    """``flex_attention`` compiled with ``dynamic=True`` (one kernel for every request's query and key
+    counts); if that compile fails, once, ``torch.compile``'s default (static first, then dynamic
+    after the first new shape: one recompile) for the same call. ``mode`` says which one serves;
+    a failure of the second raises (``blend_forward`` then falls back to the dense mask)."""
+
+    def __init__(self) -> None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self._flex = flex_attention
+        self.mode = "dynamic"
+        self.first_error: str | None = None
+        self._fn: Kernel = torch.compile(flex_attention, dynamic=True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            return self._fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compile fault of the dynamic kernel: try the default mode once
+            if self.mode != "dynamic":
+                raise
+            self.first_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("blend: dynamic flex compile failed (%s); trying the default mode", self.first_error)
+            self.mode = "automatic"
+            self._fn = torch.compile(self._flex)
+            return self._fn(*args, **kwargs)
 
 
 def set_kernel(device_type: str, k: Kernel | None) -> None:
