@@ -186,9 +186,12 @@ def test_auto_keeps_the_mask_off_cuda_and_bad_choices_are_errors(model: Any) -> 
         fw.blend_forward(model, ids, kv, prefix=6, reused=reused, recompute_ratio=0.15, attention="dense")
 
 
+@pytest.mark.parametrize("checks", [1, [1, 2]])
 def test_a_failing_flex_kernel_falls_back_to_the_mask_with_one_warning(
-    model: Any, caplog: pytest.LogCaptureFixture
+    model: Any, caplog: pytest.LogCaptureFixture, checks: int | list[int]
 ) -> None:
+    """With check layers [1, 2] the first flex layer is a check layer: its deviations must survive
+    the failed call (which already overwrote the probed cached rows)."""
     calls = 0
 
     def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -198,14 +201,11 @@ def test_a_failing_flex_kernel_falls_back_to_the_mask_with_one_warning(
 
     flex.set_kernel("cpu", broken)
     ids, kv, reused, force = _inputs(model)
-    ref = fw.blend_forward(
-        model, ids, kv, prefix=6, reused=reused, force=force, recompute_ratio=0.15, attention="mask"
-    )
+    kw: dict[str, Any] = dict(prefix=6, reused=reused, force=force, recompute_ratio=0.15, check_layer=checks)
+    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
     with caplog.at_level(logging.WARNING, logger="kvtier.blend.flex"):
         for _ in range(2):
-            got = fw.blend_forward(
-                model, ids, kv, prefix=6, reused=reused, force=force, recompute_ratio=0.15, attention="flex"
-            )
+            got = fw.blend_forward(model, ids, kv, attention="flex", **kw)
             assert got.attention == "mask"
             _assert_same(got, ref)
     assert calls == 2  # one failed layer per request, the rest of the request on the mask

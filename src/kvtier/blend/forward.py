@@ -226,8 +226,9 @@ def _run_layer(
     """One decoder layer over the rows ``rows`` (positions ``pos``); returns its output and the mask
     the next layers should use. A failure on a flex mask (compile error, a kernel the device lacks,
     an attention function that never reached flex) disables flex (one warning) and recomputes the
-    layer with the additive mask: ``h`` is unchanged and the rows the failed call may have written
-    are rewritten with the same values. Out of memory is not a flex fault and is raised."""
+    layer with the additive mask: ``h`` is unchanged, the rows the failed call may have written
+    are rewritten with the same values and a check layer's deviations are the failed call's.
+    Out of memory is not a flex fault and is raised."""
     try:
         return layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe), mask
     except torch.cuda.OutOfMemoryError:
@@ -236,8 +237,15 @@ def _run_layer(
         if not isinstance(mask, flex.SelectedRows):
             raise
         flex.disable(exc)
+        # NOTE: on a check layer the failed call already compared and then overwrote the probed
+        # cached rows (``_RowCache.update`` runs before attention): keep its deviations, the retry
+        # would compare fresh rows with themselves.
+        deviation = rc.deviation
         dense = _mask(rows, mask.seq, h.dtype)
-        return layer(h, dense, pos, rc, use_cache=True, position_embeddings=pe), dense
+        out = layer(h, dense, pos, rc, use_cache=True, position_embeddings=pe)
+        if deviation is not None:
+            rc.deviation = deviation
+        return out, dense
 
 
 def _stage_ratios(ratio: float, stages: int) -> list[float]:
