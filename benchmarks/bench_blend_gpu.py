@@ -9,8 +9,12 @@ documents of ``--doc-tokens`` random tokens is cached first as a segment (comput
 in kvtier's pinned CPU tier). Each request is a system head + the documents in a fresh random
 order + a question; its TTFT is measured for full prefill (``model(...)``, flash SDPA) and for
 ``kvt.prefill(..., segments=, recompute_ratio=)``, which includes the segment lookups, the CPU ->
-GPU copies, the re-rotation and the selective recompute. The two are timed back to back per
-request in alternating order; the per-request ratio's median is reported (same-run ratio).
+GPU copies, the re-rotation and the selective recompute. The variants are timed back to back per
+request in rotating order; the per-request ratio's median is reported (same-run ratio).
+Blend variants: ``blend`` (kvtier's default: flex attention in the selected layers on CUDA) and,
+with ``--mask-variant`` (on by default), ``blend_mask`` (flex off: the dense ``[n_sel, S]`` mask),
+so the flex gain is a same-run ratio too. Request 0 warms up and is not counted; its blend TTFT
+includes compiling the flex kernel (once per process) and is reported as ``first_blend_ttft_s``.
 Also reported: where a blend's time goes (one extra, profiled request after the timed ones:
 ``blend_forward`` synchronises at each phase boundary, so its parts sum to a little more than an
 unprofiled TTFT): lookups + starting the segment copies, waiting for / placing cached rows,
@@ -32,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvtier import CacheEngine, Config
-from kvtier.blend import SegmentStore
+from kvtier.blend import SegmentStore, flex
 from kvtier.blend.forward import DEFAULT_CHECK_LAYER
 from kvtier.blend.prefill import blend_prefill, segment_kv
 from kvtier.integrations import transformers as kvt
@@ -110,6 +114,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--check-layer", type=int, default=None, help="default: kvtier's (1)")
     ap.add_argument("--profile-requests", type=int, default=2, help="extra profiled requests (breakdown)")
+    ap.add_argument("--no-mask-variant", action="store_true", help="skip the flex-off blend variant")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -144,6 +149,9 @@ def main() -> None:
     print(f"{args.docs} segments stored in {time.perf_counter() - t_store:.1f}s", flush=True)
     rng = random.Random(2)
     pairs: list[tuple[float, float]] = []
+    mask_pairs: list[tuple[float, float]] = []  # (blend with flex, blend with the dense mask)
+    first_blend = 0.0
+    variants = ["full", "blend"] + ([] if args.no_mask_variant else ["blend_mask"])
     loads: list[float] = []
     agree: list[float] = []
     seg_tokens = recomputed = seq = 0
@@ -158,10 +166,14 @@ def main() -> None:
         ids = torch.cat([*parts, question])[None].to(device)
         seq = int(ids.shape[1])
         res: dict[str, float] = {}
-        for v in ("full", "blend") if i % 2 == 0 else ("blend", "full"):
+        shift = i % len(variants)
+        for v in variants[shift:] + variants[:shift]:
             if v == "full":
                 ref, res[v] = full_ttft(model, ids)
             else:
+                fault = flex.disabled()  # a flex fault earlier in this run: both variants are the mask
+                if v == "blend_mask" and fault is None:
+                    flex.disable("bench: the dense-mask variant")
                 sync(device)
                 r = kvt.prefill(
                     model,
@@ -173,12 +185,21 @@ def main() -> None:
                     store=False,
                 )
                 sync(device)
-                res[v], logits = r.ttft_s, r.logits
+                res[v] = r.ttft_s
+                if v == "blend_mask":
+                    if fault is None:
+                        flex.enable()
+                    continue
+                logits = r.logits
+                if i == 0:
+                    first_blend = r.ttft_s
                 loads.append(r.load_s)
                 seg_tokens, recomputed = r.segment_tokens, r.recomputed_tokens
         agree.append(float(int(logits.argmax()) == int(ref.argmax())))
         if i > 0:
             pairs.append((res["full"], res["blend"]))
+            if "blend_mask" in res:
+                mask_pairs.append((res["blend"], res["blend_mask"]))
         print(i, seq, {k: round(x, 4) for k, x in res.items()}, flush=True)
     breakdowns: list[dict[str, float]] = []
     for _ in range(args.profile_requests):  # where the time goes; synchronising, so not in the pairs
@@ -212,6 +233,16 @@ def main() -> None:
         ttft_full_median_s=statistics.median(p[0] for p in pairs),
         ttft_blend_median_s=statistics.median(p[1] for p in pairs),
         speedup_paired_median=statistics.median(ratios),
+        first_blend_ttft_s=first_blend,
+        flex_fault=flex.disabled(),
+        flex_kernel_mode=getattr(flex._kernels.get(device.type), "mode", None),
+        ttft_blend_mask_median_s=statistics.median(p[1] for p in mask_pairs) if mask_pairs else None,
+        speedup_mask_paired_median=statistics.median(
+            f / m for (f, _), (_, m) in zip(pairs, mask_pairs, strict=True)
+        )
+        if mask_pairs
+        else None,
+        flex_gain_paired_median=statistics.median(m / b for b, m in mask_pairs) if mask_pairs else None,
         blend_load_median_s=statistics.median(loads[1:]),
         breakdown_s=breakdowns[-1] if breakdowns else {},
         top1_agreement_random_weights=statistics.fmean(agree),

@@ -89,3 +89,80 @@ def test_bf16_ratio_one_matches_full_prefill_top1() -> None:
         ref = _full(model, ids)
         assert int(r.logits.argmax()) == int(ref.argmax())
         torch.testing.assert_close(r.logits.float(), ref.float(), rtol=0, atol=5e-2)
+
+
+def _flex_inputs(dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 520-token prompt of 3 re-rotated documents on ``DEVICE`` (several 128-blocks of keys)."""
+    from tests.blend.helpers import kv_at
+
+    model = tiny_model("llama", num_hidden_layers=6, head_dim=64).to(DEVICE, dtype)
+    head, q = random_ids(10, 0, 512)[0], random_ids(9, 1, 512)[0]
+    docs = [random_ids(n, 2 + i, 512)[0] for i, n in enumerate((170, 150, 181))]
+    ids, spans = rag_prompt(head, docs, q)
+    ids = ids.to(DEVICE)
+    full = kv_at(model, ids[0], 0)
+    kv = torch.zeros_like(full)
+    kv[:, :, :10] = full[:, :, :10]
+    seq = int(ids.shape[1])
+    reused = torch.zeros(seq, dtype=torch.bool)
+    force = torch.zeros(seq, dtype=torch.bool)
+    for (s, e), d in zip(spans, docs, strict=True):
+        kv[:, :, s:e] = rerotate_kv(kv_at(model, d.to(DEVICE), 0), 0, s, rope_spec(model))
+        reused[s:e] = True
+        force[s] = True
+    return model, ids, kv, reused, force
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_is_the_default_on_cuda_and_matches_the_mask_path(dtype: torch.dtype) -> None:
+    from kvtier.blend import flex
+
+    flex.enable()
+    model, ids, kv, reused, force = _flex_inputs(dtype)
+    kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
+    got = fw.blend_forward(model, ids, kv, **kw)  # attention="auto"
+    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
+    assert flex.disabled() is None, flex.disabled()
+    assert got.attention == "flex" and ref.attention == "mask"
+    assert got.recomputed == ref.recomputed
+    tol = 2e-3 if dtype == torch.float32 else 6e-2  # the fused kernel accumulates in another order
+    torch.testing.assert_close(got.logits.float(), ref.logits.float(), rtol=0, atol=tol)
+    assert int(got.logits.argmax()) == int(ref.logits.argmax())
+    if dtype == torch.float32:  # bf16 rounding compounds over the layers: logits and top-1 only
+        for la, lb in zip(got.cache.layers, ref.cache.layers, strict=True):
+            torch.testing.assert_close(la.keys, lb.keys, rtol=0, atol=tol)
+
+
+def test_compiled_flex_does_not_recompile_for_new_query_and_key_counts() -> None:
+    """Every request has its own (n_sel, S): the dynamic kernel must serve them all from one compile
+    (the bf16 blend test's head shape, so a kernel it compiled is reused)."""
+    import torch._dynamo
+
+    from kvtier.blend import flex
+
+    k = flex.kernel(torch.device(DEVICE))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def call(n_keys: int, n_q: int) -> None:
+        rows = torch.randperm(n_keys - 1, generator=g, device=DEVICE)[: n_q - 1].sort().values
+        rows = torch.cat([rows, torch.tensor([n_keys - 1], device=DEVICE)])
+        q = torch.randn(1, 4, n_q, 64, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        kk = torch.randn(1, 2, n_keys, 64, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, 2, n_keys, 64, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        out = flex.SelectedRows(rows, n_keys, k).attend(q, kk, v, 0.125)
+        mask = torch.arange(n_keys, device=DEVICE)[None, :] <= rows[:, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, kk.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.125
+        ).transpose(1, 2)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+
+    with torch.inference_mode():
+        call(3000, 450)  # compiles (or finds the compiled kernel)
+        call(2100, 333)
+        old = torch._dynamo.config.error_on_recompile
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            call(5000, 777)
+            call(1900, 260)
+        finally:
+            torch._dynamo.config.error_on_recompile = old

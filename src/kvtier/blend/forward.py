@@ -22,8 +22,10 @@ Invariants:
   and fresh rows those are. How that is expressed (``_attn_mask``): a contiguous run of queries
   ending at the last position (the layers that compute every token) takes SDPA's own causal
   path (``is_causal`` from position 0, ``causal_lower_right`` after an exact prefix: flash
-  kernels, no mask in memory); any other set of queries (the selected rows) an additive
-  ``[n_rows, S]`` mask. ``eager`` attention always gets the explicit mask.
+  kernels, no mask in memory); any other set of queries (the selected rows) flex attention with
+  a block mask built from their positions (``flex.SelectedRows``; on CUDA by default) or an
+  additive ``[n_rows, S]`` mask. ``eager`` attention always gets the explicit mask. A flex
+  failure recomputes that layer with the additive mask (``_run_layer``): never a failed request.
 * One KV buffer (``KVBuffer``, ``[L, 2, 1, H, S, D]``): computed rows are written into it in
   place, and the returned cache's layers are views of it (no copy of the prompt's KV).
 * Cached rows a ``fill`` callback provides must be in the buffer before the layer that reads
@@ -49,6 +51,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from kvtier.blend import flex
 from kvtier.blend.plan import BlendError
 
 DEFAULT_CHECK_LAYER = 1
@@ -84,6 +87,7 @@ class BlendForward:
     cache: DynamicCache  # every prompt position, every layer
     recomputed: int  # reused tokens recomputed after the check layer
     computed: int  # tokens computed in the last layer (recomputed + uncached + the last one)
+    attention: str = "mask"  # how the last layer attended: "causal", "flex" or "mask" (dense)
 
 
 class KVBuffer:
@@ -182,15 +186,21 @@ def _mask(rows: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attn_mask(
-    rows: torch.Tensor, seq: int, dtype: torch.dtype, impl: str, tail_start: int | None = None
+    rows: torch.Tensor,
+    seq: int,
+    dtype: torch.dtype,
+    impl: str,
+    tail_start: int | None = None,
+    kernel: flex.Kernel | None = None,
 ) -> Any:
     """The attention mask for queries at ``rows`` (sorted) over keys ``[0, seq)``.
 
     SDPA with queries ``[start, seq)``: ``None`` from 0 (transformers then passes ``is_causal``),
     a lower-right ``CausalBias`` after a prefix (keys ``[0, seq)``, query ``j`` at ``start + j``):
-    both reach the flash / memory-efficient kernels without a mask in memory. Anything else, and
-    every ``eager`` layer: the explicit additive mask. ``tail_start``: the caller knows ``rows``
-    is ``[tail_start, seq)`` (no device read, so no synchronisation)."""
+    both reach the flash / memory-efficient kernels without a mask in memory. Any other rows with
+    a flex ``kernel`` (SDPA only): a ``flex.SelectedRows`` block mask. Anything else, and every
+    ``eager`` layer: the explicit additive mask. ``tail_start``: the caller knows ``rows`` is
+    ``[tail_start, seq)`` (no device read, so no synchronisation)."""
     n = int(rows.numel())
     contiguous = tail_start == seq - n if tail_start is not None else n > 0 and int(rows[0]) == seq - n
     if impl == "sdpa" and contiguous:
@@ -199,7 +209,43 @@ def _attn_mask(
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(n, seq)
+    if impl == "sdpa" and kernel is not None and n:
+        return flex.SelectedRows(rows, seq, kernel)
     return _mask(rows, seq, dtype)
+
+
+def _attention_kind(mask: Any) -> str:
+    if isinstance(mask, flex.SelectedRows):
+        return "flex"
+    return "mask" if type(mask) is torch.Tensor else "causal"  # None or a CausalBias: SDPA causal
+
+
+def _run_layer(
+    layer: Any, h: torch.Tensor, mask: Any, pos: torch.Tensor, rc: _RowCache, pe: Any, rows: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
+    """One decoder layer over the rows ``rows`` (positions ``pos``); returns its output and the mask
+    the next layers should use. A failure on a flex mask (compile error, a kernel the device lacks,
+    an attention function that never reached flex) disables flex (one warning) and recomputes the
+    layer with the additive mask: ``h`` is unchanged, the rows the failed call may have written
+    are rewritten with the same values and a check layer's deviations are the failed call's.
+    Out of memory is not a flex fault and is raised."""
+    try:
+        return layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe), mask
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # any flex fault degrades to the dense mask, logged once (no pass)
+        if not isinstance(mask, flex.SelectedRows):
+            raise
+        flex.disable(exc)
+        # NOTE: on a check layer the failed call already compared and then overwrote the probed
+        # cached rows (``_RowCache.update`` runs before attention): keep its deviations, the retry
+        # would compare fresh rows with themselves.
+        deviation = rc.deviation
+        dense = _mask(rows, mask.seq, h.dtype)
+        out = layer(h, dense, pos, rc, use_cache=True, position_embeddings=pe)
+        if deviation is not None:
+            rc.deviation = deviation
+        return out, dense
 
 
 def _stage_ratios(ratio: float, stages: int) -> list[float]:
@@ -243,6 +289,7 @@ def blend_forward(
     fill: Fill | None = None,
     prepare: Callable[[], None] | None = None,
     profile: dict[str, float] | None = None,
+    attention: str = "auto",
 ) -> BlendForward:
     """Run ``model`` over ``ids`` ``[1, S]`` reusing the known rows of ``kv``.
 
@@ -262,6 +309,9 @@ def blend_forward(
     ``profile``: a dict that receives seconds per phase (``prepare``, ``fill``,
     ``all_token_layers``, ``selected_layers``, ``head``); synchronises the device, so for
     breakdowns only.
+    ``attention``: how layers with non-contiguous query rows attend (``flex.ATTENTIONS``):
+    ``"auto"`` flex on CUDA with the ``sdpa`` implementation unless ``flex.disable``-d, ``"flex"``
+    flex wherever it imports (CPU: its eager reference), ``"mask"`` the additive mask.
     """
     base = model.model
     seq = int(ids.shape[1])
@@ -272,6 +322,10 @@ def blend_forward(
     impl = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "eager"
     if deviation not in DEVIATIONS:
         raise BlendError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
+    kernel: flex.Kernel | None = None
+    if flex.wanted(attention, device, impl):
+        flex.install()
+        kernel = flex.kernel(device)
     checks = sorted({min(max(c, 0), n_layers - 1) for c in as_layers(check_layer)})
     stage_ratio = dict(zip(checks, _stage_ratios(recompute_ratio, len(checks)), strict=True))
     rc = _RowCache(buf)
@@ -291,7 +345,7 @@ def blend_forward(
         rc.rows = _as_index(rows, seq)
     h = base.embed_tokens(ids[:, rows])
     dtype = h.dtype
-    mask = _attn_mask(rows, seq, dtype, impl, tail_start=prefix if selecting_mode else None)
+    mask = _attn_mask(rows, seq, dtype, impl, tail_start=prefix if selecting_mode else None, kernel=kernel)
     selecting = False
     for i, layer in enumerate(base.layers[:n_layers]):
         if plan is None and i == first_cached:
@@ -308,7 +362,9 @@ def blend_forward(
             phases.mark("fill")
         pos = rows[None]
         pe = base.rotary_emb(h, pos)
-        h = layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
+        h, used = _run_layer(layer, h, mask, pos, rc, pe, rows)
+        if used is not mask:  # a flex fault: the dense mask for this request's later selections too
+            mask, kernel = used, None
         if selecting_mode and plan is not None and plan.n_reused and i in stage_ratio:
             assert rc.deviation is not None
             n_forced, cand = plan.n_forced, plan.cand
@@ -319,7 +375,7 @@ def blend_forward(
             new_rows = keep.nonzero().squeeze(1)
             h = h[:, torch.searchsorted(rows, new_rows)]
             rows = new_rows
-            mask = _attn_mask(rows, seq, dtype, impl)
+            mask = _attn_mask(rows, seq, dtype, impl, kernel=kernel)
             rc.rows = _as_index(rows, seq)
             later = [c for c in checks if c > i]
             rc.probe = (later[0], torch.searchsorted(rows, plan.cand), plan.cand) if later else None
@@ -336,7 +392,7 @@ def blend_forward(
     for i in range(n_layers):
         _put_layer(cache, buf.keys(i), buf.values(i), i)
     phases.mark("head")
-    return BlendForward(logits, cache, recomputed, int(rows.numel()))
+    return BlendForward(logits, cache, recomputed, int(rows.numel()), _attention_kind(mask))
 
 
 class _Plan:
