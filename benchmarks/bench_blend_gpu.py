@@ -11,7 +11,8 @@ order + a question; its TTFT is measured for full prefill (``model(...)``, flash
 ``kvt.prefill(..., segments=, recompute_ratio=)``, which includes the segment lookups, the CPU ->
 GPU copies, the re-rotation and the selective recompute. The variants are timed back to back per
 request in rotating order; the per-request ratio's median is reported (same-run ratio).
-Blend variants: ``blend`` (kvtier's default: flex attention in the selected layers on CUDA) and,
+Blend variants: ``blend`` (flex attention in the selected layers on CUDA: this bench sets
+``flex.AUTO_FLEX``, off in kvtier by default since it measured no end-to-end gain) and,
 with ``--mask-variant`` (on by default), ``blend_mask`` (flex off: the dense ``[n_sel, S]`` mask),
 so the flex gain is a same-run ratio too. Request 0 warms up and is not counted; its blend TTFT
 includes compiling the flex kernel (once per process) and is reported as ``first_blend_ttft_s``.
@@ -106,6 +107,7 @@ def rerotation_check(model: Any, device: torch.device) -> float:
 
 
 def main() -> None:
+    flex.AUTO_FLEX = True  # the "blend" variant measures flex; "blend_mask" turns it off
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model on CPU: checks the script only")
     ap.add_argument("--docs", type=int, default=8)

@@ -37,7 +37,7 @@ def kv_at(model: Any, tokens: torch.Tensor, start: int) -> torch.Tensor:
     """The KV of ``tokens`` computed on their own at positions ``start..``: ``[L, 2, n, H, D]``."""
     n = int(tokens.numel())
     c = DynamicCache(config=model.config)
-    pos = torch.arange(start, start + n)[None]
+    pos = torch.arange(start, start + n, device=tokens.device)[None]
     model(
         input_ids=tokens[None], position_ids=pos, **{cache_kwarg(model): c}, use_cache=True, logits_to_keep=1
     )

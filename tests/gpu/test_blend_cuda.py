@@ -114,14 +114,14 @@ def _flex_inputs(dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_is_the_default_on_cuda_and_matches_the_mask_path(dtype: torch.dtype) -> None:
+def test_flex_on_cuda_matches_the_mask_path(dtype: torch.dtype) -> None:
     from kvtier.blend import flex
 
     flex.enable()
     model, ids, kv, reused, force = _flex_inputs(dtype)
     kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
-    got = fw.blend_forward(model, ids, kv, **kw)  # attention="auto"
-    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
+    got = fw.blend_forward(model, ids, kv, attention="flex", **kw)
+    ref = fw.blend_forward(model, ids, kv, **kw)  # attention="auto": the mask while AUTO_FLEX is off
     assert flex.disabled() is None, flex.disabled()
     assert got.attention == "flex" and ref.attention == "mask"
     assert got.recomputed == ref.recomputed

@@ -48,7 +48,7 @@ BLOCK = 128
 block to be a multiple of its own tile), and 128 queries is under 1 % of a blend's selected rows."""
 
 ATTENTIONS = ("auto", "flex", "mask")
-"""``blend_forward``'s ``attention`` choices: ``auto`` is flex on CUDA unless disabled, ``flex``
+"""``blend_forward``'s ``attention`` choices: ``auto`` is flex on CUDA if ``AUTO_FLEX`` and not disabled, ``flex``
 is flex wherever it runs (tests), ``mask`` the dense additive mask."""
 
 Kernel = Callable[..., torch.Tensor]
@@ -107,7 +107,14 @@ def wanted(attention: str, device: torch.device, impl: str) -> bool:
         return False
     if attention == "flex":
         return True
-    return device.type == "cuda" and _disabled is None
+    # NOTE: "auto" is the mask for now. Measured on an H200 (RESULTS.md, blend5): flex's attention
+    # alone is 1.29 vs 2.30 ms a layer, but end to end the blend was no faster (paired gain 0.99x,
+    # 2.91x vs the mask path's 2.96x over full prefill) and the first request paid a 6 s compile.
+    return AUTO_FLEX and device.type == "cuda" and _disabled is None
+
+
+AUTO_FLEX = False
+"""Whether ``attention="auto"`` picks flex on CUDA (off: no measured end-to-end gain yet)."""
 
 
 def kernel(device: torch.device) -> Kernel:

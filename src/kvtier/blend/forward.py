@@ -310,7 +310,7 @@ def blend_forward(
     ``all_token_layers``, ``selected_layers``, ``head``); synchronises the device, so for
     breakdowns only.
     ``attention``: how layers with non-contiguous query rows attend (``flex.ATTENTIONS``):
-    ``"auto"`` flex on CUDA with the ``sdpa`` implementation unless ``flex.disable``-d, ``"flex"``
+    ``"auto"`` the mask (flex on CUDA with ``sdpa`` only if ``flex.AUTO_FLEX``: no measured gain yet), ``"flex"``
     flex wherever it imports (CPU: its eager reference), ``"mask"`` the additive mask.
     """
     base = model.model
