@@ -218,6 +218,10 @@ class InPlaceLayer(DynamicLayer):
         self.buf = None
         self.n = 0
         self._fallback = False
+        # dropped, not zeroed, whatever the transformers version does (5.17's DynamicLayer.reset
+        # zeroes them in place, which would keep a stale length)
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
         self._pub = (None, None)
 
