@@ -118,17 +118,21 @@ class LayerwiseKV:
             ev.record(self._stream)
         self._staged[layer] = (dev, ev)
 
+    def _layer_rows(self, layer: int) -> list[torch.Tensor]:
+        """Layer ``layer``'s ``[P, n, H, D]`` rows, one per batch row, usable on the current stream."""
+        if not self._async:
+            return [r[layer] for r in self.rows]
+        self.prefetch(layer)
+        srcs, ev = self._staged.pop(layer)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(ev)
+        for t in srcs:
+            t.record_stream(main)
+        return srcs
+
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s (keys, values), usable by work enqueued next on the current stream."""
-        if self._async:
-            self.prefetch(layer)
-            srcs, ev = self._staged.pop(layer)
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ev)
-            for t in srcs:
-                t.record_stream(main)
-        else:
-            srcs = [r[layer] for r in self.rows]
+        srcs = self._layer_rows(layer)
         # [2, n, H, D] -> [1, H, n, D] views; DynamicLayer.update's cat makes them contiguous.
         pairs = [_split_planes(s, self.latent_split) for s in srcs]
         ks, vs = [k for k, _ in pairs], [v for _, v in pairs]
@@ -141,15 +145,7 @@ class LayerwiseKV:
         kvtier's row order per batch row: one copy per row, no transpose), on the current stream.
         ``take`` hands out ``[B, H, n, D]`` views instead (for a cache that copies them itself)."""
         n = self.num_tokens
-        if self._async:
-            self.prefetch(layer)
-            srcs, ev = self._staged.pop(layer)
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ev)
-            for t in srcs:
-                t.record_stream(main)
-        else:
-            srcs = [r[layer] for r in self.rows]
+        srcs = self._layer_rows(layer)
         for b, src in enumerate(srcs):
             dst[:, b, :n].copy_(src)
 
@@ -212,27 +208,33 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            dsts = []
-            for v in self.views:
-                first = v.chunks[0][1].kv
-                ct = int(first.shape[2])
-                shape = (
-                    len(v.chunks),
-                    l1 - l0,
-                    int(first.shape[1]),
-                    ct,
-                    int(first.shape[3]),
-                    int(first.shape[4]),
-                )
-                dst = torch.empty(shape, dtype=first.dtype, device=self.device)
-                for c, (_, chunk) in enumerate(v.chunks):
-                    n = int(chunk.kv.shape[2])
-                    target = dst[c] if n == ct else dst[c, :, :, :n]
-                    target.copy_(chunk.kv[l0:l1], non_blocking=True)
-                dsts.append(dst)
+            dsts = self._stage(l0, l1)
             ev = torch.cuda.Event()
             ev.record(self._stream)
         self._groups[g] = (dsts, ev)
+
+    def _stage(self, l0: int, l1: int) -> list[torch.Tensor]:
+        """Layers ``[l0, l1)`` of every row's chunks on the device as ``[chunks, l1 - l0, P, ct, H, D]``
+        (enqueued on the side stream, the caller's context)."""
+        dsts = []
+        for v in self.views:
+            first = v.chunks[0][1].kv
+            ct = int(first.shape[2])
+            shape = (
+                len(v.chunks),
+                l1 - l0,
+                int(first.shape[1]),
+                ct,
+                int(first.shape[3]),
+                int(first.shape[4]),
+            )
+            dst = torch.empty(shape, dtype=first.dtype, device=self.device)
+            for c, (_, chunk) in enumerate(v.chunks):
+                n = int(chunk.kv.shape[2])
+                target = dst[c] if n == ct else dst[c, :, :, :n]
+                target.copy_(chunk.kv[l0:l1], non_blocking=True)
+            dsts.append(dst)
+        return dsts
 
     GROUP_LAYERS = 4
     """Layers per copy (the default of ``group_layers``)."""

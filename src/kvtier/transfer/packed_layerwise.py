@@ -67,29 +67,19 @@ class PackedChunkedLayerwiseKV(ChunkedLayerwiseKV):
         _, planes, _, heads, width = self.chunk_shape
         return planes, heads, width, self.kv_dtype
 
-    def _stage_group(self, g: int) -> None:
-        l0 = g * self.group_layers
-        if l0 >= self.num_layers or g in self._groups:
-            return
-        l1 = min(l0 + self.group_layers, self.num_layers)
-        assert self._stream is not None
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            dsts = [
-                decode_layers(
-                    self.codec,
-                    self.chunk_shape,
-                    [(k.num_tokens, c.kv) for k, c in v.chunks],
-                    l0,
-                    l1,
-                    self.device,
-                    self.kv_dtype,
-                )
-                for v in self.views
-            ]
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        self._groups[g] = (dsts, ev)
+    def _stage(self, l0: int, l1: int) -> list[torch.Tensor]:
+        return [
+            decode_layers(
+                self.codec,
+                self.chunk_shape,
+                [(k.num_tokens, c.kv) for k, c in v.chunks],
+                l0,
+                l1,
+                self.device,
+                self.kv_dtype,
+            )
+            for v in self.views
+        ]
 
 
 def _with(shape: Shape, *, tokens: int, layers: int | None = None) -> Shape:
