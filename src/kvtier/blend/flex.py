@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from kvtier.errors import KVTierError
+
 log = logging.getLogger(__name__)
 
 BLOCK = 128
@@ -58,7 +60,7 @@ _kernels: dict[str, Kernel] = {}  # device type -> flex callable (compiled on CU
 _disabled: str | None = None  # why ``auto`` no longer picks flex in this process
 
 
-class FlexUnsupported(RuntimeError):
+class FlexUnsupported(KVTierError, RuntimeError):
     """The attention call asks for something the flex path does not do (a position bias); the
     caller falls back to the dense mask."""
 
@@ -186,7 +188,7 @@ def block_mask(rows: torch.Tensor, seq: int) -> Any:
 
     n = int(rows.numel())
     if n == 0 or seq <= 0:
-        raise ValueError(f"block_mask needs queries and keys, got {n} queries over {seq} keys")
+        raise FlexUnsupported(f"block_mask needs queries and keys, got {n} queries over {seq} keys")
     dev = rows.device
     nq, nkv = -(-n // BLOCK), -(-seq // BLOCK)
     pad = nq * BLOCK - n

@@ -297,7 +297,7 @@ class DaemonClient:
         its destination (see the module docstring), else ignored; on an error (or a miss) the
         destinations may hold partial data."""
         if into is not None and len(into) != len(keys):
-            raise ValueError(f"{len(into)} destinations for {len(keys)} keys")
+            raise P.ProtocolError(f"{len(into)} destinations for {len(keys)} keys: pass one per key")
         out: list[Chunk | None] = []
         for i in range(0, len(keys), P.MAX_KEYS):
             pool = self._recv_buffers
