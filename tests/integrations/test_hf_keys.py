@@ -157,3 +157,39 @@ def test_the_integration_uses_the_cache_kwarg_of_this_transformers(llava: Any) -
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         kvt.generate(llava, image_prompt(), make_engine(), pixel_values=pixels(1), **GEN)
+
+
+def test_adapter_identity_sees_tuner_flags_as_class_or_instance_attributes() -> None:
+    """PEFT tuner layers expose ``disable_adapters`` as a class property; a layer may also set it
+    on the instance. Toggling either (or merging) changes the identity; so does editing a weight."""
+    from kvtier.integrations.hf_keys import adapter_identity
+
+    class Tuner(torch.nn.Linear):
+        @property
+        def disable_adapters(self) -> bool:
+            return self._off
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Tuner(4, 4)
+            self.a._off = False
+            self.a.active_adapters = ["x"]
+            self.b = torch.nn.Linear(4, 4)
+            self.b.disable_adapters = False
+            self.b.active_adapters = ["y"]
+            self.tied = self.b  # a shared module: its parameters count once
+
+    m = Model()
+    seen = {adapter_identity(m)}
+    m.a._off = True  # the class property's value
+    seen.add(adapter_identity(m))
+    m.b.disable_adapters = True  # the instance attribute
+    seen.add(adapter_identity(m))
+    m.b.merged_adapters = ["y"]
+    seen.add(adapter_identity(m))
+    with torch.no_grad():
+        m.a.weight.add_(1.0)
+    seen.add(adapter_identity(m))
+    assert len(seen) == 5
+    assert adapter_identity(m) == adapter_identity(m)
