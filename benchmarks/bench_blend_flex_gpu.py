@@ -15,27 +15,13 @@ request), ``first_call_s`` (the compile, paid by the first blend request of a pr
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from bench_blend_attn_gpu import timed  # the same CUDA-event median timer
 
 from kvtier.blend import flex
-
-
-def timed(fn, n: int = 20) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def case(seq: int, n_seg: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, ...]:

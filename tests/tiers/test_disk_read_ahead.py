@@ -51,16 +51,21 @@ def _engine(path: Path) -> CacheEngine:
     return CacheEngine(cfg)
 
 
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor, torch.Tensor]:
-    path = tmp_path_factory.mktemp("ra") / "disk"
-    g = torch.Generator().manual_seed(0)
+def _store(path: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N`` chunks of random KV stored (flushed) in a disk tier at ``path``: (tokens, kv)."""
+    g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 30000, (CT * N,), generator=g)
     kv = torch.randn((L, 2, CT * N, H, D), generator=g)
     with _engine(path) as e:
         assert e.store(tokens, kv) == CT * N
         assert e.flush(60)
-    return path, tokens, kv
+    return tokens, kv
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    path = tmp_path_factory.mktemp("ra") / "disk"
+    return (path, *_store(path, 0))
 
 
 def _disk(e: CacheEngine) -> DiskTier:
@@ -97,12 +102,7 @@ def _corrupt(path: Path) -> None:
 
 
 def test_a_corrupt_file_mid_prefix_is_a_miss_and_read_ahead_is_released(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 30000, (CT * N,), generator=g)
-    kv = torch.randn((L, 2, CT * N, H, D), generator=g)
-    with _engine(tmp_path) as e:
-        assert e.store(tokens, kv) == CT * N
-        assert e.flush(60)
+    tokens, kv = _store(tmp_path, 1)
     with _engine(tmp_path) as e:
         disk = _disk(e)
         keys = e.keys(tokens)
