@@ -106,6 +106,48 @@ def rerotation_check(model: Any, device: torch.device) -> float:
     return float((got.float() - ref.to(torch.bfloat16).float()).abs().max())
 
 
+def trace_requests(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: Any, extras: Any) -> None:
+    """One blend and one full prefill under ``torch.profiler`` (device idle time, host ops in its gaps)
+    and one blend under ``cProfile`` (host time by function); printed and saved under ``args.trace``."""
+    import cProfile
+    import io
+    import os
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from trace_reduce import reduce_trace
+
+    os.makedirs(args.trace, exist_ok=True)
+
+    def blend() -> None:
+        kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=args.ratio, check_layer=args.check_layer, store=False)
+
+    def full() -> None:
+        full_ttft(model, ids)
+
+    for name, fn in (("blend", blend), ("full", full)):
+        sync(ids.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with record_function("kvtier_call"):
+                fn()
+                sync(ids.device)
+        path = os.path.join(args.trace, f"trace_{name}.json")
+        prof.export_chrome_trace(path)
+        print(f"trace {name}:", json.dumps(reduce_trace(path, "kvtier_call")), flush=True)
+        if name == "blend":
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+    sync(ids.device)
+    pr = cProfile.Profile()
+    pr.enable()
+    blend()
+    sync(ids.device)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+    print("cProfile blend (tottime):\n" + s.getvalue(), flush=True)
+
+
 def main() -> None:
     flex.AUTO_FLEX = True  # the "blend" variant measures flex; "blend_mask" turns it off
     ap = argparse.ArgumentParser()
@@ -118,6 +160,7 @@ def main() -> None:
     ap.add_argument("--profile-requests", type=int, default=2, help="extra profiled requests (breakdown)")
     ap.add_argument("--no-mask-variant", action="store_true", help="skip the flex-off blend variant")
     ap.add_argument("--json", default="")
+    ap.add_argument("--trace", default="", help="a folder: one blend and one full prefill under torch.profiler")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -220,6 +263,8 @@ def main() -> None:
             profile=prof,
         )
         breakdowns.append({"load_start": o.load_s, **prof, "ttft": o.ttft_s})
+    if args.trace and device.type == "cuda":
+        trace_requests(model, ids, eng, spans, args, keys[0] if keys else None)
     print("breakdown (s):", [{k: round(v, 4) for k, v in b.items()} for b in breakdowns], flush=True)
     ratios = [f / b for f, b in pairs]
     out = dict(

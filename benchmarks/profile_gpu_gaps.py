@@ -263,6 +263,7 @@ def main() -> None:
     ap.add_argument("--parts", default="worker,engine")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     allres: dict[str, Any] = {}
     for p in a.parts.split(","):
         allres.update({"worker": worker, "engine": engine, "quant": quant}[p](a.tokens, a.out))

@@ -1,0 +1,77 @@
+"""Flex attention for the blend's selected layers: query layout and kernel options (issue 14).
+
+    PYTHONPATH=src python benchmarks/bench_blend_flex_tune.py
+
+Same case as ``bench_blend_flex_gpu.py`` (Llama-3-8B attention, 2,514 selected queries over 16,440
+keys, bf16). Inside a blend flex measured 2.38 ms a layer (profiler, 30 calls) against 1.29 ms in
+that probe; the differences are the query's memory layout (transformers' ``[1, n, H, D]`` storage
+seen as ``[1, H, n, D]``) and nothing else. Reported per variant, a median of 20 CUDA-event-timed
+calls: contiguous vs transformers' layout, and ``kernel_options`` (tile sizes, warps, stages)
+on the transformers layout; each variant's max difference from the default's output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from bench_blend_attn_gpu import timed
+from bench_blend_flex_gpu import case
+
+from kvtier.blend import flex
+
+OPTIONS: list[dict[str, int] | None] = [
+    None,
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+]
+
+
+@torch.inference_mode()
+def main() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    seq = 16440
+    rows, q, k, v = case(seq, 16384, dev, g)
+    n = int(rows.numel())
+    q_hf = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, transformers' storage
+    bm = flex.block_mask(rows, seq)
+    fn = torch.compile(flex_attention, dynamic=True)
+    res: dict[str, object] = {"selected_queries": n, "keys": seq}
+
+    def call(qq: torch.Tensor, opts: dict[str, int] | None) -> torch.Tensor:
+        kw = {} if opts is None else {"kernel_options": opts}
+        return fn(qq, k, v, block_mask=bm, enable_gqa=True, **kw)
+
+    ref = call(q, None)
+    res["contiguous_q_ms"] = timed(lambda: call(q, None))
+    res["hf_layout_q_ms"] = timed(lambda: call(q_hf, None))
+    res["hf_layout_then_contiguous_ms"] = timed(lambda: call(q_hf.contiguous(), None))
+    for opts in OPTIONS[1:]:
+        name = "opts " + ",".join(f"{a}={b}" for a, b in (opts or {}).items())
+        for label, qq in (("contig", q), ("hf", q_hf)):
+            try:
+                out = call(qq, opts)
+                res[f"{name} [{label}] ms"] = timed(lambda qq=qq, opts=opts: call(qq, opts))
+                res[f"{name} [{label}] max_abs"] = float((out.float() - ref.float()).abs().max())
+            except Exception as exc:  # a config the template cannot build: report it, go on
+                res[f"{name} [{label}] error"] = f"{type(exc).__name__}: {exc}"[:200]
+    import torch.nn.functional as F
+
+    q_full = torch.randn(1, 32, seq, 128, device=dev, dtype=torch.bfloat16, generator=g)
+    res["sdpa_flash_causal_full_ms"] = timed(
+        lambda: F.scaled_dot_product_attention(q_full, k, v, is_causal=True, enable_gqa=True)
+    )
+    for a, b in res.items():
+        print(f"{a}: {round(b, 4) if isinstance(b, float) else b}", flush=True)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
