@@ -22,17 +22,88 @@ from kvtier.blend import flex
 
 OPTIONS: list[dict[str, int] | None] = [
     None,
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
 ]
+
+
+def skewed_rows(seq: int, n: int, dev: torch.device, g: torch.Generator) -> torch.Tensor:
+    """``n`` sorted positions drawn with probability growing with the position (a blend's selection
+    favours later documents: their cached KV missed more cross-document context)."""
+    w = torch.arange(1, seq + 1, device=dev, dtype=torch.float32)
+    return torch.multinomial(w, n, replacement=False, generator=g).sort().values
+
+
+def backends(
+    dev: torch.device, g: torch.Generator, k: torch.Tensor, v: torch.Tensor, seq: int
+) -> dict[str, object]:
+    """Attention for selected rows by kernel: flex (default, TMA), SDPA with the additive mask
+    (efficient / cuDNN backends, with and without repeating KV heads), uniform vs skewed rows."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out: dict[str, object] = {}
+    fn = torch.compile(flex_attention, dynamic=True)
+    for label, rows in (("uniform", case(seq, 16384, dev, g)[0]), ("skewed", skewed_rows(seq, 2514, dev, g))):
+        n = int(rows.numel())
+        q = torch.randn(1, n, 32, 128, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        out[f"{label} mean keys per query"] = float(rows.float().mean() + 1)
+        bm = flex.block_mask(rows, seq)
+        ref = fn(q, k, v, block_mask=bm, enable_gqa=True)
+        out[f"{label} flex ms"] = timed(lambda q=q, bm=bm: fn(q, k, v, block_mask=bm, enable_gqa=True))
+        for opts in (
+            {"USE_TMA": True},
+            {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "USE_TMA": True},
+        ):
+            name = ",".join(f"{a}={b}" for a, b in opts.items())
+            try:
+                fn(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts)
+                out[f"{label} flex {name} ms"] = timed(
+                    lambda q=q, bm=bm, opts=opts: fn(
+                        q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts
+                    )
+                )
+            except Exception as exc:  # an option this torch does not take: report it
+                out[f"{label} flex {name} error"] = f"{type(exc).__name__}: {exc}"[:160]
+        allowed = torch.arange(seq, device=dev)[None, :] <= rows[:, None]
+        add = torch.zeros(allowed.shape, dtype=torch.bfloat16, device=dev).masked_fill_(~allowed, -1e30)[
+            None, None
+        ]
+        kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        for bname, be in (
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            for gqa in (False, True):
+                tag = f"{label} sdpa {bname} mask{' gqa' if gqa else ' repeat'} ms"
+                try:
+                    with sdpa_kernel(be):
+                        if gqa:
+                            got = F.scaled_dot_product_attention(q, k, v, attn_mask=add, enable_gqa=True)
+                            out[tag] = timed(
+                                lambda q=q, add=add: F.scaled_dot_product_attention(
+                                    q, k, v, attn_mask=add, enable_gqa=True
+                                )
+                            )
+                        else:
+                            got = F.scaled_dot_product_attention(q, kr, vr, attn_mask=add)
+                            out[tag] = timed(
+                                lambda q=q, add=add, kr=kr, vr=vr: F.scaled_dot_product_attention(
+                                    q, kr, vr, attn_mask=add
+                                )
+                            )
+                    out[tag.replace(" ms", " max_abs")] = float((got.float() - ref.float()).abs().max())
+                except Exception as exc:  # a backend that does not take this call
+                    out[tag.replace(" ms", " error")] = f"{type(exc).__name__}: {exc}"[:160]
+    return out
 
 
 @torch.inference_mode()
 def main() -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
     from torch.nn.attention.flex_attention import flex_attention
 
     dev = torch.device("cuda")
@@ -68,6 +139,7 @@ def main() -> None:
     res["sdpa_flash_causal_full_ms"] = timed(
         lambda: F.scaled_dot_product_attention(q_full, k, v, is_causal=True, enable_gqa=True)
     )
+    res.update(backends(dev, g, k, v, seq))
     for a, b in res.items():
         print(f"{a}: {round(b, 4) if isinstance(b, float) else b}", flush=True)
     print(json.dumps(res))

@@ -115,28 +115,47 @@ def trace_requests(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: An
     import pstats
 
     from torch.profiler import ProfilerActivity, profile, record_function
-
-    from trace_reduce import reduce_trace
+    from trace_reduce import kernel_totals, reduce_trace
 
     os.makedirs(args.trace, exist_ok=True)
 
     def blend() -> None:
-        kvt.prefill(model, ids, eng, segments=spans, recompute_ratio=args.ratio, check_layer=args.check_layer, store=False)
+        kvt.prefill(
+            model,
+            ids,
+            eng,
+            segments=spans,
+            recompute_ratio=args.ratio,
+            check_layer=args.check_layer,
+            store=False,
+        )
+
+    def blend_mask() -> None:
+        fault = flex.disabled()
+        flex.disable("bench: the dense-mask variant")
+        try:
+            blend()
+        finally:
+            if fault is None:
+                flex.enable()
 
     def full() -> None:
         full_ttft(model, ids)
 
-    for name, fn in (("blend", blend), ("full", full)):
+    for name, fn in (("blend", blend), ("blend_mask", blend_mask), ("full", full)):
         sync(ids.device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            with record_function("kvtier_call"):
-                fn()
-                sync(ids.device)
+        with (
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+            record_function("kvtier_call"),
+        ):
+            fn()
+            sync(ids.device)
         path = os.path.join(args.trace, f"trace_{name}.json")
         prof.export_chrome_trace(path)
         print(f"trace {name}:", json.dumps(reduce_trace(path, "kvtier_call")), flush=True)
-        if name == "blend":
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+        print(f"kernels {name} (ms, calls):", flush=True)
+        for kname, ms, calls in kernel_totals(path):
+            print(f"  {ms:8.2f} {calls:5d}  {kname}", flush=True)
     sync(ids.device)
     pr = cProfile.Profile()
     pr.enable()
@@ -160,7 +179,9 @@ def main() -> None:
     ap.add_argument("--profile-requests", type=int, default=2, help="extra profiled requests (breakdown)")
     ap.add_argument("--no-mask-variant", action="store_true", help="skip the flex-off blend variant")
     ap.add_argument("--json", default="")
-    ap.add_argument("--trace", default="", help="a folder: one blend and one full prefill under torch.profiler")
+    ap.add_argument(
+        "--trace", default="", help="a folder: one blend and one full prefill under torch.profiler"
+    )
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -66,16 +66,19 @@ def main() -> None:
 
     for direction in ("h2d", "d2h"):
         src, dst = (host, dev) if direction == "h2d" else (dev, host)
-        ms = timed(lambda: dst.copy_(src, non_blocking=True))
+        ms = timed(lambda src=src, dst=dst: dst.copy_(src, non_blocking=True))
         res[f"{direction} flat ms"] = ms
         anchor = ms
         for g in (1, 2, 4, 8):
             w = g * LAYER_BYTES
 
-            def piece_jobs(g: int = g, w: int = w) -> list[Callable[[torch.cuda.Stream], None]]:
+            def piece_jobs(
+                g: int = g, w: int = w, direction: str = direction
+            ) -> list[Callable[[torch.cuda.Stream], None]]:
                 jobs = []
                 for grp in range(LAYERS // g):
-                    def job(s: torch.cuda.Stream, grp: int = grp) -> None:
+
+                    def job(s: torch.cuda.Stream, grp: int = grp, direction: str = direction) -> None:
                         with torch.cuda.stream(s):
                             for c in range(CHUNKS):
                                 so = c * CHUNK_BYTES + grp * w
@@ -84,27 +87,32 @@ def main() -> None:
                                     dev[do : do + w].copy_(host[so : so + w], non_blocking=True)
                                 else:
                                     host[so : so + w].copy_(dev[do : do + w], non_blocking=True)
+
                     jobs.append(job)
                 return jobs
 
-            def twod_jobs(g: int = g, w: int = w) -> list[Callable[[torch.cuda.Stream], None]]:
+            def twod_jobs(
+                g: int = g, w: int = w, direction: str = direction
+            ) -> list[Callable[[torch.cuda.Stream], None]]:
                 jobs = []
                 for grp in range(LAYERS // g):
-                    def job(s: torch.cuda.Stream, grp: int = grp) -> None:
+
+                    def job(s: torch.cuda.Stream, grp: int = grp, direction: str = direction) -> None:
                         hp = host.data_ptr() + grp * w
                         dp = dev.data_ptr() + grp * CHUNKS * w
                         if direction == "h2d":
                             c2d.copy(dp, w, hp, CHUNK_BYTES, w, CHUNKS, s)
                         else:
                             c2d.copy(hp, CHUNK_BYTES, dp, w, w, CHUNKS, s)
+
                     jobs.append(job)
                 return jobs
 
             for streams in (1, 2):
-                ms = timed(lambda: on_sides(piece_jobs(), streams))
+                ms = timed(lambda streams=streams: on_sides(piece_jobs(), streams))
                 res[f"{direction} per piece G={g} streams={streams} x"] = anchor / ms
                 if c2d.why_not is None:
-                    ms = timed(lambda: on_sides(twod_jobs(), streams))
+                    ms = timed(lambda streams=streams: on_sides(twod_jobs(), streams))
                     res[f"{direction} 2D G={g} streams={streams} x"] = anchor / ms
     for a, b in res.items():
         print(f"{a}: {round(b, 3) if isinstance(b, float) else b}", flush=True)

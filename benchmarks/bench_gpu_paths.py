@@ -187,14 +187,17 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
 
     variants: list[tuple[str, int, bool, int, bool]] = [("before", 0, False, 1, False)]
     variants += [("ring built after validation, auto group", 0, True, 1, False)]
-    variants += [("now (streamed), auto group", 0, True, 1, True)]
-    variants += [("now (streamed), auto group, 2 copy streams", 0, True, 2, True)]
-    variants += [("now (streamed), group 4", 4, True, 1, True)]
-    variants += [("now (streamed), group 4, 2 copy streams", 4, True, 2, True)]
+    variants += [("streamed, auto group, one DMA per piece (ROWS2D off)", 0, True, 1, True)]
+    variants += [("streamed, group 4, one DMA per piece, 2 copy streams (ROWS2D off)", 4, True, 2, True)]
+    variants += [("now (streamed, 2D runs), auto group", 0, True, 1, True)]
+    variants += [("now (streamed, 2D runs), group 1", 1, True, 1, True)]
+    variants += [("now (streamed, 2D runs), group 4", 4, True, 1, True)]
     for name, gl, new, streams, streamed in variants:
         w = WorkerSide(eng, lay, LAYERS, ConnectorStats(), group_layers=gl)
         st = patched(grouped, "COPY_STREAMS", streams)
         st.__enter__()
+        rows2d = patched(grouped, "ROWS2D", "ROWS2D off" not in name and name != "before")
+        rows2d.__enter__()
 
         def load(w: WorkerSide = w) -> None:
             w.begin_loads([load_spec], dev)
@@ -224,9 +227,10 @@ def worker_rows(n_t: int = 32768, profile: bool = False) -> list[Row]:
                     f"(group {grp}; begin_loads host {t_begin * 1e3:.1f} ms)",
                 )
             )
-            if profile and name in ("before", "now (streamed), auto group"):
+            if profile and name in ("before", "now (streamed, 2D runs), auto group"):
                 _profile(f"worker load {name}", load)
             w.release_loads()
+        rows2d.__exit__(None, None, None)
         st.__exit__(None, None, None)
     # layer-wise overlap with a simulated forward (per layer: [4096,4096]@[4096,14336]@[14336,4096])
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)

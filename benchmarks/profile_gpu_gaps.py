@@ -68,13 +68,14 @@ def _summarize(trace_path: str, what: str) -> dict[str, float]:
     big = sorted(
         ((b0 - a1, a1, b0) for (_, a1), (b0, _) in itertools.pairwise(mem) if b0 - a1 > 100), reverse=True
     )[:3]
+    big.insert(0, (mem[0][0] - t0, t0, mem[0][0]))  # the lead: what the host did before the first DMA
     cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function")]
     for g, a1, b0 in big:
         names: dict[str, float] = {}
         for e in cpu:
             s, d = float(e["ts"]), float(e.get("dur", 0))
             ov = min(s + d, b0) - max(s, a1)
-            if ov > 0:
+            if ov > 0 and d < (t1 - t0) * 0.5:  # not the call mark itself
                 names[e["name"]] = names.get(e["name"], 0.0) + ov
         top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
         print(
@@ -150,6 +151,29 @@ def worker(n_t: int, out_dir: str) -> dict[str, Any]:
 
     save()
     res["worker_save"] = profile_call("worker save", save, out_dir)
+    # the save's lead: host time of begin_saves and the first layer's gather, by function
+    rnd[0] += 1
+    t = [x + rnd[0] * n_t for x in toks]
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    w.begin_saves([TransferSpec("r", t, 0, n_t, table)], dev)
+    t1 = time.perf_counter()
+    w.save_layer(0, caches[0])
+    pr.disable()
+    t2 = time.perf_counter()
+    for i, c in enumerate(caches[1:], 1):
+        w.save_layer(i, c)
+    w.finish_saves(dev)
+    eng.storage.tiers[0].clear()  # type: ignore[attr-defined]
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
+    lines = [ln for ln in s.getvalue().splitlines() if ln.strip()][4:20]
+    print(
+        f"    begin_saves host {(t1 - t0) * 1e3:.2f} ms, first save_layer {(t2 - t1) * 1e3:.2f} ms (cProfile on):"
+    )
+    print("      " + "\n      ".join(lines))
     w.begin_saves([TransferSpec("r", toks, 0, n_t, table)], dev)
     for i, c in enumerate(caches):
         w.save_layer(i, c)
@@ -171,6 +195,17 @@ def worker(n_t: int, out_dir: str) -> dict[str, Any]:
     w.begin_loads([spec], dev)
     print(f"    begin_loads host {(time.perf_counter() - t0) * 1e3:.2f} ms")
     w.release_loads()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    w.begin_loads([spec], dev)
+    pr.disable()
+    w.release_loads()
+    for order in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(order).print_stats(16)
+        lines = [ln for ln in s.getvalue().splitlines() if ln.strip()][4:22]
+        print(f"    begin_loads by {order}:\n      " + "\n      ".join(lines))
     eng.close()
     return res
 

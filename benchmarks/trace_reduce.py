@@ -26,7 +26,11 @@ def reduce_trace(path: str, mark: str, top_gaps: int = 5) -> dict[str, Any]:
     """Figures (ms) for the first ``mark`` span in the trace at ``path``; prints nothing."""
     with open(path) as f:
         ev = json.load(f)["traceEvents"]
-    spans = [e for e in ev if e.get("name") == mark and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
+    spans = [
+        e
+        for e in ev
+        if e.get("name") == mark and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"
+    ]
     if not spans:
         return {"error": f"no {mark!r} span in {path}"}
     t0 = float(spans[0]["ts"])
@@ -42,7 +46,11 @@ def reduce_trace(path: str, mark: str, top_gaps: int = 5) -> dict[str, Any]:
     lead = busy[0][0] - t0 if busy else t1 - t0
     tail = t1 - busy[-1][1] if busy else 0.0
     sizes = [b - a for a, b in gaps]
-    kern = [float(e.get("dur", 0)) for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel" and t0 <= float(e["ts"]) < t1]
+    kern = [
+        float(e.get("dur", 0))
+        for e in ev
+        if e.get("ph") == "X" and e.get("cat") == "kernel" and t0 <= float(e["ts"]) < t1
+    ]
     cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function")]
     big = sorted(gaps, key=lambda g: g[0] - g[1])[:top_gaps]
     where = []
@@ -54,7 +62,13 @@ def reduce_trace(path: str, mark: str, top_gaps: int = 5) -> dict[str, Any]:
             if ov > 0 and d < (t1 - t0) * 0.5:
                 names[e["name"]] = names.get(e["name"], 0.0) + ov
         top = sorted(names.items(), key=lambda kv: -kv[1])[:5]
-        where.append({"at_ms": (a - t0) / 1e3, "gap_ms": (b - a) / 1e3, "host": {n[:60]: round(v / 1e3, 2) for n, v in top}})
+        where.append(
+            {
+                "at_ms": (a - t0) / 1e3,
+                "gap_ms": (b - a) / 1e3,
+                "host": {n[:60]: round(v / 1e3, 2) for n, v in top},
+            }
+        )
     return {
         "span_ms": (t1 - t0) / 1e3,
         "device_busy_ms": sum(b - a for a, b in busy) / 1e3,
@@ -68,3 +82,17 @@ def reduce_trace(path: str, mark: str, top_gaps: int = 5) -> dict[str, Any]:
         "kernel_sum_ms": sum(kern) / 1e3,
         "largest_gaps": where,
     }
+
+
+def kernel_totals(path: str, top: int = 15) -> list[tuple[str, float, int]]:
+    """Device time (ms) and count per kernel name in the trace at ``path``, largest first."""
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    tot: dict[str, list[float]] = {}
+    for e in ev:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            t = tot.setdefault(str(e.get("name", "?"))[:90], [0.0, 0])
+            t[0] += float(e.get("dur", 0)) / 1e3
+            t[1] += 1
+    rows = sorted(((n, v[0], int(v[1])) for n, v in tot.items()), key=lambda r: -r[1])
+    return rows[:top]

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from kvtier.errors import KVTierError
 
@@ -38,14 +41,9 @@ _why_not: str | None = "not probed"
 
 
 def _find() -> tuple[Any, str | None]:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None, "no CUDA device"
-        torch.cuda.init()
-    except ImportError:
-        return None, "torch is not installed"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    torch.cuda.init()
     paths = []
     try:
         with open("/proc/self/maps") as f:
@@ -87,7 +85,9 @@ class Copy2D:
         self._fn = _fn
         self.why_not = _why_not
 
-    def copy(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: Any) -> None:
+    def copy(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: Any
+    ) -> None:
         if self._fn is None:
             raise Copy2DError(f"2D copy unavailable: {self.why_not}")
         handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
@@ -97,3 +97,67 @@ class Copy2D:
                 f"cudaMemcpy2DAsync failed with error {rc} (width {width}, height {height}, "
                 f"pitches {spitch}/{dpitch}); the per-piece copy path is used instead"
             )
+
+
+@dataclass
+class Rows:
+    """One 2D copy: ``height`` rows of ``width`` bytes from ``src_ptr`` (rows ``spitch`` apart) to
+    ``dst_ptr`` (``dpitch`` apart). ``src``/``dst``: tensors of the storages the pointers lie in
+    (kept alive by the caller; the CPU emulation views them)."""
+
+    src: torch.Tensor
+    src_ptr: int
+    dst: torch.Tensor
+    dst_ptr: int
+    width: int
+    height: int = 1
+    spitch: int = 0
+    dpitch: int = 0
+
+    def extend(self, src: torch.Tensor, src_ptr: int, dst: torch.Tensor, dst_ptr: int, width: int) -> bool:
+        """Append the row at (``src_ptr``, ``dst_ptr``) if it continues this run at constant pitches
+        on the same storages (``False``: start a new run)."""
+        if width != self.width or src.untyped_storage().data_ptr() != self.src.untyped_storage().data_ptr():
+            return False
+        if dst.untyped_storage().data_ptr() != self.dst.untyped_storage().data_ptr():
+            return False
+        if self.height == 1:
+            sp, dp = src_ptr - self.src_ptr, dst_ptr - self.dst_ptr
+            if sp < width or dp < width:  # rows must not overlap (and keep their order)
+                return False
+            self.spitch, self.dpitch = sp, dp
+        elif (
+            src_ptr != self.src_ptr + self.height * self.spitch
+            or dst_ptr != self.dst_ptr + self.height * self.dpitch
+        ):
+            return False
+        self.height += 1
+        return True
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``t``'s whole storage."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def copy_rows(run: Rows, stream: Any, copier: Copy2D | None) -> None:
+    """Enqueue ``run`` on ``stream``: one ``cudaMemcpy2DAsync`` with a ``copier``, else the same
+    bytes through strided torch views (the CPU, where the tests run the run-building logic)."""
+    if copier is not None:
+        copier.copy(
+            run.dst_ptr,
+            run.dpitch or run.width,
+            run.src_ptr,
+            run.spitch or run.width,
+            run.width,
+            run.height,
+            stream,
+        )
+        return
+    sp, dp = run.spitch or run.width, run.dpitch or run.width
+    sb, db = _bytes_of(run.src), _bytes_of(run.dst)
+    s_off = run.src_ptr - run.src.untyped_storage().data_ptr()
+    d_off = run.dst_ptr - run.dst.untyped_storage().data_ptr()
+    src = sb.as_strided((run.height, run.width), (sp, 1), s_off)
+    dst = db.as_strided((run.height, run.width), (dp, 1), d_off)
+    dst.copy_(src)

@@ -46,8 +46,10 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -246,6 +248,14 @@ def tokens_to_array(tokens: TokenInput) -> np.ndarray:
     A contiguous ``<u4`` array comes back as is (every value is in range), so a caller that
     converted once passes the array on for free.
     """
+    if _LIST_U4 and type(tokens) is list:
+        # NOTE: a list (what vLLM hands the connector) through ``array('I')``: 0.26 ms for 32k ids
+        # against 0.80 ms for np.asarray, and the conversion raises for ids outside [0, 2**32)
+        # or non-integers, which then go the general way below for its error message.
+        try:
+            return np.frombuffer(array.array("I", tokens), dtype=_U4)
+        except (OverflowError, TypeError):
+            pass
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor, without importing torch
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
@@ -261,6 +271,8 @@ def tokens_to_array(tokens: TokenInput) -> np.ndarray:
 
 
 _U4 = np.dtype("<u4")
+_LIST_U4 = array.array("I").itemsize == 4 and sys.byteorder == "little"
+"""Whether ``array('I')`` holds exactly ``<u4`` here (the list fast path of ``tokens_to_array``)."""
 
 
 def _out_of_range(arr: np.ndarray) -> bool:

@@ -174,3 +174,129 @@ def test_streamed_plan_refuses_unaligned_pieces_and_attach_refuses_other_chunks(
         assert gl.feed(j, kv)
     swapped = LoadPieces(a.idx, [a.pieces[1], a.pieces[0], *a.pieces[2:]])
     assert not gl.attach([(0, swapped)])
+
+
+def _arena_loads(
+    seed: int, device: torch.device, pin: bool = False
+) -> tuple[list[torch.Tensor], list[LoadPieces], list[list[torch.Tensor]]]:
+    """Two loads whose chunks are views of one host arena, as the CPU tier lays them out: load A
+    takes arena slots 0, 1, 2 (equally spaced: one run), then 4 (a gap: a new run); load B slots
+    6, 5 (descending: runs of one)."""
+    g = torch.Generator().manual_seed(seed)
+    caches = [random_bits((2, NB, BS, H, D), torch.float32, "cpu", g) for _ in range(L)]
+    arena = random_bits((7, L, 2, CT, H, D), torch.float32, "cpu", g)
+    if pin:
+        arena = arena.pin_memory()
+    a_chunks = [arena[0], arena[1], arena[2], arena[4]]
+    b_chunks = [arena[6], arena[5]]
+    a = LoadPieces(
+        token_index([30, 3, 17, 8, 22, 11, 5, 36], 0, 0, 32, BS, device), [(c, 0, CT) for c in a_chunks]
+    )
+    b = LoadPieces(token_index([1, 9, 25, 14], 0, 0, 16, BS, device), [(c, 0, CT) for c in b_chunks])
+    return caches, [a, b], [a_chunks, b_chunks]
+
+
+@pytest.mark.parametrize("rows2d", [True, False])
+@pytest.mark.parametrize("streamed", [True, False])
+def test_equally_spaced_chunks_move_as_one_2d_run_and_land_bit_exact(
+    rows2d: bool, streamed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks equally spaced in one arena go as one 2D copy per group (rows at their pitch); a change
+    of pitch or a descending neighbour starts a new run; with ``ROWS2D`` off, one copy per piece. Either
+    way every layer equals the per-layer path."""
+    from kvtier.transfer import grouped
+
+    monkeypatch.setattr(grouped, "ROWS2D", rows2d)
+    monkeypatch.setattr(grouped, "FEED_BATCH", 3)  # a batch boundary inside load A's first run
+    monkeypatch.setattr(grouped, "FIRST_FEED_BATCH", 3)
+    heights: list[int] = []
+    real = grouped.copy_rows
+
+    def counting(run, stream, copier):  # type: ignore[no-untyped-def]
+        heights.append(run.height)
+        real(run, stream, copier)
+
+    monkeypatch.setattr(grouped, "copy_rows", counting)
+    caches, loads, _ = _arena_loads(seed=11, device=CPU)
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    if streamed:
+        geometry = [[(CT, 0, CT)] * len(ld.pieces) for ld in loads]
+        gl = GroupedLoad.streamed(lay, geometry, L, CPU, group_layers=2)
+        assert gl is not None
+        i = 0
+        for ld in loads:
+            for kv, _, _ in ld.pieces:
+                assert gl.feed(i, kv)
+                i += 1
+        assert gl.attach(list(enumerate(loads)))
+    else:
+        gl = GroupedLoad(lay, loads, L, CPU, group_layers=2)
+    for i in range(L):
+        gl.layer(i, caches[i])
+    gl.wait()
+    for i in range(L):
+        assert bits_equal(caches[i], want[i]), f"layer {i} differs"
+    if not rows2d:
+        assert heights == []
+        return
+    # ring order is load order (all pieces whole chunks), arena slots 0 1 2 | 4 6 | 5: slots 0-2 at
+    # pitch 1, then 4 and 6 at pitch 2 (a run of two), 5 going back (alone). Streamed with batches
+    # of 3 the cuts fall at the same places ((0 1 2), (4 6 | 5)); every group: runs of 3, 2, 1.
+    assert sorted(heights) == sorted([3, 2, 1] * -(-L // 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streamed", [True, False])
+def test_2d_runs_on_cuda_from_a_pinned_arena_are_bit_exact(
+    streamed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same arena loads on CUDA through ``cudaMemcpy2DAsync`` (the runtime torch loaded): the
+    compute stream is held back by a sleep kernel, so a missing wait between a 2D DMA and its
+    scatter, or a wrong pitch, would show in the bits."""
+    from kvtier.devcopy2d import Copy2D
+    from kvtier.transfer import grouped
+    from kvtier.transfer.blocks import IndexStaging
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert Copy2D().why_not is None, Copy2D().why_not
+    monkeypatch.setattr(grouped, "FEED_BATCH", 3)  # batches of 1, 2, 3: cuts inside the runs
+    dev = torch.device("cuda")
+    caches, host_loads, _ = _arena_loads(seed=12, device=CPU, pin=True)
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in host_loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    st = IndexStaging()
+    blocks = ([30, 3, 17, 8, 22, 11, 5, 36], [1, 9, 25, 14])
+    loads = [
+        LoadPieces(token_index(blk, 0, 0, len(blk) * BS, BS, dev, st), ld.pieces)
+        for blk, ld in zip(blocks, host_loads, strict=True)
+    ]
+    dcaches = [c.to(dev) for c in caches]
+    torch.cuda._sleep(20_000_000)
+    if streamed:
+        gl = GroupedLoad.streamed(
+            lay, [[(CT, 0, CT)] * len(ld.pieces) for ld in loads], L, dev, group_layers=2
+        )
+        assert gl is not None and gl._rows2d
+        i = 0
+        for ld in loads:
+            for kv, _, _ in ld.pieces:
+                assert gl.feed(i, kv)
+                i += 1
+        assert gl.attach(list(enumerate(loads)))
+    else:
+        gl = GroupedLoad(lay, loads, L, dev, group_layers=2)
+    for i in range(L):
+        gl.layer(i, dcaches[i])
+    gl.wait()
+    torch.cuda.synchronize()
+    assert gl.grouped_layers == L
+    for i in range(L):
+        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"

@@ -54,6 +54,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine, ChunkStream
+from kvtier.keys import tokens_to_array
 from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.cpu_blocks import block_rows, buffer_rows, cache_blocks, copy_blocks
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
@@ -407,8 +408,9 @@ class WorkerSide:
         todo = []
         background = self.saver.in_flight() if self.saver is not None else set()
         for spec in specs:
-            start = self._first_missing(spec)
-            start = self._skip_inflight(spec, start, background)
+            toks = tokens_to_array(spec.tokens[: spec.end])  # once: both checks below key the prefix
+            start = self._first_missing(spec, toks)
+            start = self._skip_inflight(spec, toks, start, background)
             with self._lock:
                 self.stats.skipped_tokens += start - spec.start
                 if start < spec.end:
@@ -455,10 +457,10 @@ class WorkerSide:
             self._saves.append(_Save(spec, start, idx, buf, rows=rows))
         self.stats.save_s += time.perf_counter() - t0
 
-    def _skip_inflight(self, spec: TransferSpec, start: int, background: set[bytes]) -> int:
+    def _skip_inflight(self, spec: TransferSpec, toks: np.ndarray, start: int, background: set[bytes]) -> int:
         """Past the leading chunks from ``start`` that a save already planned (this step's, or a
         background one not ended yet) will store; marks the rest of the range as planned."""
-        keys = [k for k in self.engine.keys(spec.tokens[: spec.end], spec.extras) if k.start >= start]
+        keys = [k for k in self.engine.keys(toks, spec.extras) if k.start >= start]
         new = start
         for k in keys:
             if k.digest not in self._inflight and k.digest not in background:
@@ -470,10 +472,10 @@ class WorkerSide:
         self._inflight.update(k.digest for k in keys if k.start >= new)
         return new
 
-    def _first_missing(self, spec: TransferSpec) -> int:
+    def _first_missing(self, spec: TransferSpec, toks: np.ndarray) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
         return min(
-            self.engine.first_uncached(spec.tokens[: spec.end], spec.start, extras=spec.extras), spec.end
+            self.engine.first_uncached(toks, spec.start, extras=spec.extras), spec.end
         )
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
