@@ -474,9 +474,7 @@ class WorkerSide:
 
     def _first_missing(self, spec: TransferSpec, toks: np.ndarray) -> int:
         """Skip the leading chunks of the range that some tier already holds (cheap: no data moved)."""
-        return min(
-            self.engine.first_uncached(toks, spec.start, extras=spec.extras), spec.end
-        )
+        return min(self.engine.first_uncached(toks, spec.start, extras=spec.extras), spec.end)
 
     def save_layer(self, layer: int, entry: torch.Tensor) -> None:
         if not self._saves:
