@@ -140,6 +140,22 @@ def main() -> None:
         lambda: F.scaled_dot_product_attention(q_full, k, v, is_causal=True, enable_gqa=True)
     )
     res.update(backends(dev, g, k, v, seq))
+    # the blend's own tensors: K/V as layer views of one [L, 2, 1, H, S, D] buffer, q out of a
+    # projection and a rotary-style elementwise op (transformers' storage), the real block mask
+    buf = torch.empty(32, 2, 1, 8, seq, 128, device=dev, dtype=torch.bfloat16)
+    buf[5, 0, 0].copy_(k[0])
+    buf[5, 1, 0].copy_(v[0])
+    kb, vb = buf[5, 0], buf[5, 1]
+    h = torch.randn(1, n, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+    wq = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16, generator=g) / 64
+    cos = torch.randn(1, 1, n, 128, device=dev, dtype=torch.bfloat16, generator=g)
+    qp = (h @ wq).view(1, n, 32, 128).transpose(1, 2)
+    qr = qp * cos + qp.flip(-1) * cos
+    res["q strides (projection + rotary)"] = str(tuple(qr.stride()))
+    res["in-situ views flex ms"] = timed(lambda: fn(qr, kb, vb, block_mask=bm, enable_gqa=True, scale=0.088))
+    res["in-situ views, contiguous k/v flex ms"] = timed(
+        lambda: fn(qr, kb.contiguous(), vb.contiguous(), block_mask=bm, enable_gqa=True, scale=0.088)
+    )
     for a, b in res.items():
         print(f"{a}: {round(b, 4) if isinstance(b, float) else b}", flush=True)
     print(json.dumps(res))

@@ -300,3 +300,33 @@ def test_2d_runs_on_cuda_from_a_pinned_arena_are_bit_exact(
     assert gl.grouped_layers == L
     for i in range(L):
         assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"
+
+
+def test_a_second_load_reuses_the_first_loads_ring_buffers_and_is_bit_exact() -> None:
+    """``recycle`` hands the ring to the next load (no new device buffer per step); the second
+    load, of other chunks into the same blocks, overwrites every byte the first one left."""
+    from kvtier.transfer import grouped
+
+    grouped._SPARE.clear()
+    first_caches, first_loads, _ = _arena_loads(seed=21, device=CPU)
+    caches, loads, _ = _arena_loads(seed=22, device=CPU)
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    gl = GroupedLoad(lay, first_loads, L, CPU, group_layers=2)
+    for i in range(L):
+        gl.layer(i, first_caches[i])
+    gl.wait()
+    ptrs = {b.data_ptr() for b in gl._bases}
+    gl.recycle()
+    gl2 = GroupedLoad(lay, loads, L, CPU, group_layers=2)
+    assert {b.data_ptr() for b in gl2._bases} == ptrs
+    for i in range(L):
+        gl2.layer(i, caches[i])
+    gl2.wait()
+    gl2.recycle()
+    for i in range(L):
+        assert bits_equal(caches[i], want[i]), f"layer {i} differs"
+    assert len(grouped._SPARE[(str(CPU), torch.float32)]) <= grouped.RING

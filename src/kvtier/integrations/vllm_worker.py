@@ -380,6 +380,7 @@ class WorkerSide:
             self._loads_done = None
         if self._grouped is not None:  # its DMAs read the chunks: wait for them (all issued ones)
             self._grouped.wait()
+            self._grouped.recycle()
             self._grouped = None
         for ld in self._loads:
             ld.release()

@@ -61,6 +61,10 @@ soon as one chunk is validated, and each batch's DMAs last about as long as feed
 FIRST_FEED_BATCH = 1
 
 
+_SPARE: dict[tuple[str, torch.dtype], list[tuple[torch.Tensor, Any]]] = {}
+"""Ring buffers of finished loads, per device and dtype, with the event they are free after."""
+
+
 @dataclass
 class LoadPieces:
     """One request's load: its token index and its pieces ``(chunk kv, first row, end row)``."""
@@ -215,8 +219,10 @@ class GroupedLoad:
         # may begin as soon as the first piece is fed
         self._ring: list[torch.Tensor | None] = [None] * RING
         self._open = min(RING, self.num_groups)
+        self._bases: list[torch.Tensor] = []  # the ring's buffers as allocated (``recycle`` keeps them)
+        self._waits: list[Any] = []  # events the DMAs into recycled buffers wait for
         for s in range(self._open):
-            self._ring[s] = torch.empty(self._group_elems, dtype=self.dtype, device=device)
+            self._ring[s] = self._buffer()
         self._slot_group: list[int | None] = [None] * RING
         self._free: list[Any] = [None] * RING  # CUDA events (None on the CPU)
         self._ready: dict[int, list[Any]] = {}
@@ -242,6 +248,8 @@ class GroupedLoad:
         if self._cuda:
             for j in range(self.copy_streams):
                 side_stream(device, j).wait_event(self._start)
+                for ev in self._waits:
+                    side_stream(device, j).wait_event(ev)
 
     def feed(self, i: int, kv: torch.Tensor) -> bool:
         """Planned piece ``i`` (load order) is chunk ``kv``: its DMAs for the first groups are
@@ -442,7 +450,7 @@ class GroupedLoad:
 
     def _issue(self, g: int, s: int) -> None:
         if self._ring[s] is None:
-            self._ring[s] = torch.empty(self._group_elems, dtype=self.dtype, device=self.device)
+            self._ring[s] = self._buffer()
         buf = self._ring[s]
         assert buf is not None
         lays = self._layers(g)
@@ -450,6 +458,8 @@ class GroupedLoad:
             side = side_stream(self.device, 0) if self._cuda else None
             if side is not None:
                 side.wait_event(self._start)
+                for ev in self._waits:
+                    side.wait_event(ev)
                 if self._free[s] is not None:
                     side.wait_event(self._free[s])
             for run in self._runs(self._pieces, buf, lays):
@@ -539,6 +549,37 @@ class GroupedLoad:
             for p in range(planes):
                 rows = view[j, p, a:b].reshape(-1, bs, *self.tail)
                 lay.plane_view(entry, p).index_copy_(0, pc.dst, rows)
+
+    def _buffer(self) -> torch.Tensor:
+        """A ring buffer of ``_group_elems``: a recycled one that is large enough, else a new one.
+        NOTE: a fresh 256 MiB device buffer per step cost ~4 ms of host time before the first
+        DMA on the H200 (the caching allocator did not hand the last step's blocks back)."""
+        spare = _SPARE.get((str(self.device), self.dtype), [])
+        while spare:
+            base, ev = spare.pop()
+            if base.numel() >= self._group_elems:
+                if ev is not None:
+                    self._waits.append(ev)
+                self._bases.append(base)
+                return base[: self._group_elems]
+        base = torch.empty(self._group_elems, dtype=self.dtype, device=self.device)
+        self._bases.append(base)
+        return base
+
+    def recycle(self) -> None:
+        """After ``wait``: hand the ring's buffers to the next load of this device and dtype (at most
+        ``RING`` kept, the largest). Its DMAs wait for an event recorded here, on the stream the
+        scatters that read the buffers ran on, so no scatter can see a later load's bytes."""
+        if not self._bases:
+            return
+        key = (str(self.device), self.dtype)
+        ev = self._record(torch.cuda.current_stream(self.device) if self._cuda else None)
+        spare = _SPARE.setdefault(key, [])
+        spare.extend((b, ev) for b in self._bases)
+        spare.sort(key=lambda be: be[0].numel())
+        del spare[: max(0, len(spare) - RING)]
+        self._bases = []
+        self._ring = [None] * RING
 
     def wait(self) -> None:
         """Block until every issued DMA is done (then the pieces' host memory may be released)."""
