@@ -26,7 +26,7 @@ def _os_threads() -> int:
 
 
 needs_omp = pytest.mark.skipif(
-    threads._omp_set_num_threads() is None or torch.get_num_threads() < 2,
+    not threads._omp_setters() or torch.get_num_threads() < 2,
     reason="no OpenMP runtime found, or torch runs on one thread anyway",
 )
 
@@ -68,11 +68,20 @@ def test_the_finite_guards_thread_is_limited() -> None:
     assert seen == 1
 
 
+@needs_omp
+def test_the_runtime_torch_uses_is_found_among_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = list(threads._omp_setters())
+    monkeypatch.setattr(threads, "_omp_setters", lambda: [calls.append, *real])  # another runtime first
+    assert _in_thread(lambda: (threads.one_omp_thread(), torch.get_num_threads())[1]) == 1
+    assert calls == [1]
+
+
 def test_no_runtime_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    threads._omp_set_num_threads.cache_clear()
+    threads._omp_setters.cache_clear()
     monkeypatch.setattr(threads, "_loaded_libraries", lambda: ["/nowhere/libgomp.so.1"])
     try:
-        assert threads._omp_set_num_threads() is None
-        threads.one_omp_thread()  # nothing to set: still fine
+        assert threads._omp_setters() == []
+        _in_thread(threads.one_omp_thread)  # nothing to set: still fine
     finally:
-        threads._omp_set_num_threads.cache_clear()
+        threads._omp_setters.cache_clear()

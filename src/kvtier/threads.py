@@ -17,8 +17,9 @@ uses every core: a second team would only compete with it.
 
 Invariants: only the calling thread's OpenMP setting changes (``omp_set_num_threads`` is per
 thread); no other thread's, and not torch's process default (``torch.set_num_threads`` would
-set that too, and vLLM's CPU worker replaces it with a no-op). Where no OpenMP runtime is
-loaded (another torch build, no ``/proc``), nothing is done.
+set that too, and vLLM's CPU worker replaces it with a no-op). The runtime is the one whose
+setting torch then reports (a process may hold several: wheels bundle their own). Where none
+is found (another torch build, no ``/proc``), nothing is done.
 """
 
 from __future__ import annotations
@@ -42,25 +43,35 @@ def one_omp_thread() -> None:
     # NOTE: ATen sets a thread's OpenMP thread count from torch's process default on that
     # thread's first parallel op; get_num_threads() runs that once here, so it cannot undo
     # the setting below later.
-    torch.get_num_threads()
-    set_threads = _omp_set_num_threads()
-    if set_threads is not None:
+    if torch.get_num_threads() == 1:
+        return
+    setters = _omp_setters()
+    for i, set_threads in enumerate(setters):
         set_threads(1)
+        # NOTE: other wheels bundle OpenMP runtimes of their own (sentencepiece's renamed
+        # libgomp): the one torch uses is the one whose setting torch then reports
+        if torch.get_num_threads() == 1:
+            if i:
+                setters.insert(0, setters.pop(i))  # try it first on the next thread
+            return
+    log.debug("kvtier: no OpenMP runtime of torch's found; thread %s keeps its team", torch.get_num_threads())
 
 
 @functools.cache
-def _omp_set_num_threads() -> Callable[[int], None] | None:
-    """``omp_set_num_threads`` of the OpenMP runtime loaded in this process (``None``: none found)."""
+def _omp_setters() -> list[Callable[[int], None]]:
+    """``omp_set_num_threads`` of each OpenMP runtime loaded in this process ([] if none)."""
+    out: list[Callable[[int], None]] = []
     for path in _loaded_libraries():
-        if os.path.basename(path).startswith(_RUNTIMES):
-            try:
-                fn = ctypes.CDLL(path).omp_set_num_threads
-            except (OSError, AttributeError) as e:
-                log.debug("kvtier: OpenMP runtime %s not usable (%s)", path, e)
-                continue
-            fn.argtypes, fn.restype = [ctypes.c_int], None
-            return fn  # type: ignore[no-any-return]
-    return None
+        if not os.path.basename(path).startswith(_RUNTIMES):
+            continue
+        try:
+            fn = ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError) as e:
+            log.debug("kvtier: OpenMP runtime %s not usable (%s)", path, e)
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], None
+        out.append(fn)
+    return out
 
 
 def _loaded_libraries() -> list[str]:
