@@ -94,3 +94,10 @@ def test_not_whole_blocks_is_refused() -> None:
     assert HostBlocks.of_pieces(lay, [(chunk, 8, 32)], [0], L) is None  # the caller falls back
     assert HostBlocks.of_pieces(lay, [(chunk, 0, 32)], [0], L) is None  # blocks do not match the rows
     assert HostBlocks.of_pieces(lay, [(chunk[:, :, :, :1], 0, 32)], [0, 1], L) is None  # other heads
+
+
+def test_host_rows_whose_layers_and_planes_do_not_merge() -> None:
+    g = torch.Generator().manual_seed(7)
+    kv = torch.randn((L, 3, 2 * BS, H, D), generator=g)[:, :2]  # plane stride * 2 != layer stride
+    plan = _check_both_ways([(kv, 0, 2 * BS)], [6, 7], 0)
+    assert [r.count for r in plan.runs] == [2]
