@@ -17,29 +17,15 @@ memory, each variant a median of 5 runs, with the one-call memcpy of the same by
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
+from bench_blend_attn_gpu import timed  # the same CUDA-event median timer
 
 from kvtier.devcopy2d import Copy2D
 
 CHUNKS, LAYERS, CHUNK_BYTES = 128, 32, 32 << 20
 LAYER_BYTES = CHUNK_BYTES // LAYERS
-
-
-def timed(fn: Callable[[], None], n: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -66,7 +52,7 @@ def main() -> None:
 
     for direction in ("h2d", "d2h"):
         src, dst = (host, dev) if direction == "h2d" else (dev, host)
-        ms = timed(lambda src=src, dst=dst: dst.copy_(src, non_blocking=True))
+        ms = timed(lambda src=src, dst=dst: dst.copy_(src, non_blocking=True), n=5)
         res[f"{direction} flat ms"] = ms
         anchor = ms
         for g in (1, 2, 4, 8):
@@ -109,10 +95,10 @@ def main() -> None:
                 return jobs
 
             for streams in (1, 2):
-                ms = timed(lambda streams=streams: on_sides(piece_jobs(), streams))
+                ms = timed(lambda streams=streams: on_sides(piece_jobs(), streams), n=5)
                 res[f"{direction} per piece G={g} streams={streams} x"] = anchor / ms
                 if c2d.why_not is None:
-                    ms = timed(lambda streams=streams: on_sides(twod_jobs(), streams))
+                    ms = timed(lambda streams=streams: on_sides(twod_jobs(), streams), n=5)
                     res[f"{direction} 2D G={g} streams={streams} x"] = anchor / ms
     for a, b in res.items():
         print(f"{a}: {round(b, 3) if isinstance(b, float) else b}", flush=True)

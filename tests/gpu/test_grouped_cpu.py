@@ -4,6 +4,7 @@ the per-layer path, for partial first/tail chunks, several loads, group sizes an
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -196,6 +197,34 @@ def _arena_loads(
     return caches, [a, b], [a_chunks, b_chunks]
 
 
+def _expected(caches: list[torch.Tensor], loads: list[LoadPieces]) -> list[torch.Tensor]:
+    """What the per-layer path writes: the reference every ring load must equal bit for bit."""
+    lay = detect_layout(caches[0], block_size=BS)
+    want = [c.clone() for c in caches]
+    for i in range(L):
+        for ld in loads:
+            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    return want
+
+
+def _ring(lay: Any, loads: list[LoadPieces], device: torch.device, streamed: bool) -> GroupedLoad:
+    """A 2-layer-group ring over whole-chunk ``loads``: all pieces at once, or planned from sizes
+    and fed piece by piece then attached (the worker's streamed way)."""
+    if not streamed:
+        return GroupedLoad(lay, loads, L, device, group_layers=2)
+    gl = GroupedLoad.streamed(
+        lay, [[(CT, 0, CT)] * len(ld.pieces) for ld in loads], L, device, group_layers=2
+    )
+    assert gl is not None
+    i = 0
+    for ld in loads:
+        for kv, _, _ in ld.pieces:
+            assert gl.feed(i, kv)
+            i += 1
+    assert gl.attach(list(enumerate(loads)))
+    return gl
+
+
 @pytest.mark.parametrize("rows2d", [True, False])
 @pytest.mark.parametrize("streamed", [True, False])
 def test_equally_spaced_chunks_move_as_one_2d_run_and_land_bit_exact(
@@ -219,22 +248,8 @@ def test_equally_spaced_chunks_move_as_one_2d_run_and_land_bit_exact(
     monkeypatch.setattr(grouped, "copy_rows", counting)
     caches, loads, _ = _arena_loads(seed=11, device=CPU)
     lay = detect_layout(caches[0], block_size=BS)
-    want = [c.clone() for c in caches]
-    for i in range(L):
-        for ld in loads:
-            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
-    if streamed:
-        geometry = [[(CT, 0, CT)] * len(ld.pieces) for ld in loads]
-        gl = GroupedLoad.streamed(lay, geometry, L, CPU, group_layers=2)
-        assert gl is not None
-        i = 0
-        for ld in loads:
-            for kv, _, _ in ld.pieces:
-                assert gl.feed(i, kv)
-                i += 1
-        assert gl.attach(list(enumerate(loads)))
-    else:
-        gl = GroupedLoad(lay, loads, L, CPU, group_layers=2)
+    want = _expected(caches, loads)
+    gl = _ring(lay, loads, CPU, streamed)
     for i in range(L):
         gl.layer(i, caches[i])
     gl.wait()
@@ -268,10 +283,7 @@ def test_2d_runs_on_cuda_from_a_pinned_arena_are_bit_exact(
     dev = torch.device("cuda")
     caches, host_loads, _ = _arena_loads(seed=12, device=CPU, pin=True)
     lay = detect_layout(caches[0], block_size=BS)
-    want = [c.clone() for c in caches]
-    for i in range(L):
-        for ld in host_loads:
-            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    want = _expected(caches, host_loads)
     st = IndexStaging()
     blocks = ([30, 3, 17, 8, 22, 11, 5, 36], [1, 9, 25, 14])
     loads = [
@@ -280,19 +292,8 @@ def test_2d_runs_on_cuda_from_a_pinned_arena_are_bit_exact(
     ]
     dcaches = [c.to(dev) for c in caches]
     torch.cuda._sleep(20_000_000)
-    if streamed:
-        gl = GroupedLoad.streamed(
-            lay, [[(CT, 0, CT)] * len(ld.pieces) for ld in loads], L, dev, group_layers=2
-        )
-        assert gl is not None and gl._rows2d
-        i = 0
-        for ld in loads:
-            for kv, _, _ in ld.pieces:
-                assert gl.feed(i, kv)
-                i += 1
-        assert gl.attach(list(enumerate(loads)))
-    else:
-        gl = GroupedLoad(lay, loads, L, dev, group_layers=2)
+    gl = _ring(lay, loads, dev, streamed)
+    assert gl._rows2d
     for i in range(L):
         gl.layer(i, dcaches[i])
     gl.wait()
@@ -311,10 +312,7 @@ def test_a_second_load_reuses_the_first_loads_ring_buffers_and_is_bit_exact() ->
     first_caches, first_loads, _ = _arena_loads(seed=21, device=CPU)
     caches, loads, _ = _arena_loads(seed=22, device=CPU)
     lay = detect_layout(caches[0], block_size=BS)
-    want = [c.clone() for c in caches]
-    for i in range(L):
-        for ld in loads:
-            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    want = _expected(caches, loads)
     gl = GroupedLoad(lay, first_loads, L, CPU, group_layers=2)
     for i in range(L):
         gl.layer(i, first_caches[i])
