@@ -37,15 +37,22 @@ def _setup(seed: int) -> tuple[list[torch.Tensor], list[LoadPieces]]:
     return caches, [a, b]
 
 
-@pytest.mark.parametrize("group_layers", [1, 2, 4])
-@pytest.mark.parametrize("order", ["forward", "reversed", "shuffled"])
-def test_grouped_load_is_bit_exact_with_the_per_layer_path(group_layers: int, order: str) -> None:
-    caches, loads = _setup(seed=group_layers)
+def _expected(caches: list[torch.Tensor], loads: list[LoadPieces]) -> list[torch.Tensor]:
+    """What the per-layer path writes: the reference every ring load must equal bit for bit."""
     lay = detect_layout(caches[0], block_size=BS)
     want = [c.clone() for c in caches]
     for i in range(L):
         for ld in loads:
             scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    return want
+
+
+@pytest.mark.parametrize("group_layers", [1, 2, 4])
+@pytest.mark.parametrize("order", ["forward", "reversed", "shuffled"])
+def test_grouped_load_is_bit_exact_with_the_per_layer_path(group_layers: int, order: str) -> None:
+    caches, loads = _setup(seed=group_layers)
+    lay = detect_layout(caches[0], block_size=BS)
+    want = _expected(caches, loads)
     assert GroupedLoad.plan(lay, loads, L)
     gl = GroupedLoad(lay, loads, L, CPU, group_layers=group_layers)
     assert gl.group_layers == group_layers
@@ -105,10 +112,7 @@ def test_grouped_load_on_cuda_is_bit_exact_over_one_or_two_copy_streams(
     caches, loads = _setup(seed=7)
     st = IndexStaging()
     lay = detect_layout(caches[0], block_size=BS)
-    want = [c.clone() for c in caches]
-    for i in range(L):
-        for ld in loads:
-            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
+    want = _expected(caches, loads)
     blocks = ([30, 3, 17, 8, 22, 11, 5, 36], [1, 9, 25, 14])
     spans = ((4, 28), (0, 16))
     on_dev = [
@@ -195,16 +199,6 @@ def _arena_loads(
     )
     b = LoadPieces(token_index([1, 9, 25, 14], 0, 0, 16, BS, device), [(c, 0, CT) for c in b_chunks])
     return caches, [a, b], [a_chunks, b_chunks]
-
-
-def _expected(caches: list[torch.Tensor], loads: list[LoadPieces]) -> list[torch.Tensor]:
-    """What the per-layer path writes: the reference every ring load must equal bit for bit."""
-    lay = detect_layout(caches[0], block_size=BS)
-    want = [c.clone() for c in caches]
-    for i in range(L):
-        for ld in loads:
-            scatter_pieces(lay, want[i], ld.idx, [kv[i, :, a:b] for kv, a, b in ld.pieces])
-    return want
 
 
 def _ring(lay: Any, loads: list[LoadPieces], device: torch.device, streamed: bool) -> GroupedLoad:
