@@ -144,8 +144,8 @@ class NetworkTier(Tier):
         """Whether each key is stored (one round trip or one parallel fan-out); may raise."""
         raise NotImplementedError
 
-    def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
-        """``(header, payload)`` per key, ``None`` when absent; may raise."""
+    def _fetch_many(self, keys: Sequence[bytes]) -> Sequence[tuple[Buffer, Buffer] | Chunk | None]:
+        """``(header, payload)`` per key (or a ``Chunk`` already verified), ``None`` when absent; may raise."""
         raise NotImplementedError
 
     def contains(self, key: bytes) -> bool:
@@ -161,15 +161,23 @@ class NetworkTier(Tier):
         return self.batched_get([key])[0]
 
     def batched_get(self, keys: Sequence[bytes]) -> list[Chunk | None]:
+        return self._collect(keys, lambda: self._fetch_many(keys))
+
+    def _collect(
+        self, keys: Sequence[bytes], fetch: Callable[[], Sequence[tuple[Buffer, Buffer] | Chunk | None]]
+    ) -> list[Chunk | None]:
+        """``fetch``'s entries as chunks: ``(header, payload)`` decoded here, a ``Chunk`` a subclass
+        already verified (received into the caller's memory), ``None`` absent; counted, and a
+        corrupt or incomplete value removed."""
         if not keys:
             return []
-        found = self._guard("get", lambda: self._fetch_many(keys), None)
+        found = self._guard("get", fetch, None)
         if found is None:
             self._count_get(0, len(keys))
             return [None] * len(keys)
         out: list[Chunk | None] = []
         for k, f in zip(keys, found):
-            c = None if f is None else self._decode(k, *f)
+            c = f if isinstance(f, Chunk) or f is None else self._decode(k, *f)
             if f is not None and c is None:
                 self.remove(k)  # corrupt or incomplete: make room for a clean rewrite
             out.append(c)

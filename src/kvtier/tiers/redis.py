@@ -31,15 +31,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
+import torch
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from kvtier import serde
 from kvtier.chunk import Chunk
+from kvtier.serde.base import check_key
 from kvtier.serde.codec import Buffer
 from kvtier.tiers.base import TierError
 from kvtier.tiers.network import NetworkTier
-from kvtier.tiers.redis_bulk import get_many
+from kvtier.tiers.redis_bulk import Received, get_many
 from kvtier.tiers.redis_client import connect, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -164,8 +166,23 @@ class RedisTier(NetworkTier):
                 out[i] = int(found) == n - 1
         return out
 
-    def _fetch_many(self, keys: Sequence[bytes]) -> list[tuple[Buffer, Buffer] | None]:
-        """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete.
+    def batched_get_into(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None]
+    ) -> list[Chunk | None]:
+        """``batched_get`` receiving each raw, one-part value straight into ``into[i]`` (standalone
+        Redis): the reply is read into the destination's contiguous slabs and hashed as it lands,
+        its header (read just before it, same pipeline) checked first, so the chunk returned *is*
+        ``into[i]`` and the engine's copy into its output has nothing left to do. Anything else
+        (a codec, a split value, another shape) is received and decoded as ``batched_get`` does."""
+        if not isinstance(self._r(), redis.Redis) or all(t is None for t in into):
+            return self.batched_get(keys)
+        return self._collect(keys, lambda: self._fetch_many(keys, into))
+
+    def _fetch_many(
+        self, keys: Sequence[bytes], into: Sequence[torch.Tensor | None] | None = None
+    ) -> list[tuple[Buffer, Buffer] | Chunk | None]:
+        """``(header, payload)`` per key, ``None`` when absent; ``(b"", b"")`` when incomplete; a
+        ``Chunk`` viewing ``into[i]`` when its value was received and verified there.
 
         Standalone: values are read off the socket into their final buffers (``redis_bulk``);
         a cluster goes through redis-py's pipeline (one per node)."""
@@ -173,18 +190,24 @@ class RedisTier(NetworkTier):
         names = [name for k in keys for name in (self._rk(k), self._rk(k) + ":0")]
         replies: list[Any]
         if isinstance(r, redis.Redis):
-            replies = list(get_many(r, names))
+            dest = None if into is None else functools.partial(_slabs_for, into)
+            replies = list(get_many(r, names, dest))
         else:
             p = self._pipe()
             for name in names:
                 p.get(name)
             replies = list(p.execute())
-        out: list[tuple[Buffer, Buffer] | None] = []
+        out: list[tuple[Buffer, Buffer] | Chunk | None] = []
         more: list[tuple[int, int]] = []  # (index, parts) of split chunks
         for i in range(len(keys)):
             head, part0 = replies[2 * i], replies[2 * i + 1]
             if head is None:
                 out.append(None)
+                continue
+            if isinstance(part0, Received):
+                t = into[i] if into is not None else None
+                assert t is not None, "a reply lands in place only where into gave a tensor"
+                out.append(_received_chunk(keys[i], head, part0, t))
                 continue
             total = _payload_size(head)
             if part0 is None or total is None or (total and not part0) or len(part0) > total:
@@ -308,6 +331,45 @@ class RedisTier(NetworkTier):
     def close(self) -> None:
         super().close()
         self._reset_connection()
+
+
+def _slabs_for(into: Sequence[torch.Tensor | None], j: int, replies: list[Any]) -> list[memoryview] | None:
+    """Where reply ``j`` may land: for a key's first payload part whose header (the reply before
+    it) promises a raw, one-part payload of ``into``'s shape and dtype, ``into``'s bytes as
+    contiguous slabs in order; else ``None``. Checked before a payload byte is read."""
+    if j % 2 == 0:
+        return None
+    t = into[j // 2]
+    head = replies[j - 1]
+    if t is None or head is None or t.device.type != "cpu" or t.dim() < 2:
+        return None
+    try:
+        h = serde.ChunkHeader.unpack(head)
+    except serde.CorruptChunkError:
+        return None
+    if h.codec_id != serde.get_codec("raw").id or h.shape != tuple(t.shape) or h.dtype != t.dtype:
+        return None
+    if h.raw_nbytes != h.payload_nbytes or h.payload_nbytes != t.numel() * t.element_size():
+        return None
+    rows = [t] if t.is_contiguous() else [t[a, b] for a in range(t.shape[0]) for b in range(t.shape[1])]
+    if not all(r.is_contiguous() for r in rows):
+        return None
+    return [memoryview(r.reshape(-1).view(torch.uint8).numpy()).cast("B") for r in rows]  # type: ignore[arg-type]
+
+
+def _received_chunk(
+    key: bytes, head: Buffer, got: Received, t: torch.Tensor
+) -> Chunk | tuple[Buffer, Buffer]:
+    """The chunk whose payload ``get_many`` received into ``t``, once its header's key, length and
+    checksum agree; ``(b"", b"")`` (corrupt: the caller counts, logs and removes it) otherwise."""
+    try:
+        h = serde.ChunkHeader.unpack(head)
+        check_key(h, key)
+    except serde.CorruptChunkError:
+        return (b"", b"")
+    if got.nbytes != h.payload_nbytes or got.checksum != h.payload_checksum:
+        return (b"", b"")
+    return Chunk(t, h.fingerprint, h.num_tokens)
 
 
 def _nbytes(e: Encoded) -> int:

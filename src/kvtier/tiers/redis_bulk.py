@@ -15,10 +15,12 @@ redis-py's timeout, so every read is bounded by ``timeout_s``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+import xxhash
 from redis.exceptions import InvalidResponse
 
 from kvtier.errors import KVTierError
@@ -63,7 +65,8 @@ class BulkReader:
                 raise MalformedReply("malformed reply line from redis")
             self._fill()
 
-    def bulk(self) -> bytearray | None:
+    def _size(self) -> int | None:
+        """The next bulk reply's length (``None``: nil); raises on anything but a bulk reply."""
         head = self.line()
         if head == b"_":  # RESP3's null (redis-py 8 speaks RESP3 where the server does)
             return None
@@ -72,8 +75,41 @@ class BulkReader:
         if not head.startswith(b"$"):
             raise MalformedReply(f"expected a bulk reply from redis, got {head[:20]!r}")
         n = int(head[1:])
-        if n < 0:
+        return None if n < 0 else n
+
+    def bulk(self) -> bytearray | None:
+        n = self._size()
+        return None if n is None else self._value(n)
+
+    def bulk_into(self, slabs: Sequence[memoryview]) -> Received | bytearray | None:
+        """The next reply received straight into ``slabs`` (writable byte views, filled in order)
+        when its length is theirs together, hashed (xxh3-64) slab by slab as it lands; a reply of
+        another length comes back as a ``bytearray`` (the caller decodes it the usual way)."""
+        n = self._size()
+        if n is None:
             return None
+        if n != sum(len(v) for v in slabs):
+            return self._value(n)
+        hasher = xxhash.xxh3_64()
+        for v in slabs:
+            take = min(len(self.pending), len(v))
+            v[:take] = self.pending[:take]
+            del self.pending[:take]
+            got = take
+            while got < len(v):
+                k = self.sock.recv_into(v[got:])
+                if k == 0:
+                    raise ReplyCutShort("redis closed the connection mid-reply")
+                got += k
+            hasher.update(v)
+        while len(self.pending) < 2:
+            self._fill()
+        if self.pending[:2] != b"\r\n":
+            raise MalformedReply("bulk reply from redis not terminated by CRLF")
+        del self.pending[:2]
+        return Received(n, hasher.intdigest())
+
+    def _value(self, n: int) -> bytearray:
         out = bytearray(n + 2)  # the value and its trailing CRLF
         view = memoryview(out)
         take = min(len(self.pending), n + 2)
@@ -92,8 +128,21 @@ class BulkReader:
         return out
 
 
-def get_many(client: redis.Redis, names: Sequence[str]) -> list[bytearray | None]:
-    """``GET`` of every name in one pipelined round trip over one pooled connection."""
+@dataclass(frozen=True)
+class Received:
+    """A reply ``bulk_into`` wrote into the caller's slabs: its length and xxh3-64."""
+
+    nbytes: int
+    checksum: int
+
+
+Dest = Callable[[int, list[Any]], Sequence[memoryview] | None]
+"""``dest(j, replies so far)``: where reply ``j`` may land (``bulk_into``), or ``None``: a buffer of its own."""
+
+
+def get_many(client: redis.Redis, names: Sequence[str], dest: Dest | None = None) -> list[Any]:
+    """``GET`` of every name in one pipelined round trip over one pooled connection: per name a
+    ``bytearray``, ``None`` (absent) or, where ``dest`` gave slabs of the reply's size, ``Received``."""
     pool: Any = client.connection_pool
     conn = pool.get_connection()
     ok = False
@@ -103,7 +152,10 @@ def get_many(client: redis.Redis, names: Sequence[str]) -> list[bytearray | None
         if sock is None:
             raise ReplyCutShort("redis connection closed")
         reader = BulkReader(sock)
-        out = [reader.bulk() for _ in names]
+        out: list[Any] = []
+        for j in range(len(names)):
+            slabs = dest(j, out) if dest is not None else None
+            out.append(reader.bulk() if slabs is None else reader.bulk_into(slabs))
         if reader.pending:
             raise MalformedReply("unexpected bytes after the replies from redis")
         ok = True
