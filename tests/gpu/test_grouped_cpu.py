@@ -123,14 +123,9 @@ def test_grouped_load_on_cuda_is_bit_exact_over_one_or_two_copy_streams(
     ]
     dcaches = [c.to(dev) for c in caches]
     torch.cuda._sleep(20_000_000)
-    gl = GroupedLoad(lay, on_dev, L, dev, group_layers=group_layers, copy_streams=copy_streams)
-    for i in range(L):
-        gl.layer(i, dcaches[i])
-    gl.wait()
-    torch.cuda.synchronize()
-    assert gl.grouped_layers == L
-    for i in range(L):
-        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"
+    _run_on_cuda(
+        GroupedLoad(lay, on_dev, L, dev, group_layers=group_layers, copy_streams=copy_streams), dcaches, want
+    )
 
 
 def test_streamed_load_fed_chunk_by_chunk_with_a_short_request_is_bit_exact() -> None:
@@ -199,6 +194,17 @@ def _arena_loads(
     )
     b = LoadPieces(token_index([1, 9, 25, 14], 0, 0, 16, BS, device), [(c, 0, CT) for c in b_chunks])
     return caches, [a, b], [a_chunks, b_chunks]
+
+
+def _run_on_cuda(gl: GroupedLoad, dcaches: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Every layer through the ring into the device caches, then each equal to the reference."""
+    for i in range(L):
+        gl.layer(i, dcaches[i])
+    gl.wait()
+    torch.cuda.synchronize()
+    assert gl.grouped_layers == L
+    for i in range(L):
+        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"
 
 
 def _ring(lay: Any, loads: list[LoadPieces], device: torch.device, streamed: bool) -> GroupedLoad:
@@ -288,13 +294,7 @@ def test_2d_runs_on_cuda_from_a_pinned_arena_are_bit_exact(
     torch.cuda._sleep(20_000_000)
     gl = _ring(lay, loads, dev, streamed)
     assert gl._rows2d
-    for i in range(L):
-        gl.layer(i, dcaches[i])
-    gl.wait()
-    torch.cuda.synchronize()
-    assert gl.grouped_layers == L
-    for i in range(L):
-        assert bits_equal(dcaches[i].cpu(), want[i]), f"layer {i} differs"
+    _run_on_cuda(gl, dcaches, want)
 
 
 def test_a_second_load_reuses_the_first_loads_ring_buffers_and_is_bit_exact() -> None:
