@@ -322,3 +322,26 @@ def test_a_second_load_reuses_the_first_loads_ring_buffers_and_is_bit_exact() ->
     for i in range(L):
         assert bits_equal(caches[i], want[i]), f"layer {i} differs"
     assert len(grouped._SPARE[(str(CPU), torch.float32)]) <= grouped.RING
+
+
+def test_a_2d_copy_the_runtime_refuses_is_copied_row_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``copy_rows`` with a copier that raises ``Copy2DError`` (the runtime refusing a pitch):
+    the same rows land through torch views, and the load stays bit-exact (never a failed load)."""
+    from kvtier import devcopy2d
+    from kvtier.devcopy2d import Copy2D, Copy2DError, Rows, copy_rows
+
+    class Refusing(Copy2D):
+        def __init__(self) -> None:
+            self._fn, self.why_not = None, None
+
+        def copy(self, *a: object) -> None:
+            raise Copy2DError("cudaMemcpy2DAsync failed with error 1 (test)")
+
+    monkeypatch.setattr(devcopy2d, "_warned", False)
+    src = torch.arange(4 * 24, dtype=torch.uint8).view(4, 24)
+    dst = torch.zeros(4, 10, dtype=torch.uint8)
+    run = Rows(src, src.data_ptr() + 2, dst, dst.data_ptr(), 8)
+    for h in range(1, 4):
+        assert run.extend(src, src.data_ptr() + 2 + 24 * h, dst, dst.data_ptr() + 10 * h, 8)
+    copy_rows(run, None, Refusing())
+    assert torch.equal(dst[:, :8], src[:, 2:10]) and int(dst[:, 8:].sum()) == 0
