@@ -454,44 +454,32 @@ class GroupedLoad:
         buf = self._ring[s]
         assert buf is not None
         lays = self._layers(g)
-        if self._rows2d:
-            side = side_stream(self.device, 0) if self._cuda else None
+        # 2D runs go on copy stream 0; one DMA per piece spreads pieces j, j+k, ... over copy
+        # stream j (their DMAs' fixed costs overlap)
+        k = 1 if self._rows2d or not self._cuda else self.copy_streams
+        events = []
+        for j in range(k):
+            mine = self._pieces[j::k]
+            if not mine:
+                continue
+            side = side_stream(self.device, j) if self._cuda else None
             if side is not None:
                 side.wait_event(self._start)
                 for ev in self._waits:
                     side.wait_event(ev)
                 if self._free[s] is not None:
                     side.wait_event(self._free[s])
-            for run in self._runs(self._pieces, buf, lays):
-                copy_rows(run, side, self._copier)
-            if side is not None:
-                buf.record_stream(side)
-            ev = self._record(side)
-            self._last_dma[0] = ev
-            self._ready[g] = [ev]
-            self._issued.add(g)
-            self._slot_group[s] = g
-            return
-        l0, l1 = lays.start, lays.stop
-        dsts, srcs = [], []
-        for p in self._pieces:
-            assert p.kv is not None
-            n = p.n * self._token_elems * (l1 - l0)
-            dsts.append(buf[p.offset : p.offset + n])
-            srcs.append(p.kv[l0:l1].view(-1))
-        k = self.copy_streams if self._cuda else 1
-        events = []
-        for j in range(k):  # pieces j, j+k, ... on copy stream j (their DMAs' fixed costs overlap)
-            if not dsts[j::k]:
-                continue
-            side = side_stream(self.device, j) if self._cuda else None
-            if side is not None:
-                side.wait_event(self._start)
-                ev = self._free[s]
-                if ev is not None:
-                    side.wait_event(ev)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                torch._foreach_copy_(dsts[j::k], srcs[j::k], non_blocking=self._cuda)
+            if self._rows2d:
+                for run in self._runs(mine, buf, lays):
+                    copy_rows(run, side, self._copier)
+            else:
+                dsts, srcs = [], []
+                for p in mine:
+                    assert p.kv is not None
+                    dsts.append(buf[p.offset : p.offset + p.n * self._token_elems * len(lays)])
+                    srcs.append(p.kv[lays.start : lays.stop].view(-1))
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    torch._foreach_copy_(dsts, srcs, non_blocking=self._cuda)
             if side is not None:
                 buf.record_stream(side)
             events.append(self._record(side))
