@@ -79,7 +79,7 @@ def test_the_runtime_torch_uses_is_found_among_others(monkeypatch: pytest.Monkey
 
 def test_no_runtime_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     threads._omp_setters.cache_clear()
-    monkeypatch.setattr(threads, "_loaded_libraries", lambda: ["/nowhere/libgomp.so.1"])
+    monkeypatch.setattr(threads, "loaded_libraries", lambda: ["/nowhere/libgomp.so.1"])
     try:
         assert threads._omp_setters() == []
         _in_thread(threads.one_omp_thread)  # nothing to set: still fine

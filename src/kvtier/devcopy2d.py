@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from kvtier.errors import KVTierError
+from kvtier.threads import loaded_libraries
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,7 @@ def _find() -> tuple[Any, str | None]:
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     torch.cuda.init()
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                p = line.rsplit(" ", 1)[-1].strip()
-                if "libcudart.so" in p and p not in paths:
-                    paths.append(p)
-    except OSError:
-        pass
+    paths = [p for p in loaded_libraries() if "libcudart.so" in os.path.basename(p)]
     for p in [*paths, "libcudart.so", "libcudart.so.13", "libcudart.so.12"]:
         try:
             lib = ctypes.CDLL(p)

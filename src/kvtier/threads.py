@@ -61,7 +61,7 @@ def one_omp_thread() -> None:
 def _omp_setters() -> list[Callable[[int], None]]:
     """``omp_set_num_threads`` of each OpenMP runtime loaded in this process ([] if none)."""
     out: list[Callable[[int], None]] = []
-    for path in _loaded_libraries():
+    for path in loaded_libraries():
         if not os.path.basename(path).startswith(_RUNTIMES):
             continue
         try:
@@ -74,8 +74,9 @@ def _omp_setters() -> list[Callable[[int], None]]:
     return out
 
 
-def _loaded_libraries() -> list[str]:
-    """Paths of the shared libraries mapped into this process, in load order ([] without /proc)."""
+def loaded_libraries() -> list[str]:
+    """Paths of the shared libraries mapped into this process, in load order ([] without /proc).
+    Also how ``devcopy2d`` finds the CUDA runtime torch loaded."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
