@@ -125,6 +125,7 @@ class _Load:
 @dataclass
 class _Save:
     spec: TransferSpec
+    tokens: np.ndarray  # ``spec.tokens[: spec.end]`` as keyed (converted once, in ``begin_saves``)
     start: int
     idx: TokenIndex
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
@@ -417,11 +418,11 @@ class WorkerSide:
                 if start < spec.end:
                     self.stats.copied_tokens += spec.end - start
             if start < spec.end:
-                todo.append((spec, start, lay.chunk_shape(self.num_layers, spec.end - start)))
+                todo.append((spec, toks, start, lay.chunk_shape(self.num_layers, spec.end - start)))
         packed = [
-            self._packs and (spec.end - start) % self.engine.chunk_tokens == 0 for spec, start, _ in todo
+            self._packs and (spec.end - start) % self.engine.chunk_tokens == 0 for spec, _, start, _ in todo
         ]
-        total = sum(int(np.prod(shape)) for (_, _, shape), p in zip(todo, packed) if not p)
+        total = sum(int(np.prod(shape)) for (_, _, _, shape), p in zip(todo, packed) if not p)
         self._step_buf = None
         if todo and self._background(device):
             assert self.saver is not None
@@ -434,7 +435,7 @@ class WorkerSide:
             self._flat = torch.empty(total, dtype=lay.dtype, pin_memory=device.type == "cuda")
         flat = self._step_buf if self._step_buf is not None else self._flat
         at = 0
-        for (spec, start, shape), p in zip(todo, packed):
+        for (spec, toks, start, shape), p in zip(todo, packed):
             idx = token_index(
                 spec.block_ids,
                 spec.first_token(self.bs),
@@ -446,7 +447,7 @@ class WorkerSide:
             )
             if p:  # whole chunks under a lossy codec: quantized in the gather, no raw buffer
                 sv = PackedSave(self.engine, idx, self.num_layers, device)
-                self._saves.append(_Save(spec, start, idx, torch.empty(0), packed=sv))
+                self._saves.append(_Save(spec, toks, start, idx, torch.empty(0), packed=sv))
                 continue
             assert flat is not None
             n = int(np.prod(shape))
@@ -457,7 +458,7 @@ class WorkerSide:
                 if device.type == "cpu" and idx.whole_blocks is not None
                 else None
             )
-            self._saves.append(_Save(spec, start, idx, buf, host=host))
+            self._saves.append(_Save(spec, toks, start, idx, buf, host=host))
         self.stats.save_s += time.perf_counter() - t0
 
     def _skip_inflight(self, spec: TransferSpec, toks: np.ndarray, start: int, background: set[bytes]) -> int:
@@ -536,12 +537,10 @@ class WorkerSide:
         """Put one save's chunks into the tiers (the step's thread, or the saver's)."""
         if sv.packed is not None:
             res = self.engine.store_packed_range(
-                sv.spec.tokens[: sv.spec.end], sv.packed.finish(), start=sv.start, extras=sv.spec.extras
+                sv.tokens, sv.packed.finish(), start=sv.start, extras=sv.spec.extras
             )
         else:
-            res = self.engine.store_range(
-                sv.spec.tokens[: sv.spec.end], sv.buf, start=sv.start, extras=sv.spec.extras
-            )
+            res = self.engine.store_range(sv.tokens, sv.buf, start=sv.start, extras=sv.spec.extras)
         with self._lock:
             self.new_keys.extend(res.stored_keys)
             self.stats.save_requests += 1
