@@ -26,11 +26,13 @@ and the logits/cache hand-off; and the re-rotation kernel's agreement with the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -106,6 +108,26 @@ def rerotation_check(model: Any, device: torch.device) -> float:
     return float((got.float() - ref.to(torch.bfloat16).float()).abs().max())
 
 
+def blend_once(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: Any) -> Any:
+    """One blended prefill of ``ids`` as every variant of this bench runs it (nothing stored)."""
+    return kvt.prefill(
+        model, ids, eng, segments=spans, recompute_ratio=args.ratio, check_layer=args.check_layer, store=False
+    )
+
+
+@contextlib.contextmanager
+def dense_mask() -> Iterator[None]:
+    """Flex off for the ``blend_mask`` variant (a flex fault earlier in the run: it already is)."""
+    fault = flex.disabled()
+    if fault is None:
+        flex.disable("bench: the dense-mask variant")
+    try:
+        yield
+    finally:
+        if fault is None:
+            flex.enable()
+
+
 def trace_requests(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: Any, extras: Any) -> None:
     """One blend and one full prefill under ``torch.profiler`` (device idle time, host ops in its gaps)
     and one blend under ``cProfile`` (host time by function); printed and saved under ``args.trace``."""
@@ -120,24 +142,11 @@ def trace_requests(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: An
     os.makedirs(args.trace, exist_ok=True)
 
     def blend() -> None:
-        kvt.prefill(
-            model,
-            ids,
-            eng,
-            segments=spans,
-            recompute_ratio=args.ratio,
-            check_layer=args.check_layer,
-            store=False,
-        )
+        blend_once(model, ids, eng, spans, args)
 
     def blend_mask() -> None:
-        fault = flex.disabled()
-        flex.disable("bench: the dense-mask variant")
-        try:
+        with dense_mask():
             blend()
-        finally:
-            if fault is None:
-                flex.enable()
 
     def full() -> None:
         full_ttft(model, ids)
@@ -237,24 +246,12 @@ def main() -> None:
             if v == "full":
                 ref, res[v] = full_ttft(model, ids)
             else:
-                fault = flex.disabled()  # a flex fault earlier in this run: both variants are the mask
-                if v == "blend_mask" and fault is None:
-                    flex.disable("bench: the dense-mask variant")
-                sync(device)
-                r = kvt.prefill(
-                    model,
-                    ids,
-                    eng,
-                    segments=spans,
-                    recompute_ratio=args.ratio,
-                    check_layer=args.check_layer,
-                    store=False,
-                )
-                sync(device)
+                with dense_mask() if v == "blend_mask" else contextlib.nullcontext():
+                    sync(device)
+                    r = blend_once(model, ids, eng, spans, args)
+                    sync(device)
                 res[v] = r.ttft_s
                 if v == "blend_mask":
-                    if fault is None:
-                        flex.enable()
                     continue
                 logits = r.logits
                 if i == 0:
