@@ -49,7 +49,9 @@ def main() -> None:
         "kvtier.remote.retry_backoff_s": 0.2,
         "kvtier.remote.retry_backoff_max_s": 1.0,
     }
-    llm = llm_util.make_llm(str(model), engine_id="outage", extra=extra, enable_prefix_caching=False)
+    llm = llm_util.make_llm(
+        str(model), engine_id="outage", extra=extra, cost=True, enable_prefix_caching=False
+    )
 
     def request(seed: int) -> int:
         rng = random.Random(seed)

@@ -163,6 +163,7 @@ def start_engine(
         "kv_connector_extra_config": {
             "kvtier.chunk.chunk_tokens": 128,
             "kvtier.cpu.enabled": False,
+            "kvtier.cost.enabled": False,  # exact-hit tests: see llm_util.make_llm's ``cost``
             "kvtier.remote.url": f"kvtier://127.0.0.1:{daemon.port}",
         },
     }

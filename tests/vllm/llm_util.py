@@ -17,16 +17,29 @@ for _k, _v in VLLM_ENV.items():
     os.environ.setdefault(_k, _v)
 
 
+COST_KEY = "kvtier.cost.enabled"
+
+
+def with_cost(extra: dict[str, Any], cost: bool = False) -> dict[str, Any]:
+    """``extra`` with ``kvtier.cost.enabled`` set to ``cost`` unless it already sets it."""
+    return {COST_KEY: cost, **extra}
+
+
 def make_llm(
     model: str,
     *,
     engine_id: str | None,
     extra: dict[str, Any] | None = None,
     kv_role: str = "kv_both",
+    cost: bool = False,
     **kw: Any,
 ) -> Any:
     """An ``LLM`` on ``model``; with ``engine_id`` it runs kvtier's connector (``extra``: its config)
-    in ``kv_role``."""
+    in ``kv_role``. ``cost``: load-or-recompute (the product's default is on); off unless asked,
+    for the reason ``tests/conftest.py`` gives: it weighs measured times, and on a loaded machine
+    a tiny model's prefill can beat a Redis read, so an exact-hit test would depend on the
+    weather. That fixture cannot reach these engines (module-scoped, or in other processes), so
+    the setting travels in the connector's config; an explicit ``kvtier.cost.enabled`` wins."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -37,7 +50,7 @@ def make_llm(
             kv_connector_module_path="kvtier.integrations.vllm",
             kv_role=kv_role,
             engine_id=engine_id,
-            kv_connector_extra_config=dict(extra or {}),
+            kv_connector_extra_config=with_cost(extra or {}, cost),
         )
     args: dict[str, Any] = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0}
     args.update(kw)

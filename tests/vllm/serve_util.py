@@ -37,7 +37,8 @@ class VLLMServer:
             "kv_connector": "KVTierConnector",
             "kv_connector_module_path": "kvtier.integrations.vllm",
             "kv_role": "kv_both",
-            "kv_connector_extra_config": extra,
+            # load-or-recompute off unless ``extra`` sets it: see llm_util.make_llm's ``cost``
+            "kv_connector_extra_config": {"kvtier.cost.enabled": False, **extra},
         }
         self.cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
