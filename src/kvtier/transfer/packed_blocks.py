@@ -50,7 +50,7 @@ def flash_view(layout: KVLayout, entry: torch.Tensor) -> torch.Tensor | None:
 def packs(engine: CacheEngine, layout: KVLayout) -> bool:
     """Whether the worker moves this engine's chunks packed through the fused kernels."""
     codec = engine.kv_codec
-    if codec is None or layout.kind not in (LayoutKind.VLLM_NHD, LayoutKind.VLLM_HND):
+    if codec is None or not codec.quantizes or layout.kind not in (LayoutKind.VLLM_NHD, LayoutKind.VLLM_HND):
         return False
     if isinstance(codec, KiviCodec) and engine.chunk_tokens % KEY_GROUP_TOKENS:
         return False
