@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 6's fifth GPU call (lead): worker rows with recycled ring buffers (#21), flex with the blend's
-# own tensor views (#14), the merged tree's CUDA tests.
+# own tensor views (#14), the merged tree's CUDA tests. Also covers kv_codec kt on CUDA (tests/gpu/test_codec_cuda.py, session 7).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit 1
 mkdir -p "$OUT"

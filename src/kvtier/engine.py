@@ -473,7 +473,7 @@ class CacheEngine:
         t0 = time.perf_counter()
         codec, ns = self._kv_codec, self._namespace
         if codec is None or ns is None:
-            raise KVError("store_packed_range needs an engine bound with a lossy kv_codec")
+            raise KVError("store_packed_range needs an engine bound with a kv_codec")
         arr = tokens_to_array(tokens)
         ct = self.chunk_tokens
         n = int(packed.shape[0]) if packed.dim() == 2 else -1
@@ -492,10 +492,14 @@ class CacheEngine:
         skip = self.storage.top_prefix([k.digest for k in keys])
         res.skipped_tokens = sum(k.num_tokens for k in keys[:skip])
         todo = list(range(skip, len(keys)))
-        # NaN/Inf KV gives its group a non-finite scale or offset on every codec path (torch and
-        # Triton: serde.kvcodec's invariants), so the packed scales are the non-finite check
-        scales = packed[skip:, codec.scales_offset(self.logical_shape(ct)) :].contiguous()
-        bad = (~torch.isfinite(scales.view(torch.float32))).any(dim=1).nonzero()
+        if codec.quantizes:
+            # NaN/Inf KV gives its group a non-finite scale or offset on every codec path (torch
+            # and Triton: serde.kvcodec's invariants), so the packed scales are the non-finite check
+            scales = packed[skip:, codec.scales_offset(self.logical_shape(ct)) :].contiguous()
+            bad = (~torch.isfinite(scales.view(torch.float32))).any(dim=1).nonzero()
+        else:  # the KV's own values (``kt``): checked as they are
+            values = packed[skip:].contiguous().view(dtype_from_name(ns.kv_dtype))
+            bad = (~torch.isfinite(values)).any(dim=1).nonzero()
         clean = int(bad[0]) if bad.numel() else len(todo)
         if clean < len(todo):
             res.nonfinite_chunks = len(todo) - clean

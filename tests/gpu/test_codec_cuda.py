@@ -20,7 +20,7 @@ from kvtier.integrations import transformers as kvt
 from kvtier.integrations.hf_cache import KVTierCache, LayerwiseKV, cache_to_kv
 from kvtier.models import load_model
 
-CODECS = ["int8", "fp8", "int4", "int2"]
+CODECS = ["int8", "fp8", "int4", "int2", "kt"]
 
 
 @pytest.mark.gpu
@@ -70,6 +70,23 @@ def test_hf_hit_under_a_codec_is_the_forward_over_its_roundtrip(codec: str) -> N
 
 
 @pytest.mark.gpu
+def test_hf_hit_under_kt_is_the_raw_hit() -> None:
+    """``kt`` is lossless: a transformers hit through its packed path (bytes to the GPU, decoded
+    there) has the logits of the same hit from raw chunks, and of a full prefill."""
+    model = load_model("random:llama-tiny", device="cuda", dtype=torch.bfloat16).model
+    ids = random_ids(301, seed=22).cuda()
+    hits = []
+    for codec in ("kt", "none"):
+        eng = make_engine(chunk_tokens=64, chunk__kv_codec=codec)
+        assert kvt.prefill(model, ids, eng).hit_tokens == 0
+        hit = kvt.prefill(model, ids, eng)
+        assert hit.hit_tokens == 300
+        hits.append(hit.logits.float())
+    torch.testing.assert_close(hits[0], hits[1], atol=1e-3, rtol=0)
+    assert int(hits[0].argmax()) == int(full_logits(model, ids).float().argmax())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("codec", CODECS)
 def test_decode_layers_on_cuda_equals_the_host_per_chunk_decode(codec: str) -> None:
     """A 32k-like prefix's worth of chunks (many full + a short tail) as one group decode on the
@@ -77,7 +94,7 @@ def test_decode_layers_on_cuda_equals_the_host_per_chunk_decode(codec: str) -> N
     from kvtier.serde.kvcodec import get_kv_codec
     from kvtier.transfer.packed_layerwise import decode_layers
 
-    c = get_kv_codec(codec)
+    c = get_kv_codec(codec, torch.bfloat16)
     assert c is not None
     shape = (8, 2, 64, 2, 128)
     g = torch.Generator().manual_seed(9)

