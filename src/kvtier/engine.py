@@ -48,7 +48,7 @@ from kvtier.chunk import Chunk, DTypeError, dtype_from_name, dtype_name
 from kvtier.config import Config
 from kvtier.devcopy import CopyQueue, aux_stream, copy_pairs
 from kvtier.errors import KVTierError, StateError
-from kvtier.finite import AheadChecker
+from kvtier.finite import AheadChecker, all_finite
 from kvtier.keys import (
     DIGEST_BYTES,
     ChunkKey,
@@ -497,9 +497,12 @@ class CacheEngine:
             # and Triton: serde.kvcodec's invariants), so the packed scales are the non-finite check
             scales = packed[skip:, codec.scales_offset(self.logical_shape(ct)) :].contiguous()
             bad = (~torch.isfinite(scales.view(torch.float32))).any(dim=1).nonzero()
-        else:  # the KV's own values (``kt``): checked as they are
-            values = packed[skip:].contiguous().view(dtype_from_name(ns.kv_dtype))
-            bad = (~torch.isfinite(values)).any(dim=1).nonzero()
+        else:  # the KV's own values (``kt``): summed per chunk like a raw store's guard
+            dt = dtype_from_name(ns.kv_dtype)
+            rows = packed[skip:].view(dt)  # (``torch.isfinite`` over them: 0.35 s for 159 MB)
+            bad = torch.tensor(
+                [i for i in range(rows.shape[0]) if not all_finite(rows[i])], dtype=torch.int64
+            )
         clean = int(bad[0]) if bad.numel() else len(todo)
         if clean < len(todo):
             res.nonfinite_chunks = len(todo) - clean
