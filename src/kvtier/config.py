@@ -34,14 +34,8 @@ from kvtier.errors import KVTierError
 from kvtier.redact import redact_url
 
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo")
-KV_CODEC_NAMES = (
-    "none",
-    "fp8",
-    "int8",
-    "int4",
-    "int2",
-    "kt",
-)  # serde.kvcodec (kept here: config imports no torch)
+# serde.kvcodec's names (kept here: config imports no torch)
+KV_CODEC_NAMES = ("none", "fp8", "int8", "int4", "int2", "kt")
 LOSSLESS_KV_CODECS = ("none", "kt")  # the KV's own values (``kt`` only reorders them)
 SERDE_NAMES = ("raw", "zstd", "lz4", "shuffle-zstd")  # lossless tier serde (serde.codec, serde.shuffle)
 
@@ -139,9 +133,8 @@ class ChunkConfig:
 
     chunk_tokens: int = 256
     allow_partial_chunks: bool = True
-    kv_codec: str = (
-        "none"  # none | fp8 | int8 | int4 | int2 (lossy) | kt (lossless): once at store, in the namespace
-    )
+    # none | fp8 | int8 | int4 | int2 (lossy) | kt (lossless): once at store, in the namespace
+    kv_codec: str = "none"
 
     def __post_init__(self) -> None:
         _check(1 <= self.chunk_tokens <= 1 << 20, "chunk.chunk_tokens", self.chunk_tokens, "1..1048576")

@@ -120,9 +120,8 @@ class _Load:
     idx: TokenIndex
     pieces: list[tuple[Chunk, int, int]]  # chunk, first and last+1 row of it to write
     packed: PackedLoad | None = None  # lossy codec: the pieces, moved packed (``pieces`` is empty)
-    host: HostBlocks | NativeBlocks | None = (
-        None  # CPU whole blocks: the copies into vLLM's blocks (``cpu_blocks``)
-    )
+    # CPU whole blocks: the copies into vLLM's blocks (``cpu_blocks``; ``NativeBlocks`` for kt)
+    host: HostBlocks | NativeBlocks | None = None
 
     def release(self) -> None:
         for c in [c for c, _, _ in self.pieces] + (self.packed.chunks if self.packed else []):
@@ -138,13 +137,11 @@ class _Save:
     buf: torch.Tensor  # [L, planes, T, H, D] on the host
     done: set[int] = field(default_factory=set)
     entries: dict[int, torch.Tensor] = field(default_factory=dict)  # background: layer -> vLLM's tensor
-    host: HostBlocks | NativeBlocks | None = (
-        None  # CPU whole blocks: copies out of vLLM's blocks into ``buf``
-    )
+    # CPU whole blocks: the copies out of vLLM's blocks into ``buf``
+    host: HostBlocks | NativeBlocks | None = None
     packed: PackedSave | None = None  # lossy codec, whole chunks: quantized in the gather (``buf`` unused)
-    native: bool = (
-        False  # ``kt`` whole blocks: ``buf`` is the packed chunks ``[n, bytes]`` (``NativeBlocks``)
-    )
+    # kt, whole blocks (``host`` is a ``NativeBlocks``): ``buf`` is the packed chunks ``[n, bytes]``
+    native: bool = False
 
 
 class WorkerSide:
