@@ -39,7 +39,7 @@ def test_bad_packed_input_is_a_clear_error() -> None:
     toks = list(range(2 * CT))
     eng = engine("int8")
     (n,), _ = eng.stored_shape(CT)
-    with pytest.raises(KVError, match="lossy kv_codec"):
+    with pytest.raises(KVError, match="needs an engine bound with a kv_codec"):
         engine("none").store_packed_range(toks, torch.zeros(2, n, dtype=torch.uint8))
     with pytest.raises(KVError, match="whole chunks"):
         eng.store_packed_range(toks[:-1], torch.zeros(2, n, dtype=torch.uint8))
