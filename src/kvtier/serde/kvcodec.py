@@ -40,6 +40,7 @@ Invariants and reasons:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -312,17 +313,14 @@ class KeysTransposedCodec(KVCodec):
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.itemsize = dtype.itemsize
 
     def check(self, dtype: torch.dtype, head_dim: int) -> None:
         if dtype != self.dtype:
             raise KVCodecError(f"kv_codec 'kt' was bound to {self.dtype}, got KV of {dtype}")
 
     def segments(self, shape: Shape) -> list[int]:
-        n = 1
-        for x in shape:
-            n *= x
-        return [n * self.itemsize]
+        return [math.prod(shape) * self.itemsize]
 
     def packed_view(self, packed: torch.Tensor, shape: Shape) -> torch.Tensor:
         """``packed`` as its ``[L, H, P, T * D]`` tensor of the KV's dtype (a view, no copy)."""

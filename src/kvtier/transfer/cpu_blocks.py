@@ -201,8 +201,7 @@ class NativeBlocks:
         per layer."""
         if not native_layout(layout) or len(packed) != len(blocks):
             return None
-        bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
-        region = h * 2 * bs * d
+        bs, region = layout.block_size, _block_elems(layout)
         found: list[_Block] = []
         for (kv, n, a, b), blk in zip(packed, blocks, strict=True):
             if (n, a, b) != (bs, 0, bs) or kv.dim() != 1 or kv.dtype != torch.uint8:
@@ -221,7 +220,7 @@ class NativeBlocks:
         per block of ``blocks``, back to back; ``None`` where the layouts do not match."""
         if not native_layout(layout) or flat.dim() != 1 or flat.dtype != layout.dtype:
             return None
-        region = layout.num_kv_heads * 2 * layout.block_size * layout.head_dim
+        region = _block_elems(layout)
         size = num_layers * region
         if flat.numel() != size * len(blocks):
             return None
@@ -259,8 +258,10 @@ def native_layout(layout: KVLayout) -> bool:
         return False
     k, v = layout.planes
     bs, d = layout.block_size, layout.head_dim
-    return (k.offset, k.s_off, k.s_d, k.s_h) == (0, 1, bs, 2 * bs * d) and (v.offset, v.s_off, v.s_d) == (
-        bs * d,
-        d,
-        1,
-    )
+    keys_ok = (k.offset, k.s_off, k.s_d, k.s_h) == (0, 1, bs, 2 * bs * d)
+    return keys_ok and (v.offset, v.s_off, v.s_d) == (bs * d, d, 1)
+
+
+def _block_elems(layout: KVLayout) -> int:
+    """Elements of one block of one layer in a ``native_layout``: every head's keys and values."""
+    return layout.num_kv_heads * 2 * layout.block_size * layout.head_dim
