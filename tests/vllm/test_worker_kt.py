@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.vllm.test_worker import BS, D, H, L, cpu_cache, spec
 
 from kvtier.config import Config
 from kvtier.engine import CacheEngine
-from kvtier.integrations.vllm_plan import TransferSpec
 from kvtier.integrations.vllm_worker import ConnectorStats, WorkerSide
 from kvtier.keys import Namespace
 from kvtier.transfer.blocks import detect, gather_layer, token_index
 
-L, H, D, BS, NB = 3, 2, 8, 16, 12
 CPU = torch.device("cpu")
-
-
-def _caches(seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn((NB, H, BS, 2 * D), generator=g) for _ in range(L)]
 
 
 def _worker(codec: str, chunk_tokens: int) -> tuple[WorkerSide, ConnectorStats, CacheEngine]:
@@ -33,13 +27,9 @@ def _worker(codec: str, chunk_tokens: int) -> tuple[WorkerSide, ConnectorStats, 
         cpu__pin_memory="no",
     )
     eng = CacheEngine(cfg, namespace=Namespace("m", "float32", (L, H, D), kv_codec=codec))
-    lay = detect(_caches(0)[0], num_kv_heads=H, head_dim=D, block_size=BS)
+    lay = detect(cpu_cache(0)[0], num_kv_heads=H, head_dim=D, block_size=BS)
     stats = ConnectorStats()
     return WorkerSide(eng, lay, L, stats), stats, eng
-
-
-def _spec(tokens: list[int], start: int, end: int, blocks: list[int]) -> TransferSpec:
-    return TransferSpec("r", tokens, start, end, blocks[start // BS : -(-end // BS)])
 
 
 def _rows(cache: list[torch.Tensor], blocks: list[int], start: int, end: int) -> list[torch.Tensor]:
@@ -62,9 +52,9 @@ def test_kt_save_and_load_move_the_same_kv_as_raw(
     codec: str, chunk_tokens: int, native: bool, end: int
 ) -> None:
     w, stats, eng = _worker(codec, chunk_tokens)
-    src = _caches(1)
+    src = cpu_cache(1)
     toks = list(range(100, 100 + end + 1))
-    w.begin_saves([_spec(toks, 0, end, [4, 5, 6, 7, 8])], CPU)
+    w.begin_saves([spec(toks, 0, end, [4, 5, 6, 7, 8])], CPU)
     for i, c in enumerate(src):
         w.save_layer(i, c)
     w.finish_saves(CPU)
@@ -73,7 +63,7 @@ def test_kt_save_and_load_move_the_same_kv_as_raw(
     assert stats.native_saved_tokens == (end if native and end == whole else 0)
     dst = [torch.zeros_like(c) for c in src]
     load_end = whole  # vLLM loads whole blocks only
-    w.begin_loads([_spec(toks, 16, load_end, [0, 1, 9, 3, 10])], CPU)
+    w.begin_loads([spec(toks, 16, load_end, [0, 1, 9, 3, 10])], CPU)
     for i, c in enumerate(dst):
         w.load_layer(i, c)
     assert w.take_errors() == set() and stats.loaded_tokens == load_end - 16
