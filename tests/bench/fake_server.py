@@ -116,9 +116,11 @@ class FakeStreamingServer:
                         },
                     }
                 )
-                self._event(b"[DONE]")
+                # "end" before the [DONE] that ends the client's read: recorded after it, a client
+                # could start its next request first (a test saw the next turn 1 ms before "end")
                 with srv._lock:
                     srv.events.append(("end", idx, time.perf_counter()))
+                self._event(b"[DONE]")
                 if srv.chunked:
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
