@@ -68,6 +68,44 @@ def test_gradual_check_layers_narrow_to_the_ratio_and_ratio_one_stays_exact(mode
     torch.testing.assert_close(full.logits, full_logits(model, ids), rtol=0, atol=1e-4)
 
 
+def _mlp_rows(model: Any) -> tuple[list[int], list[Any]]:
+    """Rows each layer's MLP computes in the next forward (hooks: remove them after)."""
+    seen: list[int] = []
+    hooks = [
+        layer.mlp.register_forward_hook(lambda _m, args, _out: seen.append(int(args[0].shape[1])))
+        for layer in model.model.layers
+    ]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("check", [1, [1, 2]])
+def test_check_layers_run_attention_and_mlp_for_the_rows_they_keep_only(model: Any, check: Any) -> None:
+    ids, kv, reused, _ = _blend_inputs(model)
+    seq, n_reused = int(ids.shape[1]), int(reused.sum())
+    fixed = seq - n_reused  # head, question: computed in every layer
+    seen, hooks = _mlp_rows(model)
+    try:
+        out = fw.blend_forward(
+            model, ids, kv, prefix=0, reused=reused, recompute_ratio=0.2, check_layer=check
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    kept = fixed + out.recomputed
+    if check == 1:  # layer 0 all rows; layer 1 (the check) already only the selection
+        assert seen == [seq, kept, kept, kept]
+    else:  # gradual: the first check keeps 2 x 20 %, the second 20 %
+        assert seen == [seq, fixed + round(0.4 * n_reused), kept, kept]
+    # the first check layer's K/V are fresh for every row: layers up to it equal a full prefill
+    ref = kv_at(model, ids[0], 0)
+    first = check if isinstance(check, int) else min(check)
+    for i in range(first + 1):
+        torch.testing.assert_close(out.cache.layers[i].keys[0].transpose(0, 1), ref[i, 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            out.cache.layers[i].values[0].transpose(0, 1), ref[i, 1], rtol=0, atol=1e-5
+        )
+
+
 @pytest.mark.parametrize("kind", ["k", "v", "kv"])
 def test_deviation_kinds_pick_the_budget(model: Any, kind: str) -> None:
     ids, kv, reused, _ = _blend_inputs(model)

@@ -3,9 +3,13 @@
 Given a prompt whose KV rows are partly known — an exact cached prefix ``[0, prefix)`` and
 re-rotated segment rows (``reused``) — compute the rest and fix the reused rows that matter:
 
-1. Layers ``0..check_layer``: every non-prefix token is computed (so these layers are exactly a
-   full prefill). At ``check_layer`` the fresh K/V of each reused token is compared with its
-   cached row; the ``recompute_ratio`` share of reused tokens that deviate most is *selected*.
+1. Layers before ``check_layer``: every non-prefix token is computed (so these layers are exactly
+   a full prefill). At ``check_layer`` the K/V of every non-prefix token are computed (a probe
+   pass that stops the layer after its K/V projections, ``_probe_kv``) and each reused token's
+   are compared with its cached row; the ``recompute_ratio`` share of reused tokens that deviate
+   most is *selected*, and the check layer's attention and MLP run for those rows only (what
+   they would have computed for the others was discarded anyway). The check layer's K/V rows
+   are all fresh.
 2. Layers after it: only the selected tokens, the tokens no cache had, and the last token run
    through the layer; their fresh K/V overwrite their rows, every other reused row stays cached.
 
@@ -145,6 +149,7 @@ class _RowCache:
         self.probe: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, local idx, positions)
         self.deviation: torch.Tensor | None = None
         self.kind = DEFAULT_DEVIATION
+        self.stop = False  # a probe pass: end the layer once its K/V are written (``_probe_kv``)
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -157,7 +162,31 @@ class _RowCache:
             )
         kb[:, :, self.rows] = k
         vb[:, :, self.rows] = v
+        if self.stop:
+            raise _KVWritten
         return kb, vb
+
+
+class _KVWritten(Exception):  # control flow only: never escapes ``_probe_kv``
+    """Raised by ``_RowCache.update`` in a probe pass: the layer's K/V are in the buffer, the rest of
+    the layer (attention, MLP) is not wanted."""
+
+
+def _probe_kv(layer: Any, h: torch.Tensor, mask: Any, pos: torch.Tensor, rc: _RowCache, pe: Any) -> None:
+    """Run ``layer`` over ``h`` only as far as its keys and values: ``rc.update`` writes them for
+    ``rc.rows`` (taking the check's deviations first) and ends the call. A check layer's attention
+    and MLP then run for the rows it selects alone, not for every row (their outputs for the rows
+    it drops were never used): the check layer costs its K/V projections plus a selected layer.
+    Relies on what ``_RowCache`` relies on anyway: attention calls ``cache.update`` before it
+    attends."""
+    rc.stop = True
+    try:
+        layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe)
+    except _KVWritten:
+        return
+    finally:
+        rc.stop = False
+    raise BlendError("the decoder layer never called its cache's update(); this model cannot be blended")
 
 
 def _deviation(
@@ -226,8 +255,8 @@ def _run_layer(
     """One decoder layer over the rows ``rows`` (positions ``pos``); returns its output and the mask
     the next layers should use. A failure on a flex mask (compile error, a kernel the device lacks,
     an attention function that never reached flex) disables flex (one warning) and recomputes the
-    layer with the additive mask: ``h`` is unchanged, the rows the failed call may have written
-    are rewritten with the same values and a check layer's deviations are the failed call's.
+    layer with the additive mask: ``h`` is unchanged and the rows the failed call may have written
+    are rewritten with the same values (a check's deviations were taken before, by ``_probe_kv``).
     Out of memory is not a flex fault and is raised."""
     try:
         return layer(h, mask, pos, rc, use_cache=True, position_embeddings=pe), mask
@@ -237,15 +266,8 @@ def _run_layer(
         if not isinstance(mask, flex.SelectedRows):
             raise
         flex.disable(exc)
-        # NOTE: on a check layer the failed call already compared and then overwrote the probed
-        # cached rows (``_RowCache.update`` runs before attention): keep its deviations, the retry
-        # would compare fresh rows with themselves.
-        deviation = rc.deviation
         dense = _mask(rows, mask.seq, h.dtype)
-        out = layer(h, dense, pos, rc, use_cache=True, position_embeddings=pe)
-        if deviation is not None:
-            rc.deviation = deviation
-        return out, dense
+        return layer(h, dense, pos, rc, use_cache=True, position_embeddings=pe), dense
 
 
 def _stage_ratios(ratio: float, stages: int) -> list[float]:
@@ -346,6 +368,8 @@ def blend_forward(
     h = base.embed_tokens(ids[:, rows])
     dtype = h.dtype
     mask = _attn_mask(rows, seq, dtype, impl, tail_start=prefix if selecting_mode else None, kernel=kernel)
+    pos = rows[None]
+    pe = base.rotary_emb(h, pos)  # recomputed only when the rows change
     selecting = False
     for i, layer in enumerate(base.layers[:n_layers]):
         if plan is None and i == first_cached:
@@ -353,36 +377,40 @@ def blend_forward(
             if prepare is not None:
                 prepare()
             plan = _Plan(reused, force, prefix, seq, recompute_ratio, device)
-            if plan.n_reused:
-                rc.probe = (checks[0], torch.searchsorted(rows, plan.cand), plan.cand)
             phases.mark("prepare")
         if fill is not None and plan is not None and i >= first_cached and plan.n_reused:
             phases.mark("selected_layers" if selecting else "all_token_layers")
             fill(i, first_cached)
             phases.mark("fill")
-        pos = rows[None]
-        pe = base.rotary_emb(h, pos)
+        if selecting_mode and plan is not None and plan.n_reused and i in stage_ratio:
+            # The check: this layer's K/V for the current rows, the selection, then the layer
+            # itself for the selected rows only (see ``_probe_kv``).
+            n_forced, cand = plan.n_forced, plan.cand
+            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * plan.n_reused) - n_forced))
+            if n_keep < int(cand.numel()):  # otherwise every candidate stays: nothing to compare
+                if n_keep:
+                    rc.probe = (i, torch.searchsorted(rows, cand), cand)
+                    _probe_kv(layer, h, mask, pos, rc, pe)
+                    assert rc.deviation is not None
+                    plan.cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values]
+                    rc.probe, rc.deviation = None, None
+                else:
+                    plan.cand = cand[:0]
+                keep = plan.fixed.clone()
+                keep[plan.cand] = True
+                new_rows = keep.nonzero().squeeze(1)
+                h = h[:, torch.searchsorted(rows, new_rows)]
+                rows = new_rows
+                mask = _attn_mask(rows, seq, dtype, impl, kernel=kernel)
+                rc.rows = _as_index(rows, seq)
+                pos = rows[None]
+                pe = base.rotary_emb(h, pos)
+            if not any(c > i for c in checks):
+                phases.mark("all_token_layers")
+                selecting = True
         h, used = _run_layer(layer, h, mask, pos, rc, pe, rows)
         if used is not mask:  # a flex fault: the dense mask for this request's later selections too
             mask, kernel = used, None
-        if selecting_mode and plan is not None and plan.n_reused and i in stage_ratio:
-            assert rc.deviation is not None
-            n_forced, cand = plan.n_forced, plan.cand
-            n_keep = max(0, min(int(cand.numel()), round(stage_ratio[i] * plan.n_reused) - n_forced))
-            plan.cand = cand[torch.topk(rc.deviation, n_keep).indices.sort().values] if n_keep else cand[:0]
-            keep = plan.fixed.clone()
-            keep[plan.cand] = True
-            new_rows = keep.nonzero().squeeze(1)
-            h = h[:, torch.searchsorted(rows, new_rows)]
-            rows = new_rows
-            mask = _attn_mask(rows, seq, dtype, impl, kernel=kernel)
-            rc.rows = _as_index(rows, seq)
-            later = [c for c in checks if c > i]
-            rc.probe = (later[0], torch.searchsorted(rows, plan.cand), plan.cand) if later else None
-            rc.deviation = None
-            if not later:
-                phases.mark("all_token_layers")
-                selecting = True
     phases.mark("selected_layers" if selecting else "all_token_layers")
     assert plan is not None
     recomputed = plan.n_forced + int(plan.cand.numel()) if selecting_mode and plan.n_reused else 0

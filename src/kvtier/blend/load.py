@@ -17,8 +17,11 @@ Invariants:
   reading it has completed: ``finish`` waits for the side stream's last event, then releases.
   ``finish`` is idempotent and must run on every path (``blend_prefill`` calls it in ``finally``).
 * Layers below ``first`` are neither copied nor written (``blend_forward`` computes their rows).
-* Staging tensors are ``record_stream``-ed on the side stream, so the caching allocator never
-  reuses their memory while a copy into them is in flight.
+* Staging tensors are allocated on the side stream (its own pool: no block the compute stream
+  freed while its kernels may still use it, so the copies need not wait for the compute stream
+  and start at once, while layer 0 runs) and ``record_stream``-ed on the compute stream when
+  ``fill`` reads them, so the allocator never hands their memory out while a read is in flight.
+  The side stream writes nothing but its staging tensors.
 """
 
 from __future__ import annotations
@@ -79,18 +82,13 @@ class SegmentLoad:
             return
         from kvtier.devcopy import side_stream
 
-        main = torch.cuda.current_stream(self.device)
         side = side_stream(self.device)
-        ready = torch.cuda.Event()
-        ready.record(main)
-        side.wait_event(ready)  # the buffer and staging memory are allocated on the main stream
         for a, b in self.groups:
             for p in self.pieces:
                 src = p.chunk.kv[a:b, :, p.skip :]
-                dst = torch.empty(src.shape, dtype=src.dtype, device=self.device)
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side):  # allocated from the side stream's pool (see the module doc)
+                    dst = torch.empty(src.shape, dtype=src.dtype, device=self.device)
                     dst.copy_(src, non_blocking=True)
-                dst.record_stream(side)
                 p.staged[a] = dst
             ev = torch.cuda.Event()
             ev.record(side)
@@ -110,14 +108,18 @@ class SegmentLoad:
             return
         self.filled.add(a)
         ev = self.events.get(a)
+        main = None
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ev)
         run: list[torch.Tensor] = []
         run_old = run_new = 0
         for p in self.pieces:
             kv = p.staged.pop(a, None)
             if kv is None:  # not staged (CPU): straight from the tier's memory
                 kv = p.chunk.kv[a:b, :, p.skip :].to(self.device)
+            elif main is not None:
+                kv.record_stream(main)  # read below on the compute stream, freed after
             n_run = sum(int(t.shape[2]) for t in run)
             if run and (p.old_start != run_old + n_run or p.new_start != run_new + n_run):
                 self._place(a, b, run, run_old, run_new)
