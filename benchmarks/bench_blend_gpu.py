@@ -11,11 +11,12 @@ order + a question; its TTFT is measured for full prefill (``model(...)``, flash
 ``kvt.prefill(..., segments=, recompute_ratio=)``, which includes the segment lookups, the CPU ->
 GPU copies, the re-rotation and the selective recompute. The variants are timed back to back per
 request in rotating order; the per-request ratio's median is reported (same-run ratio).
-Blend variants: ``blend`` (flex attention in the selected layers on CUDA: this bench sets
-``flex.AUTO_FLEX``, off in kvtier by default since it measured no end-to-end gain) and,
-with ``--mask-variant`` (on by default), ``blend_mask`` (flex off: the dense ``[n_sel, S]`` mask),
-so the flex gain is a same-run ratio too. Request 0 warms up and is not counted; its blend TTFT
-includes compiling the flex kernel (once per process) and is reported as ``first_blend_ttft_s``.
+Blend variants: ``blend`` (kvtier's default, ``attention="auto"``: flex attention in the selected
+layers on CUDA once its kernel is built) and, unless ``--no-mask-variant``, ``blend_mask`` (flex
+off: the dense ``[n_sel, S]`` mask), so the flex gain is a same-run ratio too. Request 0 warms up
+and is not counted: its blend starts the flex kernel's background build and uses the mask (its
+TTFT is ``first_blend_ttft_s``: no compile inside it); the bench then waits for the build
+(``flex_build_wait_s``) so the timed requests all see the same kernel.
 Also reported: where a blend's time goes (one extra, profiled request after the timed ones:
 ``blend_forward`` synchronises at each phase boundary, so its parts sum to a little more than an
 unprofiled TTFT): lookups + starting the segment copies, waiting for / placing cached rows,
@@ -177,7 +178,6 @@ def trace_requests(model: Any, ids: torch.Tensor, eng: Any, spans: Any, args: An
 
 
 def main() -> None:
-    flex.AUTO_FLEX = True  # the "blend" variant measures flex; "blend_mask" turns it off
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model on CPU: checks the script only")
     ap.add_argument("--docs", type=int, default=8)
@@ -230,6 +230,7 @@ def main() -> None:
     loads: list[float] = []
     agree: list[float] = []
     seg_tokens = recomputed = seq = 0
+    build_wait = 0.0
     for i in range(args.requests + 1):  # request 0 warms both paths up (kernels, allocator); not counted
         order = list(range(args.docs))
         rng.shuffle(order)
@@ -264,22 +265,28 @@ def main() -> None:
             if "blend_mask" in res:
                 mask_pairs.append((res["blend"], res["blend_mask"]))
         print(i, seq, {k: round(x, 4) for k, x in res.items()}, flush=True)
+        if i == 0:
+            t_wait = time.perf_counter()
+            flex.wait_ready(600)
+            build_wait = time.perf_counter() - t_wait
+            print(f"flex kernel build: waited {build_wait:.1f}s after request 0", flush=True)
     breakdowns: list[dict[str, float]] = []
     for _ in range(args.profile_requests):  # where the time goes; synchronising, so not in the pairs
         prof: dict[str, float] = {}
         sync(device)
-        o = blend_prefill(
-            model,
-            ids[0],
-            eng,
-            spans,
-            DynamicCache(config=model.config),
-            recompute_ratio=args.ratio,
-            check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
-            store=False,
-            extras=keys[0] if keys else None,
-            profile=prof,
-        )
+        with torch.inference_mode():  # as kvt.prefill: the same flex kernel (inference tensors)
+            o = blend_prefill(
+                model,
+                ids[0],
+                eng,
+                spans,
+                DynamicCache(config=model.config),
+                recompute_ratio=args.ratio,
+                check_layer=DEFAULT_CHECK_LAYER if args.check_layer is None else args.check_layer,
+                store=False,
+                extras=keys[0] if keys else None,
+                profile=prof,
+            )
         breakdowns.append({"load_start": o.load_s, **prof, "ttft": o.ttft_s})
     if args.trace and device.type == "cuda":
         trace_requests(model, ids, eng, spans, args, keys[0] if keys else None)
@@ -301,6 +308,7 @@ def main() -> None:
         first_blend_ttft_s=first_blend,
         flex_fault=flex.disabled(),
         flex_kernel_mode=getattr(flex._kernels.get(device.type), "mode", None),
+        flex_build_wait_s=build_wait,
         ttft_blend_mask_median_s=statistics.median(p[1] for p in mask_pairs) if mask_pairs else None,
         speedup_mask_paired_median=statistics.median(
             f / m for (f, _), (_, m) in zip(pairs, mask_pairs, strict=True)

@@ -190,8 +190,8 @@ def test_auto_keeps_the_mask_off_cuda_and_bad_choices_are_errors(model: Any) -> 
 def test_a_failing_flex_kernel_falls_back_to_the_mask_with_one_warning(
     model: Any, caplog: pytest.LogCaptureFixture, checks: int | list[int]
 ) -> None:
-    """With check layers [1, 2] the first flex layer is a check layer: its deviations must survive
-    the failed call (which already overwrote the probed cached rows)."""
+    """With check layers [1, 2] the first flex layer is a check layer: the selection its probe pass
+    made before the failed call must stand (the retry runs the same rows)."""
     calls = 0
 
     def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -212,6 +212,40 @@ def test_a_failing_flex_kernel_falls_back_to_the_mask_with_one_warning(
     assert "RuntimeError: no kernel for this device" in (flex.disabled() or "")
     warnings = [r for r in caplog.records if "flex attention failed" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def _sig(scale: float) -> flex.Signature:
+    """A CPU signature of its own per test (builds are tracked per signature for the process)."""
+    return flex.Signature(
+        "cpu", torch.float32, q_heads=4, kv_heads=2, head_dim=16, scale=scale, inference=True
+    )
+
+
+def test_auto_builds_the_kernel_in_the_background_and_serves_the_mask_until_then() -> None:
+    sig = _sig(0.2501)
+    assert flex.auto_kernel(sig) is None  # this request: the dense mask; the build has started
+    assert flex.wait_ready(120)
+    assert flex.auto_kernel(sig) is flex.kernel(torch.device("cpu"))  # built: every later request
+    assert flex.disabled() is None
+    assert (
+        flex.auto_kernel(flex.Signature(**{**sig.__dict__, "q_heads": 8})) is None
+    )  # another shape: its own build
+    assert flex.wait_ready(120)
+
+
+def test_a_warm_up_that_fails_disables_auto_flex_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("the compiler has no kernel for this shape")
+
+    flex.set_kernel("cpu", broken)
+    sig = _sig(0.2502)
+    with caplog.at_level(logging.WARNING, logger="kvtier.blend.flex"):
+        assert flex.auto_kernel(sig) is None
+        assert flex.wait_ready(120)
+    assert "no kernel for this shape" in (flex.disabled() or "")
+    assert not flex.wanted("auto", torch.device("cuda"), "sdpa")  # auto is the mask from now on
+    assert flex.auto_kernel(sig) is None  # failed builds are not retried
+    assert len([r for r in caplog.records if "flex attention failed" in r.getMessage()]) == 1
 
 
 def test_the_sdpa_wrapper_is_transparent_for_other_masks_and_installs_once(model: Any) -> None:

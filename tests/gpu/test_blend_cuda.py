@@ -91,13 +91,15 @@ def test_bf16_ratio_one_matches_full_prefill_top1() -> None:
         torch.testing.assert_close(r.logits.float(), ref.float(), rtol=0, atol=5e-2)
 
 
-def _flex_inputs(dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A 520-token prompt of 3 re-rotated documents on ``DEVICE`` (several 128-blocks of keys)."""
+def _flex_inputs(
+    dtype: torch.dtype, docs_len: tuple[int, ...] = (170, 150, 181)
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prompt of 3 re-rotated documents on ``DEVICE`` (520 tokens by default: several 128-blocks of keys)."""
     from tests.blend.helpers import kv_at
 
     model = tiny_model("llama", num_hidden_layers=6, head_dim=64).to(DEVICE, dtype)
     head, q = random_ids(10, 0, 512)[0], random_ids(9, 1, 512)[0]
-    docs = [random_ids(n, 2 + i, 512)[0] for i, n in enumerate((170, 150, 181))]
+    docs = [random_ids(n, 2 + i, 512)[0] for i, n in enumerate(docs_len)]
     ids, spans = rag_prompt(head, docs, q)
     ids = ids.to(DEVICE)
     full = kv_at(model, ids[0], 0)
@@ -121,7 +123,7 @@ def test_flex_on_cuda_matches_the_mask_path(dtype: torch.dtype) -> None:
     model, ids, kv, reused, force = _flex_inputs(dtype)
     kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
     got = fw.blend_forward(model, ids, kv, attention="flex", **kw)
-    ref = fw.blend_forward(model, ids, kv, **kw)  # attention="auto": the mask while AUTO_FLEX is off
+    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
     assert got.recomputed == ref.recomputed and ref.attention == "mask"
     tol = 2e-3 if dtype == torch.float32 else 6e-2  # the fused kernel accumulates in another order
     torch.testing.assert_close(got.logits.float(), ref.logits.float(), rtol=0, atol=tol)
@@ -132,6 +134,57 @@ def test_flex_on_cuda_matches_the_mask_path(dtype: torch.dtype) -> None:
     if dtype == torch.float32:  # bf16 rounding compounds over the layers: logits and top-1 only
         for la, lb in zip(got.cache.layers, ref.cache.layers, strict=True):
             torch.testing.assert_close(la.keys, lb.keys, rtol=0, atol=tol)
+
+
+def test_auto_serves_the_mask_until_the_background_build_then_flex() -> None:
+    """``attention="auto"`` (the default) never compiles inside a request: the first blend of a shape
+    runs on the dense mask and starts the build; once built, blends run flex with the same result."""
+    from kvtier.blend import flex
+
+    flex.enable()
+    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16)
+    kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
+    with torch.inference_mode():  # as kvt.prefill calls it (a signature of its own)
+        first = fw.blend_forward(model, ids, kv, **kw)
+        assert flex.wait_ready(600)
+        second = fw.blend_forward(model, ids, kv, **kw)
+    assert first.attention == "mask"
+    torch.testing.assert_close(second.logits.float(), first.logits.float(), rtol=0, atol=6e-2)
+    assert int(second.logits.argmax()) == int(first.logits.argmax())
+    if flex.disabled() is not None:
+        pytest.xfail(f"flex did not build or run here (the mask served): {flex.disabled()}"[:300])
+    assert second.attention == "flex"
+
+
+def test_a_warmed_flex_kernel_serves_the_first_blend_without_a_recompile() -> None:
+    """``warm_flex`` at start-up: the first ``auto`` blend (inference mode, as ``kvt.prefill``) runs flex
+    on the warmed kernel (K/V views at nonzero offsets: a warm-up at offset 0 recompiled here)."""
+    import torch._dynamo
+
+    from kvtier.blend import flex
+
+    flex.enable()
+    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16, (700, 650, 801))  # > 128 selected rows
+    model.model.layers[0].self_attn.scaling *= 1.0001  # a signature no earlier test built
+    for layer in model.model.layers:
+        layer.self_attn.scaling = model.model.layers[0].self_attn.scaling
+    from kvtier.blend.forward import warm_flex
+
+    built = warm_flex(model)
+    if not built:
+        pytest.xfail(f"the flex kernel did not build here: {flex.disabled()}"[:300])
+    kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
+    old = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        with torch.inference_mode():
+            got = fw.blend_forward(model, ids, kv, **kw)
+    finally:
+        torch._dynamo.config.error_on_recompile = old
+    assert flex.disabled() is None, flex.disabled()  # a recompile would have raised and disabled flex
+    assert got.attention == "flex"
+    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
+    torch.testing.assert_close(got.logits.float(), ref.logits.float(), rtol=0, atol=6e-2)
 
 
 def test_compiled_flex_does_not_recompile_for_new_query_and_key_counts() -> None:

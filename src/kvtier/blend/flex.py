@@ -20,8 +20,13 @@ H200 (Llama-3-8B shape, 2,514 queries over 16,440 keys) 1.59 ms against 2.39 ms 
   model's ``attn_implementation``; other models and requests never see a difference.
 * The kernel (``kernel``): on CUDA ``torch.compile(flex_attention, dynamic=True)``, compiled once
   per process (query and key counts change every request; static shapes would recompile each
-  time), with the compiler's default mode as a second try (``CompiledFlex``); elsewhere flex's eager reference (correct, unfused: for tests; on CPU torch 2.13 the
-  compiled dynamic kernel does not build, and a static one recompiles per shape).
+  time), with the compiler's default mode as a second try (``CompiledFlex``), aligned inputs
+  assumed (``COMPILE_OPTIONS``); elsewhere flex's eager reference (correct, unfused: for tests; on
+  CPU torch 2.13 the compiled dynamic kernel does not build, and a static one recompiles per shape).
+* ``attention="auto"`` (the default) on CUDA: a request whose kernel is not built yet uses the
+  dense mask and starts building it on a background thread (``auto_kernel``, per ``Signature``);
+  later requests use flex. ``wait_ready`` waits for the builds; ``warm_up`` builds one now. The
+  build holds the GIL much of its ~5 s, so requests running beside it are slowed (not blocked).
 
 Invariants:
 * Same attention as the dense mask: the block mask's dense form equals ``kv <= rows[q]`` (tested
@@ -33,10 +38,12 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +57,8 @@ BLOCK = 128
 block to be a multiple of its own tile), and 128 queries is under 1 % of a blend's selected rows."""
 
 ATTENTIONS = ("auto", "flex", "mask")
-"""``blend_forward``'s ``attention`` choices: ``auto`` is flex on CUDA if ``AUTO_FLEX`` and not disabled, ``flex``
+"""``blend_forward``'s ``attention`` choices: ``auto`` is flex on CUDA if ``AUTO_FLEX``, not disabled and built
+(``auto_kernel``), ``flex``
 is flex wherever it runs (tests), ``mask`` the dense additive mask."""
 
 Kernel = Callable[..., torch.Tensor]
@@ -109,14 +117,97 @@ def wanted(attention: str, device: torch.device, impl: str) -> bool:
         return False
     if attention == "flex":
         return True
-    # NOTE: "auto" is the mask for now. Measured on an H200 (RESULTS.md, blend5): flex's attention
-    # alone is 1.29 vs 2.30 ms a layer, but end to end the blend was no faster (paired gain 0.99x,
-    # 2.91x vs the mask path's 2.96x over full prefill) and the first request paid a 6 s compile.
     return AUTO_FLEX and device.type == "cuda" and _disabled is None
 
 
-AUTO_FLEX = False
-"""Whether ``attention="auto"`` picks flex on CUDA (off: no measured end-to-end gain yet)."""
+AUTO_FLEX = True
+"""Whether ``attention="auto"`` picks flex on CUDA once its kernel is built (``auto_kernel``). H200,
+Llama-3-8B shape, 8 x 2k documents, 15 %: blend 162 ms with flex vs 190 ms with the dense mask
+(paired flex gain 1.18x; RESULTS.md, session 8). Before the kernel was compiled aligned it gained
+nothing (0.97-0.99x) and stayed off."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What one compiled flex kernel is specialised to: the shapes that do not change between
+    requests (head counts, head size), dtype, device, the softmax scale and whether the caller is
+    in inference mode (its tensors carry other dispatch keys). Another value of any of them makes
+    torch recompile, so ``auto_kernel`` builds and tracks each signature on its own."""
+
+    device: str
+    dtype: torch.dtype
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float | None
+    inference: bool
+
+
+_states: dict[Signature, str] = {}  # "building" | "ready" | "failed"
+_threads: dict[Signature, threading.Thread] = {}
+
+
+def auto_kernel(sig: Signature) -> Kernel | None:
+    """``attention="auto"``'s flex callable for calls of ``sig``: the kernel once a warm-up has built
+    it, else ``None`` (this request uses the dense mask) after starting that warm-up on a background
+    thread, once per signature. So no request waits for the compile (10-12 s on the H200: the
+    first request paid it before), and every request after it gets flex. A warm-up that fails
+    disables flex (``disable``: one warning), as a failing call would."""
+    with _lock:
+        state = _states.get(sig)
+        if state is None:
+            _states[sig] = "building"
+            t = threading.Thread(target=_warm_up, args=(sig,), name="kvtier-flex-warmup", daemon=True)
+            _threads[sig] = t
+            t.start()
+    return kernel(torch.device(sig.device)) if state == "ready" else None
+
+
+def warm_up(sig: Signature, timeout: float | None = None) -> bool:
+    """Build ``sig``'s kernel now (a server's start-up: the build is Python-heavy and slows whatever
+    runs beside it, so do it before requests arrive); ``True`` if it is ready."""
+    auto_kernel(sig)
+    wait_ready(timeout)
+    with _lock:
+        return _states.get(sig) == "ready"
+
+
+def wait_ready(timeout: float | None = None) -> bool:
+    """Wait for every started warm-up (a benchmark, or a server's start-up); ``True`` if all ended."""
+    with _lock:
+        threads = list(_threads.values())
+    for t in threads:
+        t.join(timeout)
+    return not any(t.is_alive() for t in threads)
+
+
+def _warm_up(sig: Signature) -> None:
+    """Build ``sig``'s kernel with one call shaped like a blend's: transformers' query storage
+    (``[1, n, H, D]`` seen as ``[1, H, n, D]``), K/V as views into one buffer at nonzero offsets,
+    sorted rows. NOTE: the offsets matter: torch specialises a storage offset of 0, so a kernel
+    warmed with offset-0 K/V recompiled on the first real call (K/V of layer >= 1 of the
+    ``KVBuffer``): 0.5-1.5 s inside that request (H200, s8c)."""
+    dev = torch.device(sig.device)
+    state = "failed"
+    try:
+        k = kernel(dev)
+        n, seq = 333, 2111  # any sizes: the kernel is dynamic in both
+        mode = torch.inference_mode() if sig.inference else torch.no_grad()
+        on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        with on_device, mode:
+            g = torch.Generator(device=dev).manual_seed(0)
+            q = torch.randn(1, n, sig.q_heads, sig.head_dim, device=dev, dtype=sig.dtype, generator=g)
+            buf = torch.randn(3, 1, sig.kv_heads, seq, sig.head_dim, device=dev, dtype=sig.dtype, generator=g)
+            rows = torch.randperm(seq, device=dev, generator=g)[:n].sort().values
+            SelectedRows(rows, seq, k).attend(q.transpose(1, 2), buf[1], buf[2], sig.scale)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        state = "ready"
+    except Exception as exc:  # the compile (or the device) failed: auto stays on the mask, logged once
+        disable(exc)
+    finally:
+        with _lock:
+            _states[sig] = state
 
 
 def kernel(device: torch.device) -> Kernel:

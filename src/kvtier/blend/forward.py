@@ -332,8 +332,10 @@ def blend_forward(
     ``all_token_layers``, ``selected_layers``, ``head``); synchronises the device, so for
     breakdowns only.
     ``attention``: how layers with non-contiguous query rows attend (``flex.ATTENTIONS``):
-    ``"auto"`` the mask (flex on CUDA with ``sdpa`` only if ``flex.AUTO_FLEX``: no measured gain yet), ``"flex"``
-    flex wherever it imports (CPU: its eager reference), ``"mask"`` the additive mask.
+    ``"auto"`` flex on CUDA with ``sdpa`` once its kernel is built (``flex.auto_kernel``: the mask
+    until then, never a compile inside a request), the mask elsewhere; ``"flex"`` flex wherever
+    it imports (CPU: its eager reference; compiled in the call if need be), ``"mask"`` the
+    additive mask.
     """
     base = model.model
     seq = int(ids.shape[1])
@@ -347,7 +349,7 @@ def blend_forward(
     kernel: flex.Kernel | None = None
     if flex.wanted(attention, device, impl):
         flex.install()
-        kernel = flex.kernel(device)
+        kernel = flex.kernel(device) if attention == "flex" else flex.auto_kernel(_flex_signature(model, buf))
     checks = sorted({min(max(c, 0), n_layers - 1) for c in as_layers(check_layer)})
     stage_ratio = dict(zip(checks, _stage_ratios(recompute_ratio, len(checks)), strict=True))
     rc = _RowCache(buf)
@@ -421,6 +423,44 @@ def blend_forward(
         _put_layer(cache, buf.keys(i), buf.values(i), i)
     phases.mark("head")
     return BlendForward(logits, cache, recomputed, int(rows.numel()), _attention_kind(mask))
+
+
+def _flex_signature(model: Any, buf: KVBuffer) -> flex.Signature:
+    """The flex kernel's specialisation for this model's selected layers (see ``flex.Signature``)."""
+    _, _, _, heads, _, dim = buf.buf.shape
+    return _signature(
+        model, int(heads), int(dim), buf.buf.dtype, buf.buf.device, torch.is_inference_mode_enabled()
+    )
+
+
+def _signature(
+    model: Any, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, inference: bool
+) -> flex.Signature:
+    cfg = model.config.get_text_config(decoder=True)
+    scale = getattr(getattr(model.model.layers[0], "self_attn", None), "scaling", None)
+    return flex.Signature(
+        device=str(device),
+        dtype=dtype,
+        q_heads=int(cfg.num_attention_heads),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=float(scale) if scale is not None else None,
+        inference=inference,
+    )
+
+
+def warm_flex(model: Any, timeout: float | None = 600.0) -> bool:
+    """Build the flex kernel ``attention="auto"`` will use for ``model``'s blends through
+    ``kvt.prefill`` (inference mode), before requests arrive; ``False`` off CUDA, where ``auto``
+    never uses flex, or if the build failed (blends then use the dense mask)."""
+    cfg = model.config.get_text_config(decoder=True)
+    p = next(model.parameters())
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if not flex.wanted("auto", p.device, impl):
+        return False
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return flex.warm_up(_signature(model, kv_heads, head_dim, p.dtype, p.device, True), timeout)
 
 
 class _Plan:
