@@ -186,6 +186,25 @@ def test_auto_keeps_the_mask_off_cuda_and_bad_choices_are_errors(model: Any) -> 
         fw.blend_forward(model, ids, kv, prefix=6, reused=reused, recompute_ratio=0.15, attention="dense")
 
 
+def test_selections_of_one_block_or_less_take_the_mask_with_a_compiled_kernel() -> None:
+    """A compiled kernel is specialised to more than one 128-row block (its guards); a selection of
+    one block or less would recompile inside the request, so it gets the dense mask. The eager
+    reference serves any size. (Building ``CompiledFlex`` compiles nothing until it is called.)"""
+    compiled, eager = flex.CompiledFlex(), flex.kernel(torch.device("cpu"))
+
+    def kind(n: int, seq: int, k: flex.Kernel) -> str:
+        rows = torch.linspace(0, seq - 1, n).round().long().unique()  # spread: never a contiguous tail
+        assert int(rows.numel()) == n and int(rows[-1]) == seq - 1
+        return fw._attention_kind(fw._attn_mask(rows, seq, torch.float32, "sdpa", kernel=k))
+
+    for n in (5, 84, 128):
+        assert kind(n, 4000, compiled) == "mask"
+        assert kind(n, 4000, eager) == "flex"
+    assert kind(129, 4000, compiled) == "flex"
+    assert kind(2514, 16440, compiled) == "flex"
+    assert not flex.serves(compiled, 200, 128) and flex.serves(compiled, 200, 129)
+
+
 @pytest.mark.parametrize("checks", [1, [1, 2]])
 def test_a_failing_flex_kernel_falls_back_to_the_mask_with_one_warning(
     model: Any, caplog: pytest.LogCaptureFixture, checks: int | list[int]

@@ -91,6 +91,11 @@ def test_bf16_ratio_one_matches_full_prefill_top1() -> None:
         torch.testing.assert_close(r.logits.float(), ref.float(), rtol=0, atol=5e-2)
 
 
+BIG_DOCS = (700, 650, 801)
+"""Documents whose 15 % selection is over one 128-row block: the sizes a compiled flex kernel serves
+(``flex.serves``; smaller selections take the mask)."""
+
+
 def _flex_inputs(
     dtype: torch.dtype, docs_len: tuple[int, ...] = (170, 150, 181)
 ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,7 +125,7 @@ def test_flex_on_cuda_matches_the_mask_path(dtype: torch.dtype) -> None:
     from kvtier.blend import flex
 
     flex.enable()
-    model, ids, kv, reused, force = _flex_inputs(dtype)
+    model, ids, kv, reused, force = _flex_inputs(dtype, BIG_DOCS)
     kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
     got = fw.blend_forward(model, ids, kv, attention="flex", **kw)
     ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
@@ -142,7 +147,7 @@ def test_auto_serves_the_mask_until_the_background_build_then_flex() -> None:
     from kvtier.blend import flex
 
     flex.enable()
-    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16)
+    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16, BIG_DOCS)
     kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
     with torch.inference_mode():  # as kvt.prefill calls it (a signature of its own)
         first = fw.blend_forward(model, ids, kv, **kw)
@@ -156,6 +161,21 @@ def test_auto_serves_the_mask_until_the_background_build_then_flex() -> None:
     assert second.attention == "flex"
 
 
+def test_a_small_selection_takes_the_mask_and_leaves_flex_on() -> None:
+    """84 selected rows (one block): a compiled kernel would recompile for it (s8e: guard
+    ``128 <= queries``; the tiny model's decoding template had no kernel at all), so the mask serves
+    and flex stays enabled for the requests after it."""
+    from kvtier.blend import flex
+
+    flex.enable()
+    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16)
+    kw: dict[str, Any] = dict(prefix=10, reused=reused, force=force, recompute_ratio=0.15)
+    got = fw.blend_forward(model, ids, kv, attention="flex", **kw)
+    assert got.attention == "mask" and flex.disabled() is None
+    ref = fw.blend_forward(model, ids, kv, attention="mask", **kw)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=0)
+
+
 def test_a_warmed_flex_kernel_serves_the_first_blend_without_a_recompile() -> None:
     """``warm_flex`` at start-up: the first ``auto`` blend (inference mode, as ``kvt.prefill``) runs flex
     on the warmed kernel (K/V views at nonzero offsets: a warm-up at offset 0 recompiled here)."""
@@ -164,7 +184,7 @@ def test_a_warmed_flex_kernel_serves_the_first_blend_without_a_recompile() -> No
     from kvtier.blend import flex
 
     flex.enable()
-    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16, (700, 650, 801))  # > 128 selected rows
+    model, ids, kv, reused, force = _flex_inputs(torch.bfloat16, BIG_DOCS)
     model.model.layers[0].self_attn.scaling *= 1.0001  # a signature no earlier test built
     for layer in model.model.layers:
         layer.self_attn.scaling = model.model.layers[0].self_attn.scaling

@@ -56,6 +56,20 @@ BLOCK = 128
 """Flex's default sparse block. 64 failed to compile on the H200 (torch's Triton template needs the
 block to be a multiple of its own tile), and 128 queries is under 1 % of a blend's selected rows."""
 
+
+def serves(k: Kernel, n_queries: int, n_keys: int) -> bool:
+    """Whether ``k`` runs ``n_queries`` selected rows over ``n_keys`` keys without a new compile. A
+    compiled kernel (``CompiledFlex``) is specialised to more than one block of each: its guards
+    include ``128 <= queries`` (fewer go to torch's flex-decoding template) and ``2 <= query
+    blocks`` (H200, torch 2.11, s8e: a warmed kernel recompiled for 5, 84, 127 and 128 queries, and
+    the decoding template found no kernel for the tests' tiny model: ``NoValidChoicesError``).
+    Such small selections take the dense mask, which costs little at that size; the eager
+    reference (CPU, tests) serves any size."""
+    if not isinstance(k, CompiledFlex):
+        return True
+    return n_queries > BLOCK and n_keys > BLOCK
+
+
 ATTENTIONS = ("auto", "flex", "mask")
 """``blend_forward``'s ``attention`` choices: ``auto`` is flex on CUDA if ``AUTO_FLEX``, not disabled and built
 (``auto_kernel``), ``flex``
@@ -191,7 +205,7 @@ def _warm_up(sig: Signature) -> None:
     state = "failed"
     try:
         k = kernel(dev)
-        n, seq = 333, 2111  # any sizes: the kernel is dynamic in both
+        n, seq = 333, 2111  # any sizes ``serves`` admits: the kernel is dynamic in both
         mode = torch.inference_mode() if sig.inference else torch.no_grad()
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         with on_device, mode:

@@ -227,7 +227,8 @@ def _attn_mask(
     SDPA with queries ``[start, seq)``: ``None`` from 0 (transformers then passes ``is_causal``),
     a lower-right ``CausalBias`` after a prefix (keys ``[0, seq)``, query ``j`` at ``start + j``):
     both reach the flash / memory-efficient kernels without a mask in memory. Any other rows with
-    a flex ``kernel`` (SDPA only): a ``flex.SelectedRows`` block mask. Anything else, and every
+    a flex ``kernel`` (SDPA only) that serves their size (``flex.serves``): a ``flex.SelectedRows``
+    block mask. Anything else, and every
     ``eager`` layer: the explicit additive mask. ``tail_start``: the caller knows ``rows`` is
     ``[tail_start, seq)`` (no device read, so no synchronisation)."""
     n = int(rows.numel())
@@ -238,7 +239,7 @@ def _attn_mask(
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(n, seq)
-    if impl == "sdpa" and kernel is not None and n:
+    if impl == "sdpa" and kernel is not None and n and flex.serves(kernel, n, seq):
         return flex.SelectedRows(rows, seq, kernel)
     return _mask(rows, seq, dtype)
 
