@@ -181,7 +181,10 @@ def warm_up(sig: Signature, timeout: float | None = None) -> bool:
     """Build ``sig``'s kernel now (a server's start-up: the build is Python-heavy and slows whatever
     runs beside it, so do it before requests arrive); ``True`` if it is ready."""
     auto_kernel(sig)
-    wait_ready(timeout)
+    with _lock:
+        t = _threads.get(sig)
+    if t is not None:
+        t.join(timeout)  # this signature's build only (``wait_ready`` waits for every one)
     with _lock:
         return _states.get(sig) == "ready"
 
