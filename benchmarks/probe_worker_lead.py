@@ -47,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--feed-batch", type=int, default=0, help="transfer.grouped.FEED_BATCH (0: as is)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (no events, no ring)")
     a = ap.parse_args()
 
@@ -62,11 +63,15 @@ def main() -> None:
     from kvtier.transfer.blocks import detect
 
     n_t = a.tokens
+    if a.feed_batch:
+        gr.FEED_BATCH = a.feed_batch
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     n_blocks = 2 * (n_t // BS)
     g = torch.Generator().manual_seed(0)
-    caches = [torch.randn(2, n_blocks, BS, HEADS, DIM, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    caches = [
+        torch.randn(2, n_blocks, BS, HEADS, DIM, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)
+    ]
     table = torch.randperm(n_blocks, generator=g)[: n_t // BS].tolist()
     other = [b for b in range(n_blocks) if b not in set(table)][: n_t // BS]
     nbytes = LAYERS * 2 * n_t * HEADS * DIM * 2
@@ -85,6 +90,7 @@ def main() -> None:
     # the anchor: one flat pinned memcpy of the same bytes
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
@@ -158,7 +164,9 @@ def main() -> None:
             f"done on the device at +{lead_dev:.2f} ms, device call {dev_call:.2f} ms"
         )
         for name, (n, tot, first) in sorted(_STATS.items(), key=lambda kv: kv[1][2]):
-            print(f"    {name:36s} calls {int(n):4d}  total {tot * 1e3:7.3f} ms  first at +{first * 1e3:6.2f} ms")
+            print(
+                f"    {name:36s} calls {int(n):4d}  total {tot * 1e3:7.3f} ms  first at +{first * 1e3:6.2f} ms"
+            )
     eng.close()
 
 

@@ -162,6 +162,47 @@ def test_streamed_load_fed_chunk_by_chunk_with_a_short_request_is_bit_exact() ->
     assert gl.grouped_layers == L
 
 
+@pytest.mark.parametrize("rows2d", [True, False])
+def test_fed_chunks_copy_group_0_only_and_attach_copies_group_1_for_the_kept_pieces(
+    rows2d: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While chunks stream in only group 0 is copied, so it completes before the last chunk
+    arrives and its scatter overlaps group 1's DMA (feeding both groups interleaved their DMAs:
+    both ended together and the copy engine idled during group 0's scatter). Group 1 follows at
+    ``attach``, for the kept pieces only. The result stays bit-exact."""
+    import kvtier.transfer.grouped as gr
+
+    monkeypatch.setattr(gr, "ROWS2D", rows2d)
+    caches, loads = _setup(seed=5)
+    lay = detect_layout(caches[0], block_size=BS)
+    a, b = loads
+    want = _expected(caches, [b])
+    geometry = [[(int(kv.shape[2]), x, y) for kv, x, y in ld.pieces] for ld in (a, b)]
+    gl = GroupedLoad.streamed(lay, geometry, L, CPU, group_layers=2)
+    assert gl is not None and gl.num_groups == 3
+    ring0, ring1 = gl._ring[0], gl._ring[1]
+    assert ring0 is not None and ring1 is not None
+    sentinel = -123456789  # an int32 bit pattern random chunk bits hit with p = 2**-32 per element
+    ring0.view(torch.int32).fill_(sentinel)
+    ring1.view(torch.int32).fill_(sentinel)
+    for i, (kv, _, _) in enumerate(a.pieces + b.pieces):
+        assert gl.feed(i, kv)
+    gl._flush()  # the last partial batch
+    written0 = int((ring0[: gl._group_elems].view(torch.int32) != sentinel).sum())
+    assert written0 == gl._group_elems, "group 0 is copied as chunks are fed"
+    assert bool((ring1.view(torch.int32) == sentinel).all()), "group 1 waits for attach"
+    assert gl.attach([(1, b)])  # load A dropped (e.g. its first chunk failed validation)
+    b_elems = sum(int(kv.shape[2]) for kv, _, _ in b.pieces) * 2 * H * D * gl.group_layers
+    written1 = int((ring1[: gl._group_elems].view(torch.int32) != sentinel).sum())
+    assert written1 == b_elems, "group 1 holds the kept pieces only"
+    for i in range(L):
+        gl.layer(i, caches[i])
+    gl.wait()
+    for i in range(L):
+        assert bits_equal(caches[i], want[i]), f"layer {i} differs"
+    assert gl.grouped_layers == L
+
+
 def test_streamed_plan_refuses_unaligned_pieces_and_attach_refuses_other_chunks() -> None:
     caches, loads = _setup(seed=4)
     lay = detect_layout(caches[0], block_size=BS)

@@ -17,6 +17,11 @@ Invariants and reasons:
 * Groups are issued in order; a layer whose group cannot be issued yet (called out of order
   while the ring is full) is written from the pieces directly (``scatter_pieces``), so any call
   order is correct, in-order calls are fast.
+* While chunks stream in (``feed``) only group 0 is copied; group 1 follows at ``attach``
+  as one DMA per run of kept pieces. Feeding both groups chunk by chunk interleaved their
+  DMAs, so both finished together and the copy engine sat idle while group 0 was scattered
+  (group 2 waits for that scatter); now group 1's DMA runs during it (H200, 32k tokens:
+  ``benchmarks/probe_worker_lead.py``).
 * ``wait()`` returns once every issued DMA is done: only then may the pieces' host memory be
   released (the DMAs read it asynchronously).
 * Eligibility (``GroupedLoad.plan``): every piece block-aligned and packed on the host;
@@ -92,7 +97,7 @@ class GroupedLoad:
     Two ways to make one: ``GroupedLoad(layout, loads, ...)`` with every piece known, or
     ``GroupedLoad.streamed(layout, geometry, ...)`` from the pieces' sizes alone (known from
     the chunk keys before any chunk is fetched), then ``feed(i, kv)`` per piece as each chunk
-    is fetched and validated (its DMAs for the first ``RING`` groups start right away), then
+    is fetched and validated (its DMAs for group 0 start right away, in batches), then
     ``attach(loads)`` with the pieces that made it (a prefix of each load's planned pieces,
     the last possibly trimmed). The first way is the second with all pieces fed at once."""
 
@@ -241,7 +246,7 @@ class GroupedLoad:
             self._copier = c if c.why_not is None else None
         self._rows2d = ROWS2D and (self._copier is not None or not self._cuda)
         """2D runs: on CUDA through the runtime, on the CPU through strided views (what the tests run)."""
-        self._pending: list[_Piece] = []  # fed pieces whose first groups' DMAs wait for a batch
+        self._pending: list[_Piece] = []  # fed pieces whose group-0 DMAs wait for a batch
         self._batch = max(1, min(FIRST_FEED_BATCH, FEED_BATCH))
         self._pinned: dict[int, bool] = {}  # host storage -> pinned (checked once per storage)
         self._start = self._record(torch.cuda.current_stream(device) if self._cuda else None)
@@ -252,8 +257,8 @@ class GroupedLoad:
                     side_stream(device, j).wait_event(ev)
 
     def feed(self, i: int, kv: torch.Tensor) -> bool:
-        """Planned piece ``i`` (load order) is chunk ``kv``: its DMAs for the first groups are
-        issued now. ``False`` (nothing issued) if ``kv`` cannot go through the ring (not a
+        """Planned piece ``i`` (load order) is chunk ``kv``: its DMAs for group 0 are
+        issued now (in batches). ``False`` (nothing issued) if ``kv`` cannot go through the ring (not a
         contiguous host chunk of the planned size, dtype and shape): the caller ``abandon``s."""
         p = self._planned[i]
         if (
@@ -282,13 +287,12 @@ class GroupedLoad:
         side = side_stream(self.device, j) if self._cuda else None
         self._fed_streams.add(j)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for g in range(self._open):
-                buf = self._ring[g]
-                assert buf is not None
-                lays = self._layers(g)
-                n = p.n * self._token_elems * len(lays)
-                src = kv[lays.start : lays.stop].view(-1)
-                buf[p.offset : p.offset + n].copy_(src, non_blocking=self._cuda)
+            buf = self._ring[0]
+            assert buf is not None
+            lays = self._layers(0)
+            n = p.n * self._token_elems * len(lays)
+            src = kv[lays.start : lays.stop].view(-1)
+            buf[p.offset : p.offset + n].copy_(src, non_blocking=self._cuda)
         return True
 
     def _pinned_host(self, kv: torch.Tensor) -> bool:
@@ -315,23 +319,22 @@ class GroupedLoad:
         return out
 
     def _flush(self) -> None:
-        """Issue the first groups' DMAs of the pieces fed since the last batch (copy stream 0)."""
+        """Issue group 0's DMAs of the pieces fed since the last batch (copy stream 0)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         side = side_stream(self.device, 0) if self._cuda else None
         self._fed_streams.add(0)
-        for g in range(self._open):
-            buf = self._ring[g]
-            assert buf is not None
-            for run in self._runs(pending, buf, self._layers(g)):
-                copy_rows(run, side, self._copier)
+        buf = self._ring[0]
+        assert buf is not None
+        for run in self._runs(pending, buf, self._layers(0)):
+            copy_rows(run, side, self._copier)
 
     def attach(self, loads: Sequence[tuple[int, LoadPieces]]) -> bool:
         """The loads as they turned out, each with the index of its plan (``geometry``'s row):
         its pieces must be the first ones fed for that row, in order, rows ``(a, b)`` as
-        planned but for the last, which may end earlier. Ends the first groups' DMAs
-        (events); returns ``False`` (the caller ``abandon``s) if the loads do not fit the plan."""
+        planned but for the last, which may end earlier. Ends group 0's DMAs (events) and
+        issues group 1's for the kept pieces; returns ``False`` (the caller ``abandon``s) if the loads do not fit the plan."""
         assert not self._attached
         self._flush()
         starts, at = [], 0
@@ -373,18 +376,17 @@ class GroupedLoad:
         self._attached = True
         streams = sorted(self._fed_streams)
         events = [self._record(side_stream(self.device, j) if self._cuda else None) for j in streams]
-        for g in range(self._open):
-            buf = self._ring[g]
-            assert buf is not None
-            if self._cuda:
-                for j in self._fed_streams:
-                    buf.record_stream(side_stream(self.device, j))
-            self._ready[g] = events
-            self._issued.add(g)
-            self._slot_group[g] = g
-        self._next = self._open
+        buf = self._ring[0]
+        assert buf is not None
+        if self._cuda:
+            for j in self._fed_streams:
+                buf.record_stream(side_stream(self.device, j))
+        self._ready[0] = events
+        self._issued.add(0)
+        self._slot_group[0] = 0
+        self._next = 1
         self._last_dma = dict(zip(streams, events, strict=True))
-        self._issue_free()
+        self._issue_free()  # group 1 (the ring's other slot) for the kept pieces, one DMA per run
         return True
 
     def abandon(self) -> None:
