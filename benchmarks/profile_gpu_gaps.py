@@ -6,6 +6,8 @@ to the first DMA on the device, the DMA span (first DMA start .. last DMA end), 
 durations, the idle gaps between DMAs (count, total, largest) and the tail (last DMA end ..
 the call's end). A perfect path has lead ~0, gaps ~0, tail ~0 and DMAs at memcpy speed. Also a
 ``cProfile`` of the call's host side (top entries by cumulative time). Traces go to ``--out``.
+The profiler slows the host side: the worker load's lead reads ~5.8 ms here and 1.3 ms without
+it (``probe_worker_lead.py``, H200, session 9); use that probe for host-side stage times.
 
 Run: ``PYTHONPATH=src python3 benchmarks/profile_gpu_gaps.py [--tokens N] [--parts worker,engine]
 [--out DIR]``.
