@@ -150,7 +150,10 @@ def run_role(role: str, args: argparse.Namespace) -> dict[str, Any]:
     if role == "kvtier":
         from kvtier.integrations.vllm import connector_stats
 
+        from kvtier.transfer.kernels import ntcopy
+
         res["connector"] = connector_stats("bench")
+        res["host_copy"] = ntcopy.describe()
     return res
 
 
@@ -259,6 +262,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     for name, v, note in rows:
         print(f"  {name:<40} {v:7.3f} s  {note}")
     print(f"  kvtier tokens served per hit: {r['kvtier']['kvtier_cached_tokens']}")
+    print(f"  host block copies: {r['kvtier'].get('host_copy', '?')}")
     print(
         f"  connector time: load {st['load_s'] / max(n, 1):.3f} s per hit, save {st['save_s'] / max(n, 1):.3f} s "
         f"in the steps per cold request ({st['saved_tokens'] / max(n, 1):.0f} tokens) = "

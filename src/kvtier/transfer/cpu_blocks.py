@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from kvtier.transfer.kernels import ntcopy
 from kvtier.transfer.layout import KVLayout, LayoutKind
 
 
@@ -181,10 +183,11 @@ class NativeBlocks:
 
     Same invariants as ``HostBlocks``: views only, the plan must not outlive the chunks."""
 
-    def __init__(self, runs: list[_Run], region: int, block_stride: int) -> None:
+    def __init__(self, runs: list[_Run], region: int, block_stride: int, num_layers: int) -> None:
         self.runs = runs
         self._region = region  # elements of one block of one layer (all heads, both planes)
         self._block_stride = block_stride
+        self._raw = _RawRuns.of(runs, region, block_stride, num_layers)
 
     @classmethod
     def of_chunks(
@@ -210,7 +213,7 @@ class NativeBlocks:
                 return None
             flat = kv.view(layout.dtype)
             found.append(_Block(flat, int(flat.storage_offset()), int(blk)))
-        return cls(_runs(found), region, layout.planes[0].s_blk)
+        return cls(_runs(found), region, layout.planes[0].s_blk, num_layers)
 
     @classmethod
     def of_buffer(
@@ -226,7 +229,7 @@ class NativeBlocks:
             return None
         o0 = int(flat.storage_offset())
         found = [_Block(flat, o0 + i * size, int(b)) for i, b in enumerate(blocks)]
-        return cls(_runs(found), region, layout.planes[0].s_blk)
+        return cls(_runs(found), region, layout.planes[0].s_blk, num_layers)
 
     def _views(self, layer: int, entry: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each run's ``[count, region]`` view of its blocks in ``entry`` and of its chunks' layer."""
@@ -241,13 +244,74 @@ class NativeBlocks:
 
     def to_cache(self, layer: int, entry: torch.Tensor) -> None:
         """Write layer ``layer`` of the chunks into their blocks of ``entry`` (that layer's cache)."""
+        if self._raw is not None and self._raw.copy(layer, entry, to_cache=True):
+            return
         cache, rows = self._views(layer, entry)
         torch._foreach_copy_(cache, rows)
 
     def from_cache(self, layer: int, entry: torch.Tensor) -> None:
         """Read layer ``layer``'s blocks of ``entry`` into the chunks (a save's ``kt`` bytes)."""
+        if self._raw is not None and self._raw.copy(layer, entry, to_cache=False):
+            return
         cache, rows = self._views(layer, entry)
         torch._foreach_copy_(rows, cache)
+
+
+class _RawRuns:
+    """A ``NativeBlocks`` plan as byte addresses for ``kernels.ntcopy`` (streaming stores on
+    torch's thread team), made once per plan so a layer's copy costs O(1) Python.
+
+    Safety: the chunk side's addresses come from the plan's own tensors (kept alive by its runs,
+    each checked at plan time to hold every layer's bytes); the cache side is checked per call:
+    a CPU tensor of the chunks' dtype whose storage holds the plan's furthest block, else the
+    caller takes torch's (bounds-checked) views. The two sides are different storages, so no
+    range overlaps another."""
+
+    def __init__(self, runs: list[_Run], region: int, block_stride: int, num_layers: int) -> None:
+        self.dtype = runs[0].first.kv.dtype
+        isz = self.dtype.itemsize
+        self.num_layers = num_layers
+        self.layer_bytes = int(region * isz)
+        self.storages = {r.first.kv.untyped_storage().data_ptr() for r in runs}
+        self.chunks = np.array(
+            [r.first.kv.untyped_storage().data_ptr() + r.first.offset * isz for r in runs], np.int64
+        )
+        self.chunk_stride = np.array([r.step * isz for r in runs], np.int64)
+        self.blocks = np.array([r.first.block * block_stride * isz for r in runs], np.int64)
+        self.block_stride = np.array([r.block_step * block_stride * isz for r in runs], np.int64)
+        self.rows = np.array([r.count for r in runs], np.int64)
+        self.row_bytes = np.full(len(runs), self.layer_bytes, np.int64)
+        last = max(
+            ((r.first.block + (r.count - 1) * r.block_step) * block_stride + region for r in runs), default=0
+        )
+        self.extent = last * isz  # bytes of the cache from its first element that the plan touches
+        self.worth = int(self.rows.sum()) * self.layer_bytes >= ntcopy.MIN_BYTES
+
+    @classmethod
+    def of(cls, runs: list[_Run], region: int, block_stride: int, num_layers: int) -> _RawRuns | None:
+        """The raw plan, or ``None`` where torch's copy is as good (an empty or small plan)."""
+        if not runs:
+            return None
+        raw = cls(runs, region, block_stride, num_layers)
+        return raw if raw.worth else None
+
+    def copy(self, layer: int, entry: torch.Tensor, *, to_cache: bool) -> bool:
+        """Copy layer ``layer`` between the chunks and ``entry``; ``False`` when not done here."""
+        if entry.device.type != "cpu" or entry.dtype != self.dtype or not 0 <= layer < self.num_layers:
+            return False
+        storage = entry.untyped_storage()
+        first = int(entry.storage_offset()) * self.dtype.itemsize
+        if first + self.extent > storage.nbytes() or storage.data_ptr() in self.storages:
+            return False
+        cache = self.blocks + (storage.data_ptr() + first)
+        chunks = self.chunks + layer * self.layer_bytes
+        if to_cache:
+            return ntcopy.copy_rows(
+                cache, self.block_stride, chunks, self.chunk_stride, self.rows, self.row_bytes
+            )
+        return ntcopy.copy_rows(
+            chunks, self.chunk_stride, cache, self.block_stride, self.rows, self.row_bytes
+        )
 
 
 def native_layout(layout: KVLayout) -> bool:
