@@ -91,6 +91,37 @@ def test_decode_after_a_hit_writes_in_place(llama: Any) -> None:
     assert r.cache.get_seq_length() == 125
 
 
+def test_a_miss_attends_over_its_own_tensors_and_decode_moves_them_into_a_buffer(llama: Any) -> None:
+    """A recomputed prefill holds each layer's KV as computed (no buffer, no copy: the plain
+    forward's speed, ``bench_load_cost.py``); the first decoded token copies it into a buffer
+    for the capacity, later ones write in place; the tokens equal ``model.generate``'s."""
+    eng = make_engine()
+    ids = random_ids(90, seed=24)
+    with torch.inference_mode(), _OpLog() as log:
+        r = kvt.prefill(llama, ids, eng, store=False)
+    assert r.hit_tokens == 0
+    assert log.past_sized("aten.copy_", 90) == []  # the prompt's KV was not copied into buffers
+    assert all(layer.buf is None and layer.keys.shape[-2] == 90 for layer in r.cache.layers)
+    torch.testing.assert_close(r.logits, full_logits(llama, ids), atol=ATOL, rtol=0)
+    want = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    tok, got = r.next_token, [int(r.next_token)]
+    for step in range(3):
+        with torch.inference_mode():
+            logits = llama(input_ids=tok, **{kvt.cache_kwarg(llama): r.cache}, use_cache=True).logits[:, -1]
+        tok = logits.argmax(-1, keepdim=True)
+        got.append(int(tok))
+        assert all(_aliases(layer) and layer.capacity >= 90 + 256 for layer in r.cache.layers)
+        if step == 0:
+            ptrs = [layer.buf.data_ptr() for layer in r.cache.layers]
+    assert got == want[0, 90:].tolist()
+    assert [layer.buf.data_ptr() for layer in r.cache.layers] == ptrs  # in place after the first
+    assert r.cache.get_seq_length() == 93
+    assert kvt.prefill(llama, ids, eng).stored_tokens > 0  # a miss stores from the held tensors
+    hit = kvt.prefill(llama, ids, eng, store=False)
+    assert hit.hit_tokens == 89
+    torch.testing.assert_close(hit.logits, full_logits(llama, ids), atol=ATOL, rtol=0)
+
+
 def test_generate_greedy_and_beams_equal_model_generate(llama: Any) -> None:
     eng = make_engine()
     ids = random_ids(60, seed=23)

@@ -223,7 +223,12 @@ class KVTierCache(DynamicCache):
         super().__init__(config=config)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, _LAYER_CLASSES):
-                self.layers[i] = InPlaceLayer(capacity) if in_place else DynamicLayer()
+                if not in_place:
+                    self.layers[i] = DynamicLayer()
+                    continue
+                lay = InPlaceLayer(capacity)
+                lay.defer = prefix is None  # nothing to load: the prompt's own tensors until decoding
+                self.layers[i] = lay
         self.capacity = int(capacity)
         self._prefix = prefix
         self.prefix_tokens = prefix.num_tokens if prefix is not None else 0

@@ -25,6 +25,11 @@ Invariants:
   adopted by the next update: copied into a fresh buffer (what ``cat`` would have cost), so the
   views are right again. ``crop`` stays in place. ``reset`` drops the buffer.
 * Keys and values whose heads differ (no known model) fall back to ``DynamicLayer``'s ``cat``.
+* ``defer`` (a miss: nothing will be loaded into the layer): the prompt's first update is held
+  as computed, like ``DynamicLayer`` does, and copied into a buffer by the next update (the first
+  decoded token). Why: attention over the buffer's strided views, plus the copy into it, made a
+  recomputed prefill 1-2 % slower than plain transformers' (``bench_load_cost.py``: the goal is
+  <= 2 %); the one copy moves after the first token, where ``cat`` would have paid it anyway.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class InPlaceLayer(DynamicLayer):
         self.n = 0
         self._fallback = False
         self._pub: tuple[Any, Any] = (None, None)  # the (keys, values) views published last
+        self.defer = False
+        """Hold the first update's tensors as they are (no buffer, no copy) until a second one
+        arrives: set by ``KVTierCache`` for a miss (module doc)."""
+        self._plain = False  # keys/values are a deferred first update's tensors, no buffer yet
 
     # -- geometry and storage ---------------------------------------------------------------------
     @property
@@ -170,8 +179,16 @@ class InPlaceLayer(DynamicLayer):
         if self._fallback:
             return super().update(key_states, value_states, *args, **kwargs)
         t = int(key_states.shape[-2])
+        if self.buf is None and self._plain:  # the prompt's own tensors: now into a buffer
+            self._plain = False
+            if not self._take_plain():
+                self._fallback = True
+                return super().update(key_states, value_states, *args, **kwargs)
         if self.buf is None:
             if t == 0:  # nothing to hold yet: the buffer is made by the first real update
+                return key_states, value_states
+            if self.defer:  # a miss's prompt: attend over the tensors as computed (module doc)
+                self.keys, self.values, self.n, self._plain = key_states, value_states, t, True
                 return key_states, value_states
             if not self._alloc_for(key_states, value_states, t):
                 self._fallback = True
@@ -186,6 +203,20 @@ class InPlaceLayer(DynamicLayer):
         self.n += t
         self._publish()
         return self.keys, self.values  # type: ignore[return-value]
+
+    def _take_plain(self) -> bool:
+        """Copy the held ``keys``/``values`` (a deferred prompt's, or what replaced them) into a
+        buffer for ``capacity_hint`` positions; ``False`` where no buffer fits them."""
+        k, v = self.keys, self.values
+        assert k is not None and v is not None
+        n = int(k.shape[-2])
+        if not self._alloc_for(k, v, max(n, self.capacity_hint)):
+            return False
+        self._views(0, n)[0].copy_(k)
+        self._views(0, n)[1].copy_(v)
+        self.n = n
+        self._publish()
+        return True
 
     def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
         assert self.buf is not None
@@ -218,6 +249,7 @@ class InPlaceLayer(DynamicLayer):
         self.buf = None
         self.n = 0
         self._fallback = False
+        self._plain = False
         # dropped, not zeroed, whatever the transformers version does (5.17's DynamicLayer.reset
         # zeroes them in place, which would keep a stale length)
         self.keys = self.values = None
