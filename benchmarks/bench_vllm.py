@@ -149,7 +149,6 @@ def run_role(role: str, args: argparse.Namespace) -> dict[str, Any]:
     res.update(drain_s=drain, load_avg=load)
     if role == "kvtier":
         from kvtier.integrations.vllm import connector_stats
-
         from kvtier.transfer.kernels import ntcopy
 
         res["connector"] = connector_stats("bench")
