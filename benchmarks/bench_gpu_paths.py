@@ -537,16 +537,15 @@ def hf_rows(n_t: int = 32768, reps: int = 3, profile: bool = False) -> list[Row]
         Row(f"store of the miss's {n_t}-token KV (GPU -> CPU tier)", first.store_s, n_t * 128 * 1024),
     ]
     cat_cache = functools.partial(hf_mod.KVTierCache, in_place=False)
-    for name, group, ahead, in_place in (
-        ("before: cat layers, 4-layer groups, 2 ahead", 4, 2, False),
-        ("now: in-place layers, 4-layer groups, 2 ahead", 4, 2, True),
-        ("now: in-place layers, 2-layer groups, 3 ahead", 2, 3, True),
+    for name, group, ahead, rows2d in (
+        ("before: in-place layers, 4-layer groups, 2 ahead, one DMA per chunk", 4, 2, False),
+        ("now: in-place layers, 4-layer groups, 2 ahead, one 2D DMA per group", 4, 2, True),
+        ("now: in-place layers, 2-layer groups, 3 ahead, one 2D DMA per group", 2, 3, True),
     ):
-        cache_cls = hf_mod.KVTierCache if in_place else cat_cache
         with (
             patched(ChunkedLayerwiseKV, "GROUP_LAYERS", group),
             patched(ChunkedLayerwiseKV, "AHEAD", ahead),
-            patched(hf_mod, "KVTierCache", cache_cls),
+            patched(ChunkedLayerwiseKV, "ROWS2D", rows2d),
         ):
             hits = [prefill(model, ids, eng, model_id=mid, store=False) for _ in range(6)][1:]
             assert all(h.hit_tokens == n_t - 1 for h in hits), [h.hit_tokens for h in hits]

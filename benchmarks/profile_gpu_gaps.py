@@ -9,7 +9,7 @@ the call's end). A perfect path has lead ~0, gaps ~0, tail ~0 and DMAs at memcpy
 The profiler slows the host side: the worker load's lead reads ~5.8 ms here and 1.3 ms without
 it (``probe_worker_lead.py``, H200, session 9); use that probe for host-side stage times.
 
-Run: ``PYTHONPATH=src python3 benchmarks/profile_gpu_gaps.py [--tokens N] [--parts worker,engine]
+Run: ``PYTHONPATH=src python3 benchmarks/profile_gpu_gaps.py [--tokens N] [--parts worker,engine,quant,hf]
 [--out DIR]``.
 """
 
@@ -294,6 +294,37 @@ def quant(n_t: int, out_dir: str) -> dict[str, Any]:
     return res
 
 
+def hf(n_t: int, out_dir: str) -> dict[str, Any]:
+    """The transformers 32k full hit (random Llama-3-8B, bf16): one 2D DMA per layer group and one
+    DMA per chunk; ``tail_after_last_dma_ms`` is the compute left once the KV is on the GPU."""
+    from kvtier.config import Config
+    from kvtier.engine import CacheEngine
+    from kvtier.integrations.transformers import prefill
+    from kvtier.models import load_model
+    from kvtier.transfer.layerwise import ChunkedLayerwiseKV
+
+    loaded = load_model("random:llama-3-8b", device="cuda")
+    model, mid = loaded.model, loaded.model_id
+    ids = torch.randint(0, int(model.config.vocab_size), (1, n_t), generator=torch.Generator().manual_seed(3))
+    ids = ids.cuda()
+    eng = CacheEngine(Config.load(env={}, chunk_tokens=CT, cpu__max_bytes="9GiB"))
+    prefill(model, ids, eng, model_id=mid)  # the miss: prefill + store
+    res: dict[str, Any] = {}
+    for rows2d in (True, False):
+        ChunkedLayerwiseKV.ROWS2D = rows2d
+        for _ in range(2):
+            prefill(model, ids, eng, model_id=mid, store=False)
+        name = f"hf hit {'2D per group' if rows2d else 'DMA per chunk'}"
+        res[name] = profile_call(
+            name,
+            lambda: (prefill(model, ids, eng, model_id=mid, store=False), torch.cuda.synchronize()),
+            out_dir,
+        )
+    ChunkedLayerwiseKV.ROWS2D = True
+    eng.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
@@ -303,7 +334,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     allres: dict[str, Any] = {}
     for p in a.parts.split(","):
-        allres.update({"worker": worker, "engine": engine, "quant": quant}[p](a.tokens, a.out))
+        allres.update({"worker": worker, "engine": engine, "quant": quant, "hf": hf}[p](a.tokens, a.out))
         torch.cuda.empty_cache()
     with open(os.path.join(a.out, "gaps.json"), "w") as f:
         json.dump(allres, f, indent=1)
