@@ -3,6 +3,8 @@ exactly what the per-block path writes from the raw KV, whatever runs of blocks 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -28,9 +30,10 @@ def _packed_arena(raw: list[torch.Tensor], gap: int) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("gap", [0, 8])
-@pytest.mark.parametrize("blocks", [[3, 4, 5, 6], [9, 2, 7, 0], [1, 3, 5, 6]])
-def test_native_copy_equals_the_raw_scatter(gap: int, blocks: list[int]) -> None:
+def load_equals_scatter(blocks: list[int], gap: int) -> tuple[Any, list[torch.Tensor], Any, NativeBlocks]:
+    """``kt`` chunks of random KV copied into ``blocks`` of a random vllm-cpu cache through
+    ``NativeBlocks.to_cache``, checked against the per-block scatter of the raw KV (and no other
+    block touched): ``(layout, cache layers, token index, plan)``."""
     g = torch.Generator().manual_seed(4)
     raw = [torch.randn((L, 2, BS, H, D), generator=g) for _ in blocks]
     packed = _packed_arena(raw, gap)
@@ -44,7 +47,14 @@ def test_native_copy_equals_the_raw_scatter(gap: int, blocks: list[int]) -> None
         want, got = cache[layer].clone(), cache[layer].clone()
         scatter_pieces(lay, want, idx, [kv[layer] for kv in raw])
         plan.to_cache(layer, got)
-        assert torch.equal(got, want)  # and no other block touched
+        assert torch.equal(got, want)
+    return lay, cache, idx, plan
+
+
+@pytest.mark.parametrize("gap", [0, 8])
+@pytest.mark.parametrize("blocks", [[3, 4, 5, 6], [9, 2, 7, 0], [1, 3, 5, 6]])
+def test_native_copy_equals_the_raw_scatter(gap: int, blocks: list[int]) -> None:
+    plan = load_equals_scatter(blocks, gap)[3]
     steps = {(3, 4, 5, 6): [4], (9, 2, 7, 0): [1, 2, 1], (1, 3, 5, 6): [3, 1]}
     assert [r.count for r in plan.runs] == steps[tuple(blocks)]
 

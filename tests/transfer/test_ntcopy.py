@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from tests.transfer.test_native_blocks import _packed_arena
+from tests.transfer.test_native_blocks import _packed_arena, load_equals_scatter
 
 from kvtier.transfer.blocks import detect, gather_layer, scatter_pieces, token_index
 from kvtier.transfer.cpu_blocks import NativeBlocks
@@ -93,19 +93,7 @@ def test_native_blocks_through_the_streaming_copy_equal_the_scatter_and_gather(
     calls = []
     real = ntcopy.copy_rows
     monkeypatch.setattr(ntcopy, "copy_rows", lambda *a: calls.append(1) or real(*a))
-    g = torch.Generator().manual_seed(4)
-    raw = [torch.randn((L, 2, BS, H, D), generator=g) for _ in blocks]
-    packed = _packed_arena(raw, 8)
-    cache = [torch.randn((NB, H, BS, 2 * D), generator=g) for _ in range(L)]
-    lay = detect(cache[0], num_kv_heads=H, head_dim=D, block_size=BS)
-    plan = NativeBlocks.of_chunks(lay, [(p, BS, 0, BS) for p in packed], blocks, L)
-    assert plan is not None
-    idx = token_index(blocks, 0, 0, BS * len(blocks), BS, CPU)
-    for layer in range(L):
-        want, got = cache[layer].clone(), cache[layer].clone()
-        scatter_pieces(lay, want, idx, [kv[layer] for kv in raw])
-        plan.to_cache(layer, got)
-        assert torch.equal(got, want)
+    lay, cache, idx, _ = load_equals_scatter(blocks, 8)
     assert len(calls) == L
     flat = torch.full((len(blocks) * L * 2 * BS * H * D,), float("nan"))
     save = NativeBlocks.of_buffer(lay, flat, blocks, L)
