@@ -537,15 +537,17 @@ def hf_rows(n_t: int = 32768, reps: int = 3, profile: bool = False) -> list[Row]
         Row(f"store of the miss's {n_t}-token KV (GPU -> CPU tier)", first.store_s, n_t * 128 * 1024),
     ]
     cat_cache = functools.partial(hf_mod.KVTierCache, in_place=False)
-    for name, group, ahead, rows2d in (
-        ("before: in-place layers, 4-layer groups, 2 ahead, one DMA per chunk", 4, 2, False),
-        ("now: in-place layers, 4-layer groups, 2 ahead, one 2D DMA per group", 4, 2, True),
-        ("now: in-place layers, 2-layer groups, 3 ahead, one 2D DMA per group", 2, 3, True),
+    for name, group, ahead, rows2d, taper in (
+        ("before: 4-layer groups, 2 ahead, one DMA per chunk", 4, 2, False, False),
+        ("one 2D DMA per group, 4-layer groups, 2 ahead", 4, 2, True, False),
+        ("2D, 2-layer groups, 3 ahead", 2, 3, True, False),
+        ("now (default): 2D, 4-layer groups tapered to 2, 1, 1 at the end, 2 ahead", 4, 2, True, True),
     ):
         with (
             patched(ChunkedLayerwiseKV, "GROUP_LAYERS", group),
             patched(ChunkedLayerwiseKV, "AHEAD", ahead),
             patched(ChunkedLayerwiseKV, "ROWS2D", rows2d),
+            patched(ChunkedLayerwiseKV, "TAPER", taper),
         ):
             hits = [prefill(model, ids, eng, model_id=mid, store=False) for _ in range(6)][1:]
             assert all(h.hit_tokens == n_t - 1 for h in hits), [h.hit_tokens for h in hits]

@@ -1,15 +1,20 @@
 """``layerwise.chunk_runs``: a hit's chunk views as 2D copies, one per run of chunks at a constant
 pitch in the CPU tier's arena (the address math runs here through ``copy_rows``' CPU emulation;
-the CUDA path is ``tests/integrations/test_hf_transformers.py``'s GPU tests)."""
+the CUDA path is ``tests/integrations/test_hf_transformers.py``'s GPU tests); ``group_bounds``:
+the layer groups those copies move, tapered at the end."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from kvtier.config import Config
 from kvtier.devcopy2d import copy_rows
 from kvtier.engine import CacheEngine
-from kvtier.transfer.layerwise import chunk_runs
+from kvtier.transfer.layerwise import chunk_runs, group_bounds
+from kvtier.transfer.layout import LayoutError
 
 CT = 16
 LAYERS, HEADS, DIM = 6, 2, 8
@@ -76,3 +81,25 @@ def test_a_non_contiguous_chunk_is_copied_on_its_own() -> None:
     dst, runs, rest = _staged(kvs, 0, 3)
     assert runs == 0 and rest == [0, 1]
     torch.testing.assert_close(dst[1], base[:3, :, CT:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 5, 7, 30, 32])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_layer_groups_cover_every_layer_once_and_taper_to_one(layers: int, group: int) -> None:
+    full = len(range(0, layers, group)) - 1  # groups before the last one
+    for taper in (False, True):
+        b = group_bounds(layers, group, taper)
+        assert b[0] == 0 and b[-1] == layers and all(x < y for x, y in itertools.pairwise(b))
+        sizes = [y - x for x, y in itertools.pairwise(b)]
+        assert max(sizes) <= group and sizes[:full] == [group] * full
+        if taper:
+            assert sizes[-1] == 1  # one layer computes after the last copy lands
+        else:
+            assert len(sizes) == full + 1
+    assert group_bounds(32, 4, True)[-4:] == [28, 30, 31, 32]
+    assert group_bounds(32, 8, True)[-5:] == [24, 28, 30, 31, 32]
+
+
+def test_group_bounds_refuses_nothing_to_group() -> None:
+    with pytest.raises(LayoutError, match="group size"):
+        group_bounds(32, 0, True)

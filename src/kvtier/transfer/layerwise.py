@@ -112,6 +112,24 @@ def _split_planes(planes: torch.Tensor, latent_split: int | None) -> tuple[torch
     return row[..., :latent_split], row[..., latent_split:]
 
 
+def group_bounds(num_layers: int, group: int, taper: bool) -> list[int]:
+    """Layer boundaries ``[0, ..., num_layers]`` of copy groups of ``group`` layers; with ``taper``
+    the last ``group`` layers are split in halves down to one layer (``group`` 4: ..., 4, 2, 1, 1).
+    Every layer is in exactly one group, groups in layer order."""
+    if num_layers <= 0 or group <= 0:
+        raise LayoutError(f"group_bounds needs layers and a group size > 0, got {num_layers}, {group}")
+    bounds = [*range(0, num_layers, group), num_layers]
+    if taper:
+        at, left = bounds[-2], num_layers - bounds[-2]
+        del bounds[-1]
+        while left > 1:  # the first half (rounded up) as one group, then the rest likewise
+            at += left - left // 2
+            left //= 2
+            bounds.append(at)
+        bounds.append(num_layers)  # the last group: one layer
+    return bounds
+
+
 class LayerwiseKV:
     """Hands out one layer's cached prefix at a time, as ``[B, H, n, D]`` keys and values.
 
@@ -194,8 +212,10 @@ class ChunkedLayerwiseKV(LayerwiseKV):
     and their launch cost (~10 µs each from Python) lands on the thread that drives the forward.
     Why 4 layers (4 MiB per copy for a 256-token Llama-3-8B chunk) and ``AHEAD`` groups in flight:
     a full hit's TTFT is the whole transfer plus what runs after the last group arrives (that
-    group's layers); 8-layer groups left ~4 ms of compute after the copy engine was done. The
-    first groups are enqueued when the source is built, before the forward reaches layer 0.
+    group's layers); 8-layer groups left ~4 ms of compute after the copy engine was done, so the
+    last group is split down to one layer (``TAPER``). A group is one 2D DMA per run of chunks
+    at a constant pitch in the pool (``ROWS2D``). The first groups are enqueued when the source
+    is built, before the forward reaches layer 0.
     ``close`` waits for the copies and releases the views (their pins keep the pool from
     reusing the memory meanwhile).
     """
@@ -220,6 +240,8 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         self.num_tokens = num_tokens
         self.device = device
         self.group_layers = group_layers or min(self.num_layers, self.GROUP_LAYERS)
+        self._bounds = group_bounds(self.num_layers, self.group_layers, self.TAPER)
+        self._group_of = [g for g in range(len(self._bounds) - 1) for _ in range(*self._bounds[g : g + 2])]
         self._async = True
         self._stream = side_stream(device)
         self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
@@ -233,10 +255,9 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         return int(first.shape[1]), int(first.shape[3]), int(first.shape[4]), first.dtype
 
     def _stage_group(self, g: int) -> None:
-        l0 = g * self.group_layers
-        if l0 >= self.num_layers or g in self._groups:
+        if g + 1 >= len(self._bounds) or g in self._groups:
             return
-        l1 = min(l0 + self.group_layers, self.num_layers)
+        l0, l1 = self._bounds[g], self._bounds[g + 1]
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
@@ -303,13 +324,28 @@ class ChunkedLayerwiseKV(LayerwiseKV):
     AHEAD = 2
     """Groups kept in flight ahead of the one the forward is in."""
 
+    TAPER = True
+    """The last ``group_layers`` layers go as groups of half the size, down to one layer (4, 4, ...,
+    4, 2, 1, 1), so what computes after the last copy lands is one layer, not a whole group. H100,
+    32k-token Llama-3-8B hit: the device ran 2.3 ms after the last DMA with 4-layer groups
+    (``profile_gpu_gaps.py --parts hf``); 2-layer groups were 0.3-0.9 ms faster a hit, as the tail
+    predicts. A 2D DMA's fixed cost does not grow with the number of groups."""
+
+    def _locate(self, layer: int) -> tuple[int, int, bool]:
+        """(group, layer's index in it, whether it is the group's last layer)."""
+        g = self._group_of[layer]
+        j = layer - self._bounds[g]
+        return g, j, layer == self._bounds[g + 1] - 1
+
     def prefetch(self, layer: int) -> None:
-        g = layer // self.group_layers
+        if not 0 <= layer < self.num_layers:
+            return
+        g = self._group_of[layer]
         for h in range(g, g + 1 + self.AHEAD):
             self._stage_group(h)
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g, j = divmod(layer, self.group_layers)
+        g, j, last = self._locate(layer)
         self._stage_group(g)
         dsts, ev = self._groups[g]
         main = torch.cuda.current_stream(self.device)
@@ -322,7 +358,7 @@ class ChunkedLayerwiseKV(LayerwiseKV):
             k, v = _split_planes(flat, self.latent_split)
             ks.append(k)
             vs.append(v)
-        if j == min(self.group_layers, self.num_layers - g * self.group_layers) - 1:
+        if last:
             del self._groups[g]  # the group's last layer: its buffers go when the forward is done
         if len(ks) == 1:
             return ks[0], vs[0]
@@ -333,7 +369,7 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         per chunk and group) to ``dst`` in two copies per row (whole chunks as one strided copy, then
         the partial last one), on the current stream once the group's DMAs are done. This replaces
         ``take``'s reshape copy and the cache's ``cat`` onto an empty tensor."""
-        g, j = divmod(layer, self.group_layers)
+        g, j, last = self._locate(layer)
         self._stage_group(g)
         staged, ev = self._groups[g]
         main = torch.cuda.current_stream(self.device)
@@ -347,7 +383,7 @@ class ChunkedLayerwiseKV(LayerwiseKV):
                 dst[:, b, : full * ct].view(p, full, ct, h, w).copy_(src[:full, j].transpose(0, 1))
             if rem:
                 dst[:, b, full * ct : self.num_tokens].copy_(src[full, j, :, :rem])
-        if j == min(self.group_layers, self.num_layers - g * self.group_layers) - 1:
+        if last:
             del self._groups[g]  # the group's last layer: its buffers go when the copies are done
 
     def close(self) -> None:
