@@ -7,8 +7,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
 python3 -c "import time,xxhash,os; b=os.urandom(1<<28); t=time.perf_counter(); xxhash.xxh3_64_intdigest(b); print(f'one-thread xxh3 {len(b)/(time.perf_counter()-t)/1e9:.1f} GB/s')"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -k "not smollm2" tests/transfer/test_chunk_runs.py tests/integrations/test_hf_inplace.py tests/integrations/test_hf_transformers.py tests/integrations/test_hf_mla.py tests/gpu/test_codec_cuda.py > "$OUT/tests.txt" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.txt"
-timeout 400 python3 benchmarks/bench_all.py --only gpu,lookup,tcp,cost --json "$OUT/all.json" > "$OUT/all.txt" 2>&1
+timeout 80 python3 -m pytest -q -p no:cacheprovider -k "not smollm2" tests/transfer/test_chunk_runs.py tests/integrations/test_hf_inplace.py tests/integrations/test_hf_transformers.py tests/integrations/test_hf_mla.py tests/gpu/test_codec_cuda.py > "$OUT/tests.txt" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.txt"
+timeout 360 python3 benchmarks/bench_all.py --only gpu,lookup,tcp,cost --json "$OUT/all.json" > "$OUT/all.txt" 2>&1
 echo "bench_all rc=$?"; grep -E "^\|" "$OUT/all.txt" | cut -c1-260
-timeout 75 python3 benchmarks/bench_gpu_paged.py > "$OUT/paged.txt" 2>&1
+timeout 45 python3 benchmarks/bench_gpu_paged.py > "$OUT/paged.txt" 2>&1
 echo "paged rc=$?"; tail -15 "$OUT/paged.txt"
