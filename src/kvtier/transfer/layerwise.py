@@ -328,8 +328,9 @@ class ChunkedLayerwiseKV(LayerwiseKV):
     """The last ``group_layers`` layers go as groups of half the size, down to one layer (4, 4, ...,
     4, 2, 1, 1), so what computes after the last copy lands is one layer, not a whole group. H100,
     32k-token Llama-3-8B hit: the device ran 2.3 ms after the last DMA with 4-layer groups
-    (``profile_gpu_gaps.py --parts hf``); 2-layer groups were 0.3-0.9 ms faster a hit, as the tail
-    predicts. A 2D DMA's fixed cost does not grow with the number of groups."""
+    (``profile_gpu_gaps.py --parts hf``); tapered, the hit was 16.13-16.66x faster than the prefill
+    in four runs against 16.19-16.27x untapered in the same runs (``benchmarks/RESULTS.md``). A 2D
+    DMA's fixed cost does not grow with the number of groups."""
 
     def _locate(self, layer: int) -> tuple[int, int, bool]:
         """(group, layer's index in it, whether it is the group's last layer)."""
