@@ -96,6 +96,27 @@ class Copy2D:
             )
 
 
+def available() -> Copy2D | None:
+    """The runtime's 2D copy, or ``None`` where it was not found (callers copy per piece)."""
+    copier = Copy2D()
+    return copier if copier.why_not is None else None
+
+
+class PinnedStorages:
+    """``pinned(t)``: whether host tensor ``t``'s storage is page-locked, asked of the runtime once
+    per storage (``is_pinned`` is a driver call; a load asks it for every piece)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, bool] = {}
+
+    def __call__(self, t: torch.Tensor) -> bool:
+        key = t.untyped_storage().data_ptr()
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = t.device.type == "cpu" and bool(t.is_pinned())
+        return known
+
+
 @dataclass
 class Rows:
     """One 2D copy: ``height`` rows of ``width`` bytes from ``src_ptr`` (rows ``spitch`` apart) to
@@ -130,6 +151,15 @@ class Rows:
             return False
         self.height += 1
         return True
+
+
+def add_row(
+    runs: list[Rows], src: torch.Tensor, src_ptr: int, dst: torch.Tensor, dst_ptr: int, width: int
+) -> None:
+    """Append a row of ``width`` bytes to the last run of ``runs`` where it continues it
+    (``Rows.extend``), else start a new run with it."""
+    if not runs or not runs[-1].extend(src, src_ptr, dst, dst_ptr, width):
+        runs.append(Rows(src, src_ptr, dst, dst_ptr, width))
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

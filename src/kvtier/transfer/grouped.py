@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from kvtier.devcopy import side_stream
-from kvtier.devcopy2d import Copy2D, Rows, copy_rows
+from kvtier.devcopy2d import Copy2D, PinnedStorages, Rows, add_row, available, copy_rows
 from kvtier.transfer.blocks import TokenIndex, scatter_pieces
 from kvtier.transfer.layout import KVLayout
 
@@ -240,15 +240,12 @@ class GroupedLoad:
         self._attached = False
         self.grouped_layers = 0
         """Layers written from the ring (the rest, called out of order, from the pieces)."""
-        self._copier: Copy2D | None = None
-        if self._cuda and ROWS2D:
-            c = Copy2D()
-            self._copier = c if c.why_not is None else None
+        self._copier: Copy2D | None = available() if self._cuda and ROWS2D else None
         self._rows2d = ROWS2D and (self._copier is not None or not self._cuda)
         """2D runs: on CUDA through the runtime, on the CPU through strided views (what the tests run)."""
         self._pending: list[_Piece] = []  # fed pieces whose group-0 DMAs wait for a batch
         self._batch = max(1, min(FIRST_FEED_BATCH, FEED_BATCH))
-        self._pinned: dict[int, bool] = {}  # host storage -> pinned (checked once per storage)
+        self._pinned = PinnedStorages()
         self._start = self._record(torch.cuda.current_stream(device) if self._cuda else None)
         if self._cuda:
             for j in range(self.copy_streams):
@@ -296,13 +293,7 @@ class GroupedLoad:
         return True
 
     def _pinned_host(self, kv: torch.Tensor) -> bool:
-        if not self._cuda:
-            return True
-        key = kv.untyped_storage().data_ptr()
-        pinned = self._pinned.get(key)
-        if pinned is None:
-            pinned = self._pinned[key] = bool(kv.is_pinned())
-        return pinned
+        return not self._cuda or self._pinned(kv)
 
     def _runs(self, pieces: Sequence[_Piece], buf: torch.Tensor, lays: range) -> list[Rows]:
         """The DMAs of ``pieces``' layers ``lays`` into ``buf``: equally spaced neighbours as one run."""
@@ -314,8 +305,7 @@ class GroupedLoad:
             width = per_layer * len(lays)
             src_ptr = p.kv.data_ptr() + lays.start * per_layer
             dst_ptr = buf.data_ptr() + p.offset * isz
-            if not out or not out[-1].extend(p.kv, src_ptr, buf, dst_ptr, width):
-                out.append(Rows(p.kv, src_ptr, buf, dst_ptr, width))
+            add_row(out, p.kv, src_ptr, buf, dst_ptr, width)
         return out
 
     def _flush(self) -> None:

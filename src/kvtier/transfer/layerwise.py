@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kvtier.devcopy2d import Copy2D, Rows, copy_rows
+from kvtier.devcopy2d import Copy2D, PinnedStorages, Rows, add_row, available, copy_rows
 from kvtier.engine import ChunkViews
 from kvtier.transfer.kernels.host import side_stream
 from kvtier.transfer.layout import LayoutError
@@ -45,15 +45,14 @@ def chunk_runs(
         if int(kv.shape[2]) != ct or not kv.is_contiguous() or kv.dtype != dst.dtype or not pinned(kv):
             rest.append((c, kv))
             continue
-        per_layer = int(kv.stride(0)) * kv.element_size()
+        per_layer = int(kv.stride(0)) * isz
         width = per_layer * (l1 - l0)
         if width != row_bytes:
             rest.append((c, kv))
             continue
         src_ptr = kv.data_ptr() + l0 * per_layer
         dst_ptr = dst.data_ptr() + c * row_bytes
-        if not runs or not runs[-1].extend(kv, src_ptr, dst, dst_ptr, width):
-            runs.append(Rows(kv, src_ptr, dst, dst_ptr, width))
+        add_row(runs, kv, src_ptr, dst, dst_ptr, width)
     return runs, rest
 
 
@@ -245,7 +244,9 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         self._async = True
         self._stream = side_stream(device)
         self._groups: dict[int, tuple[list[torch.Tensor], Any]] = {}
-        self._pins: dict[int, bool] = {}
+        self._pinned = PinnedStorages()
+        self._copy2d: Copy2D | None = available() if self.ROWS2D else None
+        """The runtime's 2D copy (``ROWS2D`` on and found), else one DMA per chunk."""
         self.batch = len(views)
         self.planes, self.heads, self.width, self.dtype = self._dims(first)
         self.prefetch(0)
@@ -271,7 +272,7 @@ class ChunkedLayerwiseKV(LayerwiseKV):
         (enqueued on the side stream, the caller's context): one 2D DMA per run of chunks at a
         constant pitch in pinned memory (``chunk_runs``), one copy per chunk for the rest."""
         dsts = []
-        copier = self._copier()
+        copier = self._copy2d
         for v in self.views:
             first = v.chunks[0][1].kv
             ct = int(first.shape[2])
@@ -297,21 +298,6 @@ class ChunkedLayerwiseKV(LayerwiseKV):
                 target.copy_(kv[l0:l1], non_blocking=True)
             dsts.append(dst)
         return dsts
-
-    def _copier(self) -> Copy2D | None:
-        """The runtime's 2D copy where ``ROWS2D`` is on and it was found, else ``None``."""
-        if not self.ROWS2D:
-            return None
-        copier = Copy2D()
-        return copier if copier.why_not is None else None
-
-    def _pinned(self, kv: torch.Tensor) -> bool:
-        """Whether ``kv``'s storage is page-locked host memory (asked once per storage)."""
-        key = kv.untyped_storage().data_ptr()
-        known = self._pins.get(key)
-        if known is None:
-            known = self._pins[key] = kv.device.type == "cpu" and bool(kv.is_pinned())
-        return known
 
     ROWS2D = True
     """One ``cudaMemcpy2DAsync`` per run of chunks the CPU tier stored one after another (a
